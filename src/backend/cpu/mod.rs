@@ -1,0 +1,659 @@
+//! The CPU reference backend: plain f32 math (f16 / bf16 tensors are widened exactly on
+//! upload), exact int32 accumulation for int8 × int8, rows spread over the cores with rayon.
+//! Every GPU kernel is tested against these functions, so they favour being obviously right.
+
+use rayon::prelude::*;
+
+use super::{
+    check_spans, expect_dtype, expect_shape, Backend, Linear, LinearWeight, SeqSpan, Tensor,
+};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, HostData, HostTensor};
+
+#[derive(Clone, Debug, Default)]
+pub struct Cpu;
+
+impl Cpu {
+    pub fn new() -> Self {
+        Cpu
+    }
+}
+
+type T = Tensor<Cpu>;
+
+fn f32s<'a>(op: &str, what: &str, t: &'a T) -> Result<&'a [f32]> {
+    match &t.storage {
+        HostData::F32(v) => Ok(v),
+        other => Err(Error::Shape(format!(
+            "{op}: {what} has dtype {}, expected f32",
+            other.dtype()
+        ))),
+    }
+}
+
+fn f32s_mut<'a>(op: &str, what: &str, t: &'a mut T) -> Result<&'a mut [f32]> {
+    match &mut t.storage {
+        HostData::F32(v) => Ok(v),
+        other => Err(Error::Shape(format!(
+            "{op}: {what} has dtype {}, expected f32",
+            other.dtype()
+        ))),
+    }
+}
+
+fn u32s<'a>(op: &str, what: &str, t: &'a T) -> Result<&'a [u32]> {
+    match &t.storage {
+        HostData::U32(v) => Ok(v),
+        other => Err(Error::Shape(format!(
+            "{op}: {what} has dtype {}, expected u32",
+            other.dtype()
+        ))),
+    }
+}
+
+/// The weight as rows of f32 (dense) or as int8 rows with scales.
+enum WView<'a> {
+    Int8 { w: &'a [i8], scale: &'a [f32] },
+    Dense(&'a [f32]),
+}
+
+fn weight_view<'a>(op: &str, w: &'a Linear<Cpu>) -> Result<WView<'a>> {
+    let (n, k) = (w.out_features, w.in_features);
+    match &w.weight {
+        LinearWeight::Int8 { w: q, scale } => {
+            expect_shape(op, "int8 weight", q, &[n, k])?;
+            expect_shape(op, "weight scale", scale, &[n])?;
+            let HostData::I8(qv) = &q.storage else {
+                return Err(Error::Shape(format!(
+                    "{op}: int8 weight has dtype {}",
+                    q.dtype
+                )));
+            };
+            Ok(WView::Int8 {
+                w: qv,
+                scale: f32s(op, "weight scale", scale)?,
+            })
+        }
+        LinearWeight::Dense(d) => {
+            expect_shape(op, "weight", d, &[n, k])?;
+            Ok(WView::Dense(f32s(op, "weight", d)?))
+        }
+    }
+}
+
+/// Per-token int8 quantization of the activations, with the LLM.int8 outlier columns removed.
+/// Returns (x_q [T, K], per-row scale [T], outlier column mask [K]).
+pub fn quantize_activations(
+    x: &[f32],
+    t: usize,
+    k: usize,
+    threshold: f32,
+) -> (Vec<i8>, Vec<f32>, Vec<bool>) {
+    let mut outlier = vec![false; k];
+    if threshold > 0.0 {
+        for row in x.chunks_exact(k) {
+            for (o, v) in outlier.iter_mut().zip(row) {
+                *o |= v.abs() > threshold;
+            }
+        }
+    }
+    let mut q = vec![0i8; t * k];
+    let mut scales = vec![0f32; t];
+    for (r, (row, qrow)) in x.chunks_exact(k).zip(q.chunks_exact_mut(k)).enumerate() {
+        let amax = row
+            .iter()
+            .zip(&outlier)
+            .filter(|(_, o)| !**o)
+            .fold(0f32, |m, (v, _)| m.max(v.abs()));
+        let s = amax / 127.0;
+        scales[r] = s;
+        if s > 0.0 {
+            for ((qv, v), o) in qrow.iter_mut().zip(row).zip(&outlier) {
+                *qv = if *o {
+                    0
+                } else {
+                    (v / s).round().clamp(-127.0, 127.0) as i8
+                };
+            }
+        }
+    }
+    (q, scales, outlier)
+}
+
+/// Quantize a weight matrix `[rows, cols]` to int8 with one absmax scale per row.
+pub fn quantize_rows(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; rows * cols];
+    let mut scales = vec![0f32; rows];
+    q.par_chunks_mut(cols.max(1))
+        .zip(scales.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, (qrow, s))| {
+            let row = &w[r * cols..(r + 1) * cols];
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            *s = amax / 127.0;
+            if *s > 0.0 {
+                for (qv, v) in qrow.iter_mut().zip(row) {
+                    *qv = (v / *s).round().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        });
+    (q, scales)
+}
+
+/// Run `f(n) -> column n of the output` for every output feature in parallel and scatter the
+/// columns into the row-major `[T, N]` output.
+fn par_columns(out: &mut [f32], t: usize, n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    const CHUNK: usize = 16;
+    let cols: Vec<Vec<f32>> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let n0 = c * CHUNK;
+            let n1 = (n0 + CHUNK).min(n);
+            let mut buf = vec![0f32; (n1 - n0) * t];
+            for (j, col) in buf.chunks_exact_mut(t.max(1)).enumerate() {
+                f(n0 + j, col);
+            }
+            buf
+        })
+        .collect();
+    for (c, buf) in cols.iter().enumerate() {
+        let n0 = c * CHUNK;
+        for (j, col) in buf.chunks_exact(t.max(1)).enumerate() {
+            for (r, v) in col.iter().enumerate() {
+                out[r * n + n0 + j] = *v;
+            }
+        }
+    }
+}
+
+impl Backend for Cpu {
+    type Storage = HostData;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn activation_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<T> {
+        let n = shape.iter().product();
+        Ok(Tensor {
+            storage: HostData::zeros(dtype, n),
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<T> {
+        let storage = match &t.data {
+            HostData::F16(_) | HostData::BF16(_) => HostData::F32(t.data.to_f32()?),
+            other => other.clone(),
+        };
+        let dtype = storage.dtype();
+        Ok(Tensor {
+            storage,
+            shape: t.shape.clone(),
+            dtype,
+        })
+    }
+
+    fn download(&self, t: &T) -> Result<HostTensor> {
+        HostTensor::new(t.shape.clone(), t.storage.clone())
+    }
+
+    fn copy_rows(
+        &self,
+        src: &T,
+        src_row: usize,
+        dst: &mut T,
+        dst_row: usize,
+        n: usize,
+    ) -> Result<()> {
+        let (sr, sc) = src.outer_rows();
+        let (dr, dc) = dst.outer_rows();
+        if sc != dc || src.dtype != dst.dtype || src_row + n > sr || dst_row + n > dr {
+            return Err(Error::Shape(format!(
+                "copy_rows: {n} rows from {:?} {} at {src_row} into {:?} {} at {dst_row}",
+                src.shape, src.dtype, dst.shape, dst.dtype
+            )));
+        }
+        macro_rules! cp {
+            ($a:expr, $b:expr) => {
+                $b[dst_row * dc..(dst_row + n) * dc]
+                    .copy_from_slice(&$a[src_row * sc..(src_row + n) * sc])
+            };
+        }
+        match (&src.storage, &mut dst.storage) {
+            (HostData::F32(a), HostData::F32(b)) => cp!(a, b),
+            (HostData::I8(a), HostData::I8(b)) => cp!(a, b),
+            (HostData::I32(a), HostData::I32(b)) => cp!(a, b),
+            (HostData::U32(a), HostData::U32(b)) => cp!(a, b),
+            (HostData::F16(a), HostData::F16(b)) => cp!(a, b),
+            (HostData::BF16(a), HostData::BF16(b)) => cp!(a, b),
+            _ => unreachable!("dtypes checked equal"),
+        }
+        Ok(())
+    }
+
+    fn embedding(&self, table: &T, ids: &T, out: &mut T) -> Result<()> {
+        let op = "embedding";
+        let (v, d) = table.rows_cols();
+        let ids = u32s(op, "ids", ids)?;
+        expect_shape(op, "out", out, &[ids.len(), d])?;
+        let tab = f32s(op, "table", table)?;
+        let o = f32s_mut(op, "out", out)?;
+        for (row, &id) in o.chunks_exact_mut(d).zip(ids) {
+            if id as usize >= v {
+                return Err(Error::Invalid(format!(
+                    "{op}: token id {id} is outside the vocabulary of {v}"
+                )));
+            }
+            row.copy_from_slice(&tab[id as usize * d..(id as usize + 1) * d]);
+        }
+        Ok(())
+    }
+
+    fn rmsnorm(&self, x: &T, weight: &T, eps: f32, out: &mut T) -> Result<()> {
+        let op = "rmsnorm";
+        let (_, d) = x.rows_cols();
+        expect_shape(op, "weight", weight, &[d])?;
+        expect_shape(op, "out", out, &x.shape)?;
+        let (x, w) = (f32s(op, "x", x)?, f32s(op, "weight", weight)?);
+        let o = f32s_mut(op, "out", out)?;
+        o.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * r * w;
+            }
+        });
+        Ok(())
+    }
+
+    fn linear(&self, x: &T, w: &Linear<Cpu>, out: &mut T) -> Result<()> {
+        let op = "linear";
+        let (t, k) = x.rows_cols();
+        let n = w.out_features;
+        if k != w.in_features {
+            return Err(Error::Shape(format!(
+                "{op}: input has {k} features, the weight expects {}",
+                w.in_features
+            )));
+        }
+        expect_shape(op, "out", out, &[t, n])?;
+        let xs = f32s(op, "x", x)?;
+        let wv = weight_view(op, w)?;
+        let o = f32s_mut(op, "out", out)?;
+        match wv {
+            WView::Dense(wd) => par_columns(o, t, n, |j, col| {
+                let wr = &wd[j * k..(j + 1) * k];
+                for (r, c) in col.iter_mut().enumerate() {
+                    *c = xs[r * k..(r + 1) * k]
+                        .iter()
+                        .zip(wr)
+                        .map(|(a, b)| a * b)
+                        .sum();
+                }
+            }),
+            WView::Int8 { w: wq, scale } => {
+                let (xq, sx, outlier) = quantize_activations(xs, t, k, w.outlier_threshold);
+                let out_cols: Vec<usize> = (0..k).filter(|&c| outlier[c]).collect();
+                par_columns(o, t, n, |j, col| {
+                    let wr = &wq[j * k..(j + 1) * k];
+                    for (r, c) in col.iter_mut().enumerate() {
+                        let acc: i32 = xq[r * k..(r + 1) * k]
+                            .iter()
+                            .zip(wr)
+                            .map(|(a, b)| *a as i32 * *b as i32)
+                            .sum();
+                        let mut y = acc as f32 * sx[r] * scale[j];
+                        for &kc in &out_cols {
+                            y += xs[r * k + kc] * (wr[kc] as f32 * scale[j]);
+                        }
+                        *c = y;
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut T, positions: &T, theta: f32, inverse: bool) -> Result<()> {
+        let op = "rope";
+        if x.shape.len() != 3 || x.shape[2] % 2 != 0 {
+            return Err(Error::Shape(format!(
+                "{op}: x must be [T, heads, even head_dim], got {:?}",
+                x.shape
+            )));
+        }
+        let (t, h, hd) = (x.shape[0], x.shape[1], x.shape[2]);
+        let pos = u32s(op, "positions", positions)?;
+        if pos.len() != t {
+            return Err(Error::Shape(format!(
+                "{op}: {} positions for {t} tokens",
+                pos.len()
+            )));
+        }
+        let xs = f32s_mut(op, "x", x)?;
+        let half = hd / 2;
+        let sign = if inverse { -1.0 } else { 1.0 };
+        xs.par_chunks_mut(h * hd)
+            .zip(pos.par_iter())
+            .for_each(|(row, &p)| {
+                for i in 0..half {
+                    let inv_freq = (theta as f64).powf(-2.0 * i as f64 / hd as f64);
+                    let ang = p as f64 * inv_freq;
+                    let (s, c) = ((sign * ang.sin()) as f32, ang.cos() as f32);
+                    for head in row.chunks_exact_mut(hd) {
+                        let (a, b) = (head[i], head[i + half]);
+                        head[i] = a * c - b * s;
+                        head[i + half] = b * c + a * s;
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &T,
+        k: &T,
+        v: &T,
+        positions: &T,
+        spans: &[SeqSpan],
+        out: &mut T,
+    ) -> Result<()> {
+        let op = "attention";
+        let g = attn_geometry(op, q, k, v, positions, spans)?;
+        expect_shape(op, "out", out, &q.shape)?;
+        let (qs, ks, vs) = (f32s(op, "q", q)?, f32s(op, "k", k)?, f32s(op, "v", v)?);
+        let pos = u32s(op, "positions", positions)?;
+        let o = f32s_mut(op, "out", out)?;
+        o.fill(0.0);
+        let (h, kvh, hd) = (g.heads, g.kv_heads, g.head_dim);
+        let scale = 1.0 / (hd as f32).sqrt();
+        for s in spans {
+            let rows = &mut o[s.q_start * h * hd..(s.q_start + s.q_len) * h * hd];
+            rows.par_chunks_mut(h * hd)
+                .enumerate()
+                .for_each(|(i, orow)| {
+                    let tq = s.q_start + i;
+                    let visible = (pos[tq] as usize + 1).min(s.kv_len);
+                    let mut p = vec![0f32; visible];
+                    for head in 0..h {
+                        let kh = head / (h / kvh);
+                        let qv = &qs[(tq * h + head) * hd..(tq * h + head + 1) * hd];
+                        for (j, pj) in p.iter_mut().enumerate() {
+                            let kr = &ks[((s.kv_start + j) * kvh + kh) * hd..][..hd];
+                            *pj = qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        }
+                        softmax_in_place(&mut p);
+                        let od = &mut orow[head * hd..(head + 1) * hd];
+                        for (j, pj) in p.iter().enumerate() {
+                            let vr = &vs[((s.kv_start + j) * kvh + kh) * hd..][..hd];
+                            for (a, b) in od.iter_mut().zip(vr) {
+                                *a += pj * b;
+                            }
+                        }
+                    }
+                });
+        }
+        Ok(())
+    }
+
+    fn swiglu(&self, gate: &T, up: &T, out: &mut T) -> Result<()> {
+        let op = "swiglu";
+        expect_shape(op, "up", up, &gate.shape)?;
+        expect_shape(op, "out", out, &gate.shape)?;
+        let (g, u) = (f32s(op, "gate", gate)?, f32s(op, "up", up)?);
+        let o = f32s_mut(op, "out", out)?;
+        o.par_iter_mut()
+            .zip(g.par_iter().zip(u.par_iter()))
+            .for_each(|(o, (g, u))| *o = silu(*g) * u);
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut T, y: &T) -> Result<()> {
+        let op = "add_assign";
+        expect_shape(op, "y", y, &x.shape)?;
+        let ys = f32s(op, "y", y)?;
+        let xs = f32s_mut(op, "x", x)?;
+        xs.par_iter_mut()
+            .zip(ys.par_iter())
+            .for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn rmsnorm_backward(&self, x: &T, weight: &T, eps: f32, dy: &T, dx: &mut T) -> Result<()> {
+        let op = "rmsnorm_backward";
+        let (_, d) = x.rows_cols();
+        expect_shape(op, "weight", weight, &[d])?;
+        expect_shape(op, "dy", dy, &x.shape)?;
+        expect_shape(op, "dx", dx, &x.shape)?;
+        let (xs, w, dys) = (
+            f32s(op, "x", x)?,
+            f32s(op, "weight", weight)?,
+            f32s(op, "dy", dy)?,
+        );
+        let dxs = f32s_mut(op, "dx", dx)?;
+        dxs.par_chunks_mut(d)
+            .zip(xs.par_chunks(d).zip(dys.par_chunks(d)))
+            .for_each(|(dx, (x, dy))| {
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let r = 1.0 / (ms + eps).sqrt();
+                // y = x·r·w  ⇒  dx = r·(g − x̂·mean(g·x̂)), g = dy·w, x̂ = x·r
+                let dot: f32 = x
+                    .iter()
+                    .zip(dy)
+                    .zip(w)
+                    .map(|((x, dy), w)| dy * w * x * r)
+                    .sum::<f32>()
+                    / d as f32;
+                for (((o, x), dy), w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                    *o = r * (dy * w - x * r * dot);
+                }
+            });
+        Ok(())
+    }
+
+    fn linear_backward_input(&self, dy: &T, w: &Linear<Cpu>, dx: &mut T) -> Result<()> {
+        let op = "linear_backward_input";
+        let (t, n) = dy.rows_cols();
+        let k = w.in_features;
+        if n != w.out_features {
+            return Err(Error::Shape(format!(
+                "{op}: dy has {n} features, the weight has {} outputs",
+                w.out_features
+            )));
+        }
+        expect_shape(op, "dx", dx, &[t, k])?;
+        let dys = f32s(op, "dy", dy)?;
+        let wv = weight_view(op, w)?;
+        let dxs = f32s_mut(op, "dx", dx)?;
+        dxs.par_chunks_mut(k)
+            .zip(dys.par_chunks(n))
+            .for_each(|(dxr, dyr)| {
+                dxr.fill(0.0);
+                for (j, g) in dyr.iter().enumerate() {
+                    match &wv {
+                        WView::Dense(wd) => {
+                            for (a, b) in dxr.iter_mut().zip(&wd[j * k..(j + 1) * k]) {
+                                *a += g * b;
+                            }
+                        }
+                        WView::Int8 { w: wq, scale } => {
+                            let gs = g * scale[j];
+                            for (a, b) in dxr.iter_mut().zip(&wq[j * k..(j + 1) * k]) {
+                                *a += gs * *b as f32;
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    fn swiglu_backward(&self, gate: &T, up: &T, dy: &T, dgate: &mut T, dup: &mut T) -> Result<()> {
+        let op = "swiglu_backward";
+        for (what, t) in [("up", up), ("dy", dy)] {
+            expect_shape(op, what, t, &gate.shape)?;
+        }
+        expect_shape(op, "dgate", dgate, &gate.shape)?;
+        expect_shape(op, "dup", dup, &gate.shape)?;
+        let (g, u, d) = (
+            f32s(op, "gate", gate)?,
+            f32s(op, "up", up)?,
+            f32s(op, "dy", dy)?,
+        );
+        let dg = f32s_mut(op, "dgate", dgate)?;
+        for (i, o) in dg.iter_mut().enumerate() {
+            let s = sigmoid(g[i]);
+            *o = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        }
+        let du = f32s_mut(op, "dup", dup)?;
+        for (i, o) in du.iter_mut().enumerate() {
+            *o = d[i] * silu(g[i]);
+        }
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        q: &T,
+        k: &T,
+        v: &T,
+        positions: &T,
+        spans: &[SeqSpan],
+        dy: &T,
+        dq: &mut T,
+        dk: &mut T,
+        dv: &mut T,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        let g = attn_geometry(op, q, k, v, positions, spans)?;
+        expect_shape(op, "dy", dy, &q.shape)?;
+        expect_shape(op, "dq", dq, &q.shape)?;
+        expect_shape(op, "dk", dk, &k.shape)?;
+        expect_shape(op, "dv", dv, &v.shape)?;
+        let (qs, ks, vs, dys) = (
+            f32s(op, "q", q)?,
+            f32s(op, "k", k)?,
+            f32s(op, "v", v)?,
+            f32s(op, "dy", dy)?,
+        );
+        let pos = u32s(op, "positions", positions)?;
+        let (h, kvh, hd) = (g.heads, g.kv_heads, g.head_dim);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut dqv = vec![0f32; qs.len()];
+        let mut dkv = vec![0f32; ks.len()];
+        let mut dvv = vec![0f32; vs.len()];
+        for s in spans {
+            for i in 0..s.q_len {
+                let tq = s.q_start + i;
+                let visible = (pos[tq] as usize + 1).min(s.kv_len);
+                for head in 0..h {
+                    let kh = head / (h / kvh);
+                    let qv = &qs[(tq * h + head) * hd..][..hd];
+                    let dyv = &dys[(tq * h + head) * hd..][..hd];
+                    let krow = |j: usize| ((s.kv_start + j) * kvh + kh) * hd;
+                    let mut p: Vec<f32> = (0..visible)
+                        .map(|j| {
+                            qv.iter()
+                                .zip(&ks[krow(j)..][..hd])
+                                .map(|(a, b)| a * b)
+                                .sum::<f32>()
+                                * scale
+                        })
+                        .collect();
+                    softmax_in_place(&mut p);
+                    // dp_j = dy·v_j;  ds_j = p_j (dp_j − Σ p dp)
+                    let dp: Vec<f32> = (0..visible)
+                        .map(|j| {
+                            dyv.iter()
+                                .zip(&vs[krow(j)..][..hd])
+                                .map(|(a, b)| a * b)
+                                .sum()
+                        })
+                        .collect();
+                    let pdp: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    for j in 0..visible {
+                        let ds = p[j] * (dp[j] - pdp) * scale;
+                        for c in 0..hd {
+                            dqv[(tq * h + head) * hd + c] += ds * ks[krow(j) + c];
+                            dkv[krow(j) + c] += ds * qv[c];
+                            dvv[krow(j) + c] += p[j] * dyv[c];
+                        }
+                    }
+                }
+            }
+        }
+        f32s_mut(op, "dq", dq)?.copy_from_slice(&dqv);
+        f32s_mut(op, "dk", dk)?.copy_from_slice(&dkv);
+        f32s_mut(op, "dv", dv)?.copy_from_slice(&dvv);
+        Ok(())
+    }
+}
+
+struct AttnGeometry {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+fn attn_geometry(
+    op: &str,
+    q: &T,
+    k: &T,
+    v: &T,
+    positions: &T,
+    spans: &[SeqSpan],
+) -> Result<AttnGeometry> {
+    if q.shape.len() != 3 || k.shape.len() != 3 {
+        return Err(Error::Shape(format!(
+            "{op}: q {:?} and k {:?} must be [T, heads, head_dim]",
+            q.shape, k.shape
+        )));
+    }
+    expect_shape(op, "v", v, &k.shape)?;
+    let (tq, h, hd) = (q.shape[0], q.shape[1], q.shape[2]);
+    let (tk, kvh) = (k.shape[0], k.shape[1]);
+    if k.shape[2] != hd || kvh == 0 || h % kvh != 0 {
+        return Err(Error::Shape(format!(
+            "{op}: q {:?} and k {:?} are not a GQA pair",
+            q.shape, k.shape
+        )));
+    }
+    expect_dtype(op, "positions", positions, DType::U32)?;
+    expect_shape(op, "positions", positions, &[tq])?;
+    check_spans(op, spans, tq, tk)?;
+    Ok(AttnGeometry {
+        heads: h,
+        kv_heads: kvh,
+        head_dim: hd,
+    })
+}
+
+fn softmax_in_place(p: &mut [f32]) {
+    let m = p.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+    let mut sum = 0.0;
+    for x in p.iter_mut() {
+        *x = (*x - m).exp();
+        sum += *x;
+    }
+    for x in p.iter_mut() {
+        *x /= sum;
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,86 @@
+//! The GPU side: finding a usable CUDA device without ever panicking, and the device layer the
+//! kernel launch wrappers run on.
+
+pub mod cuda;
+
+use crate::error::{Error, Result};
+
+/// What the machine offers for CUDA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CudaProbe {
+    /// libcuda could not be loaded (no NVIDIA driver).
+    NoDriver,
+    /// The driver loaded but reported an error (message kept).
+    DriverError(String),
+    /// The driver works and sees these devices (possibly none).
+    Devices(Vec<String>),
+}
+
+impl CudaProbe {
+    pub fn usable(&self) -> bool {
+        matches!(self, CudaProbe::Devices(d) if !d.is_empty())
+    }
+    pub fn describe(&self) -> String {
+        match self {
+            CudaProbe::NoDriver => "no CUDA driver (libcuda not found)".into(),
+            CudaProbe::DriverError(e) => format!("CUDA driver error: {e}"),
+            CudaProbe::Devices(d) if d.is_empty() => "CUDA driver found, but no devices".into(),
+            CudaProbe::Devices(d) => d
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("cuda:{i} {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
+/// Look for CUDA devices. cudarc panics on the first driver call when libcuda is absent, so the
+/// library's presence is checked first, and every call is kept behind `catch_unwind`.
+pub fn probe_cuda() -> CudaProbe {
+    let res = std::panic::catch_unwind(|| {
+        // SAFETY: only tries to dlopen libcuda and reports whether that worked.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return CudaProbe::NoDriver;
+        }
+        let n = match cudarc::driver::CudaContext::device_count() {
+            Ok(n) => n,
+            Err(e) => return CudaProbe::DriverError(format!("{e:?}")),
+        };
+        let mut names = vec![];
+        for i in 0..n.max(0) as usize {
+            match cudarc::driver::result::device::get(i as i32)
+                .and_then(cudarc::driver::result::device::get_name)
+            {
+                Ok(name) => names.push(name),
+                Err(e) => return CudaProbe::DriverError(format!("device {i}: {e:?}")),
+            }
+        }
+        CudaProbe::Devices(names)
+    });
+    res.unwrap_or_else(|_| {
+        CudaProbe::DriverError("the CUDA driver library panicked while loading".into())
+    })
+}
+
+/// `--device` on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda),
+            "auto" => Ok(DeviceChoice::Auto),
+            other => Err(Error::Invalid(format!(
+                "unknown device '{other}' (expected cpu, cuda or auto)"
+            ))),
+        }
+    }
+}

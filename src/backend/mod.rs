@@ -1,0 +1,217 @@
+//! The `Backend` trait: typed buffers and the ops the LLaMA forward, backward, trainer and
+//! server are written against, once. `cpu` is the plain reference every kernel is checked
+//! against; `gpu` drives the CUDA kernels on a real device (or, later, the simulator).
+//!
+//! Conventions shared by every op:
+//! - tensors are row-major; `[T, D]` means T rows (tokens) of D contiguous elements;
+//! - outputs are passed as `&mut Tensor` that the caller allocated with the right shape, so a
+//!   planned arena can own every byte (DESIGN.md §4) and the hot loop allocates nothing;
+//! - shapes and dtypes are checked by every op and reported as `Error::Shape`.
+
+pub mod cpu;
+pub mod gpu;
+
+use crate::error::{Error, Result};
+use crate::tensor::{DType, HostTensor};
+
+/// A tensor living on some backend.
+pub struct Tensor<B: Backend> {
+    pub storage: B::Storage,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+impl<B: Backend> Tensor<B> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// First dimension × everything else (rows as `copy_rows` counts them).
+    pub fn outer_rows(&self) -> (usize, usize) {
+        let rows = *self.shape.first().unwrap_or(&1);
+        let cols = if rows == 0 { 0 } else { self.numel() / rows };
+        (rows, cols)
+    }
+    /// Rows × last dimension view of the shape.
+    pub fn rows_cols(&self) -> (usize, usize) {
+        let cols = *self.shape.last().unwrap_or(&1);
+        let rows = if cols == 0 { 0 } else { self.numel() / cols };
+        (rows, cols)
+    }
+}
+
+/// Weights of a frozen linear layer `y = x · Wᵀ`, W is `[out, in]`.
+pub enum LinearWeight<B: Backend> {
+    /// LLM.int8 vector-wise: int8 `[out, in]` and one f32 absmax scale per output row.
+    Int8 { w: Tensor<B>, scale: Tensor<B> },
+    /// Kept precision (f32 / bf16 / f16), e.g. the output head.
+    Dense(Tensor<B>),
+}
+
+pub struct Linear<B: Backend> {
+    pub weight: LinearWeight<B>,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// LLM.int8 mixed-precision decomposition: input columns with |x| above this in any row go
+    /// through the float path. 0 disables it.
+    pub outlier_threshold: f32,
+}
+
+/// One sequence of an attention batch. Query rows `q_start .. q_start+q_len` attend to key/value
+/// rows `kv_start .. kv_start+kv_len`; the causal mask lets a query at position p see the keys
+/// whose index within the sequence is ≤ p (so a KV-cached decode step, whose queries sit at
+/// positions past the cached keys, and a packed training batch use the same op).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqSpan {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub kv_start: usize,
+    pub kv_len: usize,
+}
+
+pub trait Backend: Sized + Send + Sync {
+    type Storage: Send + Sync;
+
+    /// Human-readable device name, e.g. "cpu (2 threads)".
+    fn name(&self) -> String;
+    /// The element type of activations on this backend (f32 on the CPU reference).
+    fn activation_dtype(&self) -> DType;
+
+    // ---- memory -------------------------------------------------------------------------------
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
+    fn upload(&self, t: &HostTensor) -> Result<Tensor<Self>>;
+    fn download(&self, t: &Tensor<Self>) -> Result<HostTensor>;
+    /// Copy `n` rows (along the first dimension) of `src` starting at `src_row` into `dst`
+    /// starting at `dst_row` (same dtype and row size).
+    fn copy_rows(
+        &self,
+        src: &Tensor<Self>,
+        src_row: usize,
+        dst: &mut Tensor<Self>,
+        dst_row: usize,
+        n: usize,
+    ) -> Result<()>;
+
+    // ---- forward ------------------------------------------------------------------------------
+    /// `out[t] = table[ids[t]]`; table `[V, D]`, ids u32 `[T]`, out `[T, D]`.
+    fn embedding(
+        &self,
+        table: &Tensor<Self>,
+        ids: &Tensor<Self>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+    /// `out = x / sqrt(mean(x²) + eps) · weight`, per row; x, out `[T, D]`, weight `[D]`.
+    fn rmsnorm(
+        &self,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+    /// `out = x · Wᵀ`; x `[T, in]`, out `[T, out]`.
+    fn linear(&self, x: &Tensor<Self>, w: &Linear<Self>, out: &mut Tensor<Self>) -> Result<()>;
+    /// Rotary embedding in place, HF rotate-half convention; x `[T, heads, head_dim]`,
+    /// positions u32 `[T]`. `inverse` rotates by the negative angle, which is the backward pass.
+    fn rope(
+        &self,
+        x: &mut Tensor<Self>,
+        positions: &Tensor<Self>,
+        theta: f32,
+        inverse: bool,
+    ) -> Result<()>;
+    /// Causal GQA attention, softmax scale 1/sqrt(head_dim). q `[Tq, H, hd]`, k and v
+    /// `[Tk, KVH, hd]`, out `[Tq, H, hd]`; positions u32 `[Tq]` are the query positions within
+    /// their sequence.
+    fn attention(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        positions: &Tensor<Self>,
+        spans: &[SeqSpan],
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+    /// `out = silu(gate) ⊙ up`; all `[T, F]`.
+    fn swiglu(&self, gate: &Tensor<Self>, up: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()>;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()>;
+
+    // ---- backward -----------------------------------------------------------------------------
+    /// dx of `rmsnorm` (the norm weight is frozen).
+    fn rmsnorm_backward(
+        &self,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+        dy: &Tensor<Self>,
+        dx: &mut Tensor<Self>,
+    ) -> Result<()>;
+    /// `dx = dy · dequant(W)`; dy `[T, out]`, dx `[T, in]`.
+    fn linear_backward_input(
+        &self,
+        dy: &Tensor<Self>,
+        w: &Linear<Self>,
+        dx: &mut Tensor<Self>,
+    ) -> Result<()>;
+    /// Gradients of `swiglu` with respect to gate and up.
+    fn swiglu_backward(
+        &self,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        dgate: &mut Tensor<Self>,
+        dup: &mut Tensor<Self>,
+    ) -> Result<()>;
+    /// Gradients of `attention`; dk and dv are summed over the query heads sharing a KV head
+    /// and are overwritten (not accumulated).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        positions: &Tensor<Self>,
+        spans: &[SeqSpan],
+        dy: &Tensor<Self>,
+        dq: &mut Tensor<Self>,
+        dk: &mut Tensor<Self>,
+        dv: &mut Tensor<Self>,
+    ) -> Result<()>;
+}
+
+/// Shape check helper for op wrappers.
+pub fn expect_shape<B: Backend>(
+    op: &str,
+    what: &str,
+    t: &Tensor<B>,
+    shape: &[usize],
+) -> Result<()> {
+    if t.shape != shape {
+        return Err(Error::Shape(format!(
+            "{op}: {what} has shape {:?}, expected {shape:?}",
+            t.shape
+        )));
+    }
+    Ok(())
+}
+
+pub fn expect_dtype<B: Backend>(op: &str, what: &str, t: &Tensor<B>, dtype: DType) -> Result<()> {
+    if t.dtype != dtype {
+        return Err(Error::Shape(format!(
+            "{op}: {what} has dtype {}, expected {dtype}",
+            t.dtype
+        )));
+    }
+    Ok(())
+}
+
+/// Checks spans against the q / kv row counts.
+pub fn check_spans(op: &str, spans: &[SeqSpan], tq: usize, tk: usize) -> Result<()> {
+    for s in spans {
+        if s.q_start + s.q_len > tq || s.kv_start + s.kv_len > tk {
+            return Err(Error::Shape(format!(
+                "{op}: span {s:?} exceeds q rows {tq} / kv rows {tk}"
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! recforge: fine-tune and serve LLaMA-family models in 8-bit with LoRA adapters, for LLM-based
+//! recommendation. See DESIGN.md (shared with the project) for the architecture.
+//!
+//! Dependencies point one way: infer → model → backend → kernels.
+
+pub mod backend;
+pub mod error;
+pub mod infer;
+pub mod kernels;
+pub mod model;
+pub mod rng;
+pub mod tensor;
+
+pub use error::{Error, Result};

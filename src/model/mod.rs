@@ -1,0 +1,14 @@
+//! Models: configuration, file formats (GGUF, HF safetensors), tokenizers, the LLaMA network,
+//! conversion between formats, and the test fixture generator.
+
+pub mod config;
+pub mod convert;
+pub mod fixture;
+pub mod gguf;
+pub mod llama;
+pub mod source;
+pub mod tokenizer;
+
+pub use config::LlamaConfig;
+pub use llama::{KvCache, Llama, LoadOptions, Logits};
+pub use source::{open, ModelSource};

@@ -1,0 +1,324 @@
+//! Tokenizers: HF `tokenizer.json` through the `tokenizers` crate, or one built from GGUF
+//! metadata (`tokenizer.ggml.*`) as the same tokenizer.json structure, so both sources end up
+//! as one `tokenizers::Tokenizer` and `recforge convert` can write it out.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use serde_json::{json, Value as Json};
+
+use super::gguf::{GgufFile, Value};
+use crate::error::{Error, Result};
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_id: Option<u32>,
+    /// Tokens that end generation.
+    pub eos_ids: Vec<u32>,
+    pub chat_template: Option<String>,
+}
+
+impl TextTokenizer {
+    pub fn from_json(
+        path: &Path,
+        json: &str,
+        bos_id: Option<u32>,
+        eos_ids: Vec<u32>,
+        chat_template: Option<String>,
+    ) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_str(json)
+            .map_err(|e| Error::format(path, format!("invalid tokenizer: {e}")))?;
+        Ok(TextTokenizer {
+            inner,
+            bos_id,
+            eos_ids,
+            chat_template,
+        })
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer(format!("cannot decode ids: {e}")))
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The tokenizer.json text.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(format!("cannot serialize: {e}")))
+    }
+
+    /// Wrap a user message in the model's chat format when it has a ChatML template
+    /// (`<|im_start|>role\n...<|im_end|>`), the format of SmolLM2-Instruct and many others.
+    pub fn chat_prompt(&self, user: &str) -> Option<String> {
+        let t = self.chat_template.as_deref()?;
+        if !t.contains("<|im_start|>") || self.token_id("<|im_start|>").is_none() {
+            return None;
+        }
+        let mut s = String::new();
+        // SmolLM2's template inserts this default system turn when none is given.
+        if let Some(sys) = default_system_prompt(t) {
+            s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+        }
+        s.push_str(&format!(
+            "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        ));
+        Some(s)
+    }
+}
+
+/// The literal default system message of a ChatML template, if it has one
+/// (`... '<|im_start|>system\nYou are ...<|im_end|>\n' ...`).
+fn default_system_prompt(template: &str) -> Option<String> {
+    // The newline after the role may be a literal newline or an escaped "\n".
+    let (start, marker) = ["<|im_start|>system\n", "<|im_start|>system\\n"]
+        .iter()
+        .find_map(|m| template.find(m).map(|i| (i, *m)))?;
+    let rest = &template[start + marker.len()..];
+    let end = rest.find("<|im_end|>")?;
+    let s = &rest[..end];
+    if s.contains('{') || s.contains('+') || s.contains('\'') {
+        return None; // a variable, not a literal
+    }
+    Some(s.to_string())
+}
+
+/// The GPT-2 byte ↔ unicode table used by byte-level BPE vocabularies: printable bytes map to
+/// themselves, the rest to code points from U+0100 on.
+pub fn bytes_to_unicode() -> Vec<char> {
+    let mut table = vec!['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..256u32 {
+        let printable =
+            (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+        table[b as usize] = if printable {
+            char::from_u32(b).expect("byte")
+        } else {
+            n += 1;
+            char::from_u32(255 + n).expect("code point")
+        };
+    }
+    table
+}
+
+fn pre_tokenizer_for(path: &Path, pre: &str) -> Result<Json> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    Ok(match pre {
+        "gpt2" | "default" => byte_level(true),
+        // llama.cpp's SMOLLM / STARCODER / REFACT family: single digits, then GPT-2's regex.
+        "smollm" | "starcoder" | "refact" | "codeshell" => json!({
+            "type": "Sequence",
+            "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]
+        }),
+        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" => json!({
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
+                 "behavior": "Isolated", "invert": false},
+                byte_level(false)
+            ]
+        }),
+        other => {
+            return Err(Error::unsupported(
+                path,
+                format!("tokenizer pre-tokenizer '{other}' (supported: gpt2, default, smollm, starcoder, refact, llama-bpe)"),
+            ))
+        }
+    })
+}
+
+/// Build the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
+pub fn from_gguf(f: &GgufFile) -> Result<TextTokenizer> {
+    let path = f.path();
+    let missing = |k: &str| {
+        Error::format(
+            path,
+            format!("no tokenizer in this GGUF file: metadata '{k}' is missing or malformed"),
+        )
+    };
+    let model = f
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| missing("tokenizer.ggml.model"))?;
+    if model != "gpt2" {
+        return Err(Error::unsupported(
+            path,
+            format!("tokenizer model '{model}' (only byte-level BPE, 'gpt2', is implemented)"),
+        ));
+    }
+    let tokens: Vec<&str> = f
+        .get("tokenizer.ggml.tokens")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| missing("tokenizer.ggml.tokens"))?
+        .iter()
+        .map(|v| v.as_str().ok_or_else(|| missing("tokenizer.ggml.tokens")))
+        .collect::<Result<_>>()?;
+    let merges: Vec<&str> = match f.get("tokenizer.ggml.merges") {
+        Some(v) => v
+            .as_array()
+            .ok_or_else(|| missing("tokenizer.ggml.merges"))?
+            .iter()
+            .map(|v| v.as_str().ok_or_else(|| missing("tokenizer.ggml.merges")))
+            .collect::<Result<_>>()?,
+        None => vec![],
+    };
+    let types: Vec<u64> = match f.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .as_array()
+            .ok_or_else(|| missing("tokenizer.ggml.token_type"))?
+            .iter()
+            .map(|t| t.as_u64().unwrap_or(1))
+            .collect(),
+        None => vec![1; tokens.len()],
+    };
+    if types.len() != tokens.len() {
+        return Err(Error::format(
+            path,
+            format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                types.len(),
+                tokens.len()
+            ),
+        ));
+    }
+    let pre = f
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let id_of = |k: &str| f.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let bos = id_of("tokenizer.ggml.bos_token_id");
+    let eos = id_of("tokenizer.ggml.eos_token_id");
+    let add_bos = f
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    for (name, id) in [("bos", bos), ("eos", eos)] {
+        if let Some(id) = id {
+            if id as usize >= tokens.len() {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "{name} token id {id} is outside the vocabulary of {} tokens",
+                        tokens.len()
+                    ),
+                ));
+            }
+        }
+    }
+    let chat_template = f
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str())
+        .map(String::from);
+    let json = tokenizer_json(
+        path,
+        &tokens,
+        &types,
+        &merges,
+        pre,
+        if add_bos { bos } else { None },
+    )?;
+    TextTokenizer::from_json(path, &json, bos, eos.into_iter().collect(), chat_template)
+}
+
+/// A byte-level BPE tokenizer.json. `types` are ggml token types (3 = control, 4 = user defined
+/// become added tokens; control ones are special).
+pub fn tokenizer_json(
+    path: &Path,
+    tokens: &[&str],
+    types: &[u64],
+    merges: &[&str],
+    pre: &str,
+    bos_to_add: Option<u32>,
+) -> Result<String> {
+    let mut vocab = serde_json::Map::new();
+    let mut added = vec![];
+    for (i, (t, ty)) in tokens.iter().zip(types).enumerate() {
+        if vocab.insert(t.to_string(), json!(i)).is_some() {
+            return Err(Error::format(
+                path,
+                format!("token '{t}' appears twice in the vocabulary"),
+            ));
+        }
+        if *ty == 3 || *ty == 4 {
+            added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                               "normalized": false, "special": *ty == 3}));
+        }
+    }
+    let post = match bos_to_add {
+        Some(b) => {
+            let tok = tokens[b as usize];
+            json!({"type": "TemplateProcessing",
+                   "single": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                   "pair": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                            {"SpecialToken": {"id": tok, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                   "special_tokens": {tok: {"id": tok, "ids": [b], "tokens": [tok]}}})
+        }
+        None => {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false})
+        }
+    };
+    let j = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer_for(path, pre)?,
+        "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    });
+    Ok(j.to_string())
+}
+
+/// Metadata keys a GGUF writer needs to describe a tokenizer (fixtures).
+pub fn gguf_metadata(
+    tokens: &[String],
+    types: &[i32],
+    merges: &[String],
+    pre: &str,
+    bos: u32,
+    eos: u32,
+) -> Vec<(String, Value)> {
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.iter().map(|t| Value::I32(*t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(merges.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)),
+    ]
+}

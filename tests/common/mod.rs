@@ -1,0 +1,25 @@
+#![allow(dead_code)]
+
+use recforge::backend::cpu::Cpu;
+use recforge::model::fixture::{self, Fixture, FixtureSpec};
+use recforge::model::{self, Llama, LoadOptions, Logits};
+
+pub fn fixture(spec: &FixtureSpec) -> (tempfile::TempDir, Fixture) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = fixture::write(dir.path(), spec).expect("write fixture");
+    (dir, f)
+}
+
+/// Logits `[T, V]` of a full forward over `tokens`.
+pub fn logits(path: &std::path::Path, tokens: &[u32], opts: LoadOptions) -> Vec<f32> {
+    let be = Cpu::new();
+    let src = model::open(path).expect("open model");
+    let m = Llama::load(src.as_ref(), &be, opts).expect("load");
+    let mut cache = m.new_cache(&be, tokens.len()).expect("cache");
+    m.forward(&be, tokens, &mut cache, Logits::All)
+        .expect("forward")
+        .to_f32()
+        .expect("f32")
+}
+
+pub const TEXT: &str = "the cat sat on the mat, and then the rest is history";
