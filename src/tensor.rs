@@ -101,7 +101,7 @@ impl HostData {
     }
     /// Little-endian bytes → typed data (copies, so the source may be unaligned, e.g. a memmap).
     pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> Result<Self> {
-        if bytes.len() % dtype.size() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size()) {
             return Err(Error::Invalid(format!(
                 "{} bytes is not a whole number of {dtype} elements",
                 bytes.len()

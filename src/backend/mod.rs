@@ -28,13 +28,13 @@ impl<B: Backend> Tensor<B> {
     /// First dimension × everything else (rows as `copy_rows` counts them).
     pub fn outer_rows(&self) -> (usize, usize) {
         let rows = *self.shape.first().unwrap_or(&1);
-        let cols = if rows == 0 { 0 } else { self.numel() / rows };
+        let cols = self.numel().checked_div(rows).unwrap_or(0);
         (rows, cols)
     }
     /// Rows × last dimension view of the shape.
     pub fn rows_cols(&self) -> (usize, usize) {
         let cols = *self.shape.last().unwrap_or(&1);
-        let rows = if cols == 0 { 0 } else { self.numel() / cols };
+        let rows = self.numel().checked_div(cols).unwrap_or(0);
         (rows, cols)
     }
 }

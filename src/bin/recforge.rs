@@ -188,7 +188,7 @@ fn generate(
         // Print only whole characters: a multi-byte character may span tokens.
         if !s.ends_with('\u{FFFD}') && s.len() > printed {
             let mut lock = stdout.lock();
-            let _ = lock.write_all(s[printed..].as_bytes());
+            let _ = lock.write_all(&s.as_bytes()[printed..]);
             let _ = lock.flush();
             printed = s.len();
         }

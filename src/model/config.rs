@@ -103,7 +103,7 @@ impl LlamaConfig {
             num_key_value_heads: j.num_key_value_heads.unwrap_or(heads),
             head_dim: j
                 .head_dim
-                .unwrap_or(if heads > 0 { hidden_size / heads } else { 0 }),
+                .unwrap_or(hidden_size.checked_div(heads).unwrap_or(0)),
             vocab_size: need(j.vocab_size, "vocab_size")?,
             rms_norm_eps: j.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: j.rope_theta.unwrap_or(10000.0),
@@ -128,19 +128,25 @@ impl LlamaConfig {
         {
             return Err("hidden_size, intermediate_size, num_hidden_layers, num_attention_heads and vocab_size must be positive".into());
         }
-        if c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+        if c.num_key_value_heads == 0
+            || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
+        {
             return Err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 c.num_attention_heads, c.num_key_value_heads
             ));
         }
-        if c.head_dim == 0 || c.head_dim % 2 != 0 {
+        if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim {} must be even and positive (rotary pairs)",
                 c.head_dim
             ));
         }
-        if !(c.rope_theta > 0.0) || !(c.rms_norm_eps > 0.0) {
+        if c.rope_theta.is_nan()
+            || c.rope_theta <= 0.0
+            || c.rms_norm_eps.is_nan()
+            || c.rms_norm_eps <= 0.0
+        {
             return Err("rope_theta and rms_norm_eps must be positive".into());
         }
         Ok(())

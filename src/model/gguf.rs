@@ -240,7 +240,7 @@ impl<'a> Cursor<'a> {
             return Err(Error::format(
                 self.path,
                 format!(
-                    "corrupted GGUF file: {what} claims {n} entries at offset {} but only {} bytes remain",
+                    "truncated or corrupted GGUF file: {what} claims {n} entries at offset {} but only {} bytes remain",
                     self.pos,
                     self.buf.len() - self.pos
                 ),
@@ -412,7 +412,7 @@ impl GgufFile {
         })?;
         let (bs, bb) = ty.block();
         let n = t.numel();
-        if t.dims[0] % bs as u64 != 0 {
+        if !t.dims[0].is_multiple_of(bs as u64) {
             return Err(Error::format(
                 &self.path,
                 format!("tensor '{}' of type {} has a row of {} elements, not a multiple of its block size {bs}", t.name, ty.name(), t.dims[0]),
@@ -516,7 +516,7 @@ pub fn permute_rows(w: &HostTensor, n_heads: usize) -> Result<HostTensor> {
 fn permute_impl(w: &HostTensor, n_heads: usize, to_gguf: bool) -> Result<HostTensor> {
     let rows = w.shape[0];
     let cols: usize = w.shape[1..].iter().product();
-    if n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+    if n_heads == 0 || !rows.is_multiple_of(n_heads) || !(rows / n_heads).is_multiple_of(2) {
         return Err(Error::Shape(format!(
             "cannot split {rows} rows into {n_heads} rotary heads"
         )));
@@ -659,6 +659,7 @@ pub fn encode(metadata: &[(String, Value)], tensors: &[WriteTensor]) -> Vec<u8> 
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
 

@@ -32,12 +32,18 @@ pub fn open(path: impl AsRef<Path>) -> Result<Box<dyn ModelSource>> {
     }
 }
 
-fn check_shape(path: &Path, cfg: &LlamaConfig, name: &str, t: &HostTensor) -> Result<()> {
+fn check_shape(
+    path: &Path,
+    cfg: &LlamaConfig,
+    name: &str,
+    shown: &str,
+    t: &HostTensor,
+) -> Result<()> {
     match cfg.expected_shape(name) {
         Some(s) if s != t.shape => Err(Error::format(
             path,
             format!(
-                "tensor '{name}' has shape {:?} but the config implies {:?}",
+                "tensor {shown} has shape {:?} but the config implies {:?}",
                 t.shape, s
             ),
         )),
@@ -179,7 +185,13 @@ impl ModelSource for GgufSource {
             )
         })?;
         let mut t = self.file.load(info)?;
-        check_shape(self.path(), &self.config, name, &t)?;
+        check_shape(
+            self.path(),
+            &self.config,
+            name,
+            &format!("'{g}' (HF name '{name}')"),
+            &t,
+        )?;
         if name.ends_with("q_proj.weight") {
             t = gguf::unpermute_rows(&t, self.config.num_attention_heads)?;
         } else if name.ends_with("k_proj.weight") {
@@ -319,7 +331,7 @@ impl ModelSource for HfSource {
             .map_err(|err| Error::format(p, format!("tensor '{name}': {err}")))?;
         let t = HostTensor::new(e.shape.clone(), data)
             .map_err(|err| Error::format(p, format!("tensor '{name}': {err}")))?;
-        check_shape(p, &self.config, name, &t)?;
+        check_shape(p, &self.config, name, &format!("'{name}'"), &t)?;
         Ok(t)
     }
     fn tokenizer(&self) -> Result<TextTokenizer> {

@@ -322,7 +322,7 @@ impl Backend for Cpu {
 
     fn rope(&self, x: &mut T, positions: &T, theta: f32, inverse: bool) -> Result<()> {
         let op = "rope";
-        if x.shape.len() != 3 || x.shape[2] % 2 != 0 {
+        if x.shape.len() != 3 || !x.shape[2].is_multiple_of(2) {
             return Err(Error::Shape(format!(
                 "{op}: x must be [T, heads, even head_dim], got {:?}",
                 x.shape

@@ -1,3 +1,4 @@
+#![allow(clippy::needless_range_loop)] // index loops mirror the formulas they check
 //! The CPU reference ops against independent formulations: exact integer arithmetic for the
 //! int8 path, finite differences for every backward op, algebraic identities for RoPE.
 

@@ -1,0 +1,371 @@
+//! Bad input gets a clear error naming the file and the problem — through the library and
+//! through the CLI (non-zero exit, no panic).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::fixture;
+use recforge::backend::cpu::Cpu;
+use recforge::model::fixture::FixtureSpec;
+use recforge::model::gguf::{self, GgufFile, Value, WriteTensor};
+use recforge::model::{self, Llama, LoadOptions};
+
+/// Re-encode a GGUF file with its metadata and tensors edited.
+fn rewrite_gguf(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<WriteTensor>),
+) {
+    let f = GgufFile::open(src).unwrap();
+    let mut md: Vec<(String, Value)> = f
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut ts: Vec<WriteTensor> = f
+        .tensors
+        .iter()
+        .map(|t| WriteTensor {
+            name: t.name.clone(),
+            shape: t.shape(),
+            type_id: t.type_id,
+            bytes: f.raw(t).unwrap().to_vec(),
+        })
+        .collect();
+    edit(&mut md, &mut ts);
+    std::fs::write(dst, gguf::encode(&md, &ts)).unwrap();
+}
+
+/// Open and fully load a model; return the error text.
+fn load_err(path: &Path) -> String {
+    let be = Cpu::new();
+    let r = model::open(path).and_then(|src| {
+        src.tokenizer()?;
+        Llama::load(src.as_ref(), &be, LoadOptions::default()).map(|_| ())
+    });
+    match r {
+        Ok(()) => panic!("{} loaded without error", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_names(err: &str, path: &Path, words: &[&str]) {
+    assert!(
+        err.contains(&path.display().to_string()),
+        "error does not name {}: {err}",
+        path.display()
+    );
+    for w in words {
+        assert!(err.contains(w), "error lacks '{w}': {err}");
+    }
+}
+
+#[test]
+fn truncated_gguf() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let bytes = std::fs::read(&f.gguf).unwrap();
+    for cut in [10, 200, bytes.len() / 2, bytes.len() - 1] {
+        let p = d.path().join(format!("cut{cut}.gguf"));
+        std::fs::write(&p, &bytes[..cut]).unwrap();
+        assert_names(&load_err(&p), &p, &["truncated"]);
+    }
+}
+
+#[test]
+fn corrupted_gguf() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let bytes = std::fs::read(&f.gguf).unwrap();
+    let p = d.path().join("magic.gguf");
+    let mut b = bytes.clone();
+    b[0] = b'X';
+    std::fs::write(&p, &b).unwrap();
+    assert_names(&load_err(&p), &p, &["not a GGUF file"]);
+    // The first metadata key's length (bytes 24..32) made absurd.
+    let p = d.path().join("len.gguf");
+    let mut b = bytes.clone();
+    b[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    assert_names(&load_err(&p), &p, &["corrupted"]);
+    // Not a GGUF at all: an empty file and a text file.
+    for (name, content) in [
+        ("empty.gguf", &b""[..]),
+        ("text.gguf", &b"hello, this is not a model"[..]),
+    ] {
+        let p = d.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        let e = load_err(&p);
+        assert!(e.contains("truncated") || e.contains("not a GGUF"), "{e}");
+    }
+}
+
+#[test]
+fn unsupported_tensor_type() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let p = d.path().join("q4k.gguf");
+    rewrite_gguf(&f.gguf, &p, |_, ts| {
+        let t = ts
+            .iter_mut()
+            .find(|t| t.name == "blk.0.attn_q.weight")
+            .unwrap();
+        t.type_id = 12; // Q4_K
+    });
+    assert_names(
+        &load_err(&p),
+        &p,
+        &["unsupported", "blk.0.attn_q.weight", "Q4_K"],
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let p = d.path().join("missing.gguf");
+    rewrite_gguf(&f.gguf, &p, |_, ts| {
+        ts.retain(|t| t.name != "blk.1.ffn_up.weight")
+    });
+    assert_names(
+        &load_err(&p),
+        &p,
+        &["missing tensor", "blk.1.ffn_up.weight"],
+    );
+    // HF: drop a tensor from the safetensors file.
+    let hf = copy_dir(&f.hf_dir, &d.path().join("hf-missing"));
+    let src = model::open(&f.hf_dir).unwrap();
+    let names = f.config.tensor_names();
+    let kept: Vec<(String, recforge::tensor::HostTensor)> = names
+        .iter()
+        .filter(|n| !n.contains("layers.0.mlp.down_proj"))
+        .map(|n| (n.clone(), src.tensor(n).unwrap()))
+        .collect();
+    let refs: Vec<(String, &recforge::tensor::HostTensor)> =
+        kept.iter().map(|(n, t)| (n.clone(), t)).collect();
+    std::fs::write(
+        hf.join("model.safetensors"),
+        model::convert::safetensors_bytes(&refs),
+    )
+    .unwrap();
+    assert_names(
+        &load_err(&hf),
+        &hf,
+        &["missing tensor", "model.layers.0.mlp.down_proj.weight"],
+    );
+}
+
+#[test]
+fn shape_disagrees_with_config() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let hf = copy_dir(&f.hf_dir, &d.path().join("hf-shape"));
+    edit_config(&hf, |c| c["intermediate_size"] = serde_json::json!(128));
+    let e = load_err(&hf);
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("mlp.gate_proj.weight")
+            && e.contains("[96, 64]")
+            && e.contains("[128, 64]"),
+        "{e}"
+    );
+    // GGUF: metadata says 3 KV heads where the tensors have 2.
+    let p = d.path().join("kvheads.gguf");
+    rewrite_gguf(&f.gguf, &p, |md, _| {
+        for (k, v) in md.iter_mut() {
+            if k == "llama.attention.head_count_kv" {
+                *v = Value::U32(1);
+            }
+        }
+    });
+    assert_names(&load_err(&p), &p, &["attn_k", "shape"]);
+}
+
+#[test]
+fn unknown_architecture() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let hf = copy_dir(&f.hf_dir, &d.path().join("hf-neox"));
+    edit_config(&hf, |c| {
+        c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"])
+    });
+    assert_names(
+        &load_err(&hf),
+        &hf.join("config.json"),
+        &["unsupported", "GPTNeoXForCausalLM"],
+    );
+    let p = d.path().join("gpt2.gguf");
+    rewrite_gguf(&f.gguf, &p, |md, _| {
+        for (k, v) in md.iter_mut() {
+            if k == "general.architecture" {
+                *v = Value::String("gpt2".into());
+            }
+        }
+    });
+    assert_names(&load_err(&p), &p, &["unsupported", "architecture 'gpt2'"]);
+}
+
+#[test]
+fn missing_tokenizer() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let hf = copy_dir(&f.hf_dir, &d.path().join("hf-notok"));
+    std::fs::remove_file(hf.join("tokenizer.json")).unwrap();
+    assert_names(
+        &load_err(&hf),
+        &hf.join("tokenizer.json"),
+        &["No such file"],
+    );
+    let p = d.path().join("notok.gguf");
+    rewrite_gguf(&f.gguf, &p, |md, _| {
+        md.retain(|(k, _)| !k.starts_with("tokenizer.ggml"))
+    });
+    assert_names(&load_err(&p), &p, &["no tokenizer"]);
+    // A tokenizer.json that is not JSON.
+    let hf = copy_dir(&f.hf_dir, &d.path().join("hf-badtok"));
+    std::fs::write(hf.join("tokenizer.json"), "{ not json").unwrap();
+    assert_names(
+        &load_err(&hf),
+        &hf.join("tokenizer.json"),
+        &["invalid tokenizer"],
+    );
+}
+
+#[test]
+fn truncated_safetensors_and_bad_config() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let hf = copy_dir(&f.hf_dir, &d.path().join("hf-cut"));
+    let st = hf.join("model.safetensors");
+    let b = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &b[..b.len() - 100]).unwrap();
+    assert_names(&load_err(&hf), &st, &["safetensors"]);
+    let hf = copy_dir(&f.hf_dir, &d.path().join("hf-cfg"));
+    std::fs::write(
+        hf.join("config.json"),
+        "{\"architectures\": [\"LlamaForCausalLM\"]}",
+    )
+    .unwrap();
+    assert_names(&load_err(&hf), &hf.join("config.json"), &["hidden_size"]);
+}
+
+fn copy_dir(from: &Path, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    to.to_path_buf()
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut c);
+    std::fs::write(&p, c.to_string()).unwrap();
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_recforge"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_reports_errors_without_panicking() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let bytes = std::fs::read(&f.gguf).unwrap();
+    let cut = d.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let missing = d.path().join("nope.gguf");
+    let out_exists = d.path().to_path_buf();
+    let cases: Vec<(Vec<String>, Vec<String>)> = vec![
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                cut.display().to_string(),
+                "--prompt".into(),
+                "hi".into(),
+                "--device".into(),
+                "cpu".into(),
+            ],
+            vec![cut.display().to_string(), "truncated".into()],
+        ),
+        (
+            vec![
+                "info".into(),
+                "--model".into(),
+                missing.display().to_string(),
+            ],
+            vec![missing.display().to_string(), "No such file".into()],
+        ),
+        (
+            vec![
+                "convert".into(),
+                "--model".into(),
+                f.gguf.display().to_string(),
+                "--out".into(),
+                out_exists.display().to_string(),
+            ],
+            vec!["already exists".into()],
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                f.gguf.display().to_string(),
+                "--prompt".into(),
+                "hi".into(),
+                "--device".into(),
+                "tpu".into(),
+            ],
+            vec!["tpu".into()],
+        ),
+    ];
+    for (args, words) in cases {
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let (ok, _, err) = cli(&a);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        for w in words {
+            assert!(err.contains(&w), "{args:?}: stderr lacks '{w}': {err}");
+        }
+    }
+}
+
+#[test]
+fn cli_generates_and_converts_the_fixture() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let (ok, out, err) = cli(&[
+        "generate",
+        "--model",
+        f.gguf.to_str().unwrap(),
+        "--prompt",
+        "the cat",
+        "--raw",
+        "--max-new-tokens",
+        "5",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("decode") && err.contains("tok/s"), "{err}");
+    let _ = out;
+    let conv = d.path().join("conv");
+    let (ok, _, err) = cli(&[
+        "convert",
+        "--model",
+        f.gguf.to_str().unwrap(),
+        "--out",
+        conv.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&["info", "--model", conv.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("layers 2") && out.contains("kv heads 2") && out.contains("hf safetensors"),
+        "{out}"
+    );
+}

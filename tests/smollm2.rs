@@ -1,0 +1,181 @@
+//! The real SmolLM2-135M-Instruct (a trained LLaMA-architecture model, Q4_1 GGUF) fetched by
+//! scripts/fetch-assets.sh. With RECFORGE_REQUIRE_ASSETS=1 (scripts/test.sh, CI) a missing
+//! asset fails the test; otherwise the test says why it skipped.
+
+use std::path::PathBuf;
+
+use recforge::backend::cpu::Cpu;
+use recforge::infer::generate::{argmax, greedy, GenerateOptions};
+use recforge::model::{self, Llama, LoadOptions, Logits};
+
+fn asset() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("RECFORGE_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok()
+    {
+        panic!("{} is missing: run scripts/fetch-assets.sh", p.display());
+    }
+    eprintln!(
+        "skipped: {} is missing (run scripts/fetch-assets.sh)",
+        p.display()
+    );
+    None
+}
+
+#[test]
+fn loads_with_the_published_config() {
+    let Some(p) = asset() else { return };
+    let src = model::open(&p).unwrap();
+    let c = src.config();
+    assert_eq!(
+        (c.num_hidden_layers, c.hidden_size, c.intermediate_size),
+        (30, 576, 1536)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (9, 3, 64)
+    );
+    assert_eq!(c.vocab_size, 49152);
+    assert_eq!(c.rope_theta, 100000.0);
+    assert!(c.tie_word_embeddings);
+}
+
+#[test]
+fn tokenizes_like_a_byte_level_bpe() {
+    let Some(p) = asset() else { return };
+    let tok = model::open(&p).unwrap().tokenizer().unwrap();
+    let pieces = |s: &str| -> Vec<String> {
+        tok.encode(s, true)
+            .unwrap()
+            .iter()
+            .map(|i| tok.id_to_token(*i).unwrap())
+            .collect()
+    };
+    assert_eq!(pieces("Hello world"), ["Hello", "Ġworld"]);
+    // SmolLM's pre-tokenizer splits digits one by one.
+    assert_eq!(pieces("2024"), ["2", "0", "2", "4"]);
+    assert_eq!(tok.encode("<|im_start|>", true).unwrap().len(), 1);
+    for text in [
+        "Le café coûte 3,50 € — très cher!\n\tOK",
+        "def f(x):\n    return x**2  # ✓",
+        "日本語のテキスト",
+    ] {
+        let ids = tok.encode(text, true).unwrap();
+        assert_eq!(tok.decode(&ids, false).unwrap(), text);
+    }
+}
+
+#[test]
+fn answers_a_famous_fact() {
+    let Some(p) = asset() else { return };
+    let be = Cpu::new();
+    let src = model::open(&p).unwrap();
+    let tok = src.tokenizer().unwrap();
+    let m = Llama::load(src.as_ref(), &be, LoadOptions::default()).unwrap();
+    let prompt = tok
+        .chat_prompt("What is the capital of France?")
+        .expect("SmolLM2 has a ChatML template");
+    let ids = tok.encode(&prompt, true).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 24,
+        stop_ids: vec![tok.token_id("<|im_end|>").unwrap()],
+    };
+    let g = greedy(&be, &m, &ids, &opts, |_| Ok(())).unwrap();
+    let text = tok.decode(&g.tokens, true).unwrap();
+    assert!(text.contains("Paris"), "answer: {text:?}");
+}
+
+#[test]
+fn int8_agrees_with_f32_on_a_trained_model() {
+    // Stated bound for the W8A8 forward (per-row weight scales, per-token activation scales,
+    // outlier columns above 6.0 in float) against the same model with f32 linears, over the 45
+    // positions of this prompt: relative RMS logit error below 12% and the same next token at
+    // ≥ 85% of positions. Measured when this test was written (CPU): 9.3% and 41/45 with the
+    // decomposition, 13.5% and 40/45 without it. About 4.2% of the error is the weights alone:
+    // this checkpoint is Q4_1, and requantizing to one int8 scale per 576- or 1536-wide row
+    // is coarse where a row has outlier blocks; the rest is the activation quantization, which
+    // the outlier decomposition reduces — asserted below, since that is what it is for.
+    let Some(p) = asset() else { return };
+    let be = Cpu::new();
+    let src = model::open(&p).unwrap();
+    let tok = src.tokenizer().unwrap();
+    let text = "The Eiffel Tower is in Paris. Movies I liked: \"Toy Story (1995)\", \"Heat (1995)\". Will I like \"Casino (1995)\"? Answer:";
+    let ids = tok.encode(text, true).unwrap();
+    let run = |opts: LoadOptions| {
+        let m = Llama::load(src.as_ref(), &be, opts).unwrap();
+        let mut cache = m.new_cache(&be, ids.len()).unwrap();
+        m.forward(&be, &ids, &mut cache, Logits::All)
+            .unwrap()
+            .to_f32()
+            .unwrap()
+    };
+    let a = run(LoadOptions {
+        int8: false,
+        outlier_threshold: 0.0,
+    });
+    let v = 49152;
+    let mut errs = vec![];
+    for thr in [6.0f32, 0.0] {
+        let b = run(LoadOptions {
+            int8: true,
+            outlier_threshold: thr,
+        });
+        let err: f32 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+        let norm: f32 = a.iter().map(|x| x * x).sum();
+        let rel = (err / norm).sqrt();
+        let agree = a
+            .chunks(v)
+            .zip(b.chunks(v))
+            .filter(|(x, y)| argmax(x) == argmax(y))
+            .count();
+        eprintln!("SmolLM2 int8 (threshold {thr}) vs f32: relative RMS error {rel:.4}, argmax agreement {agree}/{}", ids.len());
+        errs.push(rel);
+        if thr > 0.0 {
+            assert!(rel < 0.12, "relative RMS error {rel}");
+            assert!(
+                agree * 100 >= ids.len() * 85,
+                "argmax agreement {agree}/{}",
+                ids.len()
+            );
+        }
+    }
+    assert!(
+        errs[0] < errs[1],
+        "the outlier decomposition must reduce the error: {errs:?}"
+    );
+}
+
+#[test]
+fn converted_to_hf_gives_the_same_logits() {
+    let Some(p) = asset() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2-hf");
+    let src = model::open(&p).unwrap();
+    model::convert::to_hf_folder(src.as_ref(), &out, |_, _| {}).unwrap();
+    let be = Cpu::new();
+    let last = |path: &std::path::Path| {
+        let s = model::open(path).unwrap();
+        let ids = s
+            .tokenizer()
+            .unwrap()
+            .encode("Recommendation systems", true)
+            .unwrap();
+        let m = Llama::load(s.as_ref(), &be, LoadOptions::default()).unwrap();
+        let mut cache = m.new_cache(&be, ids.len()).unwrap();
+        (
+            ids.clone(),
+            m.forward(&be, &ids, &mut cache, Logits::Last)
+                .unwrap()
+                .to_f32()
+                .unwrap(),
+        )
+    };
+    let (ia, a) = last(&p);
+    let (ib, b) = last(&out);
+    assert_eq!(ia, ib);
+    assert_eq!(a, b);
+}
