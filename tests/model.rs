@@ -231,3 +231,47 @@ fn tokenizer_round_trips() {
         assert_eq!(tok.encode("<|im_end|>", true).unwrap(), vec![2]);
     }
 }
+
+#[test]
+fn sharded_safetensors_with_index_load_the_same_model() {
+    // Split the fixture's HF folder into two shards plus model.safetensors.index.json, the way
+    // large HF checkpoints ship.
+    let (d, f) = fixture(&FixtureSpec::default());
+    let src = model::open(&f.hf_dir).unwrap();
+    let sharded = d.path().join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(f.hf_dir.join(name), sharded.join(name)).unwrap();
+    }
+    let names = f.config.tensor_names();
+    let tensors: Vec<(String, recforge::tensor::HostTensor)> = names
+        .iter()
+        .map(|n| (n.clone(), src.tensor(n).unwrap()))
+        .collect();
+    let (a, b) = tensors.split_at(tensors.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let refs: Vec<(String, &recforge::tensor::HostTensor)> =
+            part.iter().map(|(n, t)| (n.clone(), t)).collect();
+        std::fs::write(sharded.join(file), model::convert::safetensors_bytes(&refs)).unwrap();
+        for (n, _) in part {
+            map.insert(n.clone(), serde_json::json!(file));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let s = model::open(&sharded).unwrap();
+    assert!(s.format().contains("2 shards"), "{}", s.format());
+    let ids = prompt_ids(&f.hf_dir);
+    assert_eq!(
+        logits(&f.hf_dir, &ids, LoadOptions::default()),
+        logits(&sharded, &ids, LoadOptions::default())
+    );
+}
