@@ -80,6 +80,115 @@ fn parse_ptxas(text: &str, arch: &str) -> Vec<Report> {
     out
 }
 
+/// The `extern "C" __global__ void NAME(` entries of a kernel source, in order.
+fn global_kernels(src: &str) -> Vec<String> {
+    let mut out = vec![];
+    let mut rest = src;
+    while let Some(i) = rest.find("extern \"C\"") {
+        rest = &rest[i + "extern \"C\"".len()..];
+        let decl = rest.trim_start();
+        let Some(after) = decl.strip_prefix("__global__") else {
+            continue;
+        };
+        let after = after.trim_start();
+        let after = after.strip_prefix("void").unwrap_or(after).trim_start();
+        let after = after
+            .strip_prefix("__launch_bounds__")
+            .map(|a| &a[a.find(')').map(|j| j + 1).unwrap_or(0)..])
+            .unwrap_or(after)
+            .trim_start();
+        let name: String = after
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// Compile the kernels as host C++ for the SIMT simulator, with a generated registry of every
+/// kernel found in the sources. Returns the kernel names.
+fn build_simulator(root: &Path, out_dir: &Path, sources: &[PathBuf]) -> Vec<String> {
+    let sim_dir = root.join("kernels/sim");
+    let gen_dir = out_dir.join("sim");
+    std::fs::create_dir_all(&gen_dir).expect("create sim dir");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .define("RF_SIM", None)
+        .include(root.join("kernels"))
+        .opt_level(2)
+        .warnings(false);
+    // The runtime: every .cpp / .S directly in kernels/sim (tests live in a subfolder).
+    let mut runtime: Vec<PathBuf> = std::fs::read_dir(&sim_dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "cpp" || x == "S"))
+                .collect()
+        })
+        .unwrap_or_default();
+    runtime.sort();
+    build.files(&runtime);
+    let mut all = vec![];
+    let mut registry = String::from("#include \"sim/rf_sim.h\"\n");
+    let mut tables = vec![];
+    for src in sources {
+        let stem = src
+            .file_stem()
+            .expect("stem")
+            .to_string_lossy()
+            .replace(['-', '.'], "_");
+        let text = std::fs::read_to_string(src).expect("read kernel source");
+        let names = global_kernels(&text);
+        if names.is_empty() {
+            continue;
+        }
+        // The primitives header first (it pulls in the standard headers), then the kernel
+        // source inside an anonymous namespace so helpers of different .cu files cannot clash
+        // at link time (the extern "C" kernels keep their names for the table below).
+        let mut tu = format!(
+            "#include \"common/recforge.cuh\"\n#include \"sim/rf_sim.h\"\nnamespace {{\n#include \"{}\"\n}}  // namespace\nextern \"C\" const rf_sim_kernel rf_sim_kernels_{stem}[] = {{\n",
+            src.display()
+        );
+        for n in &names {
+            let _ = writeln!(tu, "    RF_SIM_KERNEL({n}),");
+        }
+        let _ = writeln!(
+            tu,
+            "}};\nextern \"C\" const int rf_sim_kernels_{stem}_len = {};",
+            names.len()
+        );
+        let p = gen_dir.join(format!("sim_{stem}.cpp"));
+        std::fs::write(&p, tu).expect("write sim tu");
+        build.file(&p);
+        let _ = writeln!(registry, "extern \"C\" const rf_sim_kernel rf_sim_kernels_{stem}[];\nextern \"C\" const int rf_sim_kernels_{stem}_len;");
+        tables.push(stem);
+        all.extend(names);
+    }
+    registry.push_str("struct rf_sim_table { const rf_sim_kernel* k; const int* n; };\nstatic const rf_sim_table rf_sim_tables[] = {\n");
+    for t in &tables {
+        let _ = writeln!(
+            registry,
+            "    {{rf_sim_kernels_{t}, &rf_sim_kernels_{t}_len}},"
+        );
+    }
+    registry.push_str("    {nullptr, nullptr}\n};\n");
+    registry.push_str(
+        "extern \"C\" int rf_sim_registry_len() { int n = 0; for (const rf_sim_table* t = rf_sim_tables; t->k; ++t) n += *t->n; return n; }\n\
+         extern \"C\" const rf_sim_kernel* rf_sim_registry_at(int i) {\n\
+         for (const rf_sim_table* t = rf_sim_tables; t->k; ++t) { if (i < *t->n) return &t->k[i]; i -= *t->n; }\n\
+         return nullptr; }\n",
+    );
+    let reg = gen_dir.join("sim_registry.cpp");
+    std::fs::write(&reg, registry).expect("write registry");
+    build.file(&reg);
+    build.compile("rf_sim");
+    all
+}
+
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"));
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("out dir"));
@@ -100,6 +209,8 @@ fn main() {
     sources.sort();
 
     let mut gen = String::new();
+    let sim_kernels = build_simulator(&root, &out_dir, &sources);
+    let _ = writeln!(gen, "pub static SIM_KERNELS: &[&str] = &{sim_kernels:?};");
     let nvcc = find_nvcc(&root);
     let Some(nvcc) = nvcc else {
         // Installing the toolchain later must trigger a rebuild.

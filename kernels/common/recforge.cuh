@@ -1,11 +1,7 @@
 // Shared helpers for recforge kernels. Kernels stay plain CUDA C++; anything that needs inline
 // PTX goes in this folder (and gets a simulator path with the SIMT simulator).
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-#define RF_FULL_MASK 0xffffffffu
+#include "rf_cuda.cuh"  // the primitives: CUDA (nvcc) or the SIMT simulator (-DRF_SIM)
 
 __device__ __forceinline__ float rf_warp_sum(float v) {
 #pragma unroll

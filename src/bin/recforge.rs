@@ -40,7 +40,7 @@ enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
-        /// cpu, cuda or auto (CUDA when a GPU is usable, else CPU).
+        /// cpu, cuda, sim or auto (CUDA when a GPU is usable, else CPU).
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
         /// Use the prompt as it is, without the model's chat template.
@@ -126,6 +126,9 @@ fn cpu_for(device: DeviceChoice) -> Result<Cpu> {
             }
             Ok(Cpu::new())
         }
+        DeviceChoice::Sim => bail!(
+            "--device sim: the simulator runs single kernels so far (the kernel tests use it); whole-model generation runs on --device cpu"
+        ),
         DeviceChoice::Cuda => bail!(
             "--device cuda: the CUDA backend runs single kernels only so far (see `recforge kernels`); whole-model generation runs on --device cpu"
         ),

@@ -4,9 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
 use crate::error::{Error, Result};
 use crate::kernels;
@@ -38,6 +36,9 @@ impl CudaDevice {
         }
         let ctx = CudaContext::new(ordinal).map_err(dev_err("creating the CUDA context"))?;
         let name = ctx.name().map_err(dev_err("reading the device name"))?;
+        // One stream, so cudarc's per-buffer event tracking only costs time.
+        // SAFETY: called before any buffer or stream of this context exists.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         Ok(CudaDevice {
             ctx,
@@ -98,47 +99,5 @@ impl CudaDevice {
 
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(dev_err("synchronize"))
-    }
-
-    /// `rmsnorm_f32`: see kernels/rmsnorm.cu. x, out `[rows, d]`, w `[d]`.
-    pub fn rmsnorm_f32(
-        &self,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
-        rows: usize,
-        d: usize,
-        eps: f32,
-    ) -> Result<()> {
-        let k = "rmsnorm_f32";
-        if x.len() != rows * d || out.len() != rows * d || w.len() != d {
-            return Err(Error::Shape(format!(
-                "{k}: x has {} elements, out {}, w {}; expected {rows}×{d}, {rows}×{d}, {d}",
-                x.len(),
-                out.len(),
-                w.len()
-            )));
-        }
-        if rows == 0 {
-            return Ok(());
-        }
-        let rows_u32 = u32::try_from(rows)
-            .map_err(|_| Error::Shape(format!("{k}: {rows} rows exceed the grid")))?;
-        let d_i32 = i32::try_from(d)
-            .map_err(|_| Error::Shape(format!("{k}: row of {d} elements is too long")))?;
-        let f = self.function(k)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows_u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(x).arg(w).arg(out).arg(&d_i32).arg(&eps);
-        // SAFETY: argument types and order match `rmsnorm_f32(const float*, const float*, float*,
-        // int, float)`; the buffer lengths were checked against rows × d above, and the kernel
-        // touches only rows < gridDim.x and columns < d.
-        unsafe { b.launch(cfg) }
-            .map_err(|e| Error::Device(format!("{k} launch {cfg:?}: {e:?}")))?;
-        Ok(())
     }
 }

@@ -2,6 +2,11 @@
 //! kernel launch wrappers run on.
 
 pub mod cuda;
+pub mod device;
+pub mod ops;
+pub mod sim;
+
+pub use device::{Arg, DevBuf, Device, Launch};
 
 use crate::error::{Error, Result};
 
@@ -68,6 +73,7 @@ pub fn probe_cuda() -> CudaProbe {
 pub enum DeviceChoice {
     Cpu,
     Cuda,
+    Sim,
     Auto,
 }
 
@@ -77,9 +83,10 @@ impl std::str::FromStr for DeviceChoice {
         match s {
             "cpu" => Ok(DeviceChoice::Cpu),
             "cuda" => Ok(DeviceChoice::Cuda),
+            "sim" => Ok(DeviceChoice::Sim),
             "auto" => Ok(DeviceChoice::Auto),
             other => Err(Error::Invalid(format!(
-                "unknown device '{other}' (expected cpu, cuda or auto)"
+                "unknown device '{other}' (expected cpu, cuda, sim or auto)"
             ))),
         }
     }

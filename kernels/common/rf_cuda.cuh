@@ -1,0 +1,484 @@
+// rf_cuda.cuh — the ONE primitives header every recforge kernel includes (via recforge.cuh).
+//
+// Three modes:
+//   __CUDACC__ (nvcc): the real CUDA headers and instructions. Inline PTX is allowed only in
+//                      kernels/common/ and only under __CUDA_ARCH__.
+//   RF_SIM     (g++):  the SIMT simulator path. Kernels are compiled as plain host C++17; every
+//                      CUDA thread runs as a fiber (kernels/sim/rf_sim.cpp). Every primitive
+//                      below has the documented CUDA semantics (see kernels/sim/tests).
+//   otherwise:         an error.
+//
+// Rules for kernel code so both paths work:
+//   - dynamic shared memory only through RF_DYNAMIC_SMEM(type, name) (never `extern __shared__`);
+//     pass it on as rf_smem_t<T> (checked in the simulator), re-type it with rf_ptr_cast<U>(p);
+//   - 16-byte vector accesses through rf_ld16 / rf_st16 (alignment checked in the simulator);
+//   - helpers defined in headers must be inline or templates (__device__ __forceinline__).
+#pragma once
+
+#define RF_FULL_MASK 0xffffffffu
+
+#if defined(__CUDACC__)
+// ============================================================================ CUDA (nvcc)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define RF_DYNAMIC_SMEM(type, name)                                   \
+    extern __shared__ __align__(16) unsigned char rf_smem_raw[];      \
+    type* name = reinterpret_cast<type*>(rf_smem_raw)
+
+// A (dynamic) shared-memory pointer: raw pointer on the GPU, checked pointer in the simulator.
+template <class T> using rf_smem_t = T*;
+template <class U, class T> __device__ __forceinline__ U* rf_ptr_cast(T* p) { return reinterpret_cast<U*>(p); }
+
+// 16-byte vector load / store (ld/st.v4.u32); the address must be 16-byte aligned.
+__device__ __forceinline__ uint4 rf_ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void rf_st16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
+#elif defined(RF_SIM)
+// ============================================================================ simulator (g++)
+#include "../sim/rf_sim_rt.h"
+
+// Standard headers a kernel TU may use; included here, before build.rs's generated sim_<stem>.cpp
+// wraps the kernel source in a namespace.
+#include <algorithm>
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <stdint.h>
+#include <type_traits>
+#include <utility>
+
+// ---- qualifiers ---------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __noinline__ __attribute__((noinline))
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __constant__
+// `__shared__` variables are per OS thread. A block runs start to end on one OS thread and
+// blocks never interleave on an OS thread, so this is per-block storage. Not re-initialized
+// between blocks: a block sees the previous block's values (or zero), never real garbage.
+#define __shared__ static thread_local
+// __restrict__ is native in g++.
+
+// ---- built-in variables -------------------------------------------------------------------
+#define threadIdx (static_cast<const ::uint3&>(::rf_sim::tls_fiber->tid))
+#define blockIdx (static_cast<const ::uint3&>(::rf_sim::tls_block->bid))
+#define blockDim (static_cast<const ::dim3&>(::rf_sim::tls_block->bdim))
+#define gridDim (static_cast<const ::dim3&>(::rf_sim::tls_block->gdim))
+static constexpr int warpSize = 32;
+
+// ---- vector types -------------------------------------------------------------------------
+#define RF_SIM_VEC2(T, N, A) struct __attribute__((aligned(A))) N { T x, y; };                  \
+    static inline N make_##N(T x, T y) { return N{x, y}; }
+#define RF_SIM_VEC4(T, N, A) struct __attribute__((aligned(A))) N { T x, y, z, w; };            \
+    static inline N make_##N(T x, T y, T z, T w) { return N{x, y, z, w}; }
+RF_SIM_VEC2(int, int2, 8)
+RF_SIM_VEC2(unsigned int, uint2, 8)
+RF_SIM_VEC2(float, float2, 8)
+RF_SIM_VEC2(short, short2, 4)
+RF_SIM_VEC2(unsigned short, ushort2, 4)
+RF_SIM_VEC4(int, int4, 16)
+RF_SIM_VEC4(unsigned int, uint4, 16)
+RF_SIM_VEC4(float, float4, 16)
+RF_SIM_VEC4(signed char, char4, 4)
+RF_SIM_VEC4(unsigned char, uchar4, 4)
+#undef RF_SIM_VEC2
+#undef RF_SIM_VEC4
+static inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { return uint3{x, y, z}; }
+
+// ---- barriers, fences ---------------------------------------------------------------------
+static inline void __syncthreads() { (void)::rf_sim::syncthreads_op(0, 0); }
+static inline int __syncthreads_count(int p) { return ::rf_sim::syncthreads_op(1, p); }
+static inline int __syncthreads_and(int p) { return ::rf_sim::syncthreads_op(2, p); }
+static inline int __syncthreads_or(int p) { return ::rf_sim::syncthreads_op(3, p); }
+static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+
+// ---- warp collectives ---------------------------------------------------------------------
+namespace rf_sim {
+template <class T> inline T shfl(int op, unsigned mask, T v, int b, int width) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a type wider than 8 bytes");
+    uint64_t u = 0;
+    std::memcpy(&u, &v, sizeof(T));
+    u = warp_op(op, mask, u, b, width);
+    T r;
+    std::memcpy(&r, &u, sizeof(T));
+    return r;
+}
+}  // namespace rf_sim
+static inline void __syncwarp(unsigned mask = RF_FULL_MASK) { (void)::rf_sim::warp_op(::rf_sim::W_SYNC, mask, 0, 0, 32); }
+template <class T> inline T __shfl_sync(unsigned mask, T var, int srcLane, int width = 32) {
+    return ::rf_sim::shfl(::rf_sim::W_SHFL_IDX, mask, var, srcLane, width);
+}
+template <class T> inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+    return ::rf_sim::shfl(::rf_sim::W_SHFL_UP, mask, var, (int)delta, width);
+}
+template <class T> inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+    return ::rf_sim::shfl(::rf_sim::W_SHFL_DOWN, mask, var, (int)delta, width);
+}
+template <class T> inline T __shfl_xor_sync(unsigned mask, T var, int laneMask, int width = 32) {
+    return ::rf_sim::shfl(::rf_sim::W_SHFL_XOR, mask, var, laneMask, width);
+}
+static inline unsigned __ballot_sync(unsigned mask, int pred) {
+    return (unsigned)::rf_sim::warp_op(::rf_sim::W_BALLOT, mask, pred != 0, 0, 32);
+}
+static inline int __any_sync(unsigned mask, int pred) { return (int)::rf_sim::warp_op(::rf_sim::W_ANY, mask, pred != 0, 0, 32); }
+static inline int __all_sync(unsigned mask, int pred) { return (int)::rf_sim::warp_op(::rf_sim::W_ALL, mask, pred != 0, 0, 32); }
+
+// ---- atomics (device-wide: blocks run on several OS threads) ------------------------------
+#define RF_SIM_ATOMIC_INT(T)                                                                             \
+    static inline T atomicAdd(T* a, T v) { return __atomic_fetch_add(a, v, __ATOMIC_RELAXED); }         \
+    static inline T atomicSub(T* a, T v) { return __atomic_fetch_sub(a, v, __ATOMIC_RELAXED); }         \
+    static inline T atomicAnd(T* a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_RELAXED); }         \
+    static inline T atomicOr(T* a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_RELAXED); }           \
+    static inline T atomicXor(T* a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_RELAXED); }         \
+    static inline T atomicExch(T* a, T v) { return __atomic_exchange_n(a, v, __ATOMIC_RELAXED); }       \
+    static inline T atomicCAS(T* a, T cmp, T v) {                                                        \
+        __atomic_compare_exchange_n(a, &cmp, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);              \
+        return cmp;                                                                                      \
+    }                                                                                                    \
+    static inline T atomicMax(T* a, T v) {                                                               \
+        T old = __atomic_load_n(a, __ATOMIC_RELAXED);                                                    \
+        while (old < v && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {} \
+        return old;                                                                                      \
+    }                                                                                                    \
+    static inline T atomicMin(T* a, T v) {                                                               \
+        T old = __atomic_load_n(a, __ATOMIC_RELAXED);                                                    \
+        while (old > v && !__atomic_compare_exchange_n(a, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {} \
+        return old;                                                                                      \
+    }
+RF_SIM_ATOMIC_INT(int)
+RF_SIM_ATOMIC_INT(unsigned int)
+RF_SIM_ATOMIC_INT(unsigned long long)
+#undef RF_SIM_ATOMIC_INT
+static inline float atomicAdd(float* a, float v) {
+    unsigned* u = reinterpret_cast<unsigned*>(a);
+    unsigned old = __atomic_load_n(u, __ATOMIC_RELAXED), nw;
+    float f;
+    do {
+        std::memcpy(&f, &old, 4);
+        f += v;
+        std::memcpy(&nw, &f, 4);
+    } while (!__atomic_compare_exchange_n(u, &old, nw, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    std::memcpy(&f, &old, 4);
+    return f;
+}
+static inline float atomicExch(float* a, float v) {
+    unsigned nv, old;
+    std::memcpy(&nv, &v, 4);
+    old = __atomic_exchange_n(reinterpret_cast<unsigned*>(a), nv, __ATOMIC_RELAXED);
+    float r;
+    std::memcpy(&r, &old, 4);
+    return r;
+}
+
+// ---- integer / bit intrinsics -------------------------------------------------------------
+static inline int __popc(unsigned x) { return __builtin_popcount(x); }
+static inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+static inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+static inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll((unsigned long long)x); }
+static inline int __ffs(int x) { return __builtin_ffs(x); }
+static inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+static inline unsigned __brev(unsigned x) {
+    x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
+    x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
+    x = ((x >> 4) & 0x0f0f0f0fu) | ((x & 0x0f0f0f0fu) << 4);
+    return __builtin_bswap32(x);
+}
+static inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const uint64_t v = ((uint64_t)y << 32) | x;
+    unsigned r = 0;
+    for (int i = 0; i < 4; i++) r |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
+    return r;
+}
+static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((uint64_t)a * b) >> 32); }
+static inline int __mulhi(int a, int b) { return (int)(((int64_t)a * b) >> 32); }
+static inline int __mul24(int a, int b) { return (int)((int64_t)((a << 8) >> 8) * ((b << 8) >> 8)); }
+// dp4a: 4-way byte dot product with 32-bit accumulate (PTX dp4a.s32.s32 / .u32.u32).
+static inline int __dp4a(int a, int b, int c) {
+    int s = c;
+    for (int i = 0; i < 4; i++) s += (int)(int8_t)(a >> (8 * i)) * (int)(int8_t)(b >> (8 * i));
+    return s;
+}
+static inline unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
+    unsigned s = c;
+    for (int i = 0; i < 4; i++) s += ((a >> (8 * i)) & 0xffu) * ((b >> (8 * i)) & 0xffu);
+    return s;
+}
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+static inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+static inline long long min(long long a, long long b) { return a < b ? a : b; }
+static inline long long max(long long a, long long b) { return a > b ? a : b; }
+static inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+static inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
+static inline float min(float a, float b) { return fminf(a, b); }
+static inline float max(float a, float b) { return fmaxf(a, b); }
+static inline double min(double a, double b) { return fmin(a, b); }
+static inline double max(double a, double b) { return fmax(a, b); }
+
+// ---- float intrinsics ---------------------------------------------------------------------
+// The fast-math forms are computed at full precision (the GPU's are within a few ulp of them).
+static inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+static inline int __float_as_int(float f) { int x; std::memcpy(&x, &f, 4); return x; }
+static inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned x; std::memcpy(&x, &f, 4); return x; }
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+static inline double rsqrt(double x) { return 1.0 / sqrt(x); }
+// glibc declares (but does not export) __expf, __logf, __sinf, ... as internal names, so these
+// are macros rather than functions.
+#define __expf(x) expf(x)
+#define __exp10f(x) exp10f(x)
+#define __logf(x) logf(x)
+#define __log2f(x) log2f(x)
+#define __log10f(x) log10f(x)
+#define __sinf(x) sinf(x)
+#define __cosf(x) cosf(x)
+#define __tanf(x) tanf(x)
+#define __sincosf(x, s, c) (*(s) = sinf(x), *(c) = cosf(x), (void)0)
+#define __powf(x, y) powf(x, y)
+static inline float __fdividef(float a, float b) { return a / b; }
+static inline float __frcp_rn(float x) { return 1.0f / x; }
+static inline float __fsqrt_rn(float x) { return sqrtf(x); }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+static inline float __saturatef(float x) { return x != x ? 0.0f : (x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x)); }
+static inline int __float2int_rn(float x) { return (int)nearbyintf(x); }
+static inline int __float2int_rz(float x) { return (int)x; }
+static inline int __float2int_rd(float x) { return (int)floorf(x); }
+static inline int __float2int_ru(float x) { return (int)ceilf(x); }
+static inline unsigned __float2uint_rn(float x) { return (unsigned)nearbyintf(x); }
+static inline float __int2float_rn(int x) { return (float)x; }
+template <class T> static inline T __ldg(const T* p) { return *p; }
+
+// ---- bf16 / fp16 --------------------------------------------------------------------------
+namespace rf_sim {
+// float -> bf16, round to nearest even; NaN -> canonical 0x7FFF (as cuda_bf16.hpp).
+inline unsigned short f2bf(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+inline float bf2f(unsigned short h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+// float -> IEEE binary16, round to nearest even (subnormals, overflow to inf); NaN -> 0x7FFF.
+inline unsigned short f2h(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const unsigned short sign = (unsigned short)((x >> 16) & 0x8000u);
+    x &= 0x7fffffffu;
+    if (x > 0x7f800000u) return 0x7fff;
+    if (x >= 0x477ff000u) return sign | 0x7c00;  // >= 65520 rounds to inf
+    if (x < 0x38800000u) {                        // below 2^-14: subnormal (or zero)
+        float a;
+        std::memcpy(&a, &x, 4);
+        return sign | (unsigned short)nearbyintf(a * 16777216.0f);  // exact scale, RNE
+    }
+    return sign | (unsigned short)((x - (112u << 23) + 0xfffu + ((x >> 13) & 1u)) >> 13);
+}
+inline float h2f(unsigned short h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t u;
+    if (e == 0) {
+        float f = (float)m * (1.0f / 16777216.0f);
+        return sign ? -f : f;
+    } else if (e == 31) {
+        u = sign | 0x7f800000u | (m << 13);
+    } else {
+        u = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+}  // namespace rf_sim
+
+struct __nv_bfloat16_raw { unsigned short x; };
+struct __half_raw { unsigned short x; };
+
+#define RF_SIM_HALF_TYPE(T, RAW, TO, FROM)                                                        \
+    struct __attribute__((aligned(2))) T {                                                        \
+        unsigned short __x;                                                                       \
+        T() = default;                                                                            \
+        T(float f) : __x(::rf_sim::TO(f)) {}                                                      \
+        T(double f) : __x(::rf_sim::TO((float)f)) {}                                              \
+        T(int i) : __x(::rf_sim::TO((float)i)) {}                                                 \
+        T(const RAW& r) : __x(r.x) {}                                                             \
+        operator float() const { return ::rf_sim::FROM(__x); }                                    \
+        operator RAW() const { return RAW{__x}; }                                                 \
+        T& operator+=(T o) { return *this = T(float(*this) + float(o)); }                         \
+        T& operator-=(T o) { return *this = T(float(*this) - float(o)); }                         \
+        T& operator*=(T o) { return *this = T(float(*this) * float(o)); }                         \
+        T& operator/=(T o) { return *this = T(float(*this) / float(o)); }                         \
+    };                                                                                            \
+    static inline T operator+(T a, T b) { return T(float(a) + float(b)); }                        \
+    static inline T operator-(T a, T b) { return T(float(a) - float(b)); }                        \
+    static inline T operator*(T a, T b) { return T(float(a) * float(b)); }                        \
+    static inline T operator/(T a, T b) { return T(float(a) / float(b)); }                        \
+    static inline T operator-(T a) { T r; r.__x = (unsigned short)(a.__x ^ 0x8000u); return r; }  \
+    static inline bool operator==(T a, T b) { return float(a) == float(b); }                      \
+    static inline bool operator!=(T a, T b) { return float(a) != float(b); }                      \
+    static inline bool operator<(T a, T b) { return float(a) < float(b); }                        \
+    static inline bool operator>(T a, T b) { return float(a) > float(b); }                        \
+    static inline bool operator<=(T a, T b) { return float(a) <= float(b); }                      \
+    static inline bool operator>=(T a, T b) { return float(a) >= float(b); }                      \
+    static inline T __hadd(T a, T b) { return a + b; }                                            \
+    static inline T __hsub(T a, T b) { return a - b; }                                            \
+    static inline T __hmul(T a, T b) { return a * b; }                                            \
+    static inline T __hdiv(T a, T b) { return a / b; }                                            \
+    static inline T __hneg(T a) { return -a; }                                                    \
+    static inline T __hfma(T a, T b, T c) { return T((float)((double)float(a) * float(b) + float(c))); } \
+    static inline T __hmax(T a, T b) { return float(a) > float(b) ? a : b; }                      \
+    static inline T __hmin(T a, T b) { return float(a) < float(b) ? a : b; }
+RF_SIM_HALF_TYPE(__nv_bfloat16, __nv_bfloat16_raw, f2bf, bf2f)
+RF_SIM_HALF_TYPE(__half, __half_raw, f2h, h2f)
+#undef RF_SIM_HALF_TYPE
+
+#define RF_SIM_HALF2_TYPE(T2, T)                                                                  \
+    struct __attribute__((aligned(4))) T2 {                                                       \
+        T x, y;                                                                                   \
+        T2() = default;                                                                           \
+        T2(T a, T b) : x(a), y(b) {}                                                              \
+    };                                                                                            \
+    static inline T2 operator+(T2 a, T2 b) { return T2(a.x + b.x, a.y + b.y); }                   \
+    static inline T2 operator-(T2 a, T2 b) { return T2(a.x - b.x, a.y - b.y); }                   \
+    static inline T2 operator*(T2 a, T2 b) { return T2(a.x * b.x, a.y * b.y); }                   \
+    static inline T2 __hadd2(T2 a, T2 b) { return a + b; }                                        \
+    static inline T2 __hsub2(T2 a, T2 b) { return a - b; }                                        \
+    static inline T2 __hmul2(T2 a, T2 b) { return a * b; }                                        \
+    static inline T2 __hfma2(T2 a, T2 b, T2 c) { return T2(__hfma(a.x, b.x, c.x), __hfma(a.y, b.y, c.y)); } \
+    static inline T2 __hneg2(T2 a) { return T2(-a.x, -a.y); }                                     \
+    static inline float __low2float(T2 a) { return float(a.x); }                                  \
+    static inline float __high2float(T2 a) { return float(a.y); }
+RF_SIM_HALF2_TYPE(__nv_bfloat162, __nv_bfloat16)
+RF_SIM_HALF2_TYPE(__half2, __half)
+#undef RF_SIM_HALF2_TYPE
+typedef __nv_bfloat16 nv_bfloat16;
+typedef __nv_bfloat162 nv_bfloat162;
+typedef __half half;
+typedef __half2 half2;
+
+static inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
+static inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
+static inline float __bfloat162float(__nv_bfloat16 h) { return float(h); }
+static inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
+static inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short x) { return __nv_bfloat16(__nv_bfloat16_raw{x}); }
+static inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return __nv_bfloat162(__nv_bfloat16(a), __nv_bfloat16(b)); }
+static inline __nv_bfloat162 __float22bfloat162_rn(float2 v) { return __floats2bfloat162_rn(v.x, v.y); }
+static inline __nv_bfloat162 __float2bfloat162_rn(float a) { return __floats2bfloat162_rn(a, a); }
+static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{float(v.x), float(v.y)}; }
+static inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat162(a, b); }
+static inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 v) { return v.x; }
+static inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 v) { return v.y; }
+
+static inline __half __float2half(float f) { return __half(f); }
+static inline __half __float2half_rn(float f) { return __half(f); }
+static inline float __half2float(__half h) { return float(h); }
+static inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+static inline __half __ushort_as_half(unsigned short x) { return __half(__half_raw{x}); }
+static inline __half2 __floats2half2_rn(float a, float b) { return __half2(__half(a), __half(b)); }
+static inline __half2 __float22half2_rn(float2 v) { return __floats2half2_rn(v.x, v.y); }
+static inline __half2 __float2half2_rn(float a) { return __floats2half2_rn(a, a); }
+static inline float2 __half22float2(__half2 v) { return float2{float(v.x), float(v.y)}; }
+static inline __half2 __halves2half2(__half a, __half b) { return __half2(a, b); }
+static inline __half __low2half(__half2 v) { return v.x; }
+static inline __half __high2half(__half2 v) { return v.y; }
+
+// ---- dynamic shared memory (checked pointer) ----------------------------------------------
+namespace rf_sim {
+[[noreturn]] inline void smem_oob(long long off, size_t bytes) {
+    fail("dynamic shared memory access out of range: byte offset %lld (%zu bytes) but the launch has %zu bytes "
+         "of dynamic shared memory",
+         off, bytes, tls_block->smem_size);
+}
+// A pointer into the block's dynamic shared memory; every access through it is checked against
+// the launch's dynamic smem size. Converts implicitly to T* (unchecked) so it can be passed to
+// code taking a raw pointer; take rf_smem_t<T> to keep the checks.
+template <class T> struct smem_ptr {
+    uintptr_t p;  // address (kept as an integer: may legitimately point out of range)
+    const unsigned char* base;
+    size_t size;
+    T* at(ptrdiff_t i, size_t bytes = sizeof(T)) const {
+        const uintptr_t a = p + (uintptr_t)(i * (ptrdiff_t)sizeof(T));
+        const long long off = (long long)(a - (uintptr_t)base);
+        if (off < 0 || (size_t)off + bytes > size) smem_oob(off, bytes);
+        return reinterpret_cast<T*>(a);
+    }
+    template <class I, class = std::enable_if_t<std::is_integral<I>::value>> T& operator[](I i) const { return *at((ptrdiff_t)i); }
+    T& operator*() const { return *at(0); }
+    T* operator->() const { return at(0); }
+    operator T*() const { return reinterpret_cast<T*>(p); }
+    template <class I, class = std::enable_if_t<std::is_integral<I>::value>> smem_ptr operator+(I i) const {
+        return smem_ptr{p + (uintptr_t)((ptrdiff_t)i * (ptrdiff_t)sizeof(T)), base, size};
+    }
+    template <class I, class = std::enable_if_t<std::is_integral<I>::value>> smem_ptr operator-(I i) const {
+        return *this + (-(ptrdiff_t)i);
+    }
+    ptrdiff_t operator-(const smem_ptr& o) const { return (ptrdiff_t)(p - o.p) / (ptrdiff_t)sizeof(T); }
+    template <class I> smem_ptr& operator+=(I i) { return *this = *this + i; }
+    template <class I> smem_ptr& operator-=(I i) { return *this = *this - i; }
+    smem_ptr& operator++() { return *this = *this + 1; }
+    smem_ptr& operator--() { return *this = *this - 1; }
+    smem_ptr operator++(int) { smem_ptr r = *this; ++*this; return r; }
+    smem_ptr operator--(int) { smem_ptr r = *this; --*this; return r; }
+    bool operator==(const smem_ptr& o) const { return p == o.p; }
+    bool operator!=(const smem_ptr& o) const { return p != o.p; }
+    bool operator<(const smem_ptr& o) const { return p < o.p; }
+    bool operator<=(const smem_ptr& o) const { return p <= o.p; }
+    bool operator>(const smem_ptr& o) const { return p > o.p; }
+    bool operator>=(const smem_ptr& o) const { return p >= o.p; }
+    template <class U> smem_ptr<U> cast() const { return smem_ptr<U>{p, base, size}; }
+    operator smem_ptr<const T>() const { return smem_ptr<const T>{p, base, size}; }
+};
+template <class T> inline smem_ptr<T> dyn_smem() {
+    return smem_ptr<T>{(uintptr_t)tls_block->smem, tls_block->smem, tls_block->smem_size};
+}
+}  // namespace rf_sim
+
+#define RF_DYNAMIC_SMEM(type, name) ::rf_sim::smem_ptr<type> name = ::rf_sim::dyn_smem<type>()
+template <class T> using rf_smem_t = ::rf_sim::smem_ptr<T>;
+template <class U, class T> inline U* rf_ptr_cast(T* p) { return reinterpret_cast<U*>(p); }
+template <class U, class T> inline ::rf_sim::smem_ptr<U> rf_ptr_cast(::rf_sim::smem_ptr<T> p) { return p.template cast<U>(); }
+
+// ---- 16-byte vector load / store ----------------------------------------------------------
+static inline uint4 rf_ld16(const void* p) {
+    if ((uintptr_t)p & 15) ::rf_sim::fail("misaligned 16-byte load from address %p", p);
+    uint4 v;
+    std::memcpy(&v, p, 16);
+    return v;
+}
+static inline void rf_st16(void* p, uint4 v) {
+    if ((uintptr_t)p & 15) ::rf_sim::fail("misaligned 16-byte store to address %p", p);
+    std::memcpy(p, &v, 16);
+}
+template <class T> inline uint4 rf_ld16(::rf_sim::smem_ptr<T> p) {
+    if (p.p & 15) ::rf_sim::fail("misaligned 16-byte load from dynamic shared memory at byte offset %lld", (long long)(p.p - (uintptr_t)p.base));
+    return rf_ld16(static_cast<const void*>(p.at(0, 16)));
+}
+template <class T> inline void rf_st16(::rf_sim::smem_ptr<T> p, uint4 v) {
+    if (p.p & 15) ::rf_sim::fail("misaligned 16-byte store to dynamic shared memory at byte offset %lld", (long long)(p.p - (uintptr_t)p.base));
+    rf_st16(static_cast<void*>(p.at(0, 16)), v);
+}
+
+#else
+#error "rf_cuda.cuh: compile kernels with nvcc, or with a host C++17 compiler and -DRF_SIM (the SIMT simulator)"
+#endif

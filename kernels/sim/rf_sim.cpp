@@ -1,0 +1,672 @@
+// recforge SIMT simulator runtime: runs CUDA kernels compiled as host C++ (-DRF_SIM), every CUDA
+// thread as a fiber.
+//
+// Execution model
+//   - A launch hands blocks out (atomic counter) to RF_SIM_THREADS OS threads ("workers"; the
+//     calling thread is one of them). A block runs start to end on one worker; blocks never
+//     interleave on a worker, which is what makes `__shared__` = `static thread_local` correct.
+//   - The threads of a block are fibers, each with its own stack (RF_SIM_STACK_KB, default 64
+//     KiB, plus a PROT_NONE guard page), reused across blocks and launches (a pool of workers'
+//     resources). Fibers run cooperatively: a fiber runs until it blocks in __syncthreads or in a
+//     warp collective, or exits; it then switches DIRECTLY to the next runnable fiber (FIFO run
+//     queue, initially in linear thread order), or back to the worker's scheduler context when
+//     none is runnable. The schedule is deterministic.
+//   - Context switch: 14 instructions of x86_64 asm (callee-saved registers + rsp); ucontext
+//     elsewhere (or with -DRF_SIM_USE_UCONTEXT). ASan fiber annotations when built with ASan.
+//   - Errors (rf_sim::fail, deadlocks, broken barriers) record the first message of the launch,
+//     mark the block aborted and switch from the failing fiber back to the scheduler; the other
+//     fibers are abandoned (their stacks are simply reused), remaining blocks are skipped, and
+//     rf_sim_launch returns the message. No C++ exception ever crosses a fiber boundary.
+#include "rf_sim_rt.h"
+
+#include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define RF_SIM_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define RF_SIM_ASAN 1
+#endif
+#endif
+#ifdef RF_SIM_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+#if defined(__x86_64__) && !defined(RF_SIM_USE_UCONTEXT)
+#define RF_SIM_ASM_SWITCH 1
+// void rf_sim_ctx_switch_x86(void** save_sp, void* new_sp): push the SysV callee-saved registers,
+// save rsp, load the other rsp, pop, return into the other context.
+asm(R"(
+    .text
+    .globl rf_sim_ctx_switch_x86
+    .hidden rf_sim_ctx_switch_x86
+    .type rf_sim_ctx_switch_x86, @function
+    .p2align 4
+rf_sim_ctx_switch_x86:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size rf_sim_ctx_switch_x86, .-rf_sim_ctx_switch_x86
+)");
+extern "C" void rf_sim_ctx_switch_x86(void** save_sp, void* new_sp);
+#else
+#include <ucontext.h>
+#endif
+
+namespace rf_sim {
+namespace {
+
+struct Ctx {
+#ifdef RF_SIM_ASM_SWITCH
+    void* sp = nullptr;
+#else
+    ucontext_t uc;
+#endif
+};
+
+void fiber_main();
+
+// Prepare `c` so that switching to it calls fiber_main() on the given stack.
+void ctx_init(Ctx* c, unsigned char* lo, size_t size) {
+#ifdef RF_SIM_ASM_SWITCH
+    uintptr_t top = ((uintptr_t)lo + size) & ~(uintptr_t)15;
+    void** a = reinterpret_cast<void**>(top - 16);  // return address slot; top-8: fake return of fiber_main
+    a[1] = nullptr;
+    a[0] = reinterpret_cast<void*>(&fiber_main);
+    for (int i = 1; i <= 6; i++) a[-i] = nullptr;  // rbp rbx r12 r13 r14 r15
+    c->sp = a - 6;
+#else
+    getcontext(&c->uc);
+    c->uc.uc_stack.ss_sp = lo;
+    c->uc.uc_stack.ss_size = size;
+    c->uc.uc_link = nullptr;
+    makecontext(&c->uc, &fiber_main, 0);
+#endif
+}
+
+inline void ctx_switch_raw(Ctx* from, Ctx* to) {
+#ifdef RF_SIM_ASM_SWITCH
+    rf_sim_ctx_switch_x86(&from->sp, to->sp);
+#else
+    swapcontext(&from->uc, &to->uc);
+#endif
+}
+
+enum State : unsigned char { READY, RUNNING, AT_BARRIER, AT_WARP, EXITED };
+
+struct Fiber : FiberPub {
+    Ctx ctx;
+    State state = READY;
+};
+
+struct Lane {
+    unsigned mask;
+    int op, b, width;
+    uint64_t val, res;
+    warp_fn fn;  // W_CALL
+    const char* name;
+};
+constexpr int W_CALL = 100;
+struct Warp {
+    unsigned exited;   // lanes that exited (or do not exist in a partial last warp)
+    unsigned pending;  // lanes waiting in a collective
+    unsigned gmask;    // fast path: while `uniform`, every pending lane waits with (gmask, gop)
+    int gop;
+    warp_fn gfn;
+    bool uniform;
+    Lane lane[32];
+};
+
+struct Launch {
+    const rf_sim_kernel* k;
+    void** args;
+    dim3 grid, block;
+    size_t dyn;
+    uint64_t nblocks;
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> abort{false};
+    std::mutex mu;
+    std::string err;
+    void set_error(const std::string& m) {
+        std::lock_guard<std::mutex> g(mu);
+        if (err.empty()) err = m;
+        abort.store(true, std::memory_order_relaxed);
+    }
+};
+
+size_t stack_bytes() {
+    static const size_t v = [] {
+        const char* e = getenv("RF_SIM_STACK_KB");
+        long kb = e ? atol(e) : 64;
+        if (kb < 16) kb = 16;
+        return (size_t)kb * 1024;
+    }();
+    return v;
+}
+
+// One worker's resources: fibers, their stacks, dynamic smem, the scheduler context and the
+// state of the block it is running. Pooled and reused by later launches.
+struct Worker : BlockPub {
+    Ctx sched;
+    const void* sched_lo = nullptr;  // scheduler (OS thread) stack, for ASan
+    size_t sched_size = 0;
+    std::vector<Fiber> fibers;
+    std::vector<unsigned char*> stacks;
+    size_t stack_size = 0;
+    std::vector<Warp> warps;
+    std::vector<Fiber*> runq;
+    size_t rq_head = 0, rq_tail = 0;  // ring buffer, capacity = fibers.size()
+    std::vector<Fiber*> bar_waiters;
+    unsigned char* smem_buf = nullptr;
+    Launch* L = nullptr;
+    Fiber* cur = nullptr;
+    // block state
+    unsigned nthreads = 0, live = 0;
+    unsigned bar_arrived = 0, bar_gen = 0, bar_count = 0, bar_res_count = 0, bar_res_n = 0;
+    unsigned exited_min_gen = ~0u;  // smallest barrier generation at which a thread exited
+    uint3 first_exited{0, 0, 0};
+    bool aborted = false;
+    bool asan_dirty = false;
+
+    void push(Fiber* f) {
+        f->state = READY;
+        runq[rq_tail] = f;
+        rq_tail = rq_tail + 1 == runq.size() ? 0 : rq_tail + 1;
+    }
+    Fiber* pop() {
+        if (rq_head == rq_tail) return nullptr;
+        Fiber* f = runq[rq_head];
+        rq_head = rq_head + 1 == runq.size() ? 0 : rq_head + 1;
+        return f;
+    }
+    void ensure(unsigned n) {
+        if (!smem_buf) {
+            smem_buf = static_cast<unsigned char*>(aligned_alloc(128, RF_SIM_MAX_DYN_SMEM + 128));
+            if (!smem_buf) { perror("rf_sim: dynamic smem allocation"); abort(); }
+        }
+        if (stack_size == 0) stack_size = stack_bytes();
+        const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        while (stacks.size() < n) {
+            void* m = mmap(nullptr, stack_size + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (m == MAP_FAILED) { perror("rf_sim: fiber stack mmap"); abort(); }
+            mprotect(m, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+            stacks.push_back(static_cast<unsigned char*>(m) + page);
+        }
+        if (fibers.size() < n) fibers.resize(n);
+        if (runq.size() < n + 1) runq.assign(n + 1, nullptr);
+        if (warps.size() < (n + 31) / 32) warps.resize((n + 31) / 32);
+        bar_waiters.reserve(n);
+    }
+};
+
+inline thread_local Worker* tls_worker = nullptr;
+
+std::mutex g_pool_mu;
+std::vector<Worker*> g_pool;
+std::atomic<int> g_threads{0};
+
+int default_threads() {
+    static const int v = [] {
+        const char* e = getenv("RF_SIM_THREADS");
+        int n = e ? atoi(e) : 2;
+        return n < 1 ? 1 : (n > 256 ? 256 : n);
+    }();
+    return v;
+}
+
+Worker* acquire_worker() {
+    {
+        std::lock_guard<std::mutex> g(g_pool_mu);
+        if (!g_pool.empty()) {
+            Worker* w = g_pool.back();
+            g_pool.pop_back();
+            return w;
+        }
+    }
+    return new Worker();
+}
+void release_worker(Worker* w) {
+    std::lock_guard<std::mutex> g(g_pool_mu);
+    g_pool.push_back(w);
+}
+
+// ---- switching (with ASan annotations) --------------------------------------------------------
+inline void switch_to(Ctx* from, Worker* w, Fiber* to, bool from_dies) {
+#ifdef RF_SIM_ASAN
+    void* fake = nullptr;
+    const void* lo = to ? (const void*)w->stacks[to->linear] : w->sched_lo;
+    const size_t sz = to ? w->stack_size : w->sched_size;
+    __sanitizer_start_switch_fiber(from_dies ? nullptr : &fake, lo, sz);
+#else
+    (void)from_dies;
+#endif
+    w->cur = to;
+    tls_fiber = to;
+    if (to) to->state = RUNNING;
+    ctx_switch_raw(from, to ? &to->ctx : &w->sched);
+#ifdef RF_SIM_ASAN
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
+// The current fiber blocks (or died): run the next runnable fiber, or go back to the scheduler.
+inline void switch_away(Worker* w, Fiber* me, bool dies) {
+    Fiber* next = w->L->abort.load(std::memory_order_relaxed) ? nullptr : w->pop();
+    switch_to(&me->ctx, w, next, dies);
+}
+
+std::string where(Worker* w, const Fiber* f) {
+    char b[256];
+    snprintf(b, sizeof b, "kernel '%s', block (%u,%u,%u), thread (%u,%u,%u): ", w->kname, w->bid.x, w->bid.y, w->bid.z,
+             f ? f->tid.x : 0, f ? f->tid.y : 0, f ? f->tid.z : 0);
+    return b;
+}
+
+const char* op_name(int op) {
+    switch (op) {
+        case W_SYNC: return "__syncwarp";
+        case W_SHFL_IDX: return "__shfl_sync";
+        case W_SHFL_UP: return "__shfl_up_sync";
+        case W_SHFL_DOWN: return "__shfl_down_sync";
+        case W_SHFL_XOR: return "__shfl_xor_sync";
+        case W_BALLOT: return "__ballot_sync";
+        case W_ANY: return "__any_sync";
+        case W_ALL: return "__all_sync";
+        case W_CALL: return "warp-wide instruction";
+    }
+    return "?";
+}
+
+[[noreturn]] void fiber_exit(Worker* w, Fiber* me) {
+    const unsigned bit = 1u << me->lane;
+    Warp& wp = w->warps[me->warp];
+    if (w->bar_arrived > 0)
+        fail("barrier not reached by every thread of block (%u,%u,%u) in kernel %s: this thread exited while %u "
+             "thread(s) wait at __syncthreads",
+             w->bid.x, w->bid.y, w->bid.z, w->kname, w->bar_arrived);
+    for (unsigned m = wp.pending; m; m &= m - 1) {
+        const unsigned j = __builtin_ctz(m);
+        if (wp.lane[j].mask & bit)
+            fail("lane %u of warp %u exited while lane %u waits for it in %s (mask 0x%08x)", me->lane, me->warp, j,
+                 op_name(wp.lane[j].op), wp.lane[j].mask);
+    }
+    me->state = EXITED;
+    wp.exited |= bit;
+    w->live--;
+    if (w->exited_min_gen > w->bar_gen) {
+        w->exited_min_gen = w->bar_gen;
+        w->first_exited = me->tid;
+    }
+    switch_away(w, me, true);
+    __builtin_trap();  // an exited fiber is never resumed
+}
+
+void fiber_main() {
+#ifdef RF_SIM_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+#endif
+    Worker* w = tls_worker;
+    w->L->k->invoke(w->L->args);
+    fiber_exit(w, w->cur);
+}
+
+void run_block(Worker* w, uint64_t b) {
+    Launch* L = w->L;
+    const unsigned bx = L->block.x, by = L->block.y, bz = L->block.z, n = bx * by * bz;
+    w->bid = uint3{(unsigned)(b % L->grid.x), (unsigned)((b / L->grid.x) % L->grid.y),
+                   (unsigned)(b / ((uint64_t)L->grid.x * L->grid.y))};
+    w->nthreads = w->live = n;
+    w->bar_arrived = w->bar_gen = w->bar_count = 0;
+    w->exited_min_gen = ~0u;
+    w->aborted = false;
+    w->rq_head = w->rq_tail = 0;
+    w->bar_waiters.clear();
+#ifdef RF_SIM_ASAN
+    if (w->asan_dirty) {  // abandoned fibers left poisoned frames on their stacks
+        for (unsigned i = 0; i < n; i++) __asan_unpoison_memory_region(w->stacks[i], w->stack_size);
+        w->asan_dirty = false;
+    }
+#endif
+    unsigned i = 0;
+    for (unsigned z = 0; z < bz; z++)
+        for (unsigned y = 0; y < by; y++)
+            for (unsigned x = 0; x < bx; x++, i++) {
+                Fiber& f = w->fibers[i];
+                f.tid = uint3{x, y, z};
+                f.linear = i;
+                f.warp = i >> 5;
+                f.lane = i & 31;
+                ctx_init(&f.ctx, w->stacks[i], w->stack_size);
+                w->push(&f);
+            }
+    const unsigned nw = (n + 31) / 32;
+    for (unsigned k = 0; k < nw; k++) {
+        w->warps[k].pending = 0;
+        const unsigned lanes = n - k * 32 >= 32 ? 32 : n - k * 32;
+        w->warps[k].exited = lanes == 32 ? 0u : ~((1u << lanes) - 1);
+    }
+    if (w->smem_size) memset(w->smem, 0xff, w->smem_size);  // poison: NaN as f32/bf16, -1 as int
+
+    while (!w->aborted && !L->abort.load(std::memory_order_relaxed)) {
+        Fiber* f = w->pop();
+        if (!f) break;
+        switch_to(&w->sched, w, f, false);
+    }
+    w->cur = nullptr;
+    tls_fiber = nullptr;
+    if (w->aborted || L->abort.load(std::memory_order_relaxed)) {
+        w->asan_dirty = true;
+        return;
+    }
+    if (w->live > 0) {  // nobody runnable but threads left: deadlock
+        unsigned at_bar = 0, at_warp = 0;
+        const Fiber* ex = nullptr;
+        for (unsigned k = 0; k < n; k++) {
+            const Fiber& f = w->fibers[k];
+            if (f.state == AT_BARRIER) at_bar++;
+            if (f.state == AT_WARP) {
+                at_warp++;
+                if (!ex) ex = &f;
+            }
+        }
+        std::string m = where(w, ex);
+        char buf[512];
+        if (ex) {
+            const Lane& ln = w->warps[ex->warp].lane[ex->lane];
+            const unsigned missing = ln.mask & ~w->warps[ex->warp].pending;
+            snprintf(buf, sizeof buf,
+                     "deadlock: %u thread(s) wait at __syncthreads and %u in warp collectives that cannot complete "
+                     "(this thread waits in %s with mask 0x%08x; lanes 0x%08x of warp %u never arrived)",
+                     at_bar, at_warp, op_name(ln.op), ln.mask, missing, ex->warp);
+        } else {
+            snprintf(buf, sizeof buf, "barrier not reached by every thread of block (%u,%u,%u) in kernel %s: %u thread(s) wait",
+                     w->bid.x, w->bid.y, w->bid.z, w->kname, at_bar);
+        }
+        L->set_error("rf_sim: " + m + buf);
+        w->asan_dirty = true;
+    }
+}
+
+void worker_main(Launch* L) {
+    Worker* w = acquire_worker();
+    Worker* prev_w = tls_worker;
+    BlockPub* prev_b = tls_block;
+    FiberPub* prev_f = tls_fiber;
+    tls_worker = w;
+    tls_block = w;
+    w->L = L;
+    w->gdim = L->grid;
+    w->bdim = L->block;
+    w->kname = L->k->name ? L->k->name : "?";
+    const unsigned n = L->block.x * L->block.y * L->block.z;
+    w->ensure(n);
+    w->smem = w->smem_buf;
+    w->smem_size = L->dyn;
+#ifdef RF_SIM_ASAN
+    pthread_attr_t attr;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+        void* lo;
+        size_t sz;
+        pthread_attr_getstack(&attr, &lo, &sz);
+        w->sched_lo = lo;
+        w->sched_size = sz;
+        pthread_attr_destroy(&attr);
+    }
+#endif
+    while (!L->abort.load(std::memory_order_relaxed)) {
+        const uint64_t b = L->next.fetch_add(1, std::memory_order_relaxed);
+        if (b >= L->nblocks) break;
+        run_block(w, b);
+    }
+    w->L = nullptr;
+    tls_worker = prev_w;
+    tls_block = prev_b;
+    tls_fiber = prev_f;
+    release_worker(w);
+}
+
+}  // namespace
+
+// ---- called from kernel code --------------------------------------------------------------------
+void fail(const char* fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    Worker* w = tls_worker;
+    if (!w || !w->cur) {
+        fprintf(stderr, "rf_sim: error outside of a simulated kernel: %s\n", msg);
+        abort();
+    }
+    Fiber* me = w->cur;
+    w->L->set_error("rf_sim: " + where(w, me) + msg);
+    w->aborted = true;
+    me->state = EXITED;
+    switch_to(&me->ctx, w, nullptr, true);
+    __builtin_trap();  // never resumed
+}
+
+int syncthreads_op(int op, int pred) {
+    Worker* w = tls_worker;
+    Fiber* me = w->cur;
+    if (w->exited_min_gen <= w->bar_gen)
+        fail("barrier not reached by every thread of block (%u,%u,%u) in kernel %s: thread (%u,%u,%u) exited "
+             "before __syncthreads #%u, which this thread reached",
+             w->bid.x, w->bid.y, w->bid.z, w->kname, w->first_exited.x, w->first_exited.y, w->first_exited.z,
+             w->bar_gen + 1);
+    w->bar_count += pred != 0;
+    if (++w->bar_arrived == w->live) {  // last one: release everybody
+        w->bar_res_count = w->bar_count;
+        w->bar_res_n = w->bar_arrived;
+        w->bar_count = 0;
+        w->bar_arrived = 0;
+        w->bar_gen++;
+        for (Fiber* f : w->bar_waiters) w->push(f);
+        w->bar_waiters.clear();
+    } else {
+        me->state = AT_BARRIER;
+        w->bar_waiters.push_back(me);
+        switch_away(w, me, false);
+    }
+    switch (op) {
+        case 1: return (int)w->bar_res_count;
+        case 2: return w->bar_res_count == w->bar_res_n;
+        case 3: return w->bar_res_count != 0;
+    }
+    return 0;
+}
+
+namespace {
+uint64_t warp_collective(int op, unsigned mask, uint64_t value, int b, int width, warp_fn fn, const char* name);
+}
+uint64_t warp_op(int op, unsigned mask, uint64_t value, int b, int width) {
+    return warp_collective(op, mask, value, b, width, nullptr, nullptr);
+}
+void warp_call(unsigned mask, void* io, warp_fn fn, const char* name) {
+    (void)warp_collective(W_CALL, mask, (uint64_t)(uintptr_t)io, 0, 32, fn, name);
+}
+namespace {
+uint64_t warp_collective(int op, unsigned mask, uint64_t value, int b, int width, warp_fn fn, const char* name) {
+    Worker* w = tls_worker;
+    Fiber* me = w->cur;
+    Warp& wp = w->warps[me->warp];
+    const unsigned L = me->lane, bit = 1u << L;
+    const char* nm = name ? name : op_name(op);
+    if (!(mask & bit)) fail("%s: mask 0x%08x does not include the calling lane %u", nm, mask, L);
+    if (mask & wp.exited)
+        fail("%s: mask 0x%08x names lane(s) 0x%08x of warp %u that exited (or do not exist in this block)", nm,
+             mask, mask & wp.exited, me->warp);
+    if (op >= W_SHFL_IDX && op <= W_SHFL_XOR && (width < 1 || width > 32 || (width & (width - 1))))
+        fail("%s: width %d is not a power of two in [1, 32]", op_name(op), width);
+    // Every lane named in the mask must execute the same collective with the same mask.
+    if (wp.pending == 0) {
+        wp.gmask = mask;
+        wp.gop = op;
+        wp.gfn = fn;
+        wp.uniform = true;
+    } else if (!(wp.uniform && mask == wp.gmask && op == wp.gop && fn == wp.gfn)) {
+        for (unsigned m = wp.pending; m; m &= m - 1) {
+            const unsigned j = __builtin_ctz(m);
+            const Lane& o = wp.lane[j];
+            if (((mask >> j) & 1 || (o.mask & bit)) && (o.mask != mask || o.op != op || o.fn != fn))
+                fail("warp %u: lane %u is in %s with mask 0x%08x while lane %u waits in %s with mask 0x%08x", me->warp, L,
+                     nm, mask, j, o.name ? o.name : op_name(o.op), o.mask);
+        }
+        wp.uniform = false;  // disjoint groups in flight
+    }
+    Lane& me_l = wp.lane[L];
+    me_l.mask = mask;
+    me_l.op = op;
+    me_l.b = b;
+    me_l.width = width;
+    me_l.val = value;
+    me_l.fn = fn;
+    me_l.name = name;
+    wp.pending |= bit;
+    if ((wp.pending & mask) != mask) {
+        me->state = AT_WARP;
+        switch_away(w, me, false);
+        return me_l.res;
+    }
+    // Last lane of the group: compute every lane's result.
+    switch (op) {
+        case W_SYNC: break;
+        case W_CALL: {
+            void* io[32];
+            for (int j = 0; j < 32; j++) io[j] = (mask >> j) & 1 ? (void*)(uintptr_t)wp.lane[j].val : nullptr;
+            fn(io, mask);
+            break;
+        }
+        case W_BALLOT:
+        case W_ANY:
+        case W_ALL: {
+            unsigned ballot = 0;
+            for (unsigned m = mask; m; m &= m - 1) {
+                const unsigned j = __builtin_ctz(m);
+                if (wp.lane[j].val) ballot |= 1u << j;
+            }
+            const uint64_t r = op == W_BALLOT ? ballot : op == W_ANY ? ballot != 0 : ballot == mask;
+            for (unsigned m = mask; m; m &= m - 1) wp.lane[__builtin_ctz(m)].res = r;
+            break;
+        }
+        default: {
+            // PTX ISA, "shfl.sync": c = ((32 - width) << 8) | clamp, clamp = 0 for .up, 0x1f otherwise
+            // (as the CUDA intrinsics encode it); segmask = c[12:8].
+            for (unsigned m = mask; m; m &= m - 1) {
+                const int l = (int)__builtin_ctz(m);
+                const Lane& ln = wp.lane[l];
+                const int segmask = (32 - ln.width) & 31, cval = op == W_SHFL_UP ? 0 : 31;
+                const int bval = ln.b & 31;
+                const int maxLane = (l & segmask) | (cval & ~segmask), minLane = l & segmask;
+                int j;
+                bool pval;
+                switch (op) {
+                    case W_SHFL_UP: j = l - bval; pval = j >= maxLane; break;
+                    case W_SHFL_DOWN: j = l + bval; pval = j <= maxLane; break;
+                    case W_SHFL_XOR: j = l ^ bval; pval = j <= maxLane; break;
+                    default: j = minLane | (bval & ~segmask); pval = j <= maxLane; break;
+                }
+                if (!pval) j = l;
+                if (!((mask >> j) & 1))
+                    fail("%s: lane %d reads lane %d, which is not in the mask 0x%08x (undefined in CUDA)", op_name(op), l,
+                         j, mask);
+                wp.lane[l].res = wp.lane[j].val;
+            }
+        }
+    }
+    wp.pending &= ~mask;
+    for (unsigned m = mask & ~bit; m; m &= m - 1) w->push(&w->fibers[me->warp * 32 + __builtin_ctz(m)]);
+    return me_l.res;
+}
+}  // namespace
+
+}  // namespace rf_sim
+
+// ---- C ABI ----------------------------------------------------------------------------------------
+extern "C" int rf_sim_set_threads(int n) {
+    int prev = rf_sim::g_threads.exchange(n > 0 ? n : 0);
+    return prev > 0 ? prev : rf_sim::default_threads();
+}
+
+extern "C" int rf_sim_launch(const rf_sim_kernel* k, rf_sim_dim3 grid, rf_sim_dim3 block, size_t dyn_smem_bytes,
+                             void** args, char* err, size_t err_cap) {
+    using namespace rf_sim;
+    auto report = [&](const std::string& m) {
+        if (err && err_cap) {
+            size_t n = m.size() < err_cap - 1 ? m.size() : err_cap - 1;
+            memcpy(err, m.data(), n);
+            err[n] = 0;
+        }
+        return 1;
+    };
+    if (err && err_cap) err[0] = 0;
+    if (!k || !k->invoke) return report("rf_sim: launch of a null kernel");
+    const char* name = k->name ? k->name : "?";
+    char b[512];
+    const uint64_t nthreads = (uint64_t)block.x * block.y * block.z;
+    if (!grid.x || !grid.y || !grid.z || !block.x || !block.y || !block.z) {
+        snprintf(b, sizeof b, "rf_sim: kernel '%s': invalid launch: grid (%u,%u,%u), block (%u,%u,%u) has a zero dimension",
+                 name, grid.x, grid.y, grid.z, block.x, block.y, block.z);
+        return report(b);
+    }
+    if (nthreads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64) {
+        snprintf(b, sizeof b,
+                 "rf_sim: kernel '%s': invalid launch: block (%u,%u,%u) = %llu threads (limits: 1024 threads, x,y <= 1024, "
+                 "z <= 64)",
+                 name, block.x, block.y, block.z, (unsigned long long)nthreads);
+        return report(b);
+    }
+    if (grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
+        snprintf(b, sizeof b, "rf_sim: kernel '%s': invalid launch: grid (%u,%u,%u) exceeds (2^31-1, 65535, 65535)", name,
+                 grid.x, grid.y, grid.z);
+        return report(b);
+    }
+    if (dyn_smem_bytes > RF_SIM_MAX_DYN_SMEM) {
+        snprintf(b, sizeof b,
+                 "rf_sim: kernel '%s': invalid launch: %zu bytes of dynamic shared memory requested, more than the "
+                 "%u (227 KiB) an H100 (sm_90) block can have",
+                 name, dyn_smem_bytes, (unsigned)RF_SIM_MAX_DYN_SMEM);
+        return report(b);
+    }
+    Launch L;
+    L.k = k;
+    L.args = args;
+    L.grid = dim3(grid.x, grid.y, grid.z);
+    L.block = dim3(block.x, block.y, block.z);
+    L.dyn = dyn_smem_bytes;
+    L.nblocks = (uint64_t)grid.x * grid.y * grid.z;
+    int nt = g_threads.load();
+    if (nt <= 0) nt = default_threads();
+    if ((uint64_t)nt > L.nblocks) nt = (int)L.nblocks;
+    std::vector<std::thread> ts;
+    for (int i = 1; i < nt; i++) ts.emplace_back(worker_main, &L);
+    worker_main(&L);
+    for (auto& t : ts) t.join();
+    if (!L.err.empty()) return report(L.err);
+    return 0;
+}

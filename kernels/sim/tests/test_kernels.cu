@@ -1,0 +1,170 @@
+// Test kernels of the SIMT simulator (kernels/sim/tests). Plain CUDA C++: they also compile with
+// nvcc (run.sh checks that), so the GPU self-test can run the same kernels on hardware.
+#include "common/recforge.cuh"
+
+#define LIN (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z))
+
+// op: 0 __shfl_sync, 1 __shfl_up_sync, 2 __shfl_down_sync, 3 __shfl_xor_sync; b[t]: the lane
+// argument of thread t. Full mask. One block.
+template <class T> __device__ void shfl_any(int op, int width, const int* b, const T* in, T* out) {
+    const int t = threadIdx.x;
+    T v = in[t], r;
+    if (op == 0) r = __shfl_sync(RF_FULL_MASK, v, b[t], width);
+    else if (op == 1) r = __shfl_up_sync(RF_FULL_MASK, v, (unsigned)b[t], width);
+    else if (op == 2) r = __shfl_down_sync(RF_FULL_MASK, v, (unsigned)b[t], width);
+    else r = __shfl_xor_sync(RF_FULL_MASK, v, b[t], width);
+    out[t] = r;
+}
+extern "C" __global__ void t_shfl_i(int op, int width, const int* b, const int* in, int* out) { shfl_any<int>(op, width, b, in, out); }
+extern "C" __global__ void t_shfl_f(int op, int width, const int* b, const float* in, float* out) { shfl_any<float>(op, width, b, in, out); }
+extern "C" __global__ void t_shfl_d(int op, int width, const int* b, const double* in, double* out) { shfl_any<double>(op, width, b, in, out); }
+
+// Two independent groups per warp: lanes 0..15 (mask 0x0000ffff) butterfly-sum over 16 lanes;
+// lanes 16..31 (mask 0xffff0000) shuffle down by 3 with width 8.
+extern "C" __global__ void t_shfl_partial(const int* in, int* out) {
+    const int t = threadIdx.x, lane = t & 31;
+    int v = in[t];
+    if (lane < 16) {
+        for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0x0000ffffu, v, o);
+    } else {
+        v = __shfl_down_sync(0xffff0000u, v, 3, 8);
+    }
+    out[t] = v;
+}
+
+// Even lanes vote among themselves (mask 0x55555555), odd lanes among themselves (0xaaaaaaaa).
+extern "C" __global__ void t_vote(int* out) {
+    const int t = threadIdx.x, lane = t & 31;
+    const unsigned m = (lane & 1) ? 0xaaaaaaaau : 0x55555555u;
+    const unsigned b = __ballot_sync(m, t % 3 == 0);
+    const int a = __any_sync(m, t == 6 || t == 33);
+    const int l = __all_sync(m, (lane & 1) || t < 40);
+    out[3 * t + 0] = (int)b;
+    out[3 * t + 1] = a;
+    out[3 * t + 2] = l;
+}
+
+extern "C" __global__ void t_atomics(int* ci, unsigned* cu, float* cf, int* mx, unsigned* mxu, int* cas, int* mn) {
+    const int g = blockIdx.x * blockDim.x + threadIdx.x;
+    atomicAdd(ci, 1);
+    atomicAdd(cu, 2u);
+    atomicAdd(cf, 1.0f);
+    atomicMax(mx, (g * 7919) % 100003);
+    atomicMax(mxu, (unsigned)g);
+    atomicMin(mn, 1000000 - g);
+    int old = *cas, seen;
+    while ((seen = atomicCAS(cas, old, old + 3)) != old) old = seen;
+}
+
+// Block-wide tree reduction through shared memory (any block shape up to 1024 threads), plus the
+// __syncthreads_count/and/or forms. out[4*block + {sum, count, and, or}].
+extern "C" __global__ void t_block_reduce(const int* in, int* out) {
+    __shared__ int s[1024];
+    const int n = blockDim.x * blockDim.y * blockDim.z, lin = LIN;
+    const int b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    s[lin] = in[b * n + lin];
+    __syncthreads();
+    int p = 1;
+    while (p < n) p <<= 1;
+    for (int stride = p >> 1; stride > 0; stride >>= 1) {
+        if (lin < stride && lin + stride < n) s[lin] += s[lin + stride];
+        __syncthreads();
+    }
+    const int c = __syncthreads_count(in[b * n + lin] % 3 == 0);
+    const int a = __syncthreads_and(lin < n - 1);
+    const int o = __syncthreads_or(lin == n - 1);
+    if (lin == 0) {
+        out[4 * b + 0] = s[0];
+        out[4 * b + 1] = c;
+        out[4 * b + 2] = a;
+        out[4 * b + 3] = o;
+    }
+}
+
+// Dynamic shared memory (n floats): reverse through smem, plus 16-byte vector copies smem <-> global.
+extern "C" __global__ void t_dyn_smem(const float* in, float* out, int n, uint4* vout) {
+    RF_DYNAMIC_SMEM(float, buf);
+    const float* xr = in + (size_t)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) buf[n - 1 - i] = xr[i];
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[(size_t)blockIdx.x * n + i] = 2.0f * buf[i];
+    __syncthreads();
+    rf_smem_t<float> p = buf;  // a checked pointer in the simulator, float* on the GPU
+    for (int i = threadIdx.x; i < n / 4; i += blockDim.x) rf_st16(vout + (size_t)blockIdx.x * (n / 4) + i, rf_ld16(p + 4 * i));
+}
+
+// PLANTED BUG (a): writes shared memory, then reads another warp's slot without __syncthreads.
+extern "C" __global__ void t_race_static(int* out) {
+    __shared__ int s[64];
+    const int t = threadIdx.x;
+    s[t] = (int)blockIdx.x * 1000 + t + 1;
+    out[blockIdx.x * 64 + t] = s[(t + 32) & 63];  // missing __syncthreads() before this read
+}
+extern "C" __global__ void t_race_dyn(int* out) {
+    RF_DYNAMIC_SMEM(int, s);
+    const int t = threadIdx.x;
+    s[t] = (int)blockIdx.x * 1000 + t + 1;
+    out[blockIdx.x * 64 + t] = s[(t + 32) & 63];  // missing __syncthreads() before this read
+}
+
+// PLANTED BUG (b): thread t reads slot t+1 of n = blockDim.x slots: the last one is past the end.
+extern "C" __global__ void t_oob(float* out) {
+    RF_DYNAMIC_SMEM(float, s);
+    s[threadIdx.x] = (float)threadIdx.x;
+    __syncthreads();
+    out[threadIdx.x] = s[threadIdx.x + 1];
+}
+
+// PLANTED BUG (c): __syncthreads in a divergent branch (threads >= cut / < cut exit first).
+extern "C" __global__ void t_div_barrier(int* out, int cut) {
+    if ((int)threadIdx.x >= cut) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+extern "C" __global__ void t_div_barrier_rev(int* out, int cut) {
+    if ((int)threadIdx.x < cut) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+
+// PLANTED BUG (e): 16-byte load from in + off (misaligned unless off % 16 == 0).
+extern "C" __global__ void t_misaligned(const unsigned char* in, uint4* out, int off) {
+    out[threadIdx.x] = rf_ld16(in + off + 16 * threadIdx.x);
+}
+extern "C" __global__ void t_misaligned_smem(uint4* out, int off_floats) {
+    RF_DYNAMIC_SMEM(float, s);
+    rf_st16(s + off_floats, make_uint4(1, 2, 3, 4));
+    out[threadIdx.x] = rf_ld16(s + off_floats);
+}
+
+// Lane 5 exits before the full-mask shuffle.
+extern "C" __global__ void t_lane_exit(float* out) {
+    if ((threadIdx.x & 31) == 5) return;
+    out[threadIdx.x] = __shfl_xor_sync(RF_FULL_MASK, 1.0f, 1);
+}
+// Lane 0 names the full warp, lane 1 only lanes 0-1.
+extern "C" __global__ void t_mask_mismatch(int* out) {
+    const unsigned m = (threadIdx.x & 31) == 1 ? 0x3u : RF_FULL_MASK;
+    out[threadIdx.x] = __shfl_sync(m, (int)threadIdx.x, 0);
+}
+// Lane 0 of warp 0 waits at __syncthreads while lanes 1..31 wait for it in __syncwarp.
+extern "C" __global__ void t_deadlock(int* out) {
+    if (threadIdx.x == 0) __syncthreads();
+    else if (threadIdx.x < 32) __syncwarp();
+    else __syncthreads();
+    out[threadIdx.x] = 1;
+}
+
+extern "C" __global__ void t_syncwarp_loop(int iters, int* out) {
+    int s = 0;
+    for (int i = 0; i < iters; i++) {
+        __syncwarp();
+        s++;
+    }
+    out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
+
+// A non-inline helper whose name the test program also defines: links only because the
+// generated sim_<stem>.cpp wraps the kernel source in an anonymous namespace.
+__device__ int rf_test_helper(int x) { return x * 3 + 1; }
+extern "C" __global__ void t_helper_clash(int* out) { out[threadIdx.x] = rf_test_helper((int)threadIdx.x); }

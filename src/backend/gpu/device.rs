@@ -1,0 +1,245 @@
+//! One device API over a real GPU (`Cuda`, through cudarc) and the SIMT simulator (`Sim`,
+//! host memory and the simulator's launcher, synchronous). Kernel launch wrappers are written
+//! once against `Device` and run unchanged on both.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::cuda::CudaDevice;
+use super::sim::{SimBuf, SimDevice};
+use crate::error::{Error, Result};
+
+/// Element types a device buffer can hold.
+pub trait DevElem:
+    Copy
+    + Default
+    + bytemuck::Pod
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + Send
+    + Sync
+    + 'static
+{
+}
+impl DevElem for f32 {}
+impl DevElem for i8 {}
+impl DevElem for u8 {}
+impl DevElem for i32 {}
+impl DevElem for u32 {}
+impl DevElem for u64 {}
+impl DevElem for half::bf16 {}
+impl DevElem for half::f16 {}
+
+/// A kernel argument, passed by value: device addresses as `Ptr`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+/// Launch geometry, checked against each device's limits by the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
+impl Launch {
+    pub fn linear(grid: u32, block: u32) -> Self {
+        Launch {
+            grid: (grid, 1, 1),
+            block: (block, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+}
+
+pub enum Device {
+    Cuda(Arc<CudaDevice>),
+    Sim(SimDevice),
+}
+
+enum Repr<T: DevElem> {
+    Cuda(CudaSlice<T>),
+    Sim(SimBuf<T>),
+}
+
+/// A typed buffer in device memory (or, for the simulator, 256-byte aligned host memory).
+pub struct DevBuf<T: DevElem> {
+    repr: Repr<T>,
+    len: usize,
+}
+
+impl<T: DevElem> DevBuf<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Device {
+    pub fn cuda(ordinal: usize) -> Result<Self> {
+        Ok(Device::Cuda(Arc::new(CudaDevice::new(ordinal)?)))
+    }
+
+    pub fn sim() -> Self {
+        Device::Sim(SimDevice::new())
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Device::Cuda(d) => format!("cuda ({})", d.name()),
+            Device::Sim(_) => "sim (SIMT simulator on the CPU)".into(),
+        }
+    }
+
+    pub fn is_sim(&self) -> bool {
+        matches!(self, Device::Sim(_))
+    }
+
+    /// Every kernel this device can launch.
+    pub fn kernel_names(&self) -> Vec<&'static str> {
+        match self {
+            Device::Cuda(_) => crate::kernels::MODULES
+                .iter()
+                .flat_map(|m| m.kernels.iter().copied())
+                .collect(),
+            Device::Sim(_) => crate::kernels::SIM_KERNELS.to_vec(),
+        }
+    }
+
+    /// Check that `kernel` exists on this device (loading its module on CUDA).
+    pub fn check_kernel(&self, kernel: &str) -> Result<()> {
+        match self {
+            Device::Cuda(d) => d.function(kernel).map(|_| ()),
+            Device::Sim(s) => s.find(kernel).map(|_| ()),
+        }
+    }
+
+    pub fn alloc_zeros<T: DevElem>(&self, len: usize) -> Result<DevBuf<T>> {
+        let repr = match self {
+            Device::Cuda(d) => Repr::Cuda(
+                d.stream()
+                    .alloc_zeros::<T>(len)
+                    .map_err(|e| Error::Device(format!("allocating {len} elements: {e:?}")))?,
+            ),
+            Device::Sim(_) => Repr::Sim(SimBuf::zeros(len)?),
+        };
+        Ok(DevBuf { repr, len })
+    }
+
+    pub fn upload<T: DevElem>(&self, data: &[T]) -> Result<DevBuf<T>> {
+        let repr = match self {
+            Device::Cuda(d) => Repr::Cuda(d.upload(data)?),
+            Device::Sim(_) => {
+                let mut b = SimBuf::zeros(data.len())?;
+                b.as_mut_slice().copy_from_slice(data);
+                Repr::Sim(b)
+            }
+        };
+        Ok(DevBuf {
+            repr,
+            len: data.len(),
+        })
+    }
+
+    pub fn download<T: DevElem>(&self, buf: &DevBuf<T>) -> Result<Vec<T>> {
+        match (self, &buf.repr) {
+            (Device::Cuda(d), Repr::Cuda(s)) => d.download(s),
+            (Device::Sim(_), Repr::Sim(b)) => Ok(b.as_slice().to_vec()),
+            _ => Err(Error::Device("buffer belongs to another device".into())),
+        }
+    }
+
+    /// Overwrite a whole buffer from the host.
+    pub fn write<T: DevElem>(&self, buf: &mut DevBuf<T>, data: &[T]) -> Result<()> {
+        if data.len() != buf.len {
+            return Err(Error::Shape(format!(
+                "write: {} elements into a buffer of {}",
+                data.len(),
+                buf.len
+            )));
+        }
+        match (self, &mut buf.repr) {
+            (Device::Cuda(d), Repr::Cuda(s)) => d
+                .stream()
+                .memcpy_htod(data, s)
+                .map_err(|e| Error::Device(format!("host → device copy: {e:?}"))),
+            (Device::Sim(_), Repr::Sim(b)) => {
+                b.as_mut_slice().copy_from_slice(data);
+                Ok(())
+            }
+            _ => Err(Error::Device("buffer belongs to another device".into())),
+        }
+    }
+
+    /// The buffer's address as a kernel argument (read-only use).
+    pub fn ptr<T: DevElem>(&self, buf: &DevBuf<T>) -> Result<Arg> {
+        match (self, &buf.repr) {
+            (Device::Cuda(d), Repr::Cuda(s)) => Ok(Arg::Ptr(s.device_ptr(d.stream()).0)),
+            (Device::Sim(_), Repr::Sim(b)) => Ok(Arg::Ptr(b.addr())),
+            _ => Err(Error::Device("buffer belongs to another device".into())),
+        }
+    }
+
+    /// The buffer's address as a kernel argument the kernel writes through.
+    pub fn ptr_mut<T: DevElem>(&self, buf: &mut DevBuf<T>) -> Result<Arg> {
+        match (self, &mut buf.repr) {
+            (Device::Cuda(d), Repr::Cuda(s)) => Ok(Arg::Ptr(s.device_ptr_mut(d.stream()).0)),
+            (Device::Sim(_), Repr::Sim(b)) => Ok(Arg::Ptr(b.addr())),
+            _ => Err(Error::Device("buffer belongs to another device".into())),
+        }
+    }
+
+    /// Launch `kernel` with `args` (in the kernel's parameter order). Errors name the kernel
+    /// and the launch configuration.
+    pub fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
+        let (b, g) = (cfg.block, cfg.grid);
+        let threads = b.0 as u64 * b.1 as u64 * b.2 as u64;
+        if threads == 0 || threads > 1024 || g.0 == 0 || g.1 == 0 || g.2 == 0 {
+            return Err(Error::Device(format!(
+                "{kernel}: invalid launch {cfg:?} (1..=1024 threads per block, non-empty grid)"
+            )));
+        }
+        match self {
+            Device::Cuda(d) => {
+                let f = d.function(kernel)?;
+                let lc = LaunchConfig {
+                    grid_dim: g,
+                    block_dim: b,
+                    shared_mem_bytes: cfg.shared_bytes,
+                };
+                let mut lb = d.stream().launch_builder(&f);
+                for a in args {
+                    match a {
+                        Arg::Ptr(p) | Arg::U64(p) => lb.arg(p),
+                        Arg::I32(v) => lb.arg(v),
+                        Arg::U32(v) => lb.arg(v),
+                        Arg::F32(v) => lb.arg(v),
+                    };
+                }
+                // SAFETY: the wrappers that build `args` check them against the kernel's
+                // signature and its buffers' lengths against the launch; pointers come from
+                // live DevBufs of this device.
+                unsafe { lb.launch(lc) }
+                    .map_err(|e| Error::Device(format!("{kernel} launch {cfg:?}: {e:?}")))?;
+                Ok(())
+            }
+            Device::Sim(s) => s.launch(kernel, cfg, args),
+        }
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cuda(d) => d.synchronize(),
+            Device::Sim(_) => Ok(()),
+        }
+    }
+}

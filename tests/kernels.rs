@@ -1,0 +1,189 @@
+//! Every CUDA kernel against its CPU reference, on the SIMT simulator (always — CI has no GPU)
+//! and on a real GPU when one is usable (otherwise the GPU half says why it skipped). Outputs
+//! are poisoned before each launch so an unwritten element fails.
+
+use half::bf16;
+use recforge::backend::cpu::Cpu;
+use recforge::backend::gpu::{ops, probe_cuda, Device};
+use recforge::backend::Backend;
+use recforge::kernels;
+use recforge::rng::Rng;
+use recforge::tensor::{DType, HostTensor};
+
+/// The simulator, plus CUDA when a GPU is usable.
+fn devices() -> Vec<Device> {
+    let mut v = vec![Device::sim()];
+    let probe = probe_cuda();
+    if probe.usable() {
+        v.push(Device::cuda(0).expect("a usable GPU must open"));
+    } else {
+        eprintln!(
+            "skipped on CUDA: no usable device ({}); ran on the simulator only",
+            probe.describe()
+        );
+    }
+    v
+}
+
+#[test]
+fn ptx_and_simulator_define_the_same_kernels() {
+    if std::env::var("RECFORGE_REQUIRE_KERNELS").is_ok_and(|v| v == "1") {
+        let built = kernels::BUILT;
+        assert!(
+            built,
+            "RECFORGE_REQUIRE_KERNELS=1 but the library has no PTX"
+        );
+    }
+    let mut sim: Vec<&str> = kernels::SIM_KERNELS.to_vec();
+    sim.sort();
+    assert!(
+        sim.contains(&"rmsnorm_f32") && sim.contains(&"rmsnorm_bf16"),
+        "{sim:?}"
+    );
+    if kernels::BUILT {
+        let mut ptx: Vec<&str> = kernels::MODULES
+            .iter()
+            .flat_map(|m| m.kernels.iter().copied())
+            .collect();
+        ptx.sort();
+        assert_eq!(
+            ptx, sim,
+            "the PTX entries and the simulator registry differ"
+        );
+    } else {
+        eprintln!("skipped PTX half: {}", kernels::NOT_BUILT);
+    }
+}
+
+#[test]
+fn ptxas_reports_no_spills() {
+    if !kernels::BUILT {
+        eprintln!("skipped: {}", kernels::NOT_BUILT);
+        return;
+    }
+    for m in kernels::MODULES {
+        assert!(
+            m.ptx.contains(".version 9.0") || m.ptx.contains(".version 8."),
+            "{}: PTX ISA must load on a CUDA 13.0 driver",
+            m.name
+        );
+        for k in m.kernels {
+            for arch in ["sm_86", "sm_90"] {
+                let r = m
+                    .reports
+                    .iter()
+                    .find(|r| r.kernel == *k && r.arch == arch)
+                    .unwrap_or_else(|| panic!("no ptxas report for {k} on {arch}"));
+                assert!(r.registers > 0);
+                assert_eq!(
+                    (r.spill_store_bytes, r.spill_load_bytes),
+                    (0, 0),
+                    "{k} spills on {arch}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_kernel_loads_and_misspelt_names_fail() {
+    for dev in devices() {
+        for k in dev.kernel_names() {
+            dev.check_kernel(k)
+                .unwrap_or_else(|e| panic!("{}: {k}: {e}", dev.name()));
+        }
+        let e = dev.check_kernel("rmsnorm_f23").unwrap_err().to_string();
+        assert!(e.contains("rmsnorm_f23"), "{e}");
+    }
+}
+
+fn cpu_rmsnorm(x: &[f32], w: &[f32], rows: usize, d: usize) -> Vec<f32> {
+    let cpu = Cpu::new();
+    let xt = cpu
+        .upload(&HostTensor::f32(vec![rows, d], x.to_vec()).unwrap())
+        .unwrap();
+    let wt = cpu
+        .upload(&HostTensor::f32(vec![d], w.to_vec()).unwrap())
+        .unwrap();
+    let mut out = cpu.zeros(&[rows, d], DType::F32).unwrap();
+    cpu.rmsnorm(&xt, &wt, 1e-5, &mut out).unwrap();
+    cpu.download(&out).unwrap().to_f32().unwrap()
+}
+
+const SHAPES: [(usize, usize); 7] = [
+    (1, 1),
+    (3, 17),
+    (5, 576),
+    (7, 1000),
+    (2, 4097),
+    (64, 256),
+    (1, 31),
+];
+
+#[test]
+fn rmsnorm_f32_matches_the_cpu_reference() {
+    let mut rng = Rng::new(11);
+    for dev in devices() {
+        for (rows, d) in SHAPES {
+            let x: Vec<f32> = (0..rows * d).map(|_| 3.0 * rng.normal()).collect();
+            let w: Vec<f32> = (0..d).map(|_| 1.0 + 0.2 * rng.normal()).collect();
+            let want = cpu_rmsnorm(&x, &w, rows, d);
+            let (gx, gw) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap());
+            let mut go = dev.upload(&vec![f32::NAN; rows * d]).unwrap();
+            ops::rmsnorm(&dev, &gx, &gw, &mut go, rows, d, 1e-5).unwrap();
+            let got = dev.download(&go).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // A tree sum instead of a sequential one over d squares: the mean differs by a
+                // few ulps, so outputs agree to ~1e-6 relative; 1e-5 leaves room for rsqrtf's
+                // 2-ulp error.
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{}: rows {rows} d {d} element {i}: got {g} want {w}",
+                    dev.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn rmsnorm_bf16_matches_the_cpu_reference() {
+    let mut rng = Rng::new(12);
+    for dev in devices() {
+        for (rows, d) in SHAPES {
+            let x: Vec<bf16> = (0..rows * d)
+                .map(|_| bf16::from_f32(3.0 * rng.normal()))
+                .collect();
+            let w: Vec<f32> = (0..d).map(|_| 1.0 + 0.2 * rng.normal()).collect();
+            let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let want = cpu_rmsnorm(&xf, &w, rows, d);
+            let (gx, gw) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap());
+            let mut go = dev.upload(&vec![bf16::NAN; rows * d]).unwrap();
+            ops::rmsnorm(&dev, &gx, &gw, &mut go, rows, d, 1e-5).unwrap();
+            let got = dev.download(&go).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // The output is rounded to bf16: half an ulp of 8 bits of mantissa is 2^-9
+                // relative, plus the f32 differences above.
+                let g = g.to_f32();
+                assert!(
+                    (g - w).abs() <= (1.0 / 256.0) * w.abs() + 1e-5,
+                    "{}: rows {rows} d {d} element {i}: got {g} want {w}",
+                    dev.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn wrappers_reject_wrong_lengths() {
+    for dev in devices() {
+        let a = dev.upload(&[0f32; 6]).unwrap();
+        let w = dev.upload(&[1f32; 2]).unwrap();
+        let mut o = dev.upload(&[0f32; 6]).unwrap();
+        let e = ops::rmsnorm(&dev, &a, &w, &mut o, 2, 3, 1e-5)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rmsnorm_f32") && e.contains("expected"), "{e}");
+    }
+}
