@@ -29,7 +29,9 @@ for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["target"]["name"], m["executable"])')
+        kind = m["target"]["kind"][0]
+        name = m["target"]["name"] if kind == "test" else kind + "-" + m["target"]["name"]
+        print(name, m["executable"])')
     while read -r name exe; do
         [ -n "$name" ] && cp "$exe" ".gpu/tests/$name"
     done <<<"$list"

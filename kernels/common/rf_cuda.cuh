@@ -35,6 +35,93 @@ template <class U, class T> __device__ __forceinline__ U* rf_ptr_cast(T* p) { re
 __device__ __forceinline__ uint4 rf_ld16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 __device__ __forceinline__ void rf_st16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 
+// ---- Ampere async copy, ldmatrix, mma.sync (real instructions; simulator path below) ----------
+// cp.async.cg.shared.global 16 bytes (PTX ISA 9.7.9.25.3.1 "cp.async"): dst in shared memory,
+// src in global memory, both 16-byte aligned. Complete after rf_cp_async_wait<N>() (+ a barrier
+// before other threads read the data).
+__device__ __forceinline__ void rf_cp_async16(void* smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__)
+    const unsigned d = (unsigned)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src) : "memory");
+#endif
+}
+__device__ __forceinline__ void rf_cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void rf_cp_async_wait() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void rf_cp_async_wait_all() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}.shared.b16 (PTX ISA 9.7.14.5.15 "ldmatrix"): lanes
+// 8i..8i+7 give the addresses of the 8 rows (16 bytes each, 16-byte aligned) of matrix i; register
+// ri of lane l receives row l/4, elements 2(l%4) and 2(l%4)+1 of matrix i (.trans: of its transpose).
+__device__ __forceinline__ void rf_ldmatrix_x1(unsigned& r0, const void* row) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r0) : "r"((unsigned)__cvta_generic_to_shared(row)));
+#endif
+}
+__device__ __forceinline__ void rf_ldmatrix_x2(unsigned& r0, unsigned& r1, const void* row) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"((unsigned)__cvta_generic_to_shared(row)));
+#endif
+}
+__device__ __forceinline__ void rf_ldmatrix_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const void* row) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"((unsigned)__cvta_generic_to_shared(row)));
+#endif
+}
+__device__ __forceinline__ void rf_ldmatrix_x1_trans(unsigned& r0, const void* row) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r0) : "r"((unsigned)__cvta_generic_to_shared(row)));
+#endif
+}
+__device__ __forceinline__ void rf_ldmatrix_x2_trans(unsigned& r0, unsigned& r1, const void* row) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"((unsigned)__cvta_generic_to_shared(row)));
+#endif
+}
+__device__ __forceinline__ void rf_ldmatrix_x4_trans(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const void* row) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"((unsigned)__cvta_generic_to_shared(row)));
+#endif
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (PTX ISA 9.7.14.5.8) and
+// mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 (PTX ISA 9.7.14.5.10): D = A*B + C, fragments
+// as the "Matrix Fragments for mma.m16n8k16 / mma.m16n8k32" tables (see the simulator path).
+__device__ __forceinline__ void rf_mma_m16n8k16_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+__device__ __forceinline__ void rf_mma_m16n8k16_f16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+__device__ __forceinline__ void rf_mma_m16n8k32_s8(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const int (&c)[4]) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
+#endif
+}
+
 #elif defined(RF_SIM)
 // ============================================================================ simulator (g++)
 #include "../sim/rf_sim_rt.h"
@@ -42,6 +129,7 @@ __device__ __forceinline__ void rf_st16(void* p, uint4 v) { *reinterpret_cast<ui
 // Standard headers a kernel TU may use; included here, before build.rs's generated sim_<stem>.cpp
 // wraps the kernel source in a namespace.
 #include <algorithm>
+#include <cassert>
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -222,6 +310,10 @@ static inline long long min(long long a, long long b) { return a < b ? a : b; }
 static inline long long max(long long a, long long b) { return a > b ? a : b; }
 static inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
 static inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
+static inline unsigned min(int a, unsigned b) { return min((unsigned)a, b); }  // as CUDA's mixed overloads
+static inline unsigned min(unsigned a, int b) { return min(a, (unsigned)b); }
+static inline unsigned max(int a, unsigned b) { return max((unsigned)a, b); }
+static inline unsigned max(unsigned a, int b) { return max(a, (unsigned)b); }
 static inline float min(float a, float b) { return fminf(a, b); }
 static inline float max(float a, float b) { return fmaxf(a, b); }
 static inline double min(double a, double b) { return fmin(a, b); }
@@ -477,6 +569,181 @@ template <class T> inline uint4 rf_ld16(::rf_sim::smem_ptr<T> p) {
 template <class T> inline void rf_st16(::rf_sim::smem_ptr<T> p, uint4 v) {
     if (p.p & 15) ::rf_sim::fail("misaligned 16-byte store to dynamic shared memory at byte offset %lld", (long long)(p.p - (uintptr_t)p.base));
     rf_st16(static_cast<void*>(p.at(0, 16)), v);
+}
+
+// ---- Ampere async copy, ldmatrix, mma.sync: simulator path --------------------------------------
+namespace rf_sim {
+// The address of a 16-byte shared-memory row: aligned, and (through a checked pointer) in range.
+inline const unsigned char* row16(const void* p, const char* what) {
+    if ((uintptr_t)p & 15) fail("%s: address %p is not 16-byte aligned", what, p);
+    return static_cast<const unsigned char*>(p);
+}
+template <class T> inline const unsigned char* row16(smem_ptr<T> p, const char* what) {
+    if (p.p & 15) fail("%s: dynamic shared memory byte offset %lld is not 16-byte aligned", what, (long long)(p.p - (uintptr_t)p.base));
+    return reinterpret_cast<const unsigned char*>(p.template cast<const unsigned char>().at(0, 16));
+}
+template <class T> inline unsigned char* row16w(smem_ptr<T> p, const char* what) { return const_cast<unsigned char*>(row16(p, what)); }
+inline unsigned char* row16w(void* p, const char* what) { return const_cast<unsigned char*>(row16(p, what)); }
+
+struct LdmIO {
+    const unsigned char* row;  // this lane's row address (used for lanes < 8 * N)
+    unsigned r[4];
+};
+// PTX ISA 9.7.14.5.15 (ldmatrix, "fragment layout"): lane l receives, for matrix i, row l/4 and
+// the elements 2(l%4), 2(l%4)+1 (low half = lower column). With .trans, the matrix is transposed:
+// element (l/4, 2(l%4)+k) of the result is element (2(l%4)+k, l/4) of the matrix in memory.
+template <int N, bool TRANS> inline void ldmatrix_fn(void* const* io, unsigned) {
+    for (int l = 0; l < 32; l++) {
+        LdmIO* o = static_cast<LdmIO*>(io[l]);
+        for (int i = 0; i < N; i++) {
+            if (!TRANS) {
+                const unsigned char* row = static_cast<LdmIO*>(io[8 * i + l / 4])->row;
+                std::memcpy(&o->r[i], row + 4 * (l % 4), 4);
+            } else {
+                const unsigned char* r0 = static_cast<LdmIO*>(io[8 * i + 2 * (l % 4)])->row;
+                const unsigned char* r1 = static_cast<LdmIO*>(io[8 * i + 2 * (l % 4) + 1])->row;
+                unsigned short lo, hi;
+                std::memcpy(&lo, r0 + 2 * (l / 4), 2);
+                std::memcpy(&hi, r1 + 2 * (l / 4), 2);
+                o->r[i] = (unsigned)lo | ((unsigned)hi << 16);
+            }
+        }
+    }
+}
+template <int N, bool TRANS, class P> inline void ldmatrix(unsigned* r, P row) {
+    static const char* const names[2][5] = {{"", "ldmatrix.x1", "ldmatrix.x2", "", "ldmatrix.x4"},
+                                            {"", "ldmatrix.x1.trans", "ldmatrix.x2.trans", "", "ldmatrix.x4.trans"}};
+    LdmIO io;
+    io.row = tls_fiber->lane < 8u * N ? row16(row, names[TRANS][N]) : nullptr;
+    warp_call(0xffffffffu, &io, &ldmatrix_fn<N, TRANS>, names[TRANS][N]);
+    for (int i = 0; i < N; i++) r[i] = io.r[i];
+}
+
+struct MmaIO {
+    unsigned a[4], b[2], c[4], d[4];
+};
+inline float b16f(unsigned reg, int hi, bool bf) {
+    const unsigned short h = (unsigned short)(hi ? reg >> 16 : reg & 0xffff);
+    return bf ? bf2f(h) : h2f(h);
+}
+// PTX ISA 9.7.14.5.8, "Matrix Fragments for mma.m16n8k16 with floating point type"
+// (groupID g = lane >> 2, threadID_in_group t = lane % 4):
+//   A (16x16, .row): a_i, i = 0..7 (two per register, low half first):
+//        row = g for i < 2 || 4 <= i < 6, g + 8 otherwise; col = 2t + (i & 1) (+ 8 for i >= 4)
+//   B (16x8, .col): b_i, i = 0..3: row = 2t + (i & 1) (+ 8 for i >= 2); col = g
+//   C, D (16x8, f32): c_i, i = 0..3: row = g (+ 8 for i >= 2); col = 2t + (i & 1)
+// Products are exact in f32; the sum is accumulated in double and rounded to f32 once (the GPU's
+// f32 accumulation order and rounding are unspecified: results may differ in the last bits).
+template <bool BF> inline void mma_f16_fn(void* const* io, unsigned) {
+    float A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < 32; l++) {
+        const MmaIO* o = static_cast<const MmaIO*>(io[l]);
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 8; i++) {
+            const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8, col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+            A[row][col] = b16f(o->a[i / 2], i & 1, BF);
+        }
+        for (int i = 0; i < 4; i++) B[2 * t + (i & 1) + (i >= 2 ? 8 : 0)][g] = b16f(o->b[i / 2], i & 1, BF);
+        for (int i = 0; i < 4; i++) std::memcpy(&C[g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)], &o->c[i], 4);
+    }
+    for (int l = 0; l < 32; l++) {
+        MmaIO* o = static_cast<MmaIO*>(io[l]);
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; i++) {
+            const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+            double acc = C[row][col];
+            for (int k = 0; k < 16; k++) acc += (double)A[row][k] * B[k][col];
+            const float f = (float)acc;
+            std::memcpy(&o->d[i], &f, 4);
+        }
+    }
+}
+// PTX ISA 9.7.14.5.10, "Matrix Fragments for mma.m16n8k32" (.s8):
+//   A (16x32, .row): a_i, i = 0..15 (four per register, lowest byte first):
+//        row = g for i < 4 || 8 <= i < 12, g + 8 otherwise; col = 4t + (i & 3) (+ 16 for i >= 8)
+//   B (32x8, .col): b_i, i = 0..7: row = 4t + (i & 3) (+ 16 for i >= 4); col = g
+//   C, D (16x8, s32): as for m16n8k16. Integer accumulation wraps modulo 2^32 (no .satfinite).
+inline void mma_s8_fn(void* const* io, unsigned) {
+    int A[16][32], B[32][8], C[16][8];
+    for (int l = 0; l < 32; l++) {
+        const MmaIO* o = static_cast<const MmaIO*>(io[l]);
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 16; i++) {
+            const int row = (i < 4 || (i >= 8 && i < 12)) ? g : g + 8, col = 4 * t + (i & 3) + (i >= 8 ? 16 : 0);
+            A[row][col] = (int8_t)(o->a[i / 4] >> (8 * (i & 3)));
+        }
+        for (int i = 0; i < 8; i++) B[4 * t + (i & 3) + (i >= 4 ? 16 : 0)][g] = (int8_t)(o->b[i / 4] >> (8 * (i & 3)));
+        for (int i = 0; i < 4; i++) C[g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)] = (int)o->c[i];
+    }
+    for (int l = 0; l < 32; l++) {
+        MmaIO* o = static_cast<MmaIO*>(io[l]);
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; i++) {
+            const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+            unsigned acc = (unsigned)C[row][col];
+            for (int k = 0; k < 32; k++) acc += (unsigned)(A[row][k] * B[k][col]);
+            o->d[i] = acc;
+        }
+    }
+}
+template <class DT, class CT> inline void mma(warp_fn fn, const char* name, DT (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const CT (&c)[4]) {
+    MmaIO io;
+    std::memcpy(io.a, a, 16);
+    std::memcpy(io.b, b, 8);
+    std::memcpy(io.c, c, 16);
+    warp_call(0xffffffffu, &io, fn, name);
+    std::memcpy(d, io.d, 16);
+}
+}  // namespace rf_sim
+
+// cp.async: the simulator copies at issue time (a valid schedule of the asynchronous copy); the
+// commit / wait calls are no-ops. Alignment (both sides) and the smem range are checked.
+template <class P> inline void rf_cp_async16(P smem_dst, const void* gmem_src) {
+    unsigned char* d = ::rf_sim::row16w(smem_dst, "cp.async (shared destination)");
+    std::memcpy(d, ::rf_sim::row16(gmem_src, "cp.async (global source)"), 16);
+}
+static inline void rf_cp_async_commit() {}
+template <int N> inline void rf_cp_async_wait() {}
+static inline void rf_cp_async_wait_all() {}
+
+template <class P> inline void rf_ldmatrix_x1(unsigned& r0, P row) {
+    unsigned r[1];
+    ::rf_sim::ldmatrix<1, false>(r, row);
+    r0 = r[0];
+}
+template <class P> inline void rf_ldmatrix_x2(unsigned& r0, unsigned& r1, P row) {
+    unsigned r[2];
+    ::rf_sim::ldmatrix<2, false>(r, row);
+    r0 = r[0], r1 = r[1];
+}
+template <class P> inline void rf_ldmatrix_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, P row) {
+    unsigned r[4];
+    ::rf_sim::ldmatrix<4, false>(r, row);
+    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+}
+template <class P> inline void rf_ldmatrix_x1_trans(unsigned& r0, P row) {
+    unsigned r[1];
+    ::rf_sim::ldmatrix<1, true>(r, row);
+    r0 = r[0];
+}
+template <class P> inline void rf_ldmatrix_x2_trans(unsigned& r0, unsigned& r1, P row) {
+    unsigned r[2];
+    ::rf_sim::ldmatrix<2, true>(r, row);
+    r0 = r[0], r1 = r[1];
+}
+template <class P> inline void rf_ldmatrix_x4_trans(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, P row) {
+    unsigned r[4];
+    ::rf_sim::ldmatrix<4, true>(r, row);
+    r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+}
+static inline void rf_mma_m16n8k16_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+    ::rf_sim::mma(&::rf_sim::mma_f16_fn<true>, "mma.m16n8k16.bf16", d, a, b, c);
+}
+static inline void rf_mma_m16n8k16_f16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+    ::rf_sim::mma(&::rf_sim::mma_f16_fn<false>, "mma.m16n8k16.f16", d, a, b, c);
+}
+static inline void rf_mma_m16n8k32_s8(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const int (&c)[4]) {
+    ::rf_sim::mma(&::rf_sim::mma_s8_fn, "mma.m16n8k32.s8", d, a, b, c);
 }
 
 #else

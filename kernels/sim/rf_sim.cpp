@@ -312,7 +312,7 @@ const char* op_name(int op) {
         const unsigned j = __builtin_ctz(m);
         if (wp.lane[j].mask & bit)
             fail("lane %u of warp %u exited while lane %u waits for it in %s (mask 0x%08x)", me->lane, me->warp, j,
-                 op_name(wp.lane[j].op), wp.lane[j].mask);
+                 wp.lane[j].name ? wp.lane[j].name : op_name(wp.lane[j].op), wp.lane[j].mask);
     }
     me->state = EXITED;
     wp.exited |= bit;

@@ -168,3 +168,81 @@ extern "C" __global__ void t_syncwarp_loop(int iters, int* out) {
 // generated sim_<stem>.cpp wraps the kernel source in an anonymous namespace.
 __device__ int rf_test_helper(int x) { return x * 3 + 1; }
 extern "C" __global__ void t_helper_clash(int* out) { out[threadIdx.x] = rf_test_helper((int)threadIdx.x); }
+
+// ldmatrix: 32 rows of 8 b16 in global memory; lane l points at row perm(l) = (5l + 3) % 32 of the
+// copy in shared memory (cp.async). out[(variant * 32 + lane) * 4 + reg], variants x1, x2, x4,
+// x1.trans, x2.trans, x4.trans.
+extern "C" __global__ void t_ldm(const unsigned short* M, unsigned* out) {
+    RF_DYNAMIC_SMEM(unsigned short, s);
+    const int l = threadIdx.x;
+    rf_cp_async16(s + 8 * l, M + 8 * l);
+    rf_cp_async_commit();
+    rf_cp_async_wait<0>();
+    __syncthreads();
+    rf_smem_t<unsigned short> row = s + 8 * ((5 * l + 3) % 32);
+    unsigned* o = out + 4 * l;
+    rf_ldmatrix_x1(o[0], row);
+    o += 128;
+    rf_ldmatrix_x2(o[0], o[1], row);
+    o += 128;
+    rf_ldmatrix_x4(o[0], o[1], o[2], o[3], row);
+    o += 128;
+    rf_ldmatrix_x1_trans(o[0], row);
+    o += 128;
+    rf_ldmatrix_x2_trans(o[0], o[1], row);
+    o += 128;
+    rf_ldmatrix_x4_trans(o[0], o[1], o[2], o[3], row);
+}
+
+// One warp computes D = A*B + C through cp.async -> ldmatrix -> mma.sync.
+// kind 0: bf16 m16n8k16, 1: f16 m16n8k16 (A 16x16, Bt = B^T 8x16, Brow = B 16x8; D from Bt with
+// ldmatrix, D2 from Brow with ldmatrix.trans), 2: s8 m16n8k32 (A 16x32, Bt 8x32; D only).
+// Every row of A and Bt is 32 bytes, every row of Brow 16 bytes.
+extern "C" __global__ void t_mma(int kind, const unsigned char* A, const unsigned char* Bt, const unsigned char* Brow,
+                                 const void* C, void* D, void* D2) {
+    RF_DYNAMIC_SMEM(unsigned char, s);  // [0, 512) A, [512, 768) Bt, [768, 1024) Brow
+    const int l = threadIdx.x, g = l >> 2, t = l & 3;
+    rf_cp_async16(s + 16 * l, A + 16 * l);
+    if (l < 16) rf_cp_async16(s + 512 + 16 * l, Bt + 16 * l);
+    else rf_cp_async16(s + 768 + 16 * (l - 16), Brow + 16 * (l - 16));
+    rf_cp_async_commit();
+    rf_cp_async_wait_all();
+    __syncthreads();
+    unsigned a[4], b[2], b2[2];
+    rf_ldmatrix_x4(a[0], a[1], a[2], a[3], s + (l % 8 + 8 * ((l / 8) & 1)) * 32 + 16 * (l / 16));
+    rf_ldmatrix_x2(b[0], b[1], s + 512 + (l % 8) * 32 + 16 * ((l / 8) & 1));
+    rf_ldmatrix_x2_trans(b2[0], b2[1], s + 768 + (l % 16) * 16);
+    if (kind == 2) {
+        int c[4], d[4];
+        for (int i = 0; i < 4; i++) c[i] = static_cast<const int*>(C)[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)];
+        rf_mma_m16n8k32_s8(d, a, b, c);
+        for (int i = 0; i < 4; i++) static_cast<int*>(D)[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = d[i];
+    } else {
+        float c[4], d[4], d2[4];
+        for (int i = 0; i < 4; i++) c[i] = static_cast<const float*>(C)[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)];
+        if (kind == 0) {
+            rf_mma_m16n8k16_bf16(d, a, b, c);
+            rf_mma_m16n8k16_bf16(d2, a, b2, c);
+        } else {
+            rf_mma_m16n8k16_f16(d, a, b, c);
+            rf_mma_m16n8k16_f16(d2, a, b2, c);
+        }
+        for (int i = 0; i < 4; i++) {
+            static_cast<float*>(D)[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = d[i];
+            static_cast<float*>(D2)[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = d2[i];
+        }
+    }
+}
+
+// Misuse: mode 0 a misaligned ldmatrix row, 1 ldmatrix by half a warp, 2 misaligned cp.async.
+extern "C" __global__ void t_ldm_bad(int mode, unsigned* out) {
+    RF_DYNAMIC_SMEM(unsigned short, s);
+    unsigned r = 0;
+    if (mode == 0) rf_ldmatrix_x1(r, s + 8 * (threadIdx.x & 7) + 1);
+    if (mode == 1) {
+        if (threadIdx.x >= 16) return;
+        rf_ldmatrix_x1(r, s + 8 * (threadIdx.x & 7));
+    }
+    if (mode == 2) rf_cp_async16(s + 8 * threadIdx.x + 4, out);
+    out[threadIdx.x] = r;
+}
