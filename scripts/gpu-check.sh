@@ -93,7 +93,10 @@ run)
     done
     if command -v compute-sanitizer >/dev/null 2>&1; then
         for tool in memcheck racecheck; do
-            step "compute-sanitizer $tool (kernels)" compute-sanitizer --tool "$tool" --error-exitcode 1 "$here/tests/kernels" --test-threads=1
+            for t in kernels simulator; do
+                # The planted-bug kernels run only on the simulator, so the GPU runs are clean.
+                step "compute-sanitizer $tool ($t)" compute-sanitizer --tool "$tool" --error-exitcode 1 "$here/tests/$t" --test-threads=1
+            done
         done
     else
         echo "| compute-sanitizer | skipped: not on PATH | 0 |" >>"$md"

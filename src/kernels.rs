@@ -29,5 +29,8 @@ pub fn module_of(kernel: &str) -> Option<&'static Module> {
     MODULES.iter().find(|m| m.kernels.contains(&kernel))
 }
 
+// `SIM_KERNELS` (every kernel the simulator was built with, from the sources' extern "C"
+// __global__ entries), `BUILT`, `NVCC_VERSION` and `MODULES` come from build.rs.
+
 pub const NOT_BUILT: &str =
     "built without kernels — run scripts/install-cuda-toolchain.sh and rebuild";

@@ -218,6 +218,10 @@ fn info(path: Option<&Path>) -> Result<()> {
     println!("recforge {}", env!("CARGO_PKG_VERSION"));
     println!("cpu: {} threads", rayon::current_num_threads());
     println!("cuda: {}", probe_cuda().describe());
+    println!(
+        "sim: SIMT simulator with {} kernels (--device sim for kernel runs)",
+        kernels::SIM_KERNELS.len()
+    );
     if kernels::BUILT {
         let n: usize = kernels::MODULES.iter().map(|m| m.kernels.len()).sum();
         println!(
