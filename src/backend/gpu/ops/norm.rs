@@ -1,7 +1,6 @@
-//! Kernel launch wrappers, one per kernel family, written once over `Device` (CUDA or the
-//! simulator): check shapes, build the launch explicitly, name the kernel `<op>_<dtype>`.
+//! RMSNorm (kernels/rmsnorm.cu).
 
-use super::device::{Arg, DevBuf, DevElem, Device, Launch};
+use super::super::device::{Arg, DevBuf, DevElem, Device, Launch};
 use crate::error::{Error, Result};
 
 /// Element types with an RMSNorm kernel.

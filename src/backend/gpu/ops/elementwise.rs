@@ -1,0 +1,1 @@
+//! (kernel wrappers: elementwise — being written)

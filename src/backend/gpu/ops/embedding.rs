@@ -1,0 +1,1 @@
+//! (kernel wrappers: embedding — being written)

@@ -1,0 +1,1 @@
+//! (kernel wrappers: loss — being written)

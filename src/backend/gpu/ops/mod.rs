@@ -1,0 +1,12 @@
+//! Kernel launch wrappers, one per kernel family, written once over `Device` (CUDA or the
+//! simulator): check shapes, build the launch explicitly, name the kernel `<op>_<dtype>`.
+
+pub mod elementwise;
+pub mod embedding;
+pub mod loss;
+pub mod norm;
+pub mod optim;
+pub mod rope;
+pub mod swiglu;
+
+pub use norm::*;

@@ -1,0 +1,1 @@
+//! (kernel wrappers: optim — being written)

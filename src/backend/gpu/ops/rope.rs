@@ -1,0 +1,1 @@
+//! (kernel wrappers: rope — being written)

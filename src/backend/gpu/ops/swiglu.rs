@@ -1,0 +1,1 @@
+//! (kernel wrappers: swiglu — being written)
