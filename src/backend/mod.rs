@@ -56,6 +56,31 @@ pub struct Linear<B: Backend> {
     pub outlier_threshold: f32,
 }
 
+/// Label of a token that is not trained on (prompt tokens, padding).
+pub const IGNORE_LABEL: u32 = u32::MAX;
+
+/// AdamW hyper-parameters (PyTorch semantics: decoupled weight decay, bias correction).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
 /// One sequence of an attention batch. Query rows `q_start .. q_start+q_len` attend to key/value
 /// rows `kv_start .. kv_start+kv_len`; the causal mask lets a query at position p see the keys
 /// whose index within the sequence is ≤ p (so a KV-cached decode step, whose queries sit at
@@ -161,6 +186,34 @@ pub trait Backend: Sized + Send + Sync {
         dgate: &mut Tensor<Self>,
         dup: &mut Tensor<Self>,
     ) -> Result<()>;
+    /// Fused softmax cross-entropy, forward and backward, over a chunk of rows: `logits`
+    /// `[T, V]` is overwritten with its gradient `(softmax(logits) − onehot(label)) · grad_scale`
+    /// (zero rows where the label is `IGNORE_LABEL`), and `loss` `[T]` f32 receives
+    /// `logsumexp(logits) − logits[label]` per row (0 for ignored rows). Callers run it over
+    /// chunks of token rows so full `[tokens × vocab]` logits are never kept.
+    fn cross_entropy(
+        &self,
+        logits: &mut Tensor<Self>,
+        labels: &Tensor<Self>,
+        grad_scale: f32,
+        loss: &mut Tensor<Self>,
+    ) -> Result<()>;
+    /// One AdamW step (`step` counts from 1) on f32 `param` with f32 moments `m`, `v`; the
+    /// gradient is multiplied by `grad_scale` first (gradient clipping, averaging).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        param: &mut Tensor<Self>,
+        grad: &Tensor<Self>,
+        m: &mut Tensor<Self>,
+        v: &mut Tensor<Self>,
+        hp: AdamW,
+        step: u32,
+        grad_scale: f32,
+    ) -> Result<()>;
+    /// `out[0] = Σ x²` over an f32 tensor (for the global gradient norm), deterministic.
+    fn sum_squares(&self, x: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()>;
+
     /// Gradients of `attention`; dk and dv are summed over the query heads sharing a KV head
     /// and are overwritten (not accumulated).
     #[allow(clippy::too_many_arguments)]

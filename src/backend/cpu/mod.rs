@@ -5,7 +5,8 @@
 use rayon::prelude::*;
 
 use super::{
-    check_spans, expect_dtype, expect_shape, Backend, Linear, LinearWeight, SeqSpan, Tensor,
+    check_spans, expect_dtype, expect_shape, AdamW, Backend, Linear, LinearWeight, SeqSpan, Tensor,
+    IGNORE_LABEL,
 };
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor};
@@ -516,6 +517,96 @@ impl Backend for Cpu {
         for (i, o) in du.iter_mut().enumerate() {
             *o = d[i] * silu(g[i]);
         }
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut T,
+        labels: &T,
+        grad_scale: f32,
+        loss: &mut T,
+    ) -> Result<()> {
+        let op = "cross_entropy";
+        let (t, v) = logits.rows_cols();
+        expect_shape(op, "labels", labels, &[t])?;
+        expect_shape(op, "loss", loss, &[t])?;
+        let lab = u32s(op, "labels", labels)?.to_vec();
+        if let Some(bad) = lab.iter().find(|&&l| l != IGNORE_LABEL && l as usize >= v) {
+            return Err(Error::Invalid(format!(
+                "{op}: label {bad} is outside the vocabulary of {v}"
+            )));
+        }
+        let x = f32s_mut(op, "logits", logits)?;
+        let mut losses = vec![0f32; t];
+        x.par_chunks_mut(v.max(1))
+            .zip(losses.par_iter_mut())
+            .zip(lab.par_iter())
+            .for_each(|((row, l), &label)| {
+                if label == IGNORE_LABEL {
+                    row.fill(0.0);
+                    *l = 0.0;
+                    return;
+                }
+                let m = row.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b));
+                let sum: f64 = row.iter().map(|x| ((x - m) as f64).exp()).sum();
+                let lse = m as f64 + sum.ln();
+                *l = (lse - row[label as usize] as f64) as f32;
+                for (j, x) in row.iter_mut().enumerate() {
+                    let p = ((*x as f64) - lse).exp();
+                    let onehot = if j == label as usize { 1.0 } else { 0.0 };
+                    *x = ((p - onehot) * grad_scale as f64) as f32;
+                }
+            });
+        f32s_mut(op, "loss", loss)?.copy_from_slice(&losses);
+        Ok(())
+    }
+
+    fn adamw(
+        &self,
+        param: &mut T,
+        grad: &T,
+        m: &mut T,
+        v: &mut T,
+        hp: AdamW,
+        step: u32,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let op = "adamw";
+        for (what, t) in [("grad", grad), ("m", &*m), ("v", &*v)] {
+            expect_shape(op, what, t, &param.shape)?;
+        }
+        if step == 0 {
+            return Err(Error::Invalid(format!("{op}: steps count from 1")));
+        }
+        let g = f32s(op, "grad", grad)?;
+        let bc1 = 1.0 - (hp.beta1 as f64).powi(step as i32);
+        let bc2 = 1.0 - (hp.beta2 as f64).powi(step as i32);
+        let mut mv = f32s(op, "m", m)?.to_vec();
+        let mut vv = f32s(op, "v", v)?.to_vec();
+        let p = f32s_mut(op, "param", param)?;
+        for i in 0..p.len() {
+            let gi = g[i] * grad_scale;
+            p[i] -= hp.lr * hp.weight_decay * p[i];
+            mv[i] = hp.beta1 * mv[i] + (1.0 - hp.beta1) * gi;
+            vv[i] = hp.beta2 * vv[i] + (1.0 - hp.beta2) * gi * gi;
+            let mhat = mv[i] as f64 / bc1;
+            let vhat = vv[i] as f64 / bc2;
+            p[i] -= (hp.lr as f64 * mhat / (vhat.sqrt() + hp.eps as f64)) as f32;
+        }
+        f32s_mut(op, "m", m)?.copy_from_slice(&mv);
+        f32s_mut(op, "v", v)?.copy_from_slice(&vv);
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &T, out: &mut T) -> Result<()> {
+        let op = "sum_squares";
+        expect_shape(op, "out", out, &[1])?;
+        let s: f64 = f32s(op, "x", x)?
+            .iter()
+            .map(|v| (*v as f64) * (*v as f64))
+            .sum();
+        f32s_mut(op, "out", out)?[0] = s as f32;
         Ok(())
     }
 

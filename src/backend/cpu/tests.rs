@@ -3,7 +3,7 @@
 //! int8 path, finite differences for every backward op, algebraic identities for RoPE.
 
 use super::*;
-use crate::backend::{Backend, Linear, LinearWeight, SeqSpan};
+use crate::backend::{AdamW, Backend, Linear, LinearWeight, SeqSpan};
 use crate::rng::Rng;
 use crate::tensor::{HostData, HostTensor};
 
@@ -414,4 +414,125 @@ fn ops_reject_wrong_shapes() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("outside the vocabulary"), "{e}");
+}
+
+#[test]
+fn cross_entropy_matches_its_definition_and_finite_differences() {
+    let be = Cpu::new();
+    let mut rng = Rng::new(10);
+    let (t, v) = (4, 37);
+    let x = rand_vec(&mut rng, t * v, 2.0);
+    let labels = vec![3u32, crate::backend::IGNORE_LABEL, 36, 0];
+    let lt = tu32(&be, labels.clone());
+    let run = |xv: &[f32], scale: f32| {
+        let mut lg = t32(&be, &[t, v], xv.to_vec());
+        let mut loss = t32(&be, &[t], vec![f32::NAN; t]);
+        be.cross_entropy(&mut lg, &lt, scale, &mut loss).unwrap();
+        (vals(&lg), vals(&loss))
+    };
+    let (grad, loss) = run(&x, 0.5);
+    for r in 0..t {
+        let row = &x[r * v..(r + 1) * v];
+        if labels[r] == crate::backend::IGNORE_LABEL {
+            assert_eq!(loss[r], 0.0);
+            assert!(grad[r * v..(r + 1) * v].iter().all(|g| *g == 0.0));
+            continue;
+        }
+        // -ln(e^{x_l} / Σ e^{x_j}), straight from the definition (logits are small here).
+        let z: f64 = row.iter().map(|x| (*x as f64).exp()).sum();
+        let want = -((row[labels[r] as usize] as f64).exp() / z).ln();
+        assert!(
+            (loss[r] as f64 - want).abs() < 1e-5,
+            "row {r}: {} vs {want}",
+            loss[r]
+        );
+    }
+    // d(0.5 · Σ loss)/dx by central differences.
+    check_grad(
+        "cross_entropy",
+        &grad,
+        &|xv| run(xv, 1.0).1.iter().sum::<f32>() * 0.5,
+        &x,
+    );
+    let mut lg = t32(&be, &[1, v], vec![0.0; v]);
+    let mut loss = t32(&be, &[1], vec![0.0]);
+    let e = be
+        .cross_entropy(&mut lg, &tu32(&be, vec![37]), 1.0, &mut loss)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+}
+
+#[test]
+fn adamw_first_step_and_weight_decay_follow_the_paper() {
+    // Adam's first bias-corrected step is lr · g / (|g| + eps) ≈ lr · sign(g); decoupled weight
+    // decay shrinks the parameter by lr · wd · p whatever the gradient.
+    let be = Cpu::new();
+    let hp = AdamW {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let p0 = vec![1.0f32, -2.0, 0.5, 3.0];
+    let g = vec![0.3f32, -4.0, 0.0, 1e-3];
+    let mut p = t32(&be, &[4], p0.clone());
+    let mut m = t32(&be, &[4], vec![0.0; 4]);
+    let mut v = t32(&be, &[4], vec![0.0; 4]);
+    be.adamw(
+        &mut p,
+        &t32(&be, &[4], g.clone()),
+        &mut m,
+        &mut v,
+        hp,
+        1,
+        1.0,
+    )
+    .unwrap();
+    let got = vals(&p);
+    for i in 0..4 {
+        let decayed = p0[i] * (1.0 - hp.lr * hp.weight_decay);
+        let step = if g[i] == 0.0 {
+            0.0
+        } else {
+            hp.lr * g[i].signum()
+        };
+        assert!(
+            (got[i] - (decayed - step)).abs() < 1e-5,
+            "element {i}: {} vs {}",
+            got[i],
+            decayed - step
+        );
+    }
+    // grad_scale multiplies the gradient before the moments: m = (1 − β1) · g · scale.
+    let mut m2 = t32(&be, &[4], vec![0.0; 4]);
+    let mut v2 = t32(&be, &[4], vec![0.0; 4]);
+    let mut p2 = t32(&be, &[4], p0.clone());
+    be.adamw(
+        &mut p2,
+        &t32(&be, &[4], g.clone()),
+        &mut m2,
+        &mut v2,
+        hp,
+        1,
+        0.5,
+    )
+    .unwrap();
+    for i in 0..4 {
+        assert!((vals(&m2)[i] - 0.1 * g[i] * 0.5).abs() < 1e-7);
+    }
+    assert!(be
+        .adamw(&mut p2, &t32(&be, &[4], g), &mut m2, &mut v2, hp, 0, 1.0)
+        .is_err());
+}
+
+#[test]
+fn sum_squares_is_exact_on_integers() {
+    let be = Cpu::new();
+    let x: Vec<f32> = (0..1001).map(|i| (i % 17) as f32 - 8.0).collect();
+    let want: f32 = x.iter().map(|v| v * v).sum();
+    let mut out = t32(&be, &[1], vec![f32::NAN]);
+    be.sum_squares(&t32(&be, &[1001], x), &mut out).unwrap();
+    assert_eq!(vals(&out)[0], want);
 }
