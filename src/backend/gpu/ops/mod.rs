@@ -8,5 +8,6 @@ pub mod norm;
 pub mod optim;
 pub mod rope;
 pub mod swiglu;
+pub mod w8a8;
 
 pub use norm::*;

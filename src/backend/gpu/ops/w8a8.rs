@@ -1,0 +1,211 @@
+//! The W8A8 linear: activation quantization with LLM.int8 outlier columns (kernels/quantize.cu)
+//! and the int8 tensor-core GEMM with its fused dequantizing epilogue (kernels/gemm_w8a8.cu).
+
+use half::bf16;
+
+use super::super::device::{Arg, DevBuf, Device, Launch};
+use crate::error::{Error, Result};
+
+/// Device scratch for quantizing up to `max_rows × max_k` activations, allocated once by the
+/// caller (the memory plan) and reused by every linear.
+pub struct Int8Scratch {
+    pub colmax: DevBuf<u32>,
+    pub ocols: DevBuf<u32>,
+    pub count: DevBuf<i32>,
+    pub xq: DevBuf<i8>,
+    pub sx: DevBuf<f32>,
+    max_rows: usize,
+    max_k: usize,
+}
+
+impl Int8Scratch {
+    pub fn new(dev: &Device, max_rows: usize, max_k: usize) -> Result<Self> {
+        Ok(Int8Scratch {
+            colmax: dev.alloc_zeros(max_k)?,
+            ocols: dev.alloc_zeros(max_k)?,
+            count: dev.alloc_zeros(1)?,
+            xq: dev.alloc_zeros(max_rows * max_k)?,
+            sx: dev.alloc_zeros(max_rows)?,
+            max_rows,
+            max_k,
+        })
+    }
+
+    /// Bytes of device memory this scratch holds.
+    pub fn bytes(&self) -> usize {
+        self.max_k * 8 + 4 + self.max_rows * self.max_k + self.max_rows * 4
+    }
+}
+
+const GEMM_SMEM: u32 = 3 * 2 * 64 * 64;
+
+fn dims(k: &str, m: usize, n: usize, kk: usize) -> Result<(i32, i32, i32)> {
+    let c = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| Error::Shape(format!("{k}: {what} = {v} is too large")))
+    };
+    if kk % 16 != 0 {
+        return Err(Error::Shape(format!(
+            "{k}: K = {kk} must be a multiple of 16 (16-byte chunks)"
+        )));
+    }
+    Ok((c(m, "M")?, c(n, "N")?, c(kk, "K")?))
+}
+
+fn grid(m: usize, n: usize) -> Launch {
+    Launch {
+        grid: (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1),
+        block: (128, 1, 1),
+        shared_bytes: GEMM_SMEM,
+    }
+}
+
+/// Raw int32 accumulators `out[M, N] = xq[M, K] · wq[N, K]ᵀ` (exactness tests).
+pub fn gemm_w8a8_i32(
+    dev: &Device,
+    xq: &DevBuf<i8>,
+    wq: &DevBuf<i8>,
+    out: &mut DevBuf<i32>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    let name = "gemm_w8a8_i32";
+    let (mi, ni, ki) = dims(name, m, n, k)?;
+    if xq.len() < m * k || wq.len() != n * k || out.len() != m * n {
+        return Err(Error::Shape(format!(
+            "{name}: xq {} (≥ {m}×{k}), wq {} ({n}×{k}), out {} ({m}×{n})",
+            xq.len(),
+            wq.len(),
+            out.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let args = [
+        dev.ptr(xq)?,
+        dev.ptr(wq)?,
+        dev.ptr_mut(out)?,
+        Arg::I32(mi),
+        Arg::I32(ni),
+        Arg::I32(ki),
+    ];
+    dev.launch(name, grid(m, n), &args)
+}
+
+/// Quantize `x [rows, k]` into `scratch` (xq, sx, and the outlier columns for `threshold`; 0
+/// disables the decomposition).
+pub fn quantize_activations(
+    dev: &Device,
+    x: &DevBuf<bf16>,
+    rows: usize,
+    k: usize,
+    threshold: f32,
+    s: &mut Int8Scratch,
+) -> Result<()> {
+    let name = "quantize_rows_bf16";
+    if x.len() != rows * k || rows > s.max_rows || k > s.max_k {
+        return Err(Error::Shape(format!(
+            "{name}: x has {} elements for {rows}×{k}; the scratch holds {}×{}",
+            x.len(),
+            s.max_rows,
+            s.max_k
+        )));
+    }
+    if rows == 0 || k == 0 {
+        return Ok(());
+    }
+    let (ri, _, ki) = dims(name, rows, 0, k)?;
+    dev.launch(
+        "zero_u32",
+        Launch::linear(k.div_ceil(256) as u32, 256),
+        &[dev.ptr_mut(&mut s.colmax)?, Arg::I32(ki)],
+    )?;
+    let cm = Launch {
+        grid: (k.div_ceil(256) as u32, rows.div_ceil(64) as u32, 1),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    };
+    dev.launch(
+        "colmax_bf16",
+        cm,
+        &[
+            dev.ptr(x)?,
+            Arg::I32(ri),
+            Arg::I32(ki),
+            dev.ptr_mut(&mut s.colmax)?,
+        ],
+    )?;
+    let args = [
+        dev.ptr(&s.colmax)?,
+        Arg::I32(ki),
+        Arg::F32(threshold),
+        dev.ptr_mut(&mut s.ocols)?,
+        dev.ptr_mut(&mut s.count)?,
+    ];
+    dev.launch("outlier_cols", Launch::linear(1, 1024), &args)?;
+    let args = [
+        dev.ptr(x)?,
+        Arg::I32(ki),
+        dev.ptr(&s.colmax)?,
+        Arg::F32(threshold),
+        dev.ptr_mut(&mut s.xq)?,
+        dev.ptr_mut(&mut s.sx)?,
+    ];
+    dev.launch(name, Launch::linear(rows as u32, 256), &args)
+}
+
+/// `out[rows, n] = bf16(dequant(quant(x) · wqᵀ) + outlier side product (+ residual))`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_w8a8(
+    dev: &Device,
+    x: &DevBuf<bf16>,
+    rows: usize,
+    k: usize,
+    wq: &DevBuf<i8>,
+    sw: &DevBuf<f32>,
+    n: usize,
+    threshold: f32,
+    scratch: &mut Int8Scratch,
+    residual: Option<&DevBuf<bf16>>,
+    out: &mut DevBuf<bf16>,
+) -> Result<()> {
+    let name = "gemm_w8a8_bf16";
+    let (mi, ni, ki) = dims(name, rows, n, k)?;
+    if wq.len() != n * k
+        || sw.len() != n
+        || out.len() != rows * n
+        || residual.is_some_and(|r| r.len() != rows * n)
+    {
+        return Err(Error::Shape(format!(
+            "{name}: wq {} ({n}×{k}), sw {} ({n}), out {} ({rows}×{n}), residual {:?}",
+            wq.len(),
+            sw.len(),
+            out.len(),
+            residual.map(|r| r.len())
+        )));
+    }
+    quantize_activations(dev, x, rows, k, threshold, scratch)?;
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let res = match residual {
+        Some(r) => dev.ptr(r)?,
+        None => Arg::Ptr(0),
+    };
+    let args = [
+        dev.ptr(&scratch.xq)?,
+        dev.ptr(&scratch.sx)?,
+        dev.ptr(wq)?,
+        dev.ptr(sw)?,
+        dev.ptr(x)?,
+        dev.ptr(&scratch.ocols)?,
+        dev.ptr(&scratch.count)?,
+        res,
+        dev.ptr_mut(out)?,
+        Arg::I32(mi),
+        Arg::I32(ni),
+        Arg::I32(ki),
+    ];
+    dev.launch(name, grid(rows, n), &args)
+}

@@ -1,0 +1,230 @@
+//! The W8A8 linear (activation quantization with outlier columns + int8 tensor-core GEMM with
+//! the fused epilogue) against the CPU reference `Cpu::linear`, on the simulator always and on
+//! CUDA when a GPU is usable. The int32 accumulators must be exact, the quantization and the
+//! f32 epilogue bit-identical, so the bf16 outputs are compared bit for bit.
+
+use half::bf16;
+use recforge::backend::cpu::{quantize_activations, quantize_rows, Cpu};
+use recforge::backend::gpu::ops::w8a8::{self, Int8Scratch};
+use recforge::backend::gpu::{probe_cuda, Device};
+use recforge::backend::{Backend, Linear, LinearWeight};
+use recforge::rng::Rng;
+use recforge::tensor::{DType, HostData, HostTensor};
+
+fn devices() -> Vec<Device> {
+    let mut v = vec![Device::sim()];
+    let probe = probe_cuda();
+    if probe.usable() {
+        v.push(Device::cuda(0).expect("a usable GPU must open"));
+    } else {
+        eprintln!(
+            "skipped on CUDA: no usable device ({}); ran on the simulator only",
+            probe.describe()
+        );
+    }
+    v
+}
+
+// (M, N, K): odd M and N, K multiples of 16 that are and are not multiples of the 64-byte stage.
+const SHAPES: [(usize, usize, usize); 6] = [
+    (1, 1, 16),
+    (5, 19, 48),
+    (64, 64, 64),
+    (33, 130, 576),
+    (70, 67, 1040),
+    (129, 8, 208),
+];
+
+/// Activations as bf16 with a few columns well above the outlier threshold.
+fn activations(rng: &mut Rng, m: usize, k: usize, outliers: &[usize]) -> Vec<bf16> {
+    (0..m * k)
+        .map(|i| {
+            let v = if outliers.contains(&(i % k)) {
+                20.0 * rng.normal() + 10.0
+            } else {
+                1.5 * rng.normal()
+            };
+            bf16::from_f32(v)
+        })
+        .collect()
+}
+
+#[test]
+fn int8_gemm_accumulators_are_exact() {
+    let mut rng = Rng::new(31);
+    for dev in devices() {
+        for (m, n, k) in SHAPES {
+            let a: Vec<i8> = (0..m * k)
+                .map(|_| (rng.below(255) as i32 - 127) as i8)
+                .collect();
+            let b: Vec<i8> = (0..n * k)
+                .map(|_| (rng.below(255) as i32 - 127) as i8)
+                .collect();
+            let want: Vec<i32> = (0..m * n)
+                .map(|i| {
+                    (0..k)
+                        .map(|kk| a[i / n * k + kk] as i32 * b[i % n * k + kk] as i32)
+                        .sum()
+                })
+                .collect();
+            let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+            let mut out = dev.upload(&vec![i32::MIN; m * n]).unwrap();
+            w8a8::gemm_w8a8_i32(&dev, &da, &db, &mut out, m, n, k).unwrap();
+            assert_eq!(
+                dev.download(&out).unwrap(),
+                want,
+                "{}: {m}×{n}×{k}",
+                dev.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn activation_quantization_is_bit_identical_to_the_cpu() {
+    let mut rng = Rng::new(32);
+    for dev in devices() {
+        for (m, _, k) in SHAPES {
+            let outl: Vec<usize> = if k > 40 {
+                vec![3, k / 2, k - 1]
+            } else {
+                vec![]
+            };
+            let x = activations(&mut rng, m, k, &outl);
+            let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            for thr in [0.0f32, 6.0] {
+                let (want_q, want_s, want_o) = quantize_activations(&xf, m, k, thr);
+                let mut s = Int8Scratch::new(&dev, m + 3, k + 16).unwrap();
+                dev.write(&mut s.sx, &vec![f32::NAN; m + 3]).unwrap();
+                let dx = dev.upload(&x).unwrap();
+                w8a8::quantize_activations(&dev, &dx, m, k, thr, &mut s).unwrap();
+                let q = dev.download(&s.xq).unwrap();
+                let sx = dev.download(&s.sx).unwrap();
+                assert_eq!(
+                    &q[..m * k],
+                    &want_q[..],
+                    "{}: xq {m}×{k} thr {thr}",
+                    dev.name()
+                );
+                for r in 0..m {
+                    assert_eq!(
+                        sx[r].to_bits(),
+                        want_s[r].to_bits(),
+                        "{}: sx row {r}",
+                        dev.name()
+                    );
+                }
+                let count = dev.download(&s.count).unwrap()[0] as usize;
+                let cols: Vec<u32> = dev.download(&s.ocols).unwrap()[..count].to_vec();
+                let want_cols: Vec<u32> = (0..k).filter(|&c| want_o[c]).map(|c| c as u32).collect();
+                assert_eq!(cols, want_cols, "{}: outlier columns thr {thr}", dev.name());
+                if thr > 0.0 && !outl.is_empty() {
+                    assert!(count >= outl.len(), "the planted outlier columns are found");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn w8a8_linear_matches_the_cpu_reference_bit_for_bit() {
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(33);
+    for dev in devices() {
+        for (m, n, k) in SHAPES {
+            let outl: Vec<usize> = if k > 40 { vec![1, k / 3] } else { vec![] };
+            let x = activations(&mut rng, m, k, &outl);
+            let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
+            let (wq, ws) = quantize_rows(&w, n, k);
+            let res: Vec<bf16> = (0..m * n).map(|_| bf16::from_f32(rng.normal())).collect();
+            for (thr, with_res) in [(6.0f32, false), (0.0, true), (6.0, true)] {
+                // CPU: f32 y from Cpu::linear, plus the residual in f32, rounded to bf16 once.
+                let lin = Linear {
+                    weight: LinearWeight::Int8 {
+                        w: cpu
+                            .upload(&HostTensor::new(vec![n, k], HostData::I8(wq.clone())).unwrap())
+                            .unwrap(),
+                        scale: cpu
+                            .upload(&HostTensor::f32(vec![n], ws.clone()).unwrap())
+                            .unwrap(),
+                    },
+                    out_features: n,
+                    in_features: k,
+                    outlier_threshold: thr,
+                };
+                let mut y = cpu.zeros(&[m, n], DType::F32).unwrap();
+                cpu.linear(
+                    &cpu.upload(&HostTensor::f32(vec![m, k], xf.clone()).unwrap())
+                        .unwrap(),
+                    &lin,
+                    &mut y,
+                )
+                .unwrap();
+                let y = cpu.download(&y).unwrap().to_f32().unwrap();
+                let want: Vec<u16> = y
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        bf16::from_f32(if with_res { v + res[i].to_f32() } else { *v }).to_bits()
+                    })
+                    .collect();
+
+                let mut s = Int8Scratch::new(&dev, m, k).unwrap();
+                let (dx, dwq, dws) = (
+                    dev.upload(&x).unwrap(),
+                    dev.upload(&wq).unwrap(),
+                    dev.upload(&ws).unwrap(),
+                );
+                let dres = dev.upload(&res).unwrap();
+                let mut out = dev.upload(&vec![bf16::NAN; m * n]).unwrap();
+                w8a8::linear_w8a8(
+                    &dev,
+                    &dx,
+                    m,
+                    k,
+                    &dwq,
+                    &dws,
+                    n,
+                    thr,
+                    &mut s,
+                    with_res.then_some(&dres),
+                    &mut out,
+                )
+                .unwrap();
+                let got: Vec<u16> = dev
+                    .download(&out)
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                for i in 0..m * n {
+                    assert_eq!(
+                        got[i],
+                        want[i],
+                        "{}: {m}×{n}×{k} thr {thr} residual {with_res} element {i}: {} vs {}",
+                        dev.name(),
+                        bf16::from_bits(got[i]),
+                        bf16::from_bits(want[i])
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn w8a8_wrappers_check_shapes() {
+    let dev = Device::sim();
+    let mut s = Int8Scratch::new(&dev, 4, 64).unwrap();
+    let x = dev.upload(&vec![bf16::ZERO; 4 * 40]).unwrap();
+    let e = w8a8::quantize_activations(&dev, &x, 4, 40, 6.0, &mut s)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("multiple of 16"), "{e}");
+    let x = dev.upload(&vec![bf16::ZERO; 8 * 64]).unwrap();
+    let e = w8a8::quantize_activations(&dev, &x, 8, 64, 6.0, &mut s)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("scratch"), "{e}");
+}
