@@ -228,3 +228,102 @@ fn w8a8_wrappers_check_shapes() {
         .to_string();
     assert!(e.contains("scratch"), "{e}");
 }
+
+#[test]
+fn w8a16_backward_matches_the_cpu_reference() {
+    use recforge::backend::gpu::ops::w8a16;
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(34);
+    // (M, N = out features, K = in features): N multiples of 8, K of 16, odd M.
+    for (m, n, k) in [
+        (1, 8, 16),
+        (7, 40, 48),
+        (64, 64, 64),
+        (33, 200, 80),
+        (100, 24, 144),
+    ] {
+        let dy: Vec<bf16> = (0..m * n).map(|_| bf16::from_f32(rng.normal())).collect();
+        let dyf: Vec<f32> = dy.iter().map(|v| v.to_f32()).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
+        let (wq, ws) = quantize_rows(&w, n, k);
+        let lin = Linear {
+            weight: LinearWeight::Int8 {
+                w: cpu
+                    .upload(&HostTensor::new(vec![n, k], HostData::I8(wq.clone())).unwrap())
+                    .unwrap(),
+                scale: cpu
+                    .upload(&HostTensor::f32(vec![n], ws.clone()).unwrap())
+                    .unwrap(),
+            },
+            out_features: n,
+            in_features: k,
+            outlier_threshold: 6.0,
+        };
+        let mut want = cpu.zeros(&[m, k], DType::F32).unwrap();
+        cpu.linear_backward_input(
+            &cpu.upload(&HostTensor::f32(vec![m, n], dyf.clone()).unwrap())
+                .unwrap(),
+            &lin,
+            &mut want,
+        )
+        .unwrap();
+        let want = cpu.download(&want).unwrap().to_f32().unwrap();
+        // Σ|dy·sw·wq| per output: the scale of the rounding errors.
+        let mag: Vec<f32> = (0..m * k)
+            .map(|i| {
+                (0..n)
+                    .map(|j| (dyf[i / k * n + j] * ws[j] * wq[j * k + i % k] as f32).abs())
+                    .sum()
+            })
+            .collect();
+        let prior: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.normal())).collect();
+        for dev in devices() {
+            for accumulate in [false, true] {
+                let (ddy, dwq, dws) = (
+                    dev.upload(&dy).unwrap(),
+                    dev.upload(&wq).unwrap(),
+                    dev.upload(&ws).unwrap(),
+                );
+                let mut dx = dev
+                    .upload(&if accumulate {
+                        prior.clone()
+                    } else {
+                        vec![bf16::NAN; m * k]
+                    })
+                    .unwrap();
+                w8a16::linear_backward_input(&dev, &ddy, &dwq, &dws, &mut dx, m, n, k, accumulate)
+                    .unwrap();
+                let got = dev.download(&dx).unwrap();
+                for i in 0..m * k {
+                    let base = if accumulate { prior[i].to_f32() } else { 0.0 };
+                    let want_i = want[i] + base;
+                    // dy·sw is rounded to bf16 once per term (2^-9 relative, bounded by Σ|term|),
+                    // f32 accumulation adds ~n·2^-24 of it, and the output is rounded to bf16.
+                    let tol = mag[i] / 512.0 + want_i.abs() / 256.0 + 1e-6;
+                    let g = got[i].to_f32();
+                    assert!(
+                        (g - want_i).abs() <= tol,
+                        "{}: {m}×{n}×{k} acc={accumulate} element {i}: {g} vs {want_i}",
+                        dev.name()
+                    );
+                }
+            }
+        }
+    }
+    let dev = Device::sim();
+    let z = |n: usize| dev.upload(&vec![bf16::ZERO; n]).unwrap();
+    let e = w8a16::linear_backward_input(
+        &dev,
+        &z(12),
+        &dev.upload(&[0i8; 48]).unwrap(),
+        &dev.upload(&[0f32; 3]).unwrap(),
+        &mut z(64),
+        4,
+        3,
+        16,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("multiple of 8"), "{e}");
+}

@@ -8,6 +8,7 @@ pub mod norm;
 pub mod optim;
 pub mod rope;
 pub mod swiglu;
+pub mod w8a16;
 pub mod w8a8;
 
 pub use norm::*;

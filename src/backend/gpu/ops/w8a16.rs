@@ -1,0 +1,59 @@
+//! W8A16 GEMM for the backward pass to the input (kernels/gemm_w8a16.cu).
+
+use half::bf16;
+
+use super::super::device::{Arg, DevBuf, Device, Launch};
+use crate::error::{Error, Result};
+
+/// `dx[M, K] (+)= dy[M, N] · dequant(wq, sw)[N, K]`; `accumulate` adds to dx instead of
+/// overwriting it. N must be a multiple of 8 and K of 16.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_input(
+    dev: &Device,
+    dy: &DevBuf<bf16>,
+    wq: &DevBuf<i8>,
+    sw: &DevBuf<f32>,
+    dx: &mut DevBuf<bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let name = "gemm_w8a16_dx_bf16";
+    if n % 8 != 0 || k % 16 != 0 {
+        return Err(Error::Shape(format!(
+            "{name}: N = {n} must be a multiple of 8 and K = {k} of 16"
+        )));
+    }
+    if dy.len() != m * n || wq.len() != n * k || sw.len() != n || dx.len() != m * k {
+        return Err(Error::Shape(format!(
+            "{name}: dy {} ({m}×{n}), wq {} ({n}×{k}), sw {} ({n}), dx {} ({m}×{k})",
+            dy.len(),
+            wq.len(),
+            sw.len(),
+            dx.len()
+        )));
+    }
+    if m == 0 || k == 0 {
+        return Ok(());
+    }
+    let c = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| Error::Shape(format!("{name}: {what} = {v} is too large")))
+    };
+    let launch = Launch {
+        grid: (k.div_ceil(64) as u32, m.div_ceil(64) as u32, 1),
+        block: (128, 1, 1),
+        shared_bytes: 64 * 64 + 32 * 128,
+    };
+    let args = [
+        dev.ptr(dy)?,
+        dev.ptr(wq)?,
+        dev.ptr(sw)?,
+        dev.ptr_mut(dx)?,
+        Arg::I32(c(m, "M")?),
+        Arg::I32(c(n, "N")?),
+        Arg::I32(c(k, "K")?),
+        Arg::I32(accumulate as i32),
+    ];
+    dev.launch(name, launch, &args)
+}
