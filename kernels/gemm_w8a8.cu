@@ -1,12 +1,14 @@
 // W8A8 linear on int8 tensor cores: Y[M, N] = dequant(Xq[M, K] · Wq[N, K]ᵀ) (+ outlier side
 // product) (+ residual), the forward of every frozen linear (DESIGN.md §3).
 //
-// Layout:  xq [M, K] i8 (quantize_rows_bf16), sx [M] f32; wq [N, K] i8, sw [N] f32 (per output
+// Layout:  lora_u [M, R] f32 and lora_b [N, R] f32, or null (R = lora_rank);
+//          xq [M, K] i8 (quantize_rows_bf16), sx [M] f32; wq [N, K] i8, sw [N] f32 (per output
 //          row absmax scales); x [M, K] bf16 (the unquantized activations: the outlier columns
 //          ocols[0..count) are read from it); residual [M, N] bf16 or null; out [M, N] bf16.
 //          K must be a multiple of 16 (16-byte chunks); M, N are arbitrary.
 // Math:    acc = Σ_k xq·wq in int32 (exact); y = (acc·sx[r])·sw[c]; then, in column order,
-//          y += x[r, o]·(wq[c, o]·sw[c]) for every outlier column o; y += residual; out = bf16(y).
+//          y += x[r, o]·(wq[c, o]·sw[c]) for every outlier column o; with a LoRA (lora_u non-null,
+//          see lora.cu) y += scale · Σ_j u[r, j]·B[c, j]; y += residual; out = bf16(y).
 //          Products and sums use the _rn intrinsics so no FMA contraction changes the rounding:
 //          the f32 y equals the CPU reference bit for bit.
 // Tiling:  block tile 64×64, K in 64-byte stages, a 3-stage cp.async pipeline; shared memory rows
@@ -93,6 +95,7 @@ extern "C" __global__ void gemm_w8a8_i32(const signed char* xq, const signed cha
 
 extern "C" __global__ void gemm_w8a8_bf16(const signed char* xq, const float* sx, const signed char* wq, const float* sw,
                                           const __nv_bfloat16* x, const unsigned* ocols, const int* count,
+                                          const float* lora_u, const float* lora_b, int lora_rank, float lora_scale,
                                           const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K) {
     int acc[2][4][4];
     w8a8::mainloop(xq, wq, M, N, K, acc);
@@ -112,6 +115,12 @@ extern "C" __global__ void gemm_w8a8_bf16(const signed char* xq, const float* sx
                 for (int j = 0; j < nout; j++) {
                     const unsigned o = ocols[j];
                     y = __fadd_rn(y, __fmul_rn(__bfloat162float(x[(size_t)r * K + o]), __fmul_rn((float)wq[(size_t)c * K + o], s)));
+                }
+                if (lora_u) {
+                    float lt = 0.0f;
+                    for (int j = 0; j < lora_rank; j++)
+                        lt = __fadd_rn(lt, __fmul_rn(lora_u[(size_t)r * lora_rank + j], lora_b[(size_t)c * lora_rank + j]));
+                    y = __fadd_rn(y, __fmul_rn(lora_scale, lt));
                 }
                 if (residual) y = __fadd_rn(y, __bfloat162float(residual[(size_t)r * N + c]));
                 out[(size_t)r * N + c] = __float2bfloat16(y);

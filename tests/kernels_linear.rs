@@ -188,6 +188,7 @@ fn w8a8_linear_matches_the_cpu_reference_bit_for_bit() {
                     n,
                     thr,
                     &mut s,
+                    None,
                     with_res.then_some(&dres),
                     &mut out,
                 )
@@ -326,4 +327,253 @@ fn w8a16_backward_matches_the_cpu_reference() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("multiple of 8"), "{e}");
+}
+
+/// Relative agreement with a scale: |a − b| ≤ rel · mag + abs.
+fn close(a: f32, b: f32, mag: f32, rel: f32) -> bool {
+    (a - b).abs() <= rel * mag + 1e-6
+}
+
+#[test]
+fn gated_lora_forward_and_backward_match_the_cpu_reference() {
+    use recforge::backend::gpu::ops::lora::{self, DevLora, LoraGrads};
+    use recforge::backend::{Dropout, Lora};
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(35);
+    // (M, K, N, R): two adapters of rank 8 concatenated (R = 16) gated one-hot per row, and a
+    // single odd rank with a soft gate.
+    for (m, k, n, r, one_hot) in [
+        (5, 48, 40, 16, true),
+        (33, 80, 24, 5, false),
+        (1, 16, 8, 1, false),
+    ] {
+        let x: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.normal())).collect();
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let a: Vec<f32> = (0..r * k).map(|_| 0.2 * rng.normal()).collect();
+        let b: Vec<f32> = (0..n * r).map(|_| 0.2 * rng.normal()).collect();
+        let gate: Vec<f32> = (0..m * r)
+            .map(|i| {
+                if one_hot {
+                    ((i % r) / 8 == (i / r) % 2) as u8 as f32
+                } else {
+                    rng.uniform()
+                }
+            })
+            .collect();
+        let dy: Vec<bf16> = (0..m * n).map(|_| bf16::from_f32(rng.normal())).collect();
+        let dyf: Vec<f32> = dy.iter().map(|v| v.to_f32()).collect();
+        let drop = Dropout {
+            p: 0.25,
+            seed: 0xC0FFEE,
+        };
+        let scale = 2.0;
+        // CPU reference.
+        let up = |v: &[f32], s: &[usize]| {
+            cpu.upload(&HostTensor::f32(s.to_vec(), v.to_vec()).unwrap())
+                .unwrap()
+        };
+        let cl = Lora {
+            a: up(&a, &[r, k]),
+            b: up(&b, &[n, r]),
+            scale,
+        };
+        let (xt, gt) = (up(&xf, &[m, k]), up(&gate, &[m, r]));
+        let mut ch = cpu.zeros(&[m, r], DType::F32).unwrap();
+        let mut cu = cpu.zeros(&[m, r], DType::F32).unwrap();
+        let mut cy = cpu.zeros(&[m, n], DType::F32).unwrap();
+        cpu.lora_forward(&xt, &cl, &gt, drop, &mut ch, &mut cu, &mut cy)
+            .unwrap();
+        let mut cda = cpu.zeros(&[r, k], DType::F32).unwrap();
+        let mut cdb = cpu.zeros(&[n, r], DType::F32).unwrap();
+        let mut cdg = cpu.zeros(&[m, r], DType::F32).unwrap();
+        let mut cdx = cpu.zeros(&[m, k], DType::F32).unwrap();
+        cpu.lora_backward(
+            &xt,
+            &cl,
+            &gt,
+            drop,
+            &ch,
+            &cu,
+            &up(&dyf, &[m, n]),
+            &mut cda,
+            &mut cdb,
+            &mut cdg,
+            &mut cdx,
+        )
+        .unwrap();
+        let f = |t: &recforge::backend::Tensor<Cpu>| cpu.download(t).unwrap().to_f32().unwrap();
+        let (wh, wu, wy, wda, wdb, wdg, wdx) =
+            (f(&ch), f(&cu), f(&cy), f(&cda), f(&cdb), f(&cdg), f(&cdx));
+        // Magnitudes for the tolerances: sums of |terms| in f32 on both sides, reassociated.
+        let hmag: Vec<f32> = (0..m * r)
+            .map(|i| {
+                (0..k)
+                    .map(|c| (xf[i / r * k + c] * a[i % r * k + c]).abs())
+                    .sum::<f32>()
+                    * 4.0
+                    / 3.0
+            })
+            .collect();
+        for dev in devices() {
+            let dl = DevLora {
+                a: dev.upload(&a).unwrap(),
+                b: dev.upload(&b).unwrap(),
+                rank: r,
+                k,
+                n,
+                scale,
+            };
+            let (dx_, dg_) = (dev.upload(&x).unwrap(), dev.upload(&gate).unwrap());
+            let mut h = dev.upload(&vec![f32::NAN; m * r]).unwrap();
+            let mut u = dev.upload(&vec![f32::NAN; m * r]).unwrap();
+            lora::lora_down(&dev, &dx_, &dl, &dg_, drop, &mut h, &mut u, m).unwrap();
+            let (gh, gu) = (dev.download(&h).unwrap(), dev.download(&u).unwrap());
+            for i in 0..m * r {
+                // Different summation order over k terms: k·2^-24 of Σ|terms|.
+                assert!(
+                    close(gh[i], wh[i], hmag[i], k as f32 * 6e-8 * 2.0),
+                    "{}: h[{i}] {} vs {}",
+                    dev.name(),
+                    gh[i],
+                    wh[i]
+                );
+                assert!(
+                    close(gu[i], wu[i], hmag[i], k as f32 * 6e-8 * 2.0),
+                    "{}: u[{i}]",
+                    dev.name()
+                );
+            }
+            // The up-projection through the W8A8 epilogue: compare against the CPU linear + LoRA.
+            if k % 16 == 0 {
+                let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
+                let (wq, ws) = quantize_rows(&w, n, k);
+                let lin = Linear {
+                    weight: LinearWeight::Int8 {
+                        w: cpu
+                            .upload(&HostTensor::new(vec![n, k], HostData::I8(wq.clone())).unwrap())
+                            .unwrap(),
+                        scale: up(&ws, &[n]),
+                    },
+                    out_features: n,
+                    in_features: k,
+                    outlier_threshold: 6.0,
+                };
+                let mut base = cpu.zeros(&[m, n], DType::F32).unwrap();
+                cpu.linear(&xt, &lin, &mut base).unwrap();
+                let base = f(&base);
+                let mut s = Int8Scratch::new(&dev, m, k).unwrap();
+                let mut out = dev.upload(&vec![bf16::NAN; m * n]).unwrap();
+                let lup = w8a8::LoraUp {
+                    u: &u,
+                    b: &dl.b,
+                    rank: r,
+                    scale,
+                };
+                w8a8::linear_w8a8(
+                    &dev,
+                    &dx_,
+                    m,
+                    k,
+                    &dev.upload(&wq).unwrap(),
+                    &dev.upload(&ws).unwrap(),
+                    n,
+                    6.0,
+                    &mut s,
+                    Some(lup),
+                    None,
+                    &mut out,
+                )
+                .unwrap();
+                let got = dev.download(&out).unwrap();
+                for i in 0..m * n {
+                    let want = base[i] + wy[i];
+                    // bf16 output rounding (2^-9) plus the reassociated u (above) times |B|·scale.
+                    let umag: f32 = (0..r)
+                        .map(|j| (wu[i / n * r + j] * b[i % n * r + j]).abs())
+                        .sum::<f32>()
+                        * scale;
+                    assert!(
+                        close(got[i].to_f32(), want, want.abs() / 256.0 + umag * 1e-4, 1.0),
+                        "{}: y[{i}] {} vs {want}",
+                        dev.name(),
+                        got[i]
+                    );
+                }
+            }
+            // Backward, accumulating into non-zero dA / dB / dx.
+            let da0: Vec<f32> = (0..r * k).map(|_| rng.normal()).collect();
+            let db0: Vec<f32> = (0..n * r).map(|_| rng.normal()).collect();
+            let dx0: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.normal())).collect();
+            let mut da = dev.upload(&da0).unwrap();
+            let mut db = dev.upload(&db0).unwrap();
+            let mut dgate = dev.upload(&vec![f32::NAN; m * r]).unwrap();
+            let mut dh = dev.upload(&vec![f32::NAN; m * r]).unwrap();
+            let mut dxb = dev.upload(&dx0).unwrap();
+            let grads = LoraGrads {
+                da: &mut da,
+                db: &mut db,
+                dgate: &mut dgate,
+                dh: &mut dh,
+                dx: &mut dxb,
+            };
+            lora::lora_backward(
+                &dev,
+                &dx_,
+                &dl,
+                &dg_,
+                drop,
+                &h,
+                &u,
+                &dev.upload(&dy).unwrap(),
+                grads,
+                m,
+            )
+            .unwrap();
+            let (gda, gdb, gdg, gdx) = (
+                dev.download(&da).unwrap(),
+                dev.download(&db).unwrap(),
+                dev.download(&dgate).unwrap(),
+                dev.download(&dxb).unwrap(),
+            );
+            // Each gradient is a sum of products of O(1) values over M, N or R terms, computed in
+            // a different order than the CPU: 1e-4 of the accumulated magnitude bounds it for these
+            // sizes (≤ 80 terms, 2^-24 each, with margin for the reassociated h and u).
+            let bound = |n_terms: usize| n_terms as f32 * 2e-6 + 1e-4;
+            for i in 0..r * k {
+                assert!(
+                    close(gda[i], da0[i] + wda[i], 1.0 + wda[i].abs(), bound(m)),
+                    "{}: dA[{i}] {} vs {}",
+                    dev.name(),
+                    gda[i],
+                    da0[i] + wda[i]
+                );
+            }
+            for i in 0..n * r {
+                assert!(
+                    close(gdb[i], db0[i] + wdb[i], 1.0 + wdb[i].abs(), bound(m)),
+                    "{}: dB[{i}]",
+                    dev.name()
+                );
+            }
+            for i in 0..m * r {
+                assert!(
+                    close(gdg[i], wdg[i], 1.0 + wdg[i].abs(), bound(n)),
+                    "{}: dgate[{i}] {} vs {}",
+                    dev.name(),
+                    gdg[i],
+                    wdg[i]
+                );
+            }
+            for i in 0..m * k {
+                // dx is accumulated in bf16: one rounding of the sum (2^-9 relative).
+                let want = dx0[i].to_f32() + wdx[i];
+                assert!(
+                    close(gdx[i].to_f32(), want, want.abs() / 256.0 + bound(r), 1.0),
+                    "{}: dx[{i}] {} vs {want}",
+                    dev.name(),
+                    gdx[i]
+                );
+            }
+        }
+    }
 }

@@ -56,6 +56,42 @@ pub struct Linear<B: Backend> {
     pub outlier_threshold: f32,
 }
 
+/// Dropout on the LoRA input, with a counter-based mask (`dropout_keep`) so every backend keeps
+/// exactly the same elements for the same seed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    /// Probability of dropping an element; 0 disables dropout.
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    pub const NONE: Dropout = Dropout { p: 0.0, seed: 0 };
+}
+
+/// Whether element `idx` (row-major index into the LoRA input) survives dropout: a SplitMix64
+/// hash of (seed, idx) gives 24 uniform bits; the element is kept when u ≥ p. The same integer
+/// arithmetic runs in kernels/lora.cu.
+pub fn dropout_keep(seed: u64, idx: u64, p: f32) -> bool {
+    if p <= 0.0 {
+        return true;
+    }
+    let mut z = seed ^ idx.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let u = (z >> 40) as f32 * (1.0 / (1u32 << 24) as f32);
+    u >= p
+}
+
+/// A LoRA adapter (or several concatenated along the rank): A `[R, K]`, B `[N, R]`, f32;
+/// `scale` = alpha / r (PEFT).
+pub struct Lora<B: Backend> {
+    pub a: Tensor<B>,
+    pub b: Tensor<B>,
+    pub scale: f32,
+}
+
 /// Label of a token that is not trained on (prompt tokens, padding).
 pub const IGNORE_LABEL: u32 = u32::MAX;
 
@@ -186,6 +222,31 @@ pub trait Backend: Sized + Send + Sync {
         dgate: &mut Tensor<Self>,
         dup: &mut Tensor<Self>,
     ) -> Result<()>;
+    /// Gated LoRA forward: `h = dropout(x) · Aᵀ` `[M, R]` (saved for the backward pass),
+    /// `u = h ⊙ gate` `[M, R]`, and `y += scale · u · Bᵀ`. `gate` `[M, R]` f32 is all ones for
+    /// plain LoRA, one-hot over rank blocks for several adapters in one batch, a soft mixture
+    /// for per-user meta-LoRAs.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_forward(&self, x: &Tensor<Self>, lora: &Lora<Self>, gate: &Tensor<Self>, dropout: Dropout, h: &mut Tensor<Self>, u: &mut Tensor<Self>, y: &mut Tensor<Self>) -> Result<()>;
+    /// Gated LoRA backward. Accumulates `da += dhᵀ · dropout(x)` and `db += scale · dyᵀ · u`
+    /// (f32, across micro-batches), writes `dgate = scale · (dy · B) ⊙ h`, and adds the input
+    /// gradient `dx += dropout'(dh · A)` where `dh = scale · (dy · B) ⊙ gate`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        x: &Tensor<Self>,
+        lora: &Lora<Self>,
+        gate: &Tensor<Self>,
+        dropout: Dropout,
+        h: &Tensor<Self>,
+        u: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        da: &mut Tensor<Self>,
+        db: &mut Tensor<Self>,
+        dgate: &mut Tensor<Self>,
+        dx: &mut Tensor<Self>,
+    ) -> Result<()>;
+
     /// Fused softmax cross-entropy, forward and backward, over a chunk of rows: `logits`
     /// `[T, V]` is overwritten with its gradient `(softmax(logits) − onehot(label)) · grad_scale`
     /// (zero rows where the label is `IGNORE_LABEL`), and `loss` `[T]` f32 receives

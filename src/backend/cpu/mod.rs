@@ -5,8 +5,8 @@
 use rayon::prelude::*;
 
 use super::{
-    check_spans, expect_dtype, expect_shape, AdamW, Backend, Linear, LinearWeight, SeqSpan, Tensor,
-    IGNORE_LABEL,
+    check_spans, dropout_keep, expect_dtype, expect_shape, AdamW, Backend, Dropout, Linear,
+    LinearWeight, Lora, SeqSpan, Tensor, IGNORE_LABEL,
 };
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor};
@@ -520,6 +520,147 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn lora_forward(
+        &self,
+        x: &T,
+        lora: &Lora<Cpu>,
+        gate: &T,
+        dropout: Dropout,
+        h: &mut T,
+        u: &mut T,
+        y: &mut T,
+    ) -> Result<()> {
+        let op = "lora_forward";
+        let g = lora_geometry(op, x, lora)?;
+        let (m, k, r, n) = (g.m, g.k, g.r, g.n);
+        expect_shape(op, "gate", gate, &[m, r])?;
+        expect_shape(op, "h", h, &[m, r])?;
+        expect_shape(op, "u", u, &[m, r])?;
+        expect_shape(op, "y", y, &[m, n])?;
+        let (xs, a, b, gs) = (
+            f32s(op, "x", x)?,
+            f32s(op, "a", &lora.a)?,
+            f32s(op, "b", &lora.b)?,
+            f32s(op, "gate", gate)?,
+        );
+        let keep_scale = 1.0 / (1.0 - dropout.p);
+        let mut hv = vec![0f32; m * r];
+        for row in 0..m {
+            let xd: Vec<f32> = (0..k)
+                .map(|c| {
+                    if dropout_keep(dropout.seed, (row * k + c) as u64, dropout.p) {
+                        xs[row * k + c] * keep_scale
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            for j in 0..r {
+                hv[row * r + j] = xd
+                    .iter()
+                    .zip(&a[j * k..(j + 1) * k])
+                    .map(|(p, q)| p * q)
+                    .sum();
+            }
+        }
+        let uv: Vec<f32> = hv.iter().zip(gs).map(|(p, q)| p * q).collect();
+        let ys = f32s_mut(op, "y", y)?;
+        for row in 0..m {
+            for col in 0..n {
+                let t: f32 = (0..r).map(|j| uv[row * r + j] * b[col * r + j]).sum();
+                ys[row * n + col] += lora.scale * t;
+            }
+        }
+        f32s_mut(op, "h", h)?.copy_from_slice(&hv);
+        f32s_mut(op, "u", u)?.copy_from_slice(&uv);
+        Ok(())
+    }
+
+    fn lora_backward(
+        &self,
+        x: &T,
+        lora: &Lora<Cpu>,
+        gate: &T,
+        dropout: Dropout,
+        h: &T,
+        u: &T,
+        dy: &T,
+        da: &mut T,
+        db: &mut T,
+        dgate: &mut T,
+        dx: &mut T,
+    ) -> Result<()> {
+        let op = "lora_backward";
+        let g = lora_geometry(op, x, lora)?;
+        let (m, k, r, n) = (g.m, g.k, g.r, g.n);
+        for (what, t) in [("gate", gate), ("h", h), ("u", u)] {
+            expect_shape(op, what, t, &[m, r])?;
+        }
+        expect_shape(op, "dy", dy, &[m, n])?;
+        expect_shape(op, "da", da, &[r, k])?;
+        expect_shape(op, "db", db, &[n, r])?;
+        expect_shape(op, "dgate", dgate, &[m, r])?;
+        expect_shape(op, "dx", dx, &[m, k])?;
+        let (xs, a, b) = (
+            f32s(op, "x", x)?,
+            f32s(op, "a", &lora.a)?,
+            f32s(op, "b", &lora.b)?,
+        );
+        let (gs, hs, us, dys) = (
+            f32s(op, "gate", gate)?,
+            f32s(op, "h", h)?,
+            f32s(op, "u", u)?,
+            f32s(op, "dy", dy)?,
+        );
+        let keep_scale = 1.0 / (1.0 - dropout.p);
+        // dp = scale · dy · B  [M, R]
+        let mut dp = vec![0f32; m * r];
+        for row in 0..m {
+            for j in 0..r {
+                dp[row * r + j] =
+                    lora.scale * (0..n).map(|c| dys[row * n + c] * b[c * r + j]).sum::<f32>();
+            }
+        }
+        let dh: Vec<f32> = dp.iter().zip(gs).map(|(p, q)| p * q).collect();
+        let dg: Vec<f32> = dp.iter().zip(hs).map(|(p, q)| p * q).collect();
+        let dbs = f32s_mut(op, "db", db)?;
+        for c in 0..n {
+            for j in 0..r {
+                dbs[c * r + j] += lora.scale
+                    * (0..m)
+                        .map(|row| dys[row * n + c] * us[row * r + j])
+                        .sum::<f32>();
+            }
+        }
+        let keep =
+            |row: usize, c: usize| dropout_keep(dropout.seed, (row * k + c) as u64, dropout.p);
+        let das = f32s_mut(op, "da", da)?;
+        for j in 0..r {
+            for c in 0..k {
+                das[j * k + c] += (0..m)
+                    .map(|row| {
+                        if keep(row, c) {
+                            dh[row * r + j] * xs[row * k + c] * keep_scale
+                        } else {
+                            0.0
+                        }
+                    })
+                    .sum::<f32>();
+            }
+        }
+        let dxs = f32s_mut(op, "dx", dx)?;
+        for row in 0..m {
+            for c in 0..k {
+                if keep(row, c) {
+                    dxs[row * k + c] +=
+                        keep_scale * (0..r).map(|j| dh[row * r + j] * a[j * k + c]).sum::<f32>();
+                }
+            }
+        }
+        f32s_mut(op, "dgate", dgate)?.copy_from_slice(&dg);
+        Ok(())
+    }
+
     fn cross_entropy(
         &self,
         logits: &mut T,
@@ -685,6 +826,33 @@ impl Backend for Cpu {
         f32s_mut(op, "dv", dv)?.copy_from_slice(&dvv);
         Ok(())
     }
+}
+
+struct LoraGeometry {
+    m: usize,
+    k: usize,
+    r: usize,
+    n: usize,
+}
+
+fn lora_geometry(op: &str, x: &T, lora: &Lora<Cpu>) -> Result<LoraGeometry> {
+    let (m, k) = x.rows_cols();
+    if lora.a.shape.len() != 2
+        || lora.b.shape.len() != 2
+        || lora.a.shape[1] != k
+        || lora.b.shape[1] != lora.a.shape[0]
+    {
+        return Err(Error::Shape(format!(
+            "{op}: x {:?}, A {:?}, B {:?} do not chain as x·Aᵀ·Bᵀ",
+            x.shape, lora.a.shape, lora.b.shape
+        )));
+    }
+    Ok(LoraGeometry {
+        m,
+        k,
+        r: lora.a.shape[0],
+        n: lora.b.shape[0],
+    })
 }
 
 struct AttnGeometry {

@@ -536,3 +536,84 @@ fn sum_squares_is_exact_on_integers() {
     be.sum_squares(&t32(&be, &[1001], x), &mut out).unwrap();
     assert_eq!(vals(&out)[0], want);
 }
+
+#[test]
+fn lora_backward_matches_finite_differences() {
+    use crate::backend::{Dropout, Lora};
+    let be = Cpu::new();
+    let mut rng = Rng::new(11);
+    let (m, k, r, n) = (3, 9, 4, 5);
+    let x = rand_vec(&mut rng, m * k, 1.0);
+    let a = rand_vec(&mut rng, r * k, 0.5);
+    let b = rand_vec(&mut rng, n * r, 0.5);
+    let gate = rand_vec(&mut rng, m * r, 1.0);
+    let probe = rand_vec(&mut rng, m * n, 1.0);
+    let drop = Dropout { p: 0.3, seed: 42 };
+    let scale = 2.0;
+    let loss = |x: &[f32], a: &[f32], b: &[f32], gate: &[f32]| {
+        let lora = Lora {
+            a: t32(&be, &[r, k], a.to_vec()),
+            b: t32(&be, &[n, r], b.to_vec()),
+            scale,
+        };
+        let mut h = t32(&be, &[m, r], vec![0.0; m * r]);
+        let mut u = t32(&be, &[m, r], vec![0.0; m * r]);
+        let mut y = t32(&be, &[m, n], vec![0.0; m * n]);
+        be.lora_forward(
+            &t32(&be, &[m, k], x.to_vec()),
+            &lora,
+            &t32(&be, &[m, r], gate.to_vec()),
+            drop,
+            &mut h,
+            &mut u,
+            &mut y,
+        )
+        .unwrap();
+        vals(&y).iter().zip(&probe).map(|(p, q)| p * q).sum::<f32>()
+    };
+    let lora = Lora {
+        a: t32(&be, &[r, k], a.clone()),
+        b: t32(&be, &[n, r], b.clone()),
+        scale,
+    };
+    let xt = t32(&be, &[m, k], x.clone());
+    let gt = t32(&be, &[m, r], gate.clone());
+    let mut h = t32(&be, &[m, r], vec![0.0; m * r]);
+    let mut u = t32(&be, &[m, r], vec![0.0; m * r]);
+    let mut y = t32(&be, &[m, n], vec![0.0; m * n]);
+    be.lora_forward(&xt, &lora, &gt, drop, &mut h, &mut u, &mut y)
+        .unwrap();
+    let mut da = t32(&be, &[r, k], vec![0.0; r * k]);
+    let mut db = t32(&be, &[n, r], vec![0.0; n * r]);
+    let mut dg = t32(&be, &[m, r], vec![f32::NAN; m * r]);
+    let mut dx = t32(&be, &[m, k], vec![0.0; m * k]);
+    be.lora_backward(
+        &xt,
+        &lora,
+        &gt,
+        drop,
+        &h,
+        &u,
+        &t32(&be, &[m, n], probe.clone()),
+        &mut da,
+        &mut db,
+        &mut dg,
+        &mut dx,
+    )
+    .unwrap();
+    check_grad("lora/A", &vals(&da), &|v| loss(&x, v, &b, &gate), &a);
+    check_grad("lora/B", &vals(&db), &|v| loss(&x, &a, v, &gate), &b);
+    check_grad("lora/gate", &vals(&dg), &|v| loss(&x, &a, &b, v), &gate);
+    check_grad("lora/x", &vals(&dx), &|v| loss(v, &a, &b, &gate), &x);
+    // Dropout really drops (about p of the inputs) and is a pure function of (seed, index).
+    let kept = (0..10_000u64)
+        .filter(|&i| crate::backend::dropout_keep(42, i, 0.3))
+        .count();
+    assert!(
+        (6700..7300).contains(&kept),
+        "kept {kept} of 10000 at p = 0.3"
+    );
+    assert!((0..100u64).all(
+        |i| crate::backend::dropout_keep(7, i, 0.3) == crate::backend::dropout_keep(7, i, 0.3)
+    ));
+}

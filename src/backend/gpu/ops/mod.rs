@@ -3,6 +3,7 @@
 
 pub mod elementwise;
 pub mod embedding;
+pub mod lora;
 pub mod loss;
 pub mod norm;
 pub mod optim;

@@ -155,7 +155,16 @@ pub fn quantize_activations(
     dev.launch(name, Launch::linear(rows as u32, 256), &args)
 }
 
-/// `out[rows, n] = bf16(dequant(quant(x) · wqᵀ) + outlier side product (+ residual))`.
+/// The LoRA up-projection fused into the W8A8 epilogue: `y += scale · u · Bᵀ` with u `[rows, R]`
+/// from `lora::lora_down` and B `[n, R]`.
+pub struct LoraUp<'a> {
+    pub u: &'a DevBuf<f32>,
+    pub b: &'a DevBuf<f32>,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+/// `out[rows, n] = bf16(dequant(quant(x) · wqᵀ) + outlier side product (+ LoRA) (+ residual))`.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_w8a8(
     dev: &Device,
@@ -167,6 +176,7 @@ pub fn linear_w8a8(
     n: usize,
     threshold: f32,
     scratch: &mut Int8Scratch,
+    lora: Option<LoraUp<'_>>,
     residual: Option<&DevBuf<bf16>>,
     out: &mut DevBuf<bf16>,
 ) -> Result<()> {
@@ -185,6 +195,17 @@ pub fn linear_w8a8(
             residual.map(|r| r.len())
         )));
     }
+    if let Some(l) = &lora {
+        if l.u.len() != rows * l.rank || l.b.len() != n * l.rank {
+            return Err(Error::Shape(format!(
+                "{name}: LoRA u {} ({rows}×{}), B {} ({n}×{})",
+                l.u.len(),
+                l.rank,
+                l.b.len(),
+                l.rank
+            )));
+        }
+    }
     quantize_activations(dev, x, rows, k, threshold, scratch)?;
     if rows == 0 || n == 0 {
         return Ok(());
@@ -193,6 +214,12 @@ pub fn linear_w8a8(
         Some(r) => dev.ptr(r)?,
         None => Arg::Ptr(0),
     };
+    let (lu, lb, lr, ls) = match &lora {
+        Some(l) => (dev.ptr(l.u)?, dev.ptr(l.b)?, l.rank, l.scale),
+        None => (Arg::Ptr(0), Arg::Ptr(0), 0, 0.0),
+    };
+    let lr = i32::try_from(lr)
+        .map_err(|_| Error::Shape(format!("{name}: LoRA rank {lr} is too large")))?;
     let args = [
         dev.ptr(&scratch.xq)?,
         dev.ptr(&scratch.sx)?,
@@ -201,6 +228,10 @@ pub fn linear_w8a8(
         dev.ptr(x)?,
         dev.ptr(&scratch.ocols)?,
         dev.ptr(&scratch.count)?,
+        lu,
+        lb,
+        Arg::I32(lr),
+        Arg::F32(ls),
         res,
         dev.ptr_mut(out)?,
         Arg::I32(mi),
