@@ -577,3 +577,75 @@ fn gated_lora_forward_and_backward_match_the_cpu_reference() {
         }
     }
 }
+
+#[test]
+fn decode_gemv_matches_the_dense_dequantized_reference() {
+    use recforge::backend::gpu::ops::w8a16;
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(36);
+    for (m, n, k) in [
+        (1, 1, 16),
+        (1, 37, 576),
+        (4, 100, 48),
+        (9, 13, 1040),
+        (16, 64, 512),
+    ] {
+        let x: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.normal())).collect();
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
+        let (wq, ws) = quantize_rows(&w, n, k);
+        let deq: Vec<f32> = (0..n * k).map(|i| wq[i] as f32 * ws[i / k]).collect();
+        let dense = Linear {
+            weight: LinearWeight::Dense(
+                cpu.upload(&HostTensor::f32(vec![n, k], deq).unwrap())
+                    .unwrap(),
+            ),
+            out_features: n,
+            in_features: k,
+            outlier_threshold: 0.0,
+        };
+        let mut want = cpu.zeros(&[m, n], DType::F32).unwrap();
+        cpu.linear(
+            &cpu.upload(&HostTensor::f32(vec![m, k], xf.clone()).unwrap())
+                .unwrap(),
+            &dense,
+            &mut want,
+        )
+        .unwrap();
+        let want = cpu.download(&want).unwrap().to_f32().unwrap();
+        let res: Vec<bf16> = (0..m * n).map(|_| bf16::from_f32(rng.normal())).collect();
+        for dev in devices() {
+            for with_res in [false, true] {
+                let mut y = dev.upload(&vec![bf16::NAN; m * n]).unwrap();
+                let dres = dev.upload(&res).unwrap();
+                w8a16::gemv(
+                    &dev,
+                    &dev.upload(&x).unwrap(),
+                    &dev.upload(&wq).unwrap(),
+                    &dev.upload(&ws).unwrap(),
+                    with_res.then_some(&dres),
+                    &mut y,
+                    m,
+                    n,
+                    k,
+                )
+                .unwrap();
+                let got = dev.download(&y).unwrap();
+                for i in 0..m * n {
+                    let wv = want[i] + if with_res { res[i].to_f32() } else { 0.0 };
+                    // Σ|x·w| bounds the reassociation error (k·2^-24 of it); the output is bf16.
+                    let mag: f32 = (0..k)
+                        .map(|c| (xf[i / n * k + c] * wq[i % n * k + c] as f32 * ws[i % n]).abs())
+                        .sum();
+                    assert!(
+                        (got[i].to_f32() - wv).abs()
+                            <= wv.abs() / 256.0 + k as f32 * 1.2e-7 * mag + 1e-6,
+                        "{}: {m}×{n}×{k} y[{i}] {} vs {wv}",
+                        dev.name(),
+                        got[i]
+                    );
+                }
+            }
+        }
+    }
+}

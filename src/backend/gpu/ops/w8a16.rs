@@ -57,3 +57,66 @@ pub fn linear_backward_input(
     ];
     dev.launch(name, launch, &args)
 }
+
+/// Decode GEMV (kernels/gemv_w8a16.cu): `y[m, n] = bf16(x[m, k] · dequant(wq, sw)ᵀ (+ residual))`
+/// for a few rows; K must be a multiple of 16.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv(
+    dev: &Device,
+    x: &DevBuf<bf16>,
+    wq: &DevBuf<i8>,
+    sw: &DevBuf<f32>,
+    residual: Option<&DevBuf<bf16>>,
+    y: &mut DevBuf<bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    let name = "gemv_w8a16_bf16";
+    if k % 16 != 0 {
+        return Err(Error::Shape(format!(
+            "{name}: K = {k} must be a multiple of 16"
+        )));
+    }
+    if x.len() != m * k
+        || wq.len() != n * k
+        || sw.len() != n
+        || y.len() != m * n
+        || residual.is_some_and(|r| r.len() != m * n)
+    {
+        return Err(Error::Shape(format!(
+            "{name}: x {} ({m}×{k}), wq {} ({n}×{k}), sw {} ({n}), y {} ({m}×{n}), residual {:?}",
+            x.len(),
+            wq.len(),
+            sw.len(),
+            y.len(),
+            residual.map(|r| r.len())
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let c = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| Error::Shape(format!("{name}: {what} = {v} is too large")))
+    };
+    let res = match residual {
+        Some(r) => dev.ptr(r)?,
+        None => Arg::Ptr(0),
+    };
+    let launch = Launch {
+        grid: (n.div_ceil(8) as u32, m.div_ceil(8) as u32, 1),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    };
+    let args = [
+        dev.ptr(x)?,
+        dev.ptr(wq)?,
+        dev.ptr(sw)?,
+        res,
+        dev.ptr_mut(y)?,
+        Arg::I32(c(m, "M")?),
+        Arg::I32(c(n, "N")?),
+        Arg::I32(c(k, "K")?),
+    ];
+    dev.launch(name, launch, &args)
+}
