@@ -6,7 +6,7 @@
 //          accumulate = 1) added to, since dX sums the q/k/v (or gate/up) projections' gradients.
 //          N must be a multiple of 8 and K of 16 (16-byte loads); M is arbitrary.
 // Math:    dX[m, k] = Σ_n bf16(dy[m, n]·sw[n]) · wq[n, k]: int8 converts to bf16 exactly, the row
-//          scale is folded into the dY operand (one bf16 rounding per term, 2^-9 relative),
+//          scale is folded into the dY operand (one bf16 rounding per term, at most 2^-8 relative),
 //          products and sums in f32 on the tensor cores (mma.sync.m16n8k16.bf16).
 // Tiling:  block tile 64 (m) × 64 (k), the reduction over n in steps of 32; dY tile rows of 64 bytes
 //          and W tile rows of 128 bytes, both XOR-swizzled by 16-byte chunk so ldmatrix (and

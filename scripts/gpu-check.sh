@@ -47,6 +47,7 @@ for line in sys.stdin:
     done <<<"$benches"
     cp target/release/recforge .gpu/bin/
     cp "${BASH_SOURCE[0]}" .gpu/gpu-check.sh
+    cp scripts/peer_int8_mm.py .gpu/
     # Debug info is most of the size; the device tool carries at most 64 MiB.
     find .gpu -type f -perm -u+x ! -name '*.sh' -exec strip --strip-debug {} +
     git rev-parse HEAD >.gpu/COMMIT 2>/dev/null || true
@@ -101,6 +102,9 @@ run)
     else
         echo "| compute-sanitizer | skipped: not on PATH | 0 |" >>"$md"
     fi
+    if command -v python3 >/dev/null 2>&1; then
+        step "peer: torch._int_mm (cuBLASLt int8)" python3 "$here/peer_int8_mm.py"
+    fi
     for b in "$here"/benches/*; do
         step "bench $(basename "$b")" "$b" --bench --warm-up-time 1 --measurement-time 3
     done
@@ -109,7 +113,7 @@ run)
         echo "## Benchmark lines"
         echo
         echo '```'
-        grep -E "time:|thrpt:|^[a-z_]+/" "$log" | grep -v "^===" || true
+        grep -E "time:|thrpt:|^[a-z_]+/|^peer_int8_mm" "$log" | grep -v "^===" || true
         echo '```'
         echo
         echo "## Skips reported by tests"

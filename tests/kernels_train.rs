@@ -119,7 +119,7 @@ fn cross_entropy_bf16_matches_the_cpu_reference() {
                 );
             }
             for (i, (a, b)) in g.iter().zip(&want_g).enumerate() {
-                // The gradient is rounded to bf16 on the way out: half an ulp is 2^-9 relative.
+                // The gradient is rounded to bf16 on the way out: half an ulp is 2^-8 relative.
                 let a = a.to_f32();
                 assert!(
                     (a - b).abs() <= 1e-6 + b.abs() / 256.0,

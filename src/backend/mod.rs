@@ -227,7 +227,16 @@ pub trait Backend: Sized + Send + Sync {
     /// plain LoRA, one-hot over rank blocks for several adapters in one batch, a soft mixture
     /// for per-user meta-LoRAs.
     #[allow(clippy::too_many_arguments)]
-    fn lora_forward(&self, x: &Tensor<Self>, lora: &Lora<Self>, gate: &Tensor<Self>, dropout: Dropout, h: &mut Tensor<Self>, u: &mut Tensor<Self>, y: &mut Tensor<Self>) -> Result<()>;
+    fn lora_forward(
+        &self,
+        x: &Tensor<Self>,
+        lora: &Lora<Self>,
+        gate: &Tensor<Self>,
+        dropout: Dropout,
+        h: &mut Tensor<Self>,
+        u: &mut Tensor<Self>,
+        y: &mut Tensor<Self>,
+    ) -> Result<()>;
     /// Gated LoRA backward. Accumulates `da += dhᵀ · dropout(x)` and `db += scale · dyᵀ · u`
     /// (f32, across micro-batches), writes `dgate = scale · (dy · B) ⊙ h`, and adds the input
     /// gradient `dx += dropout'(dh · A)` where `dh = scale · (dy · B) ⊙ gate`.

@@ -20,7 +20,7 @@ pub fn linear_backward_input(
     accumulate: bool,
 ) -> Result<()> {
     let name = "gemm_w8a16_dx_bf16";
-    if n % 8 != 0 || k % 16 != 0 {
+    if !n.is_multiple_of(8) || !k.is_multiple_of(16) {
         return Err(Error::Shape(format!(
             "{name}: N = {n} must be a multiple of 8 and K = {k} of 16"
         )));
@@ -73,7 +73,7 @@ pub fn gemv(
     k: usize,
 ) -> Result<()> {
     let name = "gemv_w8a16_bf16";
-    if k % 16 != 0 {
+    if !k.is_multiple_of(16) {
         return Err(Error::Shape(format!(
             "{name}: K = {k} must be a multiple of 16"
         )));

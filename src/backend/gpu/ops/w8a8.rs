@@ -43,7 +43,7 @@ fn dims(k: &str, m: usize, n: usize, kk: usize) -> Result<(i32, i32, i32)> {
     let c = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::Shape(format!("{k}: {what} = {v} is too large")))
     };
-    if kk % 16 != 0 {
+    if !kk.is_multiple_of(16) {
         return Err(Error::Shape(format!(
             "{k}: K = {kk} must be a multiple of 16 (16-byte chunks)"
         )));
