@@ -650,3 +650,116 @@ fn decode_gemv_matches_the_dense_dequantized_reference() {
         }
     }
 }
+
+#[test]
+fn per_sample_lora_gradient_norms_match_the_cpu() {
+    use recforge::backend::gpu::ops::lora::{self, DevLora, SampleNormScratch};
+    use recforge::backend::{Dropout, Lora};
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(37);
+    let (k, n, r) = (48, 40, 8);
+    let samples = [(0usize, 5usize), (5, 1), (6, 0), (6, 11)];
+    let m = 17;
+    let x: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.normal())).collect();
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let a: Vec<f32> = (0..r * k).map(|_| 0.2 * rng.normal()).collect();
+    let b: Vec<f32> = (0..n * r).map(|_| 0.2 * rng.normal()).collect();
+    let gate: Vec<f32> = (0..m * r).map(|_| rng.uniform()).collect();
+    let dy: Vec<bf16> = (0..m * n).map(|_| bf16::from_f32(rng.normal())).collect();
+    let dyf: Vec<f32> = dy.iter().map(|v| v.to_f32()).collect();
+    let up = |v: &[f32], s: &[usize]| {
+        cpu.upload(&HostTensor::f32(s.to_vec(), v.to_vec()).unwrap())
+            .unwrap()
+    };
+    let f = |t: &recforge::backend::Tensor<Cpu>| cpu.download(t).unwrap().to_f32().unwrap();
+    // CPU: each sample's rows alone through lora_forward + lora_backward into zeroed dA, dB.
+    let want: Vec<f32> = samples
+        .iter()
+        .map(|&(s0, len)| {
+            if len == 0 {
+                return 0.0;
+            }
+            let cl = Lora {
+                a: up(&a, &[r, k]),
+                b: up(&b, &[n, r]),
+                scale: 2.0,
+            };
+            let xs = up(&xf[s0 * k..(s0 + len) * k], &[len, k]);
+            let gs = up(&gate[s0 * r..(s0 + len) * r], &[len, r]);
+            let mut h = cpu.zeros(&[len, r], DType::F32).unwrap();
+            let mut u = cpu.zeros(&[len, r], DType::F32).unwrap();
+            let mut y = cpu.zeros(&[len, n], DType::F32).unwrap();
+            cpu.lora_forward(&xs, &cl, &gs, Dropout::NONE, &mut h, &mut u, &mut y)
+                .unwrap();
+            let mut da = cpu.zeros(&[r, k], DType::F32).unwrap();
+            let mut db = cpu.zeros(&[n, r], DType::F32).unwrap();
+            let mut dg = cpu.zeros(&[len, r], DType::F32).unwrap();
+            let mut dx = cpu.zeros(&[len, k], DType::F32).unwrap();
+            cpu.lora_backward(
+                &xs,
+                &cl,
+                &gs,
+                Dropout::NONE,
+                &h,
+                &u,
+                &up(&dyf[s0 * n..(s0 + len) * n], &[len, n]),
+                &mut da,
+                &mut db,
+                &mut dg,
+                &mut dx,
+            )
+            .unwrap();
+            f(&da).iter().chain(f(&db).iter()).map(|v| v * v).sum()
+        })
+        .collect();
+    assert!(want[0] > 0.0 && want[2] == 0.0);
+    for dev in devices() {
+        let dl = DevLora {
+            a: dev.upload(&a).unwrap(),
+            b: dev.upload(&b).unwrap(),
+            rank: r,
+            k,
+            n,
+            scale: 2.0,
+        };
+        let (dx_, dg_) = (dev.upload(&x).unwrap(), dev.upload(&gate).unwrap());
+        let mut h = dev.alloc_zeros::<f32>(m * r).unwrap();
+        let mut u = dev.alloc_zeros::<f32>(m * r).unwrap();
+        lora::lora_down(&dev, &dx_, &dl, &dg_, Dropout::NONE, &mut h, &mut u, m).unwrap();
+        let mut s = SampleNormScratch::new(&dev, &dl, 11).unwrap();
+        let got = lora::sample_grad_sq_norms(
+            &dev,
+            &dx_,
+            &dl,
+            &dg_,
+            &h,
+            &u,
+            &dev.upload(&dy).unwrap(),
+            &samples,
+            &mut s,
+        )
+        .unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            // Sums of squares of gradients that each carry ~1e-5 relative reassociation error.
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs() + 1e-6,
+                "{}: sample {i}: {g} vs {w}",
+                dev.name()
+            );
+        }
+        let e = lora::sample_grad_sq_norms(
+            &dev,
+            &dx_,
+            &dl,
+            &dg_,
+            &h,
+            &u,
+            &dev.upload(&dy).unwrap(),
+            &[(10, 9)],
+            &mut s,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("exceed"), "{e}");
+    }
+}

@@ -198,6 +198,17 @@ impl Device {
         }
     }
 
+    /// The address of element `offset` of `buf` (a row range passed to a kernel).
+    pub fn ptr_at<T: DevElem>(&self, buf: &DevBuf<T>, offset: usize) -> Result<Arg> {
+        offset_arg(self.ptr(buf)?, buf.len, offset, std::mem::size_of::<T>())
+    }
+
+    /// As `ptr_at`, for a range the kernel writes through.
+    pub fn ptr_mut_at<T: DevElem>(&self, buf: &mut DevBuf<T>, offset: usize) -> Result<Arg> {
+        let len = buf.len;
+        offset_arg(self.ptr_mut(buf)?, len, offset, std::mem::size_of::<T>())
+    }
+
     /// Launch `kernel` with `args` (in the kernel's parameter order). Errors name the kernel
     /// and the launch configuration.
     pub fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
@@ -241,5 +252,14 @@ impl Device {
             Device::Cuda(d) => d.synchronize(),
             Device::Sim(_) => Ok(()),
         }
+    }
+}
+
+fn offset_arg(base: Arg, len: usize, offset: usize, elem: usize) -> Result<Arg> {
+    match base {
+        Arg::Ptr(p) if offset <= len => Ok(Arg::Ptr(p + (offset * elem) as u64)),
+        _ => Err(Error::Shape(format!(
+            "offset {offset} is outside a buffer of {len} elements"
+        ))),
     }
 }

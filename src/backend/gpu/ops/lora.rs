@@ -204,3 +204,138 @@ pub fn lora_backward(
     ];
     dev.launch("lora_dx_bf16", Launch::linear(blocks, 256), &args)
 }
+
+/// Device scratch for `sample_grad_sq_norms`, sized for the longest sample.
+pub struct SampleNormScratch {
+    pub dh: DevBuf<f32>,
+    pub dgate: DevBuf<f32>,
+    pub da: DevBuf<f32>,
+    pub db: DevBuf<f32>,
+    pub workspace: DevBuf<f32>,
+    pub out: DevBuf<f32>,
+    max_rows: usize,
+}
+
+impl SampleNormScratch {
+    pub fn new(dev: &Device, lora: &DevLora, max_rows: usize) -> Result<Self> {
+        Ok(SampleNormScratch {
+            dh: dev.alloc_zeros(max_rows * lora.rank)?,
+            dgate: dev.alloc_zeros(max_rows * lora.rank)?,
+            da: dev.alloc_zeros(lora.rank * lora.k)?,
+            db: dev.alloc_zeros(lora.n * lora.rank)?,
+            workspace: dev.alloc_zeros(super::optim::SUM_SQUARES_BLOCKS)?,
+            out: dev.alloc_zeros(1)?,
+            max_rows,
+        })
+    }
+}
+
+/// Squared L2 norm of each sample's LoRA gradient (‖dA_s‖² + ‖dB_s‖²), for gradient-based data
+/// pruning: `samples` are (first row, rows) ranges of the batch. Gradients are taken without
+/// dropout (scoring runs in eval mode), from the forward's saved `h` and `u`. Each sample's dA
+/// and dB are materialized in the scratch (R·(K + N) floats) rather than through Gram matrices,
+/// which would cost rows²·(N + K) per sample.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_grad_sq_norms(
+    dev: &Device,
+    x: &DevBuf<bf16>,
+    lora: &DevLora,
+    gate: &DevBuf<f32>,
+    h: &DevBuf<f32>,
+    u: &DevBuf<f32>,
+    dy: &DevBuf<bf16>,
+    samples: &[(usize, usize)],
+    s: &mut SampleNormScratch,
+) -> Result<Vec<f32>> {
+    let name = "lora_sample_grad_sq_norms";
+    let (ri, ki, ni) = check(name, lora)?;
+    let rows = x.len() / lora.k.max(1);
+    if x.len() != rows * lora.k
+        || dy.len() != rows * lora.n
+        || [gate.len(), h.len(), u.len()]
+            .iter()
+            .any(|&l| l != rows * lora.rank)
+    {
+        return Err(Error::Shape(format!(
+            "{name}: x {}, dy {}, gate {}, h {}, u {} do not describe the same rows",
+            x.len(),
+            dy.len(),
+            gate.len(),
+            h.len(),
+            u.len()
+        )));
+    }
+    let r = lora.rank;
+    let mut norms = Vec::with_capacity(samples.len());
+    for &(start, len) in samples {
+        if start + len > rows || len > s.max_rows {
+            return Err(Error::Shape(format!(
+                "{name}: sample rows {start}..{} exceed the batch ({rows}) or the scratch ({})",
+                start + len,
+                s.max_rows
+            )));
+        }
+        if len == 0 {
+            norms.push(0.0);
+            continue;
+        }
+        let li = len as i32;
+        for buf in [&mut s.da, &mut s.db] {
+            let n = buf.len();
+            dev.launch(
+                "zero_u32",
+                Launch::linear(n.div_ceil(256) as u32, 256),
+                &[dev.ptr_mut(buf)?, Arg::I32(n as i32)],
+            )?;
+        }
+        let args = [
+            dev.ptr_at(dy, start * lora.n)?,
+            dev.ptr(&lora.b)?,
+            dev.ptr_at(gate, start * r)?,
+            dev.ptr_at(h, start * r)?,
+            dev.ptr_mut(&mut s.dh)?,
+            dev.ptr_mut(&mut s.dgate)?,
+            Arg::I32(li),
+            Arg::I32(ni),
+            Arg::I32(ri),
+            Arg::F32(lora.scale),
+        ];
+        dev.launch("lora_dp_bf16", Launch::linear(len as u32, 256), &args)?;
+        let args = [
+            dev.ptr_at(dy, start * lora.n)?,
+            dev.ptr_at(u, start * r)?,
+            dev.ptr_mut(&mut s.db)?,
+            Arg::I32(li),
+            Arg::I32(ni),
+            Arg::I32(ri),
+            Arg::F32(lora.scale),
+        ];
+        dev.launch(
+            "lora_db_bf16",
+            Launch::linear(lora.n.div_ceil(128) as u32, 128),
+            &args,
+        )?;
+        let args = [
+            dev.ptr_at(x, start * lora.k)?,
+            dev.ptr(&s.dh)?,
+            dev.ptr_mut(&mut s.da)?,
+            Arg::I32(li),
+            Arg::I32(ki),
+            Arg::I32(ri),
+            Arg::F32(0.0),
+            Arg::U64(0),
+        ];
+        dev.launch(
+            "lora_da_bf16",
+            Launch::linear(lora.k.div_ceil(128) as u32, 128),
+            &args,
+        )?;
+        let mut total = 0f32;
+        for which in [&s.da, &s.db] {
+            super::optim::sum_squares(dev, which, &mut s.workspace, &mut s.out)?;
+            total += dev.download(&s.out)?[0];
+        }
+        norms.push(total);
+    }
+    Ok(norms)
+}
