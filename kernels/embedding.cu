@@ -49,3 +49,18 @@ extern "C" __global__ void embedding_bf16(const __nv_bfloat16* table, const unsi
                                           unsigned vocab, int d, int tokens) {
     embedding<__nv_bfloat16>(table, ids, out, bad, vocab, d, tokens);
 }
+
+// Embedding backward into a trainable table (off by default: LoRA keeps embeddings frozen).
+// Layout:  dy [tokens, d] bf16; ids [tokens] u32; dtable [vocab, d] f32, accumulated (+=).
+// Math:    dtable[ids[t], i] += dy[t, i] with f32 atomics (tokens sharing an id add in an
+//          unspecified order on a GPU); ids ≥ vocab are skipped (the forward reported them).
+// Launch:  grid-stride over tokens·d, block (256).
+// Must match: backend::cpu::Cpu::embedding_backward.
+extern "C" __global__ void embedding_backward_bf16(const __nv_bfloat16* __restrict__ dy, const unsigned* __restrict__ ids,
+                                                   float* __restrict__ dtable, unsigned vocab, int d, int tokens) {
+    const size_t total = (size_t)tokens * d;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const unsigned id = ids[i / d];
+        if (id < vocab) atomicAdd(dtable + (size_t)id * d + i % d, __bfloat162float(dy[i]));
+    }
+}

@@ -259,3 +259,59 @@ fn sum_squares_matches_and_is_deterministic() {
         assert!(e.contains("workspace"), "{e}");
     }
 }
+
+#[test]
+fn embedding_backward_matches_the_cpu_reference() {
+    use recforge::backend::gpu::ops::embedding;
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(25);
+    for (v, d, t) in [(5usize, 3usize, 40usize), (300, 576, 17), (7, 64, 1)] {
+        // Few distinct ids, so the atomics collide.
+        let ids: Vec<u32> = (0..t).map(|_| rng.below(v.min(4) as u64) as u32).collect();
+        let dy: Vec<bf16> = (0..t * d).map(|_| bf16::from_f32(rng.normal())).collect();
+        let dyf: Vec<f32> = dy.iter().map(|x| x.to_f32()).collect();
+        let tab0: Vec<f32> = (0..v * d).map(|_| rng.normal()).collect();
+        let mut ct = cpu
+            .upload(&HostTensor::f32(vec![v, d], tab0.clone()).unwrap())
+            .unwrap();
+        let it = cpu
+            .upload(&HostTensor::new(vec![t], HostData::U32(ids.clone())).unwrap())
+            .unwrap();
+        cpu.embedding_backward(
+            &cpu.upload(&HostTensor::f32(vec![t, d], dyf.clone()).unwrap())
+                .unwrap(),
+            &it,
+            &mut ct,
+        )
+        .unwrap();
+        let want = cpu.download(&ct).unwrap().to_f32().unwrap();
+        for dev in devices() {
+            let mut tab = dev.upload(&tab0).unwrap();
+            embedding::embedding_backward(
+                &dev,
+                &dev.upload(&dy).unwrap(),
+                &dev.upload(&ids).unwrap(),
+                &mut tab,
+                v,
+                d,
+            )
+            .unwrap();
+            let got = dev.download(&tab).unwrap();
+            for i in 0..v * d {
+                // The same ≤ t additions in another order: t·2^-24 of Σ|terms| (≤ 4·t here).
+                let mag = tab0[i].abs()
+                    + (0..t)
+                        .filter(|&s| ids[s] as usize == i / d)
+                        .map(|s| dyf[s * d + i % d].abs())
+                        .sum::<f32>();
+                assert!(
+                    (got[i] - want[i]).abs() <= t as f32 * 6e-8 * mag + 1e-7,
+                    "{}: {v}×{d} t={t} [{i}]: {} vs {}",
+                    dev.name(),
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+    }
+}

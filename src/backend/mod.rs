@@ -197,6 +197,13 @@ pub trait Backend: Sized + Send + Sync {
     fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()>;
 
     // ---- backward -----------------------------------------------------------------------------
+    /// `dtable[ids[t]] += dy[t]` into an f32 table `[V, D]` (for a trainable embedding).
+    fn embedding_backward(
+        &self,
+        dy: &Tensor<Self>,
+        ids: &Tensor<Self>,
+        dtable: &mut Tensor<Self>,
+    ) -> Result<()>;
     /// dx of `rmsnorm` (the norm weight is frozen).
     fn rmsnorm_backward(
         &self,

@@ -427,6 +427,29 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn embedding_backward(&self, dy: &T, ids: &T, dtable: &mut T) -> Result<()> {
+        let op = "embedding_backward";
+        let (v, d) = dtable.rows_cols();
+        let ids = u32s(op, "ids", ids)?.to_vec();
+        expect_shape(op, "dy", dy, &[ids.len(), d])?;
+        let g = f32s(op, "dy", dy)?;
+        let tab = f32s_mut(op, "dtable", dtable)?;
+        for (t, &id) in ids.iter().enumerate() {
+            if id as usize >= v {
+                return Err(Error::Invalid(format!(
+                    "{op}: token id {id} is outside the vocabulary of {v}"
+                )));
+            }
+            for (a, b) in tab[id as usize * d..(id as usize + 1) * d]
+                .iter_mut()
+                .zip(&g[t * d..(t + 1) * d])
+            {
+                *a += b;
+            }
+        }
+        Ok(())
+    }
+
     fn rmsnorm_backward(&self, x: &T, weight: &T, eps: f32, dy: &T, dx: &mut T) -> Result<()> {
         let op = "rmsnorm_backward";
         let (_, d) = x.rows_cols();

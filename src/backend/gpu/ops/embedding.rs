@@ -90,3 +90,42 @@ pub fn embedding<T: EmbeddingElem>(
         "{k}: token id {id} at position {pos} is outside the vocabulary of {vocab}"
     )))
 }
+
+/// Embedding backward (kernels/embedding.cu): `dtable[ids[t]] += dy[t]`; dy `[tokens, d]` bf16,
+/// dtable `[vocab, d]` f32.
+pub fn embedding_backward(
+    dev: &Device,
+    dy: &DevBuf<half::bf16>,
+    ids: &DevBuf<u32>,
+    dtable: &mut DevBuf<f32>,
+    vocab: usize,
+    d: usize,
+) -> Result<()> {
+    let name = "embedding_backward_bf16";
+    let tokens = ids.len();
+    if dy.len() != tokens * d || dtable.len() != vocab * d {
+        return Err(Error::Shape(format!(
+            "{name}: dy {} ({tokens}×{d}), dtable {} ({vocab}×{d})",
+            dy.len(),
+            dtable.len()
+        )));
+    }
+    if tokens == 0 || d == 0 {
+        return Ok(());
+    }
+    let c = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| Error::Shape(format!("{name}: {what} = {v} is too large")))
+    };
+    let vocab_u32 = u32::try_from(vocab)
+        .map_err(|_| Error::Shape(format!("{name}: vocabulary of {vocab} is too large")))?;
+    let blocks = (tokens * d).div_ceil(256).min(4096) as u32;
+    let args = [
+        dev.ptr(dy)?,
+        dev.ptr(ids)?,
+        dev.ptr_mut(dtable)?,
+        Arg::U32(vocab_u32),
+        Arg::I32(c(d, "d")?),
+        Arg::I32(c(tokens, "tokens")?),
+    ];
+    dev.launch(name, Launch::linear(blocks, 256), &args)
+}
