@@ -102,7 +102,7 @@ impl PagedKv {
     fn blocks_needed(&self, s: &SeqBlocks, n: usize) -> usize {
         let new_blocks = (s.len + n).div_ceil(self.block_size) - s.len.div_ceil(self.block_size);
         let cow = n > 0
-            && s.len % self.block_size != 0
+            && !s.len.is_multiple_of(self.block_size)
             && s.blocks
                 .last()
                 .is_some_and(|&b| self.refcount[b as usize] > 1);
@@ -127,7 +127,7 @@ impl PagedKv {
         }
         let mut s = self.seqs.remove(&id).expect("checked above");
         let mut copies = vec![];
-        if n > 0 && s.len % self.block_size != 0 {
+        if n > 0 && !s.len.is_multiple_of(self.block_size) {
             let last = *s.blocks.last().expect("a partial block exists");
             if self.refcount[last as usize] > 1 {
                 let fresh = self.take();
@@ -141,7 +141,7 @@ impl PagedKv {
         }
         let mut slots = Vec::with_capacity(n);
         for _ in 0..n {
-            if s.len % self.block_size == 0 {
+            if s.len.is_multiple_of(self.block_size) {
                 let b = self.take();
                 s.blocks.push(b);
             }
