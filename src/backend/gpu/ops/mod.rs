@@ -1,6 +1,7 @@
 //! Kernel launch wrappers, one per kernel family, written once over `Device` (CUDA or the
 //! simulator): check shapes, build the launch explicitly, name the kernel `<op>_<dtype>`.
 
+pub mod attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod lora;

@@ -1,0 +1,114 @@
+//! Causal GQA attention over packed sequences (kernels/attention.cu).
+
+use half::bf16;
+
+use super::super::device::{Arg, DevBuf, Device, Launch};
+use crate::backend::SeqSpan;
+use crate::error::{Error, Result};
+
+/// Geometry of an attention call: `tq` query rows of `heads × head_dim`, `tk` key/value rows of
+/// `kv_heads × head_dim`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub tq: usize,
+    pub tk: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Forward: `out = softmax(scale · q·kᵀ, causal by position) · v` per span, and `lse` `[tq,
+/// heads]`. `spans` is uploaded into `span_buf` (4 i32 per span) — the caller keeps that buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    dev: &Device,
+    q: &DevBuf<bf16>,
+    k: &DevBuf<bf16>,
+    v: &DevBuf<bf16>,
+    positions: &DevBuf<u32>,
+    spans: &[SeqSpan],
+    span_buf: &mut DevBuf<i32>,
+    shape: AttnShape,
+    out: &mut DevBuf<bf16>,
+    lse: &mut DevBuf<f32>,
+) -> Result<()> {
+    let name = "attention_fwd_bf16";
+    let AttnShape {
+        tq,
+        tk,
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    if head_dim == 0
+        || head_dim % 32 != 0
+        || head_dim > 128
+        || kv_heads == 0
+        || heads % kv_heads != 0
+    {
+        return Err(Error::Shape(format!("{name}: head_dim {head_dim} must be 32, 64, 96 or 128 and heads {heads} a multiple of kv_heads {kv_heads}")));
+    }
+    if q.len() != tq * heads * head_dim
+        || out.len() != q.len()
+        || k.len() != tk * kv_heads * head_dim
+        || v.len() != k.len()
+        || positions.len() != tq
+        || lse.len() != tq * heads
+    {
+        return Err(Error::Shape(format!(
+            "{name}: q {}, out {}, k {}, v {}, positions {}, lse {} do not match {shape:?}",
+            q.len(),
+            out.len(),
+            k.len(),
+            v.len(),
+            positions.len(),
+            lse.len()
+        )));
+    }
+    crate::backend::check_spans(name, spans, tq, tk)?;
+    if spans.is_empty() {
+        return Ok(());
+    }
+    if span_buf.len() != 4 * spans.len() {
+        return Err(Error::Shape(format!(
+            "{name}: span buffer has {} i32, {} spans need {}",
+            span_buf.len(),
+            spans.len(),
+            4 * spans.len()
+        )));
+    }
+    let mut flat = Vec::with_capacity(4 * spans.len());
+    for s in spans {
+        for x in [s.q_start, s.q_len, s.kv_start, s.kv_len] {
+            flat.push(
+                i32::try_from(x)
+                    .map_err(|_| Error::Shape(format!("{name}: span {s:?} is too large")))?,
+            );
+        }
+    }
+    dev.write(span_buf, &flat)?;
+    let max_q = spans.iter().map(|s| s.q_len).max().unwrap_or(0);
+    if max_q == 0 {
+        return Ok(());
+    }
+    let launch = Launch {
+        grid: (max_q.div_ceil(4) as u32, heads as u32, spans.len() as u32),
+        block: (128, 1, 1),
+        shared_bytes: 0,
+    };
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let args = [
+        dev.ptr(q)?,
+        dev.ptr(k)?,
+        dev.ptr(v)?,
+        dev.ptr(positions)?,
+        dev.ptr(span_buf)?,
+        dev.ptr_mut(out)?,
+        dev.ptr_mut(lse)?,
+        Arg::I32(heads as i32),
+        Arg::I32(kv_heads as i32),
+        Arg::I32(head_dim as i32),
+        Arg::F32(scale),
+    ];
+    dev.launch(name, launch, &args)
+}

@@ -1,0 +1,241 @@
+//! Causal GQA attention forward against `Cpu::attention` (and the logsumexp against its
+//! definition), on the simulator always and on CUDA when a GPU is usable. Outputs poisoned.
+
+use half::bf16;
+use recforge::backend::cpu::Cpu;
+use recforge::backend::gpu::ops::attention::{attention_forward, AttnShape};
+use recforge::backend::gpu::{probe_cuda, Device};
+use recforge::backend::{Backend, SeqSpan};
+use recforge::rng::Rng;
+use recforge::tensor::{DType, HostData, HostTensor};
+
+fn devices() -> Vec<Device> {
+    let mut v = vec![Device::sim()];
+    let probe = probe_cuda();
+    if probe.usable() {
+        v.push(Device::cuda(0).expect("a usable GPU must open"));
+    } else {
+        eprintln!(
+            "skipped on CUDA: no usable device ({}); ran on the simulator only",
+            probe.describe()
+        );
+    }
+    v
+}
+
+struct Case {
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    /// (q_len, kv_len, first query position): a prefill chunk has q_len = kv_len and starts at 0;
+    /// a decode step has q_len = 1 at position kv_len − 1.
+    seqs: Vec<(usize, usize, usize)>,
+}
+
+#[test]
+fn attention_forward_matches_the_cpu_reference() {
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(41);
+    let cases = [
+        // SmolLM2 geometry: 9 query heads on 3 KV heads, head_dim 64; three packed prompts.
+        Case {
+            heads: 9,
+            kv_heads: 3,
+            hd: 64,
+            seqs: vec![(5, 5, 0), (1, 1, 0), (13, 13, 0)],
+        },
+        // LLaMA-7B-like heads (head_dim 128, no grouping), decode steps and a chunked prefill.
+        Case {
+            heads: 4,
+            kv_heads: 4,
+            hd: 128,
+            seqs: vec![(1, 9, 8), (3, 20, 17), (1, 1, 0)],
+        },
+        // head_dim 32, one query head per KV pair group of 2.
+        Case {
+            heads: 2,
+            kv_heads: 1,
+            hd: 32,
+            seqs: vec![(7, 7, 0)],
+        },
+    ];
+    for c in cases {
+        let (mut spans, mut positions) = (vec![], vec![]);
+        let (mut tq, mut tk) = (0, 0);
+        for &(ql, kl, p0) in &c.seqs {
+            spans.push(SeqSpan {
+                q_start: tq,
+                q_len: ql,
+                kv_start: tk,
+                kv_len: kl,
+            });
+            positions.extend((0..ql).map(|i| (p0 + i) as u32));
+            tq += ql;
+            tk += kl;
+        }
+        let bf = |n: usize, rng: &mut Rng| {
+            (0..n)
+                .map(|_| bf16::from_f32(rng.normal()))
+                .collect::<Vec<_>>()
+        };
+        let (q, k, v) = (
+            bf(tq * c.heads * c.hd, &mut rng),
+            bf(tk * c.kv_heads * c.hd, &mut rng),
+            bf(tk * c.kv_heads * c.hd, &mut rng),
+        );
+        let f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+        let up = |x: Vec<f32>, s: &[usize]| {
+            cpu.upload(&HostTensor::f32(s.to_vec(), x).unwrap())
+                .unwrap()
+        };
+        let pos_t = cpu
+            .upload(&HostTensor::new(vec![tq], HostData::U32(positions.clone())).unwrap())
+            .unwrap();
+        let mut want = cpu.zeros(&[tq, c.heads, c.hd], DType::F32).unwrap();
+        cpu.attention(
+            &up(f(&q), &[tq, c.heads, c.hd]),
+            &up(f(&k), &[tk, c.kv_heads, c.hd]),
+            &up(f(&v), &[tk, c.kv_heads, c.hd]),
+            &pos_t,
+            &spans,
+            &mut want,
+        )
+        .unwrap();
+        let want = cpu.download(&want).unwrap().to_f32().unwrap();
+        // logsumexp from its definition, in f64.
+        let (qf, kf) = (f(&q), f(&k));
+        let mut want_lse = vec![0f64; tq * c.heads];
+        for s in &spans {
+            for i in 0..s.q_len {
+                let t = s.q_start + i;
+                let visible = (positions[t] as usize + 1).min(s.kv_len);
+                for h in 0..c.heads {
+                    let kh = h / (c.heads / c.kv_heads);
+                    let z: f64 = (0..visible)
+                        .map(|j| {
+                            let dot: f64 = (0..c.hd)
+                                .map(|d| {
+                                    qf[(t * c.heads + h) * c.hd + d] as f64
+                                        * kf[((s.kv_start + j) * c.kv_heads + kh) * c.hd + d] as f64
+                                })
+                                .sum();
+                            (dot / (c.hd as f64).sqrt()).exp()
+                        })
+                        .sum();
+                    want_lse[t * c.heads + h] = z.ln();
+                }
+            }
+        }
+        let shape = AttnShape {
+            tq,
+            tk,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.hd,
+        };
+        for dev in devices() {
+            let mut out = dev.upload(&vec![bf16::NAN; tq * c.heads * c.hd]).unwrap();
+            let mut lse = dev.upload(&vec![f32::NAN; tq * c.heads]).unwrap();
+            let mut sb = dev.alloc_zeros::<i32>(4 * spans.len()).unwrap();
+            attention_forward(
+                &dev,
+                &dev.upload(&q).unwrap(),
+                &dev.upload(&k).unwrap(),
+                &dev.upload(&v).unwrap(),
+                &dev.upload(&positions).unwrap(),
+                &spans,
+                &mut sb,
+                shape,
+                &mut out,
+                &mut lse,
+            )
+            .unwrap();
+            let (got, gl) = (dev.download(&out).unwrap(), dev.download(&lse).unwrap());
+            for i in 0..got.len() {
+                // The output is a convex combination of O(1) values: bf16 rounding (2^-8 of it)
+                // plus f32 softmax differences (expf, online rescaling) of ~1e-6.
+                let g = got[i].to_f32();
+                assert!(
+                    (g - want[i]).abs() <= want[i].abs() / 256.0 + 1e-4,
+                    "{}: out[{i}] {g} vs {}",
+                    dev.name(),
+                    want[i]
+                );
+            }
+            for i in 0..gl.len() {
+                assert!(
+                    (gl[i] as f64 - want_lse[i]).abs() <= 1e-4 * (1.0 + want_lse[i].abs()),
+                    "{}: lse[{i}] {} vs {}",
+                    dev.name(),
+                    gl[i],
+                    want_lse[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_rejects_bad_geometry() {
+    let dev = Device::sim();
+    let z = |n: usize| dev.upload(&vec![bf16::ZERO; n]).unwrap();
+    let mut out = z(2 * 48);
+    let mut lse = dev.upload(&[0f32; 2]).unwrap();
+    let mut sb = dev.alloc_zeros::<i32>(4).unwrap();
+    let spans = [SeqSpan {
+        q_start: 0,
+        q_len: 1,
+        kv_start: 0,
+        kv_len: 1,
+    }];
+    let shape = AttnShape {
+        tq: 1,
+        tk: 1,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 48,
+    };
+    let e = attention_forward(
+        &dev,
+        &z(96),
+        &z(48),
+        &z(48),
+        &dev.upload(&[0u32]).unwrap(),
+        &spans,
+        &mut sb,
+        shape,
+        &mut out,
+        &mut lse,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("head_dim 48"), "{e}");
+    let shape = AttnShape {
+        tq: 1,
+        tk: 1,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 32,
+    };
+    let bad = [SeqSpan {
+        q_start: 0,
+        q_len: 1,
+        kv_start: 0,
+        kv_len: 5,
+    }];
+    let e = attention_forward(
+        &dev,
+        &z(64),
+        &z(32),
+        &z(32),
+        &dev.upload(&[0u32]).unwrap(),
+        &bad,
+        &mut sb,
+        shape,
+        &mut z(64),
+        &mut dev.upload(&[0f32; 2]).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("exceeds"), "{e}");
+}
