@@ -763,3 +763,65 @@ fn per_sample_lora_gradient_norms_match_the_cpu() {
         assert!(e.contains("exceed"), "{e}");
     }
 }
+
+#[test]
+fn dense_bf16_gemm_matches_the_cpu_reference() {
+    use recforge::backend::gpu::ops::dense;
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(38);
+    for (m, n, k) in [(1, 279, 64), (7, 49, 576), (65, 130, 72)] {
+        let a: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.normal())).collect();
+        let b: Vec<bf16> = (0..n * k)
+            .map(|_| bf16::from_f32(0.1 * rng.normal()))
+            .collect();
+        let (af, bfl): (Vec<f32>, Vec<f32>) = (
+            a.iter().map(|v| v.to_f32()).collect(),
+            b.iter().map(|v| v.to_f32()).collect(),
+        );
+        let lin = Linear {
+            weight: LinearWeight::Dense(
+                cpu.upload(&HostTensor::f32(vec![n, k], bfl.clone()).unwrap())
+                    .unwrap(),
+            ),
+            out_features: n,
+            in_features: k,
+            outlier_threshold: 0.0,
+        };
+        let mut want = cpu.zeros(&[m, n], DType::F32).unwrap();
+        cpu.linear(
+            &cpu.upload(&HostTensor::f32(vec![m, k], af.clone()).unwrap())
+                .unwrap(),
+            &lin,
+            &mut want,
+        )
+        .unwrap();
+        let want = cpu.download(&want).unwrap().to_f32().unwrap();
+        for dev in devices() {
+            let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+            let mut c32 = dev.upload(&vec![f32::NAN; m * n]).unwrap();
+            dense::gemm(&dev, &da, &db, &mut c32, m, n, k).unwrap();
+            let mut c16 = dev.upload(&vec![bf16::NAN; m * n]).unwrap();
+            dense::gemm(&dev, &da, &db, &mut c16, m, n, k).unwrap();
+            let (g32, g16) = (dev.download(&c32).unwrap(), dev.download(&c16).unwrap());
+            for i in 0..m * n {
+                // Exact bf16 products, f32 sums in another order: k·2^-24 of Σ|a·b|.
+                let mag: f32 = (0..k)
+                    .map(|j| (af[i / n * k + j] * bfl[i % n * k + j]).abs())
+                    .sum();
+                let tol = k as f32 * 6e-8 * mag + 1e-7;
+                assert!(
+                    (g32[i] - want[i]).abs() <= tol,
+                    "{}: {m}×{n}×{k} [{i}] {} vs {}",
+                    dev.name(),
+                    g32[i],
+                    want[i]
+                );
+                assert!(
+                    (g16[i].to_f32() - want[i]).abs() <= tol + want[i].abs() / 256.0,
+                    "{}: bf16 out [{i}]",
+                    dev.name()
+                );
+            }
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //! simulator): check shapes, build the launch explicitly, name the kernel `<op>_<dtype>`.
 
 pub mod attention;
+pub mod dense;
 pub mod elementwise;
 pub mod embedding;
 pub mod lora;
