@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use recforge::backend::cpu::Cpu;
-use recforge::backend::gpu::{probe_cuda, DeviceChoice};
+use recforge::backend::gpu::backend::Gpu;
+use recforge::backend::gpu::{probe_cuda, Device, DeviceChoice};
 use recforge::backend::Backend;
 use recforge::infer::generate::{greedy, GenerateOptions, StopReason};
 use recforge::kernels;
@@ -116,22 +117,36 @@ fn open_model(path: &Path) -> Result<Box<dyn model::ModelSource>> {
     model::open(path).with_context(|| format!("cannot load model {}", path.display()))
 }
 
-fn cpu_for(device: DeviceChoice) -> Result<Cpu> {
+/// The backend `--device` asks for. `auto` takes CUDA when a GPU is usable and the library has
+/// kernels, else the CPU.
+enum Chosen {
+    Cpu(Cpu),
+    Gpu(Gpu),
+}
+
+fn backend_for(device: DeviceChoice) -> Result<Chosen> {
     match device {
-        DeviceChoice::Cpu => Ok(Cpu::new()),
+        DeviceChoice::Cpu => Ok(Chosen::Cpu(Cpu::new())),
+        DeviceChoice::Sim => Ok(Chosen::Gpu(Gpu::new(Device::sim()))),
+        DeviceChoice::Cuda => Ok(Chosen::Gpu(Gpu::new(
+            Device::cuda(0).context("--device cuda")?,
+        ))),
         DeviceChoice::Auto => {
             let probe = probe_cuda();
-            if probe.usable() {
-                eprintln!("note: {} found, but the CUDA backend does not run whole models yet; using the CPU", probe.describe());
+            if !probe.usable() {
+                return Ok(Chosen::Cpu(Cpu::new()));
             }
-            Ok(Cpu::new())
+            match Device::cuda(0) {
+                Ok(d) => Ok(Chosen::Gpu(Gpu::new(d))),
+                Err(e) => {
+                    eprintln!(
+                        "note: {} found but not usable ({e}); using the CPU",
+                        probe.describe()
+                    );
+                    Ok(Chosen::Cpu(Cpu::new()))
+                }
+            }
         }
-        DeviceChoice::Sim => bail!(
-            "--device sim: the simulator runs single kernels so far (the kernel tests use it); whole-model generation runs on --device cpu"
-        ),
-        DeviceChoice::Cuda => bail!(
-            "--device cuda: the CUDA backend runs single kernels only so far (see `recforge kernels`); whole-model generation runs on --device cpu"
-        ),
     }
 }
 
@@ -143,13 +158,26 @@ fn generate(
     raw: bool,
     opts: LoadOptions,
 ) -> Result<()> {
-    let be = cpu_for(device)?;
+    match backend_for(device)? {
+        Chosen::Cpu(be) => generate_on(&be, path, prompt, max_new, raw, opts),
+        Chosen::Gpu(be) => generate_on(&be, path, prompt, max_new, raw, opts),
+    }
+}
+
+fn generate_on<B: Backend>(
+    be: &B,
+    path: &Path,
+    prompt: &str,
+    max_new: usize,
+    raw: bool,
+    opts: LoadOptions,
+) -> Result<()> {
     let src = open_model(path)?;
     let tok = src
         .tokenizer()
         .with_context(|| format!("cannot load the tokenizer of {}", path.display()))?;
     let t0 = std::time::Instant::now();
-    let model = Llama::load(src.as_ref(), &be, opts)
+    let model = Llama::load(src.as_ref(), be, opts)
         .with_context(|| format!("cannot load model {}", path.display()))?;
     eprintln!(
         "loaded {} ({}, {} layers, hidden {}, {}) on {} in {:.1}s",
@@ -185,7 +213,7 @@ fn generate(
     let mut out_ids: Vec<u32> = vec![];
     let mut printed = 0usize;
     let stdout = std::io::stdout();
-    let g = greedy(&be, &model, &ids, &gen_opts, |id| {
+    let g = greedy(be, &model, &ids, &gen_opts, |id| {
         out_ids.push(id);
         let s = tok.decode(&out_ids, true)?;
         // Print only whole characters: a multi-byte character may span tokens.

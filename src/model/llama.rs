@@ -237,7 +237,8 @@ impl<B: Backend> Llama<B> {
         let mut sel = be.zeros(&[rows, d], dt)?;
         be.copy_rows(&hbuf, first, &mut sel, 0, rows)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = be.zeros(&[rows, c.vocab_size], dt)?;
+        // Logits in f32 on every backend: scoring compares log-probabilities of close tokens.
+        let mut logits = be.zeros(&[rows, c.vocab_size], DType::F32)?;
         be.linear(&sel, head, &mut logits)?;
         let out = be.download(&logits)?;
         if out.dtype() == DType::F32 {

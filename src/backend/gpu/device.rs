@@ -198,6 +198,38 @@ impl Device {
         }
     }
 
+    /// Copy `n` elements from `src[src_off..]` to `dst[dst_off..]` on the device.
+    pub fn copy<T: DevElem>(
+        &self,
+        src: &DevBuf<T>,
+        src_off: usize,
+        dst: &mut DevBuf<T>,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        if src_off + n > src.len || dst_off + n > dst.len {
+            return Err(Error::Shape(format!(
+                "copy: {n} elements from offset {src_off} of {} into offset {dst_off} of {}",
+                src.len, dst.len
+            )));
+        }
+        match (self, &src.repr, &mut dst.repr) {
+            (Device::Cuda(d), Repr::Cuda(s), Repr::Cuda(t)) => {
+                let from = s.slice(src_off..src_off + n);
+                let mut to = t.slice_mut(dst_off..dst_off + n);
+                d.stream()
+                    .memcpy_dtod(&from, &mut to)
+                    .map_err(|e| Error::Device(format!("device copy: {e:?}")))
+            }
+            (Device::Sim(_), Repr::Sim(s), Repr::Sim(t)) => {
+                t.as_mut_slice()[dst_off..dst_off + n]
+                    .copy_from_slice(&s.as_slice()[src_off..src_off + n]);
+                Ok(())
+            }
+            _ => Err(Error::Device("buffer belongs to another device".into())),
+        }
+    }
+
     /// The address of element `offset` of `buf` (a row range passed to a kernel).
     pub fn ptr_at<T: DevElem>(&self, buf: &DevBuf<T>, offset: usize) -> Result<Arg> {
         offset_arg(self.ptr(buf)?, buf.len, offset, std::mem::size_of::<T>())

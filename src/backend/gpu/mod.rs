@@ -1,6 +1,7 @@
 //! The GPU side: finding a usable CUDA device without ever panicking, and the device layer the
 //! kernel launch wrappers run on.
 
+pub mod backend;
 pub mod cuda;
 pub mod device;
 pub mod ops;

@@ -27,7 +27,7 @@ pub fn gemm<O: DenseOut>(
     k: usize,
 ) -> Result<()> {
     let name = O::GEMM;
-    if k % 8 != 0 {
+    if !k.is_multiple_of(8) {
         return Err(Error::Shape(format!(
             "{name}: K = {k} must be a multiple of 8 (16-byte rows)"
         )));

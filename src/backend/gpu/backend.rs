@@ -1,0 +1,524 @@
+//! The `Backend` trait on a `Device` (CUDA or the simulator): activations in bf16, weights as
+//! the kernels want them. The model, trainer and server code run on it unchanged.
+//!
+//! Storage policy on upload: float matrices (2-D and up) become bf16 — the activation and
+//! weight precision of the GPU path — while float vectors (norm weights, scales) stay f32, as
+//! the kernels take them; integer tensors are copied as they are.
+
+use half::bf16;
+
+use super::device::{DevBuf, Device};
+use super::ops::{self, attention::AttnShape, w8a8::Int8Scratch};
+use crate::backend::{AdamW, Backend, Dropout, Linear, LinearWeight, Lora, SeqSpan, Tensor};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, HostData, HostTensor};
+
+pub struct Gpu {
+    pub dev: Device,
+}
+
+impl Gpu {
+    pub fn new(dev: Device) -> Self {
+        Gpu { dev }
+    }
+}
+
+pub enum GpuStorage {
+    F32(DevBuf<f32>),
+    BF16(DevBuf<bf16>),
+    I8(DevBuf<i8>),
+    I32(DevBuf<i32>),
+    U32(DevBuf<u32>),
+}
+
+type T = Tensor<Gpu>;
+
+macro_rules! getter {
+    ($name:ident, $name_mut:ident, $variant:ident, $ty:ty) => {
+        fn $name<'a>(op: &str, what: &str, t: &'a T) -> Result<&'a DevBuf<$ty>> {
+            match &t.storage {
+                GpuStorage::$variant(b) => Ok(b),
+                _ => Err(Error::Shape(format!(
+                    "{op}: {what} has dtype {}, expected {}",
+                    t.dtype,
+                    stringify!($variant).to_lowercase()
+                ))),
+            }
+        }
+        #[allow(dead_code)]
+        fn $name_mut<'a>(op: &str, what: &str, t: &'a mut T) -> Result<&'a mut DevBuf<$ty>> {
+            let dt = t.dtype;
+            match &mut t.storage {
+                GpuStorage::$variant(b) => Ok(b),
+                _ => Err(Error::Shape(format!(
+                    "{op}: {what} has dtype {dt}, expected {}",
+                    stringify!($variant).to_lowercase()
+                ))),
+            }
+        }
+    };
+}
+getter!(f32b, f32b_mut, F32, f32);
+getter!(bf, bf_mut, BF16, bf16);
+getter!(i8b, i8b_mut, I8, i8);
+getter!(u32b, u32b_mut, U32, u32);
+
+fn unsupported(op: &str) -> Error {
+    Error::Device(format!(
+        "{op} is not available on the GPU backend yet (the CPU backend has it)"
+    ))
+}
+
+impl Gpu {
+    fn linear_impl(&self, x: &T, w: &Linear<Gpu>, out: &mut T) -> Result<()> {
+        let op = "linear";
+        let (rows, k) = x.rows_cols();
+        if k != w.in_features || out.numel() != rows * w.out_features {
+            return Err(Error::Shape(format!(
+                "{op}: x {:?} and out {:?} for a {}→{} layer",
+                x.shape, out.shape, w.in_features, w.out_features
+            )));
+        }
+        let xb = bf(op, "x", x)?;
+        match &w.weight {
+            LinearWeight::Int8 { w: q, scale } => {
+                let ob = bf_mut(op, "out", out)?;
+                let (qb, sb) = (i8b(op, "weight", q)?, f32b(op, "scale", scale)?);
+                if rows <= 16 {
+                    // Decode (DESIGN.md §3): the weight-only path, bandwidth-bound by design; the
+                    // activations stay bf16, so no outlier decomposition is needed.
+                    return ops::w8a16::gemv(
+                        &self.dev,
+                        xb,
+                        qb,
+                        sb,
+                        None,
+                        ob,
+                        rows,
+                        w.out_features,
+                        k,
+                    );
+                }
+                let mut scratch = Int8Scratch::new(&self.dev, rows, k)?;
+                ops::w8a8::linear_w8a8(
+                    &self.dev,
+                    xb,
+                    rows,
+                    k,
+                    qb,
+                    sb,
+                    w.out_features,
+                    w.outlier_threshold,
+                    &mut scratch,
+                    None,
+                    None,
+                    ob,
+                )
+            }
+            LinearWeight::Dense(d) => {
+                let db = bf(op, "weight", d)?;
+                match &mut out.storage {
+                    GpuStorage::F32(o) => {
+                        ops::dense::gemm(&self.dev, xb, db, o, rows, w.out_features, k)
+                    }
+                    GpuStorage::BF16(o) => {
+                        ops::dense::gemm(&self.dev, xb, db, o, rows, w.out_features, k)
+                    }
+                    _ => Err(Error::Shape(format!("{op}: out has dtype {}", out.dtype))),
+                }
+            }
+        }
+    }
+}
+
+impl Backend for Gpu {
+    type Storage = GpuStorage;
+
+    fn name(&self) -> String {
+        self.dev.name()
+    }
+
+    fn activation_dtype(&self) -> DType {
+        DType::BF16
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<T> {
+        let n: usize = shape.iter().product();
+        let storage = match dtype {
+            DType::F32 => GpuStorage::F32(self.dev.alloc_zeros(n)?),
+            DType::BF16 => GpuStorage::BF16(self.dev.alloc_zeros(n)?),
+            DType::I8 => GpuStorage::I8(self.dev.alloc_zeros(n)?),
+            DType::I32 => GpuStorage::I32(self.dev.alloc_zeros(n)?),
+            DType::U32 => GpuStorage::U32(self.dev.alloc_zeros(n)?),
+            DType::F16 => {
+                return Err(Error::Device(
+                    "f16 tensors are not used on the GPU backend (bf16 is)".into(),
+                ))
+            }
+        };
+        Ok(Tensor {
+            storage,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<T> {
+        let matrix = t.shape.len() >= 2;
+        let (storage, dtype) = match &t.data {
+            HostData::F32(_) | HostData::F16(_) | HostData::BF16(_) if matrix => {
+                let v: Vec<bf16> = match &t.data {
+                    HostData::BF16(v) => v.clone(),
+                    other => other.to_f32()?.into_iter().map(bf16::from_f32).collect(),
+                };
+                (GpuStorage::BF16(self.dev.upload(&v)?), DType::BF16)
+            }
+            HostData::F32(_) | HostData::F16(_) | HostData::BF16(_) => (
+                GpuStorage::F32(self.dev.upload(&t.data.to_f32()?)?),
+                DType::F32,
+            ),
+            HostData::I8(v) => (GpuStorage::I8(self.dev.upload(v)?), DType::I8),
+            HostData::I32(v) => (GpuStorage::I32(self.dev.upload(v)?), DType::I32),
+            HostData::U32(v) => (GpuStorage::U32(self.dev.upload(v)?), DType::U32),
+        };
+        Ok(Tensor {
+            storage,
+            shape: t.shape.clone(),
+            dtype,
+        })
+    }
+
+    fn download(&self, t: &T) -> Result<HostTensor> {
+        let data = match &t.storage {
+            GpuStorage::F32(b) => HostData::F32(self.dev.download(b)?),
+            GpuStorage::BF16(b) => HostData::BF16(self.dev.download(b)?),
+            GpuStorage::I8(b) => HostData::I8(self.dev.download(b)?),
+            GpuStorage::I32(b) => HostData::I32(self.dev.download(b)?),
+            GpuStorage::U32(b) => HostData::U32(self.dev.download(b)?),
+        };
+        HostTensor::new(t.shape.clone(), data)
+    }
+
+    fn copy_rows(
+        &self,
+        src: &T,
+        src_row: usize,
+        dst: &mut T,
+        dst_row: usize,
+        n: usize,
+    ) -> Result<()> {
+        let (_, sc) = src.outer_rows();
+        let (_, dc) = dst.outer_rows();
+        if sc != dc {
+            return Err(Error::Shape(format!(
+                "copy_rows: rows of {:?} and {:?} differ",
+                src.shape, dst.shape
+            )));
+        }
+        let d = &self.dev;
+        match (&src.storage, &mut dst.storage) {
+            (GpuStorage::F32(a), GpuStorage::F32(b)) => {
+                d.copy(a, src_row * sc, b, dst_row * dc, n * sc)
+            }
+            (GpuStorage::BF16(a), GpuStorage::BF16(b)) => {
+                d.copy(a, src_row * sc, b, dst_row * dc, n * sc)
+            }
+            (GpuStorage::I8(a), GpuStorage::I8(b)) => {
+                d.copy(a, src_row * sc, b, dst_row * dc, n * sc)
+            }
+            (GpuStorage::I32(a), GpuStorage::I32(b)) => {
+                d.copy(a, src_row * sc, b, dst_row * dc, n * sc)
+            }
+            (GpuStorage::U32(a), GpuStorage::U32(b)) => {
+                d.copy(a, src_row * sc, b, dst_row * dc, n * sc)
+            }
+            _ => Err(Error::Shape(format!(
+                "copy_rows: dtypes {} and {} differ",
+                src.dtype, dst.dtype
+            ))),
+        }
+    }
+
+    fn embedding(&self, table: &T, ids: &T, out: &mut T) -> Result<()> {
+        let op = "embedding";
+        let (v, d) = table.rows_cols();
+        let mut bad = self.dev.alloc_zeros::<i32>(1)?;
+        ops::embedding::embedding(
+            &self.dev,
+            bf(op, "table", table)?,
+            u32b(op, "ids", ids)?,
+            bf_mut(op, "out", out)?,
+            &mut bad,
+            v,
+            d,
+        )
+    }
+
+    fn rmsnorm(&self, x: &T, weight: &T, eps: f32, out: &mut T) -> Result<()> {
+        let op = "rmsnorm";
+        let (rows, d) = x.rows_cols();
+        ops::rmsnorm(
+            &self.dev,
+            bf(op, "x", x)?,
+            f32b(op, "weight", weight)?,
+            bf_mut(op, "out", out)?,
+            rows,
+            d,
+            eps,
+        )
+    }
+
+    fn linear(&self, x: &T, w: &Linear<Gpu>, out: &mut T) -> Result<()> {
+        self.linear_impl(x, w, out)
+    }
+
+    fn rope(&self, x: &mut T, positions: &T, theta: f32, inverse: bool) -> Result<()> {
+        let op = "rope";
+        if x.shape.len() != 3 {
+            return Err(Error::Shape(format!(
+                "{op}: x must be [T, heads, head_dim], got {:?}",
+                x.shape
+            )));
+        }
+        let (t, h, hd) = (x.shape[0], x.shape[1], x.shape[2]);
+        let pos = u32b(op, "positions", positions)?;
+        ops::rope::rope(
+            &self.dev,
+            bf_mut(op, "x", x)?,
+            pos,
+            t,
+            h,
+            hd,
+            theta,
+            inverse,
+        )
+    }
+
+    fn attention(
+        &self,
+        q: &T,
+        k: &T,
+        v: &T,
+        positions: &T,
+        spans: &[SeqSpan],
+        out: &mut T,
+    ) -> Result<()> {
+        let op = "attention";
+        if q.shape.len() != 3 || k.shape.len() != 3 {
+            return Err(Error::Shape(format!(
+                "{op}: q {:?} and k {:?} must be [T, heads, head_dim]",
+                q.shape, k.shape
+            )));
+        }
+        let shape = AttnShape {
+            tq: q.shape[0],
+            tk: k.shape[0],
+            heads: q.shape[1],
+            kv_heads: k.shape[1],
+            head_dim: q.shape[2],
+        };
+        let mut span_buf = self.dev.alloc_zeros::<i32>(4 * spans.len())?;
+        let mut lse = self.dev.alloc_zeros::<f32>(shape.tq * shape.heads)?;
+        let pos = u32b(op, "positions", positions)?;
+        ops::attention::attention_forward(
+            &self.dev,
+            bf(op, "q", q)?,
+            bf(op, "k", k)?,
+            bf(op, "v", v)?,
+            pos,
+            spans,
+            &mut span_buf,
+            shape,
+            bf_mut(op, "out", out)?,
+            &mut lse,
+        )
+    }
+
+    fn swiglu(&self, gate: &T, up: &T, out: &mut T) -> Result<()> {
+        let op = "swiglu";
+        ops::swiglu::swiglu(
+            &self.dev,
+            bf(op, "gate", gate)?,
+            bf(op, "up", up)?,
+            bf_mut(op, "out", out)?,
+        )
+    }
+
+    fn add_assign(&self, x: &mut T, y: &T) -> Result<()> {
+        let op = "add_assign";
+        let yb = bf(op, "y", y)?;
+        ops::elementwise::add(&self.dev, bf_mut(op, "x", x)?, yb)
+    }
+
+    fn lora_forward(
+        &self,
+        _: &T,
+        _: &Lora<Gpu>,
+        _: &T,
+        _: Dropout,
+        _: &mut T,
+        _: &mut T,
+        _: &mut T,
+    ) -> Result<()> {
+        Err(unsupported(
+            "lora_forward through the Backend trait (use backend::gpu::ops::lora)",
+        ))
+    }
+
+    fn lora_backward(
+        &self,
+        _: &T,
+        _: &Lora<Gpu>,
+        _: &T,
+        _: Dropout,
+        _: &T,
+        _: &T,
+        _: &T,
+        _: &mut T,
+        _: &mut T,
+        _: &mut T,
+        _: &mut T,
+    ) -> Result<()> {
+        Err(unsupported(
+            "lora_backward through the Backend trait (use backend::gpu::ops::lora)",
+        ))
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut T,
+        labels: &T,
+        grad_scale: f32,
+        loss: &mut T,
+    ) -> Result<()> {
+        let op = "cross_entropy";
+        let (rows, vocab) = logits.rows_cols();
+        let lb = u32b(op, "labels", labels)?;
+        let lo = f32b_mut(op, "loss", loss)?;
+        match &mut logits.storage {
+            GpuStorage::F32(x) => {
+                ops::loss::cross_entropy(&self.dev, x, lb, grad_scale, lo, rows, vocab)
+            }
+            GpuStorage::BF16(x) => {
+                ops::loss::cross_entropy(&self.dev, x, lb, grad_scale, lo, rows, vocab)
+            }
+            _ => Err(Error::Shape(format!(
+                "{op}: logits have dtype {}",
+                logits.dtype
+            ))),
+        }
+    }
+
+    fn adamw(
+        &self,
+        param: &mut T,
+        grad: &T,
+        m: &mut T,
+        v: &mut T,
+        hp: AdamW,
+        step: u32,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let op = "adamw";
+        let g = f32b(op, "grad", grad)?;
+        let (mb, vb) = (f32b_mut(op, "m", m)?, f32b_mut(op, "v", v)?);
+        ops::optim::adamw(
+            &self.dev,
+            f32b_mut(op, "param", param)?,
+            g,
+            mb,
+            vb,
+            hp,
+            step,
+            grad_scale,
+        )
+    }
+
+    fn sum_squares(&self, x: &T, out: &mut T) -> Result<()> {
+        let op = "sum_squares";
+        let mut ws = self
+            .dev
+            .alloc_zeros::<f32>(ops::optim::SUM_SQUARES_BLOCKS)?;
+        ops::optim::sum_squares(
+            &self.dev,
+            f32b(op, "x", x)?,
+            &mut ws,
+            f32b_mut(op, "out", out)?,
+        )
+    }
+
+    fn embedding_backward(&self, dy: &T, ids: &T, dtable: &mut T) -> Result<()> {
+        let op = "embedding_backward";
+        let (v, d) = dtable.rows_cols();
+        ops::embedding::embedding_backward(
+            &self.dev,
+            bf(op, "dy", dy)?,
+            u32b(op, "ids", ids)?,
+            f32b_mut(op, "dtable", dtable)?,
+            v,
+            d,
+        )
+    }
+
+    fn rmsnorm_backward(&self, x: &T, weight: &T, eps: f32, dy: &T, dx: &mut T) -> Result<()> {
+        let op = "rmsnorm_backward";
+        let (rows, d) = x.rows_cols();
+        ops::rmsnorm_backward(
+            &self.dev,
+            bf(op, "x", x)?,
+            f32b(op, "weight", weight)?,
+            bf(op, "dy", dy)?,
+            bf_mut(op, "dx", dx)?,
+            rows,
+            d,
+            eps,
+        )
+    }
+
+    fn linear_backward_input(&self, dy: &T, w: &Linear<Gpu>, dx: &mut T) -> Result<()> {
+        let op = "linear_backward_input";
+        let (rows, n) = dy.rows_cols();
+        match &w.weight {
+            LinearWeight::Int8 { w: q, scale } => ops::w8a16::linear_backward_input(
+                &self.dev,
+                bf(op, "dy", dy)?,
+                i8b(op, "weight", q)?,
+                f32b(op, "scale", scale)?,
+                bf_mut(op, "dx", dx)?,
+                rows,
+                n,
+                w.in_features,
+                false,
+            ),
+            LinearWeight::Dense(_) => Err(unsupported("linear_backward_input for a dense weight")),
+        }
+    }
+
+    fn swiglu_backward(&self, gate: &T, up: &T, dy: &T, dgate: &mut T, dup: &mut T) -> Result<()> {
+        let op = "swiglu_backward";
+        let dgb = bf_mut(op, "dgate", dgate)?;
+        ops::swiglu::swiglu_backward(
+            &self.dev,
+            bf(op, "gate", gate)?,
+            bf(op, "up", up)?,
+            bf(op, "dy", dy)?,
+            dgb,
+            bf_mut(op, "dup", dup)?,
+        )
+    }
+
+    fn attention_backward(
+        &self,
+        _: &T,
+        _: &T,
+        _: &T,
+        _: &T,
+        _: &[SeqSpan],
+        _: &T,
+        _: &mut T,
+        _: &mut T,
+        _: &mut T,
+    ) -> Result<()> {
+        Err(unsupported("attention_backward"))
+    }
+}
