@@ -53,3 +53,84 @@ extern "C" __global__ void attention_fwd_bf16(const __nv_bfloat16* __restrict__ 
         if (d < per) out[((size_t)t * H + h) * hd + lane + 32 * d] = __float2bfloat16(visible > 0 ? acc[d] / l : 0.0f);
     if (lane == 0) lse[(size_t)t * H + h] = visible > 0 ? m + logf(l) : -INFINITY;
 }
+
+// Backward of attention_fwd_bf16 (first version, same geometry: one warp per query row and head).
+// Per query row i: recompute the logsumexp over its visible keys (pass 1), then
+// D = Σ_j p_j·(dy·v_j) (pass 2), then for every key (pass 3) with p_j = exp(s_j − lse) and
+// ds_j = p_j·(dy·v_j − D)·scale: dq_i = Σ_j ds_j·k_j, dk_j += ds_j·q_i, dv_j += p_j·dy_i.
+// dk and dv gather contributions from every query row and every query head of the group, so they
+// accumulate in f32 scratch with atomics (zeroed by the caller) and are converted to bf16 by
+// attention_bwd_finish_bf16.
+// Layout:  as the forward; dy, dq [Tq, H, hd] bf16; dk32, dv32 [Tk, KVH, hd] f32.
+// Must match: backend::cpu::Cpu::attention_backward.
+extern "C" __global__ void attention_bwd_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                              const __nv_bfloat16* __restrict__ v, const unsigned* __restrict__ positions,
+                                              const int* __restrict__ spans, const __nv_bfloat16* __restrict__ dy,
+                                              __nv_bfloat16* __restrict__ dq, float* __restrict__ dk32, float* __restrict__ dv32,
+                                              int H, int KVH, int hd, float scale) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int h = blockIdx.y, s = blockIdx.z;
+    const int q_start = spans[4 * s], q_len = spans[4 * s + 1], kv_start = spans[4 * s + 2], kv_len = spans[4 * s + 3];
+    const int i = blockIdx.x * 4 + warp;
+    if (i >= q_len) return;
+    const int t = q_start + i, kh = h / (H / KVH), per = hd / 32;
+    float qv[4], g[4], dqa[4];
+#pragma unroll
+    for (int d = 0; d < 4; d++) {
+        const bool in = d < per;
+        qv[d] = in ? __bfloat162float(q[((size_t)t * H + h) * hd + lane + 32 * d]) : 0.0f;
+        g[d] = in ? __bfloat162float(dy[((size_t)t * H + h) * hd + lane + 32 * d]) : 0.0f;
+        dqa[d] = 0.0f;
+    }
+    const int visible = min((int)positions[t] + 1, kv_len);
+    auto score = [&](int j) {
+        const size_t kr = ((size_t)(kv_start + j) * KVH + kh) * hd;
+        float dot = 0.0f;
+#pragma unroll
+        for (int d = 0; d < 4; d++)
+            if (d < per) dot += qv[d] * __bfloat162float(k[kr + lane + 32 * d]);
+        return rf_warp_sum(dot) * scale;
+    };
+    auto dyv = [&](int j) {
+        const size_t vr = ((size_t)(kv_start + j) * KVH + kh) * hd;
+        float dot = 0.0f;
+#pragma unroll
+        for (int d = 0; d < 4; d++)
+            if (d < per) dot += g[d] * __bfloat162float(v[vr + lane + 32 * d]);
+        return rf_warp_sum(dot);
+    };
+    float m = -INFINITY, l = 0.0f;
+    for (int j = 0; j < visible; j++) {
+        const float sc = score(j), mn = fmaxf(m, sc);
+        l = l * expf(m - mn) + expf(sc - mn);
+        m = mn;
+    }
+    const float lse = m + logf(l);
+    float D = 0.0f;
+    for (int j = 0; j < visible; j++) D += expf(score(j) - lse) * dyv(j);
+    for (int j = 0; j < visible; j++) {
+        const float p = expf(score(j) - lse);
+        const float ds = p * (dyv(j) - D) * scale;
+        const size_t kr = ((size_t)(kv_start + j) * KVH + kh) * hd;
+#pragma unroll
+        for (int d = 0; d < 4; d++) {
+            if (d >= per) continue;
+            const size_t e = kr + lane + 32 * d;
+            dqa[d] += ds * __bfloat162float(k[e]);
+            atomicAdd(dk32 + e, ds * qv[d]);
+            atomicAdd(dv32 + e, p * g[d]);
+        }
+    }
+#pragma unroll
+    for (int d = 0; d < 4; d++)
+        if (d < per) dq[((size_t)t * H + h) * hd + lane + 32 * d] = __float2bfloat16(dqa[d]);
+}
+
+// dk, dv: f32 scratch → bf16. Launch: grid-stride over n, block (256).
+extern "C" __global__ void attention_bwd_finish_bf16(const float* __restrict__ dk32, const float* __restrict__ dv32,
+                                                     __nv_bfloat16* __restrict__ dk, __nv_bfloat16* __restrict__ dv, int n) {
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
+        dk[e] = __float2bfloat16(dk32[e]);
+        dv[e] = __float2bfloat16(dv32[e]);
+    }
+}

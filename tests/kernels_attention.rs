@@ -239,3 +239,111 @@ fn attention_rejects_bad_geometry() {
     .to_string();
     assert!(e.contains("exceeds"), "{e}");
 }
+
+#[test]
+fn attention_backward_matches_the_cpu_reference() {
+    use recforge::backend::gpu::ops::attention::{attention_backward, AttnGradScratch};
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(42);
+    // Two packed prompts and a decode-style chunk; 6 query heads on 2 KV heads, head_dim 64.
+    let (heads, kv_heads, hd) = (6, 2, 64);
+    let seqs = [(4usize, 4usize, 0usize), (9, 9, 0), (2, 7, 5)];
+    let (mut spans, mut positions) = (vec![], vec![]);
+    let (mut tq, mut tk) = (0, 0);
+    for &(ql, kl, p0) in &seqs {
+        spans.push(SeqSpan {
+            q_start: tq,
+            q_len: ql,
+            kv_start: tk,
+            kv_len: kl,
+        });
+        positions.extend((0..ql).map(|i| (p0 + i) as u32));
+        tq += ql;
+        tk += kl;
+    }
+    let bf = |n: usize, rng: &mut Rng| {
+        (0..n)
+            .map(|_| bf16::from_f32(rng.normal()))
+            .collect::<Vec<_>>()
+    };
+    let (q, k, v, dy) = (
+        bf(tq * heads * hd, &mut rng),
+        bf(tk * kv_heads * hd, &mut rng),
+        bf(tk * kv_heads * hd, &mut rng),
+        bf(tq * heads * hd, &mut rng),
+    );
+    let f = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+    let up = |x: Vec<f32>, s: &[usize]| {
+        cpu.upload(&HostTensor::f32(s.to_vec(), x).unwrap())
+            .unwrap()
+    };
+    let pos_t = cpu
+        .upload(&HostTensor::new(vec![tq], HostData::U32(positions.clone())).unwrap())
+        .unwrap();
+    let mut cdq = cpu.zeros(&[tq, heads, hd], DType::F32).unwrap();
+    let mut cdk = cpu.zeros(&[tk, kv_heads, hd], DType::F32).unwrap();
+    let mut cdv = cpu.zeros(&[tk, kv_heads, hd], DType::F32).unwrap();
+    cpu.attention_backward(
+        &up(f(&q), &[tq, heads, hd]),
+        &up(f(&k), &[tk, kv_heads, hd]),
+        &up(f(&v), &[tk, kv_heads, hd]),
+        &pos_t,
+        &spans,
+        &up(f(&dy), &[tq, heads, hd]),
+        &mut cdq,
+        &mut cdk,
+        &mut cdv,
+    )
+    .unwrap();
+    let dl = |t: &recforge::backend::Tensor<Cpu>| cpu.download(t).unwrap().to_f32().unwrap();
+    let (wq, wk, wv) = (dl(&cdq), dl(&cdk), dl(&cdv));
+    let shape = AttnShape {
+        tq,
+        tk,
+        heads,
+        kv_heads,
+        head_dim: hd,
+    };
+    for dev in devices() {
+        let mut dq = dev.upload(&vec![bf16::NAN; tq * heads * hd]).unwrap();
+        let mut dk = dev.upload(&vec![bf16::NAN; tk * kv_heads * hd]).unwrap();
+        let mut dv = dev.upload(&vec![bf16::NAN; tk * kv_heads * hd]).unwrap();
+        let mut sb = dev.alloc_zeros::<i32>(4 * spans.len()).unwrap();
+        let mut scratch = AttnGradScratch::new(&dev, shape).unwrap();
+        let u = |x: &[bf16]| dev.upload(x).unwrap();
+        attention_backward(
+            &dev,
+            &u(&q),
+            &u(&k),
+            &u(&v),
+            &dev.upload(&positions).unwrap(),
+            &spans,
+            &mut sb,
+            shape,
+            &u(&dy),
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &mut scratch,
+        )
+        .unwrap();
+        for (what, got, want) in [
+            ("dq", dev.download(&dq).unwrap(), &wq),
+            ("dk", dev.download(&dk).unwrap(), &wk),
+            ("dv", dev.download(&dv).unwrap(), &wv),
+        ] {
+            for i in 0..got.len() {
+                // bf16 output (half an ulp, 2^-8 relative) plus f32 differences: sums of O(1)
+                // terms in another order, and the cancellation in dp − D; 1e-3 absolute bounds
+                // them for ≤ 9 keys and 3 heads per group.
+                let g = got[i].to_f32();
+                assert!(
+                    (g - want[i]).abs() <= want[i].abs() / 256.0 + 1e-3,
+                    "{}: {what}[{i}] {g} vs {}",
+                    dev.name(),
+                    want[i]
+                );
+            }
+        }
+    }
+}

@@ -112,3 +112,139 @@ pub fn attention_forward(
     ];
     dev.launch(name, launch, &args)
 }
+
+/// f32 accumulators for `attention_backward`, `[tk, kv_heads, head_dim]` each.
+pub struct AttnGradScratch {
+    pub dk32: DevBuf<f32>,
+    pub dv32: DevBuf<f32>,
+}
+
+impl AttnGradScratch {
+    pub fn new(dev: &Device, shape: AttnShape) -> Result<Self> {
+        let n = shape.tk * shape.kv_heads * shape.head_dim;
+        Ok(AttnGradScratch {
+            dk32: dev.alloc_zeros(n)?,
+            dv32: dev.alloc_zeros(n)?,
+        })
+    }
+}
+
+/// Backward: dq (overwritten), dk and dv (overwritten; summed over the query heads of a group).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dev: &Device,
+    q: &DevBuf<bf16>,
+    k: &DevBuf<bf16>,
+    v: &DevBuf<bf16>,
+    positions: &DevBuf<u32>,
+    spans: &[SeqSpan],
+    span_buf: &mut DevBuf<i32>,
+    shape: AttnShape,
+    dy: &DevBuf<bf16>,
+    dq: &mut DevBuf<bf16>,
+    dk: &mut DevBuf<bf16>,
+    dv: &mut DevBuf<bf16>,
+    scratch: &mut AttnGradScratch,
+) -> Result<()> {
+    let name = "attention_bwd_bf16";
+    // Reuse the forward's checks (shapes, spans) with dy and dq standing in for out.
+    let AttnShape {
+        tq,
+        tk,
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    let nk = tk * kv_heads * head_dim;
+    if dy.len() != tq * heads * head_dim
+        || dq.len() != dy.len()
+        || dk.len() != nk
+        || dv.len() != nk
+        || scratch.dk32.len() != nk
+        || scratch.dv32.len() != nk
+    {
+        return Err(Error::Shape(format!(
+            "{name}: dy {}, dq {}, dk {}, dv {}, scratch {} do not match {shape:?}",
+            dy.len(),
+            dq.len(),
+            dk.len(),
+            dv.len(),
+            scratch.dk32.len()
+        )));
+    }
+    if head_dim == 0
+        || head_dim % 32 != 0
+        || head_dim > 128
+        || kv_heads == 0
+        || heads % kv_heads != 0
+    {
+        return Err(Error::Shape(format!("{name}: head_dim {head_dim} must be 32, 64, 96 or 128 and heads {heads} a multiple of kv_heads {kv_heads}")));
+    }
+    if q.len() != dy.len()
+        || k.len() != nk
+        || v.len() != nk
+        || positions.len() != tq
+        || span_buf.len() != 4 * spans.len()
+    {
+        return Err(Error::Shape(format!(
+            "{name}: q {}, k {}, v {}, positions {}, span buffer {} do not match {shape:?}",
+            q.len(),
+            k.len(),
+            v.len(),
+            positions.len(),
+            span_buf.len()
+        )));
+    }
+    crate::backend::check_spans(name, spans, tq, tk)?;
+    let zero = Launch::linear(nk.div_ceil(256).max(1) as u32, 256);
+    for b in [&mut scratch.dk32, &mut scratch.dv32] {
+        dev.launch("zero_u32", zero, &[dev.ptr_mut(b)?, Arg::I32(nk as i32)])?;
+    }
+    let mut flat = Vec::with_capacity(4 * spans.len());
+    for s in spans {
+        for x in [s.q_start, s.q_len, s.kv_start, s.kv_len] {
+            flat.push(
+                i32::try_from(x)
+                    .map_err(|_| Error::Shape(format!("{name}: span {s:?} is too large")))?,
+            );
+        }
+    }
+    dev.write(span_buf, &flat)?;
+    let max_q = spans.iter().map(|s| s.q_len).max().unwrap_or(0);
+    if max_q > 0 {
+        let launch = Launch {
+            grid: (max_q.div_ceil(4) as u32, heads as u32, spans.len() as u32),
+            block: (128, 1, 1),
+            shared_bytes: 0,
+        };
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let args = [
+            dev.ptr(q)?,
+            dev.ptr(k)?,
+            dev.ptr(v)?,
+            dev.ptr(positions)?,
+            dev.ptr(span_buf)?,
+            dev.ptr(dy)?,
+            dev.ptr_mut(dq)?,
+            dev.ptr_mut(&mut scratch.dk32)?,
+            dev.ptr_mut(&mut scratch.dv32)?,
+            Arg::I32(heads as i32),
+            Arg::I32(kv_heads as i32),
+            Arg::I32(head_dim as i32),
+            Arg::F32(scale),
+        ];
+        dev.launch(name, launch, &args)?;
+    }
+    let args = [
+        dev.ptr(&scratch.dk32)?,
+        dev.ptr(&scratch.dv32)?,
+        dev.ptr_mut(dk)?,
+        dev.ptr_mut(dv)?,
+        Arg::I32(nk as i32),
+    ];
+    dev.launch(
+        "attention_bwd_finish_bf16",
+        Launch::linear(nk.div_ceil(256).clamp(1, 4096) as u32, 256),
+        &args,
+    )
+}
