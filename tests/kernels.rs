@@ -2,28 +2,16 @@
 //! and on a real GPU when one is usable (otherwise the GPU half says why it skipped). Outputs
 //! are poisoned before each launch so an unwritten element fails.
 
+mod common;
+
+use common::devices;
 use half::bf16;
 use recforge::backend::cpu::Cpu;
-use recforge::backend::gpu::{ops, probe_cuda, Device};
+use recforge::backend::gpu::ops;
 use recforge::backend::Backend;
 use recforge::kernels;
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostTensor};
-
-/// The simulator, plus CUDA when a GPU is usable.
-fn devices() -> Vec<Device> {
-    let mut v = vec![Device::sim()];
-    let probe = probe_cuda();
-    if probe.usable() {
-        v.push(Device::cuda(0).expect("a usable GPU must open"));
-    } else {
-        eprintln!(
-            "skipped on CUDA: no usable device ({}); ran on the simulator only",
-            probe.describe()
-        );
-    }
-    v
-}
 
 #[test]
 fn ptx_and_simulator_define_the_same_kernels() {

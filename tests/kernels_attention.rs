@@ -1,27 +1,16 @@
 //! Causal GQA attention forward against `Cpu::attention` (and the logsumexp against its
 //! definition), on the simulator always and on CUDA when a GPU is usable. Outputs poisoned.
 
+mod common;
+
+use common::devices;
 use half::bf16;
 use recforge::backend::cpu::Cpu;
 use recforge::backend::gpu::ops::attention::{attention_forward, AttnShape};
-use recforge::backend::gpu::{probe_cuda, Device};
+use recforge::backend::gpu::Device;
 use recforge::backend::{Backend, SeqSpan};
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostData, HostTensor};
-
-fn devices() -> Vec<Device> {
-    let mut v = vec![Device::sim()];
-    let probe = probe_cuda();
-    if probe.usable() {
-        v.push(Device::cuda(0).expect("a usable GPU must open"));
-    } else {
-        eprintln!(
-            "skipped on CUDA: no usable device ({}); ran on the simulator only",
-            probe.describe()
-        );
-    }
-    v
-}
 
 struct Case {
     heads: usize,

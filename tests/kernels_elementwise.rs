@@ -8,6 +8,9 @@
 //! significant bits, so rounding an f32 result to bf16 adds ≤ 2^-8·|value|. bf16 inputs are
 //! exactly representable in f32, so the CPU reference sees exactly the kernel's inputs.
 
+mod common;
+
+use common::devices;
 use half::bf16;
 use recforge::backend::cpu::Cpu;
 use recforge::backend::gpu::device::DevElem;
@@ -16,28 +19,13 @@ use recforge::backend::gpu::ops::embedding::{embedding, EmbeddingElem};
 use recforge::backend::gpu::ops::rope::{rope, RopeElem};
 use recforge::backend::gpu::ops::swiglu::{swiglu, swiglu_backward, SwigluElem};
 use recforge::backend::gpu::ops::{rmsnorm_backward, NormElem};
-use recforge::backend::gpu::{probe_cuda, Arg, DevBuf, Device, Launch};
+use recforge::backend::gpu::{Arg, DevBuf, Device, Launch};
 use recforge::backend::{Backend, Tensor};
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostData, HostTensor};
 
 /// f32's unit roundoff.
 const U: f64 = 1.0 / (1u64 << 24) as f64;
-
-/// The simulator, plus CUDA when a GPU is usable.
-fn devices() -> Vec<Device> {
-    let mut v = vec![Device::sim()];
-    let probe = probe_cuda();
-    if probe.usable() {
-        v.push(Device::cuda(0).expect("a usable GPU must open"));
-    } else {
-        eprintln!(
-            "skipped on CUDA: no usable device ({}); ran on the simulator only",
-            probe.describe()
-        );
-    }
-    v
-}
 
 /// The element types every kernel here comes in.
 trait Elem:

@@ -3,27 +3,16 @@
 //! CUDA when a GPU is usable. The int32 accumulators must be exact, the quantization and the
 //! f32 epilogue bit-identical, so the bf16 outputs are compared bit for bit.
 
+mod common;
+
+use common::devices;
 use half::bf16;
 use recforge::backend::cpu::{quantize_activations, quantize_rows, Cpu};
 use recforge::backend::gpu::ops::w8a8::{self, Int8Scratch};
-use recforge::backend::gpu::{probe_cuda, Device};
+use recforge::backend::gpu::Device;
 use recforge::backend::{Backend, Linear, LinearWeight};
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostData, HostTensor};
-
-fn devices() -> Vec<Device> {
-    let mut v = vec![Device::sim()];
-    let probe = probe_cuda();
-    if probe.usable() {
-        v.push(Device::cuda(0).expect("a usable GPU must open"));
-    } else {
-        eprintln!(
-            "skipped on CUDA: no usable device ({}); ran on the simulator only",
-            probe.describe()
-        );
-    }
-    v
-}
 
 // (M, N, K): odd M and N, K multiples of 16 that are and are not multiples of the 64-byte stage.
 const SHAPES: [(usize, usize, usize); 6] = [

@@ -1,27 +1,15 @@
 //! The training kernels (cross-entropy, AdamW, gradient-norm reduction) against their CPU
 //! references, on the simulator always and on CUDA when a GPU is usable. Outputs poisoned.
 
+mod common;
+
+use common::devices;
 use half::bf16;
 use recforge::backend::cpu::Cpu;
 use recforge::backend::gpu::ops::{loss, optim};
-use recforge::backend::gpu::{probe_cuda, Device};
 use recforge::backend::{AdamW, Backend, IGNORE_LABEL};
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostData, HostTensor};
-
-fn devices() -> Vec<Device> {
-    let mut v = vec![Device::sim()];
-    let probe = probe_cuda();
-    if probe.usable() {
-        v.push(Device::cuda(0).expect("a usable GPU must open"));
-    } else {
-        eprintln!(
-            "skipped on CUDA: no usable device ({}); ran on the simulator only",
-            probe.describe()
-        );
-    }
-    v
-}
 
 fn cpu_ce(x: &[f32], labels: &[u32], v: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
     let cpu = Cpu::new();

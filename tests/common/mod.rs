@@ -23,3 +23,19 @@ pub fn logits(path: &std::path::Path, tokens: &[u32], opts: LoadOptions) -> Vec<
 }
 
 pub const TEXT: &str = "the cat sat on the mat, and then the rest is history";
+
+/// The simulator, plus CUDA when a GPU is usable (otherwise says why the CUDA half skipped).
+pub fn devices() -> Vec<recforge::backend::gpu::Device> {
+    use recforge::backend::gpu::{probe_cuda, Device};
+    let mut v = vec![Device::sim()];
+    let probe = probe_cuda();
+    if probe.usable() {
+        v.push(Device::cuda(0).expect("a usable GPU must open"));
+    } else {
+        eprintln!(
+            "skipped on CUDA: no usable device ({}); ran on the simulator only",
+            probe.describe()
+        );
+    }
+    v
+}

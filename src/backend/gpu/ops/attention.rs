@@ -17,6 +17,33 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// Write the spans as 4 i32 each (q_start, q_len, kv_start, kv_len) for the kernels.
+fn upload_spans(
+    dev: &Device,
+    name: &str,
+    spans: &[SeqSpan],
+    span_buf: &mut DevBuf<i32>,
+) -> Result<()> {
+    if span_buf.len() != 4 * spans.len() {
+        return Err(Error::Shape(format!(
+            "{name}: span buffer has {} i32, {} spans need {}",
+            span_buf.len(),
+            spans.len(),
+            4 * spans.len()
+        )));
+    }
+    let mut flat = Vec::with_capacity(4 * spans.len());
+    for s in spans {
+        for x in [s.q_start, s.q_len, s.kv_start, s.kv_len] {
+            flat.push(
+                i32::try_from(x)
+                    .map_err(|_| Error::Shape(format!("{name}: span {s:?} is too large")))?,
+            );
+        }
+    }
+    dev.write(span_buf, &flat)
+}
+
 /// Forward: `out = softmax(scale · q·kᵀ, causal by position) · v` per span, and `lse` `[tq,
 /// heads]`. `spans` is uploaded into `span_buf` (4 i32 per span) — the caller keeps that buffer.
 #[allow(clippy::too_many_arguments)]
@@ -69,24 +96,7 @@ pub fn attention_forward(
     if spans.is_empty() {
         return Ok(());
     }
-    if span_buf.len() != 4 * spans.len() {
-        return Err(Error::Shape(format!(
-            "{name}: span buffer has {} i32, {} spans need {}",
-            span_buf.len(),
-            spans.len(),
-            4 * spans.len()
-        )));
-    }
-    let mut flat = Vec::with_capacity(4 * spans.len());
-    for s in spans {
-        for x in [s.q_start, s.q_len, s.kv_start, s.kv_len] {
-            flat.push(
-                i32::try_from(x)
-                    .map_err(|_| Error::Shape(format!("{name}: span {s:?} is too large")))?,
-            );
-        }
-    }
-    dev.write(span_buf, &flat)?;
+    upload_spans(dev, name, spans, span_buf)?;
     let max_q = spans.iter().map(|s| s.q_len).max().unwrap_or(0);
     if max_q == 0 {
         return Ok(());
@@ -200,16 +210,7 @@ pub fn attention_backward(
     for b in [&mut scratch.dk32, &mut scratch.dv32] {
         dev.launch("zero_u32", zero, &[dev.ptr_mut(b)?, Arg::I32(nk as i32)])?;
     }
-    let mut flat = Vec::with_capacity(4 * spans.len());
-    for s in spans {
-        for x in [s.q_start, s.q_len, s.kv_start, s.kv_len] {
-            flat.push(
-                i32::try_from(x)
-                    .map_err(|_| Error::Shape(format!("{name}: span {s:?} is too large")))?,
-            );
-        }
-    }
-    dev.write(span_buf, &flat)?;
+    upload_spans(dev, name, spans, span_buf)?;
     let max_q = spans.iter().map(|s| s.q_len).max().unwrap_or(0);
     if max_q > 0 {
         let launch = Launch {
