@@ -101,6 +101,20 @@ fn corrupted_gguf() {
 }
 
 #[test]
+fn impossible_tensor_dims() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let p = d.path().join("dims.gguf");
+    rewrite_gguf(&f.gguf, &p, |_, ts| {
+        let t = ts
+            .iter_mut()
+            .find(|t| t.name == "blk.0.attn_norm.weight")
+            .unwrap();
+        t.shape = vec![1 << 40, 1 << 40];
+    });
+    assert_names(&load_err(&p), &p, &["blk.0.attn_norm.weight"]);
+}
+
+#[test]
 fn unsupported_tensor_type() {
     let (d, f) = fixture(&FixtureSpec::default());
     let p = d.path().join("q4k.gguf");

@@ -411,7 +411,19 @@ impl GgufFile {
             )
         })?;
         let (bs, bb) = ty.block();
-        let n = t.numel();
+        let n = t
+            .dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                Error::format(
+                    &self.path,
+                    format!(
+                        "corrupted GGUF file: tensor '{}' has impossible dims {:?}",
+                        t.name, t.dims
+                    ),
+                )
+            })?;
         if !t.dims[0].is_multiple_of(bs as u64) {
             return Err(Error::format(
                 &self.path,
