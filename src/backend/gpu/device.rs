@@ -230,6 +230,46 @@ impl Device {
         }
     }
 
+    /// Copy `n` elements of `buf` from `src_off` to `dst_off` (non-overlapping ranges), e.g. a
+    /// paged-KV block duplicated for copy-on-write.
+    pub fn copy_within<T: DevElem>(
+        &self,
+        buf: &mut DevBuf<T>,
+        src_off: usize,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        let len = buf.len;
+        if src_off + n > len
+            || dst_off + n > len
+            || (src_off < dst_off + n && dst_off < src_off + n && n > 0)
+        {
+            return Err(Error::Shape(format!("copy_within: {n} elements from {src_off} to {dst_off} in a buffer of {len} (ranges must not overlap)")));
+        }
+        match (self, &mut buf.repr) {
+            (Device::Cuda(d), Repr::Cuda(s)) => {
+                let size = std::mem::size_of::<T>();
+                let (base, _guard) = s.device_ptr_mut(d.stream());
+                // SAFETY: both ranges lie inside this live allocation (checked above) and do not
+                // overlap; the copy is ordered on the buffer's stream.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        base + (dst_off * size) as u64,
+                        base + (src_off * size) as u64,
+                        n * size,
+                        d.stream().cu_stream(),
+                    )
+                }
+                .map_err(|e| Error::Device(format!("device copy within a buffer: {e:?}")))
+            }
+            (Device::Sim(_), Repr::Sim(b)) => {
+                b.as_mut_slice().copy_within(src_off..src_off + n, dst_off);
+                Ok(())
+            }
+            _ => Err(Error::Device("buffer belongs to another device".into())),
+        }
+    }
+
     /// The address of element `offset` of `buf` (a row range passed to a kernel).
     pub fn ptr_at<T: DevElem>(&self, buf: &DevBuf<T>, offset: usize) -> Result<Arg> {
         offset_arg(self.ptr(buf)?, buf.len, offset, std::mem::size_of::<T>())

@@ -9,6 +9,7 @@ pub mod lora;
 pub mod loss;
 pub mod norm;
 pub mod optim;
+pub mod paged;
 pub mod rope;
 pub mod swiglu;
 pub mod w8a16;
