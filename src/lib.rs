@@ -7,6 +7,7 @@ pub mod backend;
 pub mod error;
 pub mod infer;
 pub mod kernels;
+pub mod memory;
 pub mod model;
 pub mod rng;
 pub mod tensor;

@@ -383,3 +383,28 @@ fn cli_generates_and_converts_the_fixture() {
         "{out}"
     );
 }
+
+#[test]
+fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
+    let (ok, out, err) = cli(&[
+        "plan", "--model", "llama-7b", "--batch", "4", "--seq", "1024", "--budget", "24GiB",
+        "--solve",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("fits") && out.contains("largest batch at seq 1024"),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&[
+        "plan", "--model", "llama-7b", "--batch", "64", "--seq", "4096",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("would fit with --batch") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&["plan", "--budget", "lots"]);
+    assert!(!ok && err.contains("--budget 'lots'"), "{err}");
+    let (ok, _, err) = cli(&["plan", "--targets", "q,zz"]);
+    assert!(!ok && err.contains("unknown LoRA target 'zz'"), "{err}");
+}

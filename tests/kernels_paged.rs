@@ -34,12 +34,12 @@ fn paged_decode_equals_contiguous_attention() {
         // The host's view of every sequence's K/V rows, to build the contiguous reference.
         let mut host: Vec<(Vec<bf16>, Vec<bf16>)> = vec![];
         let write = |dev: &Device,
-                         kv: &mut PagedKv,
-                         id: u64,
-                         n: usize,
-                         kc: &mut recforge::backend::gpu::DevBuf<bf16>,
-                         vc: &mut recforge::backend::gpu::DevBuf<bf16>,
-                         rng: &mut Rng| {
+                     kv: &mut PagedKv,
+                     id: u64,
+                     n: usize,
+                     kc: &mut recforge::backend::gpu::DevBuf<bf16>,
+                     vc: &mut recforge::backend::gpu::DevBuf<bf16>,
+                     rng: &mut Rng| {
             let (slots, copies) = kv.append(id, n).unwrap();
             for c in copies {
                 let (s, d) = (c.src as usize * bs * row, c.dst as usize * bs * row);

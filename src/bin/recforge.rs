@@ -13,6 +13,7 @@ use recforge::backend::gpu::{probe_cuda, Device, DeviceChoice};
 use recforge::backend::Backend;
 use recforge::infer::generate::{greedy, GenerateOptions, StopReason};
 use recforge::kernels;
+use recforge::memory;
 use recforge::model::{self, Llama, LoadOptions};
 
 /// The model `generate` and `info` use when --model is not given (fetched by
@@ -68,6 +69,33 @@ enum Cmd {
     },
     /// List the compiled CUDA kernels with ptxas' registers, shared memory and spills.
     Kernels,
+    /// Print the memory plan of a LoRA training step and whether it fits the budget.
+    Plan {
+        /// A model path, or a named shape: llama-7b, llama-13b, smollm2-135m.
+        #[arg(long, default_value = "llama-7b")]
+        model: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 1024)]
+        seq: usize,
+        /// Device memory budget, e.g. 24GiB.
+        #[arg(long, default_value = "24GiB")]
+        budget: String,
+        #[arg(long, default_value_t = 16)]
+        lora_r: usize,
+        /// LoRA target modules, comma-separated (q,k,v,o,gate,up,down).
+        #[arg(long, default_value = "q,k,v,o")]
+        targets: String,
+        /// Keep every layer's activations instead of recomputing one layer at a time.
+        #[arg(long)]
+        no_checkpointing: bool,
+        /// Rows of logits materialized at a time.
+        #[arg(long, default_value_t = 1024)]
+        logits_chunk: usize,
+        /// Also report the largest batch and the largest sequence length that fit.
+        #[arg(long)]
+        solve: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -103,6 +131,40 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kernels => {
             print_kernels();
             Ok(())
+        }
+        Cmd::Plan {
+            model,
+            batch,
+            seq,
+            budget,
+            lora_r,
+            targets,
+            no_checkpointing,
+            logits_chunk,
+            solve,
+        } => {
+            let budget = memory::parse_bytes(&budget).with_context(|| {
+                format!("--budget '{budget}': expected a size such as 24GiB or 512MiB")
+            })?;
+            let cfg = match memory::named_shape(&model) {
+                Some(c) => c,
+                None => open_model(Path::new(&model))?.config().clone(),
+            };
+            let setup = memory::TrainSetup {
+                model: cfg,
+                batch,
+                seq,
+                lora_rank: lora_r,
+                targets: targets
+                    .split(',')
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+                    .collect(),
+                checkpointing: !no_checkpointing,
+                logits_chunk,
+                budget,
+            };
+            plan(&model, &setup, solve)
         }
     }
 }
@@ -295,6 +357,52 @@ fn convert(path: &Path, out: &Path) -> Result<()> {
     })
     .with_context(|| format!("cannot convert {} to {}", path.display(), out.display()))?;
     eprintln!("\nwrote {}", out.display());
+    Ok(())
+}
+
+fn plan(model: &str, s: &memory::TrainSetup, solve: bool) -> Result<()> {
+    let p = memory::plan_training(s).map_err(anyhow::Error::msg)?;
+    println!(
+        "memory plan: {model}, batch {} × seq {}, LoRA r={} on {}, checkpointing {}\n",
+        s.batch,
+        s.seq,
+        s.lora_rank,
+        s.targets.join(","),
+        if s.checkpointing { "on" } else { "off" }
+    );
+    print!("{}", p.table());
+    let (b, q) = if solve || !p.fits() {
+        memory::solve(s).map_err(anyhow::Error::msg)?
+    } else {
+        (0, 0)
+    };
+    if solve {
+        println!(
+            "largest batch at seq {}: {b}; largest seq at batch {}: {q}",
+            s.seq, s.batch
+        );
+    }
+    if !p.fits() {
+        let mut fixes = vec![];
+        if b > 0 {
+            fixes.push(format!("--batch {b}"));
+        }
+        if q > 0 {
+            fixes.push(format!("--seq {q}"));
+        }
+        if !s.checkpointing {
+            fixes.push("turn checkpointing back on".into());
+        }
+        if fixes.is_empty() {
+            fixes.push("a larger --budget (the frozen weights alone do not fit)".into());
+        }
+        bail!(
+            "the plan needs {} but the budget is {}; it would fit with {}",
+            memory::human(p.total()),
+            memory::human(s.budget),
+            fixes.join(", or ")
+        );
+    }
     Ok(())
 }
 

@@ -92,7 +92,12 @@ pub fn paged_decode(
     let name = "paged_decode_bf16";
     let batch = context_lens.len();
     let hd = shape.head_dim;
-    if hd == 0 || !hd.is_multiple_of(32) || hd > 128 || shape.kv_heads == 0 || !heads.is_multiple_of(shape.kv_heads) {
+    if hd == 0
+        || !hd.is_multiple_of(32)
+        || hd > 128
+        || shape.kv_heads == 0
+        || !heads.is_multiple_of(shape.kv_heads)
+    {
         return Err(Error::Shape(format!("{name}: head_dim {hd} must be 32..128 in steps of 32 and heads {heads} a multiple of {}", shape.kv_heads)));
     }
     if q.len() != batch * heads * hd

@@ -1,0 +1,472 @@
+//! The memory plan (DESIGN.md §4): every byte a training step needs, named before it runs, for a
+//! model shape, batch, sequence length, LoRA configuration, checkpointing policy and budget.
+//! `recforge plan` prints it; a run whose plan does not fit stops before it starts.
+//!
+//! Sizes follow the GPU backend's storage: int8 frozen linears with f32 row scales, bf16
+//! activations / embeddings / head, f32 norm weights, LoRA parameters + gradients + AdamW
+//! moments in f32, f32 logits for one chunk of rows at a time.
+
+use crate::model::LlamaConfig;
+
+pub const GIB: u64 = 1 << 30;
+
+/// The linear layers LoRA can target, in PEFT's names.
+pub const TARGETS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
+
+#[derive(Clone, Debug)]
+pub struct TrainSetup {
+    pub model: LlamaConfig,
+    pub batch: usize,
+    pub seq: usize,
+    pub lora_rank: usize,
+    /// Any of TARGETS.
+    pub targets: Vec<String>,
+    /// Keep only each layer's input and recompute inside the layer during backward.
+    pub checkpointing: bool,
+    /// Rows of logits computed (and turned into gradients) at a time.
+    pub logits_chunk: usize,
+    pub budget: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub category: &'static str,
+    pub what: String,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub entries: Vec<Entry>,
+    pub budget: u64,
+}
+
+impl Plan {
+    pub fn total(&self) -> u64 {
+        self.entries.iter().map(|e| e.bytes).sum()
+    }
+    pub fn fits(&self) -> bool {
+        self.total() <= self.budget
+    }
+    pub fn category_total(&self, category: &str) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| e.category == category)
+            .map(|e| e.bytes)
+            .sum()
+    }
+    /// The plan as a table: one line per entry, then totals per category and the verdict.
+    pub fn table(&self) -> String {
+        let mut s = format!("{:<22} {:<58} {:>12}\n", "category", "tensors", "bytes");
+        for e in &self.entries {
+            s.push_str(&format!(
+                "{:<22} {:<58} {:>12}\n",
+                e.category,
+                e.what,
+                human(e.bytes)
+            ));
+        }
+        s.push_str(&format!("{:<22} {:<58} {:>12}\n", "", "", "------------"));
+        let mut cats: Vec<&str> = self.entries.iter().map(|e| e.category).collect();
+        cats.dedup();
+        for c in cats {
+            s.push_str(&format!(
+                "{:<22} {:<58} {:>12}\n",
+                c,
+                "(total)",
+                human(self.category_total(c))
+            ));
+        }
+        s.push_str(&format!(
+            "{:<22} {:<58} {:>12}\nbudget {}: {}\n",
+            "TOTAL",
+            "",
+            human(self.total()),
+            human(self.budget),
+            if self.fits() {
+                format!("fits, {} to spare", human(self.budget - self.total()))
+            } else {
+                format!("does NOT fit, {} over", human(self.total() - self.budget))
+            }
+        ));
+        s
+    }
+}
+
+pub fn human(b: u64) -> String {
+    if b >= GIB {
+        format!("{:.2} GiB", b as f64 / GIB as f64)
+    } else if b >= 1 << 20 {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    } else if b >= 1 << 10 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{b} B")
+    }
+}
+
+/// Parse "24GiB", "24 GiB", "512MiB", "24G", or a byte count.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let t = s.trim().to_ascii_lowercase().replace(' ', "");
+    let (num, mul) = if let Some(n) = t
+        .strip_suffix("gib")
+        .or_else(|| t.strip_suffix("gb"))
+        .or_else(|| t.strip_suffix('g'))
+    {
+        (n, GIB)
+    } else if let Some(n) = t
+        .strip_suffix("mib")
+        .or_else(|| t.strip_suffix("mb"))
+        .or_else(|| t.strip_suffix('m'))
+    {
+        (n, 1 << 20)
+    } else {
+        (t.as_str(), 1)
+    };
+    let v: f64 = num.parse().ok()?;
+    (v.is_finite() && v > 0.0).then_some((v * mul as f64) as u64)
+}
+
+/// A named model shape (random int8 weights for benchmarks and planning).
+pub fn named_shape(name: &str) -> Option<LlamaConfig> {
+    let mk = |hidden, inter, layers, heads, kv, vocab, theta, tied| LlamaConfig {
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: hidden / heads,
+        vocab_size: vocab,
+        rms_norm_eps: 1e-5,
+        rope_theta: theta,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: tied,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    };
+    Some(match name {
+        "llama-7b" => mk(4096, 11008, 32, 32, 32, 32000, 10000.0, false),
+        "llama-13b" => mk(5120, 13824, 40, 40, 40, 32000, 10000.0, false),
+        "smollm2-135m" => mk(576, 1536, 30, 9, 3, 49152, 100000.0, true),
+        _ => return None,
+    })
+}
+
+/// (out, in) of each target linear.
+fn linear_dims(c: &LlamaConfig, target: &str) -> Option<(usize, usize)> {
+    let (d, f, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+    Some(match target {
+        "q" => (q, d),
+        "k" | "v" => (kv, d),
+        "o" => (d, q),
+        "gate" | "up" => (f, d),
+        "down" => (d, f),
+        _ => return None,
+    })
+}
+
+/// The plan of one training step (forward + backward + optimizer) for `s`.
+pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
+    let c = &s.model;
+    for t in &s.targets {
+        if linear_dims(c, t).is_none() {
+            return Err(format!(
+                "unknown LoRA target '{t}' (expected some of {})",
+                TARGETS.join(", ")
+            ));
+        }
+    }
+    if s.batch == 0 || s.seq == 0 || s.logits_chunk == 0 {
+        return Err("batch, sequence length and logits chunk must be positive".into());
+    }
+    let (l, d, f, v) = (
+        c.num_hidden_layers as u64,
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+    );
+    let (hq, hkv, heads) = (
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
+        c.num_attention_heads as u64,
+    );
+    let tok = (s.batch * s.seq) as u64;
+    let r = s.lora_rank as u64;
+    let mut e = vec![];
+    let mut add = |category: &'static str, what: String, bytes: u64| {
+        e.push(Entry {
+            category,
+            what,
+            bytes,
+        })
+    };
+
+    // Frozen weights.
+    let lin_params: u64 = TARGETS
+        .iter()
+        .map(|t| linear_dims(c, t).map(|(o, i)| (o * i) as u64).unwrap_or(0))
+        .sum();
+    let lin_rows: u64 = TARGETS
+        .iter()
+        .map(|t| linear_dims(c, t).map(|(o, _)| o as u64).unwrap_or(0))
+        .sum();
+    add(
+        "weights (int8)",
+        format!("{l} layers × q,k,v,o,gate,up,down int8"),
+        l * lin_params,
+    );
+    add(
+        "weights (int8)",
+        format!("{l} layers × per-row f32 scales"),
+        l * lin_rows * 4,
+    );
+    add(
+        "kept precision",
+        format!("embedding [{v}, {d}] bf16"),
+        v * d * 2,
+    );
+    if !c.tie_word_embeddings {
+        add(
+            "kept precision",
+            format!("output head [{v}, {d}] bf16"),
+            v * d * 2,
+        );
+    }
+    add(
+        "kept precision",
+        format!("{} norm weights [{d}] f32", 2 * l + 1),
+        (2 * l + 1) * d * 4,
+    );
+
+    // LoRA: parameters, gradients, AdamW m and v — all f32.
+    let lora_params: u64 = s
+        .targets
+        .iter()
+        .map(|t| {
+            linear_dims(c, t)
+                .map(|(o, i)| r * (o + i) as u64)
+                .unwrap_or(0)
+        })
+        .sum::<u64>()
+        * l;
+    let tl = s.targets.join(",");
+    add(
+        "lora",
+        format!("A, B for {tl}, r={r}, {l} layers (f32)"),
+        lora_params * 4,
+    );
+    add("lora", "gradients (f32)".into(), lora_params * 4);
+    add("lora", "AdamW m, v (f32)".into(), lora_params * 8);
+
+    // Activations kept for the backward pass.
+    // Inside one layer, what its backward reads: the layer input and the mid-layer residual
+    // (for the two RMSNorm backwards), both norm outputs (inputs of the LoRA'd linears), q, k, v
+    // after RoPE, the attention output, its logsumexp, gate, up and silu(gate)·up, and the LoRA
+    // h and u of each target.
+    let lora_hu_per_layer = 2 * tok * r * s.targets.len() as u64 * 4;
+    let per_layer =
+        tok * (4 * d + hq + 2 * hkv + hq + 3 * f) * 2 + tok * heads * 4 + lora_hu_per_layer;
+    if s.checkpointing {
+        add(
+            "activations",
+            format!("{l} layer inputs [{tok}, {d}] bf16 (checkpoints)"),
+            l * tok * d * 2,
+        );
+        add(
+            "recompute working set",
+            format!("one layer's saved tensors for {tok} tokens"),
+            per_layer,
+        );
+    } else {
+        add(
+            "activations",
+            format!("{l} layers' saved tensors for {tok} tokens"),
+            l * per_layer,
+        );
+    }
+    // Gradients flowing backward through one layer: d(residual) plus the largest per-op grads.
+    add(
+        "backward working set",
+        format!("dX, d(residual), dgate/dup [{tok}, {f}] bf16"),
+        tok * (2 * d + 2 * f) * 2,
+    );
+    add(
+        "backward working set",
+        "attention dK/dV f32 accumulators".into(),
+        tok * 2 * hkv * 4,
+    );
+    add(
+        "final norm + logits",
+        format!("final hidden [{tok}, {d}] bf16"),
+        tok * d * 2,
+    );
+    add(
+        "final norm + logits",
+        format!(
+            "logits chunk [{}, {v}] f32 (→ its gradient in place)",
+            s.logits_chunk
+        ),
+        s.logits_chunk as u64 * v * 4,
+    );
+    add("final norm + logits", "per-row loss f32".into(), tok * 4);
+    // Kernel workspaces: int8 activation copy and outlier lists for the widest linear input,
+    // the gradient-norm partials.
+    let widest = d.max(f).max(hq);
+    add(
+        "kernel workspaces",
+        format!("int8 activations [{tok}, {widest}] + scales + outlier columns"),
+        tok * widest + tok * 4 + widest * 8,
+    );
+    add(
+        "kernel workspaces",
+        "gradient-norm partials".into(),
+        1024 * 4 + 4,
+    );
+    Ok(Plan {
+        entries: e,
+        budget: s.budget,
+    })
+}
+
+/// The largest batch (at the setup's sequence length) and the largest sequence length (at its
+/// batch) that fit the budget; 0 when none does.
+pub fn solve(s: &TrainSetup) -> Result<(usize, usize), String> {
+    let fits = |b: usize, q: usize| -> Result<bool, String> {
+        Ok(plan_training(&TrainSetup {
+            batch: b,
+            seq: q,
+            ..s.clone()
+        })?
+        .fits())
+    };
+    let largest = |f: &dyn Fn(usize) -> Result<bool, String>| -> Result<usize, String> {
+        if !f(1)? {
+            return Ok(0);
+        }
+        let mut lo = 1;
+        let mut hi = 2;
+        while hi < (1 << 24) && f(hi)? {
+            lo = hi;
+            hi *= 2;
+        }
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if f(mid)? {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    };
+    Ok((
+        largest(&|b| fits(b, s.seq))?,
+        largest(&|q| fits(s.batch, q))?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama7b(batch: usize, seq: usize) -> TrainSetup {
+        TrainSetup {
+            model: named_shape("llama-7b").unwrap(),
+            batch,
+            seq,
+            lora_rank: 16,
+            targets: ["q", "k", "v", "o"].iter().map(|s| s.to_string()).collect(),
+            checkpointing: true,
+            logits_chunk: 1024,
+            budget: 24 * GIB,
+        }
+    }
+
+    #[test]
+    fn llama_7b_lora_fits_24_gib_with_room() {
+        let p = plan_training(&llama7b(4, 1024)).unwrap();
+        // Independent arithmetic: 32 layers × (4·4096² + 3·4096·11008) int8 bytes.
+        assert_eq!(
+            p.entries[0].bytes,
+            32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+        );
+        // LoRA r=16 on q,k,v,o: 32 · 4 · 16 · (4096 + 4096) = 16.8 M parameters, 16 bytes each.
+        assert_eq!(p.category_total("lora"), 32 * 4 * 16 * 8192 * 16);
+        assert!(p.fits(), "{}", p.table());
+        assert!(
+            p.total() < 20 * GIB,
+            "room left under 24 GiB: {}",
+            human(p.total())
+        );
+        assert_eq!(p.total(), p.entries.iter().map(|e| e.bytes).sum::<u64>());
+    }
+
+    #[test]
+    fn checkpointing_trades_saved_layers_for_one_recomputed_layer() {
+        let with = plan_training(&llama7b(4, 1024)).unwrap();
+        let without = plan_training(&TrainSetup {
+            checkpointing: false,
+            ..llama7b(4, 1024)
+        })
+        .unwrap();
+        // Per layer of LLaMA-7B at 4096 tokens: 4·4096 + 2·4096 (q, attn) + 2·4096 (k, v) +
+        // 3·11008 bf16 values per token, 32 f32 logsumexps, and h, u for 4 rank-16 targets.
+        let per_layer: u64 = 4096 * (4 * 4096 + 2 * 4096 + 2 * 4096 + 3 * 11008) * 2
+            + 4096 * 32 * 4
+            + 2 * 4096 * 16 * 4 * 4;
+        let checkpoints: u64 = 32 * 4096 * 4096 * 2;
+        assert_eq!(
+            without.total() - with.total(),
+            32 * per_layer - (checkpoints + per_layer)
+        );
+        assert!(without.total() > with.total());
+    }
+
+    #[test]
+    fn solve_returns_the_largest_fitting_sizes() {
+        let s = llama7b(4, 1024);
+        let (b, q) = solve(&s).unwrap();
+        assert!(b >= 4 && q >= 1024, "{b} × {q}");
+        assert!(plan_training(&TrainSetup {
+            batch: b,
+            ..s.clone()
+        })
+        .unwrap()
+        .fits());
+        assert!(!plan_training(&TrainSetup {
+            batch: b + 1,
+            ..s.clone()
+        })
+        .unwrap()
+        .fits());
+        assert!(plan_training(&TrainSetup {
+            seq: q,
+            ..s.clone()
+        })
+        .unwrap()
+        .fits());
+        assert!(!plan_training(&TrainSetup {
+            seq: q + 1,
+            ..s.clone()
+        })
+        .unwrap()
+        .fits());
+        // A budget below the frozen weights fits nothing.
+        assert_eq!(solve(&TrainSetup { budget: GIB, ..s }).unwrap(), (0, 0));
+    }
+
+    #[test]
+    fn bad_setups_and_sizes() {
+        let e = plan_training(&TrainSetup {
+            targets: vec!["qq".into()],
+            ..llama7b(1, 8)
+        })
+        .unwrap_err();
+        assert!(e.contains("unknown LoRA target 'qq'"), "{e}");
+        assert_eq!(parse_bytes("24GiB"), Some(24 * GIB));
+        assert_eq!(parse_bytes("512 MiB"), Some(512 << 20));
+        assert_eq!(parse_bytes("1000"), Some(1000));
+        assert_eq!(parse_bytes("lots"), None);
+        assert_eq!(parse_bytes("-1G"), None);
+    }
+}
