@@ -168,4 +168,47 @@ impl HostTensor {
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         self.data.to_f32()
     }
+    /// The same values in another float type (rounding to nearest even when narrowing); a tensor
+    /// already of `dtype` is returned as is. Integer tensors convert only to themselves.
+    pub fn to_dtype(&self, dtype: DType) -> Result<HostTensor> {
+        if self.dtype() == dtype {
+            return Ok(self.clone());
+        }
+        if !self.dtype().is_float() || !dtype.is_float() {
+            return Err(Error::Invalid(format!(
+                "cannot convert a {} tensor to {dtype}",
+                self.dtype()
+            )));
+        }
+        let v = self.to_f32()?;
+        let data = match dtype {
+            DType::F32 => HostData::F32(v),
+            DType::F16 => HostData::F16(v.into_iter().map(f16::from_f32).collect()),
+            DType::BF16 => HostData::BF16(v.into_iter().map(bf16::from_f32).collect()),
+            _ => unreachable!("float checked above"),
+        };
+        HostTensor::new(self.shape.clone(), data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_conversion_rounds_to_nearest_and_refuses_integers() {
+        // 1 + 2^-8 is halfway between two bf16 values (1 and 1 + 2^-7): ties go to even (1.0);
+        // 1 + 3·2^-9 rounds up to 1 + 2^-7. f16 keeps both exactly.
+        let t = HostTensor::f32(vec![3], vec![1.0 + 1.0 / 256.0, 1.0 + 3.0 / 512.0, -2.5]).unwrap();
+        let b = t.to_dtype(DType::BF16).unwrap().to_f32().unwrap();
+        assert_eq!(b, vec![1.0, 1.0 + 1.0 / 128.0, -2.5]);
+        assert_eq!(
+            t.to_dtype(DType::F16).unwrap().to_f32().unwrap(),
+            t.to_f32().unwrap()
+        );
+        assert_eq!(t.to_dtype(DType::F32).unwrap(), t);
+        let i = HostTensor::new(vec![2], HostData::U32(vec![1, 2])).unwrap();
+        assert!(i.to_dtype(DType::F32).is_err());
+        assert_eq!(i.to_dtype(DType::U32).unwrap(), i);
+    }
 }

@@ -139,6 +139,9 @@ pub trait Backend: Sized + Send + Sync {
 
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
+    /// Copy a host tensor to the backend in its own dtype (the CPU reference widens f16 / bf16
+    /// to f32 exactly; it computes in f32). Convert with `HostTensor::to_dtype` first to store
+    /// another type.
     fn upload(&self, t: &HostTensor) -> Result<Tensor<Self>>;
     fn download(&self, t: &Tensor<Self>) -> Result<HostTensor>;
     /// Copy `n` rows (along the first dimension) of `src` starting at `src_row` into `dst`

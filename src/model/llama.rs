@@ -66,7 +66,7 @@ pub enum Logits {
 fn dense<B: Backend>(be: &B, t: &HostTensor) -> Result<Linear<B>> {
     let (n, k) = (t.shape[0], t.shape[1]);
     Ok(Linear {
-        weight: LinearWeight::Dense(be.upload(t)?),
+        weight: LinearWeight::Dense(be.upload(&t.to_dtype(be.activation_dtype())?)?),
         out_features: n,
         in_features: k,
         outlier_threshold: 0.0,
@@ -83,7 +83,9 @@ fn frozen_linear<B: Backend>(be: &B, t: &HostTensor, opts: &LoadOptions) -> Resu
             scale: be.upload(&HostTensor::f32(vec![n], s)?)?,
         }
     } else {
-        LinearWeight::Dense(be.upload(&HostTensor::f32(vec![n, k], w)?)?)
+        LinearWeight::Dense(
+            be.upload(&HostTensor::f32(vec![n, k], w)?.to_dtype(be.activation_dtype())?)?,
+        )
     };
     Ok(Linear {
         weight,
@@ -95,19 +97,21 @@ fn frozen_linear<B: Backend>(be: &B, t: &HostTensor, opts: &LoadOptions) -> Resu
 
 impl<B: Backend> Llama<B> {
     /// Load every tensor from `src` onto `be`, one tensor at a time (the f32 copy of a linear
-    /// lives only while it is being quantized).
+    /// lives only while it is being quantized). Kept-precision matrices (embedding, head, f32
+    /// linears) take the backend's activation dtype; norm weights stay f32.
     pub fn load(src: &dyn ModelSource, be: &B, opts: LoadOptions) -> Result<Self> {
         let cfg = src.config().clone();
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let t = |s: &str| src.tensor(&format!("model.layers.{i}.{s}"));
                 Ok(Layer {
-                    attn_norm: be.upload(&t("input_layernorm.weight")?)?,
+                    attn_norm: be.upload(&t("input_layernorm.weight")?.to_dtype(DType::F32)?)?,
                     q: frozen_linear(be, &t("self_attn.q_proj.weight")?, &opts)?,
                     k: frozen_linear(be, &t("self_attn.k_proj.weight")?, &opts)?,
                     v: frozen_linear(be, &t("self_attn.v_proj.weight")?, &opts)?,
                     o: frozen_linear(be, &t("self_attn.o_proj.weight")?, &opts)?,
-                    ffn_norm: be.upload(&t("post_attention_layernorm.weight")?)?,
+                    ffn_norm: be
+                        .upload(&t("post_attention_layernorm.weight")?.to_dtype(DType::F32)?)?,
                     gate: frozen_linear(be, &t("mlp.gate_proj.weight")?, &opts)?,
                     up: frozen_linear(be, &t("mlp.up_proj.weight")?, &opts)?,
                     down: frozen_linear(be, &t("mlp.down_proj.weight")?, &opts)?,
@@ -121,7 +125,7 @@ impl<B: Backend> Llama<B> {
         };
         Ok(Llama {
             embed: dense(be, &src.tensor("model.embed_tokens.weight")?)?,
-            norm: be.upload(&src.tensor("model.norm.weight")?)?,
+            norm: be.upload(&src.tensor("model.norm.weight")?.to_dtype(DType::F32)?)?,
             layers,
             lm_head,
             config: cfg,

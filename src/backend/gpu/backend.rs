@@ -1,9 +1,9 @@
 //! The `Backend` trait on a `Device` (CUDA or the simulator): activations in bf16, weights as
 //! the kernels want them. The model, trainer and server code run on it unchanged.
 //!
-//! Storage policy on upload: float matrices (2-D and up) become bf16 — the activation and
-//! weight precision of the GPU path — while float vectors (norm weights, scales) stay f32, as
-//! the kernels take them; integer tensors are copied as they are.
+//! Tensors are stored in the dtype they are uploaded in (f32, bf16, i8, i32, u32); the model
+//! converts kept-precision matrices to bf16 (`activation_dtype`) and keeps norm weights and
+//! scales in f32, as the kernels take them. f16 is not used on this backend.
 
 use half::bf16;
 
@@ -164,27 +164,18 @@ impl Backend for Gpu {
     }
 
     fn upload(&self, t: &HostTensor) -> Result<T> {
-        let matrix = t.shape.len() >= 2;
-        let (storage, dtype) = match &t.data {
-            HostData::F32(_) | HostData::F16(_) | HostData::BF16(_) if matrix => {
-                let v: Vec<bf16> = match &t.data {
-                    HostData::BF16(v) => v.clone(),
-                    other => other.to_f32()?.into_iter().map(bf16::from_f32).collect(),
-                };
-                (GpuStorage::BF16(self.dev.upload(&v)?), DType::BF16)
-            }
-            HostData::F32(_) | HostData::F16(_) | HostData::BF16(_) => (
-                GpuStorage::F32(self.dev.upload(&t.data.to_f32()?)?),
-                DType::F32,
-            ),
-            HostData::I8(v) => (GpuStorage::I8(self.dev.upload(v)?), DType::I8),
-            HostData::I32(v) => (GpuStorage::I32(self.dev.upload(v)?), DType::I32),
-            HostData::U32(v) => (GpuStorage::U32(self.dev.upload(v)?), DType::U32),
+        let storage = match &t.data {
+            HostData::F32(v) => GpuStorage::F32(self.dev.upload(v)?),
+            HostData::BF16(v) => GpuStorage::BF16(self.dev.upload(v)?),
+            HostData::I8(v) => GpuStorage::I8(self.dev.upload(v)?),
+            HostData::I32(v) => GpuStorage::I32(self.dev.upload(v)?),
+            HostData::U32(v) => GpuStorage::U32(self.dev.upload(v)?),
+            HostData::F16(_) => return Err(Error::Device("f16 tensors are not used on the GPU backend: convert to bf16 or f32 (HostTensor::to_dtype)".into())),
         };
         Ok(Tensor {
             storage,
             shape: t.shape.clone(),
-            dtype,
+            dtype: t.dtype(),
         })
     }
 
