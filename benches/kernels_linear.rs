@@ -204,7 +204,8 @@ fn bench_gpu(c: &mut Criterion) {
             let mut u = dev.alloc_zeros::<f32>(m * rank).unwrap();
             g.bench_function(BenchmarkId::new(label, m), |b| {
                 b.iter(|| {
-                    lora::lora_down(&dev, &dx, &dl, &dg, Dropout::NONE, &mut h, &mut u, m).unwrap();
+                    lora::lora_down(&dev, &dx, &dl.view(), &dg, Dropout::NONE, &mut h, &mut u, m)
+                        .unwrap();
                     let up = w8a8::LoraUp {
                         u: &u,
                         b: &dl.b,

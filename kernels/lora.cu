@@ -147,3 +147,16 @@ extern "C" __global__ void lora_dx_bf16(const float* __restrict__ dh, const floa
         dx[i] = __float2bfloat16(__bfloat162float(dx[i]) + ks * s);
     }
 }
+
+// y[m, n] += scale · Σ_j u[m, j]·B[n, j] as a separate pass (the Backend trait's lora_forward;
+// the W8A8 GEMM fuses the same sum into its epilogue). Grid-stride over M·N, block (256).
+extern "C" __global__ void lora_up_bf16(const float* __restrict__ u, const float* __restrict__ b, __nv_bfloat16* __restrict__ y,
+                                        int M, int N, int R, float scale) {
+    const size_t total = (size_t)M * N;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t m = i / N, n = i % N;
+        float t = 0.0f;
+        for (int j = 0; j < R; j++) t += u[m * R + j] * b[n * R + j];
+        y[i] = __float2bfloat16(__bfloat162float(y[i]) + scale * t);
+    }
+}

@@ -416,7 +416,7 @@ fn gated_lora_forward_and_backward_match_the_cpu_reference() {
             let (dx_, dg_) = (dev.upload(&x).unwrap(), dev.upload(&gate).unwrap());
             let mut h = dev.upload(&vec![f32::NAN; m * r]).unwrap();
             let mut u = dev.upload(&vec![f32::NAN; m * r]).unwrap();
-            lora::lora_down(&dev, &dx_, &dl, &dg_, drop, &mut h, &mut u, m).unwrap();
+            lora::lora_down(&dev, &dx_, &dl.view(), &dg_, drop, &mut h, &mut u, m).unwrap();
             let (gh, gu) = (dev.download(&h).unwrap(), dev.download(&u).unwrap());
             for i in 0..m * r {
                 // Different summation order over k terms: k·2^-24 of Σ|terms|.
@@ -509,7 +509,7 @@ fn gated_lora_forward_and_backward_match_the_cpu_reference() {
             lora::lora_backward(
                 &dev,
                 &dx_,
-                &dl,
+                &dl.view(),
                 &dg_,
                 drop,
                 &h,
@@ -714,12 +714,22 @@ fn per_sample_lora_gradient_norms_match_the_cpu() {
         let (dx_, dg_) = (dev.upload(&x).unwrap(), dev.upload(&gate).unwrap());
         let mut h = dev.alloc_zeros::<f32>(m * r).unwrap();
         let mut u = dev.alloc_zeros::<f32>(m * r).unwrap();
-        lora::lora_down(&dev, &dx_, &dl, &dg_, Dropout::NONE, &mut h, &mut u, m).unwrap();
-        let mut s = SampleNormScratch::new(&dev, &dl, 11).unwrap();
+        lora::lora_down(
+            &dev,
+            &dx_,
+            &dl.view(),
+            &dg_,
+            Dropout::NONE,
+            &mut h,
+            &mut u,
+            m,
+        )
+        .unwrap();
+        let mut s = SampleNormScratch::new(&dev, &dl.view(), 11).unwrap();
         let got = lora::sample_grad_sq_norms(
             &dev,
             &dx_,
-            &dl,
+            &dl.view(),
             &dg_,
             &h,
             &u,
@@ -739,7 +749,7 @@ fn per_sample_lora_gradient_norms_match_the_cpu() {
         let e = lora::sample_grad_sq_norms(
             &dev,
             &dx_,
-            &dl,
+            &dl.view(),
             &dg_,
             &h,
             &u,

@@ -63,6 +63,28 @@ getter!(bf, bf_mut, BF16, bf16);
 getter!(i8b, i8b_mut, I8, i8);
 getter!(u32b, u32b_mut, U32, u32);
 
+/// The trait's LoRA tensors as a kernel-wrapper view (A `[R, K]`, B `[N, R]`, both f32).
+fn lora_view<'a>(op: &str, lora: &'a Lora<Gpu>, k: usize) -> Result<ops::lora::LoraRef<'a>> {
+    if lora.a.shape.len() != 2
+        || lora.b.shape.len() != 2
+        || lora.a.shape[1] != k
+        || lora.b.shape[1] != lora.a.shape[0]
+    {
+        return Err(Error::Shape(format!(
+            "{op}: x has {k} features, A {:?}, B {:?} do not chain as x·Aᵀ·Bᵀ",
+            lora.a.shape, lora.b.shape
+        )));
+    }
+    Ok(ops::lora::LoraRef {
+        a: f32b(op, "A", &lora.a)?,
+        b: f32b(op, "B", &lora.b)?,
+        rank: lora.a.shape[0],
+        k,
+        n: lora.b.shape[0],
+        scale: lora.scale,
+    })
+}
+
 fn unsupported(op: &str) -> Error {
     Error::Device(format!(
         "{op} is not available on the GPU backend yet (the CPU backend has it)"
@@ -343,36 +365,67 @@ impl Backend for Gpu {
 
     fn lora_forward(
         &self,
-        _: &T,
-        _: &Lora<Gpu>,
-        _: &T,
-        _: Dropout,
-        _: &mut T,
-        _: &mut T,
-        _: &mut T,
+        x: &T,
+        lora: &Lora<Gpu>,
+        gate: &T,
+        dropout: Dropout,
+        h: &mut T,
+        u: &mut T,
+        y: &mut T,
     ) -> Result<()> {
-        Err(unsupported(
-            "lora_forward through the Backend trait (use backend::gpu::ops::lora)",
-        ))
+        let op = "lora_forward";
+        let (m, k) = x.rows_cols();
+        let view = lora_view(op, lora, k)?;
+        ops::lora::lora_down(
+            &self.dev,
+            bf(op, "x", x)?,
+            &view,
+            f32b(op, "gate", gate)?,
+            dropout,
+            f32b_mut(op, "h", h)?,
+            f32b_mut(op, "u", u)?,
+            m,
+        )?;
+        ops::lora::lora_up(&self.dev, f32b(op, "u", u)?, &view, bf_mut(op, "y", y)?, m)
     }
 
     fn lora_backward(
         &self,
-        _: &T,
-        _: &Lora<Gpu>,
-        _: &T,
-        _: Dropout,
-        _: &T,
-        _: &T,
-        _: &T,
-        _: &mut T,
-        _: &mut T,
-        _: &mut T,
-        _: &mut T,
+        x: &T,
+        lora: &Lora<Gpu>,
+        gate: &T,
+        dropout: Dropout,
+        h: &T,
+        u: &T,
+        dy: &T,
+        da: &mut T,
+        db: &mut T,
+        dgate: &mut T,
+        dx: &mut T,
     ) -> Result<()> {
-        Err(unsupported(
-            "lora_backward through the Backend trait (use backend::gpu::ops::lora)",
-        ))
+        let op = "lora_backward";
+        let (m, k) = x.rows_cols();
+        let view = lora_view(op, lora, k)?;
+        let mut dh = self.dev.alloc_zeros::<f32>(m * view.rank)?;
+        let grads = ops::lora::LoraGrads {
+            da: f32b_mut(op, "da", da)?,
+            db: f32b_mut(op, "db", db)?,
+            dgate: f32b_mut(op, "dgate", dgate)?,
+            dh: &mut dh,
+            dx: bf_mut(op, "dx", dx)?,
+        };
+        ops::lora::lora_backward(
+            &self.dev,
+            bf(op, "x", x)?,
+            &view,
+            f32b(op, "gate", gate)?,
+            dropout,
+            f32b(op, "h", h)?,
+            f32b(op, "u", u)?,
+            bf(op, "dy", dy)?,
+            grads,
+            m,
+        )
     }
 
     fn cross_entropy(

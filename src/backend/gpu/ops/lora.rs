@@ -17,7 +17,32 @@ pub struct DevLora {
     pub scale: f32,
 }
 
-fn check(name: &str, l: &DevLora) -> Result<(i32, i32, i32)> {
+/// A borrowed view of a LoRA adapter on the device (A `[rank, k]`, B `[n, rank]`, f32), so the
+/// wrappers serve both owned `DevLora`s and tensors of the `Backend` trait.
+#[derive(Clone, Copy)]
+pub struct LoraRef<'a> {
+    pub a: &'a DevBuf<f32>,
+    pub b: &'a DevBuf<f32>,
+    pub rank: usize,
+    pub k: usize,
+    pub n: usize,
+    pub scale: f32,
+}
+
+impl DevLora {
+    pub fn view(&self) -> LoraRef<'_> {
+        LoraRef {
+            a: &self.a,
+            b: &self.b,
+            rank: self.rank,
+            k: self.k,
+            n: self.n,
+            scale: self.scale,
+        }
+    }
+}
+
+fn check(name: &str, l: &LoraRef<'_>) -> Result<(i32, i32, i32)> {
     if l.a.len() != l.rank * l.k || l.b.len() != l.n * l.rank {
         return Err(Error::Shape(format!(
             "{name}: A has {} elements ({}×{}), B {} ({}×{})",
@@ -50,7 +75,7 @@ fn check_dropout(name: &str, d: Dropout) -> Result<()> {
 pub fn lora_down(
     dev: &Device,
     x: &DevBuf<bf16>,
-    lora: &DevLora,
+    lora: &LoraRef<'_>,
     gate: &DevBuf<f32>,
     dropout: Dropout,
     h: &mut DevBuf<f32>,
@@ -78,7 +103,7 @@ pub fn lora_down(
     let mi = i32::try_from(m).map_err(|_| Error::Shape(format!("{name}: M = {m} is too large")))?;
     let args = [
         dev.ptr(x)?,
-        dev.ptr(&lora.a)?,
+        dev.ptr(lora.a)?,
         dev.ptr(gate)?,
         dev.ptr_mut(h)?,
         dev.ptr_mut(u)?,
@@ -106,7 +131,7 @@ pub struct LoraGrads<'a> {
 pub fn lora_backward(
     dev: &Device,
     x: &DevBuf<bf16>,
-    lora: &DevLora,
+    lora: &LoraRef<'_>,
     gate: &DevBuf<f32>,
     dropout: Dropout,
     h: &DevBuf<f32>,
@@ -151,7 +176,7 @@ pub fn lora_backward(
     let mi = i32::try_from(m).map_err(|_| Error::Shape(format!("{name}: M = {m} is too large")))?;
     let args = [
         dev.ptr(dy)?,
-        dev.ptr(&lora.b)?,
+        dev.ptr(lora.b)?,
         dev.ptr(gate)?,
         dev.ptr(h)?,
         dev.ptr_mut(g.dh)?,
@@ -194,7 +219,7 @@ pub fn lora_backward(
     let blocks = (m * lora.k).div_ceil(256).min(4096) as u32;
     let args = [
         dev.ptr(g.dh)?,
-        dev.ptr(&lora.a)?,
+        dev.ptr(lora.a)?,
         dev.ptr_mut(g.dx)?,
         Arg::I32(mi),
         Arg::I32(ki),
@@ -217,7 +242,7 @@ pub struct SampleNormScratch {
 }
 
 impl SampleNormScratch {
-    pub fn new(dev: &Device, lora: &DevLora, max_rows: usize) -> Result<Self> {
+    pub fn new(dev: &Device, lora: &LoraRef<'_>, max_rows: usize) -> Result<Self> {
         Ok(SampleNormScratch {
             dh: dev.alloc_zeros(max_rows * lora.rank)?,
             dgate: dev.alloc_zeros(max_rows * lora.rank)?,
@@ -239,7 +264,7 @@ impl SampleNormScratch {
 pub fn sample_grad_sq_norms(
     dev: &Device,
     x: &DevBuf<bf16>,
-    lora: &DevLora,
+    lora: &LoraRef<'_>,
     gate: &DevBuf<f32>,
     h: &DevBuf<f32>,
     u: &DevBuf<f32>,
@@ -290,7 +315,7 @@ pub fn sample_grad_sq_norms(
         }
         let args = [
             dev.ptr_at(dy, start * lora.n)?,
-            dev.ptr(&lora.b)?,
+            dev.ptr(lora.b)?,
             dev.ptr_at(gate, start * r)?,
             dev.ptr_at(h, start * r)?,
             dev.ptr_mut(&mut s.dh)?,
@@ -338,4 +363,41 @@ pub fn sample_grad_sq_norms(
         norms.push(total);
     }
     Ok(norms)
+}
+
+/// `y[m, n] += scale · u[m, r] · B[n, r]ᵀ` as its own pass (the W8A8 GEMM fuses this into its
+/// epilogue; this serves the `Backend` trait's lora_forward, which adds to an existing y).
+pub fn lora_up(
+    dev: &Device,
+    u: &DevBuf<f32>,
+    lora: &LoraRef<'_>,
+    y: &mut DevBuf<bf16>,
+    m: usize,
+) -> Result<()> {
+    let name = "lora_up_bf16";
+    let (ri, _, ni) = check(name, lora)?;
+    if u.len() != m * lora.rank || y.len() != m * lora.n {
+        return Err(Error::Shape(format!(
+            "{name}: u {} ({m}×{}), y {} ({m}×{})",
+            u.len(),
+            lora.rank,
+            y.len(),
+            lora.n
+        )));
+    }
+    if m == 0 || lora.n == 0 {
+        return Ok(());
+    }
+    let mi = i32::try_from(m).map_err(|_| Error::Shape(format!("{name}: M = {m} is too large")))?;
+    let blocks = (m * lora.n).div_ceil(256).min(4096) as u32;
+    let args = [
+        dev.ptr(u)?,
+        dev.ptr(lora.b)?,
+        dev.ptr_mut(y)?,
+        Arg::I32(mi),
+        Arg::I32(ni),
+        Arg::I32(ri),
+        Arg::F32(lora.scale),
+    ];
+    dev.launch(name, Launch::linear(blocks, 256), &args)
 }
