@@ -44,6 +44,32 @@ fn upload_spans(
     dev.write(span_buf, &flat)
 }
 
+impl AttnShape {
+    /// The kernels' geometry limits: head_dim 32, 64, 96 or 128 (a warp holds a head), and
+    /// whole groups of query heads per KV head.
+    fn check_heads(&self, name: &str) -> Result<()> {
+        let (hd, h, kv) = (self.head_dim, self.heads, self.kv_heads);
+        if hd == 0 || !hd.is_multiple_of(32) || hd > 128 || kv == 0 || !h.is_multiple_of(kv) {
+            return Err(Error::Shape(format!("{name}: head_dim {hd} must be 32, 64, 96 or 128 and heads {h} a multiple of kv_heads {kv}")));
+        }
+        Ok(())
+    }
+
+    /// Grid of both kernels: (query rows in fours, heads, sequences).
+    fn grid(&self, spans: &[SeqSpan]) -> Launch {
+        let max_q = spans.iter().map(|s| s.q_len).max().unwrap_or(0);
+        Launch {
+            grid: (
+                max_q.div_ceil(4) as u32,
+                self.heads as u32,
+                spans.len() as u32,
+            ),
+            block: (128, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+}
+
 /// Forward: `out = softmax(scale · q·kᵀ, causal by position) · v` per span, and `lse` `[tq,
 /// heads]`. `spans` is uploaded into `span_buf` (4 i32 per span) — the caller keeps that buffer.
 #[allow(clippy::too_many_arguments)]
@@ -67,14 +93,7 @@ pub fn attention_forward(
         kv_heads,
         head_dim,
     } = shape;
-    if head_dim == 0
-        || head_dim % 32 != 0
-        || head_dim > 128
-        || kv_heads == 0
-        || heads % kv_heads != 0
-    {
-        return Err(Error::Shape(format!("{name}: head_dim {head_dim} must be 32, 64, 96 or 128 and heads {heads} a multiple of kv_heads {kv_heads}")));
-    }
+    shape.check_heads(name)?;
     if q.len() != tq * heads * head_dim
         || out.len() != q.len()
         || k.len() != tk * kv_heads * head_dim
@@ -97,15 +116,10 @@ pub fn attention_forward(
         return Ok(());
     }
     upload_spans(dev, name, spans, span_buf)?;
-    let max_q = spans.iter().map(|s| s.q_len).max().unwrap_or(0);
-    if max_q == 0 {
+    let launch = shape.grid(spans);
+    if launch.grid.0 == 0 {
         return Ok(());
     }
-    let launch = Launch {
-        grid: (max_q.div_ceil(4) as u32, heads as u32, spans.len() as u32),
-        block: (128, 1, 1),
-        shared_bytes: 0,
-    };
     let scale = 1.0 / (head_dim as f32).sqrt();
     let args = [
         dev.ptr(q)?,
@@ -182,14 +196,7 @@ pub fn attention_backward(
             scratch.dk32.len()
         )));
     }
-    if head_dim == 0
-        || head_dim % 32 != 0
-        || head_dim > 128
-        || kv_heads == 0
-        || heads % kv_heads != 0
-    {
-        return Err(Error::Shape(format!("{name}: head_dim {head_dim} must be 32, 64, 96 or 128 and heads {heads} a multiple of kv_heads {kv_heads}")));
-    }
+    shape.check_heads(name)?;
     if q.len() != dy.len()
         || k.len() != nk
         || v.len() != nk
@@ -211,13 +218,8 @@ pub fn attention_backward(
         dev.launch("zero_u32", zero, &[dev.ptr_mut(b)?, Arg::I32(nk as i32)])?;
     }
     upload_spans(dev, name, spans, span_buf)?;
-    let max_q = spans.iter().map(|s| s.q_len).max().unwrap_or(0);
-    if max_q > 0 {
-        let launch = Launch {
-            grid: (max_q.div_ceil(4) as u32, heads as u32, spans.len() as u32),
-            block: (128, 1, 1),
-            shared_bytes: 0,
-        };
+    let launch = shape.grid(spans);
+    if launch.grid.0 > 0 {
         let scale = 1.0 / (head_dim as f32).sqrt();
         let args = [
             dev.ptr(q)?,

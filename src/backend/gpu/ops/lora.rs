@@ -116,6 +116,72 @@ pub fn lora_down(
     dev.launch(name, Launch::linear(m as u32, 256), &args)
 }
 
+/// Device addresses of one backward call's operands (row ranges already applied).
+struct GradPtrs {
+    dy: Arg,
+    gate: Arg,
+    h: Arg,
+    u: Arg,
+    x: Arg,
+    dh: Arg,
+    dgate: Arg,
+    da: Arg,
+    db: Arg,
+}
+
+/// The three gradient passes over `rows` rows: dp (→ dh, dgate), dB, dA.
+fn grad_passes(
+    dev: &Device,
+    lora: &LoraRef<'_>,
+    rows: i32,
+    p: GradPtrs,
+    dropout: Dropout,
+) -> Result<()> {
+    let (ri, ki, ni) = check("lora_backward", lora)?;
+    let args = [
+        p.dy,
+        dev.ptr(lora.b)?,
+        p.gate,
+        p.h,
+        p.dh,
+        p.dgate,
+        Arg::I32(rows),
+        Arg::I32(ni),
+        Arg::I32(ri),
+        Arg::F32(lora.scale),
+    ];
+    dev.launch("lora_dp_bf16", Launch::linear(rows as u32, 256), &args)?;
+    let args = [
+        p.dy,
+        p.u,
+        p.db,
+        Arg::I32(rows),
+        Arg::I32(ni),
+        Arg::I32(ri),
+        Arg::F32(lora.scale),
+    ];
+    dev.launch(
+        "lora_db_bf16",
+        Launch::linear(lora.n.div_ceil(128) as u32, 128),
+        &args,
+    )?;
+    let args = [
+        p.x,
+        p.dh,
+        p.da,
+        Arg::I32(rows),
+        Arg::I32(ki),
+        Arg::I32(ri),
+        Arg::F32(dropout.p),
+        Arg::U64(dropout.seed),
+    ];
+    dev.launch(
+        "lora_da_bf16",
+        Launch::linear(lora.k.div_ceil(128) as u32, 128),
+        &args,
+    )
+}
+
 /// Buffers the backward pass reads and writes; `da`, `db` and `dx` accumulate, `dgate` and the
 /// `dh` scratch `[m, rank]` are overwritten.
 pub struct LoraGrads<'a> {
@@ -141,7 +207,7 @@ pub fn lora_backward(
     m: usize,
 ) -> Result<()> {
     let name = "lora_backward";
-    let (ri, ki, ni) = check(name, lora)?;
+    let (ri, ki, _) = check(name, lora)?;
     check_dropout(name, dropout)?;
     let mr = m * lora.rank;
     let ok = x.len() == m * lora.k
@@ -174,48 +240,18 @@ pub fn lora_backward(
         return Ok(());
     }
     let mi = i32::try_from(m).map_err(|_| Error::Shape(format!("{name}: M = {m} is too large")))?;
-    let args = [
-        dev.ptr(dy)?,
-        dev.ptr(lora.b)?,
-        dev.ptr(gate)?,
-        dev.ptr(h)?,
-        dev.ptr_mut(g.dh)?,
-        dev.ptr_mut(g.dgate)?,
-        Arg::I32(mi),
-        Arg::I32(ni),
-        Arg::I32(ri),
-        Arg::F32(lora.scale),
-    ];
-    dev.launch("lora_dp_bf16", Launch::linear(m as u32, 256), &args)?;
-    let args = [
-        dev.ptr(dy)?,
-        dev.ptr(u)?,
-        dev.ptr_mut(g.db)?,
-        Arg::I32(mi),
-        Arg::I32(ni),
-        Arg::I32(ri),
-        Arg::F32(lora.scale),
-    ];
-    dev.launch(
-        "lora_db_bf16",
-        Launch::linear(lora.n.div_ceil(128) as u32, 128),
-        &args,
-    )?;
-    let args = [
-        dev.ptr(x)?,
-        dev.ptr(g.dh)?,
-        dev.ptr_mut(g.da)?,
-        Arg::I32(mi),
-        Arg::I32(ki),
-        Arg::I32(ri),
-        Arg::F32(dropout.p),
-        Arg::U64(dropout.seed),
-    ];
-    dev.launch(
-        "lora_da_bf16",
-        Launch::linear(lora.k.div_ceil(128) as u32, 128),
-        &args,
-    )?;
+    let ptrs = GradPtrs {
+        dy: dev.ptr(dy)?,
+        gate: dev.ptr(gate)?,
+        h: dev.ptr(h)?,
+        u: dev.ptr(u)?,
+        x: dev.ptr(x)?,
+        dh: dev.ptr_mut(g.dh)?,
+        dgate: dev.ptr_mut(g.dgate)?,
+        da: dev.ptr_mut(g.da)?,
+        db: dev.ptr_mut(g.db)?,
+    };
+    grad_passes(dev, lora, mi, ptrs, dropout)?;
     let blocks = (m * lora.k).div_ceil(256).min(4096) as u32;
     let args = [
         dev.ptr(g.dh)?,
@@ -273,7 +309,7 @@ pub fn sample_grad_sq_norms(
     s: &mut SampleNormScratch,
 ) -> Result<Vec<f32>> {
     let name = "lora_sample_grad_sq_norms";
-    let (ri, ki, ni) = check(name, lora)?;
+    check(name, lora)?;
     let rows = x.len() / lora.k.max(1);
     if x.len() != rows * lora.k
         || dy.len() != rows * lora.n
@@ -304,7 +340,6 @@ pub fn sample_grad_sq_norms(
             norms.push(0.0);
             continue;
         }
-        let li = len as i32;
         for buf in [&mut s.da, &mut s.db] {
             let n = buf.len();
             dev.launch(
@@ -313,48 +348,18 @@ pub fn sample_grad_sq_norms(
                 &[dev.ptr_mut(buf)?, Arg::I32(n as i32)],
             )?;
         }
-        let args = [
-            dev.ptr_at(dy, start * lora.n)?,
-            dev.ptr(lora.b)?,
-            dev.ptr_at(gate, start * r)?,
-            dev.ptr_at(h, start * r)?,
-            dev.ptr_mut(&mut s.dh)?,
-            dev.ptr_mut(&mut s.dgate)?,
-            Arg::I32(li),
-            Arg::I32(ni),
-            Arg::I32(ri),
-            Arg::F32(lora.scale),
-        ];
-        dev.launch("lora_dp_bf16", Launch::linear(len as u32, 256), &args)?;
-        let args = [
-            dev.ptr_at(dy, start * lora.n)?,
-            dev.ptr_at(u, start * r)?,
-            dev.ptr_mut(&mut s.db)?,
-            Arg::I32(li),
-            Arg::I32(ni),
-            Arg::I32(ri),
-            Arg::F32(lora.scale),
-        ];
-        dev.launch(
-            "lora_db_bf16",
-            Launch::linear(lora.n.div_ceil(128) as u32, 128),
-            &args,
-        )?;
-        let args = [
-            dev.ptr_at(x, start * lora.k)?,
-            dev.ptr(&s.dh)?,
-            dev.ptr_mut(&mut s.da)?,
-            Arg::I32(li),
-            Arg::I32(ki),
-            Arg::I32(ri),
-            Arg::F32(0.0),
-            Arg::U64(0),
-        ];
-        dev.launch(
-            "lora_da_bf16",
-            Launch::linear(lora.k.div_ceil(128) as u32, 128),
-            &args,
-        )?;
+        let ptrs = GradPtrs {
+            dy: dev.ptr_at(dy, start * lora.n)?,
+            gate: dev.ptr_at(gate, start * r)?,
+            h: dev.ptr_at(h, start * r)?,
+            u: dev.ptr_at(u, start * r)?,
+            x: dev.ptr_at(x, start * lora.k)?,
+            dh: dev.ptr_mut(&mut s.dh)?,
+            dgate: dev.ptr_mut(&mut s.dgate)?,
+            da: dev.ptr_mut(&mut s.da)?,
+            db: dev.ptr_mut(&mut s.db)?,
+        };
+        grad_passes(dev, lora, len as i32, ptrs, Dropout::NONE)?;
         let mut total = 0f32;
         for which in [&s.da, &s.db] {
             super::optim::sum_squares(dev, which, &mut s.workspace, &mut s.out)?;
