@@ -34,3 +34,16 @@ extern "C" __global__ void add_f32(float* x, const float* y, unsigned long long 
 extern "C" __global__ void add_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, unsigned long long n) {
     add_assign<__nv_bfloat16>(x, y, n);
 }
+
+// Conversion between element types: y[i] = T(x[i]) (f32 → bf16 rounds to nearest even).
+// Layout:  x [n] of S, y [n] of T, any shape flattened. Launch: as add_<dtype>, grid-stride.
+// Must match: backend::cpu::Cpu::convert.
+template <typename S, typename T>
+__device__ void convert(const S* __restrict__ x, T* __restrict__ y, unsigned long long n) {
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        y[i] = rf_from_float<T>(rf_to_float(x[i]));
+}
+
+extern "C" __global__ void convert_f32_bf16(const float* x, __nv_bfloat16* y, unsigned long long n) { convert(x, y, n); }
+extern "C" __global__ void convert_bf16_f32(const __nv_bfloat16* x, float* y, unsigned long long n) { convert(x, y, n); }

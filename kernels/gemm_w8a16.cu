@@ -28,9 +28,11 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 }
 }  // namespace w8a16
 
-extern "C" __global__ void gemm_w8a16_dx_bf16(const __nv_bfloat16* __restrict__ dy, const signed char* __restrict__ wq,
-                                              const float* __restrict__ sw, __nv_bfloat16* __restrict__ dx, int M, int N,
-                                              int K, int accumulate) {
+// DENSE: W is bf16 [N, K] (the kept-precision output head), no scales, and any N (the vocabulary).
+template <bool DENSE>
+__device__ __forceinline__ void dx_gemm(const __nv_bfloat16* __restrict__ dy, const void* __restrict__ wv,
+                                        const float* __restrict__ sw, __nv_bfloat16* __restrict__ dx, int M, int N, int K,
+                                        int accumulate) {
     using namespace w8a16;
     RF_DYNAMIC_SMEM(unsigned char, smem);
     rf_smem_t<unsigned char> sA = smem, sB = smem + A_TILE;
@@ -50,15 +52,26 @@ extern "C" __global__ void gemm_w8a16_dx_bf16(const __nv_bfloat16* __restrict__ 
             const int r = i >> 2, c = i & 3, n = n0 + c * 8;
             uint4 v = zero;
             if (m0 + r < M && n < N) {
-                const uint4 raw = rf_ld16(dy + (size_t)(m0 + r) * N + n);
-                const unsigned in[4] = {raw.x, raw.y, raw.z, raw.w};
-                unsigned o[4];
-                for (int j = 0; j < 4; j++) {
-                    const float lo = __uint_as_float(in[j] << 16) * sw[n + 2 * j];
-                    const float hi = __uint_as_float(in[j] & 0xffff0000u) * sw[n + 2 * j + 1];
-                    o[j] = pack_bf16(lo, hi);
+                if (DENSE && (N & 7)) {
+                    // A vocabulary that is not a multiple of 8: rows are not 16-byte aligned, so
+                    // element loads, zero past the end.
+                    const unsigned short* row = reinterpret_cast<const unsigned short*>(dy + (size_t)(m0 + r) * N);
+                    unsigned e[8];
+                    for (int j = 0; j < 8; j++) e[j] = n + j < N ? row[n + j] : 0u;
+                    v = make_uint4(e[0] | (e[1] << 16), e[2] | (e[3] << 16), e[4] | (e[5] << 16), e[6] | (e[7] << 16));
+                } else if (DENSE) {
+                    v = rf_ld16(dy + (size_t)(m0 + r) * N + n);
+                } else {
+                    const uint4 raw = rf_ld16(dy + (size_t)(m0 + r) * N + n);
+                    const unsigned in[4] = {raw.x, raw.y, raw.z, raw.w};
+                    unsigned o[4];
+                    for (int j = 0; j < 4; j++) {
+                        const float lo = __uint_as_float(in[j] << 16) * sw[n + 2 * j];
+                        const float hi = __uint_as_float(in[j] & 0xffff0000u) * sw[n + 2 * j + 1];
+                        o[j] = pack_bf16(lo, hi);
+                    }
+                    v = make_uint4(o[0], o[1], o[2], o[3]);
                 }
-                v = make_uint4(o[0], o[1], o[2], o[3]);
             }
             rf_st16(sA + swz_a(r, c), v);
         }
@@ -66,7 +79,12 @@ extern "C" __global__ void gemm_w8a16_dx_bf16(const __nv_bfloat16* __restrict__ 
         {
             const int r = threadIdx.x >> 2, c = threadIdx.x & 3;
             uint4 v0 = zero, v1 = zero;
-            if (n0 + r < N && k0 + c * 16 < K) {
+            if (DENSE && n0 + r < N && k0 + c * 16 < K) {
+                const __nv_bfloat16* wb = static_cast<const __nv_bfloat16*>(wv) + (size_t)(n0 + r) * K + k0 + c * 16;
+                v0 = rf_ld16(wb);
+                v1 = rf_ld16(wb + 8);
+            } else if (!DENSE && n0 + r < N && k0 + c * 16 < K) {
+                const signed char* wq = static_cast<const signed char*>(wv);
                 const uint4 raw = rf_ld16(wq + (size_t)(n0 + r) * K + k0 + c * 16);
                 const unsigned in[4] = {raw.x, raw.y, raw.z, raw.w};
                 unsigned o[8];
@@ -114,4 +132,16 @@ extern "C" __global__ void gemm_w8a16_dx_bf16(const __nv_bfloat16* __restrict__ 
                 if (accumulate) y += __bfloat162float(dx[(size_t)r * K + c]);
                 dx[(size_t)r * K + c] = __float2bfloat16(y);
             }
+}
+
+extern "C" __global__ void gemm_w8a16_dx_bf16(const __nv_bfloat16* __restrict__ dy, const signed char* __restrict__ wq,
+                                              const float* __restrict__ sw, __nv_bfloat16* __restrict__ dx, int M, int N,
+                                              int K, int accumulate) {
+    dx_gemm<false>(dy, wq, sw, dx, M, N, K, accumulate);
+}
+
+// dX = dY · W for a dense bf16 W [N, K] (the backward of the output head): same tiles, no scales.
+extern "C" __global__ void gemm_bf16_dx_bf16(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ w,
+                                             __nv_bfloat16* __restrict__ dx, int M, int N, int K, int accumulate) {
+    dx_gemm<true>(dy, w, nullptr, dx, M, N, K, accumulate);
 }

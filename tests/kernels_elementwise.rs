@@ -777,3 +777,42 @@ fn rope_inverse_undoes_rope_f32() {
 fn rope_inverse_undoes_rope_bf16() {
     rope_round_trip_case::<bf16>(82);
 }
+
+#[test]
+fn convert_rounds_f32_to_bf16_and_widens_back_exactly() {
+    use recforge::backend::gpu::ops::elementwise::convert;
+    let mut rng = Rng::new(77);
+    for n in [1usize, 7, 1000, 4099] {
+        // Magnitudes over many binades, plus values exactly halfway between two bf16 numbers.
+        let mut x: Vec<f32> = (0..n)
+            .map(|_| rng.normal() * 10f32.powi(rng.below(9) as i32 - 4))
+            .collect();
+        x[0] = f32::from_bits(0x3F80_8000); // 1 + 2^-8: a tie, rounds to even (1.0)
+        for dev in devices() {
+            let mut y = poisoned::<bf16>(&dev, n);
+            convert(&dev, "convert_f32_bf16", &dev.upload(&x).unwrap(), &mut y).unwrap();
+            let got = dev.download(&y).unwrap();
+            for i in 0..n {
+                // half's from_f32 rounds to nearest even, independently of the kernel.
+                assert_eq!(
+                    got[i].to_bits(),
+                    bf16::from_f32(x[i]).to_bits(),
+                    "{}: f32→bf16 [{i}] of {n}",
+                    dev.name()
+                );
+            }
+            let mut back = dev.upload(&vec![f32::NAN; n]).unwrap();
+            convert(&dev, "convert_bf16_f32", &y, &mut back).unwrap();
+            let back = dev.download(&back).unwrap();
+            for i in 0..n {
+                assert_eq!(
+                    back[i],
+                    got[i].to_f32(),
+                    "{}: bf16→f32 [{i}] of {n}",
+                    dev.name()
+                );
+            }
+        }
+    }
+    assert_eq!(bf16::from_f32(f32::from_bits(0x3F80_8000)).to_f32(), 1.0);
+}

@@ -319,6 +319,74 @@ fn w8a16_backward_matches_the_cpu_reference() {
     assert!(e.contains("multiple of 8"), "{e}");
 }
 
+#[test]
+fn dense_backward_input_matches_the_cpu_reference() {
+    use recforge::backend::gpu::ops::w8a16;
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(35);
+    // (M, N = vocabulary, K = hidden): odd vocabularies (rows not 16-byte aligned) included.
+    for (m, n, k) in [
+        (1, 8, 16),
+        (5, 279, 64),
+        (70, 33, 48),
+        (64, 128, 128),
+        (3, 1001, 32),
+    ] {
+        let dy: Vec<bf16> = (0..m * n).map(|_| bf16::from_f32(rng.normal())).collect();
+        let w: Vec<bf16> = (0..n * k)
+            .map(|_| bf16::from_f32(0.05 * rng.normal()))
+            .collect();
+        let f = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let (dyf, wf) = (f(&dy), f(&w));
+        let lin = Linear {
+            weight: LinearWeight::Dense(
+                cpu.upload(&HostTensor::f32(vec![n, k], wf.clone()).unwrap())
+                    .unwrap(),
+            ),
+            out_features: n,
+            in_features: k,
+            outlier_threshold: 0.0,
+        };
+        let mut want = cpu.zeros(&[m, k], DType::F32).unwrap();
+        cpu.linear_backward_input(
+            &cpu.upload(&HostTensor::f32(vec![m, n], dyf.clone()).unwrap())
+                .unwrap(),
+            &lin,
+            &mut want,
+        )
+        .unwrap();
+        let want = cpu.download(&want).unwrap().to_f32().unwrap();
+        for dev in devices() {
+            let mut dx = dev.upload(&vec![bf16::NAN; m * k]).unwrap();
+            w8a16::dense_backward_input(
+                &dev,
+                &dev.upload(&dy).unwrap(),
+                &dev.upload(&w).unwrap(),
+                &mut dx,
+                m,
+                n,
+                k,
+            )
+            .unwrap();
+            let got = dev.download(&dx).unwrap();
+            for i in 0..m * k {
+                // Exact bf16 products, f32 sums (~n·2^-24 of Σ|term|), one bf16 rounding out.
+                let mag: f32 = (0..n)
+                    .map(|j| (dyf[i / k * n + j] * wf[j * k + i % k]).abs())
+                    .sum();
+                let tol = mag * 1e-5 + want[i].abs() / 256.0 + 1e-6;
+                let g = got[i].to_f32();
+                assert!(
+                    (g - want[i]).abs() <= tol,
+                    "{}: {m}×{n}×{k} element {i}: {g} vs {}",
+                    dev.name(),
+                    want[i]
+                );
+            }
+        }
+    }
+}
+
 /// Relative agreement with a scale: |a − b| ≤ rel · mag + abs.
 fn close(a: f32, b: f32, mag: f32, rel: f32) -> bool {
     (a - b).abs() <= rel * mag + 1e-6

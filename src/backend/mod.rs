@@ -137,6 +137,15 @@ pub trait Backend: Sized + Send + Sync {
     /// The element type of activations on this backend (f32 on the CPU reference).
     fn activation_dtype(&self) -> DType;
 
+    /// Wait until every queued operation has finished (timing on an asynchronous device).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Device memory in use, in bytes, where the device can tell (None on the CPU reference).
+    fn memory_in_use(&self) -> Option<u64> {
+        None
+    }
+
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
     /// Copy a host tensor to the backend in its own dtype (the CPU reference widens f16 / bf16
@@ -198,6 +207,8 @@ pub trait Backend: Sized + Send + Sync {
     fn swiglu(&self, gate: &Tensor<Self>, up: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()>;
+    /// `out = x` converted to out's dtype (f32 ↔ the activation dtype); same element count.
+    fn convert(&self, x: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()>;
 
     // ---- backward -----------------------------------------------------------------------------
     /// `dtable[ids[t]] += dy[t]` into an f32 table `[V, D]` (for a trainable embedding).

@@ -73,7 +73,18 @@ fn tmp_name(path: &Path) -> PathBuf {
 pub fn to_hf_folder(
     src: &dyn ModelSource,
     out: &Path,
+    progress: impl FnMut(usize, usize),
+) -> Result<()> {
+    to_hf_folder_with(src, out, progress, |_, t| Ok(t))
+}
+
+/// `to_hf_folder` with every tensor passed through `transform(name, tensor)` first (merging an
+/// adapter).
+pub fn to_hf_folder_with(
+    src: &dyn ModelSource,
+    out: &Path,
     mut progress: impl FnMut(usize, usize),
+    mut transform: impl FnMut(&str, HostTensor) -> Result<HostTensor>,
 ) -> Result<()> {
     if out.exists() {
         return Err(Error::io(
@@ -89,7 +100,7 @@ pub fn to_hf_folder(
     let names = cfg.tensor_names();
     let mut tensors = Vec::with_capacity(names.len());
     for (i, n) in names.iter().enumerate() {
-        tensors.push((n.clone(), src.tensor(n)?));
+        tensors.push((n.clone(), transform(n, src.tensor(n)?)?));
         progress(i + 1, names.len());
     }
     let tmp = tmp_name(out);

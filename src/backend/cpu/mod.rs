@@ -427,6 +427,20 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn convert(&self, x: &T, out: &mut T) -> Result<()> {
+        // The CPU keeps every float tensor in f32, so a conversion is a copy.
+        let op = "convert";
+        if x.numel() != out.numel() {
+            return Err(Error::Shape(format!(
+                "{op}: x {:?} and out {:?} differ in size",
+                x.shape, out.shape
+            )));
+        }
+        let xs = f32s(op, "x", x)?.to_vec();
+        f32s_mut(op, "out", out)?.copy_from_slice(&xs);
+        Ok(())
+    }
+
     fn embedding_backward(&self, dy: &T, ids: &T, dtable: &mut T) -> Result<()> {
         let op = "embedding_backward";
         let (v, d) = dtable.rows_cols();

@@ -85,12 +85,6 @@ fn lora_view<'a>(op: &str, lora: &'a Lora<Gpu>, k: usize) -> Result<ops::lora::L
     })
 }
 
-fn unsupported(op: &str) -> Error {
-    Error::Device(format!(
-        "{op} is not available on the GPU backend yet (the CPU backend has it)"
-    ))
-}
-
 impl Gpu {
     fn linear_impl(&self, x: &T, w: &Linear<Gpu>, out: &mut T) -> Result<()> {
         let op = "linear";
@@ -162,6 +156,14 @@ impl Backend for Gpu {
 
     fn activation_dtype(&self) -> DType {
         DType::BF16
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
+    fn memory_in_use(&self) -> Option<u64> {
+        self.dev.memory_in_use()
     }
 
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<T> {
@@ -491,6 +493,30 @@ impl Backend for Gpu {
         )
     }
 
+    fn convert(&self, x: &T, out: &mut T) -> Result<()> {
+        use ops::elementwise::convert;
+        if x.numel() != out.numel() {
+            return Err(Error::Shape(format!(
+                "convert: x {:?} and out {:?} differ in size",
+                x.shape, out.shape
+            )));
+        }
+        match (&x.storage, &mut out.storage) {
+            (GpuStorage::F32(a), GpuStorage::BF16(b)) => {
+                convert(&self.dev, "convert_f32_bf16", a, b)
+            }
+            (GpuStorage::BF16(a), GpuStorage::F32(b)) => {
+                convert(&self.dev, "convert_bf16_f32", a, b)
+            }
+            (GpuStorage::F32(a), GpuStorage::F32(b)) => self.dev.copy(a, 0, b, 0, a.len()),
+            (GpuStorage::BF16(a), GpuStorage::BF16(b)) => self.dev.copy(a, 0, b, 0, a.len()),
+            _ => Err(Error::Shape(format!(
+                "convert: {} → {} is not supported",
+                x.dtype, out.dtype
+            ))),
+        }
+    }
+
     fn embedding_backward(&self, dy: &T, ids: &T, dtable: &mut T) -> Result<()> {
         let op = "embedding_backward";
         let (v, d) = dtable.rows_cols();
@@ -534,7 +560,15 @@ impl Backend for Gpu {
                 w.in_features,
                 false,
             ),
-            LinearWeight::Dense(_) => Err(unsupported("linear_backward_input for a dense weight")),
+            LinearWeight::Dense(d) => ops::w8a16::dense_backward_input(
+                &self.dev,
+                bf(op, "dy", dy)?,
+                bf(op, "weight", d)?,
+                bf_mut(op, "dx", dx)?,
+                rows,
+                n,
+                w.in_features,
+            ),
         }
     }
 
@@ -553,16 +587,46 @@ impl Backend for Gpu {
 
     fn attention_backward(
         &self,
-        _: &T,
-        _: &T,
-        _: &T,
-        _: &T,
-        _: &[SeqSpan],
-        _: &T,
-        _: &mut T,
-        _: &mut T,
-        _: &mut T,
+        q: &T,
+        k: &T,
+        v: &T,
+        positions: &T,
+        spans: &[SeqSpan],
+        dy: &T,
+        dq: &mut T,
+        dk: &mut T,
+        dv: &mut T,
     ) -> Result<()> {
-        Err(unsupported("attention_backward"))
+        let op = "attention_backward";
+        if q.shape.len() != 3 || k.shape.len() != 3 {
+            return Err(Error::Shape(format!(
+                "{op}: q {:?} and k {:?} must be [T, heads, head_dim]",
+                q.shape, k.shape
+            )));
+        }
+        let shape = AttnShape {
+            tq: q.shape[0],
+            tk: k.shape[0],
+            heads: q.shape[1],
+            kv_heads: k.shape[1],
+            head_dim: q.shape[2],
+        };
+        let mut span_buf = self.dev.alloc_zeros::<i32>(4 * spans.len())?;
+        let mut scratch = ops::attention::AttnGradScratch::new(&self.dev, shape)?;
+        ops::attention::attention_backward(
+            &self.dev,
+            bf(op, "q", q)?,
+            bf(op, "k", k)?,
+            bf(op, "v", v)?,
+            u32b(op, "positions", positions)?,
+            spans,
+            &mut span_buf,
+            shape,
+            bf(op, "dy", dy)?,
+            bf_mut(op, "dq", dq)?,
+            bf_mut(op, "dk", dk)?,
+            bf_mut(op, "dv", dv)?,
+            &mut scratch,
+        )
     }
 }

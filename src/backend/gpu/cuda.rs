@@ -100,4 +100,15 @@ impl CudaDevice {
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(dev_err("synchronize"))
     }
+
+    /// Bytes in use on the device (total − free, every process), from the driver.
+    pub fn memory_in_use(&self) -> Result<u64> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(dev_err("bind context"))?;
+        let (free, total) =
+            cudarc::driver::result::mem_get_info().map_err(dev_err("cuMemGetInfo"))?;
+        Ok((total - free) as u64)
+    }
 }

@@ -325,6 +325,14 @@ impl Device {
             Device::Sim(_) => Ok(()),
         }
     }
+
+    /// Bytes in use on a real device; None in the simulator.
+    pub fn memory_in_use(&self) -> Option<u64> {
+        match self {
+            Device::Cuda(d) => d.memory_in_use().ok(),
+            Device::Sim(_) => None,
+        }
+    }
 }
 
 fn offset_arg(base: Arg, len: usize, offset: usize, elem: usize) -> Result<Arg> {

@@ -55,3 +55,26 @@ pub(crate) fn row_block(items: usize, rows: usize) -> (u32, u32) {
     let by = (256 / bx).clamp(1, rows.max(1));
     (bx as u32, by as u32)
 }
+
+/// `y = x` converted between f32 and bf16 (kernels/elementwise.cu `convert_<from>_<to>`).
+pub fn convert<S: DevElem, D: DevElem>(
+    dev: &Device,
+    kernel: &'static str,
+    x: &DevBuf<S>,
+    y: &mut DevBuf<D>,
+) -> Result<()> {
+    if x.len() != y.len() {
+        return Err(Error::Shape(format!(
+            "{kernel}: x has {} elements, y {}",
+            x.len(),
+            y.len()
+        )));
+    }
+    let n = x.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let grid = n.div_ceil(FLAT_BLOCK as usize).clamp(1, FLAT_MAX_GRID);
+    let args = [dev.ptr(x)?, dev.ptr_mut(y)?, Arg::U64(n as u64)];
+    dev.launch(kernel, Launch::linear(grid as u32, FLAT_BLOCK), &args)
+}

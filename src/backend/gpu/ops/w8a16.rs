@@ -120,3 +120,51 @@ pub fn gemv(
     ];
     dev.launch(name, launch, &args)
 }
+
+/// `dx[M, K] = dy[M, N] · w[N, K]` for a dense bf16 weight (the output head's backward); any N,
+/// K a multiple of 16 (kernels/gemm_w8a16.cu, `gemm_bf16_dx_bf16`).
+pub fn dense_backward_input(
+    dev: &Device,
+    dy: &DevBuf<bf16>,
+    w: &DevBuf<bf16>,
+    dx: &mut DevBuf<bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    let name = "gemm_bf16_dx_bf16";
+    if !k.is_multiple_of(16) {
+        return Err(Error::Shape(format!(
+            "{name}: K = {k} must be a multiple of 16"
+        )));
+    }
+    if dy.len() != m * n || w.len() != n * k || dx.len() != m * k {
+        return Err(Error::Shape(format!(
+            "{name}: dy {} ({m}×{n}), w {} ({n}×{k}), dx {} ({m}×{k})",
+            dy.len(),
+            w.len(),
+            dx.len()
+        )));
+    }
+    if m == 0 || k == 0 {
+        return Ok(());
+    }
+    let c = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| Error::Shape(format!("{name}: {what} = {v} is too large")))
+    };
+    let launch = Launch {
+        grid: (k.div_ceil(64) as u32, m.div_ceil(64) as u32, 1),
+        block: (128, 1, 1),
+        shared_bytes: 64 * 64 + 32 * 128,
+    };
+    let args = [
+        dev.ptr(dy)?,
+        dev.ptr(w)?,
+        dev.ptr_mut(dx)?,
+        Arg::I32(c(m, "M")?),
+        Arg::I32(c(n, "N")?),
+        Arg::I32(c(k, "K")?),
+        Arg::I32(0),
+    ];
+    dev.launch(name, launch, &args)
+}

@@ -1,0 +1,781 @@
+//! One micro-batch through the LLaMA with LoRA adapters: the forward pass, the loss on the
+//! labelled tokens, and the backward pass into the LoRA gradients — written once against the
+//! `Backend` trait, so the CPU reference, the simulator and CUDA run the same code.
+//!
+//! Gradient checkpointing (on by default) keeps only each layer's input `[T, D]` during the
+//! forward pass and recomputes the layer's activations just before its backward pass; without it
+//! every layer's activations are kept. The output head only ever sees the rows that carry a label
+//! (for TALLRec a handful per sample), in chunks, so `[T × vocab]` logits never exist at once.
+
+use std::collections::BTreeMap;
+
+use crate::backend::{Backend, Dropout, Linear, LinearWeight, SeqSpan, Tensor, IGNORE_LABEL};
+use crate::error::{Error, Result};
+use crate::model::lora::Target;
+use crate::model::Llama;
+use crate::tensor::{DType, HostData, HostTensor};
+
+use super::params::{DevAdapter, DevLoraParams};
+
+/// A packed micro-batch: sequences laid end to end, each its own attention span.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// `labels[t]` is the token predicted at row t (the next token), or `IGNORE_LABEL`.
+    pub labels: Vec<u32>,
+    pub spans: Vec<SeqSpan>,
+}
+
+impl Batch {
+    /// Pack `(tokens, labels)` sequences (labels aligned to tokens: the target of row t).
+    pub fn pack<'a>(seqs: impl IntoIterator<Item = (&'a [u32], &'a [u32])>) -> Result<Batch> {
+        let mut b = Batch::default();
+        for (ids, labels) in seqs {
+            if ids.is_empty() || ids.len() != labels.len() {
+                return Err(Error::Invalid(format!(
+                    "a training sequence has {} tokens and {} labels",
+                    ids.len(),
+                    labels.len()
+                )));
+            }
+            let start = b.tokens.len();
+            b.spans.push(SeqSpan {
+                q_start: start,
+                q_len: ids.len(),
+                kv_start: start,
+                kv_len: ids.len(),
+            });
+            b.tokens.extend_from_slice(ids);
+            b.labels.extend_from_slice(labels);
+            b.positions.extend((0..ids.len()).map(|p| p as u32));
+        }
+        if b.tokens.is_empty() {
+            return Err(Error::Invalid("an empty micro-batch".into()));
+        }
+        Ok(b)
+    }
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+    /// Rows that carry a label.
+    pub fn label_count(&self) -> usize {
+        self.labels.iter().filter(|&&l| l != IGNORE_LABEL).count()
+    }
+}
+
+/// Dropout seed of one adapted projection in one micro-batch: the forward pass and the
+/// recomputation before the backward pass must draw the same mask.
+pub fn dropout_seed(micro_seed: u64, layer: usize, t: Target) -> u64 {
+    let mut z = micro_seed ^ ((layer as u64) << 8 | t as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    z = (z ^ (z >> 32)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    z ^ (z >> 32)
+}
+
+/// Activations of one layer (saved, or recomputed under checkpointing).
+struct LayerActs<B: Backend> {
+    h1: Tensor<B>,
+    q: Tensor<B>,
+    k: Tensor<B>,
+    v: Tensor<B>,
+    attn: Tensor<B>,
+    x2: Tensor<B>,
+    h2: Tensor<B>,
+    g: Tensor<B>,
+    u: Tensor<B>,
+    a: Tensor<B>,
+    proj: Tensor<B>,
+    /// LoRA down-projection h and gated u `[T, r]` per adapted projection.
+    lora: BTreeMap<Target, (Tensor<B>, Tensor<B>)>,
+}
+
+/// Every buffer a micro-batch of `t` tokens needs, allocated once and reused while the
+/// micro-batch size stays the same.
+pub struct Workspace<B: Backend> {
+    t: usize,
+    checkpoint: bool,
+    xs: Vec<Tensor<B>>,
+    acts: Vec<LayerActs<B>>,
+    ones: Tensor<B>,
+    dgate: Tensor<B>,
+    xf: Tensor<B>,
+    dx: Tensor<B>,
+    dtmp: Tensor<B>,
+    dh: Tensor<B>,
+    dattn: Tensor<B>,
+    dq: Tensor<B>,
+    dk: Tensor<B>,
+    dv: Tensor<B>,
+    dff: Tensor<B>,
+    dg: Tensor<B>,
+    du: Tensor<B>,
+}
+
+/// Rows of the output head computed at once (a `[chunk, vocab]` logits buffer).
+pub const HEAD_CHUNK: usize = 128;
+
+impl<B: Backend> Workspace<B> {
+    pub fn new(
+        be: &B,
+        model: &Llama<B>,
+        targets: &[Target],
+        r: usize,
+        t: usize,
+        checkpoint: bool,
+    ) -> Result<Self> {
+        let c = &model.config;
+        let dt = be.activation_dtype();
+        let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let (qd, kvd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let z = |shape: &[usize]| be.zeros(shape, dt);
+        let n_acts = if checkpoint { 1 } else { c.num_hidden_layers };
+        let mut acts = Vec::with_capacity(n_acts);
+        for _ in 0..n_acts {
+            let mut lora = BTreeMap::new();
+            for &tg in targets {
+                lora.insert(
+                    tg,
+                    (
+                        be.zeros(&[t, r], DType::F32)?,
+                        be.zeros(&[t, r], DType::F32)?,
+                    ),
+                );
+            }
+            acts.push(LayerActs {
+                h1: z(&[t, d])?,
+                q: z(&[t, qd])?,
+                k: z(&[t, kvd])?,
+                v: z(&[t, kvd])?,
+                attn: z(&[t, qd])?,
+                x2: z(&[t, d])?,
+                h2: z(&[t, d])?,
+                g: z(&[t, f])?,
+                u: z(&[t, f])?,
+                a: z(&[t, f])?,
+                proj: z(&[t, d])?,
+                lora,
+            });
+        }
+        let ones = be.upload(&HostTensor::f32(
+            vec![t, r.max(1)],
+            vec![1.0; t * r.max(1)],
+        )?)?;
+        Ok(Workspace {
+            t,
+            checkpoint,
+            xs: (0..=c.num_hidden_layers)
+                .map(|_| z(&[t, d]))
+                .collect::<Result<_>>()?,
+            acts,
+            ones,
+            dgate: be.zeros(&[t, r.max(1)], DType::F32)?,
+            xf: z(&[t, d])?,
+            dx: z(&[t, d])?,
+            dtmp: z(&[t, d])?,
+            dh: z(&[t, d])?,
+            dattn: z(&[t, qd])?,
+            dq: z(&[t, qd])?,
+            dk: z(&[t, kvd])?,
+            dv: z(&[t, kvd])?,
+            dff: z(&[t, f])?,
+            dg: z(&[t, f])?,
+            du: z(&[t, f])?,
+        })
+    }
+    pub fn tokens(&self) -> usize {
+        self.t
+    }
+    pub fn checkpoint(&self) -> bool {
+        self.checkpoint
+    }
+}
+
+fn reshape<B: Backend>(t: &mut Tensor<B>, shape: &[usize]) {
+    debug_assert_eq!(t.numel(), shape.iter().product::<usize>());
+    t.shape = shape.to_vec();
+}
+
+/// `out = x · Wᵀ (+ LoRA)`.
+#[allow(clippy::too_many_arguments)]
+fn linear_lora<B: Backend>(
+    be: &B,
+    x: &Tensor<B>,
+    w: &Linear<B>,
+    lora: Option<&DevLoraParams<B>>,
+    saved: Option<&mut (Tensor<B>, Tensor<B>)>,
+    ones: &Tensor<B>,
+    dropout: Dropout,
+    out: &mut Tensor<B>,
+) -> Result<()> {
+    be.linear(x, w, out)?;
+    if let (Some(p), Some((h, u))) = (lora, saved) {
+        be.lora_forward(x, &p.lora, ones, dropout, h, u, out)?;
+    }
+    Ok(())
+}
+
+/// `dx = dy · W (+ the LoRA input gradient)`, accumulating the LoRA weight gradients.
+#[allow(clippy::too_many_arguments)]
+fn linear_lora_backward<B: Backend>(
+    be: &B,
+    x: &Tensor<B>,
+    w: &Linear<B>,
+    lora: Option<&mut DevLoraParams<B>>,
+    saved: Option<&(Tensor<B>, Tensor<B>)>,
+    ones: &Tensor<B>,
+    dgate: &mut Tensor<B>,
+    dropout: Dropout,
+    dy: &Tensor<B>,
+    dx: &mut Tensor<B>,
+) -> Result<()> {
+    be.linear_backward_input(dy, w, dx)?;
+    if let (Some(p), Some((h, u))) = (lora, saved) {
+        be.lora_backward(
+            x,
+            &p.lora,
+            ones,
+            dropout,
+            h,
+            u,
+            dy,
+            &mut p.grad_a,
+            &mut p.grad_b,
+            dgate,
+            dx,
+        )?;
+    }
+    Ok(())
+}
+
+/// What the forward pass needs to know about the adapter in one micro-batch.
+#[derive(Clone, Copy)]
+pub struct LoraRun {
+    pub dropout: f32,
+    pub micro_seed: u64,
+}
+
+impl LoraRun {
+    fn dropout(&self, layer: usize, t: Target) -> Dropout {
+        if self.dropout <= 0.0 {
+            Dropout::NONE
+        } else {
+            Dropout {
+                p: self.dropout,
+                seed: dropout_seed(self.micro_seed, layer, t),
+            }
+        }
+    }
+}
+
+struct Ctx<'a, B: Backend> {
+    be: &'a B,
+    model: &'a Llama<B>,
+    pos: Tensor<B>,
+    spans: &'a [SeqSpan],
+    run: LoraRun,
+}
+
+impl<B: Backend> Ctx<'_, B> {
+    /// One layer forward: `xs[l]` → `xs[l + 1]`, activations into `acts`.
+    fn layer_forward(
+        &self,
+        l: usize,
+        adapter: &DevAdapter<B>,
+        xin: &Tensor<B>,
+        a: &mut LayerActs<B>,
+        ones: &Tensor<B>,
+        xout: &mut Tensor<B>,
+    ) -> Result<()> {
+        let (be, c) = (self.be, &self.model.config);
+        let lay = &self.model.layers[l];
+        let t = xin.shape[0];
+        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let eps = c.rms_norm_eps as f32;
+        let theta = c.rope_theta as f32;
+        let lp = |tg| adapter.get(l, tg);
+        reshape(&mut a.q, &[t, h * hd]);
+        reshape(&mut a.k, &[t, kvh * hd]);
+        reshape(&mut a.v, &[t, kvh * hd]);
+        be.rmsnorm(xin, &lay.attn_norm, eps, &mut a.h1)?;
+        for (tg, w, out) in [
+            (Target::Q, &lay.q, &mut a.q),
+            (Target::K, &lay.k, &mut a.k),
+            (Target::V, &lay.v, &mut a.v),
+        ] {
+            linear_lora(
+                be,
+                &a.h1,
+                w,
+                lp(tg),
+                a.lora.get_mut(&tg),
+                ones,
+                self.run.dropout(l, tg),
+                out,
+            )?;
+        }
+        reshape(&mut a.q, &[t, h, hd]);
+        reshape(&mut a.k, &[t, kvh, hd]);
+        reshape(&mut a.v, &[t, kvh, hd]);
+        reshape(&mut a.attn, &[t, h, hd]);
+        be.rope(&mut a.q, &self.pos, theta, false)?;
+        be.rope(&mut a.k, &self.pos, theta, false)?;
+        be.attention(&a.q, &a.k, &a.v, &self.pos, self.spans, &mut a.attn)?;
+        reshape(&mut a.attn, &[t, h * hd]);
+        linear_lora(
+            be,
+            &a.attn,
+            &lay.o,
+            lp(Target::O),
+            a.lora.get_mut(&Target::O),
+            ones,
+            self.run.dropout(l, Target::O),
+            &mut a.proj,
+        )?;
+        be.copy_rows(xin, 0, &mut a.x2, 0, t)?;
+        be.add_assign(&mut a.x2, &a.proj)?;
+        be.rmsnorm(&a.x2, &lay.ffn_norm, eps, &mut a.h2)?;
+        for (tg, w, out) in [
+            (Target::Gate, &lay.gate, &mut a.g),
+            (Target::Up, &lay.up, &mut a.u),
+        ] {
+            linear_lora(
+                be,
+                &a.h2,
+                w,
+                lp(tg),
+                a.lora.get_mut(&tg),
+                ones,
+                self.run.dropout(l, tg),
+                out,
+            )?;
+        }
+        be.swiglu(&a.g, &a.u, &mut a.a)?;
+        linear_lora(
+            be,
+            &a.a,
+            &lay.down,
+            lp(Target::Down),
+            a.lora.get_mut(&Target::Down),
+            ones,
+            self.run.dropout(l, Target::Down),
+            &mut a.proj,
+        )?;
+        be.copy_rows(&a.x2, 0, xout, 0, t)?;
+        be.add_assign(xout, &a.proj)
+    }
+
+    /// One layer backward: `ws.dx` holds dL/d(layer output) on entry and dL/d(layer input) on
+    /// exit; LoRA gradients accumulate into the adapter.
+    fn layer_backward(
+        &self,
+        l: usize,
+        adapter: &mut DevAdapter<B>,
+        ws: &mut Workspace<B>,
+        ai: usize,
+    ) -> Result<()> {
+        let (be, c) = (self.be, &self.model.config);
+        let lay = &self.model.layers[l];
+        let t = ws.t;
+        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let eps = c.rms_norm_eps as f32;
+        let theta = c.rope_theta as f32;
+        let Workspace {
+            xs,
+            acts,
+            ones,
+            dgate,
+            dx,
+            dtmp,
+            dh,
+            dattn,
+            dq,
+            dk,
+            dv,
+            dff,
+            dg,
+            du,
+            ..
+        } = ws;
+        let a = &mut acts[ai];
+        let run = self.run;
+        // MLP: x3 = x2 + down(swiglu(gate(h2), up(h2))).
+        linear_lora_backward(
+            be,
+            &a.a,
+            &lay.down,
+            adapter.layers.get_mut(&(l, Target::Down)),
+            a.lora.get(&Target::Down),
+            ones,
+            dgate,
+            run.dropout(l, Target::Down),
+            dx,
+            dff,
+        )?;
+        be.swiglu_backward(&a.g, &a.u, dff, dg, du)?;
+        linear_lora_backward(
+            be,
+            &a.h2,
+            &lay.gate,
+            adapter.layers.get_mut(&(l, Target::Gate)),
+            a.lora.get(&Target::Gate),
+            ones,
+            dgate,
+            run.dropout(l, Target::Gate),
+            dg,
+            dh,
+        )?;
+        linear_lora_backward(
+            be,
+            &a.h2,
+            &lay.up,
+            adapter.layers.get_mut(&(l, Target::Up)),
+            a.lora.get(&Target::Up),
+            ones,
+            dgate,
+            run.dropout(l, Target::Up),
+            du,
+            dtmp,
+        )?;
+        be.add_assign(dh, dtmp)?;
+        be.rmsnorm_backward(&a.x2, &lay.ffn_norm, eps, dh, dtmp)?;
+        be.add_assign(dx, dtmp)?;
+        // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))).
+        reshape(dattn, &[t, h * hd]);
+        linear_lora_backward(
+            be,
+            &a.attn,
+            &lay.o,
+            adapter.layers.get_mut(&(l, Target::O)),
+            a.lora.get(&Target::O),
+            ones,
+            dgate,
+            run.dropout(l, Target::O),
+            dx,
+            dattn,
+        )?;
+        reshape(dattn, &[t, h, hd]);
+        reshape(dq, &[t, h, hd]);
+        reshape(dk, &[t, kvh, hd]);
+        reshape(dv, &[t, kvh, hd]);
+        be.attention_backward(&a.q, &a.k, &a.v, &self.pos, self.spans, dattn, dq, dk, dv)?;
+        be.rope(dq, &self.pos, theta, true)?;
+        be.rope(dk, &self.pos, theta, true)?;
+        reshape(dq, &[t, h * hd]);
+        reshape(dk, &[t, kvh * hd]);
+        reshape(dv, &[t, kvh * hd]);
+        linear_lora_backward(
+            be,
+            &a.h1,
+            &lay.q,
+            adapter.layers.get_mut(&(l, Target::Q)),
+            a.lora.get(&Target::Q),
+            ones,
+            dgate,
+            run.dropout(l, Target::Q),
+            dq,
+            dh,
+        )?;
+        for (tg, w, dy) in [(Target::K, &lay.k, &*dk), (Target::V, &lay.v, &*dv)] {
+            linear_lora_backward(
+                be,
+                &a.h1,
+                w,
+                adapter.layers.get_mut(&(l, tg)),
+                a.lora.get(&tg),
+                ones,
+                dgate,
+                run.dropout(l, tg),
+                dy,
+                dtmp,
+            )?;
+            be.add_assign(dh, dtmp)?;
+        }
+        be.rmsnorm_backward(&xs[l], &lay.attn_norm, eps, dh, dtmp)?;
+        be.add_assign(dx, dtmp)
+    }
+}
+
+/// Contiguous runs `(start, len)` of the rows whose label is not ignored.
+fn label_runs(labels: &[u32]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = vec![];
+    for (i, &l) in labels.iter().enumerate() {
+        if l == IGNORE_LABEL {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((s, n)) if *s + *n == i => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    runs
+}
+
+/// Split runs into chunks of at most `chunk` rows: each chunk is a list of runs.
+fn chunk_runs(runs: &[(usize, usize)], chunk: usize) -> Vec<Vec<(usize, usize)>> {
+    let mut out = vec![];
+    let mut cur: Vec<(usize, usize)> = vec![];
+    let mut filled = 0;
+    for &(mut s, mut n) in runs {
+        while n > 0 {
+            let take = n.min(chunk - filled);
+            cur.push((s, take));
+            filled += take;
+            s += take;
+            n -= take;
+            if filled == chunk {
+                out.push(std::mem::take(&mut cur));
+                filled = 0;
+            }
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn head<B: Backend>(model: &Llama<B>) -> &Linear<B> {
+    model.lm_head.as_ref().unwrap_or(&model.embed)
+}
+
+/// Result of one micro-batch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepLoss {
+    /// Σ of the per-token losses (nats) over the labelled rows.
+    pub loss_sum: f64,
+    /// Number of labelled rows.
+    pub tokens: usize,
+    /// Wall time of the forward pass with the loss, and of the backward pass (the device is
+    /// synchronized at the boundary).
+    pub forward_secs: f64,
+    pub backward_secs: f64,
+}
+
+fn forward_all<B: Backend>(
+    cx: &Ctx<'_, B>,
+    adapter: &DevAdapter<B>,
+    ws: &mut Workspace<B>,
+    ids: &Tensor<B>,
+) -> Result<()> {
+    let (be, model) = (cx.be, cx.model);
+    let LinearWeight::Dense(table) = &model.embed.weight else {
+        return Err(Error::Invalid("the embedding table must be dense".into()));
+    };
+    be.embedding(table, ids, &mut ws.xs[0])?;
+    for l in 0..model.layers.len() {
+        let ai = if ws.checkpoint { 0 } else { l };
+        let (lo, hi) = ws.xs.split_at_mut(l + 1);
+        cx.layer_forward(l, adapter, &lo[l], &mut ws.acts[ai], &ws.ones, &mut hi[0])?;
+    }
+    let last = &ws.xs[model.layers.len()];
+    be.rmsnorm(
+        last,
+        &model.norm,
+        model.config.rms_norm_eps as f32,
+        &mut ws.xf,
+    )
+}
+
+fn check_batch<B: Backend>(model: &Llama<B>, ws: &Workspace<B>, batch: &Batch) -> Result<()> {
+    if batch.len() != ws.t {
+        return Err(Error::Shape(format!(
+            "the micro-batch has {} tokens, the workspace {}",
+            batch.len(),
+            ws.t
+        )));
+    }
+    let v = model.config.vocab_size as u32;
+    if let Some(bad) = batch.tokens.iter().find(|&&x| x >= v) {
+        return Err(Error::Invalid(format!(
+            "token id {bad} is outside the vocabulary of {v}"
+        )));
+    }
+    if let Some(bad) = batch.labels.iter().find(|&&x| x != IGNORE_LABEL && x >= v) {
+        return Err(Error::Invalid(format!(
+            "label {bad} is outside the vocabulary of {v}"
+        )));
+    }
+    Ok(())
+}
+
+fn upload_u32<B: Backend>(be: &B, v: &[u32]) -> Result<Tensor<B>> {
+    be.upload(&HostTensor::new(vec![v.len()], HostData::U32(v.to_vec()))?)
+}
+
+/// Forward + backward of one micro-batch. LoRA gradients accumulate (scaled by `grad_scale`,
+/// e.g. 1 / labelled tokens of the whole optimizer step) into `adapter`'s gradient tensors.
+pub fn forward_backward<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: &mut DevAdapter<B>,
+    ws: &mut Workspace<B>,
+    batch: &Batch,
+    run: LoraRun,
+    grad_scale: f32,
+) -> Result<StepLoss> {
+    check_batch(model, ws, batch)?;
+    let t0 = std::time::Instant::now();
+    let ids = upload_u32(be, &batch.tokens)?;
+    let cx = Ctx {
+        be,
+        model,
+        pos: upload_u32(be, &batch.positions)?,
+        spans: &batch.spans,
+        run,
+    };
+    forward_all(&cx, adapter, ws, &ids)?;
+
+    // Head and loss over the labelled rows, chunk by chunk; the gradient lands in ws.dh.
+    let t = ws.t;
+    let (d, vocab) = (model.config.hidden_size, model.config.vocab_size);
+    let dt = be.activation_dtype();
+    ws.dh = be.zeros(&[t, d], dt)?;
+    let mut loss_sum = 0f64;
+    let runs = label_runs(&batch.labels);
+    let tokens: usize = runs.iter().map(|r| r.1).sum();
+    for chunk in chunk_runs(&runs, HEAD_CHUNK) {
+        let rows: usize = chunk.iter().map(|r| r.1).sum();
+        let mut sel = be.zeros(&[rows, d], dt)?;
+        let mut labels = Vec::with_capacity(rows);
+        let mut at = 0;
+        for &(s, n) in &chunk {
+            be.copy_rows(&ws.xf, s, &mut sel, at, n)?;
+            labels.extend_from_slice(&batch.labels[s..s + n]);
+            at += n;
+        }
+        // Logits and the softmax in f32 on every backend (bf16 logits of magnitude ~30 are
+        // 0.1 apart, enough to move probabilities by several percent); the gradient goes back
+        // through the head in the activation dtype.
+        let mut logits = be.zeros(&[rows, vocab], DType::F32)?;
+        be.linear(&sel, head(model), &mut logits)?;
+        let mut loss = be.zeros(&[rows], DType::F32)?;
+        be.cross_entropy(
+            &mut logits,
+            &upload_u32(be, &labels)?,
+            grad_scale,
+            &mut loss,
+        )?;
+        let mut dlogits = be.zeros(&[rows, vocab], dt)?;
+        be.convert(&logits, &mut dlogits)?;
+        drop(logits);
+        let l = be.download(&loss)?.to_f32()?;
+        if let Some(bad) = l.iter().find(|x| !x.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "the loss is not finite ({bad}): the model or the learning rate diverged"
+            )));
+        }
+        loss_sum += l.iter().map(|&x| x as f64).sum::<f64>();
+        be.linear_backward_input(&dlogits, head(model), &mut sel)?;
+        let mut at = 0;
+        for &(s, n) in &chunk {
+            be.copy_rows(&sel, at, &mut ws.dh, s, n)?;
+            at += n;
+        }
+    }
+    be.synchronize()?;
+    let forward_secs = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let nl = model.layers.len();
+    {
+        let Workspace { xs, dh, dx, .. } = ws;
+        be.rmsnorm_backward(
+            &xs[nl],
+            &model.norm,
+            model.config.rms_norm_eps as f32,
+            dh,
+            dx,
+        )?;
+    }
+    for l in (0..nl).rev() {
+        let ai = if ws.checkpoint {
+            let (lo, hi) = ws.xs.split_at_mut(l + 1);
+            cx.layer_forward(l, adapter, &lo[l], &mut ws.acts[0], &ws.ones, &mut hi[0])?;
+            0
+        } else {
+            l
+        };
+        cx.layer_backward(l, adapter, ws, ai)?;
+    }
+    be.synchronize()?;
+    Ok(StepLoss {
+        loss_sum,
+        tokens,
+        forward_secs,
+        backward_secs: t1.elapsed().as_secs_f64(),
+    })
+}
+
+/// Forward only, returning f32 logits `[rows.len(), vocab]` at the given rows (scoring).
+pub fn logits_at<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: &DevAdapter<B>,
+    ws: &mut Workspace<B>,
+    batch: &Batch,
+    rows: &[usize],
+) -> Result<HostTensor> {
+    check_batch(model, ws, batch)?;
+    if let Some(&r) = rows.iter().find(|&&r| r >= ws.t) {
+        return Err(Error::Shape(format!(
+            "row {r} is outside the micro-batch of {} tokens",
+            ws.t
+        )));
+    }
+    let ids = upload_u32(be, &batch.tokens)?;
+    let cx = Ctx {
+        be,
+        model,
+        pos: upload_u32(be, &batch.positions)?,
+        spans: &batch.spans,
+        run: LoraRun {
+            dropout: 0.0,
+            micro_seed: 0,
+        },
+    };
+    forward_all(&cx, adapter, ws, &ids)?;
+    let (d, vocab) = (model.config.hidden_size, model.config.vocab_size);
+    let dt = be.activation_dtype();
+    let mut sel = be.zeros(&[rows.len(), d], dt)?;
+    for (i, &r) in rows.iter().enumerate() {
+        be.copy_rows(&ws.xf, r, &mut sel, i, 1)?;
+    }
+    let mut logits = be.zeros(&[rows.len(), vocab], DType::F32)?;
+    be.linear(&sel, head(model), &mut logits)?;
+    let out = be.download(&logits)?;
+    HostTensor::f32(out.shape.clone(), out.to_f32()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_chunks_cover_each_labelled_row_once() {
+        let i = IGNORE_LABEL;
+        let labels = [i, 5, 6, i, i, 7, i, 8, 9, 10];
+        let runs = label_runs(&labels);
+        assert_eq!(runs, vec![(1, 2), (5, 1), (7, 3)]);
+        let chunks = chunk_runs(&runs, 2);
+        assert_eq!(
+            chunks,
+            vec![vec![(1, 2)], vec![(5, 1), (7, 1)], vec![(8, 2)]]
+        );
+    }
+
+    #[test]
+    fn pack_lays_sequences_end_to_end() {
+        let b = Batch::pack([
+            (&[1u32, 2, 3][..], &[2u32, 3, IGNORE_LABEL][..]),
+            (&[4u32][..], &[IGNORE_LABEL][..]),
+        ])
+        .unwrap();
+        assert_eq!(b.tokens, vec![1, 2, 3, 4]);
+        assert_eq!(b.positions, vec![0, 1, 2, 0]);
+        assert_eq!(b.spans[1].q_start, 3);
+        assert_eq!(b.label_count(), 2);
+        assert!(Batch::pack([(&[1u32][..], &[][..])]).is_err());
+    }
+}
