@@ -9,6 +9,15 @@
 #                                     # self-test is among them), compute-sanitizer memcheck and
 #                                     # racecheck over the kernel tests, short benchmarks, and
 #                                     # writes OUT_DIR/gpu-check.md (table) + OUT_DIR/gpu-check.log.
+#                                     # It ends with the training comparison (below).
+#   .gpu/gpu-check.sh run-train OUT_DIR   # THERE: only the training comparison: bench-train on
+#                                     # CUDA at LLaMA-7B shapes, batch 4 × seq 1024, ITREK LoRA
+#                                     # (r 16 on q,k,v,o), and scripts/peer_train.py (HF PEFT, bf16
+#                                     # and bitsandbytes 8-bit bases) with the same settings; writes
+#                                     # OUT_DIR/bench-train.json and OUT_DIR/peer-train.json and a
+#                                     # summary in OUT_DIR/gpu-check.md. Each side runs under
+#                                     # `timeout` (TRAIN_TIMEOUT seconds, default 240), so the pair
+#                                     # stays within one 10-minute device call.
 #
 # With the device tool: stage here, then run with carry [".gpu"] and the command
 #   bash .gpu/gpu-check.sh run "$OUT"
@@ -45,22 +54,30 @@ for line in sys.stdin:
     while read -r name exe; do
         [ -n "$name" ] && cp "$exe" ".gpu/benches/$name"
     done <<<"$benches"
-    cp target/release/recforge .gpu/bin/
+    cp target/release/recforge target/release/bench-train .gpu/bin/
     cp "${BASH_SOURCE[0]}" .gpu/gpu-check.sh
-    cp scripts/peer_int8_mm.py .gpu/
-    # Debug info is most of the size; the device tool carries at most 64 MiB.
-    find .gpu -type f -perm -u+x ! -name '*.sh' -exec strip --strip-debug {} +
+    cp scripts/peer_int8_mm.py scripts/peer_train.py .gpu/
+    # Debug info is most of the size; the device tool carries at most 64 MiB. Stripped, the
+    # executables are still over 100 MiB, so they travel as one gzip archive (about a third of
+    # that), which `run` unpacks next to this script.
+    find .gpu -type f -perm -u+x ! -name '*.sh' ! -name '*.py' -exec strip --strip-debug {} +
     git rev-parse HEAD >.gpu/COMMIT 2>/dev/null || true
+    staged_tests=$(ls .gpu/tests | tr '\n' ' ')
+    tar -C .gpu -czf .gpu/payload.tar.gz tests benches bin
+    rm -rf .gpu/tests .gpu/benches .gpu/bin
     size=$(du -sm .gpu | cut -f1)
-    echo "staged .gpu/ ($size MiB): $(ls .gpu/tests | tr '\n' ' ')"
+    echo "staged .gpu/ ($size MiB; executables in payload.tar.gz): $staged_tests"
     if [ "$size" -ge 64 ]; then
         echo "error: .gpu/ is $size MiB, over the 64 MiB the device tool carries" >&2
         exit 1
     fi
     ;;
-run)
-    out="${2:?usage: gpu-check.sh run OUT_DIR}"
+run | run-train)
+    out="${2:?usage: gpu-check.sh run|run-train OUT_DIR}"
     here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    if [ -f "$here/payload.tar.gz" ] && [ ! -d "$here/tests" ]; then
+        tar -C "$here" -xzf "$here/payload.tar.gz"
+    fi
     mkdir -p "$out"
     log="$out/gpu-check.log"
     md="$out/gpu-check.md"
@@ -89,6 +106,64 @@ run)
         echo "| $name | $res | $((SECONDS - t0)) |" >>"$md"
         say "=== $name: $res"
     }
+    # The training comparison (DESIGN.md §6): recforge vs HF PEFT on the same shapes.
+    train_compare() {
+        local limit="${TRAIN_TIMEOUT:-240}"
+        local args=(--batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o)
+        rm -f "$out/bench-train.json" "$out/peer-train.json"
+        step "bench-train llama-7b 4×1024 itrek (cuda)" timeout -k 10 "$limit" \
+            "$here/bin/bench-train" --device cuda --model llama-7b --preset itrek "${args[@]}" \
+            --warmup 2 --steps 5 --time-limit "$((limit - 90))" --json "$out/bench-train.json"
+        if command -v python3 >/dev/null 2>&1; then
+            # The peer stops starting new work at its own budget, before `timeout` would kill it.
+            step "peer: HF PEFT LoRA llama-7b 4×1024 (bf16, bnb int8)" timeout -k 10 "$limit" \
+                python3 "$here/peer_train.py" "${args[@]}" --alpha 16 --dropout 0.05 \
+                --warmup 1 --steps 3 --time-budget "$((limit - 30))" --json "$out/peer-train.json"
+        else
+            echo "| peer: HF PEFT LoRA | skipped: no python3 | 0 |" >>"$md"
+        fi
+        {
+            echo
+            echo "## Training throughput (LLaMA-7B shapes, batch 4 × 1024, LoRA r 16 on q,k,v,o)"
+            echo
+            python3 - "$out/bench-train.json" "$out/peer-train.json" <<'PY' || echo "(no summary: python3 failed)"
+import json, sys
+def load(p):
+    try:
+        return json.load(open(p))
+    except Exception as e:
+        return {"error": f"{p}: {e}"}
+b, p = load(sys.argv[1]), load(sys.argv[2])
+print("| run | tokens/s | ms/step | peak memory | note |")
+print("|---|---|---|---|---|")
+gib = lambda x: f"{x / 2**30:.2f} GiB" if isinstance(x, (int, float)) else "n/a"
+if "tokens_per_sec" in b:
+    m = b["memory"]
+    mfu = f"MFU {b['mfu'] * 100:.1f}%" if b.get("mfu") is not None else b.get("mfu_note", "")
+    print(f"| recforge bench-train ({b['device']}) | {b['tokens_per_sec']:.0f} | {b['step_ms']['total']:.1f} | "
+          f"{gib(m.get('measured_bytes'))} (plan {gib(m.get('plan_total_bytes'))}) | {mfu} |")
+else:
+    print(f"| recforge bench-train | — | — | — | {b.get('error', 'no result (see the log)')} |")
+for mode, r in (p.get("runs") or {}).items():
+    if r.get("status") == "ok":
+        ratio = ""
+        if "tokens_per_sec" in b:
+            ratio = f"recforge / this = {b['tokens_per_sec'] / r['tokens_per_sec']:.2f}×"
+        print(f"| HF PEFT {mode} base | {r['tokens_per_sec']:.0f} | {r['step_ms']:.1f} | "
+              f"{gib(r.get('peak_memory_allocated_bytes'))} | {ratio} |")
+    else:
+        print(f"| HF PEFT {mode} base | — | — | — | {r.get('status')}: {r.get('error') or r.get('note')} |")
+if not p.get("runs"):
+    print(f"| HF PEFT | — | — | — | {p.get('error', 'no result (see the log)')} |")
+PY
+        } >>"$md"
+    }
+    if [ "$mode" = run-train ]; then
+        train_compare
+        cat "$md"
+        ! grep -q FAILED "$md"
+        exit
+    fi
     for t in "$here"/tests/*; do
         step "test $(basename "$t")" "$t" --test-threads=4
     done
@@ -108,6 +183,7 @@ run)
     for b in "$here"/benches/*; do
         step "bench $(basename "$b")" "$b" --bench --warm-up-time 1 --measurement-time 3
     done
+    train_compare
     {
         echo
         echo "## Benchmark lines"
@@ -126,7 +202,7 @@ run)
     ! grep -q FAILED "$md"
     ;;
 *)
-    echo "usage: scripts/gpu-check.sh stage | run OUT_DIR" >&2
+    echo "usage: scripts/gpu-check.sh stage | run OUT_DIR | run-train OUT_DIR" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,6 @@
 //! The recforge command line.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -14,7 +14,10 @@ use recforge::backend::Backend;
 use recforge::infer::generate::{greedy, GenerateOptions, StopReason};
 use recforge::kernels;
 use recforge::memory;
+use recforge::model::lora::parse_targets;
 use recforge::model::{self, Llama, LoadOptions};
+use recforge::rec;
+use recforge::train::{DevAdapter, Example, TrainConfig, Trainer};
 
 /// The model `generate` and `info` use when --model is not given (fetched by
 /// scripts/fetch-assets.sh).
@@ -69,6 +72,21 @@ enum Cmd {
     },
     /// List the compiled CUDA kernels with ptxas' registers, shared memory and spills.
     Kernels,
+    /// Recommendation: build TALLRec data, LoRA-train on it, evaluate Yes/No AUC.
+    Rec {
+        #[command(subcommand)]
+        cmd: RecCmd,
+    },
+    /// Fold a LoRA adapter (PEFT format) into a base model and write the merged HF folder.
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        /// Folder with adapter_config.json + adapter_model.safetensors.
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the memory plan of a LoRA training step and whether it fits the budget.
     Plan {
         /// A model path, or a named shape: llama-7b, llama-13b, smollm2-135m.
@@ -96,6 +114,118 @@ enum Cmd {
         #[arg(long)]
         solve: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum RecCmd {
+    /// Build a dataset file.
+    Data {
+        #[command(subcommand)]
+        kind: DataKind,
+    },
+    /// LoRA-train a model on a TALLRec JSON file and save the adapter (PEFT format).
+    Train(Box<TrainArgs>),
+    /// Score a TALLRec JSON file: P(Yes) per sample, AUC, accuracy, log-loss.
+    Eval {
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// A PEFT adapter folder to apply (none: the base model).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Score only the first N samples of the file.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Prompts packed per forward pass.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
+        /// Also write the metrics and every P(Yes) here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataKind {
+    /// TALLRec samples from MovieLens-100K (RecBole atomic files).
+    Tallrec {
+        #[arg(long, default_value = "assets/ml-100k")]
+        dataset: PathBuf,
+        /// train, valid or test (80/10/10 of the last 10,000 samples).
+        #[arg(long)]
+        split: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Draw this many samples (few-shot training sets: 16 … 1024).
+        #[arg(long)]
+        samples: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// TALLRec JSON file (a list of {instruction, input, output}).
+    #[arg(long)]
+    data: PathBuf,
+    /// Where the adapter is written (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// tallrec or itrek; every value below overrides it.
+    #[arg(long, default_value = "tallrec")]
+    preset: String,
+    /// Optimizer updates.
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    lr: Option<f32>,
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Micro-batches per update.
+    #[arg(long)]
+    accum: Option<usize>,
+    #[arg(long)]
+    cutoff: Option<usize>,
+    #[arg(long)]
+    r: Option<usize>,
+    #[arg(long)]
+    alpha: Option<f32>,
+    #[arg(long)]
+    dropout: Option<f32>,
+    /// LoRA targets, comma-separated: q,k,v,o,gate,up,down.
+    #[arg(long)]
+    targets: Option<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    #[arg(long)]
+    max_grad_norm: Option<f32>,
+    /// Keep every layer's activations (faster, more memory).
+    #[arg(long)]
+    no_checkpointing: bool,
+    /// Write a resumable checkpoint here every --checkpoint-every updates and at the end.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Continue from a checkpoint folder (same data file; the config comes from it).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Device memory budget the plan must fit (checked on CUDA).
+    #[arg(long, default_value = "24GiB")]
+    budget: String,
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
 }
 
 fn main() -> ExitCode {
@@ -128,6 +258,49 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Info { model } => info(model.as_deref()),
         Cmd::Convert { model, out } => convert(&model, &out),
+        Cmd::Merge {
+            model,
+            adapter,
+            out,
+        } => merge(&model, &adapter, &out),
+        Cmd::Rec { cmd } => match cmd {
+            RecCmd::Data {
+                kind:
+                    DataKind::Tallrec {
+                        dataset,
+                        split,
+                        out,
+                        samples,
+                        seed,
+                    },
+            } => rec_data(&dataset, &split, &out, samples, seed),
+            RecCmd::Train(a) => match backend_for(a.device)? {
+                Chosen::Cpu(be) => rec_train(&be, &a),
+                Chosen::Gpu(be) => rec_train(&be, &a),
+            },
+            RecCmd::Eval {
+                model,
+                data,
+                adapter,
+                limit,
+                batch,
+                device,
+                json,
+            } => {
+                let a = EvalArgs {
+                    model: &model,
+                    data: &data,
+                    adapter: adapter.as_deref(),
+                    limit,
+                    batch,
+                    json: json.as_deref(),
+                };
+                match backend_for(device)? {
+                    Chosen::Cpu(be) => rec_eval(&be, &a),
+                    Chosen::Gpu(be) => rec_eval(&be, &a),
+                }
+            }
+        },
         Cmd::Kernels => {
             print_kernels();
             Ok(())
@@ -428,4 +601,330 @@ fn print_kernels() {
             );
         }
     }
+}
+
+fn merge(model_path: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
+    let src = open_model(model_path)?;
+    let adapter = model::adapter::load(adapter_dir)
+        .with_context(|| format!("cannot load adapter {}", adapter_dir.display()))?;
+    model::adapter::merge(src.as_ref(), &adapter, out, |i, n| {
+        eprint!("\rmerging {i}/{n} tensors");
+    })
+    .with_context(|| format!("cannot merge into {}", out.display()))?;
+    eprintln!("\nwrote {}", out.display());
+    Ok(())
+}
+
+fn rec_data(
+    dataset: &Path,
+    split: &str,
+    out: &Path,
+    samples: Option<usize>,
+    seed: u64,
+) -> Result<()> {
+    let split: rec::Split = split.parse()?;
+    let mut all = rec::build(dataset, split)
+        .with_context(|| format!("cannot build TALLRec data from {}", dataset.display()))?;
+    if let Some(n) = samples {
+        all = rec::sample(&all, n, seed)?;
+    }
+    rec::write_json(out, &all)?;
+    let pos = all.iter().filter(|s| s.label() == Some(true)).count();
+    eprintln!(
+        "wrote {} {} samples ({} Yes / {} No) to {}",
+        all.len(),
+        split,
+        pos,
+        all.len() - pos,
+        out.display()
+    );
+    Ok(())
+}
+
+struct EvalArgs<'a> {
+    model: &'a Path,
+    data: &'a Path,
+    adapter: Option<&'a Path>,
+    limit: Option<usize>,
+    batch: usize,
+    json: Option<&'a Path>,
+}
+
+/// Load a model for training or scoring, with a line saying what and where.
+fn load_model<B: Backend>(
+    be: &B,
+    path: &Path,
+) -> Result<(Llama<B>, model::tokenizer::TextTokenizer)> {
+    let src = open_model(path)?;
+    let tok = src
+        .tokenizer()
+        .with_context(|| format!("cannot load the tokenizer of {}", path.display()))?;
+    let t0 = std::time::Instant::now();
+    let m = Llama::load(src.as_ref(), be, LoadOptions::default())
+        .with_context(|| format!("cannot load model {}", path.display()))?;
+    eprintln!(
+        "loaded {} ({} layers, hidden {}, int8 linears) on {} in {:.1}s",
+        path.display(),
+        m.config.num_hidden_layers,
+        m.config.hidden_size,
+        be.name(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok((m, tok))
+}
+
+fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
+    let mut samples = rec::read_json(a.data)?;
+    if let Some(n) = a.limit {
+        samples.truncate(n);
+    }
+    if samples.is_empty() {
+        bail!("{}: no samples to evaluate", a.data.display());
+    }
+    let (m, tok) = load_model(be, a.model)?;
+    let adapter = match a.adapter {
+        Some(dir) => {
+            let host = model::adapter::load(dir)
+                .with_context(|| format!("cannot load adapter {}", dir.display()))?;
+            host.check_against(&m.config)
+                .with_context(|| format!("adapter {} does not fit the model", dir.display()))?;
+            DevAdapter::upload(be, &host)?
+        }
+        None => DevAdapter::empty(TrainConfig::preset("tallrec")?.lora),
+    };
+    let t0 = std::time::Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let (metrics, probs) = rec::eval::evaluate(
+        be,
+        &m,
+        &adapter,
+        &tok,
+        &samples,
+        a.batch,
+        m.config.max_position_embeddings.max(1),
+        |i, n| {
+            if tty {
+                eprint!("\rscoring {i}/{n}");
+            } else if i == n || i % (a.batch * 8).max(1) < a.batch {
+                eprintln!("scored {i}/{n}");
+            }
+        },
+    )?;
+    if tty {
+        eprintln!();
+    }
+    println!(
+        "{}: n {} ({} Yes), AUC {:.4}, accuracy {:.4}, log-loss {:.4}  [{}{}, {:.1}s]",
+        a.data.display(),
+        metrics.n,
+        metrics.positives,
+        metrics.auc,
+        metrics.accuracy,
+        metrics.log_loss,
+        be.name(),
+        a.adapter
+            .map(|p| format!(", adapter {}", p.display()))
+            .unwrap_or_default(),
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(path) = a.json {
+        let mut j = metrics.to_json();
+        j["p_yes"] = serde_json::json!(probs);
+        j["device"] = serde_json::json!(be.name());
+        j["data"] = serde_json::json!(a.data.display().to_string());
+        model::convert::write_atomic(path, serde_json::to_string_pretty(&j)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let mut c = TrainConfig::preset(&a.preset)?;
+    if let Some(v) = a.steps {
+        c.steps = v;
+    }
+    if let Some(v) = a.lr {
+        c.lr = v;
+    }
+    if let Some(v) = a.warmup {
+        c.warmup_steps = v;
+    }
+    if let Some(v) = a.batch {
+        c.batch_size = v;
+    }
+    if let Some(v) = a.accum {
+        c.grad_accum = v;
+    }
+    if let Some(v) = a.cutoff {
+        c.cutoff = v;
+    }
+    if let Some(v) = a.r {
+        c.lora.r = v;
+    }
+    if let Some(v) = a.alpha {
+        c.lora.alpha = v;
+    }
+    if let Some(v) = a.dropout {
+        c.lora.dropout = v;
+    }
+    if let Some(t) = &a.targets {
+        c.lora.targets = parse_targets(t)?;
+    }
+    if let Some(v) = a.seed {
+        c.seed = v;
+    }
+    if let Some(v) = a.weight_decay {
+        c.weight_decay = v;
+    }
+    if let Some(v) = a.max_grad_norm {
+        c.max_grad_norm = v;
+    }
+    if a.no_checkpointing {
+        c.checkpointing = false;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn human_secs(s: f64) -> String {
+    if s < 90.0 {
+        format!("{s:.0}s")
+    } else if s < 5400.0 {
+        format!("{:.0}m{:02.0}s", (s / 60.0).floor(), s % 60.0)
+    } else {
+        format!("{:.1}h", s / 3600.0)
+    }
+}
+
+fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
+    let samples = rec::read_json(&a.data)?;
+    let (m, tok) = load_model(be, &a.model)?;
+    let mut config = train_config(a)?;
+    let mut data = vec![];
+    let mut dropped = 0;
+    for s in &samples {
+        let (p, r) = rec::prompt_and_response(s);
+        match Example::from_prompt_response(&tok, &p, &r, config.cutoff)? {
+            Some(e) => data.push(e),
+            None => dropped += 1,
+        }
+    }
+    if dropped > 0 {
+        eprintln!(
+            "note: {dropped} samples are longer than the cutoff of {} tokens even before their \
+             response and were left out",
+            config.cutoff
+        );
+    }
+    if data.is_empty() {
+        bail!("{}: no usable training samples", a.data.display());
+    }
+    let mut trainer = match &a.resume {
+        Some(dir) => {
+            let t = Trainer::resume(be, &m, dir, data, a.steps)
+                .with_context(|| format!("cannot resume from {}", dir.display()))?;
+            eprintln!("resumed from {} at update {}", dir.display(), t.step);
+            t
+        }
+        None => Trainer::new(be, &m, config.clone(), data, &a.model.display().to_string())?,
+    };
+    config = trainer.config.clone();
+    if be.memory_in_use().is_some() {
+        // A real device: the run must fit the memory plan before it starts.
+        let budget = memory::parse_bytes(&a.budget)
+            .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
+        let setup = memory::TrainSetup {
+            model: m.config.clone(),
+            batch: config.batch_size,
+            seq: config.cutoff,
+            lora_rank: config.lora.r,
+            targets: config
+                .lora
+                .targets
+                .iter()
+                .map(|t| t.peft_name().trim_end_matches("_proj").to_string())
+                .collect(),
+            checkpointing: config.checkpointing,
+            logits_chunk: recforge::train::step::HEAD_CHUNK,
+            budget,
+        };
+        let p = memory::plan_training(&setup).map_err(anyhow::Error::msg)?;
+        if !p.fits() {
+            plan(&a.model.display().to_string(), &setup, false)?;
+        }
+        eprintln!(
+            "memory plan: {} of {} budget",
+            memory::human(p.total()),
+            memory::human(budget)
+        );
+    }
+    eprintln!(
+        "training {} LoRA parameters (r {}, alpha {}, dropout {}, on {}) for {} updates of {} × {} \
+         sequences, lr {} (cosine, {} warm-up), checkpointing {}",
+        trainer.adapter.num_params(),
+        config.lora.r,
+        config.lora.alpha,
+        config.lora.dropout,
+        config
+            .lora
+            .targets
+            .iter()
+            .map(|t| t.peft_name())
+            .collect::<Vec<_>>()
+            .join(","),
+        config.steps,
+        config.batch_size,
+        config.grad_accum,
+        config.lr,
+        config.warmup_steps,
+        if config.checkpointing { "on" } else { "off" }
+    );
+    let tty = std::io::stderr().is_terminal();
+    let t0 = std::time::Instant::now();
+    let first = trainer.step;
+    let mut tokens = 0usize;
+    while !trainer.done() {
+        let r = trainer.step()?;
+        tokens += r.tokens;
+        let done = trainer.step - first;
+        let el = t0.elapsed().as_secs_f64();
+        let eta = el / done as f64 * (config.steps - trainer.step) as f64;
+        let mem = r
+            .memory_in_use
+            .map(|b| format!(", mem {}", memory::human(b)))
+            .unwrap_or_default();
+        let line = format!(
+            "update {}/{}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{}  ETA {}",
+            r.step,
+            config.steps,
+            r.loss,
+            r.lr,
+            r.grad_norm,
+            tokens as f64 / el,
+            mem,
+            human_secs(eta)
+        );
+        if tty {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+        if let Some(dir) = &a.checkpoint_dir {
+            if trainer.step % a.checkpoint_every.max(1) == 0 || trainer.done() {
+                trainer.save_checkpoint(dir)?;
+            }
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let host = trainer.host_adapter()?;
+    model::adapter::save(&host, &a.out)
+        .with_context(|| format!("cannot save the adapter to {}", a.out.display()))?;
+    eprintln!(
+        "saved the adapter to {} ({} updates in {})",
+        a.out.display(),
+        trainer.step,
+        human_secs(t0.elapsed().as_secs_f64())
+    );
+    Ok(())
 }

@@ -8,6 +8,7 @@ pub mod fixture;
 pub mod gguf;
 pub mod llama;
 pub mod lora;
+pub mod random;
 pub mod source;
 pub mod tokenizer;
 

@@ -4,8 +4,10 @@
 //! - [`tallrec`]: TALLRec's preprocessing into instruction samples, splits, few-shot sampling,
 //!   JSON files;
 //! - [`prompt`]: the Alpaca template TALLRec trains with;
-//! - [`metrics`]: ROC AUC (tie-aware), accuracy, log loss.
+//! - [`metrics`]: ROC AUC (tie-aware), accuracy, log loss;
+//! - [`eval`]: P(Yes) from one prefill per sample, and the metrics over a split.
 
+pub mod eval;
 pub mod metrics;
 pub mod movielens;
 pub mod prompt;

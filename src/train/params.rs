@@ -67,6 +67,15 @@ impl<B: Backend> DevAdapter<B> {
         })
     }
 
+    /// No adapted projection: the base model alone (scoring before training).
+    pub fn empty(config: LoraConfig) -> Self {
+        DevAdapter {
+            config,
+            base_model: String::new(),
+            layers: BTreeMap::new(),
+        }
+    }
+
     pub fn get(&self, layer: usize, t: Target) -> Option<&DevLoraParams<B>> {
         self.layers.get(&(layer, t))
     }

@@ -2,6 +2,8 @@
 //! upload), exact int32 accumulation for int8 × int8, rows spread over the cores with rayon.
 //! Every GPU kernel is tested against these functions, so they favour being obviously right.
 
+mod simd;
+
 use rayon::prelude::*;
 
 use super::{
@@ -141,32 +143,6 @@ pub fn quantize_rows(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>)
     (q, scales)
 }
 
-/// Run `f(n) -> column n of the output` for every output feature in parallel and scatter the
-/// columns into the row-major `[T, N]` output.
-fn par_columns(out: &mut [f32], t: usize, n: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    const CHUNK: usize = 16;
-    let cols: Vec<Vec<f32>> = (0..n.div_ceil(CHUNK))
-        .into_par_iter()
-        .map(|c| {
-            let n0 = c * CHUNK;
-            let n1 = (n0 + CHUNK).min(n);
-            let mut buf = vec![0f32; (n1 - n0) * t];
-            for (j, col) in buf.chunks_exact_mut(t.max(1)).enumerate() {
-                f(n0 + j, col);
-            }
-            buf
-        })
-        .collect();
-    for (c, buf) in cols.iter().enumerate() {
-        let n0 = c * CHUNK;
-        for (j, col) in buf.chunks_exact(t.max(1)).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                out[r * n + n0 + j] = *v;
-            }
-        }
-    }
-}
-
 impl Backend for Cpu {
     type Storage = HostData;
 
@@ -288,32 +264,34 @@ impl Backend for Cpu {
         let wv = weight_view(op, w)?;
         let o = f32s_mut(op, "out", out)?;
         match wv {
-            WView::Dense(wd) => par_columns(o, t, n, |j, col| {
-                let wr = &wd[j * k..(j + 1) * k];
-                for (r, c) in col.iter_mut().enumerate() {
-                    *c = xs[r * k..(r + 1) * k]
-                        .iter()
-                        .zip(wr)
-                        .map(|(a, b)| a * b)
-                        .sum();
-                }
-            }),
+            WView::Dense(wd) => o.copy_from_slice(&simd::gemm_f32(xs, wd, t, n, k)),
             WView::Int8 { w: wq, scale } => {
                 let (xq, sx, outlier) = quantize_activations(xs, t, k, w.outlier_threshold);
                 let out_cols: Vec<usize> = (0..k).filter(|&c| outlier[c]).collect();
-                par_columns(o, t, n, |j, col| {
-                    let wr = &wq[j * k..(j + 1) * k];
-                    for (r, c) in col.iter_mut().enumerate() {
-                        let acc: i32 = xq[r * k..(r + 1) * k]
+                let no = out_cols.len();
+                // The outlier columns of x gathered once, [T, no], for contiguous dot products.
+                let xo: Vec<f32> = (0..t)
+                    .flat_map(|r| out_cols.iter().map(move |&c| xs[r * k + c]))
+                    .collect();
+                let acc = simd::gemm_i8(&xq, wq, t, n, k);
+                // The outlier columns of W, dequantized: [N, no].
+                let wo: Vec<f32> = (0..n)
+                    .flat_map(|j| {
+                        out_cols
                             .iter()
-                            .zip(wr)
-                            .map(|(a, b)| *a as i32 * *b as i32)
-                            .sum();
-                        let mut y = acc as f32 * sx[r] * scale[j];
-                        for &kc in &out_cols {
-                            y += xs[r * k + kc] * (wr[kc] as f32 * scale[j]);
+                            .map(move |&c| wq[j * k + c] as f32 * scale[j])
+                    })
+                    .collect();
+                o.par_chunks_mut(n.max(1)).enumerate().for_each(|(r, row)| {
+                    let xr = &xo[r * no..(r + 1) * no];
+                    for (j, y) in row.iter_mut().enumerate() {
+                        // Outliers added one by one, in column order: the kernel's epilogue
+                        // does the same, so the two agree bit for bit.
+                        let mut v = acc[r * n + j] as f32 * sx[r] * scale[j];
+                        for (a, b) in xr.iter().zip(&wo[j * no..(j + 1) * no]) {
+                            v += a * b;
                         }
-                        *c = y;
+                        *y = v;
                     }
                 });
             }
@@ -510,26 +488,19 @@ impl Backend for Cpu {
         let dys = f32s(op, "dy", dy)?;
         let wv = weight_view(op, w)?;
         let dxs = f32s_mut(op, "dx", dx)?;
-        dxs.par_chunks_mut(k)
-            .zip(dys.par_chunks(n))
-            .for_each(|(dxr, dyr)| {
-                dxr.fill(0.0);
-                for (j, g) in dyr.iter().enumerate() {
-                    match &wv {
-                        WView::Dense(wd) => {
-                            for (a, b) in dxr.iter_mut().zip(&wd[j * k..(j + 1) * k]) {
-                                *a += g * b;
-                            }
-                        }
-                        WView::Int8 { w: wq, scale } => {
-                            let gs = g * scale[j];
-                            for (a, b) in dxr.iter_mut().zip(&wq[j * k..(j + 1) * k]) {
-                                *a += gs * *b as f32;
-                            }
-                        }
-                    }
+        // dX = dY · W as a GEMM against Wᵀ `[K, N]` (dequantized for int8), built once per call.
+        let mut wt = vec![0f32; k * n];
+        wt.par_chunks_mut(n.max(1))
+            .enumerate()
+            .for_each(|(c, row)| {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = match &wv {
+                        WView::Dense(wd) => wd[j * k + c],
+                        WView::Int8 { w: wq, scale } => wq[j * k + c] as f32 * scale[j],
+                    };
                 }
             });
+        dxs.copy_from_slice(&simd::gemm_f32(dys, &wt, t, k, n));
         Ok(())
     }
 
@@ -815,46 +786,70 @@ impl Backend for Cpu {
         let pos = u32s(op, "positions", positions)?;
         let (h, kvh, hd) = (g.heads, g.kv_heads, g.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
+        let group = h / kvh;
+        // One task per (sequence, KV head): its dk / dv rows and its query heads' dq rows are
+        // written by no other task, so the tasks run in parallel and are scattered after.
+        let tasks: Vec<(usize, usize)> = (0..spans.len())
+            .flat_map(|si| (0..kvh).map(move |kh| (si, kh)))
+            .collect();
+        let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
+            .par_iter()
+            .map(|&(si, kh)| {
+                let s = &spans[si];
+                let mut dq_l = vec![0f32; s.q_len * group * hd];
+                let mut dk_l = vec![0f32; s.kv_len * hd];
+                let mut dv_l = vec![0f32; s.kv_len * hd];
+                let krow = |j: usize| ((s.kv_start + j) * kvh + kh) * hd;
+                for i in 0..s.q_len {
+                    let tq = s.q_start + i;
+                    let visible = (pos[tq] as usize + 1).min(s.kv_len);
+                    for gi in 0..group {
+                        let head = kh * group + gi;
+                        let qv = &qs[(tq * h + head) * hd..][..hd];
+                        let dyv = &dys[(tq * h + head) * hd..][..hd];
+                        let mut p: Vec<f32> = (0..visible)
+                            .map(|j| simd::dot_f32(qv, &ks[krow(j)..][..hd]) * scale)
+                            .collect();
+                        softmax_in_place(&mut p);
+                        // dp_j = dy·v_j;  ds_j = p_j (dp_j − Σ p dp)
+                        let dp: Vec<f32> = (0..visible)
+                            .map(|j| simd::dot_f32(dyv, &vs[krow(j)..][..hd]))
+                            .collect();
+                        let pdp: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                        let dqr = &mut dq_l[(i * group + gi) * hd..][..hd];
+                        for j in 0..visible {
+                            let ds = p[j] * (dp[j] - pdp) * scale;
+                            let kr = &ks[krow(j)..][..hd];
+                            let (dkr, dvr) = (&mut dk_l[j * hd..][..hd], &mut dv_l[j * hd..][..hd]);
+                            for c in 0..hd {
+                                dqr[c] += ds * kr[c];
+                                dkr[c] += ds * qv[c];
+                                dvr[c] += p[j] * dyv[c];
+                            }
+                        }
+                    }
+                }
+                (dq_l, dk_l, dv_l)
+            })
+            .collect();
         let mut dqv = vec![0f32; qs.len()];
         let mut dkv = vec![0f32; ks.len()];
         let mut dvv = vec![0f32; vs.len()];
-        for s in spans {
+        for (&(si, kh), (dq_l, dk_l, dv_l)) in tasks.iter().zip(&parts) {
+            let s = &spans[si];
             for i in 0..s.q_len {
-                let tq = s.q_start + i;
-                let visible = (pos[tq] as usize + 1).min(s.kv_len);
-                for head in 0..h {
-                    let kh = head / (h / kvh);
-                    let qv = &qs[(tq * h + head) * hd..][..hd];
-                    let dyv = &dys[(tq * h + head) * hd..][..hd];
-                    let krow = |j: usize| ((s.kv_start + j) * kvh + kh) * hd;
-                    let mut p: Vec<f32> = (0..visible)
-                        .map(|j| {
-                            qv.iter()
-                                .zip(&ks[krow(j)..][..hd])
-                                .map(|(a, b)| a * b)
-                                .sum::<f32>()
-                                * scale
-                        })
-                        .collect();
-                    softmax_in_place(&mut p);
-                    // dp_j = dy·v_j;  ds_j = p_j (dp_j − Σ p dp)
-                    let dp: Vec<f32> = (0..visible)
-                        .map(|j| {
-                            dyv.iter()
-                                .zip(&vs[krow(j)..][..hd])
-                                .map(|(a, b)| a * b)
-                                .sum()
-                        })
-                        .collect();
-                    let pdp: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                    for j in 0..visible {
-                        let ds = p[j] * (dp[j] - pdp) * scale;
-                        for c in 0..hd {
-                            dqv[(tq * h + head) * hd + c] += ds * ks[krow(j) + c];
-                            dkv[krow(j) + c] += ds * qv[c];
-                            dvv[krow(j) + c] += p[j] * dyv[c];
-                        }
+                for gi in 0..group {
+                    let dst = ((s.q_start + i) * h + kh * group + gi) * hd;
+                    for c in 0..hd {
+                        dqv[dst + c] += dq_l[(i * group + gi) * hd + c];
                     }
+                }
+            }
+            for j in 0..s.kv_len {
+                let dst = ((s.kv_start + j) * kvh + kh) * hd;
+                for c in 0..hd {
+                    dkv[dst + c] += dk_l[j * hd + c];
+                    dvv[dst + c] += dv_l[j * hd + c];
                 }
             }
         }

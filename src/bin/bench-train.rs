@@ -1,0 +1,1262 @@
+//! `bench-train`: LoRA training throughput on a frozen int8 LLaMA (DESIGN.md §6).
+//!
+//! Builds a model — a named shape with random int8 weights (`model::random`), or a checkpoint
+//! from disk — and synthetic data: `batch × accum` sequences of exactly `seq` random token ids
+//! with a language-model label on every position, so every micro-batch has the same shape. It
+//! runs `--warmup` optimizer steps unmeasured, then `--steps` measured ones, and reports:
+//!
+//! - tokens/s: the median over the measured steps of (tokens processed in the step ÷ the wall
+//!   time of `Trainer::step`);
+//! - ms/step: medians of the wall time and of its split into forward (with the head and loss),
+//!   backward (with the recomputation under checkpointing), optimizer, and other (packing the
+//!   micro-batches, uploads, workspace set-up: wall − the three);
+//! - FLOPs per step, MFU and HFU (see `Flops` for the formula, printed with the results);
+//! - memory: the largest device memory in use (sampled every 2 ms while the steps run, and at
+//!   each step's end), minus what was in use before the model was built, against the memory
+//!   plan's total for the same setup (`memory::plan_training`); CUDA only. On CUDA a setup whose
+//!   plan does not fit `--budget` (24 GiB) stops before anything is built, with the plan table
+//!   and the fix.
+//!
+//! Progress goes to stderr, the table to stdout, and `--json` writes everything (through a
+//! temporary file renamed into place). `--time-limit` ends the measurement early (after at least
+//! one measured step) so that an outer `timeout` still gets a result.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::{json, Value};
+
+use recforge::backend::cpu::Cpu;
+use recforge::backend::gpu::backend::Gpu;
+use recforge::backend::gpu::{probe_cuda, Device, DeviceChoice};
+use recforge::backend::Backend;
+use recforge::memory::{self, human, TrainSetup};
+use recforge::model::lora::parse_targets;
+use recforge::model::random::{self, SHAPE_NAMES};
+use recforge::model::{self as rmodel, Llama, LlamaConfig, LoadOptions, ModelSource};
+use recforge::rng::Rng;
+use recforge::tensor::HostTensor;
+use recforge::train::step::HEAD_CHUNK;
+use recforge::train::{Example, StepRecord, TrainConfig, Trainer};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench-train",
+    version,
+    about = "Measure LoRA training throughput (tokens/s, ms/step, MFU, memory) on a frozen int8 LLaMA",
+    after_help = "Named shapes (random int8 weights): llama-7b, llama-13b, smollm2-135m, tiny.\n\
+                  Example: bench-train --model llama-7b --device cuda --batch 4 --seq 1024 --json out.json"
+)]
+struct Args {
+    /// A named shape (llama-7b, llama-13b, smollm2-135m, tiny) built with random int8 weights,
+    /// or a model path (.gguf file or Hugging Face folder).
+    #[arg(long, default_value = "llama-7b")]
+    model: String,
+    /// cpu, cuda, sim or auto (CUDA when a GPU is usable, else CPU).
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Training preset the settings start from (itrek or tallrec).
+    #[arg(long, default_value = "itrek")]
+    preset: String,
+    /// Sequences per micro-batch (default: the preset's).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Tokens per sequence (default: the preset's cutoff).
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Micro-batches per optimizer step (default: the preset's).
+    #[arg(long)]
+    accum: Option<usize>,
+    /// LoRA rank (default: the preset's; alpha stays the preset's).
+    #[arg(long)]
+    r: Option<usize>,
+    /// LoRA targets, comma-separated: q,k,v,o,gate,up,down (default: the preset's).
+    #[arg(long)]
+    targets: Option<String>,
+    /// Measured optimizer steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Unmeasured optimizer steps run first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Override the number of layers (for small CPU / simulator runs of a big shape).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Override the vocabulary size of a named shape (for small runs).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Keep every layer's activations instead of recomputing them in the backward pass.
+    #[arg(long)]
+    no_checkpointing: bool,
+    /// LLM.int8 outlier threshold of the frozen linears (0 disables the decomposition).
+    #[arg(long, default_value_t = 6.0)]
+    outlier_threshold: f32,
+    /// Device memory budget the plan must fit on CUDA, e.g. 24GiB or 80GiB.
+    #[arg(long, default_value = "24GiB")]
+    budget: String,
+    /// Seed of the random weights, the data and the adapter.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Write the results as JSON here (written to a temporary name, then renamed).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Stop measuring once this many seconds have passed since the first step (after at least
+    /// one measured step) and report the steps done, e.g. under an outer `timeout`.
+    #[arg(long)]
+    time_limit: Option<f64>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---- the model ---------------------------------------------------------------------------------
+
+/// Where the model comes from.
+enum ModelSpec {
+    /// A named shape, built with random int8 weights.
+    Random { name: String, config: LlamaConfig },
+    /// A checkpoint on disk (possibly with fewer layers than it has).
+    File {
+        path: PathBuf,
+        src: Box<dyn ModelSource>,
+        config: LlamaConfig,
+    },
+}
+
+impl ModelSpec {
+    fn config(&self) -> &LlamaConfig {
+        match self {
+            ModelSpec::Random { config, .. } | ModelSpec::File { config, .. } => config,
+        }
+    }
+    fn label(&self) -> String {
+        match self {
+            ModelSpec::Random { name, .. } => name.clone(),
+            ModelSpec::File { path, .. } => path.display().to_string(),
+        }
+    }
+    fn source(&self) -> String {
+        match self {
+            ModelSpec::Random { .. } => "random int8 weights".into(),
+            ModelSpec::File { src, .. } => src.format(),
+        }
+    }
+}
+
+/// A model source with fewer layers than the checkpoint (`--layers` on a real model): the
+/// first `layers` layers, the embedding, final norm and head.
+struct FirstLayers {
+    inner: Box<dyn ModelSource>,
+    config: LlamaConfig,
+}
+
+impl ModelSource for FirstLayers {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+    fn tensor(&self, name: &str) -> recforge::Result<HostTensor> {
+        self.inner.tensor(name)
+    }
+    fn tokenizer(&self) -> recforge::Result<recforge::model::tokenizer::TextTokenizer> {
+        self.inner.tokenizer()
+    }
+    fn format(&self) -> String {
+        self.inner.format()
+    }
+}
+
+fn resolve_model(args: &Args) -> Result<ModelSpec> {
+    if let Some(base) = random::shape(&args.model) {
+        let config = random::shrink(&base, args.layers, args.vocab)?;
+        return Ok(ModelSpec::Random {
+            name: args.model.clone(),
+            config,
+        });
+    }
+    let path = PathBuf::from(&args.model);
+    if !path.exists() {
+        bail!(
+            "--model '{}': not a named shape ({}) and no file or folder by that name",
+            args.model,
+            SHAPE_NAMES.join(", ")
+        );
+    }
+    if args.vocab.is_some() {
+        bail!(
+            "--vocab applies to named shapes only, not to a checkpoint ({})",
+            path.display()
+        );
+    }
+    let src =
+        rmodel::open(&path).with_context(|| format!("cannot load model {}", path.display()))?;
+    let full = src.config().clone();
+    let src: Box<dyn ModelSource> = match args.layers {
+        Some(0) => bail!("--layers must be at least 1"),
+        Some(l) if l > full.num_hidden_layers => bail!(
+            "--layers {l}: {} has only {} layers",
+            path.display(),
+            full.num_hidden_layers
+        ),
+        Some(l) => Box::new(FirstLayers {
+            config: LlamaConfig {
+                num_hidden_layers: l,
+                ..full
+            },
+            inner: src,
+        }),
+        None => src,
+    };
+    Ok(ModelSpec::File {
+        path,
+        config: src.config().clone(),
+        src,
+    })
+}
+
+fn build_model<B: Backend>(be: &B, spec: &ModelSpec, args: &Args) -> Result<Llama<B>> {
+    match spec {
+        ModelSpec::Random { config, .. } => {
+            random::random_llama_with(be, config, args.seed, args.outlier_threshold)
+                .context("cannot build the random model")
+        }
+        ModelSpec::File { path, src, .. } => Llama::load(
+            src.as_ref(),
+            be,
+            LoadOptions {
+                int8: true,
+                outlier_threshold: args.outlier_threshold,
+            },
+        )
+        .with_context(|| format!("cannot load model {}", path.display())),
+    }
+}
+
+// ---- the backend -------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Cpu,
+    Sim,
+    Cuda,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Cpu => "cpu",
+            Kind::Sim => "sim",
+            Kind::Cuda => "cuda",
+        }
+    }
+}
+
+enum Chosen {
+    Cpu(Cpu),
+    Gpu(Gpu),
+}
+
+/// The backend `--device` asks for (the same rule as `recforge`): `auto` takes CUDA when a GPU
+/// is usable and the library has kernels, else the CPU.
+fn backend_for(device: DeviceChoice) -> Result<Chosen> {
+    match device {
+        DeviceChoice::Cpu => Ok(Chosen::Cpu(Cpu::new())),
+        DeviceChoice::Sim => Ok(Chosen::Gpu(Gpu::new(Device::sim()))),
+        DeviceChoice::Cuda => Ok(Chosen::Gpu(Gpu::new(
+            Device::cuda(0).context("--device cuda")?,
+        ))),
+        DeviceChoice::Auto => {
+            let probe = probe_cuda();
+            if !probe.usable() {
+                return Ok(Chosen::Cpu(Cpu::new()));
+            }
+            match Device::cuda(0) {
+                Ok(d) => Ok(Chosen::Gpu(Gpu::new(d))),
+                Err(e) => {
+                    eprintln!(
+                        "note: {} found but not usable ({e}); using the CPU",
+                        probe.describe()
+                    );
+                    Ok(Chosen::Cpu(Cpu::new()))
+                }
+            }
+        }
+    }
+}
+
+// ---- FLOPs and peaks ---------------------------------------------------------------------------
+
+/// The FLOP count of one optimizer step (a multiply-add is 2 FLOPs; elementwise work — norms,
+/// RoPE, SwiGLU, softmax, the optimizer — is not counted).
+///
+/// With T tokens in the step, L layers, N the frozen base's linear weights (q, k, v, o, gate,
+/// up, down of every layer), N_lora the LoRA weights (A and B of every adapted projection), d
+/// the hidden size, V the vocabulary, T_lab the rows that carry a label, d_q = heads × head_dim:
+///
+/// - linears, forward: 2·N·T + 2·N_lora·T;
+/// - linears, backward: 2·N·T (the gradient to the input only: the frozen base has no weight
+///   gradient, so the usual 6·N·T does not apply) + 4·N_lora·T (LoRA's input gradient and its
+///   dA, dB);
+/// - output head on the labelled rows: 2·d·V·T_lab forward + 2·d·V·T_lab backward to the input
+///   (the head is frozen too);
+/// - attention: A = 4·L·d_q·P forward (QKᵀ and PV), where P = Σ over sequences of s(s+1)/2 is
+///   the number of causal (query, key) pairs — the causal mask halves the full 4·L·d_q·T·s, and
+///   the half is what is counted — and 2·A backward (dV = Pᵀ·dO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q: four GEMMs);
+/// - model FLOPs = forward + backward (the standard MFU numerator: recomputation is not
+///   useful work);
+/// - hardware FLOPs = model FLOPs + the recomputed forward under checkpointing,
+///   2·N·T + 2·N_lora·T + A (the head is not recomputed).
+///
+/// MFU = model FLOPs ÷ step time ÷ peak, HFU = hardware FLOPs ÷ step time ÷ peak, where the
+/// peak is the device's dense bf16 tensor-core rate (`peak_for`).
+#[derive(Clone, Debug)]
+struct Flops {
+    base_params: u64,
+    lora_params: u64,
+    head_params: u64,
+    tokens: u64,
+    label_rows: u64,
+    causal_pairs: u64,
+    attention_forward: u64,
+    forward: u64,
+    backward: u64,
+    recompute: u64,
+}
+
+const FLOP_FORMULA: &str = "model = fwd 2·N·T + 2·N_lora·T + 2·d·V·T_lab + A  +  bwd 2·N·T + 4·N_lora·T + 2·d·V·T_lab + 2·A;  \
+hardware = model + recompute (checkpointing: 2·N·T + 2·N_lora·T + A);  \
+A = 4·L·d_q·P, P = Σ_seq s(s+1)/2 causal pairs (causal half of the full 4·L·d_q·T·s);  \
+N = frozen linear weights, N_lora = LoRA A+B weights, T = tokens/step, T_lab = labelled rows";
+
+impl Flops {
+    fn new(
+        c: &LlamaConfig,
+        targets: &[String],
+        r: usize,
+        seqs: &[usize],
+        label_rows: u64,
+        checkpointing: bool,
+    ) -> Flops {
+        let (d, f, qd, kvd) = (
+            c.hidden_size as u64,
+            c.intermediate_size as u64,
+            c.q_dim() as u64,
+            c.kv_dim() as u64,
+        );
+        let l = c.num_hidden_layers as u64;
+        let base_params = l * (d * qd + 2 * d * kvd + qd * d + 3 * d * f);
+        let dims = |t: &str| -> (u64, u64) {
+            match t {
+                "q" => (d, qd),
+                "k" | "v" => (d, kvd),
+                "o" => (qd, d),
+                "gate" | "up" => (d, f),
+                _ => (f, d),
+            }
+        };
+        let lora_params = l * targets
+            .iter()
+            .map(|t| {
+                let (i, o) = dims(t);
+                r as u64 * (i + o)
+            })
+            .sum::<u64>();
+        let head_params = c.vocab_size as u64 * d;
+        let tokens: u64 = seqs.iter().map(|&s| s as u64).sum();
+        let causal_pairs: u64 = seqs.iter().map(|&s| (s as u64) * (s as u64 + 1) / 2).sum();
+        let a = 4 * l * qd * causal_pairs;
+        let forward =
+            2 * base_params * tokens + 2 * lora_params * tokens + 2 * head_params * label_rows + a;
+        let backward = 2 * base_params * tokens
+            + 4 * lora_params * tokens
+            + 2 * head_params * label_rows
+            + 2 * a;
+        let recompute = if checkpointing {
+            2 * base_params * tokens + 2 * lora_params * tokens + a
+        } else {
+            0
+        };
+        Flops {
+            base_params,
+            lora_params,
+            head_params,
+            tokens,
+            label_rows,
+            causal_pairs,
+            attention_forward: a,
+            forward,
+            backward,
+            recompute,
+        }
+    }
+    fn model(&self) -> u64 {
+        self.forward + self.backward
+    }
+    fn hardware(&self) -> u64 {
+        self.model() + self.recompute
+    }
+}
+
+/// A device's dense (non-sparse) tensor-core peaks, from NVIDIA's datasheets / whitepapers.
+#[derive(Clone, Copy, Debug)]
+struct Peak {
+    device: &'static str,
+    /// bf16 inputs, f32 accumulation, dense, TFLOP/s.
+    bf16_tflops: f64,
+    /// int8 inputs, int32 accumulation, dense, TOPS.
+    int8_tops: f64,
+}
+
+/// The peak of a CUDA device, by the name the driver reports; None when it is not in the table.
+fn peak_for(device_name: &str) -> Option<Peak> {
+    let n = device_name.to_ascii_lowercase();
+    let p = |device, bf16_tflops, int8_tops| {
+        Some(Peak {
+            device,
+            bf16_tflops,
+            int8_tops,
+        })
+    };
+    // Order matters: the more specific names first.
+    if n.contains("h100") {
+        if n.contains("pcie") {
+            return p("H100 PCIe", 756.0, 1513.0);
+        }
+        if n.contains("nvl") {
+            return p("H100 NVL", 835.0, 1671.0);
+        }
+        return p("H100 SXM", 989.0, 1979.0);
+    }
+    if n.contains("h200") {
+        if n.contains("nvl") {
+            return p("H200 NVL", 835.0, 1671.0);
+        }
+        return p("H200 SXM", 989.0, 1979.0);
+    }
+    if n.contains("a100") {
+        return p("A100", 312.0, 624.0);
+    }
+    if n.contains("4090") {
+        return p("RTX 4090", 165.2, 660.6);
+    }
+    if n.contains("3090 ti") {
+        return p("RTX 3090 Ti", 80.0, 320.0);
+    }
+    if n.contains("3090") {
+        return p("RTX 3090", 71.0, 284.0);
+    }
+    if n.contains("l40s") {
+        return p("L40S", 362.0, 733.0);
+    }
+    None
+}
+
+// ---- statistics --------------------------------------------------------------------------------
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+/// One optimizer step as measured here.
+struct Timed {
+    rec: StepRecord,
+    wall: f64,
+}
+
+impl Timed {
+    fn other(&self) -> f64 {
+        (self.wall - self.rec.secs()).max(0.0)
+    }
+    fn tokens_per_sec(&self) -> f64 {
+        self.rec.tokens as f64 / self.wall
+    }
+    fn to_json(&self) -> Value {
+        let r = &self.rec;
+        json!({
+            "step": r.step,
+            "loss": r.loss,
+            "lr": r.lr,
+            "grad_norm": r.grad_norm,
+            "tokens": r.tokens,
+            "label_tokens": r.label_tokens,
+            "wall_ms": self.wall * 1e3,
+            "forward_ms": r.forward_secs * 1e3,
+            "backward_ms": r.backward_secs * 1e3,
+            "optimizer_ms": r.optimizer_secs * 1e3,
+            "other_ms": self.other() * 1e3,
+            "tokens_per_sec": self.tokens_per_sec(),
+            "memory_in_use_bytes": r.memory_in_use,
+        })
+    }
+}
+
+// ---- the run -----------------------------------------------------------------------------------
+
+fn run(args: Args) -> Result<()> {
+    if args.steps == 0 {
+        bail!("--steps must be at least 1 (it counts the measured optimizer steps)");
+    }
+    if let Some(t) = args.time_limit {
+        if !(t.is_finite() && t > 0.0) {
+            bail!("--time-limit must be a positive number of seconds");
+        }
+    }
+    let budget = memory::parse_bytes(&args.budget).with_context(|| {
+        format!(
+            "--budget '{}': expected a size such as 24GiB or 512MiB",
+            args.budget
+        )
+    })?;
+    let mut cfg = TrainConfig::preset(&args.preset)?;
+    if let Some(b) = args.batch {
+        if b == 0 {
+            bail!("--batch must be at least 1");
+        }
+        cfg.batch_size = b;
+    }
+    if let Some(s) = args.seq {
+        if s < 2 {
+            bail!("--seq must be at least 2 (a sequence predicts its next tokens)");
+        }
+        cfg.cutoff = s;
+    }
+    if let Some(a) = args.accum {
+        if a == 0 {
+            bail!("--accum must be at least 1");
+        }
+        cfg.grad_accum = a;
+    }
+    if let Some(r) = args.r {
+        if r == 0 {
+            bail!("--r must be at least 1");
+        }
+        cfg.lora.r = r;
+    }
+    if let Some(t) = &args.targets {
+        cfg.lora.targets = parse_targets(t).with_context(|| format!("--targets '{t}'"))?;
+    }
+    cfg.checkpointing = !args.no_checkpointing;
+    cfg.seed = args.seed;
+    // The cosine schedule spans the whole run; the learning rate does not change the work done.
+    cfg.steps = args.warmup + args.steps;
+    cfg.validate()?;
+
+    let spec = resolve_model(&args)?;
+    let mc = spec.config().clone();
+    if cfg.cutoff > mc.max_position_embeddings {
+        eprintln!(
+            "note: --seq {} is longer than the model's {} positions (RoPE runs anyway)",
+            cfg.cutoff, mc.max_position_embeddings
+        );
+    }
+    let setup = TrainSetup {
+        model: mc.clone(),
+        batch: cfg.batch_size,
+        seq: cfg.cutoff,
+        lora_rank: cfg.lora.r,
+        targets: cfg
+            .lora
+            .targets
+            .iter()
+            .map(|t| t.peft_name().trim_end_matches("_proj").to_string())
+            .collect(),
+        checkpointing: cfg.checkpointing,
+        logits_chunk: HEAD_CHUNK,
+        budget,
+    };
+    let plan = memory::plan_training(&setup).map_err(anyhow::Error::msg)?;
+
+    let chosen = backend_for(args.device)?;
+    match chosen {
+        Chosen::Cpu(be) => bench(&be, Kind::Cpu, &args, &spec, cfg, &setup, &plan),
+        Chosen::Gpu(be) => {
+            let kind = if be.dev.is_sim() {
+                Kind::Sim
+            } else {
+                Kind::Cuda
+            };
+            bench(&be, kind, &args, &spec, cfg, &setup, &plan)
+        }
+    }
+}
+
+/// Stop before a CUDA run whose plan does not fit the budget: the table and the fix.
+fn check_budget(spec: &ModelSpec, s: &TrainSetup, plan: &memory::Plan) -> Result<()> {
+    if plan.fits() {
+        return Ok(());
+    }
+    eprintln!(
+        "memory plan: {}, batch {} × seq {}, LoRA r={} on {}, checkpointing {}\n",
+        spec.label(),
+        s.batch,
+        s.seq,
+        s.lora_rank,
+        s.targets.join(","),
+        if s.checkpointing { "on" } else { "off" }
+    );
+    eprint!("{}", plan.table());
+    let (b, q) = memory::solve(s).map_err(anyhow::Error::msg)?;
+    let mut fixes = vec![];
+    if b > 0 {
+        fixes.push(format!("--batch {b}"));
+    }
+    if q > 0 {
+        fixes.push(format!("--seq {q}"));
+    }
+    if !s.checkpointing {
+        fixes.push("checkpointing back on (drop --no-checkpointing)".into());
+    }
+    fixes.push("a larger --budget if the device has the memory".into());
+    bail!(
+        "the memory plan needs {} but the budget is {}; it would fit with {}",
+        human(plan.total()),
+        human(s.budget),
+        fixes.join(", or ")
+    );
+}
+
+fn synthetic_data(cfg: &TrainConfig, vocab: usize, seed: u64) -> Result<Vec<Example>> {
+    let n = cfg.batch_size * cfg.grad_accum;
+    let mut rng = Rng::new(seed ^ 0xDA7A_5EED_0000_0001);
+    (0..n)
+        .map(|_| {
+            let ids = (0..cfg.cutoff)
+                .map(|_| rng.below(vocab as u64) as u32)
+                .collect();
+            Example::language_model(ids).map_err(anyhow::Error::from)
+        })
+        .collect()
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / memory::GIB as f64
+}
+
+/// The warm-up steps, then the measured ones, with a progress line each.
+fn run_steps<B: Backend>(
+    trainer: &mut Trainer<'_, B>,
+    args: &Args,
+) -> Result<(Vec<Timed>, Vec<Timed>)> {
+    let total = args.warmup + args.steps;
+    let start = Instant::now();
+    let mut warm = vec![];
+    let mut measured = vec![];
+    for i in 0..total {
+        if let (Some(limit), false) = (args.time_limit, measured.is_empty()) {
+            if start.elapsed().as_secs_f64() > limit {
+                eprintln!(
+                    "bench-train: --time-limit {limit} s reached after {} of {} measured steps",
+                    measured.len(),
+                    args.steps
+                );
+                break;
+            }
+        }
+        let t = Instant::now();
+        let rec = trainer
+            .step()
+            .with_context(|| format!("optimizer step {} of {total}", i + 1))?;
+        let wall = t.elapsed().as_secs_f64();
+        let timed = Timed { rec, wall };
+        let r = &timed.rec;
+        let what = if i < args.warmup {
+            format!("warm-up {}/{}", i + 1, args.warmup)
+        } else {
+            format!("step {}/{}", i + 1 - args.warmup, args.steps)
+        };
+        eprintln!(
+            "{what}: loss {:.4}, {:.0} tokens/s, {:.1} ms (forward {:.1}, backward {:.1}, optimizer {:.1}){}",
+            r.loss,
+            timed.tokens_per_sec(),
+            wall * 1e3,
+            r.forward_secs * 1e3,
+            r.backward_secs * 1e3,
+            r.optimizer_secs * 1e3,
+            r.memory_in_use
+                .map(|m| format!(", {:.2} GiB in use", gib(m)))
+                .unwrap_or_default()
+        );
+        if !r.loss.is_finite() {
+            bail!("{what}: the loss is not finite ({})", r.loss);
+        }
+        if i < args.warmup {
+            warm.push(timed);
+        } else {
+            measured.push(timed);
+        }
+    }
+    Ok((warm, measured))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench<B: Backend>(
+    be: &B,
+    kind: Kind,
+    args: &Args,
+    spec: &ModelSpec,
+    cfg: TrainConfig,
+    setup: &TrainSetup,
+    plan: &memory::Plan,
+) -> Result<()> {
+    let device = be.name();
+    if kind == Kind::Cuda {
+        check_budget(spec, setup, plan)?;
+    } else if !plan.fits() {
+        eprintln!(
+            "note: the memory plan needs {}, over the {} budget: on CUDA this run would stop here",
+            human(plan.total()),
+            human(plan.budget)
+        );
+    }
+    let mc = spec.config().clone();
+    let baseline = be.memory_in_use();
+    let label = spec.label();
+    eprintln!(
+        "bench-train: building {label} ({}; {} layers, hidden {}, vocab {}) on {device}",
+        spec.source(),
+        mc.num_hidden_layers,
+        mc.hidden_size,
+        mc.vocab_size
+    );
+    let t0 = Instant::now();
+    let model = build_model(be, spec, args)?;
+    be.synchronize()?;
+    let build_secs = t0.elapsed().as_secs_f64();
+    let after_model = be.memory_in_use();
+    eprintln!("bench-train: model ready in {build_secs:.1} s");
+
+    let data = synthetic_data(&cfg, mc.vocab_size, args.seed)?;
+    let tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.cutoff;
+    let mut trainer = Trainer::new(be, &model, cfg.clone(), data, &label)?;
+    // On CUDA a second thread samples the device's memory in use every 2 ms while the steps
+    // run: the end-of-step value misses the transient buffers freed within the step.
+    let stop = AtomicBool::new(false);
+    let sampled = AtomicU64::new(0);
+    let (warm, measured) = std::thread::scope(|s| {
+        if kind == Kind::Cuda {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(m) = be.memory_in_use() {
+                        sampled.fetch_max(m, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            });
+        }
+        let res = run_steps(&mut trainer, args);
+        stop.store(true, Ordering::Relaxed);
+        res
+    })?;
+    let sampled_peak = Some(sampled.load(Ordering::Relaxed)).filter(|&m| m > 0);
+
+    // ---- results --------------------------------------------------------------------------
+    let med = |f: &dyn Fn(&Timed) -> f64| median(&measured.iter().map(f).collect::<Vec<_>>());
+    let tps = med(&|t| t.tokens_per_sec());
+    let tps_min = measured
+        .iter()
+        .map(Timed::tokens_per_sec)
+        .fold(f64::INFINITY, f64::min);
+    let tps_max = measured
+        .iter()
+        .map(Timed::tokens_per_sec)
+        .fold(0.0, f64::max);
+    let wall = med(&|t| t.wall);
+    let fwd = med(&|t| t.rec.forward_secs);
+    let bwd = med(&|t| t.rec.backward_secs);
+    let opt = med(&|t| t.rec.optimizer_secs);
+    let other = med(&|t| t.other());
+    let label_rows = measured[0].rec.label_tokens as u64;
+    let seqs = vec![cfg.cutoff; cfg.batch_size * cfg.grad_accum];
+    let targets = setup.targets.clone();
+    let flops = Flops::new(
+        &mc,
+        &targets,
+        cfg.lora.r,
+        &seqs,
+        label_rows,
+        cfg.checkpointing,
+    );
+    let model_fps = flops.model() as f64 / wall;
+    let hw_fps = flops.hardware() as f64 / wall;
+    let peak = if kind == Kind::Cuda {
+        peak_for(&device)
+    } else {
+        None
+    };
+    let mfu_note = match (kind, peak) {
+        (Kind::Cuda, Some(p)) => format!(
+            "divided by the {} dense bf16 tensor-core peak, {} TFLOP/s (its int8 peak, {} TOPS, would halve these; the forward GEMMs run int8, the backward ones bf16)",
+            p.device, p.bf16_tflops, p.int8_tops
+        ),
+        (Kind::Cuda, None) => format!(
+            "omitted: no peak is known for '{device}' (add it to bench-train's peak table)"
+        ),
+        (k, _) => format!("omitted: MFU needs a real GPU (device {})", k.name()),
+    };
+    let mfu = peak.map(|p| model_fps / (p.bf16_tflops * 1e12));
+    let hfu = peak.map(|p| hw_fps / (p.bf16_tflops * 1e12));
+    let end_of_step = warm
+        .iter()
+        .chain(&measured)
+        .filter_map(|t| t.rec.memory_in_use)
+        .max();
+    let peak_mem = sampled_peak.max(end_of_step);
+    let (mem_used, mem_ratio, mem_note) = match (kind, peak_mem) {
+        (Kind::Cuda, Some(m)) => {
+            let base = baseline.unwrap_or(0);
+            let used = m.saturating_sub(base);
+            (
+                Some(used),
+                Some(used as f64 / plan.total() as f64),
+                format!(
+                    "device memory in use (driver: total − free, every process), the largest value sampled every 2 ms during the steps and at each step's end, minus the {} in use before the model was built (the CUDA context)",
+                    human(base)
+                ),
+            )
+        }
+        (Kind::Cuda, None) => (
+            None,
+            None,
+            "n/a: the device did not report memory in use".to_string(),
+        ),
+        (k, _) => (
+            None,
+            None,
+            format!("n/a on {}: only a real GPU reports memory in use", k.name()),
+        ),
+    };
+    let first_loss = warm
+        .first()
+        .or(measured.first())
+        .map(|t| t.rec.loss)
+        .unwrap_or(f64::NAN);
+    let last_loss = measured.last().map(|t| t.rec.loss).unwrap_or(f64::NAN);
+
+    // ---- the table ------------------------------------------------------------------------
+    let targets_s = targets.join(",");
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<13}{v}\n"));
+    line(
+        "bench-train",
+        format!("{label} ({}) on {device}", spec.source()),
+    );
+    line(
+        "shape",
+        format!(
+            "{} layers, hidden {}, intermediate {}, heads {} (kv {}) × {}, vocab {}{}",
+            mc.num_hidden_layers,
+            mc.hidden_size,
+            mc.intermediate_size,
+            mc.num_attention_heads,
+            mc.num_key_value_heads,
+            mc.head_dim,
+            mc.vocab_size,
+            if mc.tie_word_embeddings {
+                ", tied head"
+            } else {
+                ""
+            }
+        ),
+    );
+    line(
+        "params",
+        format!(
+            "N = {} frozen int8 linear, head {} ({}), N_lora = {} trainable",
+            count(flops.base_params),
+            count(flops.head_params),
+            be.activation_dtype(),
+            count(flops.lora_params)
+        ),
+    );
+    line(
+        "setup",
+        format!(
+            "preset {}: batch {} × seq {} × accum {} = {} tokens/step; LoRA r {} (alpha {}, dropout {}) on {}; checkpointing {}; outlier threshold {}",
+            args.preset,
+            cfg.batch_size,
+            cfg.cutoff,
+            cfg.grad_accum,
+            tokens_per_step,
+            cfg.lora.r,
+            cfg.lora.alpha,
+            cfg.lora.dropout,
+            targets_s,
+            if cfg.checkpointing { "on" } else { "off" },
+            args.outlier_threshold
+        ),
+    );
+    line(
+        "steps",
+        format!(
+            "{} warm-up (not measured) + {} measured{}; model built in {:.1} s",
+            args.warmup,
+            measured.len(),
+            if measured.len() < args.steps {
+                format!(" (of {}: --time-limit reached)", args.steps)
+            } else {
+                String::new()
+            },
+            build_secs
+        ),
+    );
+    line(
+        "loss",
+        format!("{first_loss:.4} (first step) → {last_loss:.4} (last)"),
+    );
+    line(
+        "throughput",
+        format!(
+            "{} tokens/s (median of {}; min {}, max {})",
+            thousands(tps),
+            measured.len(),
+            thousands(tps_min),
+            thousands(tps_max)
+        ),
+    );
+    line(
+        "ms/step",
+        format!(
+            "{:>10} {:>10} {:>10} {:>10} {:>10}",
+            "total", "forward", "backward", "optimizer", "other"
+        ),
+    );
+    line(
+        "  (medians)",
+        format!(
+            "{:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+            wall * 1e3,
+            fwd * 1e3,
+            bwd * 1e3,
+            opt * 1e3,
+            other * 1e3
+        ),
+    );
+    line(
+        "FLOPs/step",
+        format!(
+            "model {:.4e} (forward {:.3e} + backward {:.3e}), hardware {:.4e} (+ recompute {:.3e}); attention causal",
+            flops.model() as f64,
+            flops.forward as f64,
+            flops.backward as f64,
+            flops.hardware() as f64,
+            flops.recompute as f64
+        ),
+    );
+    line(
+        "achieved",
+        format!(
+            "{} model, {} hardware",
+            flop_rate(model_fps),
+            flop_rate(hw_fps)
+        ),
+    );
+    line(
+        "MFU",
+        match (mfu, hfu) {
+            (Some(m), Some(h)) => format!("{:.1}% (HFU {:.1}%), {mfu_note}", m * 100.0, h * 100.0),
+            _ => mfu_note.clone(),
+        },
+    );
+    line(
+        "memory",
+        match (mem_used, mem_ratio, peak_mem) {
+            (Some(u), Some(r), Some(raw)) => format!(
+                "measured {} ({} in use at most, {} before the model) vs plan {}: ratio {:.3}",
+                human(u),
+                human(raw),
+                human(baseline.unwrap_or(0)),
+                human(plan.total()),
+                r
+            ),
+            _ => format!("measured n/a, plan {} ({mem_note})", human(plan.total())),
+        },
+    );
+    line("formula", FLOP_FORMULA.to_string());
+    print!("{out}");
+
+    // ---- JSON -----------------------------------------------------------------------------
+    if let Some(path) = &args.json {
+        let v = json!({
+            "tool": "bench-train",
+            "version": env!("CARGO_PKG_VERSION"),
+            "device": device,
+            "device_kind": kind.name(),
+            "model": {
+                "name": label,
+                "source": spec.source(),
+                "layers": mc.num_hidden_layers,
+                "hidden": mc.hidden_size,
+                "intermediate": mc.intermediate_size,
+                "heads": mc.num_attention_heads,
+                "kv_heads": mc.num_key_value_heads,
+                "head_dim": mc.head_dim,
+                "vocab": mc.vocab_size,
+                "tied_head": mc.tie_word_embeddings,
+                "outlier_threshold": args.outlier_threshold,
+                "build_secs": build_secs,
+            },
+            "config": {
+                "preset": args.preset,
+                "batch": cfg.batch_size,
+                "seq": cfg.cutoff,
+                "accum": cfg.grad_accum,
+                "tokens_per_step": tokens_per_step,
+                "r": cfg.lora.r,
+                "alpha": cfg.lora.alpha,
+                "dropout": cfg.lora.dropout,
+                "targets": targets,
+                "checkpointing": cfg.checkpointing,
+                "warmup_steps": args.warmup,
+                "measured_steps": measured.len(),
+                "requested_steps": args.steps,
+                "stopped_by_time_limit": measured.len() < args.steps,
+                "seed": args.seed,
+            },
+            "tokens_per_sec": tps,
+            "tokens_per_sec_min": tps_min,
+            "tokens_per_sec_max": tps_max,
+            "step_ms": {
+                "statistic": "median over the measured steps (each column separately)",
+                "total": wall * 1e3,
+                "forward": fwd * 1e3,
+                "backward": bwd * 1e3,
+                "optimizer": opt * 1e3,
+                "other": other * 1e3,
+            },
+            "loss": { "first": first_loss, "last": last_loss },
+            "flops": {
+                "formula": FLOP_FORMULA,
+                "attention": "causal: only the s(s+1)/2 (query, key) pairs a causal mask keeps are counted",
+                "N_base_linear_params": flops.base_params,
+                "N_lora_params": flops.lora_params,
+                "head_params": flops.head_params,
+                "tokens_per_step": flops.tokens,
+                "label_rows_per_step": flops.label_rows,
+                "causal_pairs_per_step": flops.causal_pairs,
+                "attention_forward_per_step": flops.attention_forward,
+                "forward_per_step": flops.forward,
+                "backward_per_step": flops.backward,
+                "recompute_per_step": flops.recompute,
+                "model_per_step": flops.model(),
+                "hardware_per_step": flops.hardware(),
+                "achieved_model_flops_per_sec": model_fps,
+                "achieved_hardware_flops_per_sec": hw_fps,
+            },
+            "mfu": mfu,
+            "hfu": hfu,
+            "peak": peak.map(|p| json!({
+                "device": p.device,
+                "bf16_dense_tflops": p.bf16_tflops,
+                "int8_dense_tops": p.int8_tops,
+                "divided_by": "bf16_dense_tflops",
+            })),
+            "mfu_note": mfu_note,
+            "memory": {
+                "plan_total_bytes": plan.total(),
+                "plan_budget_bytes": plan.budget,
+                "plan_fits_budget": plan.fits(),
+                "plan_logits_chunk_rows": HEAD_CHUNK,
+                "plan_categories": plan_categories(plan),
+                "in_use_before_model_bytes": baseline,
+                "in_use_after_model_bytes": after_model,
+                "in_use_max_bytes": peak_mem,
+                "in_use_max_at_step_end_bytes": end_of_step,
+                "in_use_max_sampled_bytes": sampled_peak,
+                "measured_bytes": mem_used,
+                "measured_over_plan": mem_ratio,
+                "note": mem_note,
+            },
+            "warmup": warm.iter().map(Timed::to_json).collect::<Vec<_>>(),
+            "steps": measured.iter().map(Timed::to_json).collect::<Vec<_>>(),
+        });
+        write_json(path, &v)?;
+        eprintln!("bench-train: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The plan's total per category, in the plan's order.
+fn plan_categories(plan: &memory::Plan) -> Value {
+    let mut cats: Vec<&str> = plan.entries.iter().map(|e| e.category).collect();
+    cats.dedup();
+    Value::Object(
+        cats.into_iter()
+            .map(|c| (c.to_string(), json!(plan.category_total(c))))
+            .collect(),
+    )
+}
+
+/// Write `v` to `path` through a temporary file in the same folder, renamed into place.
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("--json {}: not a file name", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let text = serde_json::to_string_pretty(v)? + "\n";
+    let res = std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write {}", path.display()));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+fn count(n: u64) -> String {
+    let x = n as f64;
+    if x >= 1e9 {
+        format!("{:.2} B", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.2} M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1} K", x / 1e3)
+    } else {
+        format!("{n}")
+    }
+}
+
+fn flop_rate(x: f64) -> String {
+    if x >= 1e12 {
+        format!("{:.2} TFLOP/s", x / 1e12)
+    } else {
+        format!("{:.2} GFLOP/s", x / 1e9)
+    }
+}
+
+fn thousands(x: f64) -> String {
+    if !x.is_finite() {
+        return format!("{x}");
+    }
+    if x < 100.0 {
+        return format!("{x:.1}");
+    }
+    let s = format!("{:.0}", x);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_of_llama_7b_at_batch_4_by_1024() {
+        let c = memory::named_shape("llama-7b").unwrap();
+        let t: Vec<String> = ["q", "k", "v", "o"].iter().map(|s| s.to_string()).collect();
+        let seqs = vec![1024; 4];
+        let f = Flops::new(&c, &t, 16, &seqs, 4 * 1023, true);
+        // 32 · (4·4096² + 3·4096·11008) frozen weights; 32 · 4 · 16 · 8192 LoRA weights.
+        assert_eq!(f.base_params, 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008));
+        assert_eq!(f.lora_params, 32 * 4 * 16 * 8192);
+        assert_eq!(f.causal_pairs, 4 * 1024 * 1025 / 2);
+        let n = f.base_params as f64;
+        let tok = 4096.0;
+        // Dominated by 4·N·T (model) and 6·N·T (hardware, with the recompute).
+        let model = f.model() as f64;
+        assert!(model > 4.0 * n * tok && model < 4.3 * n * tok, "{model:e}");
+        let hw = f.hardware() as f64;
+        assert!(hw > 6.0 * n * tok && hw < 6.4 * n * tok, "{hw:e}");
+        let no_ckpt = Flops::new(&c, &t, 16, &seqs, 4 * 1023, false);
+        assert_eq!(no_ckpt.hardware(), no_ckpt.model());
+        assert_eq!(no_ckpt.model(), f.model());
+    }
+
+    #[test]
+    fn peaks_by_device_name() {
+        assert_eq!(
+            peak_for("NVIDIA H100 80GB HBM3").unwrap().device,
+            "H100 SXM"
+        );
+        assert_eq!(peak_for("NVIDIA H100 PCIe").unwrap().device, "H100 PCIe");
+        assert_eq!(peak_for("cuda (NVIDIA H200)").unwrap().bf16_tflops, 989.0);
+        assert_eq!(
+            peak_for("NVIDIA GeForce RTX 4090").unwrap().bf16_tflops,
+            165.2
+        );
+        assert_eq!(
+            peak_for("NVIDIA GeForce RTX 3090").unwrap().bf16_tflops,
+            71.0
+        );
+        assert_eq!(
+            peak_for("NVIDIA A100-SXM4-80GB").unwrap().bf16_tflops,
+            312.0
+        );
+        assert!(peak_for("NVIDIA GeForce GTX 1080").is_none());
+    }
+
+    #[test]
+    fn an_over_budget_plan_stops_with_the_fix() {
+        let c = memory::named_shape("llama-7b").unwrap();
+        let spec = ModelSpec::Random {
+            name: "llama-7b".into(),
+            config: c.clone(),
+        };
+        let setup = |batch, seq| TrainSetup {
+            model: c.clone(),
+            batch,
+            seq,
+            lora_rank: 16,
+            targets: ["q", "k", "v", "o"].iter().map(|s| s.to_string()).collect(),
+            checkpointing: true,
+            logits_chunk: HEAD_CHUNK,
+            budget: 24 * memory::GIB,
+        };
+        let ok = setup(4, 1024);
+        assert!(check_budget(&spec, &ok, &memory::plan_training(&ok).unwrap()).is_ok());
+        let big = setup(64, 4096);
+        let e = check_budget(&spec, &big, &memory::plan_training(&big).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the budget is 24.00 GiB"), "{e}");
+        assert!(e.contains("--batch") && e.contains("--seq"), "{e}");
+    }
+
+    #[test]
+    fn medians_and_number_formatting() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(thousands(1234567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(12.34), "12.3");
+    }
+}

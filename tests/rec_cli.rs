@@ -1,0 +1,332 @@
+//! The recommendation commands end to end on the tiny fixture model: `rec train` writes a PEFT
+//! adapter, `rec eval` scores with and without it, `merge` folds it into the base, and bad
+//! input is a clear error. (TALLRec data from the real MovieLens files: tests/rec_data.rs.)
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::fixture;
+use recforge::model::fixture::FixtureSpec;
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_recforge"))
+        .args(args)
+        .output()
+        .expect("run recforge");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Short Yes/No samples whose answer is written in the input, so a tiny model can learn them.
+fn write_samples(path: &Path, n: usize) {
+    let v: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let yes = i % 2 == 0;
+            serde_json::json!({
+                "instruction": "Say it.",
+                "input": if yes { "yes" } else { "no" },
+                "output": if yes { "Yes." } else { "No." },
+            })
+        })
+        .collect();
+    std::fs::write(path, serde_json::to_string(&v).unwrap()).unwrap();
+}
+
+/// (log-loss, accuracy) from an eval JSON.
+fn metrics_of(json: &Path) -> (f64, f64) {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (
+        v["log_loss"].as_f64().expect("log_loss in the eval JSON"),
+        v["accuracy"].as_f64().expect("accuracy in the eval JSON"),
+    )
+}
+
+#[test]
+fn train_eval_merge_on_the_fixture() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let dir = d.path();
+    let model = f.hf_dir.to_str().unwrap();
+    let data = dir.join("data.json");
+    write_samples(&data, 8);
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        model,
+        "--data",
+        &p("data.json"),
+        "--device",
+        "cpu",
+        "--json",
+        &p("before.json"),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&[
+        "rec",
+        "train",
+        "--model",
+        model,
+        "--data",
+        &p("data.json"),
+        "--out",
+        &p("adapter"),
+        "--device",
+        "cpu",
+        "--steps",
+        "12",
+        "--batch",
+        "4",
+        "--accum",
+        "1",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "1",
+        "--cutoff",
+        "256",
+        "--targets",
+        "q,k,v,o,gate,up,down",
+        "--checkpoint-dir",
+        &p("ckpt"),
+        "--checkpoint-every",
+        "6",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("update 12/12"), "no progress lines: {err}");
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "ckpt/trainer_state.json",
+        "ckpt/optimizer.safetensors",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let (ok, out, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        model,
+        "--data",
+        &p("data.json"),
+        "--adapter",
+        &p("adapter"),
+        "--device",
+        "cpu",
+        "--json",
+        &p("after.json"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("AUC"), "{out}");
+    // Two distinct prompts: a random model ranks them one way or the other (AUC says little),
+    // but its probabilities are far from the labels; training must make them right.
+    let before = metrics_of(&dir.join("before.json"));
+    let after = metrics_of(&dir.join("after.json"));
+    eprintln!("fixture (log-loss, accuracy) before {before:?}, after {after:?}");
+    assert!(
+        after.0 < 0.5 * before.0 && after.1 == 1.0,
+        "training did not learn the labels: {before:?} → {after:?}"
+    );
+
+    // Resume from the checkpoint (taken at update 12) with more updates.
+    let (ok, _, err) = cli(&[
+        "rec",
+        "train",
+        "--model",
+        model,
+        "--data",
+        &p("data.json"),
+        "--out",
+        &p("adapter2"),
+        "--device",
+        "cpu",
+        "--resume",
+        &p("ckpt"),
+        "--steps",
+        "14",
+        "--cutoff",
+        "256",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("resumed from") && err.contains("update 14/14"),
+        "{err}"
+    );
+
+    // Merge: the merged folder loads and scores like base + adapter (up to int8 requantization).
+    let (ok, _, err) = cli(&[
+        "merge",
+        "--model",
+        model,
+        "--adapter",
+        &p("adapter"),
+        "--out",
+        &p("merged"),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        &p("merged"),
+        "--data",
+        &p("data.json"),
+        "--device",
+        "cpu",
+        "--json",
+        &p("merged.json"),
+    ]);
+    assert!(ok, "{err}");
+    let merged = metrics_of(&dir.join("merged.json"));
+    assert!(
+        merged.1 == 1.0 && merged.0 < 0.5 * before.0,
+        "the merged model lost what the adapter learned: {merged:?}"
+    );
+    let (ok, _, err) = cli(&[
+        "merge",
+        "--model",
+        model,
+        "--adapter",
+        &p("adapter"),
+        "--out",
+        &p("merged"),
+    ]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+}
+
+#[test]
+fn rec_commands_report_bad_input() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let dir = d.path();
+    let model = f.hf_dir.to_str().unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    // A missing data file is named.
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        model,
+        "--data",
+        &p("nope.json"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("nope.json"), "{err}");
+    // Not a list of samples.
+    std::fs::write(dir.join("bad.json"), "{\"a\": 1}").unwrap();
+    let (ok, _, err) = cli(&[
+        "rec",
+        "train",
+        "--model",
+        model,
+        "--data",
+        &p("bad.json"),
+        "--out",
+        &p("a"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("bad.json"), "{err}");
+    // Unknown preset, unknown target, bad split.
+    write_samples(&dir.join("data.json"), 4);
+    let (ok, _, err) = cli(&[
+        "rec",
+        "train",
+        "--model",
+        model,
+        "--data",
+        &p("data.json"),
+        "--out",
+        &p("a"),
+        "--preset",
+        "fast",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("unknown preset"), "{err}");
+    let (ok, _, err) = cli(&[
+        "rec",
+        "train",
+        "--model",
+        model,
+        "--data",
+        &p("data.json"),
+        "--out",
+        &p("a"),
+        "--targets",
+        "q,zz",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("unknown LoRA target"), "{err}");
+    let (ok, _, err) = cli(&[
+        "rec",
+        "data",
+        "tallrec",
+        "--split",
+        "training",
+        "--out",
+        &p("x.json"),
+    ]);
+    assert!(!ok && err.contains("training"), "{err}");
+    // An adapter for another model shape is refused before scoring.
+    let (d2, f2) = fixture(&FixtureSpec {
+        hidden: 128,
+        ..FixtureSpec::default()
+    });
+    let (ok, _, err) = cli(&[
+        "rec",
+        "train",
+        "--model",
+        f2.hf_dir.to_str().unwrap(),
+        "--data",
+        &p("data.json"),
+        "--out",
+        &p("other"),
+        "--steps",
+        "1",
+        "--cutoff",
+        "256",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        model,
+        "--data",
+        &p("data.json"),
+        "--adapter",
+        &p("other"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("does not fit"), "{err}");
+    // A truncated adapter file is named.
+    let st = dir.join("other/adapter_model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        f2.hf_dir.to_str().unwrap(),
+        "--data",
+        &p("data.json"),
+        "--adapter",
+        &p("other"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("adapter_model.safetensors"), "{err}");
+    drop(d2);
+}
