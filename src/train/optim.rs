@@ -14,8 +14,7 @@ pub fn cosine_lr(base: f32, step: usize, warmup: usize, total: usize) -> f32 {
         return base * step as f32 / warmup.max(1) as f32;
     }
     // Clamped at the end (HF's formula would rise again past `total`).
-    let progress =
-        ((step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64).min(1.0);
+    let progress = ((step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64).min(1.0);
     let f = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
     base * f.max(0.0) as f32
 }
