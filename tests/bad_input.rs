@@ -275,7 +275,7 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 }
 
 fn cli(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_recforge"))
+    let o = Command::new(common::recforge_bin())
         .args(args)
         .output()
         .unwrap();

@@ -111,7 +111,7 @@ fn cli_generates_on_the_simulator() {
         kv_heads: 2,
         ..Default::default()
     });
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_recforge"))
+    let o = std::process::Command::new(common::recforge_bin())
         .args([
             "generate",
             "--model",

@@ -11,7 +11,7 @@ use common::fixture;
 use recforge::model::fixture::FixtureSpec;
 
 fn cli(args: &[&str]) -> (bool, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_recforge"))
+    let o = Command::new(common::recforge_bin())
         .args(args)
         .output()
         .expect("run recforge");

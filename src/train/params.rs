@@ -112,17 +112,18 @@ impl<B: Backend> DevAdapter<B> {
         Ok(())
     }
 
-    /// Σ of squared gradients over every tensor (for global-norm clipping), in f64.
+    /// Σ of squared gradients over every tensor (for global-norm clipping), summed on the
+    /// device so the step waits for one download, not one per tensor.
     pub fn grad_sq_norm(&self, be: &B) -> Result<f64> {
-        let mut out = be.zeros(&[1], DType::F32)?;
-        let mut total = 0f64;
+        let mut part = be.zeros(&[1], DType::F32)?;
+        let mut total = be.zeros(&[1], DType::F32)?;
         for p in self.layers.values() {
             for g in [&p.grad_a, &p.grad_b] {
-                be.sum_squares(g, &mut out)?;
-                total += download_f32(be, &out)?[0] as f64;
+                be.sum_squares(g, &mut part)?;
+                be.add_assign(&mut total, &part)?;
             }
         }
-        Ok(total)
+        Ok(download_f32(be, &total)?[0] as f64)
     }
 
     /// Gradients on the host, in the adapter's order: (key, dA, dB).

@@ -187,6 +187,8 @@ pub struct StepRecord {
     /// Tokens run through the model (labelled or not).
     pub tokens: usize,
     pub label_tokens: usize,
+    /// The forward pass, including the output head's loss and its backward (they run chunk by
+    /// chunk together); `backward_secs` is the layers' backward with recomputation.
     pub forward_secs: f64,
     pub backward_secs: f64,
     pub optimizer_secs: f64,

@@ -39,3 +39,19 @@ pub fn devices() -> Vec<recforge::backend::gpu::Device> {
     }
     v
 }
+
+/// The `recforge` binary: cargo's path, or — for test executables staged onto a GPU machine by
+/// scripts/gpu-check.sh (`.gpu/tests/<name>`) — the staged `.gpu/bin/recforge`.
+pub fn recforge_bin() -> std::path::PathBuf {
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_recforge"));
+    if built.exists() {
+        return built;
+    }
+    let staged = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent()?.parent().map(|g| g.join("bin").join("recforge")));
+    match staged {
+        Some(s) if s.exists() => s,
+        _ => built,
+    }
+}

@@ -274,24 +274,24 @@ impl Backend for Cpu {
                     .flat_map(|r| out_cols.iter().map(move |&c| xs[r * k + c]))
                     .collect();
                 let acc = simd::gemm_i8(&xq, wq, t, n, k);
-                // The outlier columns of W, dequantized: [N, no].
-                let wo: Vec<f32> = (0..n)
-                    .flat_map(|j| {
-                        out_cols
-                            .iter()
-                            .map(move |&c| wq[j * k + c] as f32 * scale[j])
-                    })
-                    .collect();
+                // The outlier columns of W, dequantized and transposed: [no, N].
+                let mut wo_t = vec![0f32; no * n];
+                for (i, &c) in out_cols.iter().enumerate() {
+                    for j in 0..n {
+                        wo_t[i * n + j] = wq[j * k + c] as f32 * scale[j];
+                    }
+                }
                 o.par_chunks_mut(n.max(1)).enumerate().for_each(|(r, row)| {
-                    let xr = &xo[r * no..(r + 1) * no];
                     for (j, y) in row.iter_mut().enumerate() {
-                        // Outliers added one by one, in column order: the kernel's epilogue
-                        // does the same, so the two agree bit for bit.
-                        let mut v = acc[r * n + j] as f32 * sx[r] * scale[j];
-                        for (a, b) in xr.iter().zip(&wo[j * no..(j + 1) * no]) {
-                            v += a * b;
+                        *y = acc[r * n + j] as f32 * sx[r] * scale[j];
+                    }
+                    // Outliers added one by one, in column order, to every output at once: the
+                    // kernel's epilogue adds them in the same order, so the two agree bit for
+                    // bit (a vector over outputs, a sequential sum within each).
+                    for (i, &x) in xo[r * no..(r + 1) * no].iter().enumerate() {
+                        for (y, w) in row.iter_mut().zip(&wo_t[i * n..(i + 1) * n]) {
+                            *y += x * w;
                         }
-                        *y = v;
                     }
                 });
             }
@@ -366,7 +366,7 @@ impl Backend for Cpu {
                         let qv = &qs[(tq * h + head) * hd..(tq * h + head + 1) * hd];
                         for (j, pj) in p.iter_mut().enumerate() {
                             let kr = &ks[((s.kv_start + j) * kvh + kh) * hd..][..hd];
-                            *pj = qv.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                            *pj = simd::dot_f32(qv, kr) * scale;
                         }
                         softmax_in_place(&mut p);
                         let od = &mut orow[head * hd..(head + 1) * hd];

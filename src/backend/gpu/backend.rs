@@ -361,6 +361,10 @@ impl Backend for Gpu {
 
     fn add_assign(&self, x: &mut T, y: &T) -> Result<()> {
         let op = "add_assign";
+        if x.dtype == DType::F32 {
+            let yf = f32b(op, "y", y)?;
+            return ops::elementwise::add(&self.dev, f32b_mut(op, "x", x)?, yf);
+        }
         let yb = bf(op, "y", y)?;
         ops::elementwise::add(&self.dev, bf_mut(op, "x", x)?, yb)
     }
