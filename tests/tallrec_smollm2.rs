@@ -1,8 +1,10 @@
-//! The main job, end to end and slow (~5 minutes on a 2-core CPU): TALLRec on MovieLens-100K
-//! with the real SmolLM2-135M-Instruct. Evaluates the base model's Yes/No AUC on the first 64
-//! validation samples, LoRA-trains on 64 training samples (16 updates of 4), evaluates again —
-//! the same sizes as scripts/demo.sh on a CPU — and requires the AUC to rise. Everything is
-//! seeded, so a given machine computes the same numbers every run. With
+//! The main job, end to end and slow (~12 minutes on a 2-core CPU): TALLRec on MovieLens-100K
+//! with the real SmolLM2-135M-Instruct. Evaluates the base model's Yes/No AUC on the first 128
+//! validation samples, LoRA-trains on 64 training samples (32 updates of 4, two epochs),
+//! evaluates again — the same sizes as scripts/demo.sh on a CPU — and requires the AUC to rise.
+//! Sizes: 16 updates scored on 64 samples moved the AUC by less than its noise (+0.04 in one
+//! build, −0.07 in another that only changed float summation order); 32 updates on 128 samples
+//! measured 0.436 → 0.553 (standard error ≈ 0.05), 48 updates on 200 samples 0.455 → 0.590. With
 //! RECFORGE_REQUIRE_ASSETS=1 (scripts/test.sh, CI) missing assets fail the test; otherwise it
 //! says why it skipped.
 
@@ -51,7 +53,7 @@ fn run(args: &[&str]) -> String {
 fn auc(json: &Path) -> f64 {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
-    assert_eq!(v["n"].as_u64(), Some(64));
+    assert_eq!(v["n"].as_u64(), Some(128));
     v["auc"].as_f64().expect("auc")
 }
 
@@ -107,7 +109,7 @@ fn lora_training_raises_validation_auc_on_movielens() {
         "--out",
         &p("adapter"),
         "--steps",
-        "16",
+        "32",
         "--batch",
         "4",
         "--accum",
@@ -116,6 +118,7 @@ fn lora_training_raises_validation_auc_on_movielens() {
         "1e-3",
         "--warmup",
         "2",
+        "--no-checkpointing",
         "--device",
         "cpu",
     ]);
@@ -140,7 +143,7 @@ fn lora_training_raises_validation_auc_on_movielens() {
         auc(&d.path().join("before.json")),
         auc(&d.path().join("after.json")),
     );
-    eprintln!("validation AUC (64 samples): before {before:.4}, after {after:.4}");
+    eprintln!("validation AUC (128 samples): before {before:.4}, after {after:.4}");
     assert!(
         after > before,
         "LoRA training did not raise the validation AUC: {before} → {after}"
