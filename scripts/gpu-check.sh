@@ -58,7 +58,7 @@ for line in sys.stdin:
     done <<<"$benches"
     cp target/release/recforge target/release/bench-train .gpu/bin/
     cp "${BASH_SOURCE[0]}" .gpu/gpu-check.sh
-    cp scripts/peer_int8_mm.py scripts/peer_train.py .gpu/
+    cp scripts/peer_int8_mm.py scripts/peer_train.py scripts/peer_sampling.py .gpu/
     # Debug info is most of the size; the device tool carries at most 64 MiB. Stripped, the
     # executables are still over 100 MiB, so they travel as one gzip archive (about a third of
     # that), which `run` unpacks next to this script.
@@ -181,6 +181,7 @@ PY
     fi
     if command -v python3 >/dev/null 2>&1; then
         step "peer: torch._int_mm (cuBLASLt int8)" python3 "$here/peer_int8_mm.py"
+        step "peer: sort-based sampling (PyTorch)" python3 "$here/peer_sampling.py"
     fi
     for b in "$here"/benches/*; do
         step "bench $(basename "$b")" "$b" --bench --warm-up-time 1 --measurement-time 3
@@ -191,7 +192,7 @@ PY
         echo "## Benchmark lines"
         echo
         echo '```'
-        grep -E "time:|thrpt:|^[a-z_]+/|^peer_int8_mm" "$log" | grep -v "^===" || true
+        grep -E "time:|thrpt:|^[a-z_]+/|^peer_int8_mm|^peer_sampling" "$log" | grep -v "^===" || true
         echo '```'
         echo
         echo "## Skips reported by tests"

@@ -337,6 +337,30 @@ fn cli_reports_errors_without_panicking() {
             ],
             vec!["tpu".into()],
         ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                f.gguf.display().to_string(),
+                "--prompt".into(),
+                "hi".into(),
+                "--temperature".into(),
+                "-1".into(),
+            ],
+            vec!["temperature".into(), "-1".into()],
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                f.gguf.display().to_string(),
+                "--prompt".into(),
+                "hi".into(),
+                "--sampling".into(),
+                "nucleus".into(),
+            ],
+            vec!["nucleus".into(), "itrek".into()],
+        ),
     ];
     for (args, words) in cases {
         let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
@@ -367,6 +391,32 @@ fn cli_generates_and_converts_the_fixture() {
     assert!(ok, "{err}");
     assert!(err.contains("decode") && err.contains("tok/s"), "{err}");
     let _ = out;
+    // Sampling: the same seed gives the same text; over a few seeds the (random, diffuse)
+    // fixture model gives more than one text at temperature 1.
+    let sampled = |seed: &str| {
+        let (ok, out, err) = cli(&[
+            "generate",
+            "--model",
+            f.gguf.to_str().unwrap(),
+            "--prompt",
+            "the cat",
+            "--raw",
+            "--max-new-tokens",
+            "6",
+            "--device",
+            "cpu",
+            "--temperature",
+            "1",
+            "--seed",
+            seed,
+        ]);
+        assert!(ok, "{err}");
+        out
+    };
+    assert_eq!(sampled("7"), sampled("7"));
+    let texts: std::collections::HashSet<String> =
+        ["1", "2", "3", "4"].iter().map(|s| sampled(s)).collect();
+    assert!(texts.len() > 1, "four seeds gave one text: {texts:?}");
     let conv = d.path().join("conv");
     let (ok, _, err) = cli(&[
         "convert",

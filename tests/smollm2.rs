@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use recforge::backend::cpu::Cpu;
-use recforge::infer::generate::{argmax, greedy, GenerateOptions};
+use recforge::backend::SamplingParams;
+use recforge::infer::generate::{argmax, generate, GenerateOptions};
 use recforge::model::{self, Llama, LoadOptions, Logits};
 
 fn asset() -> Option<PathBuf> {
@@ -80,13 +81,23 @@ fn answers_a_famous_fact() {
         .chat_prompt("What is the capital of France?")
         .expect("SmolLM2 has a ChatML template");
     let ids = tok.encode(&prompt, true).unwrap();
-    let opts = GenerateOptions {
+    let mut opts = GenerateOptions {
         max_new_tokens: 24,
         stop_ids: vec![tok.token_id("<|im_end|>").unwrap()],
+        sampling: SamplingParams::GREEDY,
+        seed: 0,
     };
-    let g = greedy(&be, &m, &ids, &opts, |_| Ok(())).unwrap();
+    let g = generate(&be, &m, &ids, &opts, |_| Ok(())).unwrap();
     let text = tok.decode(&g.tokens, true).unwrap();
     assert!(text.contains("Paris"), "answer: {text:?}");
+    // The ITREK preset (T 0.1, top-k 10, top-p 0.1) is nearly greedy: every seed still answers.
+    opts.sampling = SamplingParams::ITREK;
+    for seed in 1..=3 {
+        opts.seed = seed;
+        let g = generate(&be, &m, &ids, &opts, |_| Ok(())).unwrap();
+        let text = tok.decode(&g.tokens, true).unwrap();
+        assert!(text.contains("Paris"), "itrek seed {seed}: {text:?}");
+    }
 }
 
 #[test]

@@ -10,9 +10,11 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod sampling;
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostTensor};
+pub use sampling::SamplingParams;
 
 /// A tensor living on some backend.
 pub struct Tensor<B: Backend> {
@@ -320,6 +322,42 @@ pub trait Backend: Sized + Send + Sync {
         dk: &mut Tensor<Self>,
         dv: &mut Tensor<Self>,
     ) -> Result<()>;
+
+    /// One token per row of f32 `logits` `[B, V]`, drawn with the caller's `uniforms[b]` in
+    /// [0, 1) under `params[b]`, exactly as `sampling::sample_row` defines it (so every backend
+    /// picks the same token). A row with a NaN or +inf, or no finite logit, is an error naming it.
+    fn sample(
+        &self,
+        logits: &Tensor<Self>,
+        params: &[SamplingParams],
+        uniforms: &[f32],
+    ) -> Result<Vec<u32>>;
+
+    /// `log softmax(logits[b])[ids[b·n + j]]` for f32 `logits` `[B, V]` and `n = ids.len() / B`
+    /// ids per row (Yes/No scoring); an id outside the vocabulary is an error.
+    fn token_logprobs(&self, logits: &Tensor<Self>, ids: &[u32]) -> Result<Vec<f32>>;
+}
+
+/// Shape checks shared by every backend's `token_logprobs`; returns (rows, vocab, ids per row).
+pub fn check_logprob_ids<B: Backend>(
+    logits: &Tensor<B>,
+    ids: &[u32],
+) -> Result<(usize, usize, usize)> {
+    let op = "token_logprobs";
+    expect_dtype(op, "logits", logits, DType::F32)?;
+    let (rows, vocab) = logits.rows_cols();
+    if rows == 0 || !ids.len().is_multiple_of(rows) {
+        return Err(Error::Shape(format!(
+            "{op}: {} ids do not split evenly over {rows} rows",
+            ids.len()
+        )));
+    }
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(Error::Invalid(format!(
+            "{op}: token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok((rows, vocab, ids.len() / rows))
 }
 
 /// Shape check helper for op wrappers.

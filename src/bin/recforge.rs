@@ -11,7 +11,8 @@ use recforge::backend::cpu::Cpu;
 use recforge::backend::gpu::backend::Gpu;
 use recforge::backend::gpu::{probe_cuda, Device, DeviceChoice};
 use recforge::backend::Backend;
-use recforge::infer::generate::{greedy, GenerateOptions, StopReason};
+use recforge::backend::SamplingParams;
+use recforge::infer::generate::{generate as generate_tokens, GenerateOptions, StopReason};
 use recforge::kernels;
 use recforge::memory;
 use recforge::model::lora::parse_targets;
@@ -36,15 +37,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Generate text from a prompt (greedy decoding).
+    /// Generate text from a prompt (greedy, or sampled with --sampling / --temperature / --top-k /
+    /// --top-p).
     Generate {
         /// A .gguf file or a Hugging Face folder (config.json + safetensors + tokenizer.json).
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
         #[arg(long)]
         prompt: String,
-        #[arg(long, default_value_t = 64)]
-        max_new_tokens: usize,
+        /// Default 64; 300 with `--sampling itrek`.
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// Sampling preset: greedy, or itrek (temperature 0.1, top-k 10, top-p 0.1: the ITREK /
+        /// RecRanker setting for ranking prompts). The flags below override single values.
+        #[arg(long, default_value = "greedy")]
+        sampling: String,
+        /// 0 = greedy.
+        #[arg(long, allow_negative_numbers = true)]
+        temperature: Option<f32>,
+        /// 0 = no limit.
+        #[arg(long)]
+        top_k: Option<u32>,
+        /// 1 = no limit.
+        #[arg(long, allow_negative_numbers = true)]
+        top_p: Option<f32>,
+        /// Seed of the random numbers sampling draws (the same seed gives the same text on every
+        /// device).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// cpu, cuda, sim or auto (CUDA when a GPU is usable, else CPU).
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
@@ -245,6 +265,11 @@ fn run(cli: Cli) -> Result<()> {
             model,
             prompt,
             max_new_tokens,
+            sampling,
+            temperature,
+            top_k,
+            top_p,
+            seed,
             device,
             raw,
             f32,
@@ -254,7 +279,28 @@ fn run(cli: Cli) -> Result<()> {
                 int8: !f32,
                 outlier_threshold,
             };
-            generate(&model, &prompt, max_new_tokens, device, raw, opts)
+            let mut params = SamplingParams::preset(&sampling)?;
+            let max_new = max_new_tokens.unwrap_or(if sampling == "itrek" {
+                recforge::backend::sampling::ITREK_MAX_NEW_TOKENS
+            } else {
+                64
+            });
+            if let Some(t) = temperature {
+                params.temperature = t;
+            }
+            if let Some(k) = top_k {
+                params.top_k = k;
+            }
+            if let Some(p) = top_p {
+                params.top_p = p;
+            }
+            params.validate()?;
+            let gen = GenOpts {
+                max_new,
+                params,
+                seed,
+            };
+            generate(&model, &prompt, gen, device, raw, opts)
         }
         Cmd::Info { model } => info(model.as_deref()),
         Cmd::Convert { model, out } => convert(&model, &out),
@@ -385,17 +431,25 @@ fn backend_for(device: DeviceChoice) -> Result<Chosen> {
     }
 }
 
+/// What `recforge generate` decodes with.
+#[derive(Clone, Copy)]
+struct GenOpts {
+    max_new: usize,
+    params: SamplingParams,
+    seed: u64,
+}
+
 fn generate(
     path: &Path,
     prompt: &str,
-    max_new: usize,
+    gen: GenOpts,
     device: DeviceChoice,
     raw: bool,
     opts: LoadOptions,
 ) -> Result<()> {
     match backend_for(device)? {
-        Chosen::Cpu(be) => generate_on(&be, path, prompt, max_new, raw, opts),
-        Chosen::Gpu(be) => generate_on(&be, path, prompt, max_new, raw, opts),
+        Chosen::Cpu(be) => generate_on(&be, path, prompt, gen, raw, opts),
+        Chosen::Gpu(be) => generate_on(&be, path, prompt, gen, raw, opts),
     }
 }
 
@@ -403,7 +457,7 @@ fn generate_on<B: Backend>(
     be: &B,
     path: &Path,
     prompt: &str,
-    max_new: usize,
+    gen: GenOpts,
     raw: bool,
     opts: LoadOptions,
 ) -> Result<()> {
@@ -442,13 +496,15 @@ fn generate_on<B: Backend>(
         }
     }
     let gen_opts = GenerateOptions {
-        max_new_tokens: max_new,
+        max_new_tokens: gen.max_new,
         stop_ids,
+        sampling: gen.params,
+        seed: gen.seed,
     };
     let mut out_ids: Vec<u32> = vec![];
     let mut printed = 0usize;
     let stdout = std::io::stdout();
-    let g = greedy(be, &model, &ids, &gen_opts, |id| {
+    let g = generate_tokens(be, &model, &ids, &gen_opts, |id| {
         out_ids.push(id);
         let s = tok.decode(&out_ids, true)?;
         // Print only whole characters: a multi-byte character may span tokens.

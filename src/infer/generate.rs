@@ -1,16 +1,22 @@
-//! Greedy generation with a KV cache and stop tokens.
+//! Generation with a KV cache and stop tokens: greedy or sampled (temperature / top-k / top-p,
+//! `backend::sampling`), the uniform numbers drawn from a generator the caller seeds, so every
+//! backend produces the same tokens for the same seed.
 
 use std::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, SamplingParams};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits};
+use crate::rng::Rng;
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
     /// Generation ends when one of these is produced (it is not part of the output).
     pub stop_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Seeds the generator of the uniform numbers (one per new token).
+    pub seed: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,8 +64,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Greedy decoding of `prompt`. `on_token` sees each new token as it is produced.
-pub fn greedy<B: Backend>(
+/// Decode `prompt` with `opts.sampling`. `on_token` sees each new token as it is produced.
+pub fn generate<B: Backend>(
     be: &B,
     model: &Llama<B>,
     prompt: &[u32],
@@ -69,6 +75,7 @@ pub fn greedy<B: Backend>(
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt has no tokens".into()));
     }
+    opts.sampling.validate()?;
     let capacity = prompt.len() + opts.max_new_tokens;
     if capacity > model.config.max_position_embeddings {
         return Err(Error::Invalid(format!(
@@ -78,11 +85,16 @@ pub fn greedy<B: Backend>(
             model.config.max_position_embeddings
         )));
     }
+    let mut rng = Rng::new(opts.seed);
+    let mut draw = |logits: &crate::backend::Tensor<B>| -> Result<u32> {
+        let u = rng.uniform();
+        Ok(be.sample(logits, &[opts.sampling], &[u])?[0])
+    };
     let mut cache = model.new_cache(be, capacity)?;
     let t0 = Instant::now();
-    let logits = model.forward(be, prompt, &mut cache, Logits::Last)?;
+    let logits = model.forward_logits(be, prompt, &mut cache, Logits::Last)?;
+    let mut next = draw(&logits)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
-    let mut next = argmax(&logits.to_f32()?);
     let mut tokens = vec![];
     let t1 = Instant::now();
     let mut stop = StopReason::MaxTokens;
@@ -96,8 +108,8 @@ pub fn greedy<B: Backend>(
         if tokens.len() == opts.max_new_tokens {
             break;
         }
-        let logits = model.forward(be, &[next], &mut cache, Logits::Last)?;
-        next = argmax(&logits.to_f32()?);
+        let logits = model.forward_logits(be, &[next], &mut cache, Logits::Last)?;
+        next = draw(&logits)?;
     }
     Ok(Generation {
         tokens,

@@ -151,7 +151,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Run `tokens` (the next chunk of one sequence) through the model, appending their K/V to
-    /// `cache`, and return logits `[rows, vocab]` as f32.
+    /// `cache`, and return logits `[rows, vocab]` as f32 on the host.
     pub fn forward(
         &self,
         be: &B,
@@ -159,6 +159,24 @@ impl<B: Backend> Llama<B> {
         cache: &mut KvCache<B>,
         which: Logits,
     ) -> Result<HostTensor> {
+        let logits = self.forward_logits(be, tokens, cache, which)?;
+        let out = be.download(&logits)?;
+        if out.dtype() == DType::F32 {
+            Ok(out)
+        } else {
+            HostTensor::f32(out.shape.clone(), out.to_f32()?)
+        }
+    }
+
+    /// As [`Llama::forward`], leaving the f32 logits `[rows, vocab]` on the backend (sampling
+    /// reads them there and downloads only the token).
+    pub fn forward_logits(
+        &self,
+        be: &B,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        which: Logits,
+    ) -> Result<Tensor<B>> {
         let c = &self.config;
         let t = tokens.len();
         if t == 0 {
@@ -244,11 +262,6 @@ impl<B: Backend> Llama<B> {
         // Logits in f32 on every backend: scoring compares log-probabilities of close tokens.
         let mut logits = be.zeros(&[rows, c.vocab_size], DType::F32)?;
         be.linear(&sel, head, &mut logits)?;
-        let out = be.download(&logits)?;
-        if out.dtype() == DType::F32 {
-            Ok(out)
-        } else {
-            HostTensor::f32(out.shape.clone(), out.to_f32()?)
-        }
+        Ok(logits)
     }
 }

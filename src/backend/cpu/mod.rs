@@ -669,6 +669,40 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn sample(
+        &self,
+        logits: &T,
+        params: &[super::SamplingParams],
+        uniforms: &[f32],
+    ) -> Result<Vec<u32>> {
+        expect_dtype("sample", "logits", logits, DType::F32)?;
+        let (rows, vocab) = logits.rows_cols();
+        super::sampling::check_batch(rows, params, uniforms)?;
+        let x = f32s("sample", "logits", logits)?;
+        (0..rows)
+            .into_par_iter()
+            .map(|b| {
+                let row = &x[b * vocab..(b + 1) * vocab];
+                super::sampling::sample_row(row, &params[b], uniforms[b])
+                    .ok_or_else(|| super::sampling::bad_row_error(b))
+            })
+            .collect()
+    }
+
+    fn token_logprobs(&self, logits: &T, ids: &[u32]) -> Result<Vec<f32>> {
+        let (rows, vocab, n) = super::check_logprob_ids(logits, ids)?;
+        let x = f32s("token_logprobs", "logits", logits)?;
+        Ok((0..rows)
+            .into_par_iter()
+            .flat_map_iter(|b| {
+                super::sampling::token_logprobs_row(
+                    &x[b * vocab..(b + 1) * vocab],
+                    &ids[b * n..(b + 1) * n],
+                )
+            })
+            .collect())
+    }
+
     fn cross_entropy(
         &self,
         logits: &mut T,

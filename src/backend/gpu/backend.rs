@@ -484,6 +484,38 @@ impl Backend for Gpu {
         )
     }
 
+    fn sample(
+        &self,
+        logits: &T,
+        params: &[crate::backend::SamplingParams],
+        uniforms: &[f32],
+    ) -> Result<Vec<u32>> {
+        let op = "sample";
+        let (rows, vocab) = logits.rows_cols();
+        let x = f32b(op, "logits", logits)?;
+        let packed = ops::sampling::pack_params(rows, params, uniforms)?;
+        let packed = self.dev.upload(&packed)?;
+        let mut tokens = self.dev.alloc_zeros::<u32>(rows)?;
+        ops::sampling::sample(&self.dev, x, &packed, &mut tokens, rows, vocab)?;
+        let tokens = self.dev.download(&tokens)?;
+        match tokens
+            .iter()
+            .position(|&t| t == crate::backend::sampling::BAD_ROW)
+        {
+            Some(b) => Err(crate::backend::sampling::bad_row_error(b)),
+            None => Ok(tokens),
+        }
+    }
+
+    fn token_logprobs(&self, logits: &T, ids: &[u32]) -> Result<Vec<f32>> {
+        let (rows, vocab, _) = crate::backend::check_logprob_ids(logits, ids)?;
+        let x = f32b("token_logprobs", "logits", logits)?;
+        let dev_ids = self.dev.upload(ids)?;
+        let mut out = self.dev.alloc_zeros::<f32>(ids.len())?;
+        ops::sampling::token_logprobs(&self.dev, x, &dev_ids, &mut out, rows, vocab)?;
+        self.dev.download(&out)
+    }
+
     fn sum_squares(&self, x: &T, out: &mut T) -> Result<()> {
         let op = "sum_squares";
         let mut ws = self

@@ -11,6 +11,7 @@ pub mod norm;
 pub mod optim;
 pub mod paged;
 pub mod rope;
+pub mod sampling;
 pub mod swiglu;
 pub mod w8a16;
 pub mod w8a8;
