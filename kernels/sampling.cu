@@ -116,7 +116,7 @@ __device__ __forceinline__ void rf_pick_bin(const unsigned long long* hval, cons
     }
 }
 
-extern "C" __global__ void __launch_bounds__(RF_SAMPLE_THREADS) sample_f32(const float* __restrict__ logits, const unsigned* __restrict__ params,
+extern "C" __global__ void __launch_bounds__(RF_SAMPLE_THREADS, 1) sample_f32(const float* __restrict__ logits, const unsigned* __restrict__ params,
                                       unsigned* __restrict__ tokens, int V) {
     __shared__ unsigned long long hval[256];
     __shared__ unsigned hcnt[256];
