@@ -7,12 +7,19 @@
 //! `contiguous` maps sequence b to consecutive blocks — the same kernel, so the gap is the cost
 //! of the indirection. `cuda_*` runs on a real GPU and says why it skipped otherwise;
 //! `cpu_decode_attention` times the CPU reference (`Cpu::attention`) on one small case.
+//!
+//! `cuda_attention_fwd` is the prefill / training forward (kernels/attention.cu) on packed causal
+//! sequences: the tiled tensor-core kernel (`tiled`) against the warp-per-row one (`per_row`) at
+//! LLaMA-7B heads (32/32, head_dim 128, 4 × 1024 tokens) and SmolLM2 heads (9/3, head_dim 64,
+//! 8 × 512). Throughput is the causal forward's FLOPs, 2 · 2 · Σ_seq (L·(L+1)/2) · heads · hd,
+//! counted as elements (criterion prints them as elem/s).
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 
 use recforge::backend::cpu::Cpu;
+use recforge::backend::gpu::ops::attention::{attention_forward_with, AttnKernel, AttnShape};
 use recforge::backend::gpu::ops::paged::{
     paged_decode, paged_decode_scratch_len, DecodeBatch, PagedShape,
 };
@@ -171,5 +178,65 @@ fn bench_cuda(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_cpu, bench_cuda);
+fn bench_cuda_prefill(c: &mut Criterion) {
+    let Some(dev) = gpu() else { return };
+    let mut rng = Rng::new(3);
+    let mut g = c.benchmark_group("cuda_attention_fwd");
+    g.measurement_time(Duration::from_secs(3));
+    for (name, heads, kv_heads, hd, seqs, len) in [
+        (
+            "llama7b_4x1024",
+            32usize,
+            32usize,
+            128usize,
+            4usize,
+            1024usize,
+        ),
+        ("smollm2_8x512", 9, 3, 64, 8, 512),
+    ] {
+        let t = seqs * len;
+        let spans: Vec<SeqSpan> = (0..seqs)
+            .map(|i| SeqSpan {
+                q_start: i * len,
+                q_len: len,
+                kv_start: i * len,
+                kv_len: len,
+            })
+            .collect();
+        let positions: Vec<u32> = (0..t).map(|i| (i % len) as u32).collect();
+        let rand = |n: usize, rng: &mut Rng| -> Vec<bf16> {
+            (0..n).map(|_| bf16::from_f32(rng.normal())).collect()
+        };
+        let q = dev.upload(&rand(t * heads * hd, &mut rng)).unwrap();
+        let k = dev.upload(&rand(t * kv_heads * hd, &mut rng)).unwrap();
+        let v = dev.upload(&rand(t * kv_heads * hd, &mut rng)).unwrap();
+        let pos = dev.upload(&positions).unwrap();
+        let mut sb = dev.alloc_zeros::<i32>(4 * seqs).unwrap();
+        let mut out = dev.alloc_zeros::<bf16>(t * heads * hd).unwrap();
+        let mut lse = dev.alloc_zeros::<f32>(t * heads).unwrap();
+        let shape = AttnShape {
+            tq: t,
+            tk: t,
+            heads,
+            kv_heads,
+            head_dim: hd,
+        };
+        let flops = 4 * seqs * len * (len + 1) / 2 * heads * hd;
+        g.throughput(Throughput::Elements(flops as u64));
+        for (kname, kernel) in [("tiled", AttnKernel::Auto), ("per_row", AttnKernel::PerRow)] {
+            g.bench_function(BenchmarkId::new(kname, name), |b| {
+                b.iter(|| {
+                    attention_forward_with(
+                        &dev, kernel, &q, &k, &v, &pos, &spans, &mut sb, shape, &mut out, &mut lse,
+                    )
+                    .unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_cpu, bench_cuda, bench_cuda_prefill);
 criterion_main!(benches);

@@ -134,3 +134,205 @@ extern "C" __global__ void attention_bwd_finish_bf16(const float* __restrict__ d
         dv[e] = __float2bfloat16(dv32[e]);
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Tiled tensor-core ("flash") forward, FlashAttention-2 style: the same contract as
+// attention_fwd_bf16 (layouts, spans, mask, lse) for head_dim HD = 64 or 128.
+// Launch:  grid (ceil(max q_len / 64), H, S), block (128) = 4 warps, dynamic shared memory
+//          2 · 64 · (2·HD + 16) bytes (K tile + V tile; 18 KiB at HD 64, 34 KiB at HD 128).
+// Per block: 64 query rows of one head of one span, warp w owns rows 16w .. 16w+15. The Q tile
+//   is staged through the K buffer into registers once (A fragments of mma.m16n8k16). Then for
+//   each tile of 64 keys up to the last key any of the 64 rows may see:
+//     cp.async K and V tiles (rows past kv_len zero) → S = Q·Kᵀ (mma, f32, 16×64 per warp) →
+//     scale and mask (−inf where key > position or ≥ kv_len) → online softmax per row in
+//     base 2 (running max m, sum l, both f32; the 4 lanes of a row combine with shuffles) →
+//     P rounded to bf16 in registers reused as A fragments (the accumulator layout of two
+//     n8 tiles is the A layout of one k16 step) → O += P·V (V fragments by ldmatrix.trans).
+//   Out = O / l rounded to bf16, lse = (m + log2 l) · ln 2. No [seq × seq] buffer anywhere.
+// Numerics vs the CPU reference: P enters the PV product as bf16 (relative 2^-9 per weight,
+//   as FlashAttention), l sums the f32 weights; exp2f instead of expf.
+// Rotary embedding is applied before this kernel (rope_bf16 on q and k): K is rotated once per
+//   token and also stored in the KV cache rotated, so decode reuses it; rotating inside would
+//   redo K's rotation for every query tile.
+// Must match: backend::cpu::Cpu::attention (tests/kernels_attention.rs).
+namespace rf_flash {
+constexpr int BR = 64, BC = 64, THREADS = 128;
+
+template <int HD>
+__device__ __forceinline__ void load_rows(rf_smem_t<unsigned char> dst, const __nv_bfloat16* src, int rows_valid,
+                                          size_t row_stride) {
+    constexpr int ROWB = 2 * HD + 16, CH = HD / 8;  // 16-byte chunks per row
+    for (int c = threadIdx.x; c < 64 * CH; c += THREADS) {
+        const int r = c / CH, col = c % CH;
+        if (r < rows_valid) rf_cp_async16(dst + r * ROWB + col * 16, src + (size_t)r * row_stride + col * 8);
+        else rf_st16(dst + r * ROWB + col * 16, make_uint4(0u, 0u, 0u, 0u));
+    }
+}
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16(lo)) | ((unsigned)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
+}
+
+template <int HD>
+__device__ __forceinline__ void fwd(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                    const __nv_bfloat16* __restrict__ v, const unsigned* __restrict__ positions,
+                                    const int* __restrict__ spans, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                                    int H, int KVH, float scale) {
+    constexpr int ROWB = 2 * HD + 16, KS = HD / 16, NT = HD / 8;
+    RF_DYNAMIC_SMEM(unsigned char, smem);
+    rf_smem_t<unsigned char> sK = smem;
+    rf_smem_t<unsigned char> sV = smem + BC * ROWB;
+    __shared__ int s_last;
+    const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tq = l & 3;
+    const int h = blockIdx.y, s = blockIdx.z;
+    const int q_start = spans[4 * s], q_len = spans[4 * s + 1], kv_start = spans[4 * s + 2], kv_len = spans[4 * s + 3];
+    const int i0 = blockIdx.x * BR;
+    if (i0 >= q_len) return;  // the whole block
+    const int kh = h / (H / KVH), rows = min(BR, q_len - i0);
+
+    // The last key any row of the tile may see.
+    if (threadIdx.x == 0) s_last = -1;
+    __syncthreads();
+    for (int r = threadIdx.x; r < rows; r += THREADS)
+        atomicMax(&s_last, min((int)positions[q_start + i0 + r], kv_len - 1));
+    // Q tile → registers, through the K buffer.
+    load_rows<HD>(sK, q + ((size_t)(q_start + i0) * H + h) * HD, rows, (size_t)H * HD);
+    rf_cp_async_commit();
+    rf_cp_async_wait_all();
+    __syncthreads();
+    const int last = s_last;
+    unsigned qf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++)
+        rf_ldmatrix_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], sK + (16 * w + (l & 15)) * ROWB + kk * 32 + (l >> 4) * 16);
+    // Positions of this thread's two rows; −1 sees nothing (rows past q_len).
+    const int r0 = 16 * w + g, r1 = r0 + 8;
+    const int p0 = r0 < rows ? min((int)positions[q_start + i0 + r0], kv_len - 1) : -1;
+    const int p1 = r1 < rows ? min((int)positions[q_start + i0 + r1], kv_len - 1) : -1;
+    const float sl2 = scale * 1.44269504f;  // scores in base 2
+    float o[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+    for (int j0 = 0; j0 <= last; j0 += BC) {
+        __syncthreads();  // every warp is done with the previous tiles (and with Q in sK)
+        const int kv_rows = min(BC, kv_len - j0);
+        const size_t kr = ((size_t)(kv_start + j0) * KVH + kh) * HD;
+        load_rows<HD>(sK, k + kr, kv_rows, (size_t)KVH * HD);
+        load_rows<HD>(sV, v + kr, kv_rows, (size_t)KVH * HD);
+        rf_cp_async_commit();
+        rf_cp_async_wait_all();
+        __syncthreads();
+
+        float sc[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+            for (int p = 0; p < 4; p++) {
+                unsigned b[2][2];
+                rf_ldmatrix_x4(b[0][0], b[0][1], b[1][0], b[1][1],
+                               sK + (p * 16 + (l & 7) + ((l >> 4) << 3)) * ROWB + kk * 32 + ((l >> 3) & 1) * 16);
+                rf_mma_m16n8k16_bf16(sc[2 * p], qf[kk], b[0], sc[2 * p]);
+                rf_mma_m16n8k16_bf16(sc[2 * p + 1], qf[kk], b[1], sc[2 * p + 1]);
+            }
+        // Scale, mask, tile row max.
+        float tm0 = -INFINITY, tm1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = j0 + j * 8 + 2 * tq + (e & 1);
+                const bool vis = key <= (e < 2 ? p0 : p1);
+                const float x = vis ? sc[j][e] * sl2 : -INFINITY;
+                sc[j][e] = x;
+                if (e < 2) tm0 = fmaxf(tm0, x);
+                else tm1 = fmaxf(tm1, x);
+            }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            tm0 = fmaxf(tm0, __shfl_xor_sync(RF_FULL_MASK, tm0, off));
+            tm1 = fmaxf(tm1, __shfl_xor_sync(RF_FULL_MASK, tm1, off));
+        }
+        const float n0 = fmaxf(m0, tm0), n1 = fmaxf(m1, tm1);
+        // A row that has seen nothing yet keeps base 0 so that exp2 never sees −inf − −inf.
+        const float b0 = n0 == -INFINITY ? 0.0f : n0, b1 = n1 == -INFINITY ? 0.0f : n1;
+        const float c0 = exp2f(m0 - b0), c1 = exp2f(m1 - b1);
+        m0 = n0;
+        m1 = n1;
+        float ts0 = 0.0f, ts1 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            sc[j][0] = exp2f(sc[j][0] - b0);
+            sc[j][1] = exp2f(sc[j][1] - b0);
+            sc[j][2] = exp2f(sc[j][2] - b1);
+            sc[j][3] = exp2f(sc[j][3] - b1);
+            ts0 += sc[j][0] + sc[j][1];
+            ts1 += sc[j][2] + sc[j][3];
+        }
+        l0 = l0 * c0 + ts0;  // this lane's share; the quad is summed at the end
+        l1 = l1 * c1 + ts1;
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            o[j][0] *= c0;
+            o[j][1] *= c0;
+            o[j][2] *= c1;
+            o[j][3] *= c1;
+        }
+        // O += P·V over the tile's 4 key steps of 16.
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            const unsigned a[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                                   pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                   pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+            for (int nt = 0; nt < NT; nt += 2) {
+                unsigned b[2][2];
+                rf_ldmatrix_x4_trans(b[0][0], b[0][1], b[1][0], b[1][1],
+                                     sV + (kk * 16 + (l & 7) + ((l >> 3) & 1) * 8) * ROWB + (nt * 8 + (l >> 4) * 8) * 2);
+                rf_mma_m16n8k16_bf16(o[nt], a, b[0], o[nt]);
+                rf_mma_m16n8k16_bf16(o[nt + 1], a, b[1], o[nt + 1]);
+            }
+        }
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l0 += __shfl_xor_sync(RF_FULL_MASK, l0, off);
+        l1 += __shfl_xor_sync(RF_FULL_MASK, l1, off);
+    }
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        const int d = j * 8 + 2 * tq;
+        if (r0 < rows) {
+            const size_t at = ((size_t)(q_start + i0 + r0) * H + h) * HD + d;
+            *reinterpret_cast<unsigned*>(out + at) = pack_bf16(o[j][0] * inv0, o[j][1] * inv0);
+        }
+        if (r1 < rows) {
+            const size_t at = ((size_t)(q_start + i0 + r1) * H + h) * HD + d;
+            *reinterpret_cast<unsigned*>(out + at) = pack_bf16(o[j][2] * inv1, o[j][3] * inv1);
+        }
+    }
+    if (tq == 0) {
+        const float ln2 = 0.69314718f;
+        if (r0 < rows) lse[(size_t)(q_start + i0 + r0) * H + h] = l0 > 0.0f ? (m0 + log2f(l0)) * ln2 : -INFINITY;
+        if (r1 < rows) lse[(size_t)(q_start + i0 + r1) * H + h] = l1 > 0.0f ? (m1 + log2f(l1)) * ln2 : -INFINITY;
+    }
+}
+}  // namespace rf_flash
+
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_hd64_bf16(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
+    const unsigned* __restrict__ positions, const int* __restrict__ spans, __nv_bfloat16* __restrict__ out,
+    float* __restrict__ lse, int H, int KVH, int hd, float scale) {
+    rf_flash::fwd<64>(q, k, v, positions, spans, out, lse, H, KVH, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_hd128_bf16(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
+    const unsigned* __restrict__ positions, const int* __restrict__ spans, __nv_bfloat16* __restrict__ out,
+    float* __restrict__ lse, int H, int KVH, int hd, float scale) {
+    rf_flash::fwd<128>(q, k, v, positions, spans, out, lse, H, KVH, scale);
+}

@@ -70,11 +70,50 @@ impl AttnShape {
     }
 }
 
+/// Which forward kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// The tiled tensor-core kernel for head_dim 64 and 128, else the warp-per-row one.
+    Auto,
+    /// The warp-per-row kernel (`attention_fwd_bf16`), any supported head_dim.
+    PerRow,
+}
+
 /// Forward: `out = softmax(scale · q·kᵀ, causal by position) · v` per span, and `lse` `[tq,
 /// heads]`. `spans` is uploaded into `span_buf` (4 i32 per span) — the caller keeps that buffer.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     dev: &Device,
+    q: &DevBuf<bf16>,
+    k: &DevBuf<bf16>,
+    v: &DevBuf<bf16>,
+    positions: &DevBuf<u32>,
+    spans: &[SeqSpan],
+    span_buf: &mut DevBuf<i32>,
+    shape: AttnShape,
+    out: &mut DevBuf<bf16>,
+    lse: &mut DevBuf<f32>,
+) -> Result<()> {
+    attention_forward_with(
+        dev,
+        AttnKernel::Auto,
+        q,
+        k,
+        v,
+        positions,
+        spans,
+        span_buf,
+        shape,
+        out,
+        lse,
+    )
+}
+
+/// [`attention_forward`] with the kernel chosen by the caller (tests and benchmarks compare them).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_with(
+    dev: &Device,
+    kernel: AttnKernel,
     q: &DevBuf<bf16>,
     k: &DevBuf<bf16>,
     v: &DevBuf<bf16>,
@@ -116,7 +155,24 @@ pub fn attention_forward(
         return Ok(());
     }
     upload_spans(dev, name, spans, span_buf)?;
-    let launch = shape.grid(spans);
+    let tiled = match (kernel, head_dim) {
+        (AttnKernel::Auto, 64) => Some("attention_fwd_hd64_bf16"),
+        (AttnKernel::Auto, 128) => Some("attention_fwd_hd128_bf16"),
+        _ => None,
+    };
+    let (name, launch) = match tiled {
+        Some(k) => {
+            // 64 query rows per block; K and V tiles of 64 rows of (2·hd + 16) bytes.
+            let max_q = spans.iter().map(|s| s.q_len).max().unwrap_or(0);
+            let launch = Launch {
+                grid: (max_q.div_ceil(64) as u32, heads as u32, spans.len() as u32),
+                block: (128, 1, 1),
+                shared_bytes: (2 * 64 * (2 * head_dim + 16)) as u32,
+            };
+            (k, launch)
+        }
+        None => (name, shape.grid(spans)),
+    };
     if launch.grid.0 == 0 {
         return Ok(());
     }
