@@ -12,14 +12,19 @@
 //! sequences: the tiled tensor-core kernel (`tiled`) against the warp-per-row one (`per_row`) at
 //! LLaMA-7B heads (32/32, head_dim 128, 4 × 1024 tokens) and SmolLM2 heads (9/3, head_dim 64,
 //! 8 × 512). Throughput is the causal forward's FLOPs, 2 · 2 · Σ_seq (L·(L+1)/2) · heads · hd,
-//! counted as elements (criterion prints them as elem/s).
+//! counted as elements (criterion prints them as elem/s). `cuda_attention_bwd` times the
+//! backward (FLOPs counted as 2.5× the forward's: five matmuls against two, its recomputed
+//! forward not counted) — tiled at both shapes; the warp-per-row kernel, whose per-key atomics
+//! make it far slower, only at a small SmolLM2 shape (2 × 256) next to the tiled one.
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 
 use recforge::backend::cpu::Cpu;
-use recforge::backend::gpu::ops::attention::{attention_forward_with, AttnKernel, AttnShape};
+use recforge::backend::gpu::ops::attention::{
+    attention_backward_with, attention_forward_with, AttnGradScratch, AttnKernel, AttnShape,
+};
 use recforge::backend::gpu::ops::paged::{
     paged_decode, paged_decode_scratch_len, DecodeBatch, PagedShape,
 };
@@ -181,8 +186,6 @@ fn bench_cuda(c: &mut Criterion) {
 fn bench_cuda_prefill(c: &mut Criterion) {
     let Some(dev) = gpu() else { return };
     let mut rng = Rng::new(3);
-    let mut g = c.benchmark_group("cuda_attention_fwd");
-    g.measurement_time(Duration::from_secs(3));
     for (name, heads, kv_heads, hd, seqs, len) in [
         (
             "llama7b_4x1024",
@@ -193,6 +196,7 @@ fn bench_cuda_prefill(c: &mut Criterion) {
             1024usize,
         ),
         ("smollm2_8x512", 9, 3, 64, 8, 512),
+        ("smollm2_2x256", 9, 3, 64, 2, 256),
     ] {
         let t = seqs * len;
         let spans: Vec<SeqSpan> = (0..seqs)
@@ -222,6 +226,8 @@ fn bench_cuda_prefill(c: &mut Criterion) {
             head_dim: hd,
         };
         let flops = 4 * seqs * len * (len + 1) / 2 * heads * hd;
+        let mut g = c.benchmark_group("cuda_attention_fwd");
+        g.measurement_time(Duration::from_secs(3));
         g.throughput(Throughput::Elements(flops as u64));
         for (kname, kernel) in [("tiled", AttnKernel::Auto), ("per_row", AttnKernel::PerRow)] {
             g.bench_function(BenchmarkId::new(kname, name), |b| {
@@ -234,8 +240,47 @@ fn bench_cuda_prefill(c: &mut Criterion) {
                 })
             });
         }
+        g.finish();
+        let mut g = c.benchmark_group("cuda_attention_bwd");
+        g.sample_size(10);
+        g.measurement_time(Duration::from_secs(3));
+        g.throughput(Throughput::Elements((flops * 5 / 2) as u64));
+        let dy = dev.upload(&rand(t * heads * hd, &mut rng)).unwrap();
+        let mut dq = dev.alloc_zeros::<bf16>(t * heads * hd).unwrap();
+        let mut dk = dev.alloc_zeros::<bf16>(t * kv_heads * hd).unwrap();
+        let mut dv = dev.alloc_zeros::<bf16>(t * kv_heads * hd).unwrap();
+        let mut scratch = AttnGradScratch::new(&dev, shape).unwrap();
+        let kernels: &[(&str, AttnKernel)] = if name == "smollm2_2x256" {
+            &[("tiled", AttnKernel::Auto), ("per_row", AttnKernel::PerRow)]
+        } else {
+            &[("tiled", AttnKernel::Auto)]
+        };
+        for &(kname, kernel) in kernels {
+            g.bench_function(BenchmarkId::new(kname, name), |b| {
+                b.iter(|| {
+                    attention_backward_with(
+                        &dev,
+                        kernel,
+                        &q,
+                        &k,
+                        &v,
+                        &pos,
+                        &spans,
+                        &mut sb,
+                        shape,
+                        &dy,
+                        &mut dq,
+                        &mut dk,
+                        &mut dv,
+                        &mut scratch,
+                    )
+                    .unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 criterion_group!(benches, bench_cpu, bench_cuda, bench_cuda_prefill);

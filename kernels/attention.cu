@@ -158,11 +158,11 @@ extern "C" __global__ void attention_bwd_finish_bf16(const float* __restrict__ d
 namespace rf_flash {
 constexpr int BR = 64, BC = 64, THREADS = 128;
 
-template <int HD>
+template <int HD, int NR = 64>
 __device__ __forceinline__ void load_rows(rf_smem_t<unsigned char> dst, const __nv_bfloat16* src, int rows_valid,
                                           size_t row_stride) {
     constexpr int ROWB = 2 * HD + 16, CH = HD / 8;  // 16-byte chunks per row
-    for (int c = threadIdx.x; c < 64 * CH; c += THREADS) {
+    for (int c = threadIdx.x; c < NR * CH; c += THREADS) {
         const int r = c / CH, col = c % CH;
         if (r < rows_valid) rf_cp_async16(dst + r * ROWB + col * 16, src + (size_t)r * row_stride + col * 8);
         else rf_st16(dst + r * ROWB + col * 16, make_uint4(0u, 0u, 0u, 0u));
@@ -335,4 +335,248 @@ extern "C" __global__ void __launch_bounds__(128) attention_fwd_hd128_bf16(
     const unsigned* __restrict__ positions, const int* __restrict__ spans, __nv_bfloat16* __restrict__ out,
     float* __restrict__ lse, int H, int KVH, int hd, float scale) {
     rf_flash::fwd<128>(q, k, v, positions, spans, out, lse, H, KVH, scale);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tiled tensor-core backward (FlashAttention-2 style) for head_dim 64 and 128. Same contract as
+// attention_bwd_bf16; the wrapper (ops::attention::attention_backward) first runs the tiled
+// forward for O and lse and attention_bwd_delta_bf16 for D = rowsum(dy ⊙ O), zeroes the f32
+// accumulators dq32, dk32, dv32, and converts them to bf16 afterwards.
+//
+// attention_bwd_delta_bf16 — dy, o [n, hd] bf16 (n = Tq·H rows) → delta [n] f32 = Σ_d dy·o.
+//   Launch: grid (ceil(n/4)), block (128): a warp per row.
+//
+// attention_bwd_hd{64,128}_bf16 — grid (ceil(max kv_len / 64), H, S), block (128) = 4 warps,
+//   dynamic shared memory (2·64 + 2·BQ) · (2·HD + 16) (K, V, Q, dO tiles) + 64 · (2·BQ + 16)
+//   (dS) bytes, BQ = 64 query rows per tile at HD 64 (46 KiB), 32 at HD 128 (56 KiB, above
+//   48 KiB: the launch opts in), so that dK_w and dV_w fit the registers.
+//   Block = 64 keys (j0 .. j0+63) of one span, seen from query head h; warp w owns keys
+//   16w .. 16w+15 and keeps dK_w, dV_w [16 × HD] f32 in registers. For each BQ-row query tile
+//   whose rows may see these keys (position ≥ j0):
+//     cp.async Q and dO tiles; lse (base 2), D and the clamped positions to shared memory;
+//     Sᵀ = K_w·Qᵀ (mma) → Pᵀ = 2^(Sᵀ·scale·log2 e − lse₂) masked (key ≤ position);
+//     dV_w += Pᵀ·dO (Pᵀ as bf16 A fragments);   dPᵀ = V_w·dOᵀ;   dSᵀ = Pᵀ ⊙ (dPᵀ − D);
+//     dK_w += dSᵀ·Q (bf16 A fragments);   dSᵀ → shared memory (bf16), then each warp takes 16
+//     query rows and a slice of the head dims: dQ = dS·K_tile (A fragments by ldmatrix.trans of
+//     dSᵀ), atomically added (f32, × scale) into dq32.
+//   At the end dK_w · scale and dV_w are atomically added into dk32 / dv32 (query heads of a
+//   group share them). No [seq × seq] buffer: Sᵀ, Pᵀ, dPᵀ live in registers, dS in one tile.
+// Numerics vs the CPU reference: P and dS enter their products as bf16 (relative 2^-8 each),
+//   D uses the bf16-rounded O; everything else accumulates in f32.
+// Must match: backend::cpu::Cpu::attention_backward (tests/kernels_attention.rs).
+extern "C" __global__ void attention_bwd_delta_bf16(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ o,
+                                                    float* __restrict__ delta, int n, int hd) {
+    const int lane = threadIdx.x & 31, row = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (row >= n) return;
+    float s = 0.0f;
+    for (int d = lane; d < hd; d += 32)
+        s += __bfloat162float(dy[(size_t)row * hd + d]) * __bfloat162float(o[(size_t)row * hd + d]);
+    s = rf_warp_sum(s);
+    if (lane == 0) delta[row] = s;
+}
+
+namespace rf_flash {
+// Query rows per tile of the backward: 64 at HD 64; 32 at HD 128, where dK_w and dV_w already
+// take 128 registers per thread (64 rows spilled).
+template <int HD> struct bwd_rows { static constexpr int value = HD == 128 ? 32 : 64; };
+
+template <int HD>
+__device__ __forceinline__ void bwd(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                    const __nv_bfloat16* __restrict__ v, const unsigned* __restrict__ positions,
+                                    const int* __restrict__ spans, const __nv_bfloat16* __restrict__ dy,
+                                    const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ dq32,
+                                    float* __restrict__ dk32, float* __restrict__ dv32, int H, int KVH, float scale) {
+    constexpr int ROWB = 2 * HD + 16, KS = HD / 16, NT = HD / 8;
+    constexpr int BQ = bwd_rows<HD>::value, DSB = 2 * BQ + 16;  // dSᵀ tile [64 keys][BQ queries] bf16
+    constexpr int RG = BQ / 16, NS = 4 / RG, NTS = NT / NS;  // dQ: row groups × column slices
+    RF_DYNAMIC_SMEM(unsigned char, smem);
+    rf_smem_t<unsigned char> sK = smem;
+    rf_smem_t<unsigned char> sV = smem + 64 * ROWB;
+    rf_smem_t<unsigned char> sQ = smem + 2 * 64 * ROWB;
+    rf_smem_t<unsigned char> sO = sQ + BQ * ROWB;  // dO
+    rf_smem_t<unsigned char> sS = sO + BQ * ROWB;  // dSᵀ
+    __shared__ float s_lse[BQ], s_d[BQ];
+    __shared__ int s_pos[BQ];
+    const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tq = l & 3;
+    const int h = blockIdx.y, s = blockIdx.z;
+    const int q_start = spans[4 * s], q_len = spans[4 * s + 1], kv_start = spans[4 * s + 2], kv_len = spans[4 * s + 3];
+    const int j0 = blockIdx.x * 64;
+    if (j0 >= kv_len) return;  // the whole block
+    const int kh = h / (H / KVH), keys = min(64, kv_len - j0);
+    const float sl2 = scale * 1.44269504f;
+    const size_t kr = ((size_t)(kv_start + j0) * KVH + kh) * HD;
+    load_rows<HD>(sK, k + kr, keys, (size_t)KVH * HD);
+    load_rows<HD>(sV, v + kr, keys, (size_t)KVH * HD);
+    rf_cp_async_commit();
+
+    float dk[NT][4], dv[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[j][e] = dv[j][e] = 0.0f;
+    // This thread's two key rows in the accumulator layout.
+    const int key0 = j0 + 16 * w + g, key1 = key0 + 8;
+
+    for (int i0 = 0; i0 < q_len; i0 += BQ) {
+        const int rows = min(BQ, q_len - i0);
+        __syncthreads();  // the previous tile's Q, dO, dS and per-row values are no longer read
+        int any = 0;
+        for (int r = threadIdx.x; r < BQ; r += THREADS) {
+            int p = -1;
+            if (r < rows) {
+                const size_t t = (size_t)(q_start + i0 + r);
+                p = min((int)positions[t], kv_len - 1);
+                s_lse[r] = lse[t * H + h] * 1.44269504f;
+                s_d[r] = delta[t * H + h];
+            }
+            s_pos[r] = p;
+            any |= p >= j0;
+        }
+        if (!__syncthreads_or(any)) continue;  // no row of this tile sees these keys
+        load_rows<HD, BQ>(sQ, q + ((size_t)(q_start + i0) * H + h) * HD, rows, (size_t)H * HD);
+        load_rows<HD, BQ>(sO, dy + ((size_t)(q_start + i0) * H + h) * HD, rows, (size_t)H * HD);
+        rf_cp_async_commit();
+        rf_cp_async_wait_all();
+        __syncthreads();
+
+        // Sᵀ [16 keys × BQ queries] for this warp's keys, then Pᵀ (masked) in place.
+        float st[BQ / 8][4];
+#pragma unroll
+        for (int j = 0; j < BQ / 8; j++) st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+            unsigned ak[4];
+            rf_ldmatrix_x4(ak[0], ak[1], ak[2], ak[3], sK + (16 * w + (l & 15)) * ROWB + kk * 32 + (l >> 4) * 16);
+#pragma unroll
+            for (int p = 0; p < BQ / 16; p++) {
+                unsigned b[2][2];
+                rf_ldmatrix_x4(b[0][0], b[0][1], b[1][0], b[1][1],
+                               sQ + (p * 16 + (l & 7) + ((l >> 4) << 3)) * ROWB + kk * 32 + ((l >> 3) & 1) * 16);
+                rf_mma_m16n8k16_bf16(st[2 * p], ak, b[0], st[2 * p]);
+                rf_mma_m16n8k16_bf16(st[2 * p + 1], ak, b[1], st[2 * p + 1]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < BQ / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int qr = j * 8 + 2 * tq + (e & 1);
+                const int key = e < 2 ? key0 : key1;
+                st[j][e] = key <= s_pos[qr] ? exp2f(st[j][e] * sl2 - s_lse[qr]) : 0.0f;
+            }
+        // Per step of 16 queries (kept small for registers): dPᵀ = V_w·dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − D),
+        // dV_w += Pᵀ·dO, dK_w += dSᵀ·Q, and dSᵀ → shared memory for dQ.
+#pragma unroll
+        for (int kq = 0; kq < BQ / 16; kq++) {
+            float dp[2][4];
+#pragma unroll
+            for (int jj = 0; jj < 2; jj++) dp[jj][0] = dp[jj][1] = dp[jj][2] = dp[jj][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                unsigned av[4], b[2][2];
+                rf_ldmatrix_x4(av[0], av[1], av[2], av[3], sV + (16 * w + (l & 15)) * ROWB + kk * 32 + (l >> 4) * 16);
+                rf_ldmatrix_x4(b[0][0], b[0][1], b[1][0], b[1][1],
+                               sO + (kq * 16 + (l & 7) + ((l >> 4) << 3)) * ROWB + kk * 32 + ((l >> 3) & 1) * 16);
+                rf_mma_m16n8k16_bf16(dp[0], av, b[0], dp[0]);
+                rf_mma_m16n8k16_bf16(dp[1], av, b[1], dp[1]);
+            }
+#pragma unroll
+            for (int jj = 0; jj < 2; jj++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) dp[jj][e] = st[2 * kq + jj][e] * (dp[jj][e] - s_d[(2 * kq + jj) * 8 + 2 * tq + (e & 1)]);
+            const unsigned ap[4] = {pack_bf16(st[2 * kq][0], st[2 * kq][1]), pack_bf16(st[2 * kq][2], st[2 * kq][3]),
+                                    pack_bf16(st[2 * kq + 1][0], st[2 * kq + 1][1]),
+                                    pack_bf16(st[2 * kq + 1][2], st[2 * kq + 1][3])};
+            const unsigned as[4] = {pack_bf16(dp[0][0], dp[0][1]), pack_bf16(dp[0][2], dp[0][3]), pack_bf16(dp[1][0], dp[1][1]),
+                                    pack_bf16(dp[1][2], dp[1][3])};
+#pragma unroll
+            for (int nt = 0; nt < NT; nt += 2) {
+                unsigned b[2][2];
+                const int brow = (kq * 16 + (l & 7) + ((l >> 3) & 1) * 8) * ROWB + (nt * 8 + (l >> 4) * 8) * 2;
+                rf_ldmatrix_x4_trans(b[0][0], b[0][1], b[1][0], b[1][1], sO + brow);
+                rf_mma_m16n8k16_bf16(dv[nt], ap, b[0], dv[nt]);
+                rf_mma_m16n8k16_bf16(dv[nt + 1], ap, b[1], dv[nt + 1]);
+                rf_ldmatrix_x4_trans(b[0][0], b[0][1], b[1][0], b[1][1], sQ + brow);
+                rf_mma_m16n8k16_bf16(dk[nt], as, b[0], dk[nt]);
+                rf_mma_m16n8k16_bf16(dk[nt + 1], as, b[1], dk[nt + 1]);
+            }
+            *rf_ptr_cast<unsigned>(sS + (16 * w + g) * DSB + (kq * 16 + 2 * tq) * 2) = as[0];
+            *rf_ptr_cast<unsigned>(sS + (16 * w + g + 8) * DSB + (kq * 16 + 2 * tq) * 2) = as[1];
+            *rf_ptr_cast<unsigned>(sS + (16 * w + g) * DSB + (kq * 16 + 8 + 2 * tq) * 2) = as[2];
+            *rf_ptr_cast<unsigned>(sS + (16 * w + g + 8) * DSB + (kq * 16 + 8 + 2 * tq) * 2) = as[3];
+        }
+        __syncthreads();
+        // dQ = dS · K_tile: warp w takes query rows 16·rg .. +15 and head-dim tiles of slice cs.
+        const int rg = w % RG, cs = w / RG;
+        const int qr0 = 16 * rg + g, qr1 = qr0 + 8;
+        {
+            float acc[NTS][4];
+#pragma unroll
+            for (int j = 0; j < NTS; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                unsigned a[4];
+                rf_ldmatrix_x4_trans(a[0], a[1], a[2], a[3],
+                                     sS + (kk * 16 + (l & 7) + ((l >> 4) << 3)) * DSB + (16 * rg + ((l >> 3) & 1) * 8) * 2);
+#pragma unroll
+                for (int nt = 0; nt < NTS; nt += 2) {
+                    unsigned b[2][2];
+                    rf_ldmatrix_x4_trans(b[0][0], b[0][1], b[1][0], b[1][1],
+                                         sK + (kk * 16 + (l & 7) + ((l >> 3) & 1) * 8) * ROWB + ((cs * NTS + nt) * 8 + (l >> 4) * 8) * 2);
+                    rf_mma_m16n8k16_bf16(acc[nt], a, b[0], acc[nt]);
+                    rf_mma_m16n8k16_bf16(acc[nt + 1], a, b[1], acc[nt + 1]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NTS; j++) {
+                const int d = (cs * NTS + j) * 8 + 2 * tq;
+                if (qr0 < rows) {
+                    float* at = dq32 + ((size_t)(q_start + i0 + qr0) * H + h) * HD + d;
+                    atomicAdd(at, acc[j][0] * scale);
+                    atomicAdd(at + 1, acc[j][1] * scale);
+                }
+                if (qr1 < rows) {
+                    float* at = dq32 + ((size_t)(q_start + i0 + qr1) * H + h) * HD + d;
+                    atomicAdd(at, acc[j][2] * scale);
+                    atomicAdd(at + 1, acc[j][3] * scale);
+                }
+            }
+        }
+    }
+    rf_cp_async_wait_all();  // K/V loads issued when no query tile ran
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+        const int d = j * 8 + 2 * tq;
+        if (key0 < kv_len) {
+            const size_t at = ((size_t)(kv_start + key0) * KVH + kh) * HD + d;
+            atomicAdd(dk32 + at, dk[j][0] * scale);
+            atomicAdd(dk32 + at + 1, dk[j][1] * scale);
+            atomicAdd(dv32 + at, dv[j][0]);
+            atomicAdd(dv32 + at + 1, dv[j][1]);
+        }
+        if (key1 < kv_len) {
+            const size_t at = ((size_t)(kv_start + key1) * KVH + kh) * HD + d;
+            atomicAdd(dk32 + at, dk[j][2] * scale);
+            atomicAdd(dk32 + at + 1, dk[j][3] * scale);
+            atomicAdd(dv32 + at, dv[j][2]);
+            atomicAdd(dv32 + at + 1, dv[j][3]);
+        }
+    }
+}
+}  // namespace rf_flash
+
+extern "C" __global__ void __launch_bounds__(128) attention_bwd_hd64_bf16(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
+    const unsigned* __restrict__ positions, const int* __restrict__ spans, const __nv_bfloat16* __restrict__ dy,
+    const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ dq32, float* __restrict__ dk32,
+    float* __restrict__ dv32, int H, int KVH, int hd, float scale) {
+    rf_flash::bwd<64>(q, k, v, positions, spans, dy, lse, delta, dq32, dk32, dv32, H, KVH, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_bwd_hd128_bf16(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
+    const unsigned* __restrict__ positions, const int* __restrict__ spans, const __nv_bfloat16* __restrict__ dy,
+    const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ dq32, float* __restrict__ dk32,
+    float* __restrict__ dv32, int H, int KVH, int hd, float scale) {
+    rf_flash::bwd<128>(q, k, v, positions, spans, dy, lse, delta, dq32, dk32, dv32, H, KVH, scale);
 }

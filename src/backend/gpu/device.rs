@@ -294,6 +294,19 @@ impl Device {
         match self {
             Device::Cuda(d) => {
                 let f = d.function(kernel)?;
+                if cfg.shared_bytes > 48 * 1024 {
+                    // Dynamic shared memory above 48 KiB must be opted into per kernel.
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        cfg.shared_bytes as i32,
+                    )
+                    .map_err(|e| {
+                        Error::Device(format!(
+                            "{kernel}: {} bytes of shared memory refused: {e:?}",
+                            cfg.shared_bytes
+                        ))
+                    })?;
+                }
                 let lc = LaunchConfig {
                     grid_dim: g,
                     block_dim: b,

@@ -193,26 +193,84 @@ pub fn attention_forward_with(
     dev.launch(name, launch, &args)
 }
 
-/// f32 accumulators for `attention_backward`, `[tk, kv_heads, head_dim]` each.
+/// Scratch of `attention_backward`: f32 accumulators `dk32`, `dv32` `[tk, kv_heads, head_dim]`;
+/// for the tiled kernels (head_dim 64 / 128) also the recomputed forward output `o` and `lse`,
+/// `delta` = rowsum(dy ⊙ o) `[tq, heads]` and the f32 accumulator `dq32` `[tq, heads, head_dim]`
+/// (empty otherwise).
 pub struct AttnGradScratch {
     pub dk32: DevBuf<f32>,
     pub dv32: DevBuf<f32>,
+    pub o: DevBuf<bf16>,
+    pub lse: DevBuf<f32>,
+    pub delta: DevBuf<f32>,
+    pub dq32: DevBuf<f32>,
 }
 
 impl AttnGradScratch {
     pub fn new(dev: &Device, shape: AttnShape) -> Result<Self> {
         let n = shape.tk * shape.kv_heads * shape.head_dim;
+        let (rows, nq) = if tiled_head_dim(shape.head_dim) {
+            let rows = shape.tq * shape.heads;
+            (rows, rows * shape.head_dim)
+        } else {
+            (0, 0)
+        };
         Ok(AttnGradScratch {
             dk32: dev.alloc_zeros(n)?,
             dv32: dev.alloc_zeros(n)?,
+            o: dev.alloc_zeros(nq)?,
+            lse: dev.alloc_zeros(rows)?,
+            delta: dev.alloc_zeros(rows)?,
+            dq32: dev.alloc_zeros(nq)?,
         })
     }
+}
+
+/// Head sizes with tiled tensor-core kernels.
+fn tiled_head_dim(hd: usize) -> bool {
+    hd == 64 || hd == 128
 }
 
 /// Backward: dq (overwritten), dk and dv (overwritten; summed over the query heads of a group).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dev: &Device,
+    q: &DevBuf<bf16>,
+    k: &DevBuf<bf16>,
+    v: &DevBuf<bf16>,
+    positions: &DevBuf<u32>,
+    spans: &[SeqSpan],
+    span_buf: &mut DevBuf<i32>,
+    shape: AttnShape,
+    dy: &DevBuf<bf16>,
+    dq: &mut DevBuf<bf16>,
+    dk: &mut DevBuf<bf16>,
+    dv: &mut DevBuf<bf16>,
+    scratch: &mut AttnGradScratch,
+) -> Result<()> {
+    attention_backward_with(
+        dev,
+        AttnKernel::Auto,
+        q,
+        k,
+        v,
+        positions,
+        spans,
+        span_buf,
+        shape,
+        dy,
+        dq,
+        dk,
+        dv,
+        scratch,
+    )
+}
+
+/// [`attention_backward`] with the kernel chosen by the caller (tests and benchmarks).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_with(
+    dev: &Device,
+    kernel: AttnKernel,
     q: &DevBuf<bf16>,
     k: &DevBuf<bf16>,
     v: &DevBuf<bf16>,
@@ -273,6 +331,11 @@ pub fn attention_backward(
     for b in [&mut scratch.dk32, &mut scratch.dv32] {
         dev.launch("zero_u32", zero, &[dev.ptr_mut(b)?, Arg::I32(nk as i32)])?;
     }
+    if kernel == AttnKernel::Auto && tiled_head_dim(head_dim) {
+        return tiled_backward(
+            dev, q, k, v, positions, spans, span_buf, shape, dy, dq, dk, dv, scratch,
+        );
+    }
     upload_spans(dev, name, spans, span_buf)?;
     let launch = shape.grid(spans);
     if launch.grid.0 > 0 {
@@ -306,4 +369,118 @@ pub fn attention_backward(
         Launch::linear(nk.div_ceil(256).clamp(1, 4096) as u32, 256),
         &args,
     )
+}
+
+/// The tiled backward (kernels/attention.cu, `attention_bwd_hd{64,128}_bf16`): recompute O and
+/// lse with the tiled forward, D = rowsum(dy ⊙ O), then one block per (64 keys, query head,
+/// span) accumulating dq32 / dk32 / dv32 in f32, converted to bf16 at the end.
+#[allow(clippy::too_many_arguments)]
+fn tiled_backward(
+    dev: &Device,
+    q: &DevBuf<bf16>,
+    k: &DevBuf<bf16>,
+    v: &DevBuf<bf16>,
+    positions: &DevBuf<u32>,
+    spans: &[SeqSpan],
+    span_buf: &mut DevBuf<i32>,
+    shape: AttnShape,
+    dy: &DevBuf<bf16>,
+    dq: &mut DevBuf<bf16>,
+    dk: &mut DevBuf<bf16>,
+    dv: &mut DevBuf<bf16>,
+    scratch: &mut AttnGradScratch,
+) -> Result<()> {
+    let AttnShape {
+        tq,
+        tk,
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    let name = if head_dim == 64 {
+        "attention_bwd_hd64_bf16"
+    } else {
+        "attention_bwd_hd128_bf16"
+    };
+    let (rows, nq, nk) = (tq * heads, tq * heads * head_dim, tk * kv_heads * head_dim);
+    if scratch.o.len() != nq
+        || scratch.dq32.len() != nq
+        || scratch.lse.len() != rows
+        || scratch.delta.len() != rows
+    {
+        return Err(Error::Shape(format!(
+            "{name}: scratch was made for another shape than {shape:?}"
+        )));
+    }
+    let AttnGradScratch {
+        dk32,
+        dv32,
+        o,
+        lse,
+        delta,
+        dq32,
+    } = scratch;
+    // O and lse (every row the spans cover; rows outside any span keep zeros and get dq = 0).
+    dev.launch(
+        "zero_u32",
+        Launch::linear(nq.div_ceil(256).max(1) as u32, 256),
+        &[dev.ptr_mut(dq32)?, Arg::I32(nq as i32)],
+    )?;
+    attention_forward(dev, q, k, v, positions, spans, span_buf, shape, o, lse)?;
+    if rows > 0 {
+        dev.launch(
+            "attention_bwd_delta_bf16",
+            Launch::linear(rows.div_ceil(4) as u32, 128),
+            &[
+                dev.ptr(dy)?,
+                dev.ptr(o)?,
+                dev.ptr_mut(delta)?,
+                Arg::I32(rows as i32),
+                Arg::I32(head_dim as i32),
+            ],
+        )?;
+    }
+    let max_kv = spans.iter().map(|s| s.kv_len).max().unwrap_or(0);
+    if max_kv > 0 {
+        let row_bytes = 2 * head_dim + 16;
+        // Query rows per tile (rf_flash::bwd_rows in the kernel).
+        let bq = if head_dim == 128 { 32 } else { 64 };
+        let launch = Launch {
+            grid: (max_kv.div_ceil(64) as u32, heads as u32, spans.len() as u32),
+            block: (128, 1, 1),
+            // K and V tiles of 64 rows, Q and dO tiles of bq rows, the 64 × bq bf16 dS tile.
+            shared_bytes: ((2 * 64 + 2 * bq) * row_bytes + 64 * (2 * bq + 16)) as u32,
+        };
+        let args = [
+            dev.ptr(q)?,
+            dev.ptr(k)?,
+            dev.ptr(v)?,
+            dev.ptr(positions)?,
+            dev.ptr(span_buf)?,
+            dev.ptr(dy)?,
+            dev.ptr(lse)?,
+            dev.ptr(delta)?,
+            dev.ptr_mut(dq32)?,
+            dev.ptr_mut(dk32)?,
+            dev.ptr_mut(dv32)?,
+            Arg::I32(heads as i32),
+            Arg::I32(kv_heads as i32),
+            Arg::I32(head_dim as i32),
+            Arg::F32(1.0 / (head_dim as f32).sqrt()),
+        ];
+        dev.launch(name, launch, &args)?;
+    }
+    let fin = Launch::linear(nk.div_ceil(256).clamp(1, 4096) as u32, 256);
+    dev.launch(
+        "attention_bwd_finish_bf16",
+        fin,
+        &[
+            dev.ptr(dk32)?,
+            dev.ptr(dv32)?,
+            dev.ptr_mut(dk)?,
+            dev.ptr_mut(dv)?,
+            Arg::I32(nk as i32),
+        ],
+    )?;
+    super::elementwise::convert(dev, "convert_f32_bf16", dq32, dq)
 }
