@@ -40,6 +40,26 @@ impl CudaDevice {
         // SAFETY: called before any buffer or stream of this context exists.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        if ctx.has_async_alloc() {
+            // cudarc allocates with cuMemAllocAsync from the device's default pool. With the
+            // default release threshold (0) the pool hands freed memory back to the driver at
+            // every synchronization, so each training step would allocate anew; keeping it
+            // (PyTorch's caching allocator does the same) makes every step after the first
+            // reuse the memory of the one before.
+            // SAFETY: `cu_device` is this context's device; the attribute takes a u64.
+            unsafe {
+                use cudarc::driver::{result, sys};
+                let pool = result::device::get_default_mem_pool(ctx.cu_device())
+                    .map_err(dev_err("cuDeviceGetDefaultMemPool"))?;
+                let mut keep = u64::MAX;
+                result::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut keep as *mut u64).cast(),
+                )
+                .map_err(dev_err("cuMemPoolSetAttribute(release threshold)"))?;
+            }
+        }
         Ok(CudaDevice {
             ctx,
             stream,
