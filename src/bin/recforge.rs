@@ -61,8 +61,9 @@ enum Cmd {
         /// 1 = no limit.
         #[arg(long, allow_negative_numbers = true)]
         top_p: Option<f32>,
-        /// Seed of the random numbers sampling draws (the same seed gives the same text on every
-        /// device).
+        /// Seed of the uniform numbers sampling draws: the same seed gives the same text on the
+        /// same device (backends pick the same token from the same logits; their logits differ
+        /// by bf16 rounding).
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// cpu, cuda, sim or auto (CUDA when a GPU is usable, else CPU).
