@@ -443,3 +443,34 @@ fn token_logprobs_match_the_reference() {
     let lp = cpu.token_logprobs(&t, &[0, 3]).unwrap();
     assert!(lp.iter().all(|x| (x - (0.25f32).ln()).abs() < 1e-6));
 }
+
+#[test]
+fn backends_sample_the_reference_token() {
+    // Through `Backend::sample` (parameter packing, upload, launch, download) on every backend.
+    let mut rng = Rng::new(8);
+    let (rows, v) = (12, 333);
+    let mut logits = vec![];
+    for r in 0..rows {
+        logits.extend(logits_row(&mut rng, v, r));
+    }
+    let params: Vec<SamplingParams> = (0..rows).map(|r| params_for(r, v)).collect();
+    let u: Vec<f32> = (0..rows).map(|_| rng.uniform()).collect();
+    let want: Vec<u32> = (0..rows)
+        .map(|r| sample_row(&logits[r * v..(r + 1) * v], &params[r], u[r]).unwrap())
+        .collect();
+    let host = HostTensor::f32(vec![rows, v], logits).unwrap();
+    let cpu = Cpu::new();
+    assert_eq!(
+        cpu.sample(&cpu.upload(&host).unwrap(), &params, &u)
+            .unwrap(),
+        want
+    );
+    for g in devices().into_iter().map(Gpu::new) {
+        assert_eq!(
+            g.sample(&g.upload(&host).unwrap(), &params, &u).unwrap(),
+            want,
+            "{}",
+            g.name()
+        );
+    }
+}
