@@ -171,9 +171,11 @@ PY
     done
     if command -v compute-sanitizer >/dev/null 2>&1; then
         for tool in memcheck racecheck; do
-            for t in kernels simulator; do
+            for t in kernels simulator kernels_attention kernels_paged kernels_sampling; do
                 # The planted-bug kernels run only on the simulator, so the GPU runs are clean.
-                step "compute-sanitizer $tool ($t)" compute-sanitizer --tool "$tool" --error-exitcode 1 "$here/tests/$t" --test-threads=1
+                # The shared-memory-heavy kernels (tiled attention, paged decode, sampling) are
+                # checked for races and out-of-bounds accesses too; each run is capped.
+                step "compute-sanitizer $tool ($t)" timeout -k 10 180 compute-sanitizer --tool "$tool" --error-exitcode 1 "$here/tests/$t" --test-threads=1
             done
         done
     else
