@@ -166,6 +166,9 @@ enum RecCmd {
         /// Also write the metrics and every P(Yes) here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Run every prompt in full instead of computing the prompts' common prefix once.
+        #[arg(long)]
+        no_prefix_sharing: bool,
     },
 }
 
@@ -333,6 +336,7 @@ fn run(cli: Cli) -> Result<()> {
                 batch,
                 device,
                 json,
+                no_prefix_sharing,
             } => {
                 let a = EvalArgs {
                     model: &model,
@@ -341,6 +345,7 @@ fn run(cli: Cli) -> Result<()> {
                     limit,
                     batch,
                     json: json.as_deref(),
+                    share_prefix: !no_prefix_sharing,
                 };
                 match backend_for(device)? {
                     Chosen::Cpu(be) => rec_eval(&be, &a),
@@ -705,6 +710,7 @@ struct EvalArgs<'a> {
     limit: Option<usize>,
     batch: usize,
     json: Option<&'a Path>,
+    share_prefix: bool,
 }
 
 /// Load a model for training or scoring, with a line saying what and where.
@@ -749,6 +755,15 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         }
         None => DevAdapter::empty(TrainConfig::preset("tallrec")?.lora),
     };
+    let max_tokens = m.config.max_position_embeddings.max(1);
+    if a.share_prefix {
+        let ids = rec::eval::prompt_ids(&tok, &samples, max_tokens)?;
+        eprintln!(
+            "prefix sharing: the prompts' common {}-token prefix runs once \
+             (--no-prefix-sharing: every prompt in full)",
+            rec::eval::shared_prefix_len(&ids)
+        );
+    }
     let t0 = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
     let (metrics, probs) = rec::eval::evaluate(
@@ -758,7 +773,8 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         &tok,
         &samples,
         a.batch,
-        m.config.max_position_embeddings.max(1),
+        max_tokens,
+        a.share_prefix,
         |i, n| {
             if tty {
                 eprint!("\rscoring {i}/{n}");

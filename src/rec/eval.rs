@@ -1,11 +1,16 @@
 //! Yes/No scoring of TALLRec samples: one prefill per sample (no generation), the probability of
 //! "Yes" against "No" at the first response position, and the metrics over a split.
+//!
+//! Every TALLRec prompt opens with the same long text (the Alpaca template and the instruction),
+//! so by default the prompts' common token prefix runs through the model once: its per-layer K/V
+//! (adapter applied) is kept, and each packed batch runs only the samples' own tokens, attending
+//! to the prefix's K/V and then their own (`train::step::prefix_kv` / `forward_logits_at`).
 
 use crate::backend::{Backend, IGNORE_LABEL};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Llama;
-use crate::train::step::{logits_at, Batch, Workspace};
+use crate::train::step::{forward_logits_at, prefix_kv, Batch, Workspace};
 use crate::train::DevAdapter;
 
 use super::metrics::Metrics;
@@ -37,26 +42,21 @@ impl YesNo {
     }
 }
 
-/// P(Yes) from the two logits: softmax over just those two, in f64.
+/// P(Yes) from the two logits (or log-probabilities: their difference is the same): softmax
+/// over just those two, in f64.
 pub fn p_yes(logit_yes: f32, logit_no: f32) -> f64 {
     let d = logit_no as f64 - logit_yes as f64;
     1.0 / (1.0 + d.exp())
 }
 
-/// P(Yes) for every sample, `batch` prompts packed per forward pass. `progress(done, total)`.
-#[allow(clippy::too_many_arguments)]
-pub fn score<B: Backend>(
-    be: &B,
-    model: &Llama<B>,
-    adapter: &DevAdapter<B>,
+/// The samples' prompts as token ids (with the tokenizer's special tokens, e.g. BOS), each at
+/// most `max_tokens` long.
+pub fn prompt_ids(
     tok: &TextTokenizer,
     samples: &[Sample],
-    batch: usize,
     max_tokens: usize,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Vec<f64>> {
-    let yn = YesNo::from_tokenizer(tok)?;
-    let prompts = samples
+) -> Result<Vec<Vec<u32>>> {
+    samples
         .iter()
         .map(|s| {
             let ids = tok.encode(&prompt(&s.instruction, &s.input), true)?;
@@ -68,20 +68,62 @@ pub fn score<B: Backend>(
             }
             Ok(ids)
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect()
+}
+
+/// Length of the token prefix that every prompt shares, short enough to leave each prompt at
+/// least one token of its own (the row that is scored). 0 for no prompts.
+pub fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
+    let Some(first) = prompts.first() else {
+        return 0;
+    };
+    let mut n = first.len();
+    for p in &prompts[1..] {
+        n = n.min(first.iter().zip(p).take_while(|(a, b)| a == b).count());
+    }
+    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    n.min(shortest.saturating_sub(1))
+}
+
+/// P(Yes) for every sample, `batch` prompts packed per forward pass. With `share_prefix`, the
+/// prompts' common token prefix ([`shared_prefix_len`]) is computed once and each pass runs only
+/// the samples' own tokens; without, every prompt runs in full. `progress(done, total)`.
+#[allow(clippy::too_many_arguments)]
+pub fn score<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: &DevAdapter<B>,
+    tok: &TextTokenizer,
+    samples: &[Sample],
+    batch: usize,
+    max_tokens: usize,
+    share_prefix: bool,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<f64>> {
+    let yn = YesNo::from_tokenizer(tok)?;
+    let prompts = prompt_ids(tok, samples, max_tokens)?;
+    let p = if share_prefix {
+        shared_prefix_len(&prompts)
+    } else {
+        0
+    };
+    let prefix = match p {
+        0 => None,
+        _ => Some(prefix_kv(be, model, adapter, &prompts[0][..p])?),
+    };
     let targets = adapter.config.targets.clone();
     let mut out = Vec::with_capacity(samples.len());
     for chunk in prompts.chunks(batch.max(1)) {
-        let ignore: Vec<Vec<u32>> = chunk.iter().map(|p| vec![IGNORE_LABEL; p.len()]).collect();
-        let b = Batch::pack(chunk.iter().zip(&ignore).map(|(p, l)| (&p[..], &l[..])))?;
+        let own: Vec<&[u32]> = chunk.iter().map(|x| &x[p..]).collect();
+        let ignore: Vec<Vec<u32>> = own.iter().map(|x| vec![IGNORE_LABEL; x.len()]).collect();
+        let b = Batch::pack(own.iter().zip(&ignore).map(|(x, l)| (*x, &l[..])))?;
         let rows: Vec<usize> = b.spans.iter().map(|s| s.q_start + s.q_len - 1).collect();
         let mut ws = Workspace::new(be, model, &targets, adapter.config.r, b.len(), true)?;
-        let logits = logits_at(be, model, adapter, &mut ws, &b, &rows)?.to_f32()?;
-        let v = model.config.vocab_size;
-        for i in 0..rows.len() {
-            let row = &logits[i * v..(i + 1) * v];
-            out.push(p_yes(row[yn.yes as usize], row[yn.no as usize]));
-        }
+        let logits = forward_logits_at(be, model, adapter, &mut ws, prefix.as_ref(), &b, &rows)?;
+        // log P(Yes), log P(No) per row on the backend: only 2 floats a row come back.
+        let ids: Vec<u32> = rows.iter().flat_map(|_| [yn.yes, yn.no]).collect();
+        let lp = be.token_logprobs(&logits, &ids)?;
+        out.extend(lp.chunks(2).map(|x| p_yes(x[0], x[1])));
         progress(out.len(), samples.len());
     }
     Ok(out)
@@ -97,6 +139,7 @@ pub fn evaluate<B: Backend>(
     samples: &[Sample],
     batch: usize,
     max_tokens: usize,
+    share_prefix: bool,
     progress: impl FnMut(usize, usize),
 ) -> Result<(Metrics, Vec<f64>)> {
     let labels = samples
@@ -111,7 +154,15 @@ pub fn evaluate<B: Backend>(
         })
         .collect::<Result<Vec<bool>>>()?;
     let probs = score(
-        be, model, adapter, tok, samples, batch, max_tokens, progress,
+        be,
+        model,
+        adapter,
+        tok,
+        samples,
+        batch,
+        max_tokens,
+        share_prefix,
+        progress,
     )?;
     Ok((Metrics::compute(&probs, &labels)?, probs))
 }
@@ -127,5 +178,21 @@ mod tests {
         let want = (a as f64).exp() / ((a as f64).exp() + (b as f64).exp());
         assert!((p_yes(a, b) - want).abs() < 1e-12);
         assert!(p_yes(1000.0, -1000.0) > 0.999_999 && p_yes(-1000.0, 1000.0) < 1e-6);
+    }
+
+    #[test]
+    fn the_shared_prefix_leaves_every_prompt_a_token() {
+        let v = |x: &[u32]| x.to_vec();
+        assert_eq!(shared_prefix_len(&[]), 0);
+        assert_eq!(shared_prefix_len(&[v(&[1, 2, 3])]), 2);
+        assert_eq!(shared_prefix_len(&[v(&[1, 2, 3, 4]), v(&[1, 2, 5])]), 2);
+        // One prompt is the other's prefix: the shorter keeps its last token.
+        assert_eq!(shared_prefix_len(&[v(&[1, 2, 3, 4]), v(&[1, 2, 3])]), 2);
+        assert_eq!(
+            shared_prefix_len(&[v(&[1, 2]), v(&[1, 2, 3]), v(&[1, 9])]),
+            1
+        );
+        assert_eq!(shared_prefix_len(&[v(&[7, 2]), v(&[1, 2])]), 0);
+        assert_eq!(shared_prefix_len(&[v(&[1]), v(&[1, 2])]), 0);
     }
 }

@@ -258,6 +258,12 @@ pub struct LoraRun {
 }
 
 impl LoraRun {
+    /// No dropout (scoring).
+    pub const INFERENCE: LoraRun = LoraRun {
+        dropout: 0.0,
+        micro_seed: 0,
+    };
+
     fn dropout(&self, layer: usize, t: Target) -> Dropout {
         if self.dropout <= 0.0 {
             Dropout::NONE
@@ -278,8 +284,69 @@ struct Ctx<'a, B: Backend> {
     run: LoraRun,
 }
 
+/// Each layer's post-RoPE K and V `[P, kv_heads, head_dim]` of a token prefix that every
+/// sequence of a scoring run shares (the prompt template), computed once by [`prefix_kv`] with
+/// the adapter applied, then read by every batch of suffixes ([`forward_logits_at`]).
+pub struct PrefixKv<B: Backend> {
+    tokens: Vec<u32>,
+    k: Vec<Tensor<B>>,
+    v: Vec<Tensor<B>>,
+}
+
+impl<B: Backend> PrefixKv<B> {
+    /// Tokens in the prefix.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    /// Bytes the K/V tensors hold on the backend.
+    pub fn bytes(&self) -> usize {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|t| t.numel() * t.dtype.size())
+            .sum()
+    }
+}
+
+/// The K/V rows attention reads in a prefixed forward, rebuilt in every layer: for each
+/// sequence, the prefix's rows then the sequence's own rows, at the span's `kv_start`.
+struct KvCat<'a, B: Backend> {
+    prefix: &'a PrefixKv<B>,
+    k: Tensor<B>,
+    v: Tensor<B>,
+}
+
+impl<B: Backend> KvCat<'_, B> {
+    fn fill(
+        &mut self,
+        be: &B,
+        l: usize,
+        k: &Tensor<B>,
+        v: &Tensor<B>,
+        spans: &[SeqSpan],
+    ) -> Result<()> {
+        let p = self.prefix.len();
+        for s in spans {
+            be.copy_rows(&self.prefix.k[l], 0, &mut self.k, s.kv_start, p)?;
+            be.copy_rows(k, s.q_start, &mut self.k, s.kv_start + p, s.q_len)?;
+            be.copy_rows(&self.prefix.v[l], 0, &mut self.v, s.kv_start, p)?;
+            be.copy_rows(v, s.q_start, &mut self.v, s.kv_start + p, s.q_len)?;
+        }
+        Ok(())
+    }
+}
+
 impl<B: Backend> Ctx<'_, B> {
-    /// One layer forward: `xs[l]` → `xs[l + 1]`, activations into `acts`.
+    /// One layer forward: `xs[l]` → `xs[l + 1]`, activations into `acts`. With `cat`, attention
+    /// reads each sequence's keys and values from there (a shared prefix's, then its own) and
+    /// `self.spans` index the rows of `cat` as kv rows.
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         l: usize,
@@ -288,6 +355,7 @@ impl<B: Backend> Ctx<'_, B> {
         a: &mut LayerActs<B>,
         ones: &Tensor<B>,
         xout: &mut Tensor<B>,
+        cat: Option<&mut KvCat<'_, B>>,
     ) -> Result<()> {
         let (be, c) = (self.be, &self.model.config);
         let lay = &self.model.layers[l];
@@ -322,7 +390,13 @@ impl<B: Backend> Ctx<'_, B> {
         reshape(&mut a.attn, &[t, h, hd]);
         be.rope(&mut a.q, &self.pos, theta, false)?;
         be.rope(&mut a.k, &self.pos, theta, false)?;
-        be.attention(&a.q, &a.k, &a.v, &self.pos, self.spans, &mut a.attn)?;
+        match cat {
+            None => be.attention(&a.q, &a.k, &a.v, &self.pos, self.spans, &mut a.attn)?,
+            Some(c) => {
+                c.fill(be, l, &a.k, &a.v, self.spans)?;
+                be.attention(&a.q, &c.k, &c.v, &self.pos, self.spans, &mut a.attn)?;
+            }
+        }
         reshape(&mut a.attn, &[t, h * hd]);
         linear_lora(
             be,
@@ -560,6 +634,19 @@ fn forward_all<B: Backend>(
     ws: &mut Workspace<B>,
     ids: &Tensor<B>,
 ) -> Result<()> {
+    forward_with(cx, adapter, ws, ids, None, None)
+}
+
+/// The forward pass into `ws.xf`; with `cat`, attention also reads a shared prefix's K/V (see
+/// `Ctx::layer_forward`); with `keep`, each layer's post-RoPE K and V are copied there.
+fn forward_with<B: Backend>(
+    cx: &Ctx<'_, B>,
+    adapter: &DevAdapter<B>,
+    ws: &mut Workspace<B>,
+    ids: &Tensor<B>,
+    mut cat: Option<&mut KvCat<'_, B>>,
+    mut keep: Option<&mut PrefixKv<B>>,
+) -> Result<()> {
     let (be, model) = (cx.be, cx.model);
     let LinearWeight::Dense(table) = &model.embed.weight else {
         return Err(Error::Invalid("the embedding table must be dense".into()));
@@ -568,7 +655,21 @@ fn forward_all<B: Backend>(
     for l in 0..model.layers.len() {
         let ai = if ws.checkpoint { 0 } else { l };
         let (lo, hi) = ws.xs.split_at_mut(l + 1);
-        cx.layer_forward(l, adapter, &lo[l], &mut ws.acts[ai], &ws.ones, &mut hi[0])?;
+        let c = cat.as_deref_mut();
+        cx.layer_forward(
+            l,
+            adapter,
+            &lo[l],
+            &mut ws.acts[ai],
+            &ws.ones,
+            &mut hi[0],
+            c,
+        )?;
+        if let Some(kp) = keep.as_deref_mut() {
+            let a = &ws.acts[ai];
+            be.copy_rows(&a.k, 0, &mut kp.k[l], 0, ws.t)?;
+            be.copy_rows(&a.v, 0, &mut kp.v[l], 0, ws.t)?;
+        }
     }
     let last = &ws.xs[model.layers.len()];
     be.rmsnorm(
@@ -692,7 +793,15 @@ pub fn forward_backward<B: Backend>(
     for l in (0..nl).rev() {
         let ai = if ws.checkpoint {
             let (lo, hi) = ws.xs.split_at_mut(l + 1);
-            cx.layer_forward(l, adapter, &lo[l], &mut ws.acts[0], &ws.ones, &mut hi[0])?;
+            cx.layer_forward(
+                l,
+                adapter,
+                &lo[l],
+                &mut ws.acts[0],
+                &ws.ones,
+                &mut hi[0],
+                None,
+            )?;
             0
         } else {
             l
@@ -717,6 +826,71 @@ pub fn logits_at<B: Backend>(
     batch: &Batch,
     rows: &[usize],
 ) -> Result<HostTensor> {
+    let logits = forward_logits_at(be, model, adapter, ws, None, batch, rows)?;
+    let out = be.download(&logits)?;
+    HostTensor::f32(out.shape.clone(), out.to_f32()?)
+}
+
+/// Run `tokens` once through the model with the adapter (no dropout) and keep every layer's
+/// post-RoPE K and V: the shared prefix of a scoring run. Sequences that continue it are then
+/// scored by [`forward_logits_at`] with only their own tokens in the batch.
+pub fn prefix_kv<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: &DevAdapter<B>,
+    tokens: &[u32],
+) -> Result<PrefixKv<B>> {
+    let ignore = vec![IGNORE_LABEL; tokens.len()];
+    let b = Batch::pack([(tokens, &ignore[..])])?;
+    let c = &model.config;
+    let cfg = &adapter.config;
+    let mut ws = Workspace::new(be, model, &cfg.targets, cfg.r, b.len(), true)?;
+    check_batch(model, &ws, &b)?;
+    let (p, kvh, hd) = (b.len(), c.num_key_value_heads, c.head_dim);
+    let dt = be.activation_dtype();
+    let kv = || -> Result<Vec<Tensor<B>>> {
+        (0..model.layers.len())
+            .map(|_| be.zeros(&[p, kvh, hd], dt))
+            .collect()
+    };
+    let mut keep = PrefixKv {
+        tokens: tokens.to_vec(),
+        k: kv()?,
+        v: kv()?,
+    };
+    let cx = Ctx {
+        be,
+        model,
+        pos: upload_u32(be, &b.positions)?,
+        spans: &b.spans,
+        run: LoraRun::INFERENCE,
+    };
+    forward_with(
+        &cx,
+        adapter,
+        &mut ws,
+        &upload_u32(be, &b.tokens)?,
+        None,
+        Some(&mut keep),
+    )?;
+    Ok(keep)
+}
+
+/// Forward only, returning f32 logits `[rows.len(), vocab]` at the given batch rows, left on the
+/// backend. With `prefix`, every sequence of `batch` continues the prefix: the batch holds only
+/// the sequences' own tokens (positions counting from 0, as `Batch::pack` writes them), which
+/// run at positions `prefix.len()..` and attend to the prefix's keys and values and then their
+/// own — the same computation as a batch of the whole sequences, without recomputing the prefix.
+/// `prefix` must come from [`prefix_kv`] with the same model and adapter.
+pub fn forward_logits_at<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: &DevAdapter<B>,
+    ws: &mut Workspace<B>,
+    prefix: Option<&PrefixKv<B>>,
+    batch: &Batch,
+    rows: &[usize],
+) -> Result<Tensor<B>> {
     check_batch(model, ws, batch)?;
     if let Some(&r) = rows.iter().find(|&&r| r >= ws.t) {
         return Err(Error::Shape(format!(
@@ -725,18 +899,58 @@ pub fn logits_at<B: Backend>(
         )));
     }
     let ids = upload_u32(be, &batch.tokens)?;
-    let cx = Ctx {
-        be,
-        model,
-        pos: upload_u32(be, &batch.positions)?,
-        spans: &batch.spans,
-        run: LoraRun {
-            dropout: 0.0,
-            micro_seed: 0,
-        },
-    };
-    forward_all(&cx, adapter, ws, &ids)?;
-    let (d, vocab) = (model.config.hidden_size, model.config.vocab_size);
+    let c = &model.config;
+    match prefix {
+        None => {
+            let cx = Ctx {
+                be,
+                model,
+                pos: upload_u32(be, &batch.positions)?,
+                spans: &batch.spans,
+                run: LoraRun::INFERENCE,
+            };
+            forward_all(&cx, adapter, ws, &ids)?;
+        }
+        Some(pk) => {
+            let p = pk.len();
+            if pk.k.len() != model.layers.len() {
+                return Err(Error::Shape(format!(
+                    "the prefix K/V has {} layers, the model {}",
+                    pk.k.len(),
+                    model.layers.len()
+                )));
+            }
+            // Each sequence's kv block in the concatenated buffer: [prefix | own rows].
+            let mut spans = Vec::with_capacity(batch.spans.len());
+            let mut kv_rows = 0;
+            for s in &batch.spans {
+                spans.push(SeqSpan {
+                    q_start: s.q_start,
+                    q_len: s.q_len,
+                    kv_start: kv_rows,
+                    kv_len: p + s.q_len,
+                });
+                kv_rows += p + s.q_len;
+            }
+            let pos: Vec<u32> = batch.positions.iter().map(|&x| x + p as u32).collect();
+            let (kvh, hd) = (c.num_key_value_heads, c.head_dim);
+            let dt = be.activation_dtype();
+            let mut cat = KvCat {
+                prefix: pk,
+                k: be.zeros(&[kv_rows, kvh, hd], dt)?,
+                v: be.zeros(&[kv_rows, kvh, hd], dt)?,
+            };
+            let cx = Ctx {
+                be,
+                model,
+                pos: upload_u32(be, &pos)?,
+                spans: &spans,
+                run: LoraRun::INFERENCE,
+            };
+            forward_with(&cx, adapter, ws, &ids, Some(&mut cat), None)?;
+        }
+    }
+    let (d, vocab) = (c.hidden_size, c.vocab_size);
     let dt = be.activation_dtype();
     let mut sel = be.zeros(&[rows.len(), d], dt)?;
     for (i, &r) in rows.iter().enumerate() {
@@ -744,8 +958,7 @@ pub fn logits_at<B: Backend>(
     }
     let mut logits = be.zeros(&[rows.len(), vocab], DType::F32)?;
     be.linear(&sel, head(model), &mut logits)?;
-    let out = be.download(&logits)?;
-    HostTensor::f32(out.shape.clone(), out.to_f32()?)
+    Ok(logits)
 }
 
 #[cfg(test)]
