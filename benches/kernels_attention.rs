@@ -22,30 +22,16 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 
 use recforge::backend::cpu::Cpu;
+use recforge::backend::gpu::cuda_or_say_why;
 use recforge::backend::gpu::ops::attention::{
     attention_backward_with, attention_forward_with, AttnGradScratch, AttnKernel, AttnShape,
 };
 use recforge::backend::gpu::ops::paged::{
     paged_decode, paged_decode_scratch_len, DecodeBatch, PagedShape,
 };
-use recforge::backend::gpu::{probe_cuda, Device};
 use recforge::backend::{Backend, SeqSpan};
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostData, HostTensor};
-
-fn gpu() -> Option<Device> {
-    let probe = probe_cuda();
-    if !probe.usable() {
-        eprintln!(
-            "cuda_* groups skipped: no usable CUDA device ({})",
-            probe.describe()
-        );
-        return None;
-    }
-    Device::cuda(0)
-        .map_err(|e| eprintln!("cuda_* groups skipped: {e}"))
-        .ok()
-}
 
 const HEADS: usize = 32;
 const KV_HEADS: usize = 32;
@@ -95,7 +81,9 @@ fn bench_cpu(c: &mut Criterion) {
 }
 
 fn bench_cuda(c: &mut Criterion) {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = cuda_or_say_why("cuda_* groups") else {
+        return;
+    };
     let mut rng = Rng::new(2);
     let max_batch = *BATCHES.iter().max().unwrap();
     let max_ctx = *CONTEXTS.iter().max().unwrap();
@@ -184,7 +172,9 @@ fn bench_cuda(c: &mut Criterion) {
 }
 
 fn bench_cuda_prefill(c: &mut Criterion) {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = cuda_or_say_why("cuda_* groups") else {
+        return;
+    };
     let mut rng = Rng::new(3);
     for (name, heads, kv_heads, hd, seqs, len) in [
         (

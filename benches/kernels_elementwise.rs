@@ -25,9 +25,8 @@ use recforge::backend::gpu::ops::embedding::{embedding, EmbeddingElem};
 use recforge::backend::gpu::ops::rope::{rope, RopeElem};
 use recforge::backend::gpu::ops::swiglu::{swiglu, swiglu_backward, SwigluElem};
 use recforge::backend::gpu::ops::{rmsnorm_backward, NormElem};
-use recforge::backend::gpu::{probe_cuda, Device};
+use recforge::backend::gpu::{cuda_or_say_why, Device};
 use recforge::backend::{Backend, Tensor};
-use recforge::kernels;
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostData, HostTensor};
 
@@ -218,29 +217,6 @@ impl BenchElem for bf16 {
     }
 }
 
-/// A usable GPU with the kernels built, or None after printing why `group` is skipped.
-fn cuda_device(group: &str) -> Option<Device> {
-    let probe = probe_cuda();
-    if !probe.usable() {
-        eprintln!(
-            "{group}: skipped: no usable CUDA device ({})",
-            probe.describe()
-        );
-        return None;
-    }
-    if !kernels::BUILT {
-        eprintln!("{group}: skipped: {}", kernels::NOT_BUILT);
-        return None;
-    }
-    match Device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("{group}: skipped: cannot open cuda:0: {e}");
-            None
-        }
-    }
-}
-
 /// `iters` launches back to back, then one synchronize.
 fn time_cuda(dev: &Device, iters: u64, mut launch: impl FnMut()) -> Duration {
     dev.synchronize().unwrap();
@@ -387,7 +363,7 @@ fn cuda_add_one<T: BenchElem>(g: &mut BenchmarkGroup<'_, WallTime>, dev: &Device
 macro_rules! cuda_group {
     ($fn_name:ident, $group:literal, $one:ident) => {
         fn $fn_name(c: &mut Criterion) {
-            let Some(dev) = cuda_device($group) else {
+            let Some(dev) = cuda_or_say_why($group) else {
                 return;
             };
             let mut g = c.benchmark_group($group);

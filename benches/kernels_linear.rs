@@ -6,26 +6,12 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 
 use recforge::backend::cpu::{quantize_rows, Cpu};
+use recforge::backend::gpu::cuda_or_say_why;
 use recforge::backend::gpu::ops::lora::{self, DevLora};
 use recforge::backend::gpu::ops::{w8a16, w8a8};
-use recforge::backend::gpu::{probe_cuda, Device};
 use recforge::backend::{Backend, Dropout, Linear, LinearWeight};
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostData, HostTensor};
-
-fn gpu() -> Option<Device> {
-    let probe = probe_cuda();
-    if !probe.usable() {
-        eprintln!(
-            "cuda_* groups skipped: no usable CUDA device ({})",
-            probe.describe()
-        );
-        return None;
-    }
-    Device::cuda(0)
-        .map_err(|e| eprintln!("cuda_* groups skipped: {e}"))
-        .ok()
-}
 
 /// (name, M, N, K) — LLaMA-7B q/o (4096×4096), gate/up (11008×4096), down (4096×11008) at
 /// 4096 tokens, and SmolLM2's gate/up and down at 1024 tokens.
@@ -72,7 +58,9 @@ fn rand_i8(rng: &mut Rng, n: usize) -> Vec<i8> {
 }
 
 fn bench_gpu(c: &mut Criterion) {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = cuda_or_say_why("cuda_* groups") else {
+        return;
+    };
     let mut rng = Rng::new(2);
     let mut g = c.benchmark_group("cuda_gemm_w8a8");
     for (name, m, n, k) in GEMM_SHAPES {

@@ -10,29 +10,11 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 
 use recforge::backend::cpu::Cpu;
 use recforge::backend::gpu::backend::Gpu;
+use recforge::backend::gpu::cuda_or_say_why;
 use recforge::backend::gpu::ops::sampling as ops;
-use recforge::backend::gpu::{probe_cuda, Device};
 use recforge::backend::{Backend, SamplingParams};
 use recforge::rng::Rng;
 use recforge::tensor::HostTensor;
-
-fn gpu() -> Option<Device> {
-    let probe = probe_cuda();
-    if !probe.usable() {
-        eprintln!(
-            "cuda_* groups skipped: no usable CUDA device ({})",
-            probe.describe()
-        );
-        return None;
-    }
-    match Device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("cuda_* groups skipped: {e}");
-            None
-        }
-    }
-}
 
 const PRESETS: [(&str, SamplingParams); 2] = [
     ("itrek", SamplingParams::ITREK),
@@ -70,7 +52,9 @@ fn bench_sample(c: &mut Criterion) {
         }
     }
     g.finish();
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = cuda_or_say_why("cuda_* groups") else {
+        return;
+    };
     let mut g = c.benchmark_group("cuda_sample");
     for v in [32000usize, 49152] {
         for batch in [1usize, 4, 16, 64] {

@@ -4,29 +4,11 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 use recforge::backend::cpu::Cpu;
+use recforge::backend::gpu::cuda_or_say_why;
 use recforge::backend::gpu::ops::{loss, optim};
-use recforge::backend::gpu::{probe_cuda, Device};
 use recforge::backend::{AdamW, Backend};
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostData, HostTensor};
-
-fn gpu() -> Option<Device> {
-    let probe = probe_cuda();
-    if !probe.usable() {
-        eprintln!(
-            "cuda_* groups skipped: no usable CUDA device ({})",
-            probe.describe()
-        );
-        return None;
-    }
-    match Device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("cuda_* groups skipped: {e}");
-            None
-        }
-    }
-}
 
 const ROWS: usize = 64;
 
@@ -50,7 +32,9 @@ fn bench_cross_entropy(c: &mut Criterion) {
         });
     }
     g.finish();
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = cuda_or_say_why("cuda_* groups") else {
+        return;
+    };
     let mut g = c.benchmark_group("cuda_cross_entropy_bf16");
     for v in [32000usize, 49152] {
         let x: Vec<half::bf16> = (0..ROWS * v)
@@ -94,7 +78,9 @@ fn bench_adamw(c: &mut Criterion) {
         b.iter(|| cpu.adamw(&mut p, &gr, &mut m, &mut v, hp, 1, 1.0).unwrap())
     });
     g.finish();
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = cuda_or_say_why("cuda_* groups") else {
+        return;
+    };
     let mut g = c.benchmark_group("cuda_adamw");
     let host: Vec<f32> = (0..n_gpu).map(|_| rng.normal()).collect();
     let (mut p, gr) = (dev.upload(&host).unwrap(), dev.upload(&host).unwrap());

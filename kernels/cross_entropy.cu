@@ -14,18 +14,6 @@
 
 #define RF_CE_IGNORE 0xFFFFFFFFu
 
-__device__ __forceinline__ void rf_ce_merge(float& m, float& s, float m2, float s2) {
-    if (m2 == -INFINITY) return;
-    if (m == -INFINITY) {
-        m = m2;
-        s = s2;
-        return;
-    }
-    const float M = fmaxf(m, m2);
-    s = s * expf(m - M) + s2 * expf(m2 - M);
-    m = M;
-}
-
 template <typename E>
 __device__ void cross_entropy(E* __restrict__ logits, const unsigned* __restrict__ labels, float grad_scale,
                               float* __restrict__ loss, int V) {
@@ -50,7 +38,7 @@ __device__ void cross_entropy(E* __restrict__ logits, const unsigned* __restrict
     }
     for (int o = 16; o > 0; o >>= 1) {
         const float m2 = __shfl_xor_sync(RF_FULL_MASK, m, o), s2 = __shfl_xor_sync(RF_FULL_MASK, s, o);
-        rf_ce_merge(m, s, m2, s2);
+        rf_softmax_merge(m, s, m2, s2);
     }
     if (lane == 0) {
         sm[warp] = m;
@@ -61,7 +49,7 @@ __device__ void cross_entropy(E* __restrict__ logits, const unsigned* __restrict
     s = lane < nwarps ? ss[lane] : 0.0f;
     for (int o = 16; o > 0; o >>= 1) {
         const float m2 = __shfl_xor_sync(RF_FULL_MASK, m, o), s2 = __shfl_xor_sync(RF_FULL_MASK, s, o);
-        rf_ce_merge(m, s, m2, s2);
+        rf_softmax_merge(m, s, m2, s2);
     }
     const float lse = m + logf(s);
     const float xl = rf_to_float(x[label]);

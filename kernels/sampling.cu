@@ -282,35 +282,23 @@ extern "C" __global__ void __launch_bounds__(RF_SAMPLE_THREADS, 1) sample_f32(co
     if (tid == 0) tokens[b] = s_u;
 }
 
-__device__ __forceinline__ void rf_lp_merge(float& m, float& s, float m2, float s2) {
-    if (m2 == -INFINITY) return;
-    if (m == -INFINITY) {
-        m = m2;
-        s = s2;
-        return;
-    }
-    const float M = fmaxf(m, m2);
-    s = s * expf(m - M) + s2 * expf(m2 - M);
-    m = M;
-}
-
 extern "C" __global__ void __launch_bounds__(256) token_logprobs_f32(const float* __restrict__ logits, const unsigned* __restrict__ ids,
                                               float* __restrict__ out, int V, int n) {
     __shared__ float sm[32], ss[32];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const float* x = logits + (size_t)blockIdx.x * V;
     float m = -INFINITY, s = 0.0f;
-    for (int i = tid; i < V; i += blockDim.x) rf_lp_merge(m, s, x[i], 1.0f);
+    for (int i = tid; i < V; i += blockDim.x) rf_softmax_merge(m, s, x[i], 1.0f);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float m2 = __shfl_xor_sync(RF_FULL_MASK, m, o), s2 = __shfl_xor_sync(RF_FULL_MASK, s, o);
-        rf_lp_merge(m, s, m2, s2);
+        rf_softmax_merge(m, s, m2, s2);
     }
     if (lane == 0) sm[warp] = m, ss[warp] = s;
     __syncthreads();
     if (tid == 0) {
         float M = -INFINITY, S = 0.0f;
-        for (int w = 0; w < nwarps; w++) rf_lp_merge(M, S, sm[w], ss[w]);
+        for (int w = 0; w < nwarps; w++) rf_softmax_merge(M, S, sm[w], ss[w]);
         sm[0] = M + logf(S);
     }
     __syncthreads();

@@ -22,6 +22,20 @@ __device__ __forceinline__ float rf_block_sum(float v, float* scratch) {
     return v;
 }
 
+// Online softmax: merge the (running max m, sum of exp(x − m)) pair (m2, s2) into (m, s).
+// −inf maxima (nothing seen yet) merge without producing NaN.
+__device__ __forceinline__ void rf_softmax_merge(float& m, float& s, float m2, float s2) {
+    if (m2 == -INFINITY) return;
+    if (m == -INFINITY) {
+        m = m2;
+        s = s2;
+        return;
+    }
+    const float M = fmaxf(m, m2);
+    s = s * expf(m - M) + s2 * expf(m2 - M);
+    m = M;
+}
+
 __device__ __forceinline__ float rf_to_float(float x) { return x; }
 __device__ __forceinline__ float rf_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T> __device__ __forceinline__ T rf_from_float(float x);

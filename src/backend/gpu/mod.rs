@@ -69,6 +69,30 @@ pub fn probe_cuda() -> CudaProbe {
     })
 }
 
+/// The first CUDA device when one is usable and the kernels were built; otherwise `None`, after
+/// printing on stderr why `what` (e.g. a benchmark group) is skipped.
+pub fn cuda_or_say_why(what: &str) -> Option<Device> {
+    let probe = probe_cuda();
+    if !probe.usable() {
+        eprintln!(
+            "{what}: skipped: no usable CUDA device ({})",
+            probe.describe()
+        );
+        return None;
+    }
+    if !crate::kernels::BUILT {
+        eprintln!("{what}: skipped: {}", crate::kernels::NOT_BUILT);
+        return None;
+    }
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("{what}: skipped: cannot open cuda:0: {e}");
+            None
+        }
+    }
+}
+
 /// `--device` on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
