@@ -30,9 +30,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
 
-use recforge::backend::cpu::Cpu;
-use recforge::backend::gpu::backend::Gpu;
-use recforge::backend::gpu::{probe_cuda, Device, DeviceChoice};
+use recforge::backend::gpu::{Chosen, DeviceChoice};
 use recforge::backend::Backend;
 use recforge::memory::{self, human, TrainSetup};
 use recforge::model::lora::parse_targets;
@@ -261,39 +259,6 @@ impl Kind {
             Kind::Cpu => "cpu",
             Kind::Sim => "sim",
             Kind::Cuda => "cuda",
-        }
-    }
-}
-
-enum Chosen {
-    Cpu(Cpu),
-    Gpu(Gpu),
-}
-
-/// The backend `--device` asks for (the same rule as `recforge`): `auto` takes CUDA when a GPU
-/// is usable and the library has kernels, else the CPU.
-fn backend_for(device: DeviceChoice) -> Result<Chosen> {
-    match device {
-        DeviceChoice::Cpu => Ok(Chosen::Cpu(Cpu::new())),
-        DeviceChoice::Sim => Ok(Chosen::Gpu(Gpu::new(Device::sim()))),
-        DeviceChoice::Cuda => Ok(Chosen::Gpu(Gpu::new(
-            Device::cuda(0).context("--device cuda")?,
-        ))),
-        DeviceChoice::Auto => {
-            let probe = probe_cuda();
-            if !probe.usable() {
-                return Ok(Chosen::Cpu(Cpu::new()));
-            }
-            match Device::cuda(0) {
-                Ok(d) => Ok(Chosen::Gpu(Gpu::new(d))),
-                Err(e) => {
-                    eprintln!(
-                        "note: {} found but not usable ({e}); using the CPU",
-                        probe.describe()
-                    );
-                    Ok(Chosen::Cpu(Cpu::new()))
-                }
-            }
         }
     }
 }
@@ -590,7 +555,7 @@ fn run(args: Args) -> Result<()> {
     };
     let plan = memory::plan_training(&setup).map_err(anyhow::Error::msg)?;
 
-    let chosen = backend_for(args.device)?;
+    let chosen = open_backend(args.device)?;
     match chosen {
         Chosen::Cpu(be) => bench(&be, Kind::Cpu, &args, &spec, cfg, &setup, &plan),
         Chosen::Gpu(be) => {
@@ -1172,6 +1137,11 @@ fn thousands(x: f64) -> String {
         out.push(c);
     }
     out
+}
+
+/// The backend `--device` asks for (`DeviceChoice::open`).
+fn open_backend(device: DeviceChoice) -> Result<Chosen> {
+    Ok(device.open()?)
 }
 
 #[cfg(test)]

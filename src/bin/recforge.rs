@@ -7,9 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use recforge::backend::cpu::Cpu;
-use recforge::backend::gpu::backend::Gpu;
-use recforge::backend::gpu::{probe_cuda, Device, DeviceChoice};
+use recforge::backend::gpu::{probe_cuda, Chosen, DeviceChoice};
 use recforge::backend::Backend;
 use recforge::backend::SamplingParams;
 use recforge::infer::generate::{generate as generate_tokens, GenerateOptions, StopReason};
@@ -324,7 +322,7 @@ fn run(cli: Cli) -> Result<()> {
                         seed,
                     },
             } => rec_data(&dataset, &split, &out, samples, seed),
-            RecCmd::Train(a) => match backend_for(a.device)? {
+            RecCmd::Train(a) => match open_backend(a.device)? {
                 Chosen::Cpu(be) => rec_train(&be, &a),
                 Chosen::Gpu(be) => rec_train(&be, &a),
             },
@@ -347,7 +345,7 @@ fn run(cli: Cli) -> Result<()> {
                     json: json.as_deref(),
                     share_prefix: !no_prefix_sharing,
                 };
-                match backend_for(device)? {
+                match open_backend(device)? {
                     Chosen::Cpu(be) => rec_eval(&be, &a),
                     Chosen::Gpu(be) => rec_eval(&be, &a),
                 }
@@ -404,39 +402,6 @@ fn open_model(path: &Path) -> Result<Box<dyn model::ModelSource>> {
     model::open(path).with_context(|| format!("cannot load model {}", path.display()))
 }
 
-/// The backend `--device` asks for. `auto` takes CUDA when a GPU is usable and the library has
-/// kernels, else the CPU.
-enum Chosen {
-    Cpu(Cpu),
-    Gpu(Gpu),
-}
-
-fn backend_for(device: DeviceChoice) -> Result<Chosen> {
-    match device {
-        DeviceChoice::Cpu => Ok(Chosen::Cpu(Cpu::new())),
-        DeviceChoice::Sim => Ok(Chosen::Gpu(Gpu::new(Device::sim()))),
-        DeviceChoice::Cuda => Ok(Chosen::Gpu(Gpu::new(
-            Device::cuda(0).context("--device cuda")?,
-        ))),
-        DeviceChoice::Auto => {
-            let probe = probe_cuda();
-            if !probe.usable() {
-                return Ok(Chosen::Cpu(Cpu::new()));
-            }
-            match Device::cuda(0) {
-                Ok(d) => Ok(Chosen::Gpu(Gpu::new(d))),
-                Err(e) => {
-                    eprintln!(
-                        "note: {} found but not usable ({e}); using the CPU",
-                        probe.describe()
-                    );
-                    Ok(Chosen::Cpu(Cpu::new()))
-                }
-            }
-        }
-    }
-}
-
 /// What `recforge generate` decodes with.
 #[derive(Clone, Copy)]
 struct GenOpts {
@@ -453,7 +418,7 @@ fn generate(
     raw: bool,
     opts: LoadOptions,
 ) -> Result<()> {
-    match backend_for(device)? {
+    match open_backend(device)? {
         Chosen::Cpu(be) => generate_on(&be, path, prompt, gen, raw, opts),
         Chosen::Gpu(be) => generate_on(&be, path, prompt, gen, raw, opts),
     }
@@ -1000,4 +965,9 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         human_secs(t0.elapsed().as_secs_f64())
     );
     Ok(())
+}
+
+/// The backend `--device` asks for (`DeviceChoice::open`).
+fn open_backend(device: DeviceChoice) -> Result<Chosen> {
+    Ok(device.open()?)
 }

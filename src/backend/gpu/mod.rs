@@ -93,6 +93,12 @@ pub fn cuda_or_say_why(what: &str) -> Option<Device> {
     }
 }
 
+/// The backend a [`DeviceChoice`] resolves to.
+pub enum Chosen {
+    Cpu(crate::backend::cpu::Cpu),
+    Gpu(backend::Gpu),
+}
+
 /// `--device` on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -100,6 +106,38 @@ pub enum DeviceChoice {
     Cuda,
     Sim,
     Auto,
+}
+
+impl DeviceChoice {
+    /// Open the backend this choice names. `auto` takes CUDA when a GPU is usable and the
+    /// library has kernels (saying so on stderr when a GPU is found but cannot be opened), else
+    /// the CPU.
+    pub fn open(self) -> Result<Chosen> {
+        use crate::backend::cpu::Cpu;
+        match self {
+            DeviceChoice::Cpu => Ok(Chosen::Cpu(Cpu::new())),
+            DeviceChoice::Sim => Ok(Chosen::Gpu(backend::Gpu::new(Device::sim()))),
+            DeviceChoice::Cuda => Device::cuda(0)
+                .map(|d| Chosen::Gpu(backend::Gpu::new(d)))
+                .map_err(|e| Error::Device(format!("--device cuda: {e}"))),
+            DeviceChoice::Auto => {
+                let probe = probe_cuda();
+                if !probe.usable() {
+                    return Ok(Chosen::Cpu(Cpu::new()));
+                }
+                match Device::cuda(0) {
+                    Ok(d) => Ok(Chosen::Gpu(backend::Gpu::new(d))),
+                    Err(e) => {
+                        eprintln!(
+                            "note: {} found but not usable ({e}); using the CPU",
+                            probe.describe()
+                        );
+                        Ok(Chosen::Cpu(Cpu::new()))
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl std::str::FromStr for DeviceChoice {
