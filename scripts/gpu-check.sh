@@ -4,12 +4,22 @@
 #   scripts/gpu-check.sh stage        # HERE (Rust machine): build and stage everything a GPU
 #                                     # machine needs into .gpu/ (ignored, < 64 MiB): release
 #                                     # binaries, test and bench executables, this script.
-#   .gpu/gpu-check.sh run OUT_DIR     # THERE (CUDA 13 driver, no Rust): runs every test
-#                                     # executable (GPU tests included; the simulator-vs-GPU
-#                                     # self-test is among them), compute-sanitizer memcheck and
-#                                     # racecheck over the kernel tests, short benchmarks, and
-#                                     # writes OUT_DIR/gpu-check.md (table) + OUT_DIR/gpu-check.log.
-#                                     # It ends with the training comparison (below).
+#   .gpu/gpu-check.sh run OUT_DIR     # THERE (CUDA 13 driver, no Rust): in priority order,
+#                                     # (tests) every test executable's CUDA half (the
+#                                     # simulator-vs-GPU self-test first; the simulator halves
+#                                     # are CI's), (train) the training comparison below,
+#                                     # (peers) cuBLASLt int8 and sort-based sampling peers,
+#                                     # (benches) short criterion runs, (sanitizer)
+#                                     # compute-sanitizer memcheck + racecheck over the kernel
+#                                     # tests. Writes OUT_DIR/gpu-check.md (table, appended step by
+#                                     # step, so a run cut short still reports) and
+#                                     # OUT_DIR/gpu-check.log.
+#                                     # GPU_CHECK_BUDGET (seconds, default 480) bounds the whole
+#                                     # run so it fits one device call: a step gets at most what
+#                                     # is left, and steps that no longer fit are listed as not
+#                                     # run. GPU_CHECK_PHASES (default
+#                                     # "tests train peers benches sanitizer") picks phases, e.g.
+#                                     # "benches sanitizer" for a second call.
 #   .gpu/gpu-check.sh run-train OUT_DIR   # THERE: only the training comparison: bench-train on
 #                                     # CUDA at LLaMA-7B shapes, batch 4 × seq 1024, ITREK LoRA
 #                                     # (r 16 on q,k,v,o), and scripts/peer_train.py (HF PEFT, bf16
@@ -97,28 +107,51 @@ run | run-train)
         echo "| step | result | seconds |"
         echo "|---|---|---|"
     } >"$md"
-    step() { # name, command...
-        local name="$1"
-        shift
+    budget="${GPU_CHECK_BUDGET:-480}"
+    phases="${GPU_CHECK_PHASES:-tests train peers benches sanitizer}"
+    t_start=$SECONDS
+    left() { echo $((budget - (SECONDS - t_start))); }
+    step() { # name, cap in seconds, command...
+        local name="$1" cap="$2"
+        shift 2
+        local remaining
+        remaining=$(left)
+        if [ "$remaining" -lt 20 ]; then
+            echo "| $name | not run: the ${budget} s budget is spent | 0 |" >>"$md"
+            say "=== $name: not run (budget)"
+            return 0
+        fi
+        local lim=$((remaining - 10 < cap ? remaining - 10 : cap))
         local t0=$SECONDS rc=0
-        say "=== $name: $*"
-        "$@" >>"$log" 2>&1 || rc=$?
+        say "=== $name (limit ${lim} s): $*"
+        timeout -k 5 "$lim" "$@" >>"$log" 2>&1 || rc=$?
         local res="ok"
-        [ $rc -ne 0 ] && res="FAILED (exit $rc)"
+        if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+            res="FAILED (timed out after ${lim} s)"
+        elif [ $rc -ne 0 ]; then
+            res="FAILED (exit $rc)"
+        fi
         echo "| $name | $res | $((SECONDS - t0)) |" >>"$md"
         say "=== $name: $res"
     }
+    want() { case " $phases " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+    # The CUDA halves only (CI runs the simulator halves), and every core for what the
+    # simulator still runs (tests that compare it with the hardware).
+    # (RECFORGE_TEST_DEVICES= set empty runs both halves, e.g. to try this script without a GPU.)
+    export RECFORGE_TEST_DEVICES="${RECFORGE_TEST_DEVICES-cuda}"
+    RF_SIM_THREADS="$(nproc 2>/dev/null || echo 4)"
+    export RF_SIM_THREADS
     # The training comparison (DESIGN.md §6): recforge vs HF PEFT on the same shapes.
     train_compare() {
-        local limit="${TRAIN_TIMEOUT:-240}"
+        local limit="${TRAIN_TIMEOUT:-200}"
         local args=(--batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o)
         rm -f "$out/bench-train.json" "$out/peer-train.json"
-        step "bench-train llama-7b 4×1024 itrek (cuda)" timeout -k 10 "$limit" \
+        step "bench-train llama-7b 4×1024 itrek (cuda)" "$limit" \
             "$here/bin/bench-train" --device cuda --model llama-7b --preset itrek "${args[@]}" \
             --warmup 2 --steps 5 --time-limit "$((limit - 90))" --json "$out/bench-train.json"
         if command -v python3 >/dev/null 2>&1; then
             # The peer stops starting new work at its own budget, before `timeout` would kill it.
-            step "peer: HF PEFT LoRA llama-7b 4×1024 (bf16, bnb int8)" timeout -k 10 "$limit" \
+            step "peer: HF PEFT LoRA llama-7b 4×1024 (bf16, bnb int8)" "$limit" \
                 python3 "$here/peer_train.py" "${args[@]}" --alpha 16 --dropout 0.05 \
                 --warmup 1 --steps 3 --time-budget "$((limit - 30))" --json "$out/peer-train.json"
         else
@@ -138,12 +171,19 @@ def load(p):
 b, p = load(sys.argv[1]), load(sys.argv[2])
 print("| run | tokens/s | ms/step | peak memory | note |")
 print("|---|---|---|---|---|")
+def buffers(m):
+    bu = m.get("buffers") or {}
+    if not bu:
+        return ""
+    arena = f", arena {gib(bu.get('arena_bytes'))}" if bu.get("arena_bytes") else ", no arena"
+    return (f"; buffers peak {gib(bu.get('peak_bytes'))} ({bu.get('peak_over_plan', 0):.3f} of the plan{arena}, "
+            f"{bu.get('device_allocations_during_steps')} device allocations in the steps)")
 gib = lambda x: f"{x / 2**30:.2f} GiB" if isinstance(x, (int, float)) else "n/a"
 if "tokens_per_sec" in b:
     m = b["memory"]
     mfu = f"MFU {b['mfu'] * 100:.1f}%" if b.get("mfu") is not None else b.get("mfu_note", "")
     print(f"| recforge bench-train ({b['device']}) | {b['tokens_per_sec']:.0f} | {b['step_ms']['total']:.1f} | "
-          f"{gib(m.get('measured_bytes'))} (plan {gib(m.get('plan_total_bytes'))}) | {mfu} |")
+          f"driver {gib(m.get('measured_bytes'))} (plan {gib(m.get('plan_total_bytes'))}{buffers(m)}) | {mfu} |")
 else:
     print(f"| recforge bench-train | — | — | — | {b.get('error', 'no result (see the log)')} |")
 for mode, r in (p.get("runs") or {}).items():
@@ -166,29 +206,41 @@ PY
         ! grep -q FAILED "$md"
         exit
     fi
-    for t in "$here"/tests/*; do
-        step "test $(basename "$t")" "$t" --test-threads=4
-    done
-    if command -v compute-sanitizer >/dev/null 2>&1; then
-        for tool in memcheck racecheck; do
-            for t in kernels simulator kernels_attention kernels_paged kernels_sampling; do
-                # The planted-bug kernels run only on the simulator, so the GPU runs are clean.
-                # The shared-memory-heavy kernels (tiled attention, paged decode, sampling) are
-                # checked for races and out-of-bounds accesses too; each run is capped.
-                step "compute-sanitizer $tool ($t)" timeout -k 10 180 compute-sanitizer --tool "$tool" --error-exitcode 1 "$here/tests/$t" --test-threads=1
-            done
+    if want tests; then
+        # Hardware first: the simulator-vs-GPU self-test and the kernel tests, then the rest.
+        first="simulator kernels kernels_linear kernels_elementwise kernels_train kernels_attention kernels_paged kernels_sampling gpu_backend device_arena memory_plan train bench_train"
+        for n in $first; do
+            [ -x "$here/tests/$n" ] && step "test $n" 120 "$here/tests/$n" --test-threads=4
         done
-    else
-        echo "| compute-sanitizer | skipped: not on PATH | 0 |" >>"$md"
+        for t in "$here"/tests/*; do
+            case " $first " in *" $(basename "$t") "*) continue ;; esac
+            step "test $(basename "$t")" 120 "$t" --test-threads=4
+        done
     fi
-    if command -v python3 >/dev/null 2>&1; then
-        step "peer: torch._int_mm (cuBLASLt int8)" python3 "$here/peer_int8_mm.py"
-        step "peer: sort-based sampling (PyTorch)" python3 "$here/peer_sampling.py"
+    want train && train_compare
+    if want peers && command -v python3 >/dev/null 2>&1; then
+        step "peer: torch._int_mm (cuBLASLt int8)" 90 python3 "$here/peer_int8_mm.py"
+        step "peer: sort-based sampling (PyTorch)" 60 python3 "$here/peer_sampling.py"
     fi
-    for b in "$here"/benches/*; do
-        step "bench $(basename "$b")" "$b" --bench --warm-up-time 1 --measurement-time 3
-    done
-    train_compare
+    if want benches; then
+        for b in "$here"/benches/*; do
+            step "bench $(basename "$b")" 90 "$b" --bench --warm-up-time 0.5 --measurement-time 1
+        done
+    fi
+    if want sanitizer; then
+        if command -v compute-sanitizer >/dev/null 2>&1; then
+            for tool in memcheck racecheck; do
+                for t in kernels simulator kernels_attention kernels_paged kernels_sampling; do
+                    # The planted-bug kernels run only on the simulator, so the GPU runs are
+                    # clean. The shared-memory-heavy kernels (tiled attention, paged decode,
+                    # sampling) are checked for races and out-of-bounds accesses too.
+                    step "compute-sanitizer $tool ($t)" 120 compute-sanitizer --tool "$tool" --error-exitcode 1 "$here/tests/$t" --test-threads=1
+                done
+            done
+        else
+            echo "| compute-sanitizer | skipped: not on PATH | 0 |" >>"$md"
+        fi
+    fi
     {
         echo
         echo "## Benchmark lines"

@@ -200,6 +200,49 @@ fn simulator_run_reports_throughput_flops_and_loss() {
         f(&v, "flops.N_lora_params"),
         (2 * 8 * ((128 + 128) + (128 + 64))) as f64
     );
+    // Memory: the run was carved from one arena of the plan's size, nothing reached the device
+    // allocator during the steps, and the measured peak is the plan's total but for the rows
+    // a language-model batch leaves unlabelled (the last of each sequence: the head's chunk is
+    // 62 rows, not the planned 64; tests/memory_plan.rs checks equality with every row labelled).
+    let plan = f(&v, "memory.plan_total_bytes");
+    assert_eq!(v["memory"]["arena_reserved"], true);
+    assert_eq!(f(&v, "memory.buffers.arena_bytes"), plan);
+    assert_eq!(f(&v, "memory.buffers.device_allocations_during_steps"), 0.0);
+    let peak = f(&v, "memory.buffers.peak_bytes");
+    let (d, vocab, rows) = (128.0, 512.0, 2.0);
+    // sel [rows, d] bf16 + logits [rows, V] f32 + loss [rows] f32 + dlogits [rows, V] bf16,
+    // for the 2 rows fewer, in whole 256-byte blocks as allocated.
+    let blocks = |b: f64| (b / 256.0).ceil() * 256.0;
+    let head = |n: f64| {
+        blocks(n * d * 2.0) + blocks(n * vocab * 4.0) + blocks(n * 4.0) + blocks(n * vocab * 2.0)
+    };
+    assert_eq!(
+        plan - peak,
+        head(64.0) - head(64.0 - rows),
+        "{:#}",
+        v["memory"]
+    );
+
+    // Without the arena every buffer is a device allocation.
+    let v = bench(
+        "sim",
+        &[
+            "--model",
+            "tiny",
+            "--r",
+            "8",
+            "--targets",
+            "q,v",
+            "--no-arena",
+        ],
+        2,
+        32,
+        1,
+    );
+    assert_eq!(v["memory"]["arena_reserved"], false);
+    assert!(v["memory"]["buffers"]["arena_bytes"].is_null());
+    assert!(f(&v, "memory.buffers.device_allocations_during_steps") > 0.0);
+    assert_eq!(f(&v, "memory.buffers.peak_bytes"), peak);
 }
 
 #[test]

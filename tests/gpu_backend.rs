@@ -8,24 +8,13 @@ mod common;
 use common::{fixture, TEXT};
 use recforge::backend::cpu::Cpu;
 use recforge::backend::gpu::backend::Gpu;
-use recforge::backend::gpu::{probe_cuda, Device};
 use recforge::backend::Backend;
 use recforge::infer::generate::argmax;
 use recforge::model::fixture::FixtureSpec;
 use recforge::model::{self, Llama, LoadOptions, Logits};
 
 fn backends() -> Vec<Gpu> {
-    let mut v = vec![Gpu::new(Device::sim())];
-    let probe = probe_cuda();
-    if probe.usable() {
-        v.push(Gpu::new(Device::cuda(0).expect("a usable GPU must open")));
-    } else {
-        eprintln!(
-            "skipped on CUDA: no usable device ({}); ran on the simulator only",
-            probe.describe()
-        );
-    }
-    v
+    common::devices().into_iter().map(Gpu::new).collect()
 }
 
 fn run<B: Backend>(

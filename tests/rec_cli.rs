@@ -330,3 +330,47 @@ fn rec_commands_report_bad_input() {
     assert!(!ok && err.contains("adapter_model.safetensors"), "{err}");
     drop(d2);
 }
+
+#[test]
+fn rec_train_on_a_device_runs_inside_the_planned_arena() {
+    // On the simulator (and so on CUDA) the step's buffers come from one arena of what the
+    // memory plan leaves after the model and adapter; the run finishes inside it. head_dim 32:
+    // the smallest the attention kernels take.
+    let (d, f) = fixture(&FixtureSpec {
+        layers: 1,
+        hidden: 128,
+        ..FixtureSpec::default()
+    });
+    let dir = d.path();
+    let data = dir.join("data.json");
+    write_samples(&data, 4);
+    let out = dir.join("adapter");
+    let args = [
+        "rec",
+        "train",
+        "--model",
+        f.hf_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "sim",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--accum",
+        "2",
+        "--warmup",
+        "1",
+        "--cutoff",
+        "256",
+    ];
+    let (ok, _, err) = cli(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains("reserved as one arena"), "{err}");
+    // The plan counted the loaded model and adapter to the byte.
+    assert!(!err.contains("the plan counts"), "{err}");
+    assert!(out.join("adapter_model.safetensors").exists());
+}

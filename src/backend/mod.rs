@@ -147,9 +147,24 @@ pub trait Backend: Sized + Send + Sync {
     fn memory_in_use(&self) -> Option<u64> {
         None
     }
+    /// This backend's own accounting of the device buffers it holds (exact, on CUDA and in the
+    /// simulator); None on the CPU reference, which uses host memory.
+    fn memory_stats(&self) -> Option<crate::backend::gpu::MemStats> {
+        None
+    }
+    /// Reserve one arena of `bytes` (the memory plan's total) and serve every later buffer
+    /// from it, so nothing reaches the device allocator afterwards. Ok(false) where the
+    /// backend has no device memory to plan (the CPU reference).
+    fn reserve_arena(&self, _bytes: u64) -> Result<bool> {
+        Ok(false)
+    }
+    /// Start a new peak measurement (`memory_stats().peak`) from what is held now.
+    fn reset_memory_peak(&self) {}
 
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
+    /// Set every element of `t` to zero in place (no allocation: the hot loop reuses buffers).
+    fn fill_zero(&self, t: &mut Tensor<Self>) -> Result<()>;
     /// Copy a host tensor to the backend in its own dtype (the CPU reference widens f16 / bf16
     /// to f32 exactly; it computes in f32). Convert with `HostTensor::to_dtype` first to store
     /// another type.
@@ -322,6 +337,47 @@ pub trait Backend: Sized + Send + Sync {
         dk: &mut Tensor<Self>,
         dv: &mut Tensor<Self>,
     ) -> Result<()>;
+
+    /// `attention` that also leaves, in `saved` (f32 `[Tq, H]`), what this backend's
+    /// `attention_backward_saved` can reuse instead of recomputing the forward (the GPU's
+    /// tiled kernels: each row's log-sum-exp in their own base). Its contents mean nothing to
+    /// other code. The default computes `attention` and leaves `saved` as it is.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_saving(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        positions: &Tensor<Self>,
+        spans: &[SeqSpan],
+        out: &mut Tensor<Self>,
+        saved: &mut Tensor<Self>,
+    ) -> Result<()> {
+        let _ = saved;
+        self.attention(q, k, v, positions, spans, out)
+    }
+
+    /// `attention_backward` given the forward's output `o` and `saved`, both exactly as
+    /// `attention_saving` left them for the same q, k, v, positions and spans; the result is the
+    /// same as `attention_backward`'s. The default ignores them and recomputes.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_saved(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        positions: &Tensor<Self>,
+        spans: &[SeqSpan],
+        o: &Tensor<Self>,
+        saved: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        dq: &mut Tensor<Self>,
+        dk: &mut Tensor<Self>,
+        dv: &mut Tensor<Self>,
+    ) -> Result<()> {
+        let _ = (o, saved);
+        self.attention_backward(q, k, v, positions, spans, dy, dq, dk, dv)
+    }
 
     /// One token per row of f32 `logits` `[B, V]`, drawn with the caller's `uniforms[b]` in
     /// [0, 1) under `params[b]`, exactly as `sampling::sample_row` defines it (so every backend

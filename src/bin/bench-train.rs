@@ -11,11 +11,15 @@
 //!   backward (with the recomputation under checkpointing), optimizer, and other (packing the
 //!   micro-batches, uploads, workspace set-up: wall − the three);
 //! - FLOPs per step, MFU and HFU (see `Flops` for the formula, printed with the results);
-//! - memory: the largest device memory in use (sampled every 2 ms while the steps run, and at
-//!   each step's end), minus what was in use before the model was built, against the memory
-//!   plan's total for the same setup (`memory::plan_training`); CUDA only. On CUDA a setup whose
-//!   plan does not fit `--budget` (24 GiB) stops before anything is built, with the plan table
-//!   and the fix.
+//! - memory: on cuda and sim the run is carved from ONE arena of the memory plan's total
+//!   (`memory::plan_training`), reserved before the model is built (`--no-arena` or
+//!   RECFORGE_ARENA=off: one device allocation per buffer instead); reported are the peak of
+//!   the device layer's own count of live buffers (exact, in 256-byte blocks) against the plan,
+//!   the arena's high-water mark, and the device allocations made during the steps (0 with the
+//!   arena). On CUDA also the driver's view: the largest memory in use (sampled every 2 ms
+//!   while the steps run, and at each step's end) minus what was in use before the model was
+//!   built. On CUDA a setup whose plan does not fit `--budget` (24 GiB) stops before anything
+//!   is built, with the plan table and the fix.
 //!
 //! Progress goes to stderr, the table to stdout, and `--json` writes everything (through a
 //! temporary file renamed into place). `--time-limit` ends the measurement early (after at least
@@ -99,6 +103,10 @@ struct Args {
     /// Seed of the random weights, the data and the adapter.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Do not reserve the memory plan's arena on cuda / sim: buffers come from the device's
+    /// allocator one by one (as with RECFORGE_ARENA=off).
+    #[arg(long)]
+    no_arena: bool,
     /// Write the results as JSON here (written to a temporary name, then renamed).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -699,6 +707,15 @@ fn bench<B: Backend>(
     }
     let mc = spec.config().clone();
     let baseline = be.memory_in_use();
+    // The plan's bytes as one allocation before anything is built (DESIGN.md §4): the model,
+    // the adapter and every step's buffers are carved out of it; a request the arena cannot
+    // serve stops the run naming it (the plan undercounts).
+    let arena = if args.no_arena || !memory::arena_enabled() {
+        false
+    } else {
+        be.reserve_arena(plan.total())
+            .context("reserving the memory plan's arena")?
+    };
     let label = spec.label();
     eprintln!(
         "bench-train: building {label} ({}; {} layers, hidden {}, vocab {}) on {device}",
@@ -717,6 +734,7 @@ fn bench<B: Backend>(
     let data = synthetic_data(&cfg, mc.vocab_size, args.seed)?;
     let tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.cutoff;
     let mut trainer = Trainer::new(be, &model, cfg.clone(), data, &label)?;
+    let stats_before_steps = be.memory_stats();
     // On CUDA a second thread samples the device's memory in use every 2 ms while the steps
     // run: the end-of-step value misses the transient buffers freed within the step.
     let stop = AtomicBool::new(false);
@@ -737,6 +755,11 @@ fn bench<B: Backend>(
         res
     })?;
     let sampled_peak = Some(sampled.load(Ordering::Relaxed)).filter(|&m| m > 0);
+    let stats = be.memory_stats();
+    let step_device_allocations = match (stats_before_steps, stats) {
+        (Some(a), Some(b)) => Some(b.device_allocations - a.device_allocations),
+        _ => None,
+    };
 
     // ---- results --------------------------------------------------------------------------
     let med = |f: &dyn Fn(&Timed) -> f64| median(&measured.iter().map(f).collect::<Vec<_>>());
@@ -948,18 +971,40 @@ fn bench<B: Backend>(
     );
     line(
         "memory",
-        match (mem_used, mem_ratio, peak_mem) {
-            (Some(u), Some(r), Some(raw)) => format!(
-                "measured {} ({} in use at most, {} before the model) vs plan {}: ratio {:.3}",
-                human(u),
-                human(raw),
-                human(baseline.unwrap_or(0)),
+        match stats {
+            Some(st) => format!(
+                "buffers {} at most vs plan {}: ratio {:.3}; {}",
+                human(st.peak),
                 human(plan.total()),
-                r
+                st.peak as f64 / plan.total() as f64,
+                match st.arena {
+                    Some(cap) => format!(
+                        "one {} arena from the plan (high-water {}), {} device allocations during the steps",
+                        human(cap),
+                        human(st.arena_high_water),
+                        step_device_allocations.unwrap_or(0)
+                    ),
+                    None => format!(
+                        "no arena, {} device allocations during the steps",
+                        step_device_allocations.unwrap_or(0)
+                    ),
+                }
             ),
-            _ => format!("measured n/a, plan {} ({mem_note})", human(plan.total())),
+            None => format!("measured n/a, plan {} ({mem_note})", human(plan.total())),
         },
     );
+    if let (Some(u), Some(r), Some(raw)) = (mem_used, mem_ratio, peak_mem) {
+        line(
+            "  (driver)",
+            format!(
+                "{} in use at most, {} before the model: {} ({:.3} of the plan)",
+                human(raw),
+                human(baseline.unwrap_or(0)),
+                human(u),
+                r
+            ),
+        );
+    }
     line("formula", FLOP_FORMULA.to_string());
     print!("{out}");
 
@@ -1054,6 +1099,17 @@ fn bench<B: Backend>(
                 "measured_bytes": mem_used,
                 "measured_over_plan": mem_ratio,
                 "note": mem_note,
+                "buffers": stats.map(|st| json!({
+                    "what": "this process's device buffers, counted by the device layer in 256-byte blocks (exact on cuda and sim)",
+                    "peak_bytes": st.peak,
+                    "peak_over_plan": st.peak as f64 / plan.total() as f64,
+                    "buffers_handed_out": st.buffers,
+                    "device_allocations_total": st.device_allocations,
+                    "device_allocations_during_steps": step_device_allocations,
+                    "arena_bytes": st.arena,
+                    "arena_high_water_bytes": st.arena.map(|_| st.arena_high_water),
+                })),
+                "arena_reserved": arena,
             },
             "warmup": warm.iter().map(Timed::to_json).collect::<Vec<_>>(),
             "steps": measured.iter().map(Timed::to_json).collect::<Vec<_>>(),

@@ -126,8 +126,8 @@ enum Cmd {
         /// Keep every layer's activations instead of recomputing one layer at a time.
         #[arg(long)]
         no_checkpointing: bool,
-        /// Rows of logits materialized at a time.
-        #[arg(long, default_value_t = 1024)]
+        /// Rows of logits materialized at a time (the trainer's chunk by default).
+        #[arg(long, default_value_t = recforge::train::step::HEAD_CHUNK)]
         logits_chunk: usize,
         /// Also report the largest batch and the largest sequence length that fit.
         #[arg(long)]
@@ -866,8 +866,11 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         None => Trainer::new(be, &m, config.clone(), data, &a.model.display().to_string())?,
     };
     config = trainer.config.clone();
-    if be.memory_in_use().is_some() {
-        // A real device: the run must fit the memory plan before it starts.
+    if be.memory_stats().is_some() {
+        // A device (CUDA or the simulator): the plan names every byte of the run. On a real GPU
+        // the run must fit the budget before it starts; then every buffer still to come (the
+        // step's workspace and the ops' scratch) is carved from one arena of what the plan has
+        // left after the model and the adapter.
         let budget = memory::parse_bytes(&a.budget)
             .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
         let setup = memory::TrainSetup {
@@ -886,13 +889,32 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
             budget,
         };
         let p = memory::plan_training(&setup).map_err(anyhow::Error::msg)?;
-        if !p.fits() {
+        if be.memory_in_use().is_some() && !p.fits() {
             plan(&a.model.display().to_string(), &setup, false)?;
         }
+        let held = be.memory_stats().map(|s| s.in_use).unwrap_or(0);
+        if held != p.persistent() {
+            eprintln!(
+                "note: the model and adapter hold {}, the plan counts {} for them",
+                memory::human(held),
+                memory::human(p.persistent())
+            );
+        }
+        let arena = if memory::arena_enabled() {
+            be.reserve_arena(p.step_bytes())
+                .context("reserving the memory plan's arena")?;
+            format!(
+                "; the step's {} reserved as one arena",
+                memory::human(p.step_bytes())
+            )
+        } else {
+            " (RECFORGE_ARENA=off: no arena)".into()
+        };
         eprintln!(
-            "memory plan: {} of {} budget",
+            "memory plan: {} of {} budget; model and adapter hold {}{arena}",
             memory::human(p.total()),
-            memory::human(budget)
+            memory::human(budget),
+            memory::human(held),
         );
     }
     eprintln!(

@@ -4,14 +4,31 @@
 //!
 //! Sizes follow the GPU backend's storage: int8 frozen linears with f32 row scales, bf16
 //! activations / embeddings / head, f32 norm weights, LoRA parameters + gradients + AdamW
-//! moments in f32, f32 logits for one chunk of rows at a time.
+//! moments in f32, f32 logits for one chunk of rows at a time — each buffer in the 256-byte
+//! blocks the device hands out. On a device the run is then allocated as one arena of this
+//! size (`backend::gpu::arena`), and the simulator's measured peak equals it
+//! (`tests/memory_plan.rs`).
 
+use crate::backend::gpu::backend::GEMV_MAX_ROWS;
+use crate::backend::gpu::ops::{attention::tiled_head_dim, optim::SUM_SQUARES_BLOCKS};
 use crate::model::LlamaConfig;
 
 pub const GIB: u64 = 1 << 30;
 
+/// Whether runs on a device reserve the plan's arena: yes unless RECFORGE_ARENA is "off" (or
+/// "0"), the escape hatch should a plan ever undercount a run.
+pub fn arena_enabled() -> bool {
+    !matches!(
+        std::env::var("RECFORGE_ARENA").as_deref(),
+        Ok("off") | Ok("0")
+    )
+}
+
 /// The linear layers LoRA can target, in PEFT's names.
 pub const TARGETS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
+
+/// The categories allocated before the first step (the model, then the adapter).
+pub const PERSISTENT: [&str; 3] = ["weights (int8)", "kept precision", "lora"];
 
 #[derive(Clone, Debug)]
 pub struct TrainSetup {
@@ -54,6 +71,15 @@ impl Plan {
             .filter(|e| e.category == category)
             .map(|e| e.bytes)
             .sum()
+    }
+    /// Bytes that exist before a step starts and outlive it: the frozen model and the adapter
+    /// with its gradients and optimizer moments.
+    pub fn persistent(&self) -> u64 {
+        PERSISTENT.iter().map(|c| self.category_total(c)).sum()
+    }
+    /// What the training step itself allocates: the total less `persistent`.
+    pub fn step_bytes(&self) -> u64 {
+        self.total() - self.persistent()
     }
     /// The plan as a table: one line per entry, then totals per category and the verdict.
     pub fn table(&self) -> String {
@@ -165,7 +191,17 @@ fn linear_dims(c: &LlamaConfig, target: &str) -> Option<(usize, usize)> {
     })
 }
 
-/// The plan of one training step (forward + backward + optimizer) for `s`.
+/// Device bytes of one buffer of `n` elements of `size` bytes: buffers are handed out in
+/// 256-byte blocks (`backend::gpu::arena`), so the plan counts what the device really holds.
+fn blk(n: u64, size: u64) -> u64 {
+    crate::backend::gpu::arena::block_bytes(n * size)
+}
+
+/// The plan of one training step (forward + backward + optimizer) for `s`: every buffer the
+/// trainer and the GPU backend allocate (`train::step::Workspace`, the adapter, each op's
+/// scratch), tensor by tensor in 256-byte blocks, with the transient scratch counted at its
+/// largest moment. The simulator measures the same step's peak exactly, and the tests hold
+/// the two together (`tests/memory_plan.rs`).
 pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     let c = &s.model;
     for t in &s.targets {
@@ -185,13 +221,15 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
         c.intermediate_size as u64,
         c.vocab_size as u64,
     );
-    let (hq, hkv, heads) = (
+    let (qd, kvd, heads, hd) = (
         c.q_dim() as u64,
         c.kv_dim() as u64,
         c.num_attention_heads as u64,
+        c.head_dim as u64,
     );
-    let tok = (s.batch * s.seq) as u64;
+    let t = (s.batch * s.seq) as u64;
     let r = s.lora_rank as u64;
+    let nt = s.targets.len() as u64;
     let mut e = vec![];
     let mut add = |category: &'static str, what: String, bytes: u64| {
         e.push(Entry {
@@ -200,128 +238,151 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
             bytes,
         })
     };
+    // bf16 / f32 / i32-u32 buffers of n elements.
+    let bf = |n: u64| blk(n, 2);
+    let f4 = |n: u64| blk(n, 4);
 
-    // Frozen weights.
-    let lin_params: u64 = TARGETS
+    // Frozen weights: each linear an int8 [out, in] matrix and an f32 scale per row.
+    let dims: Vec<(u64, u64)> = TARGETS
         .iter()
-        .map(|t| linear_dims(c, t).map(|(o, i)| (o * i) as u64).unwrap_or(0))
-        .sum();
-    let lin_rows: u64 = TARGETS
-        .iter()
-        .map(|t| linear_dims(c, t).map(|(o, _)| o as u64).unwrap_or(0))
-        .sum();
+        .filter_map(|t| linear_dims(c, t))
+        .map(|(o, i)| (o as u64, i as u64))
+        .collect();
     add(
         "weights (int8)",
         format!("{l} layers × q,k,v,o,gate,up,down int8"),
-        l * lin_params,
+        l * dims.iter().map(|&(o, i)| blk(o * i, 1)).sum::<u64>(),
     );
     add(
         "weights (int8)",
         format!("{l} layers × per-row f32 scales"),
-        l * lin_rows * 4,
+        l * dims.iter().map(|&(o, _)| f4(o)).sum::<u64>(),
     );
     add(
         "kept precision",
         format!("embedding [{v}, {d}] bf16"),
-        v * d * 2,
+        bf(v * d),
     );
     if !c.tie_word_embeddings {
         add(
             "kept precision",
             format!("output head [{v}, {d}] bf16"),
-            v * d * 2,
+            bf(v * d),
         );
     }
     add(
         "kept precision",
         format!("{} norm weights [{d}] f32", 2 * l + 1),
-        (2 * l + 1) * d * 4,
+        (2 * l + 1) * f4(d),
     );
 
-    // LoRA: parameters, gradients, AdamW m and v — all f32.
-    let lora_params: u64 = s
+    // LoRA: parameters, gradients, AdamW m and v — all f32, A [r, in] and B [out, r] each.
+    let lora_one: u64 = s
         .targets
         .iter()
-        .map(|t| {
-            linear_dims(c, t)
-                .map(|(o, i)| r * (o + i) as u64)
-                .unwrap_or(0)
-        })
+        .filter_map(|t| linear_dims(c, t))
+        .map(|(o, i)| f4(r * i as u64) + f4(r * o as u64))
         .sum::<u64>()
         * l;
     let tl = s.targets.join(",");
     add(
         "lora",
         format!("A, B for {tl}, r={r}, {l} layers (f32)"),
-        lora_params * 4,
+        lora_one,
     );
-    add("lora", "gradients (f32)".into(), lora_params * 4);
-    add("lora", "AdamW m, v (f32)".into(), lora_params * 8);
+    add("lora", "gradients (f32)".into(), lora_one);
+    add("lora", "AdamW m, v (f32)".into(), 2 * lora_one);
 
-    // Activations kept for the backward pass.
-    // Inside one layer, what its backward reads: the layer input and the mid-layer residual
-    // (for the two RMSNorm backwards), both norm outputs (inputs of the LoRA'd linears), q, k, v
-    // after RoPE, the attention output, its logsumexp, gate, up and silu(gate)·up, and the LoRA
-    // h and u of each target.
-    let lora_hu_per_layer = 2 * tok * r * s.targets.len() as u64 * 4;
+    // The step's workspace (train::step::Workspace), allocated once per micro-batch size.
+    add(
+        "activations",
+        format!("{} layer inputs + last output [{t}, {d}] bf16", l + 1),
+        (l + 1) * bf(t * d),
+    );
+    // What one layer's backward reads: h1, x2, h2, proj [t, d]; q, attn [t, q_dim]; k, v
+    // [t, kv_dim]; gate, up, silu(gate)·up [t, ffn]; LoRA h, u [t, r] f32 per target.
     let per_layer =
-        tok * (4 * d + hq + 2 * hkv + hq + 3 * f) * 2 + tok * heads * 4 + lora_hu_per_layer;
+        4 * bf(t * d) + 2 * bf(t * qd) + 2 * bf(t * kvd) + 3 * bf(t * f) + 2 * nt * f4(t * r);
     if s.checkpointing {
         add(
-            "activations",
-            format!("{l} layer inputs [{tok}, {d}] bf16 (checkpoints)"),
-            l * tok * d * 2,
-        );
-        add(
             "recompute working set",
-            format!("one layer's saved tensors for {tok} tokens"),
+            format!("one layer's saved tensors for {t} tokens"),
             per_layer,
         );
     } else {
         add(
             "activations",
-            format!("{l} layers' saved tensors for {tok} tokens"),
+            format!("{l} layers' saved tensors for {t} tokens"),
             l * per_layer,
         );
     }
-    // Gradients flowing backward through one layer: d(residual) plus the largest per-op grads.
     add(
         "backward working set",
-        format!("dX, d(residual), dgate/dup [{tok}, {f}] bf16"),
-        tok * (2 * d + 2 * f) * 2,
+        "norm out, dX, dH, dtmp, dAttn, dQ, dK, dV, dFFN, dG, dU bf16".to_string(),
+        4 * bf(t * d) + 2 * bf(t * qd) + 2 * bf(t * kvd) + 3 * bf(t * f),
     );
     add(
         "backward working set",
-        "attention dK/dV f32 accumulators".into(),
-        tok * 2 * hkv * 4,
+        format!("LoRA gate (ones) + its gradient [{t}, {}] f32", r.max(1)),
+        2 * f4(t * r.max(1)),
     );
     add(
-        "final norm + logits",
-        format!("final hidden [{tok}, {d}] bf16"),
-        tok * d * 2,
+        "step inputs",
+        format!("token ids, positions [{t}] u32"),
+        2 * f4(t),
     );
-    add(
-        "final norm + logits",
-        format!(
-            "logits chunk [{}, {v}] f32 (→ its gradient in place)",
-            s.logits_chunk
+
+    // Transient scratch: the largest moment of the step wins.
+    let spans = f4(4 * s.batch as u64);
+    let kmax = d.max(qd).max(f);
+    let int8 = if t > GEMV_MAX_ROWS as u64 {
+        2 * f4(kmax) + f4(1) + blk(t * kmax, 1) + f4(t)
+    } else {
+        0
+    };
+    let attn_fwd = spans + f4(t * heads);
+    let tiled = tiled_head_dim(hd as usize);
+    let attn_bwd = spans
+        + 2 * f4(t * kvd)
+        + if tiled {
+            bf(t * qd) + 2 * f4(t * heads) + f4(t * qd)
+        } else {
+            bf(0) + 2 * f4(0) + f4(0)
+        };
+    let lora_bwd = if nt > 0 { f4(t * r) } else { 0 };
+    let rows = (s.logits_chunk as u64).min(t);
+    let head_chunk = bf(rows * d) + f4(rows * v) + f4(rows) + bf(rows * v);
+    let optim = 2 * f4(1) + f4(SUM_SQUARES_BLOCKS as u64);
+    let phases = [
+        (
+            int8,
+            format!("int8 linear: x [{t}, {kmax}] int8, scales, outlier cols"),
         ),
-        s.logits_chunk as u64 * v * 4,
-    );
-    add("final norm + logits", "per-row loss f32".into(), tok * 4);
-    // Kernel workspaces: int8 activation copy and outlier lists for the widest linear input,
-    // the gradient-norm partials.
-    let widest = d.max(f).max(hq);
-    add(
-        "kernel workspaces",
-        format!("int8 activations [{tok}, {widest}] + scales + outlier columns"),
-        tok * widest + tok * 4 + widest * 8,
-    );
-    add(
-        "kernel workspaces",
-        "gradient-norm partials".into(),
-        1024 * 4 + 4,
-    );
+        (
+            attn_fwd,
+            format!("attention fwd: logsumexp [{t}, {heads}] f32"),
+        ),
+        (
+            attn_bwd,
+            if tiled {
+                format!("attention bwd: dK, dV, dQ f32, O bf16 [{t}, ·], lse, D")
+            } else {
+                format!("attention bwd: dK, dV [{t}, {kvd}] f32")
+            },
+        ),
+        (lora_bwd, format!("LoRA bwd: dH [{t}, {r}] f32")),
+        (
+            head_chunk,
+            format!("head: logits [{rows}, {v}] f32 + gradient bf16"),
+        ),
+        (optim, "gradient-norm partials".into()),
+    ];
+    let (peak, what) = phases
+        .iter()
+        .max_by_key(|p| p.0)
+        .map(|p| (p.0, p.1.clone()))
+        .unwrap_or_default();
+    add("peak scratch", what, peak);
     Ok(Plan {
         entries: e,
         budget: s.budget,
@@ -409,16 +470,12 @@ mod tests {
             ..llama7b(4, 1024)
         })
         .unwrap();
-        // Per layer of LLaMA-7B at 4096 tokens: 4·4096 + 2·4096 (q, attn) + 2·4096 (k, v) +
-        // 3·11008 bf16 values per token, 32 f32 logsumexps, and h, u for 4 rank-16 targets.
-        let per_layer: u64 = 4096 * (4 * 4096 + 2 * 4096 + 2 * 4096 + 3 * 11008) * 2
-            + 4096 * 32 * 4
-            + 2 * 4096 * 16 * 4 * 4;
-        let checkpoints: u64 = 32 * 4096 * 4096 * 2;
-        assert_eq!(
-            without.total() - with.total(),
-            32 * per_layer - (checkpoints + per_layer)
-        );
+        // Per layer of LLaMA-7B at 4096 tokens: h1, x2, h2, proj, q, attn, k, v (4096 wide) and
+        // gate, up, silu(gate)·up (11008 wide) in bf16, plus LoRA h, u [4096, 16] f32 for each
+        // of 4 targets. Both keep the 33 layer boundaries; checkpointing keeps one layer's set
+        // instead of 32.
+        let per_layer: u64 = 4096 * (8 * 4096 + 3 * 11008) * 2 + 4 * 2 * 4096 * 16 * 4;
+        assert_eq!(without.total() - with.total(), 31 * per_layer);
         assert!(without.total() > with.total());
     }
 

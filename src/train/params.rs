@@ -106,8 +106,8 @@ impl<B: Backend> DevAdapter<B> {
     /// Zero every gradient (start of an optimizer step).
     pub fn zero_grads(&mut self, be: &B) -> Result<()> {
         for p in self.layers.values_mut() {
-            p.grad_a = be.zeros(&p.grad_a.shape, DType::F32)?;
-            p.grad_b = be.zeros(&p.grad_b.shape, DType::F32)?;
+            be.fill_zero(&mut p.grad_a)?;
+            be.fill_zero(&mut p.grad_b)?;
         }
         Ok(())
     }

@@ -730,10 +730,9 @@ pub fn forward_backward<B: Backend>(
     forward_all(&cx, adapter, ws, &ids)?;
 
     // Head and loss over the labelled rows, chunk by chunk; the gradient lands in ws.dh.
-    let t = ws.t;
     let (d, vocab) = (model.config.hidden_size, model.config.vocab_size);
     let dt = be.activation_dtype();
-    ws.dh = be.zeros(&[t, d], dt)?;
+    be.fill_zero(&mut ws.dh)?;
     let mut loss_sum = 0f64;
     let runs = label_runs(&batch.labels);
     let tokens: usize = runs.iter().map(|r| r.1).sum();

@@ -25,10 +25,22 @@ pub fn logits(path: &std::path::Path, tokens: &[u32], opts: LoadOptions) -> Vec<
 pub const TEXT: &str = "the cat sat on the mat, and then the rest is history";
 
 /// The simulator, plus CUDA when a GPU is usable (otherwise says why the CUDA half skipped).
+/// RECFORGE_TEST_DEVICES=cuda runs the CUDA half only (the GPU check sets it: the simulator
+/// halves run in CI on every change, and the device time is short); it then says so, and fails
+/// when no GPU is usable rather than checking nothing.
 pub fn devices() -> Vec<recforge::backend::gpu::Device> {
     use recforge::backend::gpu::{probe_cuda, Device};
-    let mut v = vec![Device::sim()];
     let probe = probe_cuda();
+    if std::env::var("RECFORGE_TEST_DEVICES").as_deref() == Ok("cuda") {
+        assert!(
+            probe.usable(),
+            "RECFORGE_TEST_DEVICES=cuda but no CUDA device is usable ({})",
+            probe.describe()
+        );
+        eprintln!("skipped on the simulator: RECFORGE_TEST_DEVICES=cuda (CI runs that half)");
+        return vec![Device::cuda(0).expect("a usable GPU must open")];
+    }
+    let mut v = vec![Device::sim()];
     if probe.usable() {
         v.push(Device::cuda(0).expect("a usable GPU must open"));
     } else {

@@ -163,6 +163,18 @@ impl Backend for Cpu {
         })
     }
 
+    fn fill_zero(&self, t: &mut T) -> Result<()> {
+        match &mut t.storage {
+            HostData::F32(v) => v.fill(0.0),
+            HostData::F16(v) => v.fill(half::f16::ZERO),
+            HostData::BF16(v) => v.fill(half::bf16::ZERO),
+            HostData::I8(v) => v.fill(0),
+            HostData::I32(v) => v.fill(0),
+            HostData::U32(v) => v.fill(0),
+        }
+        Ok(())
+    }
+
     fn upload(&self, t: &HostTensor) -> Result<T> {
         let storage = match &t.data {
             HostData::F16(_) | HostData::BF16(_) => HostData::F32(t.data.to_f32()?),

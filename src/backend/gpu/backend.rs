@@ -17,6 +17,10 @@ pub struct Gpu {
     pub dev: Device,
 }
 
+/// Rows of an int8 linear at or below which it takes the weight-only GEMV (decode) path,
+/// which needs no activation-quantization scratch (the memory plan counts on this).
+pub const GEMV_MAX_ROWS: usize = 16;
+
 impl Gpu {
     pub fn new(dev: Device) -> Self {
         Gpu { dev }
@@ -85,7 +89,54 @@ fn lora_view<'a>(op: &str, lora: &'a Lora<Gpu>, k: usize) -> Result<ops::lora::L
     })
 }
 
+/// The attention geometry of q `[Tq, H, hd]` and k `[Tk, KVH, hd]`.
+fn attn_shape(op: &str, q: &T, k: &T) -> Result<AttnShape> {
+    if q.shape.len() != 3 || k.shape.len() != 3 {
+        return Err(Error::Shape(format!(
+            "{op}: q {:?} and k {:?} must be [T, heads, head_dim]",
+            q.shape, k.shape
+        )));
+    }
+    Ok(AttnShape {
+        tq: q.shape[0],
+        tk: k.shape[0],
+        heads: q.shape[1],
+        kv_heads: k.shape[1],
+        head_dim: q.shape[2],
+    })
+}
+
 impl Gpu {
+    /// Attention forward writing the log-sum-exp into `lse` (`[Tq, H]` f32).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_into(
+        &self,
+        op: &str,
+        q: &T,
+        k: &T,
+        v: &T,
+        positions: &T,
+        spans: &[SeqSpan],
+        out: &mut T,
+        lse: &mut DevBuf<f32>,
+    ) -> Result<()> {
+        let shape = attn_shape(op, q, k)?;
+        let mut span_buf = self.dev.alloc_zeros::<i32>(4 * spans.len())?;
+        let pos = u32b(op, "positions", positions)?;
+        ops::attention::attention_forward(
+            &self.dev,
+            bf(op, "q", q)?,
+            bf(op, "k", k)?,
+            bf(op, "v", v)?,
+            pos,
+            spans,
+            &mut span_buf,
+            shape,
+            bf_mut(op, "out", out)?,
+            lse,
+        )
+    }
+
     fn linear_impl(&self, x: &T, w: &Linear<Gpu>, out: &mut T) -> Result<()> {
         let op = "linear";
         let (rows, k) = x.rows_cols();
@@ -100,7 +151,7 @@ impl Gpu {
             LinearWeight::Int8 { w: q, scale } => {
                 let ob = bf_mut(op, "out", out)?;
                 let (qb, sb) = (i8b(op, "weight", q)?, f32b(op, "scale", scale)?);
-                if rows <= 16 {
+                if rows <= GEMV_MAX_ROWS {
                     // Decode (DESIGN.md §3): the weight-only path, bandwidth-bound by design; the
                     // activations stay bf16, so no outlier decomposition is needed.
                     return ops::w8a16::gemv(
@@ -166,6 +217,18 @@ impl Backend for Gpu {
         self.dev.memory_in_use()
     }
 
+    fn memory_stats(&self) -> Option<super::MemStats> {
+        Some(self.dev.memory_stats())
+    }
+
+    fn reserve_arena(&self, bytes: u64) -> Result<bool> {
+        self.dev.reserve_arena(bytes).map(|()| true)
+    }
+
+    fn reset_memory_peak(&self) {
+        self.dev.reset_peak()
+    }
+
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<T> {
         let n: usize = shape.iter().product();
         let storage = match dtype {
@@ -185,6 +248,17 @@ impl Backend for Gpu {
             shape: shape.to_vec(),
             dtype,
         })
+    }
+
+    fn fill_zero(&self, t: &mut T) -> Result<()> {
+        let d = &self.dev;
+        match &mut t.storage {
+            GpuStorage::F32(b) => d.fill_zero(b),
+            GpuStorage::BF16(b) => d.fill_zero(b),
+            GpuStorage::I8(b) => d.fill_zero(b),
+            GpuStorage::I32(b) => d.fill_zero(b),
+            GpuStorage::U32(b) => d.fill_zero(b),
+        }
     }
 
     fn upload(&self, t: &HostTensor) -> Result<T> {
@@ -318,35 +392,24 @@ impl Backend for Gpu {
         spans: &[SeqSpan],
         out: &mut T,
     ) -> Result<()> {
-        let op = "attention";
-        if q.shape.len() != 3 || k.shape.len() != 3 {
-            return Err(Error::Shape(format!(
-                "{op}: q {:?} and k {:?} must be [T, heads, head_dim]",
-                q.shape, k.shape
-            )));
-        }
-        let shape = AttnShape {
-            tq: q.shape[0],
-            tk: k.shape[0],
-            heads: q.shape[1],
-            kv_heads: k.shape[1],
-            head_dim: q.shape[2],
-        };
-        let mut span_buf = self.dev.alloc_zeros::<i32>(4 * spans.len())?;
+        let shape = attn_shape("attention", q, k)?;
         let mut lse = self.dev.alloc_zeros::<f32>(shape.tq * shape.heads)?;
-        let pos = u32b(op, "positions", positions)?;
-        ops::attention::attention_forward(
-            &self.dev,
-            bf(op, "q", q)?,
-            bf(op, "k", k)?,
-            bf(op, "v", v)?,
-            pos,
-            spans,
-            &mut span_buf,
-            shape,
-            bf_mut(op, "out", out)?,
-            &mut lse,
-        )
+        self.attention_into("attention", q, k, v, positions, spans, out, &mut lse)
+    }
+
+    fn attention_saving(
+        &self,
+        q: &T,
+        k: &T,
+        v: &T,
+        positions: &T,
+        spans: &[SeqSpan],
+        out: &mut T,
+        saved: &mut T,
+    ) -> Result<()> {
+        let op = "attention_saving";
+        let lse = f32b_mut(op, "saved", saved)?;
+        self.attention_into(op, q, k, v, positions, spans, out, lse)
     }
 
     fn swiglu(&self, gate: &T, up: &T, out: &mut T) -> Result<()> {
@@ -634,19 +697,7 @@ impl Backend for Gpu {
         dv: &mut T,
     ) -> Result<()> {
         let op = "attention_backward";
-        if q.shape.len() != 3 || k.shape.len() != 3 {
-            return Err(Error::Shape(format!(
-                "{op}: q {:?} and k {:?} must be [T, heads, head_dim]",
-                q.shape, k.shape
-            )));
-        }
-        let shape = AttnShape {
-            tq: q.shape[0],
-            tk: k.shape[0],
-            heads: q.shape[1],
-            kv_heads: k.shape[1],
-            head_dim: q.shape[2],
-        };
+        let shape = attn_shape(op, q, k)?;
         let mut span_buf = self.dev.alloc_zeros::<i32>(4 * spans.len())?;
         let mut scratch = ops::attention::AttnGradScratch::new(&self.dev, shape)?;
         ops::attention::attention_backward(
@@ -658,6 +709,47 @@ impl Backend for Gpu {
             spans,
             &mut span_buf,
             shape,
+            bf(op, "dy", dy)?,
+            bf_mut(op, "dq", dq)?,
+            bf_mut(op, "dk", dk)?,
+            bf_mut(op, "dv", dv)?,
+            &mut scratch,
+        )
+    }
+
+    fn attention_backward_saved(
+        &self,
+        q: &T,
+        k: &T,
+        v: &T,
+        positions: &T,
+        spans: &[SeqSpan],
+        o: &T,
+        saved: &T,
+        dy: &T,
+        dq: &mut T,
+        dk: &mut T,
+        dv: &mut T,
+    ) -> Result<()> {
+        let op = "attention_backward_saved";
+        let shape = attn_shape(op, q, k)?;
+        if !ops::attention::tiled_head_dim(shape.head_dim) {
+            // The per-row kernels recompute inside the backward kernel itself.
+            return self.attention_backward(q, k, v, positions, spans, dy, dq, dk, dv);
+        }
+        let mut span_buf = self.dev.alloc_zeros::<i32>(4 * spans.len())?;
+        let mut scratch = ops::attention::AttnGradScratch::reusing_forward(&self.dev, shape)?;
+        ops::attention::attention_backward_saved(
+            &self.dev,
+            bf(op, "q", q)?,
+            bf(op, "k", k)?,
+            bf(op, "v", v)?,
+            u32b(op, "positions", positions)?,
+            spans,
+            &mut span_buf,
+            shape,
+            bf(op, "o", o)?,
+            f32b(op, "saved", saved)?,
             bf(op, "dy", dy)?,
             bf_mut(op, "dq", dq)?,
             bf_mut(op, "dk", dk)?,

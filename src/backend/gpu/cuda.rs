@@ -117,6 +117,12 @@ impl CudaDevice {
             .map_err(dev_err("device → host copy"))
     }
 
+    /// Make this device's context current on the calling thread (raw driver calls need it;
+    /// cudarc's own calls do it themselves).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(dev_err("bind context"))
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(dev_err("synchronize"))
     }

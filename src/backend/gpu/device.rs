@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
+use super::arena::{block_bytes, Backing, MemStats, Memory, Source};
 use super::cuda::CudaDevice;
 use super::sim::{SimBuf, SimDevice};
 use crate::error::{Error, Result};
+use crate::memory::human;
 
 /// Element types a device buffer can hold.
 pub trait DevElem:
@@ -59,7 +61,14 @@ impl Launch {
     }
 }
 
-pub enum Device {
+/// A CUDA device or the simulator, with the accounting of every buffer it hands out and,
+/// once reserved, the arena they are carved from (`arena.rs`).
+pub struct Device {
+    kind: Kind,
+    mem: Arc<Memory>,
+}
+
+enum Kind {
     Cuda(Arc<CudaDevice>),
     Sim(SimDevice),
 }
@@ -67,12 +76,22 @@ pub enum Device {
 enum Repr<T: DevElem> {
     Cuda(CudaSlice<T>),
     Sim(SimBuf<T>),
+    /// A block of the device's arena: its address (device or, in the simulator, host) and
+    /// offset. The arena's memory stays alive through `DevBuf::mem`.
+    Arena {
+        addr: u64,
+        offset: u64,
+    },
 }
 
 /// A typed buffer in device memory (or, for the simulator, 256-byte aligned host memory).
 pub struct DevBuf<T: DevElem> {
     repr: Repr<T>,
     len: usize,
+    /// The accounting of the device it came from (bytes are given back on drop).
+    mem: Arc<Memory>,
+    /// Bytes it counts for: `len` elements rounded up to a 256-byte block.
+    bytes: u64,
 }
 
 impl<T: DevElem> DevBuf<T> {
@@ -84,77 +103,282 @@ impl<T: DevElem> DevBuf<T> {
     }
 }
 
+impl<T: DevElem> Drop for DevBuf<T> {
+    fn drop(&mut self) {
+        let offset = match self.repr {
+            Repr::Arena { offset, .. } => Some(offset),
+            _ => None,
+        };
+        self.mem.release(offset, self.bytes);
+    }
+}
+
+fn other_device() -> Error {
+    Error::Device("buffer belongs to another device".into())
+}
+
+fn byte_len<T: DevElem>(len: usize) -> Result<u64> {
+    len.checked_mul(std::mem::size_of::<T>())
+        .map(|b| b as u64)
+        .ok_or_else(|| Error::Device(format!("{len} elements overflow a buffer size")))
+}
+
 impl Device {
     pub fn cuda(ordinal: usize) -> Result<Self> {
-        Ok(Device::Cuda(Arc::new(CudaDevice::new(ordinal)?)))
+        Ok(Device {
+            kind: Kind::Cuda(Arc::new(CudaDevice::new(ordinal)?)),
+            mem: Arc::default(),
+        })
     }
 
     pub fn sim() -> Self {
-        Device::Sim(SimDevice::new())
+        Device {
+            kind: Kind::Sim(SimDevice::new()),
+            mem: Arc::default(),
+        }
     }
 
     pub fn name(&self) -> String {
-        match self {
-            Device::Cuda(d) => format!("cuda ({})", d.name()),
-            Device::Sim(_) => "sim (SIMT simulator on the CPU)".into(),
+        match &self.kind {
+            Kind::Cuda(d) => format!("cuda ({})", d.name()),
+            Kind::Sim(_) => "sim (SIMT simulator on the CPU)".into(),
         }
     }
 
     pub fn is_sim(&self) -> bool {
-        matches!(self, Device::Sim(_))
+        matches!(self.kind, Kind::Sim(_))
     }
 
     /// Every kernel this device can launch.
     pub fn kernel_names(&self) -> Vec<&'static str> {
-        match self {
-            Device::Cuda(_) => crate::kernels::MODULES
+        match &self.kind {
+            Kind::Cuda(_) => crate::kernels::MODULES
                 .iter()
                 .flat_map(|m| m.kernels.iter().copied())
                 .collect(),
-            Device::Sim(_) => crate::kernels::SIM_KERNELS.to_vec(),
+            Kind::Sim(_) => crate::kernels::SIM_KERNELS.to_vec(),
         }
     }
 
     /// Check that `kernel` exists on this device (loading its module on CUDA).
     pub fn check_kernel(&self, kernel: &str) -> Result<()> {
-        match self {
-            Device::Cuda(d) => d.function(kernel).map(|_| ()),
-            Device::Sim(s) => s.find(kernel).map(|_| ()),
+        match &self.kind {
+            Kind::Cuda(d) => d.function(kernel).map(|_| ()),
+            Kind::Sim(s) => s.find(kernel).map(|_| ()),
         }
     }
 
-    pub fn alloc_zeros<T: DevElem>(&self, len: usize) -> Result<DevBuf<T>> {
-        let repr = match self {
-            Device::Cuda(d) => Repr::Cuda(
-                d.stream()
-                    .alloc_zeros::<T>(len)
-                    .map_err(|e| Error::Device(format!("allocating {len} elements: {e:?}")))?,
-            ),
-            Device::Sim(_) => Repr::Sim(SimBuf::zeros(len)?),
+    // ---- memory ---------------------------------------------------------------------------
+
+    /// Make one allocation of `bytes` and carve every later buffer out of it (see `arena.rs`).
+    /// Buffers that exist already keep their own memory. Refused when an arena exists.
+    pub fn reserve_arena(&self, bytes: u64) -> Result<()> {
+        if let Some(cap) = self.mem.stats().arena {
+            return Err(Error::Device(format!(
+                "a {} arena is already reserved on this device",
+                human(cap)
+            )));
+        }
+        let capacity = block_bytes(bytes);
+        let backing = self.backing(capacity).map_err(|e| {
+            Error::Device(format!(
+                "reserving the {} arena of the memory plan: {e}",
+                human(capacity)
+            ))
+        })?;
+        let base = match &backing {
+            Backing::Cuda(s) => match &self.kind {
+                Kind::Cuda(d) => s.device_ptr(d.stream()).0,
+                Kind::Sim(_) => return Err(other_device()),
+            },
+            Backing::Sim(b) => b.addr(),
         };
-        Ok(DevBuf { repr, len })
+        self.mem.install_arena(base, capacity, backing)
     }
 
-    pub fn upload<T: DevElem>(&self, data: &[T]) -> Result<DevBuf<T>> {
-        let repr = match self {
-            Device::Cuda(d) => Repr::Cuda(d.upload(data)?),
-            Device::Sim(_) => {
-                let mut b = SimBuf::zeros(data.len())?;
-                b.as_mut_slice().copy_from_slice(data);
-                Repr::Sim(b)
+    fn backing(&self, bytes: u64) -> Result<Backing> {
+        let n = usize::try_from(bytes).map_err(|_| Error::Device("arena too large".into()))?;
+        Ok(match &self.kind {
+            Kind::Cuda(d) => Backing::Cuda(
+                // SAFETY: u8 has no invalid bit patterns; every block handed out is zeroed or
+                // written before use (alloc_zeros / upload).
+                unsafe { d.stream().alloc::<u8>(n) }
+                    .map_err(|e| Error::Device(format!("allocating {n} bytes: {e:?}")))?,
+            ),
+            Kind::Sim(_) => Backing::Sim(SimBuf::zeros(n)?),
+        })
+    }
+
+    /// The accounting of every buffer this device handed out (exact on both devices).
+    pub fn memory_stats(&self) -> MemStats {
+        self.mem.stats()
+    }
+
+    /// Start a new peak measurement from the bytes held now.
+    pub fn reset_peak(&self) {
+        self.mem.reset_peak()
+    }
+
+    /// A new buffer of `len` elements; zeroed when `zero` (else its contents are unspecified
+    /// and the caller writes all of it).
+    fn alloc<T: DevElem>(&self, len: usize, zero: bool) -> Result<DevBuf<T>> {
+        let size = byte_len::<T>(len)?;
+        let bytes = block_bytes(size);
+        let what = format!(
+            "a buffer of {len} × {}-byte elements",
+            std::mem::size_of::<T>()
+        );
+        let repr = match self.mem.acquire(bytes, &what)? {
+            Source::Arena { addr, offset } => {
+                if zero {
+                    match &self.kind {
+                        Kind::Cuda(d) => {
+                            d.bind()?;
+                            // SAFETY: [addr, addr + size) lies inside the live arena block just
+                            // handed out; the memset is ordered on the device's one stream.
+                            unsafe {
+                                cudarc::driver::result::memset_d8_async(
+                                    addr,
+                                    0,
+                                    size as usize,
+                                    d.stream().cu_stream(),
+                                )
+                            }
+                            .map_err(|e| Error::Device(format!("zeroing {what}: {e:?}")))?
+                        }
+                        // SAFETY: as above, in host memory the simulator owns.
+                        Kind::Sim(_) => unsafe {
+                            std::ptr::write_bytes(addr as *mut u8, 0, size as usize)
+                        },
+                    }
+                }
+                Repr::Arena { addr, offset }
+            }
+            Source::Device => {
+                let r = match &self.kind {
+                    Kind::Cuda(d) => if zero {
+                        d.stream().alloc_zeros::<T>(len)
+                    } else {
+                        // SAFETY: the caller (upload) writes every element before any use.
+                        unsafe { d.stream().alloc::<T>(len) }
+                    }
+                    .map(Repr::Cuda)
+                    .map_err(|e| Error::Device(format!("allocating {what}: {e:?}"))),
+                    Kind::Sim(_) => SimBuf::zeros(len).map(Repr::Sim),
+                };
+                match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.mem.release(None, bytes);
+                        return Err(e);
+                    }
+                }
             }
         };
         Ok(DevBuf {
             repr,
-            len: data.len(),
+            len,
+            mem: self.mem.clone(),
+            bytes,
         })
     }
 
+    /// Zero every element of `buf` in place (a memset on the device's stream).
+    pub fn fill_zero<T: DevElem>(&self, buf: &mut DevBuf<T>) -> Result<()> {
+        self.owns(buf)?;
+        let size = byte_len::<T>(buf.len)? as usize;
+        match &self.kind {
+            Kind::Cuda(d) => {
+                let addr = Self::cuda_addr(d, buf)?;
+                d.bind()?;
+                // SAFETY: [addr, addr + size) is the live buffer `buf`, held exclusively here;
+                // all-zero bytes are a valid T (DevElem: ValidAsZeroBits). Ordered on the stream.
+                unsafe {
+                    cudarc::driver::result::memset_d8_async(addr, 0, size, d.stream().cu_stream())
+                }
+                .map_err(|e| Error::Device(format!("zeroing a buffer: {e:?}")))
+            }
+            Kind::Sim(_) => {
+                Self::sim_slice_mut(buf)?.fill(T::default());
+                Ok(())
+            }
+        }
+    }
+
+    pub fn alloc_zeros<T: DevElem>(&self, len: usize) -> Result<DevBuf<T>> {
+        self.alloc(len, true)
+    }
+
+    pub fn upload<T: DevElem>(&self, data: &[T]) -> Result<DevBuf<T>> {
+        let mut b = self.alloc(data.len(), false)?;
+        self.write(&mut b, data)?;
+        Ok(b)
+    }
+
+    fn owns<T: DevElem>(&self, buf: &DevBuf<T>) -> Result<()> {
+        if Arc::ptr_eq(&self.mem, &buf.mem) {
+            Ok(())
+        } else {
+            Err(other_device())
+        }
+    }
+
+    /// The buffer's device address on CUDA.
+    fn cuda_addr<T: DevElem>(d: &CudaDevice, buf: &DevBuf<T>) -> Result<u64> {
+        match &buf.repr {
+            Repr::Cuda(s) => Ok(s.device_ptr(d.stream()).0),
+            Repr::Arena { addr, .. } => Ok(*addr),
+            Repr::Sim(_) => Err(other_device()),
+        }
+    }
+
+    /// The buffer's elements, in the simulator (host memory).
+    fn sim_slice<T: DevElem>(buf: &DevBuf<T>) -> Result<&[T]> {
+        match &buf.repr {
+            Repr::Sim(b) => Ok(b.as_slice()),
+            // SAFETY: an arena block of at least len elements, 256-byte aligned, inside the
+            // arena's live host allocation (held by buf.mem); &buf gives shared access.
+            Repr::Arena { addr, .. } => {
+                Ok(unsafe { std::slice::from_raw_parts(*addr as *const T, buf.len) })
+            }
+            Repr::Cuda(_) => Err(other_device()),
+        }
+    }
+
+    fn sim_slice_mut<T: DevElem>(buf: &mut DevBuf<T>) -> Result<&mut [T]> {
+        let len = buf.len;
+        match &mut buf.repr {
+            Repr::Sim(b) => Ok(b.as_mut_slice()),
+            // SAFETY: as in sim_slice; &mut buf gives exclusive access to its block.
+            Repr::Arena { addr, .. } => {
+                Ok(unsafe { std::slice::from_raw_parts_mut(*addr as *mut T, len) })
+            }
+            Repr::Cuda(_) => Err(other_device()),
+        }
+    }
+
     pub fn download<T: DevElem>(&self, buf: &DevBuf<T>) -> Result<Vec<T>> {
-        match (self, &buf.repr) {
-            (Device::Cuda(d), Repr::Cuda(s)) => d.download(s),
-            (Device::Sim(_), Repr::Sim(b)) => Ok(b.as_slice().to_vec()),
-            _ => Err(Error::Device("buffer belongs to another device".into())),
+        self.owns(buf)?;
+        match (&self.kind, &buf.repr) {
+            (Kind::Cuda(d), Repr::Cuda(s)) => d.download(s),
+            (Kind::Cuda(d), _) => {
+                let src = Self::cuda_addr(d, buf)?;
+                let mut out = vec![T::default(); buf.len];
+                d.bind()?;
+                // SAFETY: `src` is a live block of buf.len elements of T; `out` has as many.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(
+                        &mut out[..],
+                        src,
+                        d.stream().cu_stream(),
+                    )
+                }
+                .map_err(|e| Error::Device(format!("device → host copy: {e:?}")))?;
+                // The copy into pageable memory must be complete before `out` is read.
+                d.synchronize()?;
+                Ok(out)
+            }
+            (Kind::Sim(_), _) => Ok(Self::sim_slice(buf)?.to_vec()),
         }
     }
 
@@ -167,34 +391,46 @@ impl Device {
                 buf.len
             )));
         }
-        match (self, &mut buf.repr) {
-            (Device::Cuda(d), Repr::Cuda(s)) => d
+        self.owns(buf)?;
+        match (&self.kind, &mut buf.repr) {
+            (Kind::Cuda(d), Repr::Cuda(s)) => d
                 .stream()
                 .memcpy_htod(data, s)
                 .map_err(|e| Error::Device(format!("host → device copy: {e:?}"))),
-            (Device::Sim(_), Repr::Sim(b)) => {
-                b.as_mut_slice().copy_from_slice(data);
+            (Kind::Cuda(d), _) => {
+                let dst = Self::cuda_addr(d, buf)?;
+                d.bind()?;
+                // SAFETY: `dst` is a live block of data.len() elements of T. From pageable
+                // memory the driver stages `data` before this call returns.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(dst, data, d.stream().cu_stream())
+                }
+                .map_err(|e| Error::Device(format!("host → device copy: {e:?}")))
+            }
+            (Kind::Sim(_), _) => {
+                Self::sim_slice_mut(buf)?.copy_from_slice(data);
                 Ok(())
             }
-            _ => Err(Error::Device("buffer belongs to another device".into())),
         }
     }
 
     /// The buffer's address as a kernel argument (read-only use).
     pub fn ptr<T: DevElem>(&self, buf: &DevBuf<T>) -> Result<Arg> {
-        match (self, &buf.repr) {
-            (Device::Cuda(d), Repr::Cuda(s)) => Ok(Arg::Ptr(s.device_ptr(d.stream()).0)),
-            (Device::Sim(_), Repr::Sim(b)) => Ok(Arg::Ptr(b.addr())),
-            _ => Err(Error::Device("buffer belongs to another device".into())),
+        self.owns(buf)?;
+        match (&self.kind, &buf.repr) {
+            (Kind::Cuda(d), _) => Ok(Arg::Ptr(Self::cuda_addr(d, buf)?)),
+            (Kind::Sim(_), Repr::Sim(b)) => Ok(Arg::Ptr(b.addr())),
+            (Kind::Sim(_), Repr::Arena { addr, .. }) => Ok(Arg::Ptr(*addr)),
+            (Kind::Sim(_), Repr::Cuda(_)) => Err(other_device()),
         }
     }
 
     /// The buffer's address as a kernel argument the kernel writes through.
     pub fn ptr_mut<T: DevElem>(&self, buf: &mut DevBuf<T>) -> Result<Arg> {
-        match (self, &mut buf.repr) {
-            (Device::Cuda(d), Repr::Cuda(s)) => Ok(Arg::Ptr(s.device_ptr_mut(d.stream()).0)),
-            (Device::Sim(_), Repr::Sim(b)) => Ok(Arg::Ptr(b.addr())),
-            _ => Err(Error::Device("buffer belongs to another device".into())),
+        self.owns(buf)?;
+        match (&self.kind, &mut buf.repr) {
+            (Kind::Cuda(d), Repr::Cuda(s)) => Ok(Arg::Ptr(s.device_ptr_mut(d.stream()).0)),
+            _ => self.ptr(buf),
         }
     }
 
@@ -213,20 +449,33 @@ impl Device {
                 src.len, dst.len
             )));
         }
-        match (self, &src.repr, &mut dst.repr) {
-            (Device::Cuda(d), Repr::Cuda(s), Repr::Cuda(t)) => {
-                let from = s.slice(src_off..src_off + n);
-                let mut to = t.slice_mut(dst_off..dst_off + n);
-                d.stream()
-                    .memcpy_dtod(&from, &mut to)
-                    .map_err(|e| Error::Device(format!("device copy: {e:?}")))
+        self.owns(src)?;
+        self.owns(dst)?;
+        match &self.kind {
+            Kind::Cuda(d) => {
+                let size = std::mem::size_of::<T>();
+                let from = Self::cuda_addr(d, src)? + (src_off * size) as u64;
+                let to = Self::cuda_addr(d, dst)? + (dst_off * size) as u64;
+                d.bind()?;
+                // SAFETY: both ranges lie inside live buffers of this device (checked above);
+                // two distinct buffers never overlap. Ordered on the device's one stream.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        to,
+                        from,
+                        n * size,
+                        d.stream().cu_stream(),
+                    )
+                }
+                .map_err(|e| Error::Device(format!("device copy: {e:?}")))
             }
-            (Device::Sim(_), Repr::Sim(s), Repr::Sim(t)) => {
-                t.as_mut_slice()[dst_off..dst_off + n]
-                    .copy_from_slice(&s.as_slice()[src_off..src_off + n]);
+            Kind::Sim(_) => {
+                let from = &Self::sim_slice(src)?[src_off..src_off + n];
+                // Two distinct buffers: `src` is borrowed shared and `dst` exclusively.
+                let from: Vec<T> = from.to_vec();
+                Self::sim_slice_mut(dst)?[dst_off..dst_off + n].copy_from_slice(&from);
                 Ok(())
             }
-            _ => Err(Error::Device("buffer belongs to another device".into())),
         }
     }
 
@@ -246,10 +495,12 @@ impl Device {
         {
             return Err(Error::Shape(format!("copy_within: {n} elements from {src_off} to {dst_off} in a buffer of {len} (ranges must not overlap)")));
         }
-        match (self, &mut buf.repr) {
-            (Device::Cuda(d), Repr::Cuda(s)) => {
+        self.owns(buf)?;
+        match &self.kind {
+            Kind::Cuda(d) => {
                 let size = std::mem::size_of::<T>();
-                let (base, _guard) = s.device_ptr_mut(d.stream());
+                let base = Self::cuda_addr(d, buf)?;
+                d.bind()?;
                 // SAFETY: both ranges lie inside this live allocation (checked above) and do not
                 // overlap; the copy is ordered on the buffer's stream.
                 unsafe {
@@ -262,11 +513,10 @@ impl Device {
                 }
                 .map_err(|e| Error::Device(format!("device copy within a buffer: {e:?}")))
             }
-            (Device::Sim(_), Repr::Sim(b)) => {
-                b.as_mut_slice().copy_within(src_off..src_off + n, dst_off);
+            Kind::Sim(_) => {
+                Self::sim_slice_mut(buf)?.copy_within(src_off..src_off + n, dst_off);
                 Ok(())
             }
-            _ => Err(Error::Device("buffer belongs to another device".into())),
         }
     }
 
@@ -291,8 +541,8 @@ impl Device {
                 "{kernel}: invalid launch {cfg:?} (1..=1024 threads per block, non-empty grid)"
             )));
         }
-        match self {
-            Device::Cuda(d) => {
+        match &self.kind {
+            Kind::Cuda(d) => {
                 let f = d.function(kernel)?;
                 if cfg.shared_bytes > 48 * 1024 {
                     // Dynamic shared memory above 48 KiB must be opted into per kernel.
@@ -328,22 +578,24 @@ impl Device {
                     .map_err(|e| Error::Device(format!("{kernel} launch {cfg:?}: {e:?}")))?;
                 Ok(())
             }
-            Device::Sim(s) => s.launch(kernel, cfg, args),
+            Kind::Sim(s) => s.launch(kernel, cfg, args),
         }
     }
 
     pub fn synchronize(&self) -> Result<()> {
-        match self {
-            Device::Cuda(d) => d.synchronize(),
-            Device::Sim(_) => Ok(()),
+        match &self.kind {
+            Kind::Cuda(d) => d.synchronize(),
+            Kind::Sim(_) => Ok(()),
         }
     }
 
-    /// Bytes in use on a real device; None in the simulator.
+    /// Bytes in use on a real device, from the driver (every process; the memory pool's
+    /// cached memory included); None in the simulator. `memory_stats` counts this device's
+    /// own buffers instead.
     pub fn memory_in_use(&self) -> Option<u64> {
-        match self {
-            Device::Cuda(d) => d.memory_in_use().ok(),
-            Device::Sim(_) => None,
+        match &self.kind {
+            Kind::Cuda(d) => d.memory_in_use().ok(),
+            Kind::Sim(_) => None,
         }
     }
 }

@@ -1,12 +1,14 @@
 //! The GPU side: finding a usable CUDA device without ever panicking, and the device layer the
 //! kernel launch wrappers run on.
 
+pub mod arena;
 pub mod backend;
 pub mod cuda;
 pub mod device;
 pub mod ops;
 pub mod sim;
 
+pub use arena::MemStats;
 pub use device::{Arg, DevBuf, Device, Launch};
 
 use crate::error::{Error, Result};

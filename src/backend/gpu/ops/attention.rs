@@ -207,7 +207,18 @@ pub struct AttnGradScratch {
 }
 
 impl AttnGradScratch {
+    /// Scratch for [`attention_backward`], which recomputes the forward's O and lse.
     pub fn new(dev: &Device, shape: AttnShape) -> Result<Self> {
+        Self::make(dev, shape, true)
+    }
+
+    /// Scratch for [`attention_backward_saved`], which reads O and lse from the forward pass
+    /// (no `o` / `lse` of its own).
+    pub fn reusing_forward(dev: &Device, shape: AttnShape) -> Result<Self> {
+        Self::make(dev, shape, false)
+    }
+
+    fn make(dev: &Device, shape: AttnShape, recompute: bool) -> Result<Self> {
         let n = shape.tk * shape.kv_heads * shape.head_dim;
         let (rows, nq) = if tiled_head_dim(shape.head_dim) {
             let rows = shape.tq * shape.heads;
@@ -215,11 +226,12 @@ impl AttnGradScratch {
         } else {
             (0, 0)
         };
+        let (o_len, lse_len) = if recompute { (nq, rows) } else { (0, 0) };
         Ok(AttnGradScratch {
             dk32: dev.alloc_zeros(n)?,
             dv32: dev.alloc_zeros(n)?,
-            o: dev.alloc_zeros(nq)?,
-            lse: dev.alloc_zeros(rows)?,
+            o: dev.alloc_zeros(o_len)?,
+            lse: dev.alloc_zeros(lse_len)?,
             delta: dev.alloc_zeros(rows)?,
             dq32: dev.alloc_zeros(nq)?,
         })
@@ -227,7 +239,7 @@ impl AttnGradScratch {
 }
 
 /// Head sizes with tiled tensor-core kernels.
-fn tiled_head_dim(hd: usize) -> bool {
+pub fn tiled_head_dim(hd: usize) -> bool {
     hd == 64 || hd == 128
 }
 
@@ -284,6 +296,84 @@ pub fn attention_backward_with(
     dv: &mut DevBuf<bf16>,
     scratch: &mut AttnGradScratch,
 ) -> Result<()> {
+    let g = Grads { dy, dq, dk, dv };
+    backward_impl(
+        dev, kernel, q, k, v, positions, spans, span_buf, shape, None, g, scratch,
+    )
+}
+
+/// [`attention_backward`] reusing the forward pass's output `o` `[tq, heads, head_dim]` and
+/// `lse` `[tq, heads]` (as [`attention_forward`] left them, for the same q, k, v and spans)
+/// instead of recomputing them: the tiled backward then skips one attention forward. The
+/// per-row kernels (other head sizes) recompute inside the kernel and ignore them. `scratch`
+/// from [`AttnGradScratch::reusing_forward`] (or `new`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_saved(
+    dev: &Device,
+    q: &DevBuf<bf16>,
+    k: &DevBuf<bf16>,
+    v: &DevBuf<bf16>,
+    positions: &DevBuf<u32>,
+    spans: &[SeqSpan],
+    span_buf: &mut DevBuf<i32>,
+    shape: AttnShape,
+    o: &DevBuf<bf16>,
+    lse: &DevBuf<f32>,
+    dy: &DevBuf<bf16>,
+    dq: &mut DevBuf<bf16>,
+    dk: &mut DevBuf<bf16>,
+    dv: &mut DevBuf<bf16>,
+    scratch: &mut AttnGradScratch,
+) -> Result<()> {
+    let rows = shape.tq * shape.heads;
+    if o.len() != rows * shape.head_dim || lse.len() != rows {
+        return Err(Error::Shape(format!(
+            "attention_backward_saved: o {} and lse {} do not match {shape:?}",
+            o.len(),
+            lse.len()
+        )));
+    }
+    let g = Grads { dy, dq, dk, dv };
+    backward_impl(
+        dev,
+        AttnKernel::Auto,
+        q,
+        k,
+        v,
+        positions,
+        spans,
+        span_buf,
+        shape,
+        Some((o, lse)),
+        g,
+        scratch,
+    )
+}
+
+/// The output gradient and the input gradients of one backward call.
+struct Grads<'a> {
+    dy: &'a DevBuf<bf16>,
+    dq: &'a mut DevBuf<bf16>,
+    dk: &'a mut DevBuf<bf16>,
+    dv: &'a mut DevBuf<bf16>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_impl(
+    dev: &Device,
+    kernel: AttnKernel,
+    q: &DevBuf<bf16>,
+    k: &DevBuf<bf16>,
+    v: &DevBuf<bf16>,
+    positions: &DevBuf<u32>,
+    spans: &[SeqSpan],
+    span_buf: &mut DevBuf<i32>,
+    shape: AttnShape,
+    saved: Option<(&DevBuf<bf16>, &DevBuf<f32>)>,
+    g: Grads<'_>,
+    scratch: &mut AttnGradScratch,
+) -> Result<()> {
+    let Grads { dy, dq, dk, dv } = g;
     let name = "attention_bwd_bf16";
     // Reuse the forward's checks (shapes, spans) with dy and dq standing in for out.
     let AttnShape {
@@ -333,7 +423,7 @@ pub fn attention_backward_with(
     }
     if kernel == AttnKernel::Auto && tiled_head_dim(head_dim) {
         return tiled_backward(
-            dev, q, k, v, positions, spans, span_buf, shape, dy, dq, dk, dv, scratch,
+            dev, q, k, v, positions, spans, span_buf, shape, saved, dy, dq, dk, dv, scratch,
         );
     }
     upload_spans(dev, name, spans, span_buf)?;
@@ -371,9 +461,10 @@ pub fn attention_backward_with(
     )
 }
 
-/// The tiled backward (kernels/attention.cu, `attention_bwd_hd{64,128}_bf16`): recompute O and
-/// lse with the tiled forward, D = rowsum(dy ⊙ O), then one block per (64 keys, query head,
-/// span) accumulating dq32 / dk32 / dv32 in f32, converted to bf16 at the end.
+/// The tiled backward (kernels/attention.cu, `attention_bwd_hd{64,128}_bf16`): O and lse from
+/// the forward pass (`saved`) or recomputed with the tiled forward, D = rowsum(dy ⊙ O), then
+/// one block per (64 keys, query head, span) accumulating dq32 / dk32 / dv32 in f32, converted
+/// to bf16 at the end.
 #[allow(clippy::too_many_arguments)]
 fn tiled_backward(
     dev: &Device,
@@ -384,6 +475,7 @@ fn tiled_backward(
     spans: &[SeqSpan],
     span_buf: &mut DevBuf<i32>,
     shape: AttnShape,
+    saved: Option<(&DevBuf<bf16>, &DevBuf<f32>)>,
     dy: &DevBuf<bf16>,
     dq: &mut DevBuf<bf16>,
     dk: &mut DevBuf<bf16>,
@@ -403,30 +495,48 @@ fn tiled_backward(
         "attention_bwd_hd128_bf16"
     };
     let (rows, nq, nk) = (tq * heads, tq * heads * head_dim, tk * kv_heads * head_dim);
-    if scratch.o.len() != nq
-        || scratch.dq32.len() != nq
-        || scratch.lse.len() != rows
+    let own = if saved.is_some() { (0, 0) } else { (nq, rows) };
+    if scratch.dq32.len() != nq
         || scratch.delta.len() != rows
+        || scratch.o.len() < own.0
+        || scratch.lse.len() < own.1
     {
         return Err(Error::Shape(format!(
-            "{name}: scratch was made for another shape than {shape:?}"
+            "{name}: scratch was made for another shape than {shape:?}{}",
+            if saved.is_none() && scratch.o.is_empty() {
+                " (scratch for a backward that reuses the forward's O and lse)"
+            } else {
+                ""
+            }
         )));
     }
     let AttnGradScratch {
         dk32,
         dv32,
-        o,
-        lse,
+        o: o_own,
+        lse: lse_own,
         delta,
         dq32,
     } = scratch;
-    // O and lse (every row the spans cover; rows outside any span keep zeros and get dq = 0).
     dev.launch(
         "zero_u32",
         Launch::linear(nq.div_ceil(256).max(1) as u32, 256),
         &[dev.ptr_mut(dq32)?, Arg::I32(nq as i32)],
     )?;
-    attention_forward(dev, q, k, v, positions, spans, span_buf, shape, o, lse)?;
+    // O and lse (every row the spans cover; rows outside any span get dq = 0): the forward
+    // pass's, or recomputed here.
+    let (o, lse): (&DevBuf<bf16>, &DevBuf<f32>) = match saved {
+        Some((o, lse)) => {
+            upload_spans(dev, name, spans, span_buf)?;
+            (o, lse)
+        }
+        None => {
+            attention_forward(
+                dev, q, k, v, positions, spans, span_buf, shape, o_own, lse_own,
+            )?;
+            (o_own, lse_own)
+        }
+    };
     if rows > 0 {
         dev.launch(
             "attention_bwd_delta_bf16",

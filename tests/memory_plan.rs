@@ -1,0 +1,242 @@
+//! The memory plan against what a training run really holds, and the arena it is allocated as
+//! (DESIGN.md §4).
+//!
+//! The device layer counts every buffer it hands out in 256-byte blocks, the same on CUDA and
+//! in the simulator, so the peak of a real training step is measured exactly here without a
+//! GPU: it must EQUAL the plan's total when every row is labelled (the plan's head chunk is
+//! then full), for setups that exercise each term — tied and untied heads, GQA, head_dim 32
+//! (per-row attention), 64 and 128 (tiled attention, with its larger backward scratch), LoRA
+//! on any targets and ranks, checkpointing on and off, and micro-batches of ≤ 16 tokens
+//! (the weight-only GEMV path, no int8 scratch). Each run is carved from an arena of exactly
+//! the plan's size, and nothing reaches the device allocator after it.
+
+mod common;
+
+use recforge::backend::gpu::backend::Gpu;
+use recforge::backend::gpu::Device;
+use recforge::backend::Backend;
+use recforge::memory::{self, human, TrainSetup};
+use recforge::model::lora::parse_targets;
+use recforge::model::random::{random_llama, shape};
+use recforge::model::LlamaConfig;
+use recforge::rng::Rng;
+use recforge::train::step::HEAD_CHUNK;
+use recforge::train::{Example, TrainConfig, Trainer};
+
+struct Case {
+    name: &'static str,
+    model: LlamaConfig,
+    batch: usize,
+    seq: usize,
+    r: usize,
+    targets: &'static str,
+    checkpointing: bool,
+}
+
+fn smol(layers: usize, vocab: usize) -> LlamaConfig {
+    let mut c = memory::named_shape("smollm2-135m").unwrap();
+    c.num_hidden_layers = layers;
+    c.vocab_size = vocab;
+    c.bos_token_id = None;
+    c.eos_token_ids = vec![];
+    c
+}
+
+/// head_dim 128 (the other tiled attention size), kv_dim < q_dim, an untied head.
+fn hd128() -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 256,
+        intermediate_size: 320,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 128,
+        vocab_size: 300,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 512,
+        tie_word_embeddings: false,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let tiny = shape("tiny").unwrap();
+    vec![
+        Case {
+            name: "tiny, q,v r 8, checkpointing",
+            model: tiny.clone(),
+            batch: 2,
+            seq: 32,
+            r: 8,
+            targets: "q,v",
+            checkpointing: true,
+        },
+        Case {
+            name: "tiny, all targets r 3, no checkpointing, 63 tokens",
+            model: tiny.clone(),
+            batch: 3,
+            seq: 21,
+            r: 3,
+            targets: "q,k,v,o,gate,up,down",
+            checkpointing: false,
+        },
+        Case {
+            name: "tiny, 9 tokens (weight-only GEMV path)",
+            model: tiny.clone(),
+            batch: 1,
+            seq: 9,
+            r: 4,
+            targets: "q,k",
+            checkpointing: true,
+        },
+        Case {
+            name: "tiny, 160 tokens (two head chunks)",
+            model: tiny,
+            batch: 2,
+            seq: 80,
+            r: 2,
+            targets: "o,down",
+            checkpointing: true,
+        },
+        Case {
+            name: "smollm2 shape, 2 layers (GQA 9/3, head_dim 64 tiled, tied head)",
+            model: smol(2, 700),
+            batch: 2,
+            seq: 40,
+            r: 8,
+            targets: "q,k,v,o",
+            checkpointing: true,
+        },
+        Case {
+            name: "head_dim 128, untied head, no checkpointing",
+            model: hd128(),
+            batch: 2,
+            seq: 24,
+            r: 5,
+            targets: "q,v,up",
+            checkpointing: false,
+        },
+    ]
+}
+
+fn setup(c: &Case) -> TrainSetup {
+    TrainSetup {
+        model: c.model.clone(),
+        batch: c.batch,
+        seq: c.seq,
+        lora_rank: c.r,
+        targets: c.targets.split(',').map(String::from).collect(),
+        checkpointing: c.checkpointing,
+        logits_chunk: HEAD_CHUNK,
+        budget: 24 * memory::GIB,
+    }
+}
+
+fn train_config(c: &Case) -> TrainConfig {
+    let mut cfg = TrainConfig::preset("tallrec").unwrap();
+    cfg.lora.r = c.r;
+    cfg.lora.targets = parse_targets(c.targets).unwrap();
+    cfg.batch_size = c.batch;
+    cfg.grad_accum = 2;
+    cfg.cutoff = c.seq;
+    cfg.steps = 2;
+    cfg.warmup_steps = 1;
+    cfg.checkpointing = c.checkpointing;
+    cfg
+}
+
+/// `batch × accum` sequences of exactly `seq` tokens with a label on EVERY row, so each head
+/// chunk is as large as the plan allows.
+fn data(c: &Case, n: usize, seed: u64) -> Vec<Example> {
+    let v = c.model.vocab_size as u64;
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| Example {
+            ids: (0..c.seq).map(|_| rng.below(v) as u32).collect(),
+            labels: (0..c.seq).map(|_| rng.below(v) as u32).collect(),
+        })
+        .collect()
+}
+
+#[test]
+fn the_plan_is_the_measured_peak_and_the_run_fits_an_arena_of_its_size() {
+    for dev in common::devices() {
+        let kind = dev.name();
+        drop(dev);
+        for c in cases() {
+            let s = setup(&c);
+            let plan = memory::plan_training(&s).unwrap();
+            let dev = if kind.starts_with("sim") {
+                Device::sim()
+            } else {
+                Device::cuda(0).unwrap()
+            };
+            let be = Gpu::new(dev);
+            assert!(be.reserve_arena(plan.total()).unwrap());
+            let model = random_llama(&be, &c.model, 7).unwrap();
+            let cfg = train_config(&c);
+            let n = cfg.batch_size * cfg.grad_accum;
+            let mut tr = Trainer::new(&be, &model, cfg, data(&c, n, 11), "plan").unwrap();
+            let before = be.memory_stats().unwrap();
+            for _ in 0..2 {
+                let r = tr
+                    .step()
+                    .unwrap_or_else(|e| panic!("{kind}, {}: {e}\nplan:\n{}", c.name, plan.table()));
+                assert!(r.loss.is_finite());
+            }
+            let st = be.memory_stats().unwrap();
+            eprintln!(
+                "{kind}, {}: plan {} B, measured peak {} B, arena high-water {} B",
+                c.name,
+                plan.total(),
+                st.peak,
+                st.arena_high_water
+            );
+            assert_eq!(
+                st.peak,
+                plan.total(),
+                "{kind}, {}: the measured peak ({}) is not the plan ({}): {} B {}\n{}",
+                c.name,
+                human(st.peak),
+                human(plan.total()),
+                st.peak.abs_diff(plan.total()),
+                if st.peak > plan.total() {
+                    "unplanned"
+                } else {
+                    "planned but never held"
+                },
+                plan.table()
+            );
+            // One allocation from the device (the arena), none during the steps.
+            assert_eq!(st.device_allocations, 1, "{kind}, {}", c.name);
+            assert_eq!(st.device_allocations, before.device_allocations);
+            assert_eq!(st.arena, Some(plan.total()));
+            assert!(st.arena_high_water <= plan.total());
+            assert!(st.buffers > before.buffers, "the steps made buffers");
+        }
+    }
+}
+
+#[test]
+fn an_arena_smaller_than_the_plan_stops_the_run_with_a_clear_error() {
+    let c = &cases()[0];
+    let plan = memory::plan_training(&setup(c)).unwrap();
+    let be = Gpu::new(Device::sim());
+    // Room for the model and the adapter but not for the step: 95% of the plan.
+    be.reserve_arena(plan.total() / 20 * 19).unwrap();
+    let model = random_llama(&be, &c.model, 7).unwrap();
+    let cfg = train_config(c);
+    let n = cfg.batch_size * cfg.grad_accum;
+    let mut tr = Trainer::new(&be, &model, cfg, data(c, n, 11), "plan").unwrap();
+    let e = tr.step().unwrap_err().to_string();
+    assert!(
+        e.contains("arena exhausted") && e.contains("memory plan") && e.contains("RECFORGE_ARENA"),
+        "{e}"
+    );
+    // Nothing leaked: once the step's buffers are gone, only the model and adapter remain.
+    drop(tr);
+    drop(model);
+    assert_eq!(be.memory_stats().unwrap().in_use, 0);
+}
