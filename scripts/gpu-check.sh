@@ -208,7 +208,7 @@ PY
     fi
     if want tests; then
         # Hardware first: the simulator-vs-GPU self-test and the kernel tests, then the rest.
-        first="simulator kernels kernels_linear kernels_elementwise kernels_train kernels_attention kernels_paged kernels_sampling gpu_backend device_arena memory_plan train bench_train"
+        first="simulator kernels kernels_linear kernels_elementwise kernels_train kernels_attention attention_saved kernels_paged kernels_sampling gpu_backend device_arena memory_plan train bench_train"
         for n in $first; do
             [ -x "$here/tests/$n" ] && step "test $n" 120 "$here/tests/$n" --test-threads=4
         done

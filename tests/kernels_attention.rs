@@ -467,3 +467,4 @@ fn check_backward(
         }
     }
 }
+

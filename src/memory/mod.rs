@@ -300,9 +300,14 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
         (l + 1) * bf(t * d),
     );
     // What one layer's backward reads: h1, x2, h2, proj [t, d]; q, attn [t, q_dim]; k, v
-    // [t, kv_dim]; gate, up, silu(gate)·up [t, ffn]; LoRA h, u [t, r] f32 per target.
-    let per_layer =
-        4 * bf(t * d) + 2 * bf(t * qd) + 2 * bf(t * kvd) + 3 * bf(t * f) + 2 * nt * f4(t * r);
+    // [t, kv_dim]; gate, up, silu(gate)·up [t, ffn]; attention's log-sum-exp [t, heads] f32;
+    // LoRA h, u [t, r] f32 per target.
+    let per_layer = 4 * bf(t * d)
+        + 2 * bf(t * qd)
+        + 2 * bf(t * kvd)
+        + 3 * bf(t * f)
+        + f4(t * heads)
+        + 2 * nt * f4(t * r);
     if s.checkpointing {
         add(
             "recompute working set",
@@ -340,14 +345,18 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     } else {
         0
     };
-    let attn_fwd = spans + f4(t * heads);
+    // The forward writes its log-sum-exp into the saved set; the tiled backward reuses it and
+    // the forward's output (its own O and lse buffers are empty), keeping D and dQ in f32.
+    let attn_fwd = spans;
     let tiled = tiled_head_dim(hd as usize);
     let attn_bwd = spans
         + 2 * f4(t * kvd)
+        + bf(0)
+        + f4(0)
         + if tiled {
-            bf(t * qd) + 2 * f4(t * heads) + f4(t * qd)
+            f4(t * heads) + f4(t * qd)
         } else {
-            bf(0) + 2 * f4(0) + f4(0)
+            2 * f4(0)
         };
     let lora_bwd = if nt > 0 { f4(t * r) } else { 0 };
     let rows = (s.logits_chunk as u64).min(t);
@@ -358,14 +367,11 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
             int8,
             format!("int8 linear: x [{t}, {kmax}] int8, scales, outlier cols"),
         ),
-        (
-            attn_fwd,
-            format!("attention fwd: logsumexp [{t}, {heads}] f32"),
-        ),
+        (attn_fwd, "attention fwd: span table".to_string()),
         (
             attn_bwd,
             if tiled {
-                format!("attention bwd: dK, dV, dQ f32, O bf16 [{t}, ·], lse, D")
+                format!("attention bwd: dK, dV, dQ [{t}, ·] f32, D")
             } else {
                 format!("attention bwd: dK, dV [{t}, {kvd}] f32")
             },
@@ -471,10 +477,11 @@ mod tests {
         })
         .unwrap();
         // Per layer of LLaMA-7B at 4096 tokens: h1, x2, h2, proj, q, attn, k, v (4096 wide) and
-        // gate, up, silu(gate)·up (11008 wide) in bf16, plus LoRA h, u [4096, 16] f32 for each
-        // of 4 targets. Both keep the 33 layer boundaries; checkpointing keeps one layer's set
-        // instead of 32.
-        let per_layer: u64 = 4096 * (8 * 4096 + 3 * 11008) * 2 + 4 * 2 * 4096 * 16 * 4;
+        // gate, up, silu(gate)·up (11008 wide) in bf16, the attention log-sum-exp [4096, 32]
+        // f32, plus LoRA h, u [4096, 16] f32 for each of 4 targets. Both keep the 33 layer
+        // boundaries; checkpointing keeps one layer's set instead of 32.
+        let per_layer: u64 =
+            4096 * (8 * 4096 + 3 * 11008) * 2 + 4096 * 32 * 4 + 4 * 2 * 4096 * 16 * 4;
         assert_eq!(without.total() - with.total(), 31 * per_layer);
         assert!(without.total() > with.total());
     }

@@ -82,6 +82,9 @@ struct LayerActs<B: Backend> {
     k: Tensor<B>,
     v: Tensor<B>,
     attn: Tensor<B>,
+    /// What the attention backward reuses of the forward (`Backend::attention_saving`), f32
+    /// `[T, heads]`.
+    attn_saved: Tensor<B>,
     x2: Tensor<B>,
     h2: Tensor<B>,
     g: Tensor<B>,
@@ -150,6 +153,7 @@ impl<B: Backend> Workspace<B> {
                 k: z(&[t, kvd])?,
                 v: z(&[t, kvd])?,
                 attn: z(&[t, qd])?,
+                attn_saved: be.zeros(&[t, c.num_attention_heads], DType::F32)?,
                 x2: z(&[t, d])?,
                 h2: z(&[t, d])?,
                 g: z(&[t, f])?,
@@ -391,7 +395,15 @@ impl<B: Backend> Ctx<'_, B> {
         be.rope(&mut a.q, &self.pos, theta, false)?;
         be.rope(&mut a.k, &self.pos, theta, false)?;
         match cat {
-            None => be.attention(&a.q, &a.k, &a.v, &self.pos, self.spans, &mut a.attn)?,
+            None => be.attention_saving(
+                &a.q,
+                &a.k,
+                &a.v,
+                &self.pos,
+                self.spans,
+                &mut a.attn,
+                &mut a.attn_saved,
+            )?,
             Some(c) => {
                 c.fill(be, l, &a.k, &a.v, self.spans)?;
                 be.attention(&a.q, &c.k, &c.v, &self.pos, self.spans, &mut a.attn)?;
@@ -534,7 +546,22 @@ impl<B: Backend> Ctx<'_, B> {
         reshape(dq, &[t, h, hd]);
         reshape(dk, &[t, kvh, hd]);
         reshape(dv, &[t, kvh, hd]);
-        be.attention_backward(&a.q, &a.k, &a.v, &self.pos, self.spans, dattn, dq, dk, dv)?;
+        // The forward's output and log-sum-exp: the tiled backward need not recompute them.
+        reshape(&mut a.attn, &[t, h, hd]);
+        be.attention_backward_saved(
+            &a.q,
+            &a.k,
+            &a.v,
+            &self.pos,
+            self.spans,
+            &a.attn,
+            &a.attn_saved,
+            dattn,
+            dq,
+            dk,
+            dv,
+        )?;
+        reshape(&mut a.attn, &[t, h * hd]);
         be.rope(dq, &self.pos, theta, true)?;
         be.rope(dk, &self.pos, theta, true)?;
         reshape(dq, &[t, h * hd]);
