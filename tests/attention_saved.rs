@@ -95,7 +95,10 @@ fn backward_from_the_saved_forward_equals_the_recomputing_backward() {
                     w.iter().chain(g).all(|x| x.is_finite()),
                     "{name} has unwritten rows"
                 );
-                let what = format!("{}: {name}, heads {heads}/{kvh}, hd {hd}, {lens:?}", be.name());
+                let what = format!(
+                    "{}: {name}, heads {heads}/{kvh}, hd {hd}, {lens:?}",
+                    be.name()
+                );
                 if be.dev.is_sim() {
                     let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{what}: not bit-identical");

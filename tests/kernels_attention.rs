@@ -467,4 +467,3 @@ fn check_backward(
         }
     }
 }
-
