@@ -26,7 +26,7 @@
 #                                     # and bitsandbytes 8-bit bases) with the same settings; writes
 #                                     # OUT_DIR/bench-train.json and OUT_DIR/peer-train.json and a
 #                                     # summary in OUT_DIR/gpu-check.md. Each side runs under
-#                                     # `timeout` (TRAIN_TIMEOUT seconds, default 240), so the pair
+#                                     # `timeout` (TRAIN_TIMEOUT seconds, default 200), so the pair
 #                                     # stays within one 10-minute device call.
 #
 # With the device tool: stage here, then run with carry [".gpu"] and the command
@@ -145,7 +145,8 @@ run | run-train)
     train_compare() {
         local limit="${TRAIN_TIMEOUT:-200}"
         local args=(--batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o)
-        rm -f "$out/bench-train.json" "$out/peer-train.json"
+        rm -f "$out/bench-train.json" "$out/peer-train.json" "$out/bench-train-ckpt-all.json"
+        # Default checkpointing (auto: the 24 GiB plan keeps most layers' activations).
         step "bench-train llama-7b 4×1024 itrek (cuda)" "$limit" \
             "$here/bin/bench-train" --device cuda --model llama-7b --preset itrek "${args[@]}" \
             --warmup 2 --steps 5 --time-limit "$((limit - 90))" --json "$out/bench-train.json"
@@ -157,18 +158,23 @@ run | run-train)
         else
             echo "| peer: HF PEFT LoRA | skipped: no python3 | 0 |" >>"$md"
         fi
+        # The same algorithm as the peer: every layer recomputes.
+        step "bench-train llama-7b 4×1024 itrek --checkpointing on (cuda)" "$limit" \
+            "$here/bin/bench-train" --device cuda --model llama-7b --preset itrek "${args[@]}" \
+            --checkpointing on --warmup 1 --steps 3 --time-limit "$((limit - 90))" \
+            --json "$out/bench-train-ckpt-all.json"
         {
             echo
             echo "## Training throughput (LLaMA-7B shapes, batch 4 × 1024, LoRA r 16 on q,k,v,o)"
             echo
-            python3 - "$out/bench-train.json" "$out/peer-train.json" <<'PY' || echo "(no summary: python3 failed)"
+            python3 - "$out/bench-train.json" "$out/peer-train.json" "$out/bench-train-ckpt-all.json" <<'PY' || echo "(no summary: python3 failed)"
 import json, sys
 def load(p):
     try:
         return json.load(open(p))
     except Exception as e:
         return {"error": f"{p}: {e}"}
-b, p = load(sys.argv[1]), load(sys.argv[2])
+b, p, ball = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
 print("| run | tokens/s | ms/step | peak memory | note |")
 print("|---|---|---|---|---|")
 def buffers(m):
@@ -179,13 +185,16 @@ def buffers(m):
     return (f"; buffers peak {gib(bu.get('peak_bytes'))} ({bu.get('peak_over_plan', 0):.3f} of the plan{arena}, "
             f"{bu.get('device_allocations_during_steps')} device allocations in the steps)")
 gib = lambda x: f"{x / 2**30:.2f} GiB" if isinstance(x, (int, float)) else "n/a"
-if "tokens_per_sec" in b:
-    m = b["memory"]
-    mfu = f"MFU {b['mfu'] * 100:.1f}%" if b.get("mfu") is not None else b.get("mfu_note", "")
-    print(f"| recforge bench-train ({b['device']}) | {b['tokens_per_sec']:.0f} | {b['step_ms']['total']:.1f} | "
-          f"driver {gib(m.get('measured_bytes'))} (plan {gib(m.get('plan_total_bytes'))}{buffers(m)}) | {mfu} |")
-else:
-    print(f"| recforge bench-train | — | — | — | {b.get('error', 'no result (see the log)')} |")
+for run in (b, ball):
+    if "tokens_per_sec" in run:
+        m = run["memory"]
+        mfu = f"MFU {run['mfu'] * 100:.1f}%" if run.get("mfu") is not None else run.get("mfu_note", "")
+        ck = run.get("config", {}).get("recomputed_layers")
+        print(f"| recforge bench-train ({run['device']}; {ck} layers recompute) | {run['tokens_per_sec']:.0f} | "
+              f"{run['step_ms']['total']:.1f} | driver {gib(m.get('measured_bytes'))} "
+              f"(plan {gib(m.get('plan_total_bytes'))}{buffers(m)}) | {mfu} |")
+    else:
+        print(f"| recforge bench-train | — | — | — | {run.get('error', 'no result (see the log)')} |")
 for mode, r in (p.get("runs") or {}).items():
     if r.get("status") == "ok":
         ratio = ""

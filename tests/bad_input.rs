@@ -453,6 +453,51 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
         err.contains("would fit with --batch") && !err.contains("panicked"),
         "{err}"
     );
+    // auto (the default) keeps every layer it can within the budget less 1 GiB; "on"
+    // recomputes all 32 and needs less; "off" does not fit 24 GiB at this size and says so.
+    let total_of = |out: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("TOTAL"))
+            .unwrap_or_else(|| panic!("no TOTAL in {out}"));
+        let mut it = line.split_whitespace().rev();
+        let (unit, v) = (
+            it.next().unwrap(),
+            it.next().unwrap().parse::<f64>().unwrap(),
+        );
+        v * if unit == "GiB" { 1024.0 } else { 1.0 }
+    };
+    let base = [
+        "plan", "--model", "llama-7b", "--batch", "4", "--seq", "1024",
+    ];
+    let (ok, auto, err) = cli(&base);
+    assert!(ok, "{err}");
+    assert!(
+        auto.contains("checkpointing auto: ") && auto.contains(" of 32 layers"),
+        "{auto}"
+    );
+    let (ok, on, err) = cli(&[&base[..], &["--checkpointing", "on"]].concat());
+    assert!(ok, "{err}");
+    assert!(on.contains("checkpointing on (all 32 layers)"), "{on}");
+    assert!(
+        total_of(&on) < total_of(&auto),
+        "{on}
+{auto}"
+    );
+    assert!(total_of(&auto) <= 23.0 * 1024.0, "{auto}");
+    let (ok, _, err) = cli(&[&base[..], &["--checkpointing", "off"]].concat());
+    assert!(!ok);
+    assert!(err.contains("--checkpointing on"), "{err}");
+    let (ok, _, err) = cli(&[&base[..], &["--checkpointing", "33"]].concat());
+    assert!(
+        !ok && err.contains("33 layers, but the model has 32"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&[&base[..], &["--checkpointing", "maybe"]].concat());
+    assert!(
+        !ok && err.contains("expected on, off, auto or a number of layers"),
+        "{err}"
+    );
     let (ok, _, err) = cli(&["plan", "--budget", "lots"]);
     assert!(!ok && err.contains("--budget 'lots'"), "{err}");
     let (ok, _, err) = cli(&["plan", "--targets", "q,zz"]);

@@ -152,9 +152,16 @@ fn bench(device: &str, extra: &[&str], batch: usize, seq: usize, accum: usize) -
         f(fl, "hardware_per_step"),
         f(fl, "model_per_step") + f(fl, "recompute_per_step")
     );
+    // The recomputed forward: the layers' share of the forward (all but the head) for the n of
+    // L layers that recompute.
+    let (n, layers) = (f(&v, "config.recomputed_layers"), f(&v, "model.layers"));
+    let label_rows = v["steps"][0]["label_tokens"].as_f64().unwrap();
+    let layer_fwd = f(fl, "forward_per_step") - 2.0 * f(fl, "head_params") * label_rows;
+    let want = (layer_fwd * n / layers).floor();
     assert!(
-        f(fl, "recompute_per_step") > 0.0,
-        "checkpointing is on by default"
+        (f(fl, "recompute_per_step") - want).abs() <= 1.0,
+        "recompute {} vs {want} for {n} of {layers} layers",
+        f(fl, "recompute_per_step")
     );
     assert!(f(&v, "memory.plan_total_bytes") > 0.0);
     v
@@ -171,6 +178,10 @@ fn cpu_run_reports_throughput_flops_and_loss() {
     );
     assert_eq!(v["model"]["layers"], 1);
     assert_eq!(v["model"]["vocab"], 49152);
+    // auto: a one-layer model at 64 tokens fits the default 24 GiB budget many times over, so
+    // no layer recomputes.
+    assert_eq!(v["config"]["checkpointing"], "off");
+    assert_eq!(v["config"]["recomputed_layers"], 0);
     assert!(v["device"].as_str().unwrap().starts_with("cpu"));
     // No MFU or measured memory on the CPU, and it says why.
     assert!(v["mfu"].is_null());
@@ -186,12 +197,23 @@ fn cpu_run_reports_throughput_flops_and_loss() {
 fn simulator_run_reports_throughput_flops_and_loss() {
     let v = bench(
         "sim",
-        &["--model", "tiny", "--r", "8", "--targets", "q,v"],
+        &[
+            "--model",
+            "tiny",
+            "--r",
+            "8",
+            "--targets",
+            "q,v",
+            "--checkpointing",
+            "1",
+        ],
         2,
         32,
         1,
     );
     assert!(v["device"].as_str().unwrap().starts_with("sim"));
+    assert_eq!(v["config"]["recomputed_layers"], 1);
+    assert!(f(&v, "flops.recompute_per_step") > 0.0);
     assert_eq!(v["config"]["r"], 8);
     assert_eq!(v["config"]["targets"], serde_json::json!(["q", "v"]));
     assert!(v["mfu"].is_null());

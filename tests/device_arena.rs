@@ -185,7 +185,7 @@ fn training_in_an_arena_is_bit_identical_to_training_without_one() {
         seq,
         lora_rank: r,
         targets: vec!["q".into(), "v".into(), "down".into()],
-        checkpointing: true,
+        checkpointing: memory::Checkpointing::All,
         logits_chunk: HEAD_CHUNK,
         budget: 24 * memory::GIB,
     })

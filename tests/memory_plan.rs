@@ -6,7 +6,7 @@
 //! GPU: it must EQUAL the plan's total when every row is labelled (the plan's head chunk is
 //! then full), for setups that exercise each term — tied and untied heads, GQA, head_dim 32
 //! (per-row attention), 64 and 128 (tiled attention, with its larger backward scratch), LoRA
-//! on any targets and ranks, checkpointing on and off, and micro-batches of ≤ 16 tokens
+//! on any targets and ranks, checkpointing on, off and partial, and micro-batches of ≤ 16 tokens
 //! (the weight-only GEMV path, no int8 scratch). Each run is carved from an arena of exactly
 //! the plan's size, and nothing reaches the device allocator after it.
 
@@ -15,7 +15,7 @@ mod common;
 use recforge::backend::gpu::backend::Gpu;
 use recforge::backend::gpu::Device;
 use recforge::backend::Backend;
-use recforge::memory::{self, human, TrainSetup};
+use recforge::memory::{self, human, Checkpointing, TrainSetup};
 use recforge::model::lora::parse_targets;
 use recforge::model::random::{random_llama, shape};
 use recforge::model::LlamaConfig;
@@ -30,7 +30,7 @@ struct Case {
     seq: usize,
     r: usize,
     targets: &'static str,
-    checkpointing: bool,
+    checkpointing: Checkpointing,
 }
 
 fn smol(layers: usize, vocab: usize) -> LlamaConfig {
@@ -71,7 +71,7 @@ fn cases() -> Vec<Case> {
             seq: 32,
             r: 8,
             targets: "q,v",
-            checkpointing: true,
+            checkpointing: Checkpointing::All,
         },
         Case {
             name: "tiny, all targets r 3, no checkpointing, 63 tokens",
@@ -80,7 +80,7 @@ fn cases() -> Vec<Case> {
             seq: 21,
             r: 3,
             targets: "q,k,v,o,gate,up,down",
-            checkpointing: false,
+            checkpointing: Checkpointing::Off,
         },
         Case {
             name: "tiny, 9 tokens (weight-only GEMV path)",
@@ -89,16 +89,19 @@ fn cases() -> Vec<Case> {
             seq: 9,
             r: 4,
             targets: "q,k",
-            checkpointing: true,
+            checkpointing: Checkpointing::All,
         },
         Case {
-            name: "tiny, 160 tokens (two head chunks)",
-            model: tiny,
+            name: "tiny, 3 layers, the first 2 recompute, 160 tokens (two head chunks)",
+            model: LlamaConfig {
+                num_hidden_layers: 3,
+                ..tiny
+            },
             batch: 2,
             seq: 80,
             r: 2,
             targets: "o,down",
-            checkpointing: true,
+            checkpointing: Checkpointing::Layers(2),
         },
         Case {
             name: "smollm2 shape, 2 layers (GQA 9/3, head_dim 64 tiled, tied head)",
@@ -107,7 +110,7 @@ fn cases() -> Vec<Case> {
             seq: 40,
             r: 8,
             targets: "q,k,v,o",
-            checkpointing: true,
+            checkpointing: Checkpointing::All,
         },
         Case {
             name: "head_dim 128, untied head, no checkpointing",
@@ -116,7 +119,7 @@ fn cases() -> Vec<Case> {
             seq: 24,
             r: 5,
             targets: "q,v,up",
-            checkpointing: false,
+            checkpointing: Checkpointing::Off,
         },
     ]
 }

@@ -88,11 +88,11 @@ fn full_and_prefixed<B: Backend>(
     let (cfg, p) = (&ad.config, prefix.len());
     let full: Vec<&[u32]> = seqs.iter().map(|s| &s[..]).collect();
     let (b, rows) = pack(&full);
-    let mut ws = Workspace::new(be, m, &cfg.targets, cfg.r, b.len(), true).unwrap();
+    let mut ws = Workspace::forward_only(be, m, &cfg.targets, cfg.r, b.len()).unwrap();
     let lf = forward_logits_at(be, m, ad, &mut ws, None, &b, &rows).expect("full forward");
     let own: Vec<&[u32]> = seqs.iter().map(|s| &s[p..]).collect();
     let (b, rows) = pack(&own);
-    let mut ws = Workspace::new(be, m, &cfg.targets, cfg.r, b.len(), true).unwrap();
+    let mut ws = Workspace::forward_only(be, m, &cfg.targets, cfg.r, b.len()).unwrap();
     let lp = forward_logits_at(be, m, ad, &mut ws, Some(prefix), &b, &rows).expect("prefixed");
     (yes_no(be, &lf), yes_no(be, &lp))
 }
@@ -181,7 +181,7 @@ fn prefix_vs_full<B: Backend>(
         for sq in seqs.iter().filter(|_| packing) {
             let (b, rows) = pack(&[&sq[..]]);
             let (targets, r) = (&ad.config.targets, ad.config.r);
-            let mut ws = Workspace::new(be, m, targets, r, b.len(), true).unwrap();
+            let mut ws = Workspace::forward_only(be, m, targets, r, b.len()).unwrap();
             let l = forward_logits_at(be, m, &ad, &mut ws, None, &b, &rows).unwrap();
             alone.push(yes_no(be, &l)[0]);
         }

@@ -91,8 +91,13 @@ struct Args {
     /// Override the vocabulary size of a named shape (for small runs).
     #[arg(long)]
     vocab: Option<usize>,
-    /// Keep every layer's activations instead of recomputing them in the backward pass.
-    #[arg(long)]
+    /// Which layers recompute their activations in the backward pass: auto (the fewest that fit
+    /// the --budget by the memory plan, leaving 1 GiB for the CUDA context), on (all — what the
+    /// PEFT peer does), off (none), or a number of layers.
+    #[arg(long, default_value = "auto")]
+    checkpointing: memory::CheckpointChoice,
+    /// The same as --checkpointing off.
+    #[arg(long, conflicts_with = "checkpointing")]
     no_checkpointing: bool,
     /// LLM.int8 outlier threshold of the frozen linears (0 disables the decomposition).
     #[arg(long, default_value_t = 6.0)]
@@ -291,8 +296,8 @@ impl Kind {
 ///   the half is what is counted — and 2·A backward (dV = Pᵀ·dO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q: four GEMMs);
 /// - model FLOPs = forward + backward (the standard MFU numerator: recomputation is not
 ///   useful work);
-/// - hardware FLOPs = model FLOPs + the recomputed forward under checkpointing,
-///   2·N·T + 2·N_lora·T + A (the head is not recomputed).
+/// - hardware FLOPs = model FLOPs + the recomputed forward of the n of L layers that
+///   checkpoint, (2·N·T + 2·N_lora·T + A)·n/L (the head is not recomputed).
 ///
 /// MFU = model FLOPs ÷ step time ÷ peak, HFU = hardware FLOPs ÷ step time ÷ peak, where the
 /// peak is the device's dense bf16 tensor-core rate (`peak_for`).
@@ -311,7 +316,7 @@ struct Flops {
 }
 
 const FLOP_FORMULA: &str = "model = fwd 2·N·T + 2·N_lora·T + 2·d·V·T_lab + A  +  bwd 2·N·T + 4·N_lora·T + 2·d·V·T_lab + 2·A;  \
-hardware = model + recompute (checkpointing: 2·N·T + 2·N_lora·T + A);  \
+hardware = model + recompute ((2·N·T + 2·N_lora·T + A)·n/L for n of L layers checkpointed);  \
 A = 4·L·d_q·P, P = Σ_seq s(s+1)/2 causal pairs (causal half of the full 4·L·d_q·T·s);  \
 N = frozen linear weights, N_lora = LoRA A+B weights, T = tokens/step, T_lab = labelled rows";
 
@@ -322,7 +327,7 @@ impl Flops {
         r: usize,
         seqs: &[usize],
         label_rows: u64,
-        checkpointing: bool,
+        recomputed_layers: usize,
     ) -> Flops {
         let (d, f, qd, kvd) = (
             c.hidden_size as u64,
@@ -358,11 +363,10 @@ impl Flops {
             + 4 * lora_params * tokens
             + 2 * head_params * label_rows
             + 2 * a;
-        let recompute = if checkpointing {
-            2 * base_params * tokens + 2 * lora_params * tokens + a
-        } else {
-            0
-        };
+        // Every layer has the same weights and attention work, so n of L layers recompute n/L.
+        let recompute = (2 * base_params * tokens + 2 * lora_params * tokens + a)
+            * recomputed_layers as u64
+            / l;
         Flops {
             base_params,
             lora_params,
@@ -532,7 +536,6 @@ fn run(args: Args) -> Result<()> {
     if let Some(t) = &args.targets {
         cfg.lora.targets = parse_targets(t).with_context(|| format!("--targets '{t}'"))?;
     }
-    cfg.checkpointing = !args.no_checkpointing;
     cfg.seed = args.seed;
     // The cosine schedule spans the whole run; the learning rate does not change the work done.
     cfg.steps = args.warmup + args.steps;
@@ -557,9 +560,21 @@ fn run(args: Args) -> Result<()> {
             .iter()
             .map(|t| t.peft_name().trim_end_matches("_proj").to_string())
             .collect(),
-        checkpointing: cfg.checkpointing,
+        checkpointing: memory::Checkpointing::All,
         logits_chunk: HEAD_CHUNK,
         budget,
+    };
+    let choice = if args.no_checkpointing {
+        memory::CheckpointChoice::Fixed(memory::Checkpointing::Off)
+    } else {
+        args.checkpointing
+    };
+    cfg.checkpointing = memory::choose_checkpointing(choice, &setup)
+        .map_err(anyhow::Error::msg)
+        .context("--checkpointing")?;
+    let setup = TrainSetup {
+        checkpointing: cfg.checkpointing,
+        ..setup
     };
     let plan = memory::plan_training(&setup).map_err(anyhow::Error::msg)?;
 
@@ -589,7 +604,7 @@ fn check_budget(spec: &ModelSpec, s: &TrainSetup, plan: &memory::Plan) -> Result
         s.seq,
         s.lora_rank,
         s.targets.join(","),
-        if s.checkpointing { "on" } else { "off" }
+        s.checkpointing.describe(s.model.num_hidden_layers)
     );
     eprint!("{}", plan.table());
     let (b, q) = memory::solve(s).map_err(anyhow::Error::msg)?;
@@ -600,8 +615,8 @@ fn check_budget(spec: &ModelSpec, s: &TrainSetup, plan: &memory::Plan) -> Result
     if q > 0 {
         fixes.push(format!("--seq {q}"));
     }
-    if !s.checkpointing {
-        fixes.push("checkpointing back on (drop --no-checkpointing)".into());
+    if s.checkpointing.recomputed(s.model.num_hidden_layers) < s.model.num_hidden_layers {
+        fixes.push("--checkpointing on".into());
     }
     fixes.push("a larger --budget if the device has the memory".into());
     bail!(
@@ -786,7 +801,7 @@ fn bench<B: Backend>(
         cfg.lora.r,
         &seqs,
         label_rows,
-        cfg.checkpointing,
+        cfg.checkpointing.recomputed(mc.num_hidden_layers),
     );
     let model_fps = flops.model() as f64 / wall;
     let hw_fps = flops.hardware() as f64 / wall;
@@ -893,7 +908,7 @@ fn bench<B: Backend>(
             cfg.lora.alpha,
             cfg.lora.dropout,
             targets_s,
-            if cfg.checkpointing { "on" } else { "off" },
+            cfg.checkpointing.describe(mc.num_hidden_layers),
             args.outlier_threshold
         ),
     );
@@ -1039,7 +1054,8 @@ fn bench<B: Backend>(
                 "alpha": cfg.lora.alpha,
                 "dropout": cfg.lora.dropout,
                 "targets": targets,
-                "checkpointing": cfg.checkpointing,
+                "checkpointing": cfg.checkpointing.to_json(),
+                "recomputed_layers": cfg.checkpointing.recomputed(mc.num_hidden_layers),
                 "warmup_steps": args.warmup,
                 "measured_steps": measured.len(),
                 "requested_steps": args.steps,
@@ -1209,7 +1225,7 @@ mod tests {
         let c = memory::named_shape("llama-7b").unwrap();
         let t: Vec<String> = ["q", "k", "v", "o"].iter().map(|s| s.to_string()).collect();
         let seqs = vec![1024; 4];
-        let f = Flops::new(&c, &t, 16, &seqs, 4 * 1023, true);
+        let f = Flops::new(&c, &t, 16, &seqs, 4 * 1023, 32);
         // 32 · (4·4096² + 3·4096·11008) frozen weights; 32 · 4 · 16 · 8192 LoRA weights.
         assert_eq!(f.base_params, 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008));
         assert_eq!(f.lora_params, 32 * 4 * 16 * 8192);
@@ -1221,9 +1237,13 @@ mod tests {
         assert!(model > 4.0 * n * tok && model < 4.3 * n * tok, "{model:e}");
         let hw = f.hardware() as f64;
         assert!(hw > 6.0 * n * tok && hw < 6.4 * n * tok, "{hw:e}");
-        let no_ckpt = Flops::new(&c, &t, 16, &seqs, 4 * 1023, false);
+        let no_ckpt = Flops::new(&c, &t, 16, &seqs, 4 * 1023, 0);
         assert_eq!(no_ckpt.hardware(), no_ckpt.model());
         assert_eq!(no_ckpt.model(), f.model());
+        // 8 of 32 layers recompute a quarter of what all 32 do.
+        let part = Flops::new(&c, &t, 16, &seqs, 4 * 1023, 8);
+        assert_eq!(part.model(), f.model());
+        assert_eq!(part.recompute, f.recompute / 4);
     }
 
     #[test]
@@ -1262,7 +1282,7 @@ mod tests {
             seq,
             lora_rank: 16,
             targets: ["q", "k", "v", "o"].iter().map(|s| s.to_string()).collect(),
-            checkpointing: true,
+            checkpointing: memory::Checkpointing::All,
             logits_chunk: HEAD_CHUNK,
             budget: 24 * memory::GIB,
         };

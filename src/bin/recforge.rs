@@ -123,8 +123,12 @@ enum Cmd {
         /// LoRA target modules, comma-separated (q,k,v,o,gate,up,down).
         #[arg(long, default_value = "q,k,v,o")]
         targets: String,
-        /// Keep every layer's activations instead of recomputing one layer at a time.
-        #[arg(long)]
+        /// Which layers recompute their activations in the backward pass: auto (the fewest that
+        /// fit the budget, leaving 1 GiB for the CUDA context), on (all), off (none), or a count.
+        #[arg(long, default_value = "auto")]
+        checkpointing: memory::CheckpointChoice,
+        /// The same as --checkpointing off.
+        #[arg(long, conflicts_with = "checkpointing")]
         no_checkpointing: bool,
         /// Rows of logits materialized at a time (the trainer's chunk by default).
         #[arg(long, default_value_t = recforge::train::step::HEAD_CHUNK)]
@@ -232,8 +236,13 @@ struct TrainArgs {
     weight_decay: Option<f32>,
     #[arg(long)]
     max_grad_norm: Option<f32>,
-    /// Keep every layer's activations (faster, more memory).
-    #[arg(long)]
+    /// Which layers recompute their activations in the backward pass: auto (the fewest that fit
+    /// the --budget by the memory plan, leaving 1 GiB for the CUDA context), on (all), off
+    /// (none: fastest, most memory), or a number of layers. Gradients are the same either way.
+    #[arg(long, default_value = "auto")]
+    checkpointing: memory::CheckpointChoice,
+    /// The same as --checkpointing off.
+    #[arg(long, conflicts_with = "checkpointing")]
     no_checkpointing: bool,
     /// Write a resumable checkpoint here every --checkpoint-every updates and at the end.
     #[arg(long)]
@@ -362,6 +371,7 @@ fn run(cli: Cli) -> Result<()> {
             budget,
             lora_r,
             targets,
+            checkpointing,
             no_checkpointing,
             logits_chunk,
             solve,
@@ -383,11 +393,17 @@ fn run(cli: Cli) -> Result<()> {
                     .map(|t| t.trim().to_string())
                     .filter(|t| !t.is_empty())
                     .collect(),
-                checkpointing: !no_checkpointing,
+                checkpointing: memory::Checkpointing::All,
                 logits_chunk,
                 budget,
             };
-            plan(&model, &setup, solve)
+            let choice = checkpoint_choice(checkpointing, no_checkpointing);
+            let setup = memory::TrainSetup {
+                checkpointing: memory::choose_checkpointing(choice, &setup)
+                    .map_err(anyhow::Error::msg)?,
+                ..setup
+            };
+            plan(&model, &setup, choice, solve)
         }
     }
 }
@@ -560,26 +576,59 @@ fn convert(path: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn plan(model: &str, s: &memory::TrainSetup, solve: bool) -> Result<()> {
+/// `--no-checkpointing` is the older spelling of `--checkpointing off`.
+fn checkpoint_choice(choice: memory::CheckpointChoice, off: bool) -> memory::CheckpointChoice {
+    if off {
+        memory::CheckpointChoice::Fixed(memory::Checkpointing::Off)
+    } else {
+        choice
+    }
+}
+
+fn plan(
+    model: &str,
+    s: &memory::TrainSetup,
+    choice: memory::CheckpointChoice,
+    solve: bool,
+) -> Result<()> {
     let p = memory::plan_training(s).map_err(anyhow::Error::msg)?;
+    let auto = if choice == memory::CheckpointChoice::Auto {
+        "auto: "
+    } else {
+        ""
+    };
     println!(
-        "memory plan: {model}, batch {} × seq {}, LoRA r={} on {}, checkpointing {}\n",
+        "memory plan: {model}, batch {} × seq {}, LoRA r={} on {}, checkpointing {auto}{}\n",
         s.batch,
         s.seq,
         s.lora_rank,
         s.targets.join(","),
-        if s.checkpointing { "on" } else { "off" }
+        s.checkpointing.describe(s.model.num_hidden_layers)
     );
     print!("{}", p.table());
+    // Under auto the largest sizes are those with every layer recomputing (auto would pick
+    // that policy for them).
+    let solve_setup = memory::TrainSetup {
+        checkpointing: if auto.is_empty() {
+            s.checkpointing
+        } else {
+            memory::Checkpointing::All
+        },
+        ..s.clone()
+    };
     let (b, q) = if solve || !p.fits() {
-        memory::solve(s).map_err(anyhow::Error::msg)?
+        memory::solve(&solve_setup).map_err(anyhow::Error::msg)?
     } else {
         (0, 0)
     };
     if solve {
         println!(
-            "largest batch at seq {}: {b}; largest seq at batch {}: {q}",
-            s.seq, s.batch
+            "largest batch at seq {}: {b}; largest seq at batch {}: {q} (checkpointing {})",
+            s.seq,
+            s.batch,
+            solve_setup
+                .checkpointing
+                .describe(s.model.num_hidden_layers)
         );
     }
     if !p.fits() {
@@ -590,8 +639,8 @@ fn plan(model: &str, s: &memory::TrainSetup, solve: bool) -> Result<()> {
         if q > 0 {
             fixes.push(format!("--seq {q}"));
         }
-        if !s.checkpointing {
-            fixes.push("turn checkpointing back on".into());
+        if s.checkpointing.recomputed(s.model.num_hidden_layers) < s.model.num_hidden_layers {
+            fixes.push("--checkpointing on".into());
         }
         if fixes.is_empty() {
             fixes.push("a larger --budget (the frozen weights alone do not fit)".into());
@@ -816,9 +865,6 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(v) = a.max_grad_norm {
         c.max_grad_norm = v;
     }
-    if a.no_checkpointing {
-        c.checkpointing = false;
-    }
     c.validate()?;
     Ok(c)
 }
@@ -865,32 +911,39 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         }
         None => Trainer::new(be, &m, config.clone(), data, &a.model.display().to_string())?,
     };
+    // The plan names every byte of the run; it also decides, under auto, how many layers
+    // recompute (a resumed run takes the command line's choice: it changes no number).
+    let budget = memory::parse_bytes(&a.budget)
+        .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
+    let choice = checkpoint_choice(a.checkpointing, a.no_checkpointing);
+    let mut setup = memory::TrainSetup {
+        model: m.config.clone(),
+        batch: trainer.config.batch_size,
+        seq: trainer.config.cutoff,
+        lora_rank: trainer.config.lora.r,
+        targets: trainer
+            .config
+            .lora
+            .targets
+            .iter()
+            .map(|t| t.peft_name().trim_end_matches("_proj").to_string())
+            .collect(),
+        checkpointing: memory::Checkpointing::All,
+        logits_chunk: recforge::train::step::HEAD_CHUNK,
+        budget,
+    };
+    setup.checkpointing = memory::choose_checkpointing(choice, &setup)
+        .map_err(anyhow::Error::msg)
+        .context("--checkpointing")?;
+    trainer.set_checkpointing(setup.checkpointing)?;
     config = trainer.config.clone();
     if be.memory_stats().is_some() {
-        // A device (CUDA or the simulator): the plan names every byte of the run. On a real GPU
-        // the run must fit the budget before it starts; then every buffer still to come (the
-        // step's workspace and the ops' scratch) is carved from one arena of what the plan has
-        // left after the model and the adapter.
-        let budget = memory::parse_bytes(&a.budget)
-            .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
-        let setup = memory::TrainSetup {
-            model: m.config.clone(),
-            batch: config.batch_size,
-            seq: config.cutoff,
-            lora_rank: config.lora.r,
-            targets: config
-                .lora
-                .targets
-                .iter()
-                .map(|t| t.peft_name().trim_end_matches("_proj").to_string())
-                .collect(),
-            checkpointing: config.checkpointing,
-            logits_chunk: recforge::train::step::HEAD_CHUNK,
-            budget,
-        };
+        // A device (CUDA or the simulator). On a real GPU the run must fit the budget before it
+        // starts; then every buffer still to come (the step's workspace and the ops' scratch)
+        // is carved from one arena of what the plan has left after the model and the adapter.
         let p = memory::plan_training(&setup).map_err(anyhow::Error::msg)?;
         if be.memory_in_use().is_some() && !p.fits() {
-            plan(&a.model.display().to_string(), &setup, false)?;
+            plan(&a.model.display().to_string(), &setup, choice, false)?;
         }
         let held = be.memory_stats().map(|s| s.in_use).unwrap_or(0);
         if held != p.persistent() {
@@ -919,7 +972,7 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     }
     eprintln!(
         "training {} LoRA parameters (r {}, alpha {}, dropout {}, on {}) for {} updates of {} × {} \
-         sequences, lr {} (cosine, {} warm-up), checkpointing {}",
+         sequences, lr {} (cosine, {} warm-up), checkpointing {}{}",
         trainer.adapter.num_params(),
         config.lora.r,
         config.lora.alpha,
@@ -936,7 +989,12 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         config.grad_accum,
         config.lr,
         config.warmup_steps,
-        if config.checkpointing { "on" } else { "off" }
+        if choice == memory::CheckpointChoice::Auto {
+            "auto: "
+        } else {
+            ""
+        },
+        config.checkpointing.describe(m.config.num_hidden_layers)
     );
     let tty = std::io::stderr().is_terminal();
     let t0 = std::time::Instant::now();

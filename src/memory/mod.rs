@@ -30,6 +30,102 @@ pub const TARGETS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
 /// The categories allocated before the first step (the model, then the adapter).
 pub const PERSISTENT: [&str; 3] = ["weights (int8)", "kept precision", "lora"];
 
+/// Which layers recompute their activations in the backward pass instead of keeping them from
+/// the forward pass (gradient checkpointing per layer). Recomputing changes no number: the
+/// gradients are the same either way; it trades one extra forward pass of those layers for the
+/// memory of their saved tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Every layer recomputes: only the layer inputs are kept (the least memory).
+    All,
+    /// No layer recomputes: every layer's activations are kept (the fastest step).
+    Off,
+    /// The first `n` layers recompute, the others keep their activations.
+    Layers(usize),
+}
+
+impl Checkpointing {
+    /// How many of `layers` layers recompute.
+    pub fn recomputed(self, layers: usize) -> usize {
+        match self {
+            Checkpointing::All => layers,
+            Checkpointing::Off => 0,
+            Checkpointing::Layers(n) => n.min(layers),
+        }
+    }
+    /// `Layers(n)` must name at most the model's layers.
+    pub fn check(self, layers: usize) -> Result<(), String> {
+        match self {
+            Checkpointing::Layers(n) if n > layers => Err(format!(
+                "checkpointing {n} layers, but the model has {layers}"
+            )),
+            _ => Ok(()),
+        }
+    }
+    /// For tables and progress lines: "on (all 32 layers)", "off", "5 of 32 layers".
+    pub fn describe(self, layers: usize) -> String {
+        match self.recomputed(layers) {
+            0 => "off".into(),
+            n if n == layers => format!("on (all {layers} layers)"),
+            n => format!("{n} of {layers} layers"),
+        }
+    }
+    /// The JSON form in trainer states: "all", "off" or a layer count.
+    pub fn to_json(self) -> serde_json::Value {
+        match self {
+            Checkpointing::All => "all".into(),
+            Checkpointing::Off => "off".into(),
+            Checkpointing::Layers(n) => n.into(),
+        }
+    }
+    /// Reads `to_json`'s form, and the booleans of older trainer states (true = all).
+    pub fn from_json(v: &serde_json::Value) -> Option<Checkpointing> {
+        match v {
+            serde_json::Value::Bool(true) => Some(Checkpointing::All),
+            serde_json::Value::Bool(false) => Some(Checkpointing::Off),
+            serde_json::Value::Number(n) => n.as_u64().map(|n| Checkpointing::Layers(n as usize)),
+            serde_json::Value::String(s) => s.parse().ok(),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Checkpointing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "on" | "all" => Ok(Checkpointing::All),
+            "off" | "none" => Ok(Checkpointing::Off),
+            n => n.parse().map(Checkpointing::Layers).map_err(|_| {
+                format!("checkpointing '{s}': expected on, off, auto or a number of layers")
+            }),
+        }
+    }
+}
+
+/// What the command line asks for: a fixed policy, or `auto` — the plan picks the fewest
+/// recomputed layers that fit the budget (`auto_checkpointing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointChoice {
+    Auto,
+    Fixed(Checkpointing),
+}
+
+impl std::str::FromStr for CheckpointChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(CheckpointChoice::Auto),
+            other => other.parse().map(CheckpointChoice::Fixed),
+        }
+    }
+}
+
+/// What `auto` leaves unplanned under the budget: the CUDA context, the loaded kernel modules
+/// and the driver's own allocations live outside the plan (a few hundred MiB on current
+/// drivers), so filling the budget to the byte would fail on a card of exactly that size.
+pub const AUTO_HEADROOM: u64 = GIB;
+
 #[derive(Clone, Debug)]
 pub struct TrainSetup {
     pub model: LlamaConfig,
@@ -38,8 +134,8 @@ pub struct TrainSetup {
     pub lora_rank: usize,
     /// Any of TARGETS.
     pub targets: Vec<String>,
-    /// Keep only each layer's input and recompute inside the layer during backward.
-    pub checkpointing: bool,
+    /// Which layers recompute their activations during the backward pass.
+    pub checkpointing: Checkpointing,
     /// Rows of logits computed (and turned into gradients) at a time.
     pub logits_chunk: usize,
     pub budget: u64,
@@ -212,6 +308,7 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
             ));
         }
     }
+    s.checkpointing.check(c.num_hidden_layers)?;
     if s.batch == 0 || s.seq == 0 || s.logits_chunk == 0 {
         return Err("batch, sequence length and logits chunk must be positive".into());
     }
@@ -308,17 +405,20 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
         + 3 * bf(t * f)
         + f4(t * heads)
         + 2 * nt * f4(t * r);
-    if s.checkpointing {
+    // Layers that keep their activations hold their own set; all recomputing layers share one.
+    let recomputed = s.checkpointing.recomputed(l as usize) as u64;
+    if recomputed < l {
+        add(
+            "activations",
+            format!("{} layers' saved tensors for {t} tokens", l - recomputed),
+            (l - recomputed) * per_layer,
+        );
+    }
+    if recomputed > 0 {
         add(
             "recompute working set",
             format!("one layer's saved tensors for {t} tokens"),
             per_layer,
-        );
-    } else {
-        add(
-            "activations",
-            format!("{l} layers' saved tensors for {t} tokens"),
-            l * per_layer,
         );
     }
     add(
@@ -395,6 +495,44 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     })
 }
 
+/// `auto` checkpointing: no recomputation if that plan fits the budget less `AUTO_HEADROOM`,
+/// else the fewest recomputing layers that do (each kept layer costs its saved tensors, so the
+/// step skips the recomputation of every layer the budget has room for); all layers when even
+/// that does not fit — the caller's budget check then reports the table and the fix.
+pub fn auto_checkpointing(s: &TrainSetup) -> Result<Checkpointing, String> {
+    let room = s.budget.saturating_sub(AUTO_HEADROOM);
+    let layers = s.model.num_hidden_layers;
+    for n in 0..layers {
+        let cp = if n == 0 {
+            Checkpointing::Off
+        } else {
+            Checkpointing::Layers(n)
+        };
+        let p = plan_training(&TrainSetup {
+            checkpointing: cp,
+            ..s.clone()
+        })?;
+        if p.total() <= room {
+            return Ok(cp);
+        }
+    }
+    Ok(Checkpointing::All)
+}
+
+/// Resolve the command line's choice for this setup (its `checkpointing` field is ignored).
+pub fn choose_checkpointing(
+    choice: CheckpointChoice,
+    s: &TrainSetup,
+) -> Result<Checkpointing, String> {
+    match choice {
+        CheckpointChoice::Fixed(cp) => {
+            cp.check(s.model.num_hidden_layers)?;
+            Ok(cp)
+        }
+        CheckpointChoice::Auto => auto_checkpointing(s),
+    }
+}
+
 /// The largest batch (at the setup's sequence length) and the largest sequence length (at its
 /// batch) that fit the budget; 0 when none does.
 pub fn solve(s: &TrainSetup) -> Result<(usize, usize), String> {
@@ -443,7 +581,7 @@ mod tests {
             seq,
             lora_rank: 16,
             targets: ["q", "k", "v", "o"].iter().map(|s| s.to_string()).collect(),
-            checkpointing: true,
+            checkpointing: Checkpointing::All,
             logits_chunk: 1024,
             budget: 24 * GIB,
         }
@@ -472,7 +610,7 @@ mod tests {
     fn checkpointing_trades_saved_layers_for_one_recomputed_layer() {
         let with = plan_training(&llama7b(4, 1024)).unwrap();
         let without = plan_training(&TrainSetup {
-            checkpointing: false,
+            checkpointing: Checkpointing::Off,
             ..llama7b(4, 1024)
         })
         .unwrap();
@@ -484,6 +622,102 @@ mod tests {
             4096 * (8 * 4096 + 3 * 11008) * 2 + 4096 * 32 * 4 + 4 * 2 * 4096 * 16 * 4;
         assert_eq!(without.total() - with.total(), 31 * per_layer);
         assert!(without.total() > with.total());
+        // Recomputing n layers keeps 32 − n sets plus the one they share.
+        for n in [1, 5, 31] {
+            let part = plan_training(&TrainSetup {
+                checkpointing: Checkpointing::Layers(n),
+                ..llama7b(4, 1024)
+            })
+            .unwrap();
+            assert_eq!(part.total(), without.total() - (n as u64 - 1) * per_layer);
+        }
+        let all = plan_training(&TrainSetup {
+            checkpointing: Checkpointing::Layers(32),
+            ..llama7b(4, 1024)
+        })
+        .unwrap();
+        assert_eq!(all.total(), with.total());
+        let e = plan_training(&TrainSetup {
+            checkpointing: Checkpointing::Layers(33),
+            ..llama7b(4, 1024)
+        })
+        .unwrap_err();
+        assert!(e.contains("33 layers, but the model has 32"), "{e}");
+    }
+
+    #[test]
+    fn auto_checkpointing_recomputes_the_fewest_layers_that_fit() {
+        let s = llama7b(4, 1024);
+        let room = s.budget - AUTO_HEADROOM;
+        let total = |cp| {
+            plan_training(&TrainSetup {
+                checkpointing: cp,
+                ..s.clone()
+            })
+            .unwrap()
+            .total()
+        };
+        // At 24 GiB the 7B step without recomputation does not fit (24.6 GiB), so auto picks a
+        // count n: it fits, and one layer fewer would not.
+        assert!(total(Checkpointing::Off) > room);
+        let Checkpointing::Layers(n) = auto_checkpointing(&s).unwrap() else {
+            panic!("expected a partial policy at 24 GiB");
+        };
+        assert!(n > 1 && n < 32, "{n}");
+        assert!(total(Checkpointing::Layers(n)) <= room);
+        assert!(total(Checkpointing::Layers(n - 1)) > room);
+        // With room for everything nothing recomputes; with room for nothing, everything does.
+        let big = TrainSetup {
+            budget: 80 * GIB,
+            ..s.clone()
+        };
+        assert_eq!(auto_checkpointing(&big).unwrap(), Checkpointing::Off);
+        let small = TrainSetup {
+            budget: 8 * GIB,
+            ..s.clone()
+        };
+        assert_eq!(auto_checkpointing(&small).unwrap(), Checkpointing::All);
+        // A fixed choice is checked against the model, not replaced.
+        let fixed = CheckpointChoice::Fixed(Checkpointing::Layers(3));
+        assert_eq!(
+            choose_checkpointing(fixed, &s).unwrap(),
+            Checkpointing::Layers(3)
+        );
+        assert!(
+            choose_checkpointing(CheckpointChoice::Fixed(Checkpointing::Layers(40)), &s).is_err()
+        );
+    }
+
+    #[test]
+    fn checkpointing_parses_and_round_trips() {
+        for (text, want) in [
+            ("on", Checkpointing::All),
+            ("all", Checkpointing::All),
+            ("off", Checkpointing::Off),
+            ("7", Checkpointing::Layers(7)),
+        ] {
+            let cp: Checkpointing = text.parse().unwrap();
+            assert_eq!(cp, want, "{text}");
+            assert_eq!(Checkpointing::from_json(&cp.to_json()), Some(cp));
+        }
+        assert_eq!("auto".parse(), Ok(CheckpointChoice::Auto));
+        let e = "sometimes".parse::<CheckpointChoice>().unwrap_err();
+        assert!(
+            e.contains("expected on, off, auto or a number of layers"),
+            "{e}"
+        );
+        // Older trainer states wrote a boolean.
+        assert_eq!(
+            Checkpointing::from_json(&serde_json::json!(true)),
+            Some(Checkpointing::All)
+        );
+        assert_eq!(
+            Checkpointing::from_json(&serde_json::json!(false)),
+            Some(Checkpointing::Off)
+        );
+        assert_eq!(Checkpointing::Layers(5).describe(32), "5 of 32 layers");
+        assert_eq!(Checkpointing::All.describe(32), "on (all 32 layers)");
+        assert_eq!(Checkpointing::Layers(0).describe(32), "off");
     }
 
     #[test]

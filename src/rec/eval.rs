@@ -118,7 +118,7 @@ pub fn score<B: Backend>(
         let ignore: Vec<Vec<u32>> = own.iter().map(|x| vec![IGNORE_LABEL; x.len()]).collect();
         let b = Batch::pack(own.iter().zip(&ignore).map(|(x, l)| (*x, &l[..])))?;
         let rows: Vec<usize> = b.spans.iter().map(|s| s.q_start + s.q_len - 1).collect();
-        let mut ws = Workspace::new(be, model, &targets, adapter.config.r, b.len(), true)?;
+        let mut ws = Workspace::forward_only(be, model, &targets, adapter.config.r, b.len())?;
         let logits = forward_logits_at(be, model, adapter, &mut ws, prefix.as_ref(), &b, &rows)?;
         // log P(Yes), log P(No) per row on the backend: only 2 floats a row come back.
         let ids: Vec<u32> = rows.iter().flat_map(|_| [yn.yes, yn.no]).collect();

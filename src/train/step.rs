@@ -2,9 +2,11 @@
 //! labelled tokens, and the backward pass into the LoRA gradients — written once against the
 //! `Backend` trait, so the CPU reference, the simulator and CUDA run the same code.
 //!
-//! Gradient checkpointing (on by default) keeps only each layer's input `[T, D]` during the
-//! forward pass and recomputes the layer's activations just before its backward pass; without it
-//! every layer's activations are kept. The output head only ever sees the rows that carry a label
+//! Gradient checkpointing per layer: a recomputing layer keeps only its input `[T, D]` during the
+//! forward pass and recomputes its activations just before its backward pass (all recomputing
+//! layers share one set of buffers); the other layers keep their activations from the forward
+//! pass. The first `recomputed` layers recompute — which ones does not change the memory, and
+//! the memory plan chooses how many (`memory::auto_checkpointing`). The output head only ever sees the rows that carry a label
 //! (for TALLRec a handful per sample), in chunks, so `[T × vocab]` logits never exist at once.
 
 use std::collections::BTreeMap;
@@ -99,7 +101,9 @@ struct LayerActs<B: Backend> {
 /// micro-batch size stays the same.
 pub struct Workspace<B: Backend> {
     t: usize,
-    checkpoint: bool,
+    /// Layers `0..recomputed` recompute into `acts[0]`; layer `l ≥ recomputed` keeps its own
+    /// set (`Workspace::slot`).
+    recomputed: usize,
     xs: Vec<Tensor<B>>,
     acts: Vec<LayerActs<B>>,
     ones: Tensor<B>,
@@ -127,14 +131,20 @@ impl<B: Backend> Workspace<B> {
         targets: &[Target],
         r: usize,
         t: usize,
-        checkpoint: bool,
+        recomputed: usize,
     ) -> Result<Self> {
         let c = &model.config;
+        if recomputed > c.num_hidden_layers {
+            return Err(Error::Invalid(format!(
+                "{recomputed} layers to recompute, but the model has {}",
+                c.num_hidden_layers
+            )));
+        }
         let dt = be.activation_dtype();
         let (d, f, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (qd, kvd) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
         let z = |shape: &[usize]| be.zeros(shape, dt);
-        let n_acts = if checkpoint { 1 } else { c.num_hidden_layers };
+        let n_acts = c.num_hidden_layers - recomputed + usize::from(recomputed > 0);
         let mut acts = Vec::with_capacity(n_acts);
         for _ in 0..n_acts {
             let mut lora = BTreeMap::new();
@@ -169,7 +179,7 @@ impl<B: Backend> Workspace<B> {
         )?)?;
         Ok(Workspace {
             t,
-            checkpoint,
+            recomputed,
             xs: (0..=c.num_hidden_layers)
                 .map(|_| z(&[t, d]))
                 .collect::<Result<_>>()?,
@@ -189,11 +199,34 @@ impl<B: Backend> Workspace<B> {
             du: z(&[t, f])?,
         })
     }
+    /// A workspace for forward passes only (scoring): one activation set, reused by every layer.
+    pub fn forward_only(
+        be: &B,
+        model: &Llama<B>,
+        targets: &[Target],
+        r: usize,
+        t: usize,
+    ) -> Result<Self> {
+        Self::new(be, model, targets, r, t, model.config.num_hidden_layers)
+    }
     pub fn tokens(&self) -> usize {
         self.t
     }
-    pub fn checkpoint(&self) -> bool {
-        self.checkpoint
+    /// How many layers (the first ones) recompute their activations.
+    pub fn recomputed(&self) -> usize {
+        self.recomputed
+    }
+    /// Whether layer `l` recomputes its activations in the backward pass.
+    fn recomputes(&self, l: usize) -> bool {
+        l < self.recomputed
+    }
+    /// The activation set layer `l` runs in.
+    fn slot(&self, l: usize) -> usize {
+        if self.recomputes(l) {
+            0
+        } else {
+            l - self.recomputed + usize::from(self.recomputed > 0)
+        }
     }
 }
 
@@ -680,7 +713,7 @@ fn forward_with<B: Backend>(
     };
     be.embedding(table, ids, &mut ws.xs[0])?;
     for l in 0..model.layers.len() {
-        let ai = if ws.checkpoint { 0 } else { l };
+        let ai = ws.slot(l);
         let (lo, hi) = ws.xs.split_at_mut(l + 1);
         let c = cat.as_deref_mut();
         cx.layer_forward(
@@ -817,21 +850,19 @@ pub fn forward_backward<B: Backend>(
         )?;
     }
     for l in (0..nl).rev() {
-        let ai = if ws.checkpoint {
+        let ai = ws.slot(l);
+        if ws.recomputes(l) {
             let (lo, hi) = ws.xs.split_at_mut(l + 1);
             cx.layer_forward(
                 l,
                 adapter,
                 &lo[l],
-                &mut ws.acts[0],
+                &mut ws.acts[ai],
                 &ws.ones,
                 &mut hi[0],
                 None,
             )?;
-            0
-        } else {
-            l
-        };
+        }
         cx.layer_backward(l, adapter, ws, ai)?;
     }
     be.synchronize()?;
@@ -870,7 +901,7 @@ pub fn prefix_kv<B: Backend>(
     let b = Batch::pack([(tokens, &ignore[..])])?;
     let c = &model.config;
     let cfg = &adapter.config;
-    let mut ws = Workspace::new(be, model, &cfg.targets, cfg.r, b.len(), true)?;
+    let mut ws = Workspace::forward_only(be, model, &cfg.targets, cfg.r, b.len())?;
     check_batch(model, &ws, &b)?;
     let (p, kvh, hd) = (b.len(), c.num_key_value_heads, c.head_dim);
     let dt = be.activation_dtype();

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use crate::backend::{AdamW, Backend};
 use crate::error::{Error, Result};
+use crate::memory::Checkpointing;
 use crate::model::adapter;
 use crate::model::lora::{parse_targets, HostAdapter, LoraConfig, Target};
 use crate::model::Llama;
@@ -37,8 +38,10 @@ pub struct TrainConfig {
     /// Global gradient-norm clipping; 0 disables it.
     pub max_grad_norm: f32,
     pub seed: u64,
-    /// Recompute each layer's activations in the backward pass instead of keeping them.
-    pub checkpointing: bool,
+    /// Which layers recompute their activations in the backward pass instead of keeping them
+    /// (all by default; the command line's `auto` lets the memory plan choose). It changes
+    /// memory and speed, never a number, so a resumed run may use another policy.
+    pub checkpointing: Checkpointing,
 }
 
 impl TrainConfig {
@@ -63,7 +66,7 @@ impl TrainConfig {
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             seed: 42,
-            checkpointing: true,
+            checkpointing: Checkpointing::All,
         };
         match name {
             "tallrec" => Ok(base),
@@ -121,7 +124,7 @@ impl TrainConfig {
             "weight_decay": self.weight_decay,
             "max_grad_norm": self.max_grad_norm,
             "seed": self.seed.to_string(),
-            "checkpointing": self.checkpointing,
+            "checkpointing": self.checkpointing.to_json(),
         })
     }
 
@@ -169,7 +172,7 @@ impl TrainConfig {
                 .ok_or_else(|| bad("seed"))?,
             checkpointing: v
                 .get("checkpointing")
-                .and_then(Value::as_bool)
+                .and_then(Checkpointing::from_json)
                 .ok_or_else(|| bad("checkpointing"))?,
         })
     }
@@ -259,6 +262,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
     ) -> Result<Self> {
         config.validate()?;
         host.check_against(&model.config)?;
+        config
+            .checkpointing
+            .check(model.config.num_hidden_layers)
+            .map_err(Error::Invalid)?;
         if let Some(e) = data.iter().find(|e| e.ids.len() > config.cutoff) {
             return Err(Error::Invalid(format!(
                 "an example has {} tokens, more than the cutoff of {}",
@@ -278,6 +285,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
             ws: None,
             history: vec![],
         })
+    }
+
+    /// Change which layers recompute (before or between updates; the numbers do not change).
+    pub fn set_checkpointing(&mut self, cp: Checkpointing) -> Result<()> {
+        cp.check(self.model.config.num_hidden_layers)
+            .map_err(Error::Invalid)?;
+        if cp != self.config.checkpointing {
+            self.config.checkpointing = cp;
+            self.ws = None;
+        }
+        Ok(())
     }
 
     pub fn done(&self) -> bool {
@@ -324,7 +342,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     &cfg.lora.targets,
                     cfg.lora.r,
                     t,
-                    cfg.checkpointing,
+                    cfg.checkpointing
+                        .recomputed(self.model.config.num_hidden_layers),
                 )?);
             }
             let ws = self.ws.as_mut().expect("workspace was just made");
