@@ -869,6 +869,14 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(c)
 }
 
+/// `[#####·······]`: `done` of `total` in `width` cells.
+fn progress_bar(done: usize, total: usize, width: usize) -> String {
+    let full = (done.min(total) * width)
+        .checked_div(total)
+        .unwrap_or(width);
+    format!("[{}{}]", "#".repeat(full), "·".repeat(width - full))
+}
+
 fn human_secs(s: f64) -> String {
     if s < 90.0 {
         format!("{s:.0}s")
@@ -1022,7 +1030,10 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
             human_secs(eta)
         );
         if tty {
-            eprint!("\r{line}\x1b[K");
+            eprint!(
+                "\r{} {line}\x1b[K",
+                progress_bar(trainer.step, config.steps, 20)
+            );
         } else {
             eprintln!("{line}");
         }
@@ -1050,4 +1061,20 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
 /// The backend `--device` asks for (`DeviceChoice::open`).
 fn open_backend(device: DeviceChoice) -> Result<Chosen> {
     Ok(device.open()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress_bar;
+
+    #[test]
+    fn progress_bar_fills_in_proportion() {
+        assert_eq!(progress_bar(0, 10, 4), "[····]");
+        assert_eq!(progress_bar(5, 10, 4), "[##··]");
+        assert_eq!(progress_bar(9, 10, 4), "[###·]");
+        assert_eq!(progress_bar(10, 10, 4), "[####]");
+        // Past the end (a resumed run with fewer --steps) and an empty run stay full.
+        assert_eq!(progress_bar(12, 10, 4), "[####]");
+        assert_eq!(progress_bar(0, 0, 4), "[####]");
+    }
 }
