@@ -34,3 +34,81 @@ pub fn module_of(kernel: &str) -> Option<&'static Module> {
 
 pub const NOT_BUILT: &str =
     "built without kernels — run scripts/install-cuda-toolchain.sh and rebuild";
+
+/// A kernel parameter as its PTX `.entry` declares it: what the driver copies from each
+/// argument pointer. The simulator passes every argument in a 64-bit slot, so only this table
+/// can show that a launch hands a 4-byte value to a 64-bit parameter (garbage in the upper
+/// half on a real GPU) or the wrong number of arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Param {
+    /// `.u64` / `.s64` / `.b64`: a pointer or a 64-bit integer.
+    B64,
+    /// `.u32` / `.s32` / `.b32`: an `int` or `unsigned`.
+    B32,
+    /// `.f32`.
+    F32,
+    /// Anything else (a struct, a 16-bit value): no `Arg` passes it.
+    Other,
+}
+
+/// The parameters of `kernel`, in order, from the embedded PTX; None when no module defines it
+/// (built without kernels).
+pub fn params_of(kernel: &str) -> Option<&'static [Param]> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<&'static str, Vec<Param>>> =
+        std::sync::OnceLock::new();
+    TABLE
+        .get_or_init(|| MODULES.iter().flat_map(|m| parse_entries(m.ptx)).collect())
+        .get(kernel)
+        .map(Vec::as_slice)
+}
+
+/// Every `.entry NAME( .param .TYPE NAME_param_i, ... )` of a PTX text.
+fn parse_entries(ptx: &'static str) -> Vec<(&'static str, Vec<Param>)> {
+    let mut out = Vec::new();
+    let mut rest = ptx;
+    while let Some(at) = rest.find(".entry ") {
+        rest = &rest[at + ".entry ".len()..];
+        let Some(open) = rest.find('(') else { break };
+        let name = rest[..open].trim();
+        let Some(close) = rest[open..].find(')') else {
+            break;
+        };
+        let params = rest[open + 1..open + close]
+            .split(',')
+            .filter_map(|p| {
+                let mut words = p.split_whitespace();
+                (words.next() == Some(".param")).then(|| match words.next() {
+                    Some(".u64" | ".s64" | ".b64") => Param::B64,
+                    Some(".u32" | ".s32" | ".b32") => Param::B32,
+                    Some(".f32") => Param::F32,
+                    _ => Param::Other,
+                })
+            })
+            .collect();
+        out.push((name, params));
+        rest = &rest[open + close..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_entries, Param};
+
+    #[test]
+    fn entries_and_their_parameters_are_read_from_ptx() {
+        let ptx = ".visible .entry k_a(\n\t.param .u64 k_a_param_0,\n\t.param .u32 k_a_param_1,\n\
+                   \t.param .f32 k_a_param_2\n)\n{\n\tld.param.u64 %rd1, [k_a_param_0];\n}\n\
+                   .visible .entry k_b(\n\t.param .align 8 .b8 k_b_param_0[16]\n)\n{\n}\n\
+                   .visible .entry k_c()\n{\n}\n";
+        let got = parse_entries(ptx);
+        assert_eq!(
+            got,
+            vec![
+                ("k_a", vec![Param::B64, Param::B32, Param::F32]),
+                ("k_b", vec![Param::Other]),
+                ("k_c", vec![]),
+            ]
+        );
+    }
+}

@@ -171,6 +171,45 @@ fn without_an_arena_every_buffer_is_a_device_allocation_and_is_counted() {
 }
 
 #[test]
+fn empty_buffers_work_with_and_without_an_arena() {
+    // The CUDA driver refuses 0-byte allocations; an empty batch or no outlier columns must
+    // still give a usable empty buffer, as the simulator and the arena do.
+    deterministic_sim();
+    for d in common::devices() {
+        for arena in [false, true] {
+            let dev = fresh(&d);
+            if arena {
+                dev.reserve_arena(4096).unwrap();
+            }
+            let mut z = dev.alloc_zeros::<f32>(0).unwrap();
+            let u = dev.upload::<i8>(&[]).unwrap();
+            assert!(z.is_empty() && u.is_empty());
+            dev.fill_zero(&mut z).unwrap();
+            dev.write(&mut z, &[]).unwrap();
+            assert_eq!(
+                dev.download(&z).unwrap(),
+                Vec::<f32>::new(),
+                "{}",
+                dev.name()
+            );
+            assert_eq!(
+                dev.download(&u).unwrap(),
+                Vec::<i8>::new(),
+                "{}",
+                dev.name()
+            );
+            // An empty buffer still counts one block, so the plan's accounting stays exact.
+            assert_eq!(
+                dev.memory_stats().in_use,
+                512,
+                "{} arena {arena}",
+                dev.name()
+            );
+        }
+    }
+}
+
+#[test]
 fn training_in_an_arena_is_bit_identical_to_training_without_one() {
     deterministic_sim();
     let mut model_cfg = memory::named_shape("smollm2-135m").unwrap();

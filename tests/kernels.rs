@@ -85,6 +85,99 @@ fn every_kernel_loads_and_misspelt_names_fail() {
     }
 }
 
+#[test]
+fn launches_are_checked_against_the_ptx_signature() {
+    use recforge::backend::gpu::{Arg, Launch};
+    if !kernels::BUILT {
+        eprintln!("skipped: {}", kernels::NOT_BUILT);
+        return;
+    }
+    // Every entry's parameters are ones a launch can pass.
+    for m in kernels::MODULES {
+        for k in m.kernels {
+            let p = kernels::params_of(k).unwrap_or_else(|| panic!("no PTX signature for {k}"));
+            assert!(
+                !p.contains(&kernels::Param::Other),
+                "{k}: a parameter no Arg passes: {p:?}"
+            );
+        }
+    }
+    // sum_squares_final_f32(const float* partial, int n, float* out): .u64, .u32, .u64.
+    assert_eq!(
+        kernels::params_of("sum_squares_final_f32"),
+        Some(
+            &[
+                kernels::Param::B64,
+                kernels::Param::B32,
+                kernels::Param::B64
+            ][..]
+        )
+    );
+    for dev in devices() {
+        let part = dev.upload(&[1.0f32, 2.0, 3.0]).unwrap();
+        let mut out = dev.upload(&[f32::NAN]).unwrap();
+        let (pp, po) = (dev.ptr(&part).unwrap(), dev.ptr_mut(&mut out).unwrap());
+        let one = Launch::linear(1, 1024);
+        // A 64-bit count where the kernel takes an int: the simulator would read its low half.
+        let e = dev
+            .launch("sum_squares_final_f32", one, &[pp, Arg::U64(3), po])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("argument 1 is U64") && e.contains("B32"), "{e}");
+        let e = dev
+            .launch("sum_squares_final_f32", one, &[pp, Arg::I32(3)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("2 arguments") && e.contains("3 parameters"),
+            "{e}"
+        );
+        // The right arguments run: the partial sums add up over the NaN poison.
+        dev.launch("sum_squares_final_f32", one, &[pp, Arg::I32(3), po])
+            .unwrap();
+        assert_eq!(dev.download(&out).unwrap(), [6.0], "{}", dev.name());
+    }
+}
+
+#[test]
+fn the_simulator_refuses_launches_a_gpu_could_not_run() {
+    use recforge::backend::gpu::{Arg, Device, Launch};
+    use recforge::kernels::Param;
+    if !kernels::BUILT {
+        eprintln!("skipped: {}", kernels::NOT_BUILT);
+        return;
+    }
+    let dev = Device::sim();
+    // Arguments of the right types that are never dereferenced: the launch is refused first.
+    let dummy = |k: &str| -> Vec<Arg> {
+        kernels::params_of(k)
+            .unwrap()
+            .iter()
+            .map(|p| match p {
+                Param::B64 => Arg::Ptr(0),
+                Param::F32 => Arg::F32(0.0),
+                _ => Arg::I32(0),
+            })
+            .collect()
+    };
+    // The tiled attention backward uses > 200 registers per thread (ptxas report): 1024
+    // threads would need > 200 Ki registers of a block's 64 Ki.
+    let k = "attention_bwd_hd128_bf16";
+    let e = dev
+        .launch(k, Launch::linear(1, 1024), &dummy(k))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("registers") && e.contains("65536"), "{e}");
+    // 100 KiB of dynamic shared memory fits an H100 block (227 KiB) but not an sm_86 one.
+    let k = "sum_squares_final_f32";
+    let cfg = Launch {
+        shared_bytes: 100 * 1024,
+        ..Launch::linear(1, 32)
+    };
+    let e = dev.launch(k, cfg, &dummy(k)).unwrap_err().to_string();
+    assert!(e.contains("sm_86") && e.contains("shared memory"), "{e}");
+}
+
 fn cpu_rmsnorm(x: &[f32], w: &[f32], rows: usize, d: usize) -> Vec<f32> {
     let cpu = Cpu::new();
     let xt = cpu

@@ -255,12 +255,16 @@ impl Device {
                 Repr::Arena { addr, offset }
             }
             Source::Device => {
+                // The driver refuses a 0-byte allocation (CUDA_ERROR_INVALID_VALUE) where the
+                // simulator and the arena hand out an empty block, so an empty buffer (no
+                // outlier columns, an empty batch) gets one element it never exposes.
+                let n = len.max(1);
                 let r = match &self.kind {
                     Kind::Cuda(d) => if zero {
-                        d.stream().alloc_zeros::<T>(len)
+                        d.stream().alloc_zeros::<T>(n)
                     } else {
                         // SAFETY: the caller (upload) writes every element before any use.
-                        unsafe { d.stream().alloc::<T>(len) }
+                        unsafe { d.stream().alloc::<T>(n) }
                     }
                     .map(Repr::Cuda)
                     .map_err(|e| Error::Device(format!("allocating {what}: {e:?}"))),
@@ -360,7 +364,12 @@ impl Device {
     pub fn download<T: DevElem>(&self, buf: &DevBuf<T>) -> Result<Vec<T>> {
         self.owns(buf)?;
         match (&self.kind, &buf.repr) {
-            (Kind::Cuda(d), Repr::Cuda(s)) => d.download(s),
+            (Kind::Cuda(d), Repr::Cuda(s)) => {
+                let mut v = d.download(s)?;
+                // An empty buffer holds one hidden element (see `alloc`).
+                v.truncate(buf.len);
+                Ok(v)
+            }
             (Kind::Cuda(d), _) => {
                 let src = Self::cuda_addr(d, buf)?;
                 let mut out = vec![T::default(); buf.len];
@@ -541,6 +550,12 @@ impl Device {
                 "{kernel}: invalid launch {cfg:?} (1..=1024 threads per block, non-empty grid)"
             )));
         }
+        check_args(kernel, args)?;
+        if self.is_sim() {
+            // The driver checks a real launch against its own device; the simulator stands in
+            // for every target, so it checks against each one ptxas compiled for.
+            check_resources(kernel, cfg, threads)?;
+        }
         match &self.kind {
             Kind::Cuda(d) => {
                 let f = d.function(kernel)?;
@@ -598,6 +613,78 @@ impl Device {
             Kind::Sim(_) => None,
         }
     }
+}
+
+/// The arguments against the kernel's PTX signature, on both devices: the simulator would
+/// accept a 4-byte value for a 64-bit parameter (it passes 64-bit slots) where the driver would
+/// read 4 bytes past it. Without PTX (built without kernels) there is nothing to check against.
+fn check_args(kernel: &str, args: &[Arg]) -> Result<()> {
+    use crate::kernels::Param;
+    let Some(params) = crate::kernels::params_of(kernel) else {
+        return Ok(());
+    };
+    if params.len() != args.len() {
+        return Err(Error::Device(format!(
+            "{kernel}: launched with {} arguments, but its PTX declares {} parameters",
+            args.len(),
+            params.len()
+        )));
+    }
+    for (i, (p, a)) in params.iter().zip(args).enumerate() {
+        let fits = matches!(
+            (p, a),
+            (Param::B64, Arg::Ptr(_) | Arg::U64(_))
+                | (Param::B32, Arg::I32(_) | Arg::U32(_))
+                | (Param::F32, Arg::F32(_))
+        );
+        if !fits {
+            return Err(Error::Device(format!(
+                "{kernel}: argument {i} is {a:?}, but its PTX parameter {i} is {p:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The most shared memory (static + dynamic) one block may have, by architecture: 99 KiB on
+/// sm_86 (the 24 GiB Ampere cards the memory plan is for), 227 KiB on sm_90.
+fn max_block_shared(arch: &str) -> Option<u64> {
+    match arch {
+        "sm_86" => Some(99 * 1024),
+        "sm_90" => Some(227 * 1024),
+        _ => None,
+    }
+}
+
+/// Would this launch fit each architecture ptxas compiled the kernel for? Registers are given
+/// out per warp in units of 256 and a block may hold 64 Ki of them (a launch that asks for more
+/// fails with "too many resources requested" on the GPU, never in the simulator otherwise).
+fn check_resources(kernel: &str, cfg: Launch, threads: u64) -> Result<()> {
+    let Some(module) = crate::kernels::module_of(kernel) else {
+        return Ok(());
+    };
+    let warps = threads.div_ceil(32);
+    for r in module.reports.iter().filter(|r| r.kernel == kernel) {
+        let per_warp = (r.registers as u64 * 32).div_ceil(256) * 256;
+        if warps * per_warp > 65536 {
+            return Err(Error::Device(format!(
+                "{kernel}: a block of {threads} threads needs {} registers on {} ({} per thread),                  more than the 65536 a block can have",
+                warps * per_warp,
+                r.arch,
+                r.registers
+            )));
+        }
+        if let Some(max) = max_block_shared(r.arch) {
+            let shared = r.shared_bytes as u64 + cfg.shared_bytes as u64;
+            if shared > max {
+                return Err(Error::Device(format!(
+                    "{kernel}: {shared} bytes of shared memory per block ({} static + {} dynamic),                      more than the {max} an {} block can have",
+                    r.shared_bytes, cfg.shared_bytes, r.arch
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn offset_arg(base: Arg, len: usize, offset: usize, elem: usize) -> Result<Arg> {
