@@ -15,9 +15,13 @@
 #                                     # step, so a run cut short still reports) and
 #                                     # OUT_DIR/gpu-check.log.
 #                                     # GPU_CHECK_BUDGET (seconds, default 480) bounds the whole
-#                                     # run so it fits one device call: a step gets at most what
-#                                     # is left, and steps that no longer fit are listed as not
-#                                     # run. GPU_CHECK_PHASES (default
+#                                     # run so it fits one device call, and a 15-minute lease
+#                                     # with the machine's start: a step gets at most what is
+#                                     # left, and steps that no longer fit are listed as not
+#                                     # run. The tests phase stops starting tests after
+#                                     # GPU_CHECK_TESTS_BUDGET (default 150) seconds, so the
+#                                     # training comparison always gets its turn.
+#                                     # GPU_CHECK_PHASES (default
 #                                     # "tests train peers benches sanitizer") picks phases, e.g.
 #                                     # "benches sanitizer" for a second call.
 #   .gpu/gpu-check.sh run-train OUT_DIR   # THERE: only the training comparison: bench-train on
@@ -25,9 +29,9 @@
 #                                     # (r 16 on q,k,v,o), and scripts/peer_train.py (HF PEFT, bf16
 #                                     # and bitsandbytes 8-bit bases) with the same settings; writes
 #                                     # OUT_DIR/bench-train.json and OUT_DIR/peer-train.json and a
-#                                     # summary in OUT_DIR/gpu-check.md. Each side runs under
-#                                     # `timeout` (TRAIN_TIMEOUT seconds, default 200), so the pair
-#                                     # stays within one 10-minute device call.
+#                                     # summary in OUT_DIR/gpu-check.md. The three runs get
+#                                     # 120, 150 and 90 s (TRAIN_TIMEOUT, if set, gives each the
+#                                     # same), about 6 minutes together at most.
 #
 # With the device tool: stage here, then run with carry [".gpu"] and the command
 #   bash .gpu/gpu-check.sh run "$OUT"
@@ -143,25 +147,27 @@ run | run-train)
     export RF_SIM_THREADS
     # The training comparison (DESIGN.md §6): recforge vs HF PEFT on the same shapes.
     train_compare() {
-        local limit="${TRAIN_TIMEOUT:-200}"
+        local l_auto="${TRAIN_TIMEOUT:-120}" l_peer="${TRAIN_TIMEOUT:-150}" l_all="${TRAIN_TIMEOUT:-90}"
         local args=(--batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o)
         rm -f "$out/bench-train.json" "$out/peer-train.json" "$out/bench-train-ckpt-all.json"
-        # Default checkpointing (auto: the 24 GiB plan keeps most layers' activations).
-        step "bench-train llama-7b 4×1024 itrek (cuda)" "$limit" \
+        # Default checkpointing (auto: the 24 GiB plan keeps most layers' activations). The
+        # measurement stops after at least one step once --time-limit is reached, leaving time
+        # for building the random 7B model (host) and its upload.
+        step "bench-train llama-7b 4×1024 itrek (cuda)" "$l_auto" \
             "$here/bin/bench-train" --device cuda --model llama-7b --preset itrek "${args[@]}" \
-            --warmup 2 --steps 5 --time-limit "$((limit - 90))" --json "$out/bench-train.json"
+            --warmup 2 --steps 5 --time-limit "$((l_auto / 2))" --json "$out/bench-train.json"
         if command -v python3 >/dev/null 2>&1; then
             # The peer stops starting new work at its own budget, before `timeout` would kill it.
-            step "peer: HF PEFT LoRA llama-7b 4×1024 (bf16, bnb int8)" "$limit" \
+            step "peer: HF PEFT LoRA llama-7b 4×1024 (bf16, bnb int8)" "$l_peer" \
                 python3 "$here/peer_train.py" "${args[@]}" --alpha 16 --dropout 0.05 \
-                --warmup 1 --steps 3 --time-budget "$((limit - 30))" --json "$out/peer-train.json"
+                --warmup 1 --steps 3 --time-budget "$((l_peer - 20))" --json "$out/peer-train.json"
         else
             echo "| peer: HF PEFT LoRA | skipped: no python3 | 0 |" >>"$md"
         fi
         # The same algorithm as the peer: every layer recomputes.
-        step "bench-train llama-7b 4×1024 itrek --checkpointing on (cuda)" "$limit" \
+        step "bench-train llama-7b 4×1024 itrek --checkpointing on (cuda)" "$l_all" \
             "$here/bin/bench-train" --device cuda --model llama-7b --preset itrek "${args[@]}" \
-            --checkpointing on --warmup 1 --steps 3 --time-limit "$((limit - 90))" \
+            --checkpointing on --warmup 1 --steps 3 --time-limit "$((l_all / 2))" \
             --json "$out/bench-train-ckpt-all.json"
         {
             echo
@@ -218,12 +224,19 @@ PY
     if want tests; then
         # Hardware first: the simulator-vs-GPU self-test and the kernel tests, then the rest.
         first="simulator kernels kernels_linear kernels_elementwise kernels_train kernels_attention attention_saved kernels_paged kernels_sampling gpu_backend device_arena memory_plan train bench_train"
-        for n in $first; do
-            [ -x "$here/tests/$n" ] && step "test $n" 120 "$here/tests/$n" --test-threads=4
-        done
+        rest=""
         for t in "$here"/tests/*; do
-            case " $first " in *" $(basename "$t") "*) continue ;; esac
-            step "test $(basename "$t")" 120 "$t" --test-threads=4
+            case " $first " in *" $(basename "$t") "*) ;; *) rest="$rest $(basename "$t")" ;; esac
+        done
+        tests_budget="${GPU_CHECK_TESTS_BUDGET:-150}"
+        t_tests=$SECONDS
+        for n in $first $rest; do
+            [ -x "$here/tests/$n" ] || continue
+            if [ $((SECONDS - t_tests)) -ge "$tests_budget" ]; then
+                echo "| test $n | not run: the tests' ${tests_budget} s are spent | 0 |" >>"$md"
+                continue
+            fi
+            step "test $n" 120 "$here/tests/$n" --test-threads=4
         done
     fi
     want train && train_compare
