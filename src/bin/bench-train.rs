@@ -549,21 +549,7 @@ fn run(args: Args) -> Result<()> {
             cfg.cutoff, mc.max_position_embeddings
         );
     }
-    let setup = TrainSetup {
-        model: mc.clone(),
-        batch: cfg.batch_size,
-        seq: cfg.cutoff,
-        lora_rank: cfg.lora.r,
-        targets: cfg
-            .lora
-            .targets
-            .iter()
-            .map(|t| t.peft_name().trim_end_matches("_proj").to_string())
-            .collect(),
-        checkpointing: memory::Checkpointing::All,
-        logits_chunk: HEAD_CHUNK,
-        budget,
-    };
+    let setup = cfg.memory_setup(&mc, budget);
     let choice = if args.no_checkpointing {
         memory::CheckpointChoice::Fixed(memory::Checkpointing::Off)
     } else {

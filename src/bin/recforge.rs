@@ -924,22 +924,7 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     let budget = memory::parse_bytes(&a.budget)
         .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
     let choice = checkpoint_choice(a.checkpointing, a.no_checkpointing);
-    let mut setup = memory::TrainSetup {
-        model: m.config.clone(),
-        batch: trainer.config.batch_size,
-        seq: trainer.config.cutoff,
-        lora_rank: trainer.config.lora.r,
-        targets: trainer
-            .config
-            .lora
-            .targets
-            .iter()
-            .map(|t| t.peft_name().trim_end_matches("_proj").to_string())
-            .collect(),
-        checkpointing: memory::Checkpointing::All,
-        logits_chunk: recforge::train::step::HEAD_CHUNK,
-        budget,
-    };
+    let mut setup = trainer.config.memory_setup(&m.config, budget);
     setup.checkpointing = memory::choose_checkpointing(choice, &setup)
         .map_err(anyhow::Error::msg)
         .context("--checkpointing")?;

@@ -8,10 +8,10 @@ use serde_json::{json, Value};
 
 use crate::backend::{AdamW, Backend};
 use crate::error::{Error, Result};
-use crate::memory::Checkpointing;
+use crate::memory::{Checkpointing, TrainSetup};
 use crate::model::adapter;
 use crate::model::lora::{parse_targets, HostAdapter, LoraConfig, Target};
-use crate::model::Llama;
+use crate::model::{Llama, LlamaConfig};
 use crate::tensor::HostTensor;
 
 use super::data::{DataOrder, Example};
@@ -45,6 +45,25 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// What the memory plan needs to know of this run on `model` within `budget` bytes.
+    pub fn memory_setup(&self, model: &LlamaConfig, budget: u64) -> TrainSetup {
+        TrainSetup {
+            model: model.clone(),
+            batch: self.batch_size,
+            seq: self.cutoff,
+            lora_rank: self.lora.r,
+            targets: self
+                .lora
+                .targets
+                .iter()
+                .map(|t| t.peft_name().trim_end_matches("_proj").to_string())
+                .collect(),
+            checkpointing: self.checkpointing,
+            logits_chunk: super::step::HEAD_CHUNK,
+            budget,
+        }
+    }
+
     /// `itrek`: lr 1e-5, context 1024, batch 4 × accumulation 2, cosine with 50 warm-up steps,
     /// 6000 steps, r 16, alpha 16, dropout 0.05 on q, k, v, o. `tallrec`: lr 1e-4, cutoff 512,
     /// r 8, alpha 16, dropout 0.05 on q, v, 20 warm-up steps (batch 4 × accumulation 4 and 200
