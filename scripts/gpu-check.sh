@@ -213,6 +213,10 @@ for mode, r in (p.get("runs") or {}).items():
 if not p.get("runs"):
     print(f"| HF PEFT | — | — | — | {p.get('error', 'no result (see the log)')} |")
 PY
+            # The steps that follow get a table of their own.
+            echo
+            echo "| step | result | seconds |"
+            echo "|---|---|---|"
         } >>"$md"
     }
     if [ "$mode" = run-train ]; then
