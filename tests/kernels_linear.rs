@@ -255,6 +255,7 @@ fn w8a16_backward_matches_the_cpu_reference() {
                 .unwrap(),
             &lin,
             &mut want,
+            false,
         )
         .unwrap();
         let want = cpu.download(&want).unwrap().to_f32().unwrap();
@@ -347,41 +348,56 @@ fn dense_backward_input_matches_the_cpu_reference() {
             in_features: k,
             outlier_threshold: 0.0,
         };
-        let mut want = cpu.zeros(&[m, k], DType::F32).unwrap();
-        cpu.linear_backward_input(
-            &cpu.upload(&HostTensor::f32(vec![m, n], dyf.clone()).unwrap())
-                .unwrap(),
-            &lin,
-            &mut want,
-        )
-        .unwrap();
-        let want = cpu.download(&want).unwrap().to_f32().unwrap();
-        for dev in devices() {
-            let mut dx = dev.upload(&vec![bf16::NAN; m * k]).unwrap();
-            w8a16::dense_backward_input(
-                &dev,
-                &dev.upload(&dy).unwrap(),
-                &dev.upload(&w).unwrap(),
-                &mut dx,
-                m,
-                n,
-                k,
+        // With accumulate, dx starts from a prior gradient (the CPU reference adds to it too);
+        // without, from NaN poison that every element must overwrite.
+        let prior: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.normal())).collect();
+        for accumulate in [false, true] {
+            let mut want = cpu
+                .upload(&HostTensor::f32(vec![m, k], f(&prior)).unwrap())
+                .unwrap();
+            cpu.linear_backward_input(
+                &cpu.upload(&HostTensor::f32(vec![m, n], dyf.clone()).unwrap())
+                    .unwrap(),
+                &lin,
+                &mut want,
+                accumulate,
             )
             .unwrap();
-            let got = dev.download(&dx).unwrap();
-            for i in 0..m * k {
-                // Exact bf16 products, f32 sums (~n·2^-24 of Σ|term|), one bf16 rounding out.
-                let mag: f32 = (0..n)
-                    .map(|j| (dyf[i / k * n + j] * wf[j * k + i % k]).abs())
-                    .sum();
-                let tol = mag * 1e-5 + want[i].abs() / 256.0 + 1e-6;
-                let g = got[i].to_f32();
-                assert!(
-                    (g - want[i]).abs() <= tol,
-                    "{}: {m}×{n}×{k} element {i}: {g} vs {}",
-                    dev.name(),
-                    want[i]
-                );
+            let want = cpu.download(&want).unwrap().to_f32().unwrap();
+            for dev in devices() {
+                let start = if accumulate {
+                    prior.clone()
+                } else {
+                    vec![bf16::NAN; m * k]
+                };
+                let mut dx = dev.upload(&start).unwrap();
+                w8a16::dense_backward_input(
+                    &dev,
+                    &dev.upload(&dy).unwrap(),
+                    &dev.upload(&w).unwrap(),
+                    &mut dx,
+                    m,
+                    n,
+                    k,
+                    accumulate,
+                )
+                .unwrap();
+                let got = dev.download(&dx).unwrap();
+                for i in 0..m * k {
+                    // Exact bf16 products, f32 sums (~n·2^-24 of Σ|term|), the prior added in
+                    // f32 (exact: it is bf16), one bf16 rounding out.
+                    let mag: f32 = (0..n)
+                        .map(|j| (dyf[i / k * n + j] * wf[j * k + i % k]).abs())
+                        .sum();
+                    let tol = mag * 1e-5 + want[i].abs() / 256.0 + 1e-6;
+                    let g = got[i].to_f32();
+                    assert!(
+                        (g - want[i]).abs() <= tol,
+                        "{}: {m}×{n}×{k} acc={accumulate} element {i}: {g} vs {}",
+                        dev.name(),
+                        want[i]
+                    );
+                }
             }
         }
     }

@@ -244,12 +244,15 @@ pub trait Backend: Sized + Send + Sync {
         dy: &Tensor<Self>,
         dx: &mut Tensor<Self>,
     ) -> Result<()>;
-    /// `dx = dy · dequant(W)`; dy `[T, out]`, dx `[T, in]`.
+    /// `dx = dy · dequant(W)`, or `dx += dy · dequant(W)` when `accumulate` (the input
+    /// gradient of several projections of one input summed in the GEMM's epilogue, without a
+    /// separate pass); dy `[T, out]`, dx `[T, in]`.
     fn linear_backward_input(
         &self,
         dy: &Tensor<Self>,
         w: &Linear<Self>,
         dx: &mut Tensor<Self>,
+        accumulate: bool,
     ) -> Result<()>;
     /// Gradients of `swiglu` with respect to gate and up.
     fn swiglu_backward(

@@ -254,7 +254,8 @@ fn linear_lora<B: Backend>(
     Ok(())
 }
 
-/// `dx = dy · W (+ the LoRA input gradient)`, accumulating the LoRA weight gradients.
+/// `dx = dy · W (+ the LoRA input gradient)`, or `dx +=` that when `accumulate` (a second
+/// projection of the same input), accumulating the LoRA weight gradients.
 #[allow(clippy::too_many_arguments)]
 fn linear_lora_backward<B: Backend>(
     be: &B,
@@ -267,8 +268,9 @@ fn linear_lora_backward<B: Backend>(
     dropout: Dropout,
     dy: &Tensor<B>,
     dx: &mut Tensor<B>,
+    accumulate: bool,
 ) -> Result<()> {
-    be.linear_backward_input(dy, w, dx)?;
+    be.linear_backward_input(dy, w, dx, accumulate)?;
     if let (Some(p), Some((h, u))) = (lora, saved) {
         be.lora_backward(
             x,
@@ -532,6 +534,7 @@ impl<B: Backend> Ctx<'_, B> {
             run.dropout(l, Target::Down),
             dx,
             dff,
+            false,
         )?;
         be.swiglu_backward(&a.g, &a.u, dff, dg, du)?;
         linear_lora_backward(
@@ -545,6 +548,7 @@ impl<B: Backend> Ctx<'_, B> {
             run.dropout(l, Target::Gate),
             dg,
             dh,
+            false,
         )?;
         linear_lora_backward(
             be,
@@ -556,9 +560,9 @@ impl<B: Backend> Ctx<'_, B> {
             dgate,
             run.dropout(l, Target::Up),
             du,
-            dtmp,
+            dh,
+            true,
         )?;
-        be.add_assign(dh, dtmp)?;
         be.rmsnorm_backward(&a.x2, &lay.ffn_norm, eps, dh, dtmp)?;
         be.add_assign(dx, dtmp)?;
         // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))).
@@ -574,6 +578,7 @@ impl<B: Backend> Ctx<'_, B> {
             run.dropout(l, Target::O),
             dx,
             dattn,
+            false,
         )?;
         reshape(dattn, &[t, h, hd]);
         reshape(dq, &[t, h, hd]);
@@ -611,6 +616,7 @@ impl<B: Backend> Ctx<'_, B> {
             run.dropout(l, Target::Q),
             dq,
             dh,
+            false,
         )?;
         for (tg, w, dy) in [(Target::K, &lay.k, &*dk), (Target::V, &lay.v, &*dv)] {
             linear_lora_backward(
@@ -623,9 +629,9 @@ impl<B: Backend> Ctx<'_, B> {
                 dgate,
                 run.dropout(l, tg),
                 dy,
-                dtmp,
+                dh,
+                true,
             )?;
-            be.add_assign(dh, dtmp)?;
         }
         be.rmsnorm_backward(&xs[l], &lay.attn_norm, eps, dh, dtmp)?;
         be.add_assign(dx, dtmp)
@@ -828,7 +834,7 @@ pub fn forward_backward<B: Backend>(
             )));
         }
         loss_sum += l.iter().map(|&x| x as f64).sum::<f64>();
-        be.linear_backward_input(&dlogits, head(model), &mut sel)?;
+        be.linear_backward_input(&dlogits, head(model), &mut sel, false)?;
         let mut at = 0;
         for &(s, n) in &chunk {
             be.copy_rows(&sel, at, &mut ws.dh, s, n)?;

@@ -486,7 +486,13 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn linear_backward_input(&self, dy: &T, w: &Linear<Cpu>, dx: &mut T) -> Result<()> {
+    fn linear_backward_input(
+        &self,
+        dy: &T,
+        w: &Linear<Cpu>,
+        dx: &mut T,
+        accumulate: bool,
+    ) -> Result<()> {
         let op = "linear_backward_input";
         let (t, n) = dy.rows_cols();
         let k = w.in_features;
@@ -512,7 +518,12 @@ impl Backend for Cpu {
                     };
                 }
             });
-        dxs.copy_from_slice(&simd::gemm_f32(dys, &wt, t, k, n));
+        let prod = simd::gemm_f32(dys, &wt, t, k, n);
+        if accumulate {
+            dxs.iter_mut().zip(&prod).for_each(|(d, p)| *d += p);
+        } else {
+            dxs.copy_from_slice(&prod);
+        }
         Ok(())
     }
 

@@ -243,9 +243,16 @@ fn linear_backward_input_matches_finite_differences() {
         dense_linear(&be, &w_deq, n, k),
     ] {
         let mut dx = t32(&be, &[t, k], vec![f32::NAN; t * k]);
-        be.linear_backward_input(&t32(&be, &[t, n], probe.clone()), &lin, &mut dx)
+        be.linear_backward_input(&t32(&be, &[t, n], probe.clone()), &lin, &mut dx, false)
             .unwrap();
         check_grad("linear", &vals(&dx), &loss, &x);
+        // accumulate adds the same product to what dx held.
+        let prior = rand_vec(&mut rng, t * k, 1.0);
+        let mut acc = t32(&be, &[t, k], prior.clone());
+        be.linear_backward_input(&t32(&be, &[t, n], probe.clone()), &lin, &mut acc, true)
+            .unwrap();
+        let want: Vec<f32> = prior.iter().zip(vals(&dx)).map(|(p, d)| p + d).collect();
+        assert_eq!(vals(&acc), want);
     }
 }
 

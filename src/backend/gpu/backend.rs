@@ -644,7 +644,13 @@ impl Backend for Gpu {
         )
     }
 
-    fn linear_backward_input(&self, dy: &T, w: &Linear<Gpu>, dx: &mut T) -> Result<()> {
+    fn linear_backward_input(
+        &self,
+        dy: &T,
+        w: &Linear<Gpu>,
+        dx: &mut T,
+        accumulate: bool,
+    ) -> Result<()> {
         let op = "linear_backward_input";
         let (rows, n) = dy.rows_cols();
         match &w.weight {
@@ -657,7 +663,7 @@ impl Backend for Gpu {
                 rows,
                 n,
                 w.in_features,
-                false,
+                accumulate,
             ),
             LinearWeight::Dense(d) => ops::w8a16::dense_backward_input(
                 &self.dev,
@@ -667,6 +673,7 @@ impl Backend for Gpu {
                 rows,
                 n,
                 w.in_features,
+                accumulate,
             ),
         }
     }

@@ -121,8 +121,10 @@ pub fn gemv(
     dev.launch(name, launch, &args)
 }
 
-/// `dx[M, K] = dy[M, N] · w[N, K]` for a dense bf16 weight (the output head's backward); any N,
-/// K a multiple of 16 (kernels/gemm_w8a16.cu, `gemm_bf16_dx_bf16`).
+/// `dx[M, K] (+)= dy[M, N] · w[N, K]` for a dense bf16 weight (the output head's backward, and
+/// any linear kept dense); any N, K a multiple of 16 (kernels/gemm_w8a16.cu,
+/// `gemm_bf16_dx_bf16`).
+#[allow(clippy::too_many_arguments)]
 pub fn dense_backward_input(
     dev: &Device,
     dy: &DevBuf<bf16>,
@@ -131,6 +133,7 @@ pub fn dense_backward_input(
     m: usize,
     n: usize,
     k: usize,
+    accumulate: bool,
 ) -> Result<()> {
     let name = "gemm_bf16_dx_bf16";
     if !k.is_multiple_of(16) {
@@ -164,7 +167,7 @@ pub fn dense_backward_input(
         Arg::I32(c(m, "M")?),
         Arg::I32(c(n, "N")?),
         Arg::I32(c(k, "K")?),
-        Arg::I32(0),
+        Arg::I32(accumulate as i32),
     ];
     dev.launch(name, launch, &args)
 }
