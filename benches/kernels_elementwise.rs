@@ -99,7 +99,10 @@ fn cpu_rmsnorm_backward(c: &mut Criterion) {
         let mut dx = cpu.zeros(&[t, d], DType::F32).unwrap();
         g.throughput(Throughput::Bytes((3 * t * d * 4 + d * 4) as u64)); // x, dy, w in; dx out
         g.bench_function(BenchmarkId::new(m.name, format!("{t}x{d}")), |b| {
-            b.iter(|| cpu.rmsnorm_backward(&x, &w, 1e-5, &dy, &mut dx).unwrap())
+            b.iter(|| {
+                cpu.rmsnorm_backward(&x, &w, 1e-5, &dy, &mut dx, false)
+                    .unwrap()
+            })
         });
     }
     g.finish();
@@ -254,7 +257,7 @@ fn cuda_rmsnorm_backward_one<T: BenchElem>(
         |b| {
             b.iter_custom(|n| {
                 time_cuda(dev, n, || {
-                    rmsnorm_backward(dev, &x, &w, &dy, &mut dx, t, d, 1e-5).unwrap()
+                    rmsnorm_backward(dev, &x, &w, &dy, &mut dx, t, d, 1e-5, false).unwrap()
                 })
             })
         },

@@ -35,7 +35,8 @@ extern "C" __global__ void rmsnorm_bf16(const __nv_bfloat16* x, const float* w, 
 
 // RMSNorm backward, dx only (the norm weight is frozen: no dw).
 //
-// Layout:  x, dy, dx [rows, d]  row-major, element type T (f32 or bf16)
+// Layout:  x, dy, dx [rows, d]  row-major, element type T (f32 or bf16); dx overwritten, or added
+//                                to with accumulate = 1 (the residual stream's gradient, in one pass)
 //          w         [d]        f32
 // Math:    y = x·r·w with r = rsqrt(mean_i(x²) + eps)  ⇒  with g = dy·w and x̂ = x·r,
 //          dx = r·(g − x̂·mean_i(g·x̂)) = r·g − x·r³·(Σ_i g·x)/d. Both row sums (x² and g·x)
@@ -59,7 +60,7 @@ template <int N> __device__ __forceinline__ void load_f32(const float* p, float 
 
 template <typename T>
 __device__ void rmsnorm_backward(const T* __restrict__ x, const float* __restrict__ w, const T* __restrict__ dy,
-                                 T* __restrict__ dx, int d, float eps) {
+                                 T* __restrict__ dx, int d, float eps, int accumulate) {
     __shared__ float scratch[32];
     constexpr int N = rf_vec16<T>::N;
     const size_t row = (size_t)blockIdx.x * d;
@@ -100,20 +101,28 @@ __device__ void rmsnorm_backward(const T* __restrict__ x, const float* __restric
             load_f32<N>(w + j, wv);
 #pragma unroll
             for (int k = 0; k < N; k++) xv[k] = r * (gv[k] * wv[k]) - xv[k] * c;
+            if (accumulate) {
+                float pv[N];
+                rf_vec16<T>::load(dr + j, pv);
+#pragma unroll
+                for (int k = 0; k < N; k++) xv[k] += pv[k];
+            }
             rf_vec16<T>::store(dr + j, xv);
         }
     } else {
-        for (int i = threadIdx.x; i < d; i += blockDim.x)
-            dr[i] = rf_from_float<T>(r * (rf_to_float(gr[i]) * w[i]) - rf_to_float(xr[i]) * c);
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            const float v = r * (rf_to_float(gr[i]) * w[i]) - rf_to_float(xr[i]) * c;
+            dr[i] = rf_from_float<T>(accumulate ? rf_to_float(dr[i]) + v : v);
+        }
     }
 }
 
 extern "C" __global__ void rmsnorm_backward_f32(const float* x, const float* w, const float* dy, float* dx, int d,
-                                                float eps) {
-    rmsnorm_backward<float>(x, w, dy, dx, d, eps);
+                                                float eps, int accumulate) {
+    rmsnorm_backward<float>(x, w, dy, dx, d, eps, accumulate);
 }
 
 extern "C" __global__ void rmsnorm_backward_bf16(const __nv_bfloat16* x, const float* w, const __nv_bfloat16* dy,
-                                                 __nv_bfloat16* dx, int d, float eps) {
-    rmsnorm_backward<__nv_bfloat16>(x, w, dy, dx, d, eps);
+                                                 __nv_bfloat16* dx, int d, float eps, int accumulate) {
+    rmsnorm_backward<__nv_bfloat16>(x, w, dy, dx, d, eps, accumulate);
 }

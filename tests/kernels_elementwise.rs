@@ -136,6 +136,7 @@ fn rmsnorm_backward_case<T: Elem>(seed: u64) {
                 eps,
                 &cpu_f32(&cpu, &[rows, d], &dyf),
                 &mut dx_c,
+                false,
             )
             .unwrap();
             let want = cpu_out(&cpu, &dx_c);
@@ -146,7 +147,7 @@ fn rmsnorm_backward_case<T: Elem>(seed: u64) {
                 dev.upload(&dy).unwrap(),
             );
             let mut gdx = poisoned::<T>(&dev, rows * d);
-            rmsnorm_backward(&dev, &gx, &gw, &gdy, &mut gdx, rows, d, eps).unwrap();
+            rmsnorm_backward(&dev, &gx, &gw, &gdy, &mut gdx, rows, d, eps, false).unwrap();
             let got = dev.download(&gdx).unwrap();
 
             // Per row, in f64 from the inputs: r = (mean x² + eps)^-1/2, g = dy·w, A = Σ|g·x|.
@@ -179,6 +180,36 @@ fn rmsnorm_backward_case<T: Elem>(seed: u64) {
                     let (rr, a, gs) = &stats[i / d];
                     k * (2.0 * rr * gs[i % d].abs()
                         + 4.0 * (xf[i] as f64).abs() * rr * rr * a / d as f64)
+                },
+            );
+
+            // accumulate: dx starts from a prior gradient, on the CPU too. Both add it to their
+            // own dx in f32 (one rounding each of the sum: 2u of it more).
+            let (prior, priorf) = gen::<T>(rows * d, || rng.normal());
+            let mut acc_c = cpu_f32(&cpu, &[rows, d], &priorf);
+            cpu.rmsnorm_backward(
+                &cpu_f32(&cpu, &[rows, d], &xf),
+                &cpu_f32(&cpu, &[d], &w),
+                eps,
+                &cpu_f32(&cpu, &[rows, d], &dyf),
+                &mut acc_c,
+                true,
+            )
+            .unwrap();
+            let want_acc = cpu_out(&cpu, &acc_c);
+            let mut gacc = dev.upload(&prior).unwrap();
+            rmsnorm_backward(&dev, &gx, &gw, &gdy, &mut gacc, rows, d, eps, true).unwrap();
+            let got = dev.download(&gacc).unwrap();
+            check(
+                &dev,
+                &format!("rmsnorm_backward accumulate {rows}×{d}"),
+                &got,
+                &want_acc,
+                |i| {
+                    let (rr, a, gs) = &stats[i / d];
+                    k * (2.0 * rr * gs[i % d].abs()
+                        + 4.0 * (xf[i] as f64).abs() * rr * rr * a / d as f64)
+                        + 2.0 * U * (want_acc[i] as f64).abs()
                 },
             );
         }
@@ -693,7 +724,7 @@ fn wrappers_reject_wrong_shapes_with_the_kernel_name() {
         let w = dev.upload(&[1f32; 3]).unwrap();
         let mut o = dev.upload(&[0f32; 6]).unwrap();
         let mut o2 = dev.upload(&[0f32; 6]).unwrap();
-        let e = rmsnorm_backward(&dev, &a, &w, &b, &mut o, 2, 3, 1e-5)
+        let e = rmsnorm_backward(&dev, &a, &w, &b, &mut o, 2, 3, 1e-5, false)
             .unwrap_err()
             .to_string();
         assert!(

@@ -235,7 +235,8 @@ pub trait Backend: Sized + Send + Sync {
         ids: &Tensor<Self>,
         dtable: &mut Tensor<Self>,
     ) -> Result<()>;
-    /// dx of `rmsnorm` (the norm weight is frozen).
+    /// dx of `rmsnorm` (the norm weight is frozen), or `dx +=` it when `accumulate` (the
+    /// residual stream's gradient gathers it without a separate pass).
     fn rmsnorm_backward(
         &self,
         x: &Tensor<Self>,
@@ -243,6 +244,7 @@ pub trait Backend: Sized + Send + Sync {
         eps: f32,
         dy: &Tensor<Self>,
         dx: &mut Tensor<Self>,
+        accumulate: bool,
     ) -> Result<()>;
     /// `dx = dy · dequant(W)`, or `dx += dy · dequant(W)` when `accumulate` (the input
     /// gradient of several projections of one input summed in the GEMM's epilogue, without a

@@ -423,8 +423,8 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     }
     add(
         "backward working set",
-        "norm out, dX, dH, dtmp, dAttn, dQ, dK, dV, dFFN, dG, dU bf16".to_string(),
-        4 * bf(t * d) + 2 * bf(t * qd) + 2 * bf(t * kvd) + 3 * bf(t * f),
+        "norm out, dX, dH, dAttn, dQ, dK, dV, dFFN, dG, dU bf16".to_string(),
+        3 * bf(t * d) + 2 * bf(t * qd) + 2 * bf(t * kvd) + 3 * bf(t * f),
     );
     add(
         "backward working set",

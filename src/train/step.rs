@@ -110,7 +110,6 @@ pub struct Workspace<B: Backend> {
     dgate: Tensor<B>,
     xf: Tensor<B>,
     dx: Tensor<B>,
-    dtmp: Tensor<B>,
     dh: Tensor<B>,
     dattn: Tensor<B>,
     dq: Tensor<B>,
@@ -188,7 +187,6 @@ impl<B: Backend> Workspace<B> {
             dgate: be.zeros(&[t, r.max(1)], DType::F32)?,
             xf: z(&[t, d])?,
             dx: z(&[t, d])?,
-            dtmp: z(&[t, d])?,
             dh: z(&[t, d])?,
             dattn: z(&[t, qd])?,
             dq: z(&[t, qd])?,
@@ -509,7 +507,6 @@ impl<B: Backend> Ctx<'_, B> {
             ones,
             dgate,
             dx,
-            dtmp,
             dh,
             dattn,
             dq,
@@ -563,8 +560,7 @@ impl<B: Backend> Ctx<'_, B> {
             dh,
             true,
         )?;
-        be.rmsnorm_backward(&a.x2, &lay.ffn_norm, eps, dh, dtmp)?;
-        be.add_assign(dx, dtmp)?;
+        be.rmsnorm_backward(&a.x2, &lay.ffn_norm, eps, dh, dx, true)?;
         // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))).
         reshape(dattn, &[t, h * hd]);
         linear_lora_backward(
@@ -633,8 +629,7 @@ impl<B: Backend> Ctx<'_, B> {
                 true,
             )?;
         }
-        be.rmsnorm_backward(&xs[l], &lay.attn_norm, eps, dh, dtmp)?;
-        be.add_assign(dx, dtmp)
+        be.rmsnorm_backward(&xs[l], &lay.attn_norm, eps, dh, dx, true)
     }
 }
 
@@ -853,6 +848,7 @@ pub fn forward_backward<B: Backend>(
             model.config.rms_norm_eps as f32,
             dh,
             dx,
+            false,
         )?;
     }
     for l in (0..nl).rev() {

@@ -454,7 +454,15 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn rmsnorm_backward(&self, x: &T, weight: &T, eps: f32, dy: &T, dx: &mut T) -> Result<()> {
+    fn rmsnorm_backward(
+        &self,
+        x: &T,
+        weight: &T,
+        eps: f32,
+        dy: &T,
+        dx: &mut T,
+        accumulate: bool,
+    ) -> Result<()> {
         let op = "rmsnorm_backward";
         let (_, d) = x.rows_cols();
         expect_shape(op, "weight", weight, &[d])?;
@@ -480,7 +488,8 @@ impl Backend for Cpu {
                     .sum::<f32>()
                     / d as f32;
                 for (((o, x), dy), w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                    *o = r * (dy * w - x * r * dot);
+                    let v = r * (dy * w - x * r * dot);
+                    *o = if accumulate { *o + v } else { v };
                 }
             });
         Ok(())

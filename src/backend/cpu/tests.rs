@@ -174,16 +174,31 @@ fn rmsnorm_backward_matches_finite_differences() {
             .unwrap();
         vals(&o).iter().zip(&probe).map(|(a, b)| a * b).sum::<f32>()
     };
-    let mut dx = t32(&be, &[t, d], vec![0.0; t * d]);
+    let mut dx = t32(&be, &[t, d], vec![f32::NAN; t * d]);
     be.rmsnorm_backward(
         &t32(&be, &[t, d], x.clone()),
         &wt,
         1e-5,
         &t32(&be, &[t, d], probe.clone()),
         &mut dx,
+        false,
     )
     .unwrap();
     check_grad("rmsnorm", &vals(&dx), &loss, &x);
+    // accumulate adds the same gradient to what dx held.
+    let prior = rand_vec(&mut rng, t * d, 1.0);
+    let mut acc = t32(&be, &[t, d], prior.clone());
+    be.rmsnorm_backward(
+        &t32(&be, &[t, d], x.clone()),
+        &wt,
+        1e-5,
+        &t32(&be, &[t, d], probe.clone()),
+        &mut acc,
+        true,
+    )
+    .unwrap();
+    let want: Vec<f32> = prior.iter().zip(vals(&dx)).map(|(p, d)| p + d).collect();
+    assert_eq!(vals(&acc), want);
 }
 
 #[test]

@@ -629,7 +629,15 @@ impl Backend for Gpu {
         )
     }
 
-    fn rmsnorm_backward(&self, x: &T, weight: &T, eps: f32, dy: &T, dx: &mut T) -> Result<()> {
+    fn rmsnorm_backward(
+        &self,
+        x: &T,
+        weight: &T,
+        eps: f32,
+        dy: &T,
+        dx: &mut T,
+        accumulate: bool,
+    ) -> Result<()> {
         let op = "rmsnorm_backward";
         let (rows, d) = x.rows_cols();
         ops::rmsnorm_backward(
@@ -641,6 +649,7 @@ impl Backend for Gpu {
             rows,
             d,
             eps,
+            accumulate,
         )
     }
 

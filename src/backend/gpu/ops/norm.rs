@@ -56,7 +56,7 @@ pub fn rmsnorm<T: NormElem>(
 }
 
 /// RMSNorm backward, dx only (kernels/rmsnorm.cu; the norm weight is frozen): x, dy, dx
-/// `[rows, d]` of T, w `[d]` f32, the same `eps` as the forward.
+/// `[rows, d]` of T, w `[d]` f32, the same `eps` as the forward; `accumulate` adds to dx.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward<T: NormElem>(
     dev: &Device,
@@ -67,6 +67,7 @@ pub fn rmsnorm_backward<T: NormElem>(
     rows: usize,
     d: usize,
     eps: f32,
+    accumulate: bool,
 ) -> Result<()> {
     let k = T::RMSNORM_BACKWARD;
     let n = rows.checked_mul(d);
@@ -95,6 +96,7 @@ pub fn rmsnorm_backward<T: NormElem>(
         dev.ptr_mut(dx)?,
         Arg::I32(d_i32),
         Arg::F32(eps),
+        Arg::I32(accumulate as i32),
     ];
     dev.launch(k, Launch::linear(grid, 256), &args)
 }
