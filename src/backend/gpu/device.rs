@@ -668,7 +668,8 @@ fn check_resources(kernel: &str, cfg: Launch, threads: u64) -> Result<()> {
         let per_warp = (r.registers as u64 * 32).div_ceil(256) * 256;
         if warps * per_warp > 65536 {
             return Err(Error::Device(format!(
-                "{kernel}: a block of {threads} threads needs {} registers on {} ({} per thread),                  more than the 65536 a block can have",
+                "{kernel}: a block of {threads} threads needs {} registers on {} ({} per thread), \
+                 more than the 65536 a block can have",
                 warps * per_warp,
                 r.arch,
                 r.registers
@@ -678,7 +679,8 @@ fn check_resources(kernel: &str, cfg: Launch, threads: u64) -> Result<()> {
             let shared = r.shared_bytes as u64 + cfg.shared_bytes as u64;
             if shared > max {
                 return Err(Error::Device(format!(
-                    "{kernel}: {shared} bytes of shared memory per block ({} static + {} dynamic),                      more than the {max} an {} block can have",
+                    "{kernel}: {shared} bytes of shared memory per block ({} static + {} dynamic), \
+                     more than the {max} an {} block can have",
                     r.shared_bytes, cfg.shared_bytes, r.arch
                 )));
             }
