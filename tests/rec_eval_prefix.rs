@@ -251,13 +251,11 @@ fn prefixed_scoring_matches_full_prompts_on_the_cpu() {
     let a = prefix_vs_full(&be, &load(&be, &f.hf_dir, int8_no_outliers()), &host, true);
     assert!(a.dl == 0.0 && a.dp == 0.0, "not bit-identical: {a:?}");
 
-    // f32 weights: the CPU's f32 GEMM sums rows in blocks of 4 with 8-lane FMAs and the rows
-    // left over with 16-lane partial sums, so a row's bits depend on where it falls in its
-    // batch (a few ulps per linear; the full path moves by as much packed vs. alone). Measured
-    // 1.3e-5 in log P (values up to ~20, where an f32 ulp is 1.9e-6) and 1.8e-6 in P(Yes).
+    // f32 weights: the CPU's f32 GEMMs sum every output the same way whichever block of rows
+    // it falls in, so a row's bits do not depend on its batch either: bit-identical.
     eprintln!("cpu, f32 weights:");
     let a = prefix_vs_full(&be, &load(&be, &f.hf_dir, f32_weights()), &host, true);
-    assert!(a.dl < 1e-4 && a.dp < 1e-5, "f32 weights: {a:?}");
+    assert!(a.dl == 0.0 && a.dp == 0.0, "f32 weights, not bit-identical: {a:?}");
 
     eprintln!("cpu, int8 weights, outlier threshold 6 (the default):");
     let a = prefix_vs_full(

@@ -93,33 +93,49 @@ pub fn quantize_activations(
     threshold: f32,
 ) -> (Vec<i8>, Vec<f32>, Vec<bool>) {
     let mut outlier = vec![false; k];
-    if threshold > 0.0 {
-        for row in x.chunks_exact(k) {
-            for (o, v) in outlier.iter_mut().zip(row) {
-                *o |= v.abs() > threshold;
-            }
-        }
+    if threshold > 0.0 && k > 0 {
+        outlier = x[..t * k]
+            .par_chunks(k)
+            .fold(
+                || vec![false; k],
+                |mut o, row| {
+                    o.iter_mut()
+                        .zip(row)
+                        .for_each(|(o, v)| *o |= v.abs() > threshold);
+                    o
+                },
+            )
+            .reduce(
+                || vec![false; k],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a |= b);
+                    a
+                },
+            );
     }
     let mut q = vec![0i8; t * k];
     let mut scales = vec![0f32; t];
-    for (r, (row, qrow)) in x.chunks_exact(k).zip(q.chunks_exact_mut(k)).enumerate() {
-        let amax = row
-            .iter()
-            .zip(&outlier)
-            .filter(|(_, o)| !**o)
-            .fold(0f32, |m, (v, _)| m.max(v.abs()));
-        let s = amax / 127.0;
-        scales[r] = s;
-        if s > 0.0 {
-            for ((qv, v), o) in qrow.iter_mut().zip(row).zip(&outlier) {
-                *qv = if *o {
-                    0
-                } else {
-                    (v / s).round().clamp(-127.0, 127.0) as i8
-                };
+    q.par_chunks_mut(k.max(1))
+        .zip(scales.par_iter_mut())
+        .zip(x.par_chunks(k.max(1)))
+        .for_each(|((qrow, sc), row)| {
+            let amax = row
+                .iter()
+                .zip(&outlier)
+                .filter(|(_, o)| !**o)
+                .fold(0f32, |m, (v, _)| m.max(v.abs()));
+            let s = amax / 127.0;
+            *sc = s;
+            if s > 0.0 {
+                for ((qv, v), o) in qrow.iter_mut().zip(row).zip(&outlier) {
+                    *qv = if *o {
+                        0
+                    } else {
+                        (v / s).round().clamp(-127.0, 127.0) as i8
+                    };
+                }
             }
-        }
-    }
+        });
     (q, scales, outlier)
 }
 
@@ -294,8 +310,9 @@ impl Backend for Cpu {
                     }
                 }
                 o.par_chunks_mut(n.max(1)).enumerate().for_each(|(r, row)| {
-                    for (j, y) in row.iter_mut().enumerate() {
-                        *y = acc[r * n + j] as f32 * sx[r] * scale[j];
+                    let accr = &acc[r * n..(r + 1) * n];
+                    for ((y, a), s) in row.iter_mut().zip(accr).zip(scale) {
+                        *y = *a as f32 * sx[r] * s;
                     }
                     // Outliers added one by one, in column order, to every output at once: the
                     // kernel's epilogue adds them in the same order, so the two agree bit for
@@ -515,24 +532,22 @@ impl Backend for Cpu {
         let dys = f32s(op, "dy", dy)?;
         let wv = weight_view(op, w)?;
         let dxs = f32s_mut(op, "dx", dx)?;
-        // dX = dY · W as a GEMM against Wᵀ `[K, N]` (dequantized for int8), built once per call.
-        let mut wt = vec![0f32; k * n];
-        wt.par_chunks_mut(n.max(1))
-            .enumerate()
-            .for_each(|(c, row)| {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = match &wv {
-                        WView::Dense(wd) => wd[j * k + c],
-                        WView::Int8 { w: wq, scale } => wq[j * k + c] as f32 * scale[j],
-                    };
-                }
-            });
-        let prod = simd::gemm_f32(dys, &wt, t, k, n);
-        if accumulate {
-            dxs.iter_mut().zip(&prod).for_each(|(d, p)| *d += p);
-        } else {
-            dxs.copy_from_slice(&prod);
-        }
+        // dX = dY · W with W `[N, K]` row-major, the NN layout; int8 weights are dequantized
+        // once per call (same order as the products: the integer times the row scale).
+        let wf: std::borrow::Cow<[f32]> = match wv {
+            WView::Dense(wd) => wd.into(),
+            WView::Int8 { w: wq, scale } => {
+                let mut wf = vec![0f32; n * k];
+                wf.par_chunks_mut(k.max(1))
+                    .zip(wq.par_chunks(k.max(1)))
+                    .zip(scale.par_iter())
+                    .for_each(|((o, q), s)| {
+                        o.iter_mut().zip(q).for_each(|(o, q)| *o = *q as f32 * s);
+                    });
+                wf.into()
+            }
+        };
+        simd::gemm_f32_nn(dys, &wf, t, n, k, dxs, accumulate);
         Ok(())
     }
 
@@ -583,34 +598,16 @@ impl Backend for Cpu {
             f32s(op, "b", &lora.b)?,
             f32s(op, "gate", gate)?,
         );
-        let keep_scale = 1.0 / (1.0 - dropout.p);
-        let mut hv = vec![0f32; m * r];
-        for row in 0..m {
-            let xd: Vec<f32> = (0..k)
-                .map(|c| {
-                    if dropout_keep(dropout.seed, (row * k + c) as u64, dropout.p) {
-                        xs[row * k + c] * keep_scale
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            for j in 0..r {
-                hv[row * r + j] = xd
-                    .iter()
-                    .zip(&a[j * k..(j + 1) * k])
-                    .map(|(p, q)| p * q)
-                    .sum();
-            }
-        }
+        let xd = dropped_input(xs, m, k, dropout);
+        // h = dropout(x) · Aᵀ,  u = h ⊙ g,  y += s · u · Bᵀ
+        let hv = simd::gemm_f32(&xd, a, m, r, k);
         let uv: Vec<f32> = hv.iter().zip(gs).map(|(p, q)| p * q).collect();
+        let mut ub = vec![0f32; m * n];
+        simd::gemm_f32_nn(&uv, &transpose(b, n, r), m, r, n, &mut ub, false);
         let ys = f32s_mut(op, "y", y)?;
-        for row in 0..m {
-            for col in 0..n {
-                let t: f32 = (0..r).map(|j| uv[row * r + j] * b[col * r + j]).sum();
-                ys[row * n + col] += lora.scale * t;
-            }
-        }
+        ys.par_iter_mut()
+            .zip(ub.par_iter())
+            .for_each(|(y, p)| *y += lora.scale * p);
         f32s_mut(op, "h", h)?.copy_from_slice(&hv);
         f32s_mut(op, "u", u)?.copy_from_slice(&uv);
         Ok(())
@@ -652,51 +649,39 @@ impl Backend for Cpu {
             f32s(op, "u", u)?,
             f32s(op, "dy", dy)?,
         );
-        let keep_scale = 1.0 / (1.0 - dropout.p);
-        // dp = scale · dy · B  [M, R]
-        let mut dp = vec![0f32; m * r];
-        for row in 0..m {
-            for j in 0..r {
-                dp[row * r + j] =
-                    lora.scale * (0..n).map(|c| dys[row * n + c] * b[c * r + j]).sum::<f32>();
-            }
-        }
+        // dp = s · dy · B  [M, R]  (B `[N, R]`: a dot-product GEMM against Bᵀ `[R, N]`)
+        let mut dp = simd::gemm_f32(dys, &transpose(b, n, r), m, r, n);
+        dp.iter_mut().for_each(|v| *v *= lora.scale);
         let dh: Vec<f32> = dp.iter().zip(gs).map(|(p, q)| p * q).collect();
         let dg: Vec<f32> = dp.iter().zip(hs).map(|(p, q)| p * q).collect();
+        // dB += s · dyᵀ · u, computed as its transpose uᵀ · dy `[R, N]` (dy stays row-major).
+        let mut dbt = vec![0f32; r * n];
+        simd::gemm_f32_nn(&transpose(us, m, r), dys, r, m, n, &mut dbt, false);
         let dbs = f32s_mut(op, "db", db)?;
         for c in 0..n {
             for j in 0..r {
-                dbs[c * r + j] += lora.scale
-                    * (0..m)
-                        .map(|row| dys[row * n + c] * us[row * r + j])
-                        .sum::<f32>();
+                dbs[c * r + j] += lora.scale * dbt[j * n + c];
             }
         }
-        let keep =
-            |row: usize, c: usize| dropout_keep(dropout.seed, (row * k + c) as u64, dropout.p);
+        // dA += dhᵀ · dropout(x)  [R, K]
+        let xd = dropped_input(xs, m, k, dropout);
         let das = f32s_mut(op, "da", da)?;
-        for j in 0..r {
-            for c in 0..k {
-                das[j * k + c] += (0..m)
-                    .map(|row| {
-                        if keep(row, c) {
-                            dh[row * r + j] * xs[row * k + c] * keep_scale
-                        } else {
-                            0.0
-                        }
-                    })
-                    .sum::<f32>();
-            }
-        }
+        simd::gemm_f32_nn(&transpose(&dh, m, r), &xd, r, m, k, das, true);
+        // dx += dropout'(dh · A): the kept elements, times the keep scale.
+        let mut dxl = vec![0f32; m * k];
+        simd::gemm_f32_nn(&dh, a, m, r, k, &mut dxl, false);
+        let keep_scale = 1.0 / (1.0 - dropout.p);
         let dxs = f32s_mut(op, "dx", dx)?;
-        for row in 0..m {
-            for c in 0..k {
-                if keep(row, c) {
-                    dxs[row * k + c] +=
-                        keep_scale * (0..r).map(|j| dh[row * r + j] * a[j * k + c]).sum::<f32>();
+        dxs.par_chunks_mut(k.max(1))
+            .zip(dxl.par_chunks(k.max(1)))
+            .enumerate()
+            .for_each(|(row, (d, p))| {
+                for (c, (d, p)) in d.iter_mut().zip(p).enumerate() {
+                    if dropout_keep(dropout.seed, (row * k + c) as u64, dropout.p) {
+                        *d += keep_scale * p;
+                    }
                 }
-            }
-        }
+            });
         f32s_mut(op, "dgate", dgate)?.copy_from_slice(&dg);
         Ok(())
     }
@@ -990,6 +975,38 @@ fn attn_geometry(
         kv_heads: kvh,
         head_dim: hd,
     })
+}
+
+/// The LoRA input after dropout: kept elements scaled by 1 / (1 − p), dropped ones 0 (the input
+/// itself, borrowed, without dropout).
+fn dropped_input(x: &[f32], m: usize, k: usize, dropout: Dropout) -> std::borrow::Cow<'_, [f32]> {
+    if dropout.p <= 0.0 {
+        return x[..m * k].into();
+    }
+    let keep_scale = 1.0 / (1.0 - dropout.p);
+    let mut xd = vec![0f32; m * k];
+    xd.par_chunks_mut(k.max(1))
+        .enumerate()
+        .for_each(|(row, o)| {
+            for (c, o) in o.iter_mut().enumerate() {
+                let i = row * k + c;
+                if dropout_keep(dropout.seed, i as u64, dropout.p) {
+                    *o = x[i] * keep_scale;
+                }
+            }
+        });
+    xd.into()
+}
+
+/// `[rows, cols]` → `[cols, rows]`.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
 }
 
 fn softmax_in_place(p: &mut [f32]) {
