@@ -255,7 +255,10 @@ fn prefixed_scoring_matches_full_prompts_on_the_cpu() {
     // it falls in, so a row's bits do not depend on its batch either: bit-identical.
     eprintln!("cpu, f32 weights:");
     let a = prefix_vs_full(&be, &load(&be, &f.hf_dir, f32_weights()), &host, true);
-    assert!(a.dl == 0.0 && a.dp == 0.0, "f32 weights, not bit-identical: {a:?}");
+    assert!(
+        a.dl == 0.0 && a.dp == 0.0,
+        "f32 weights, not bit-identical: {a:?}"
+    );
 
     eprintln!("cpu, int8 weights, outlier threshold 6 (the default):");
     let a = prefix_vs_full(

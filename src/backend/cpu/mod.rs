@@ -836,8 +836,9 @@ impl Backend for Cpu {
         );
         let pos = u32s(op, "positions", positions)?;
         let (h, kvh, hd) = (g.heads, g.kv_heads, g.head_dim);
-        let scale = 1.0 / (hd as f32).sqrt();
         let group = h / kvh;
+        let (kt, vt) = (heads_major(ks, kvh, hd), heads_major(vs, kvh, hd));
+        let tk = k.shape[0];
         // One task per (sequence, KV head): its dk / dv rows and its query heads' dq rows are
         // written by no other task, so the tasks run in parallel and are scattered after.
         let tasks: Vec<(usize, usize)> = (0..spans.len())
@@ -847,37 +848,58 @@ impl Backend for Cpu {
             .par_iter()
             .map(|&(si, kh)| {
                 let s = &spans[si];
-                let mut dq_l = vec![0f32; s.q_len * group * hd];
+                let kc = &kt[(kh * tk + s.kv_start) * hd..][..s.kv_len * hd];
+                let vc = &vt[(kh * tk + s.kv_start) * hd..][..s.kv_len * hd];
+                let mut dq_l = vec![0f32; group * s.q_len * hd];
                 let mut dk_l = vec![0f32; s.kv_len * hd];
                 let mut dv_l = vec![0f32; s.kv_len * hd];
-                let krow = |j: usize| ((s.kv_start + j) * kvh + kh) * hd;
-                for i in 0..s.q_len {
-                    let tq = s.q_start + i;
-                    let visible = (pos[tq] as usize + 1).min(s.kv_len);
-                    for gi in 0..group {
-                        let head = kh * group + gi;
-                        let qv = &qs[(tq * h + head) * hd..][..hd];
-                        let dyv = &dys[(tq * h + head) * hd..][..hd];
-                        let mut p: Vec<f32> = (0..visible)
-                            .map(|j| simd::dot_f32(qv, &ks[krow(j)..][..hd]) * scale)
-                            .collect();
-                        softmax_in_place(&mut p);
-                        // dp_j = dy·v_j;  ds_j = p_j (dp_j − Σ p dp)
-                        let dp: Vec<f32> = (0..visible)
-                            .map(|j| simd::dot_f32(dyv, &vs[krow(j)..][..hd]))
-                            .collect();
-                        let pdp: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                        let dqr = &mut dq_l[(i * group + gi) * hd..][..hd];
-                        for j in 0..visible {
-                            let ds = p[j] * (dp[j] - pdp) * scale;
-                            let kr = &ks[krow(j)..][..hd];
-                            let (dkr, dvr) = (&mut dk_l[j * hd..][..hd], &mut dv_l[j * hd..][..hd]);
-                            for c in 0..hd {
-                                dqr[c] += ds * kr[c];
-                                dkr[c] += ds * qv[c];
-                                dvr[c] += p[j] * dyv[c];
+                for gi in 0..group {
+                    let head = kh * group + gi;
+                    for i0 in (0..s.q_len).step_by(ATTN_QB) {
+                        let blk = AttnBlock::new(s, pos, i0, hd);
+                        let (rows, keys) = (blk.rows, blk.keys);
+                        let (kb, vb) = (&kc[..keys * hd], &vc[..keys * hd]);
+                        let qb = blk.gather(qs, h, head);
+                        let dyb = blk.gather(dys, h, head);
+                        let p = blk.probabilities(&qb, kb);
+                        // dp_ij = dy_i·v_j;  ds_ij = p_ij (dp_ij − Σ_j p dp) · scale
+                        let mut dp = vec![0f32; rows * keys];
+                        let vt = transpose(vb, keys, hd);
+                        simd::gemm_f32_nn(&dyb, &vt, rows, hd, keys, &mut dp, false);
+                        let mut ds = vec![0f32; rows * keys];
+                        for i in 0..rows {
+                            let vis = blk.visible(i);
+                            let (pr, dpr) = (&p[i * keys..][..vis], &dp[i * keys..][..vis]);
+                            let pdp: f32 = pr.iter().zip(dpr).map(|(a, b)| a * b).sum();
+                            for (d, (p, dp)) in
+                                ds[i * keys..][..vis].iter_mut().zip(pr.iter().zip(dpr))
+                            {
+                                *d = p * (dp - pdp) * blk.scale;
                             }
                         }
+                        // dq = ds · K;  dk += dsᵀ · q;  dv += pᵀ · dy
+                        let dqb = &mut dq_l[(gi * s.q_len + i0) * hd..][..rows * hd];
+                        simd::gemm_f32_nn(&ds, kb, rows, keys, hd, dqb, false);
+                        let dkb = &mut dk_l[..keys * hd];
+                        simd::gemm_f32_nn(
+                            &transpose(&ds, rows, keys),
+                            &qb,
+                            keys,
+                            rows,
+                            hd,
+                            dkb,
+                            true,
+                        );
+                        let dvb = &mut dv_l[..keys * hd];
+                        simd::gemm_f32_nn(
+                            &transpose(&p, rows, keys),
+                            &dyb,
+                            keys,
+                            rows,
+                            hd,
+                            dvb,
+                            true,
+                        );
                     }
                 }
                 (dq_l, dk_l, dv_l)
@@ -888,20 +910,28 @@ impl Backend for Cpu {
         let mut dvv = vec![0f32; vs.len()];
         for (&(si, kh), (dq_l, dk_l, dv_l)) in tasks.iter().zip(&parts) {
             let s = &spans[si];
-            for i in 0..s.q_len {
-                for gi in 0..group {
-                    let dst = ((s.q_start + i) * h + kh * group + gi) * hd;
-                    for c in 0..hd {
-                        dqv[dst + c] += dq_l[(i * group + gi) * hd + c];
-                    }
+            for gi in 0..group {
+                let head = kh * group + gi;
+                for i in 0..s.q_len {
+                    let dst = ((s.q_start + i) * h + head) * hd;
+                    let src = &dq_l[(gi * s.q_len + i) * hd..][..hd];
+                    dqv[dst..dst + hd]
+                        .iter_mut()
+                        .zip(src)
+                        .for_each(|(d, s)| *d += s);
                 }
             }
             for j in 0..s.kv_len {
                 let dst = ((s.kv_start + j) * kvh + kh) * hd;
-                for c in 0..hd {
-                    dkv[dst + c] += dk_l[j * hd + c];
-                    dvv[dst + c] += dv_l[j * hd + c];
-                }
+                let (sk, sv) = (&dk_l[j * hd..][..hd], &dv_l[j * hd..][..hd]);
+                dkv[dst..dst + hd]
+                    .iter_mut()
+                    .zip(sk)
+                    .for_each(|(d, s)| *d += s);
+                dvv[dst..dst + hd]
+                    .iter_mut()
+                    .zip(sv)
+                    .for_each(|(d, s)| *d += s);
             }
         }
         f32s_mut(op, "dq", dq)?.copy_from_slice(&dqv);
@@ -1007,6 +1037,84 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     t
+}
+
+/// Query rows per attention block: its scores `[rows, keys]` are one f32 matrix in memory.
+const ATTN_QB: usize = 64;
+
+/// `[T, heads, hd]` → `[heads, T, hd]`: each head's rows contiguous, as the GEMMs want them.
+fn heads_major(x: &[f32], heads: usize, hd: usize) -> Vec<f32> {
+    let t = x.len().checked_div(heads * hd).unwrap_or(0);
+    let mut o = vec![0f32; x.len()];
+    for head in 0..heads {
+        for r in 0..t {
+            o[(head * t + r) * hd..][..hd].copy_from_slice(&x[(r * heads + head) * hd..][..hd]);
+        }
+    }
+    o
+}
+
+/// A block of up to `ATTN_QB` query rows of one sequence and the keys they can see: key j is
+/// visible to row i when j ≤ its position (and j < the sequence's keys).
+struct AttnBlock<'a> {
+    span: &'a SeqSpan,
+    pos: &'a [u32],
+    i0: usize,
+    rows: usize,
+    /// Keys any row of the block can see: the score matrix's width.
+    keys: usize,
+    hd: usize,
+    scale: f32,
+}
+
+impl<'a> AttnBlock<'a> {
+    fn new(span: &'a SeqSpan, pos: &'a [u32], i0: usize, hd: usize) -> Self {
+        let rows = ATTN_QB.min(span.q_len - i0);
+        let vis = |i: usize| (pos[span.q_start + i] as usize + 1).min(span.kv_len);
+        let keys = (i0..i0 + rows).map(vis).max().unwrap_or(0);
+        AttnBlock {
+            span,
+            pos,
+            i0,
+            rows,
+            keys,
+            hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        }
+    }
+
+    /// Keys visible to the block's row i.
+    fn visible(&self, i: usize) -> usize {
+        (self.pos[self.span.q_start + self.i0 + i] as usize + 1).min(self.span.kv_len)
+    }
+
+    /// The block's rows of one head of `x` `[T, heads, hd]`, contiguous `[rows, hd]`.
+    fn gather(&self, x: &[f32], heads: usize, head: usize) -> Vec<f32> {
+        let hd = self.hd;
+        let mut o = vec![0f32; self.rows * hd];
+        for (i, row) in o.chunks_exact_mut(hd.max(1)).enumerate() {
+            let t = self.span.q_start + self.i0 + i;
+            row.copy_from_slice(&x[(t * heads + head) * hd..][..hd]);
+        }
+        o
+    }
+
+    /// `softmax(q · Kᵀ · scale)` over each row's visible keys, `[rows, keys]`, 0 where a key
+    /// is not visible.
+    fn probabilities(&self, qb: &[f32], kc: &[f32]) -> Vec<f32> {
+        let (keys, hd) = (self.keys, self.hd);
+        let mut p = vec![0f32; self.rows * keys];
+        let kt = transpose(&kc[..keys * hd], keys, hd);
+        simd::gemm_f32_nn(qb, &kt, self.rows, hd, keys, &mut p, false);
+        for i in 0..self.rows {
+            let vis = self.visible(i);
+            let row = &mut p[i * keys..(i + 1) * keys];
+            row.iter_mut().for_each(|v| *v *= self.scale);
+            softmax_in_place(&mut row[..vis]);
+            row[vis..].fill(0.0);
+        }
+        p
+    }
 }
 
 fn softmax_in_place(p: &mut [f32]) {

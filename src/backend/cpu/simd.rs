@@ -623,8 +623,9 @@ mod gemm_f32_tests {
     use crate::rng::Rng;
 
     /// A row's result does not depend on the rows around it: each row of a 30-row product
-    /// equals, bit for bit, the product of that row alone (both GEMM layouts). Prefix sharing
-    /// and re-packing rely on it.
+    /// equals, bit for bit, the product of that row alone (both GEMM layouts), and in the NN
+    /// layout a column's does not depend on the columns beside it. Prefix sharing and
+    /// re-packing rely on it.
     #[test]
     fn a_row_is_computed_the_same_alone_and_in_a_batch() {
         let mut rng = Rng::new(12);
@@ -634,13 +635,29 @@ mod gemm_f32_tests {
         let all = gemm_f32(&a, &b, t, n, k);
         let mut all_nn = vec![0f32; t * n];
         gemm_f32_nn(&a, &b, t, k, n, &mut all_nn, false);
+        // A column's bits do not depend on the matrix's width (where the 16-column panels
+        // end): the first 21 columns of B alone give the first 21 columns of the whole.
+        let narrow: Vec<f32> = (0..k).flat_map(|j| b[j * n..j * n + 21].to_vec()).collect();
+        let mut part = vec![0f32; t * 21];
+        gemm_f32_nn(&a, &narrow, t, k, 21, &mut part, false);
+        for r in 0..t {
+            assert_eq!(
+                part[r * 21..(r + 1) * 21],
+                all_nn[r * n..r * n + 21],
+                "gemm_f32_nn row {r}, 21 columns"
+            );
+        }
         for r in 0..t {
             let row = &a[r * k..(r + 1) * k];
             let alone = gemm_f32(row, &b, 1, n, k);
             assert_eq!(alone[..], all[r * n..(r + 1) * n], "gemm_f32 row {r}");
             let mut alone_nn = vec![0f32; n];
             gemm_f32_nn(row, &b, 1, k, n, &mut alone_nn, false);
-            assert_eq!(alone_nn[..], all_nn[r * n..(r + 1) * n], "gemm_f32_nn row {r}");
+            assert_eq!(
+                alone_nn[..],
+                all_nn[r * n..(r + 1) * n],
+                "gemm_f32_nn row {r}"
+            );
         }
     }
 
@@ -700,6 +717,12 @@ pub fn gemm_f32_nn(
         "gemm_f32_nn: operands too short"
     );
     if t == 0 || n == 0 {
+        return;
+    }
+    if kk == 0 {
+        if !accumulate {
+            out[..t * n].fill(0.0);
+        }
         return;
     }
     if accumulate {
@@ -826,20 +849,42 @@ fn nn_block(
                 k0 += kc;
             }
         }
-        // The columns no micro-kernel covered: one sequential sum per output.
+        // The columns no micro-kernel covered: the same sequential chain of fused
+        // multiply-adds, so a column's bits do not depend on where the panels end.
         for i in 0..rows {
             let ar = &a[i * kk..(i + 1) * kk];
             for cc in vec_end..cbe {
-                let mut s = 0f32;
-                for (j, x) in ar.iter().enumerate() {
-                    s += x * b[j * n + cc];
-                }
-                let y = &mut data[i * ld + cc - col0];
-                *y = s;
+                data[i * ld + cc - col0] = fma_chain(ar, &b[cc..], n, fast);
             }
         }
         cb = cbe;
     }
+}
+
+/// `Σ_j a[j] · b[j · ldb]` as one chain of fused multiply-adds in j order: the arithmetic of
+/// each lane of `nn_kernel`.
+fn fma_chain(a: &[f32], b: &[f32], ldb: usize, fast: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if fast {
+        // SAFETY: `fast` means AVX2 + FMA were detected.
+        return unsafe { fma_chain_fma(a, b, ldb) };
+    }
+    let _ = fast;
+    a.iter()
+        .enumerate()
+        .fold(0f32, |s, (j, x)| x.mul_add(b[j * ldb], s))
+}
+
+/// `fma_chain` compiled with FMA, so `mul_add` is one instruction.
+///
+/// # Safety
+/// FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chain_fma(a: &[f32], b: &[f32], ldb: usize) -> f32 {
+    a.iter()
+        .enumerate()
+        .fold(0f32, |s, (j, x)| x.mul_add(b[j * ldb], s))
 }
 
 /// `M` rows × 16 columns: for each of the kk steps, two vectors of B's row and one broadcast of
@@ -910,6 +955,7 @@ mod gemm_nn_tests {
     fn gemm_f32_nn_matches_the_f64_triple_loop() {
         let mut rng = Rng::new(11);
         for (t, kk, n) in [
+            (3, 0, 20),
             (1, 1, 1),
             (1, 5, 17),
             (7, 33, 16),
