@@ -1,4 +1,4 @@
-//! The main job, end to end and slow (~12 minutes on a 2-core CPU): TALLRec on MovieLens-100K
+//! The main job, end to end and slow (~4 minutes on a 2-core CPU): TALLRec on MovieLens-100K
 //! with the real SmolLM2-135M-Instruct. Evaluates the base model's Yes/No AUC on the first 128
 //! validation samples, LoRA-trains on 64 training samples (32 updates of 4, two epochs),
 //! evaluates again — the same sizes as scripts/demo.sh on a CPU — and requires the AUC to rise.
