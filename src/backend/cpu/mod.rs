@@ -598,7 +598,7 @@ impl Backend for Cpu {
             f32s(op, "b", &lora.b)?,
             f32s(op, "gate", gate)?,
         );
-        let xd = dropped_input(xs, m, k, dropout);
+        let xd = dropped_input(xs, m, k, dropout, dropout_mask(m, k, dropout).as_deref());
         // h = dropout(x) · Aᵀ,  u = h ⊙ g,  y += s · u · Bᵀ
         let hv = simd::gemm_f32(&xd, a, m, r, k);
         let uv: Vec<f32> = hv.iter().zip(gs).map(|(p, q)| p * q).collect();
@@ -664,7 +664,8 @@ impl Backend for Cpu {
             }
         }
         // dA += dhᵀ · dropout(x)  [R, K]
-        let xd = dropped_input(xs, m, k, dropout);
+        let keep = dropout_mask(m, k, dropout);
+        let xd = dropped_input(xs, m, k, dropout, keep.as_deref());
         let das = f32s_mut(op, "da", da)?;
         simd::gemm_f32_nn(&transpose(&dh, m, r), &xd, r, m, k, das, true);
         // dx += dropout'(dh · A): the kept elements, times the keep scale.
@@ -677,7 +678,7 @@ impl Backend for Cpu {
             .enumerate()
             .for_each(|(row, (d, p))| {
                 for (c, (d, p)) in d.iter_mut().zip(p).enumerate() {
-                    if dropout_keep(dropout.seed, (row * k + c) as u64, dropout.p) {
+                    if keep.as_ref().is_none_or(|kp| kp[row * k + c]) {
                         *d += keep_scale * p;
                     }
                 }
@@ -853,19 +854,23 @@ impl Backend for Cpu {
                 let mut dq_l = vec![0f32; group * s.q_len * hd];
                 let mut dk_l = vec![0f32; s.kv_len * hd];
                 let mut dv_l = vec![0f32; s.kv_len * hd];
-                for gi in 0..group {
-                    let head = kh * group + gi;
-                    for i0 in (0..s.q_len).step_by(ATTN_QB) {
-                        let blk = AttnBlock::new(s, pos, i0, hd);
-                        let (rows, keys) = (blk.rows, blk.keys);
-                        let (kb, vb) = (&kc[..keys * hd], &vc[..keys * hd]);
+                for i0 in (0..s.q_len).step_by(ATTN_QB) {
+                    let blk = AttnBlock::new(s, pos, i0, hd);
+                    let (rows, keys) = (blk.rows, blk.keys);
+                    let kb = &kc[..keys * hd];
+                    // The block's keys and values transposed once for its query heads.
+                    let (kt_b, vt_b) = (
+                        transpose(kb, keys, hd),
+                        transpose(&vc[..keys * hd], keys, hd),
+                    );
+                    for gi in 0..group {
+                        let head = kh * group + gi;
                         let qb = blk.gather(qs, h, head);
                         let dyb = blk.gather(dys, h, head);
-                        let p = blk.probabilities(&qb, kb);
+                        let p = blk.probabilities(&qb, &kt_b);
                         // dp_ij = dy_i·v_j;  ds_ij = p_ij (dp_ij − Σ_j p dp) · scale
                         let mut dp = vec![0f32; rows * keys];
-                        let vt = transpose(vb, keys, hd);
-                        simd::gemm_f32_nn(&dyb, &vt, rows, hd, keys, &mut dp, false);
+                        simd::gemm_f32_nn(&dyb, &vt_b, rows, hd, keys, &mut dp, false);
                         let mut ds = vec![0f32; rows * keys];
                         for i in 0..rows {
                             let vis = blk.visible(i);
@@ -1007,24 +1012,37 @@ fn attn_geometry(
     })
 }
 
-/// The LoRA input after dropout: kept elements scaled by 1 / (1 − p), dropped ones 0 (the input
-/// itself, borrowed, without dropout).
-fn dropped_input(x: &[f32], m: usize, k: usize, dropout: Dropout) -> std::borrow::Cow<'_, [f32]> {
+/// Which elements of an `[m, k]` LoRA input survive dropout (`dropout_keep`, hashed once per
+/// element); `None` without dropout.
+fn dropout_mask(m: usize, k: usize, dropout: Dropout) -> Option<Vec<bool>> {
     if dropout.p <= 0.0 {
-        return x[..m * k].into();
+        return None;
     }
-    let keep_scale = 1.0 / (1.0 - dropout.p);
-    let mut xd = vec![0f32; m * k];
-    xd.par_chunks_mut(k.max(1))
+    let mut keep = vec![false; m * k];
+    keep.par_iter_mut()
         .enumerate()
-        .for_each(|(row, o)| {
-            for (c, o) in o.iter_mut().enumerate() {
-                let i = row * k + c;
-                if dropout_keep(dropout.seed, i as u64, dropout.p) {
-                    *o = x[i] * keep_scale;
-                }
-            }
-        });
+        .for_each(|(i, o)| *o = dropout_keep(dropout.seed, i as u64, dropout.p));
+    Some(keep)
+}
+
+/// The LoRA input after dropout: kept elements (`keep`, from `dropout_mask`) scaled by
+/// 1 / (1 − p), dropped ones 0 (the input itself, borrowed, without dropout).
+fn dropped_input<'a>(
+    x: &'a [f32],
+    m: usize,
+    k: usize,
+    dropout: Dropout,
+    keep: Option<&[bool]>,
+) -> std::borrow::Cow<'a, [f32]> {
+    let Some(keep) = keep else {
+        return x[..m * k].into();
+    };
+    let keep_scale = 1.0 / (1.0 - dropout.p);
+    let xd: Vec<f32> = x[..m * k]
+        .par_iter()
+        .zip(keep.par_iter())
+        .map(|(x, kp)| if *kp { x * keep_scale } else { 0.0 })
+        .collect();
     xd.into()
 }
 
@@ -1100,12 +1118,11 @@ impl<'a> AttnBlock<'a> {
     }
 
     /// `softmax(q · Kᵀ · scale)` over each row's visible keys, `[rows, keys]`, 0 where a key
-    /// is not visible.
-    fn probabilities(&self, qb: &[f32], kc: &[f32]) -> Vec<f32> {
+    /// is not visible; `kt` is the block's keys transposed, `[hd, keys]`.
+    fn probabilities(&self, qb: &[f32], kt: &[f32]) -> Vec<f32> {
         let (keys, hd) = (self.keys, self.hd);
         let mut p = vec![0f32; self.rows * keys];
-        let kt = transpose(&kc[..keys * hd], keys, hd);
-        simd::gemm_f32_nn(qb, &kt, self.rows, hd, keys, &mut p, false);
+        simd::gemm_f32_nn(qb, kt, self.rows, hd, keys, &mut p, false);
         for i in 0..self.rows {
             let vis = self.visible(i);
             let row = &mut p[i * keys..(i + 1) * keys];

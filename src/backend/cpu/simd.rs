@@ -244,11 +244,16 @@ impl I8Operands<'_> {
     ) {
         let (a, b, k) = (self.a, self.b, self.k);
         let at = |r: usize, j: usize| (r - r0) * ld + j - col0;
-        let mut r = r0;
+        let dot = |r: usize, j: usize| dot_i8(&a[r * k..(r + 1) * k], &b[j * k..(j + 1) * k]);
         #[cfg(target_arch = "x86_64")]
-        if let Some(au) = self.au {
-            while r + 4 <= r0 + rows {
-                let mut j = n0;
+        let blocked = self.au.is_some() || std::arch::is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        let blocked = false;
+        let mut r = r0;
+        while blocked && r + 4 <= r0 + rows {
+            let mut j = n0;
+            #[cfg(target_arch = "x86_64")]
+            if let Some(au) = self.au {
                 while j + 4 <= n0 + w {
                     // SAFETY: `au` exists only when has_vnni() held; rows r..r+4 of A (k bytes
                     // each) and rows j..j+4 of B exist (the callers' bounds).
@@ -263,21 +268,10 @@ impl I8Operands<'_> {
                     }
                     j += 4;
                 }
-                for jj in j..n0 + w {
-                    for rr in r..r + 4 {
-                        out[at(rr, jj)] =
-                            dot_i8(&a[rr * k..(rr + 1) * k], &b[jj * k..(jj + 1) * k]);
-                    }
-                }
-                r += 4;
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if self.au.is_none() && std::arch::is_x86_feature_detected!("avx2") {
-            while r + 4 <= r0 + rows {
-                let mut j = n0;
+            } else {
                 while j + 2 <= n0 + w {
-                    // SAFETY: AVX2 was just checked; rows r..r+4 of A and j..j+2 of B exist.
+                    // SAFETY: `blocked` without `au` means AVX2 was detected; rows r..r+4 of A
+                    // and j..j+2 of B exist.
                     let c = unsafe { kernel_4x2(a, b, r, j, k) };
                     for (rr, c) in c.iter().enumerate() {
                         out[at(r + rr, j)] = c[0];
@@ -285,18 +279,17 @@ impl I8Operands<'_> {
                     }
                     j += 2;
                 }
-                for jj in j..n0 + w {
-                    for rr in r..r + 4 {
-                        out[at(rr, jj)] =
-                            dot_i8(&a[rr * k..(rr + 1) * k], &b[jj * k..(jj + 1) * k]);
-                    }
-                }
-                r += 4;
             }
+            for jj in j..n0 + w {
+                for rr in r..r + 4 {
+                    out[at(rr, jj)] = dot(rr, jj);
+                }
+            }
+            r += 4;
         }
         for rr in r..r0 + rows {
             for j in n0..n0 + w {
-                out[at(rr, j)] = dot_i8(&a[rr * k..(rr + 1) * k], &b[j * k..(j + 1) * k]);
+                out[at(rr, j)] = dot(rr, j);
             }
         }
     }
