@@ -378,35 +378,47 @@ impl Backend for Cpu {
         expect_shape(op, "out", out, &q.shape)?;
         let (qs, ks, vs) = (f32s(op, "q", q)?, f32s(op, "k", k)?, f32s(op, "v", v)?);
         let pos = u32s(op, "positions", positions)?;
+        let (h, kvh, hd) = (g.heads, g.kv_heads, g.head_dim);
+        let group = h / kvh;
+        let (kt, vt) = (heads_major(ks, kvh, hd), heads_major(vs, kvh, hd));
+        let tk = k.shape[0];
+        // One task per (sequence, KV head), as in the backward: a block of query rows against
+        // the keys it can see is two GEMMs, S = Q·Kᵀ and O = P·V.
+        let tasks: Vec<(usize, usize)> = (0..spans.len())
+            .flat_map(|si| (0..kvh).map(move |kh| (si, kh)))
+            .collect();
+        let parts: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(si, kh)| {
+                let s = &spans[si];
+                let kc = &kt[(kh * tk + s.kv_start) * hd..][..s.kv_len * hd];
+                let vc = &vt[(kh * tk + s.kv_start) * hd..][..s.kv_len * hd];
+                let mut o_l = vec![0f32; group * s.q_len * hd];
+                for i0 in (0..s.q_len).step_by(ATTN_QB) {
+                    let blk = AttnBlock::new(s, pos, i0, hd);
+                    let (rows, keys) = (blk.rows, blk.keys);
+                    let kt_b = transpose(&kc[..keys * hd], keys, hd);
+                    for gi in 0..group {
+                        let qb = blk.gather(qs, h, kh * group + gi);
+                        let p = blk.probabilities(&qb, &kt_b);
+                        let ob = &mut o_l[(gi * s.q_len + i0) * hd..][..rows * hd];
+                        simd::gemm_f32_nn(&p, &vc[..keys * hd], rows, keys, hd, ob, false);
+                    }
+                }
+                o_l
+            })
+            .collect();
         let o = f32s_mut(op, "out", out)?;
         o.fill(0.0);
-        let (h, kvh, hd) = (g.heads, g.kv_heads, g.head_dim);
-        let scale = 1.0 / (hd as f32).sqrt();
-        for s in spans {
-            let rows = &mut o[s.q_start * h * hd..(s.q_start + s.q_len) * h * hd];
-            rows.par_chunks_mut(h * hd)
-                .enumerate()
-                .for_each(|(i, orow)| {
-                    let tq = s.q_start + i;
-                    let visible = (pos[tq] as usize + 1).min(s.kv_len);
-                    let mut p = vec![0f32; visible];
-                    for head in 0..h {
-                        let kh = head / (h / kvh);
-                        let qv = &qs[(tq * h + head) * hd..(tq * h + head + 1) * hd];
-                        for (j, pj) in p.iter_mut().enumerate() {
-                            let kr = &ks[((s.kv_start + j) * kvh + kh) * hd..][..hd];
-                            *pj = simd::dot_f32(qv, kr) * scale;
-                        }
-                        softmax_in_place(&mut p);
-                        let od = &mut orow[head * hd..(head + 1) * hd];
-                        for (j, pj) in p.iter().enumerate() {
-                            let vr = &vs[((s.kv_start + j) * kvh + kh) * hd..][..hd];
-                            for (a, b) in od.iter_mut().zip(vr) {
-                                *a += pj * b;
-                            }
-                        }
-                    }
-                });
+        for (&(si, kh), o_l) in tasks.iter().zip(&parts) {
+            let s = &spans[si];
+            for gi in 0..group {
+                let head = kh * group + gi;
+                for i in 0..s.q_len {
+                    let dst = ((s.q_start + i) * h + head) * hd;
+                    o[dst..dst + hd].copy_from_slice(&o_l[(gi * s.q_len + i) * hd..][..hd]);
+                }
+            }
         }
         Ok(())
     }
