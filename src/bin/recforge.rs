@@ -870,6 +870,33 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
 }
 
 /// `[#####·······]`: `done` of `total` in `width` cells.
+/// The progress line's memory column: the driver's view of the device on CUDA, else the
+/// buffers the backend holds (the simulator's exact accounting), else this process's resident
+/// set (the CPU reference keeps everything in host memory).
+fn memory_in_use_label(driver: Option<u64>, buffers: Option<u64>) -> String {
+    match (driver, buffers) {
+        (Some(b), _) => format!(", mem {}", memory::human(b)),
+        (None, Some(b)) => format!(", buffers {}", memory::human(b)),
+        (None, None) => resident_bytes()
+            .map(|b| format!(", rss {}", memory::human(b)))
+            .unwrap_or_default(),
+    }
+}
+
+/// This process's resident set size, from /proc (Linux); None where that cannot be read.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    vm_rss_bytes(&status)
+}
+
+/// The `VmRSS:  1234 kB` line of /proc/<pid>/status, in bytes.
+fn vm_rss_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut it = line["VmRSS:".len()..].split_whitespace();
+    let n: u64 = it.next()?.parse().ok()?;
+    (it.next()? == "kB").then_some(n * 1024)
+}
+
 fn progress_bar(done: usize, total: usize, width: usize) -> String {
     let full = (done.min(total) * width)
         .checked_div(total)
@@ -999,10 +1026,7 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         let done = trainer.step - first;
         let el = t0.elapsed().as_secs_f64();
         let eta = el / done as f64 * (config.steps - trainer.step) as f64;
-        let mem = r
-            .memory_in_use
-            .map(|b| format!(", mem {}", memory::human(b)))
-            .unwrap_or_default();
+        let mem = memory_in_use_label(r.memory_in_use, be.memory_stats().map(|s| s.in_use));
         let line = format!(
             "update {}/{}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{}  ETA {}",
             r.step,
@@ -1050,7 +1074,28 @@ fn open_backend(device: DeviceChoice) -> Result<Chosen> {
 
 #[cfg(test)]
 mod tests {
-    use super::progress_bar;
+    use super::{memory_in_use_label, progress_bar, vm_rss_bytes};
+
+    #[test]
+    fn memory_column_names_what_it_measures() {
+        assert_eq!(
+            memory_in_use_label(Some(3 << 30), Some(1 << 20)),
+            ", mem 3.00 GiB"
+        );
+        assert_eq!(
+            memory_in_use_label(None, Some(1 << 20)),
+            ", buffers 1.0 MiB"
+        );
+        // The CPU reference: this test process has a resident set.
+        let cpu = memory_in_use_label(None, None);
+        assert!(cpu.starts_with(", rss "), "{cpu}");
+        assert_eq!(
+            vm_rss_bytes("Name:\tx\nVmRSS:\t  2048 kB\nThreads: 2\n"),
+            Some(2 << 20)
+        );
+        assert_eq!(vm_rss_bytes("VmRSS: lots\n"), None);
+        assert_eq!(vm_rss_bytes("Name: x\n"), None);
+    }
 
     #[test]
     fn progress_bar_fills_in_proportion() {
