@@ -380,19 +380,15 @@ impl Backend for Cpu {
         let pos = u32s(op, "positions", positions)?;
         let (h, kvh, hd) = (g.heads, g.kv_heads, g.head_dim);
         let group = h / kvh;
-        let (kt, vt) = (heads_major(ks, kvh, hd), heads_major(vs, kvh, hd));
-        let tk = k.shape[0];
         // One task per (sequence, KV head), as in the backward: a block of query rows against
         // the keys it can see is two GEMMs, S = Q·Kᵀ and O = P·V.
-        let tasks: Vec<(usize, usize)> = (0..spans.len())
-            .flat_map(|si| (0..kvh).map(move |kh| (si, kh)))
-            .collect();
-        let parts: Vec<Vec<f32>> = tasks
+        let kv = KvTasks::new(ks, vs, spans, kvh, hd);
+        let parts: Vec<Vec<f32>> = kv
+            .tasks
             .par_iter()
             .map(|&(si, kh)| {
                 let s = &spans[si];
-                let kc = &kt[(kh * tk + s.kv_start) * hd..][..s.kv_len * hd];
-                let vc = &vt[(kh * tk + s.kv_start) * hd..][..s.kv_len * hd];
+                let (kc, vc) = kv.of(s, kh);
                 let mut o_l = vec![0f32; group * s.q_len * hd];
                 for i0 in (0..s.q_len).step_by(ATTN_QB) {
                     let blk = AttnBlock::new(s, pos, i0, hd);
@@ -410,15 +406,8 @@ impl Backend for Cpu {
             .collect();
         let o = f32s_mut(op, "out", out)?;
         o.fill(0.0);
-        for (&(si, kh), o_l) in tasks.iter().zip(&parts) {
-            let s = &spans[si];
-            for gi in 0..group {
-                let head = kh * group + gi;
-                for i in 0..s.q_len {
-                    let dst = ((s.q_start + i) * h + head) * hd;
-                    o[dst..dst + hd].copy_from_slice(&o_l[(gi * s.q_len + i) * hd..][..hd]);
-                }
-            }
+        for (&(si, kh), o_l) in kv.tasks.iter().zip(&parts) {
+            scatter_query_heads(o, o_l, &spans[si], kh, group, h, hd);
         }
         Ok(())
     }
@@ -850,19 +839,15 @@ impl Backend for Cpu {
         let pos = u32s(op, "positions", positions)?;
         let (h, kvh, hd) = (g.heads, g.kv_heads, g.head_dim);
         let group = h / kvh;
-        let (kt, vt) = (heads_major(ks, kvh, hd), heads_major(vs, kvh, hd));
-        let tk = k.shape[0];
         // One task per (sequence, KV head): its dk / dv rows and its query heads' dq rows are
         // written by no other task, so the tasks run in parallel and are scattered after.
-        let tasks: Vec<(usize, usize)> = (0..spans.len())
-            .flat_map(|si| (0..kvh).map(move |kh| (si, kh)))
-            .collect();
-        let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
+        let kv = KvTasks::new(ks, vs, spans, kvh, hd);
+        let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = kv
+            .tasks
             .par_iter()
             .map(|&(si, kh)| {
                 let s = &spans[si];
-                let kc = &kt[(kh * tk + s.kv_start) * hd..][..s.kv_len * hd];
-                let vc = &vt[(kh * tk + s.kv_start) * hd..][..s.kv_len * hd];
+                let (kc, vc) = kv.of(s, kh);
                 let mut dq_l = vec![0f32; group * s.q_len * hd];
                 let mut dk_l = vec![0f32; s.kv_len * hd];
                 let mut dv_l = vec![0f32; s.kv_len * hd];
@@ -925,19 +910,10 @@ impl Backend for Cpu {
         let mut dqv = vec![0f32; qs.len()];
         let mut dkv = vec![0f32; ks.len()];
         let mut dvv = vec![0f32; vs.len()];
-        for (&(si, kh), (dq_l, dk_l, dv_l)) in tasks.iter().zip(&parts) {
+        for (&(si, kh), (dq_l, dk_l, dv_l)) in kv.tasks.iter().zip(&parts) {
             let s = &spans[si];
-            for gi in 0..group {
-                let head = kh * group + gi;
-                for i in 0..s.q_len {
-                    let dst = ((s.q_start + i) * h + head) * hd;
-                    let src = &dq_l[(gi * s.q_len + i) * hd..][..hd];
-                    dqv[dst..dst + hd]
-                        .iter_mut()
-                        .zip(src)
-                        .for_each(|(d, s)| *d += s);
-                }
-            }
+            // A query head's rows belong to one sequence and one KV head: one task writes them.
+            scatter_query_heads(&mut dqv, dq_l, s, kh, group, h, hd);
             for j in 0..s.kv_len {
                 let dst = ((s.kv_start + j) * kvh + kh) * hd;
                 let (sk, sv) = (&dk_l[j * hd..][..hd], &dv_l[j * hd..][..hd]);
@@ -1082,6 +1058,57 @@ fn heads_major(x: &[f32], heads: usize, hd: usize) -> Vec<f32> {
         }
     }
     o
+}
+
+/// K and V heads-major, and the attention's tasks: one per (sequence, KV head).
+struct KvTasks {
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    /// Rows of K / V (all sequences).
+    tk: usize,
+    hd: usize,
+    tasks: Vec<(usize, usize)>,
+}
+
+impl KvTasks {
+    fn new(ks: &[f32], vs: &[f32], spans: &[SeqSpan], kvh: usize, hd: usize) -> Self {
+        KvTasks {
+            kt: heads_major(ks, kvh, hd),
+            vt: heads_major(vs, kvh, hd),
+            tk: ks.len().checked_div(kvh * hd).unwrap_or(0),
+            hd,
+            tasks: (0..spans.len())
+                .flat_map(|si| (0..kvh).map(move |kh| (si, kh)))
+                .collect(),
+        }
+    }
+
+    /// The sequence's keys and values of KV head `kh`, each `[kv_len, hd]`.
+    fn of(&self, s: &SeqSpan, kh: usize) -> (&[f32], &[f32]) {
+        let at = (kh * self.tk + s.kv_start) * self.hd;
+        let n = s.kv_len * self.hd;
+        (&self.kt[at..][..n], &self.vt[at..][..n])
+    }
+}
+
+/// Copy a task's query-head rows `[group, q_len, hd]` to their places in `dst`
+/// `[T, heads, hd]`.
+fn scatter_query_heads(
+    dst: &mut [f32],
+    part: &[f32],
+    s: &SeqSpan,
+    kh: usize,
+    group: usize,
+    heads: usize,
+    hd: usize,
+) {
+    for gi in 0..group {
+        let head = kh * group + gi;
+        for i in 0..s.q_len {
+            let at = ((s.q_start + i) * heads + head) * hd;
+            dst[at..at + hd].copy_from_slice(&part[(gi * s.q_len + i) * hd..][..hd]);
+        }
+    }
 }
 
 /// A block of up to `ATTN_QB` query rows of one sequence and the keys they can see: key j is
