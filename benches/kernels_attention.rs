@@ -24,7 +24,8 @@ use half::bf16;
 use recforge::backend::cpu::Cpu;
 use recforge::backend::gpu::cuda_or_say_why;
 use recforge::backend::gpu::ops::attention::{
-    attention_backward_with, attention_forward_with, AttnGradScratch, AttnKernel, AttnShape,
+    attention_backward_with, attention_forward_with, AttnGradScratch, AttnGrads, AttnInputs,
+    AttnKernel, AttnShape,
 };
 use recforge::backend::gpu::ops::paged::{
     paged_decode, paged_decode_scratch_len, DecodeBatch, PagedShape,
@@ -216,16 +217,21 @@ fn bench_cuda_prefill(c: &mut Criterion) {
             head_dim: hd,
         };
         let flops = 4 * seqs * len * (len + 1) / 2 * heads * hd;
+        let x = AttnInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            positions: &pos,
+            spans: &spans,
+            shape,
+        };
         let mut g = c.benchmark_group("cuda_attention_fwd");
         g.measurement_time(Duration::from_secs(3));
         g.throughput(Throughput::Elements(flops as u64));
         for (kname, kernel) in [("tiled", AttnKernel::Auto), ("per_row", AttnKernel::PerRow)] {
             g.bench_function(BenchmarkId::new(kname, name), |b| {
                 b.iter(|| {
-                    attention_forward_with(
-                        &dev, kernel, &q, &k, &v, &pos, &spans, &mut sb, shape, &mut out, &mut lse,
-                    )
-                    .unwrap();
+                    attention_forward_with(&dev, kernel, &x, &mut sb, &mut out, &mut lse).unwrap();
                     dev.synchronize().unwrap();
                 })
             });
@@ -248,23 +254,13 @@ fn bench_cuda_prefill(c: &mut Criterion) {
         for &(kname, kernel) in kernels {
             g.bench_function(BenchmarkId::new(kname, name), |b| {
                 b.iter(|| {
-                    attention_backward_with(
-                        &dev,
-                        kernel,
-                        &q,
-                        &k,
-                        &v,
-                        &pos,
-                        &spans,
-                        &mut sb,
-                        shape,
-                        &dy,
-                        &mut dq,
-                        &mut dk,
-                        &mut dv,
-                        &mut scratch,
-                    )
-                    .unwrap();
+                    let g = AttnGrads {
+                        dy: &dy,
+                        dq: &mut dq,
+                        dk: &mut dk,
+                        dv: &mut dv,
+                    };
+                    attention_backward_with(&dev, kernel, &x, &mut sb, g, &mut scratch).unwrap();
                     dev.synchronize().unwrap();
                 })
             });

@@ -7,7 +7,7 @@ use common::devices;
 use half::bf16;
 use recforge::backend::cpu::Cpu;
 use recforge::backend::gpu::ops::attention::{
-    attention_forward, attention_forward_with, AttnKernel, AttnShape,
+    attention_forward, attention_forward_with, AttnInputs, AttnKernel, AttnShape,
 };
 use recforge::backend::gpu::Device;
 use recforge::backend::{Backend, SeqSpan};
@@ -173,20 +173,21 @@ fn attention_forward_matches_the_cpu_reference() {
             let mut out = dev.upload(&vec![bf16::NAN; tq * c.heads * c.hd]).unwrap();
             let mut lse = dev.upload(&vec![f32::NAN; tq * c.heads]).unwrap();
             let mut sb = dev.alloc_zeros::<i32>(4 * spans.len()).unwrap();
-            attention_forward_with(
-                dev,
-                kernel,
-                &dev.upload(&q).unwrap(),
-                &dev.upload(&k).unwrap(),
-                &dev.upload(&v).unwrap(),
-                &dev.upload(&positions).unwrap(),
-                &spans,
-                &mut sb,
+            let (qb, kb, vb) = (
+                dev.upload(&q).unwrap(),
+                dev.upload(&k).unwrap(),
+                dev.upload(&v).unwrap(),
+            );
+            let pb = dev.upload(&positions).unwrap();
+            let x = AttnInputs {
+                q: &qb,
+                k: &kb,
+                v: &vb,
+                positions: &pb,
+                spans: &spans,
                 shape,
-                &mut out,
-                &mut lse,
-            )
-            .unwrap();
+            };
+            attention_forward_with(dev, kernel, &x, &mut sb, &mut out, &mut lse).unwrap();
             let (got, gl) = (dev.download(&out).unwrap(), dev.download(&lse).unwrap());
             for i in 0..got.len() {
                 // The output is a convex combination of O(1) values: bf16 rounding (2^-8 of it)
@@ -234,20 +235,18 @@ fn attention_rejects_bad_geometry() {
         kv_heads: 1,
         head_dim: 48,
     };
-    let e = attention_forward(
-        &dev,
-        &z(96),
-        &z(48),
-        &z(48),
-        &dev.upload(&[0u32]).unwrap(),
-        &spans,
-        &mut sb,
+    let (q96, k48, pos0) = (z(96), z(48), dev.upload(&[0u32]).unwrap());
+    let x = AttnInputs {
+        q: &q96,
+        k: &k48,
+        v: &k48,
+        positions: &pos0,
+        spans: &spans,
         shape,
-        &mut out,
-        &mut lse,
-    )
-    .unwrap_err()
-    .to_string();
+    };
+    let e = attention_forward(&dev, &x, &mut sb, &mut out, &mut lse)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("head_dim 48"), "{e}");
     let shape = AttnShape {
         tq: 1,
@@ -262,15 +261,19 @@ fn attention_rejects_bad_geometry() {
         kv_start: 0,
         kv_len: 5,
     }];
+    let (q64, k32) = (z(64), z(32));
+    let x = AttnInputs {
+        q: &q64,
+        k: &k32,
+        v: &k32,
+        positions: &pos0,
+        spans: &bad,
+        shape,
+    };
     let e = attention_forward(
         &dev,
-        &z(64),
-        &z(32),
-        &z(32),
-        &dev.upload(&[0u32]).unwrap(),
-        &bad,
+        &x,
         &mut sb,
-        shape,
         &mut z(64),
         &mut dev.upload(&[0f32; 2]).unwrap(),
     )
@@ -299,7 +302,9 @@ fn check_backward(
     seqs: &[(usize, usize, usize)],
     seed: u64,
 ) {
-    use recforge::backend::gpu::ops::attention::{attention_backward_with, AttnGradScratch};
+    use recforge::backend::gpu::ops::attention::{
+        attention_backward_with, AttnGradScratch, AttnGrads,
+    };
     let cpu = Cpu::new();
     let mut rng = Rng::new(seed);
     let (mut spans, mut positions) = (vec![], vec![]);
@@ -428,23 +433,23 @@ fn check_backward(
         let mut sb = dev.alloc_zeros::<i32>(4 * spans.len()).unwrap();
         let mut scratch = AttnGradScratch::new(dev, shape).unwrap();
         let u = |x: &[bf16]| dev.upload(x).unwrap();
-        attention_backward_with(
-            dev,
-            kernel,
-            &u(&q),
-            &u(&k),
-            &u(&v),
-            &dev.upload(&positions).unwrap(),
-            &spans,
-            &mut sb,
+        let (qb, kb, vb, dyb) = (u(&q), u(&k), u(&v), u(&dy));
+        let pb = dev.upload(&positions).unwrap();
+        let x = AttnInputs {
+            q: &qb,
+            k: &kb,
+            v: &vb,
+            positions: &pb,
+            spans: &spans,
             shape,
-            &u(&dy),
-            &mut dq,
-            &mut dk,
-            &mut dv,
-            &mut scratch,
-        )
-        .unwrap();
+        };
+        let g = AttnGrads {
+            dy: &dyb,
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+        };
+        attention_backward_with(dev, kernel, &x, &mut sb, g, &mut scratch).unwrap();
         for (what, got, want, extra) in [
             ("dq", dev.download(&dq).unwrap(), &wq, &bq),
             ("dk", dev.download(&dk).unwrap(), &wk, &bk),

@@ -106,6 +106,41 @@ fn attn_shape(op: &str, q: &T, k: &T) -> Result<AttnShape> {
     })
 }
 
+/// The trait's attention tensors as the kernel wrappers' inputs.
+fn attn_inputs<'a>(
+    op: &str,
+    q: &'a T,
+    k: &'a T,
+    v: &'a T,
+    positions: &'a T,
+    spans: &'a [SeqSpan],
+) -> Result<ops::attention::AttnInputs<'a>> {
+    Ok(ops::attention::AttnInputs {
+        q: bf(op, "q", q)?,
+        k: bf(op, "k", k)?,
+        v: bf(op, "v", v)?,
+        positions: u32b(op, "positions", positions)?,
+        spans,
+        shape: attn_shape(op, q, k)?,
+    })
+}
+
+/// The trait's attention gradients as the kernel wrappers' view.
+fn attn_grads<'a>(
+    op: &str,
+    dy: &'a T,
+    dq: &'a mut T,
+    dk: &'a mut T,
+    dv: &'a mut T,
+) -> Result<ops::attention::AttnGrads<'a>> {
+    Ok(ops::attention::AttnGrads {
+        dy: bf(op, "dy", dy)?,
+        dq: bf_mut(op, "dq", dq)?,
+        dk: bf_mut(op, "dk", dk)?,
+        dv: bf_mut(op, "dv", dv)?,
+    })
+}
+
 impl Gpu {
     /// Attention forward writing the log-sum-exp into `lse` (`[Tq, H]` f32).
     #[allow(clippy::too_many_arguments)]
@@ -120,18 +155,12 @@ impl Gpu {
         out: &mut T,
         lse: &mut DevBuf<f32>,
     ) -> Result<()> {
-        let shape = attn_shape(op, q, k)?;
+        let x = attn_inputs(op, q, k, v, positions, spans)?;
         let mut span_buf = self.dev.alloc_zeros::<i32>(4 * spans.len())?;
-        let pos = u32b(op, "positions", positions)?;
         ops::attention::attention_forward(
             &self.dev,
-            bf(op, "q", q)?,
-            bf(op, "k", k)?,
-            bf(op, "v", v)?,
-            pos,
-            spans,
+            &x,
             &mut span_buf,
-            shape,
             bf_mut(op, "out", out)?,
             lse,
         )
@@ -713,24 +742,11 @@ impl Backend for Gpu {
         dv: &mut T,
     ) -> Result<()> {
         let op = "attention_backward";
-        let shape = attn_shape(op, q, k)?;
+        let x = attn_inputs(op, q, k, v, positions, spans)?;
         let mut span_buf = self.dev.alloc_zeros::<i32>(4 * spans.len())?;
-        let mut scratch = ops::attention::AttnGradScratch::new(&self.dev, shape)?;
-        ops::attention::attention_backward(
-            &self.dev,
-            bf(op, "q", q)?,
-            bf(op, "k", k)?,
-            bf(op, "v", v)?,
-            u32b(op, "positions", positions)?,
-            spans,
-            &mut span_buf,
-            shape,
-            bf(op, "dy", dy)?,
-            bf_mut(op, "dq", dq)?,
-            bf_mut(op, "dk", dk)?,
-            bf_mut(op, "dv", dv)?,
-            &mut scratch,
-        )
+        let mut scratch = ops::attention::AttnGradScratch::new(&self.dev, x.shape)?;
+        let g = attn_grads(op, dy, dq, dk, dv)?;
+        ops::attention::attention_backward(&self.dev, &x, &mut span_buf, g, &mut scratch)
     }
 
     fn attention_backward_saved(
@@ -748,28 +764,22 @@ impl Backend for Gpu {
         dv: &mut T,
     ) -> Result<()> {
         let op = "attention_backward_saved";
-        let shape = attn_shape(op, q, k)?;
-        if !ops::attention::tiled_head_dim(shape.head_dim) {
+        let x = attn_inputs(op, q, k, v, positions, spans)?;
+        if !ops::attention::tiled_head_dim(x.shape.head_dim) {
             // The per-row kernels recompute inside the backward kernel itself.
             return self.attention_backward(q, k, v, positions, spans, dy, dq, dk, dv);
         }
         let mut span_buf = self.dev.alloc_zeros::<i32>(4 * spans.len())?;
-        let mut scratch = ops::attention::AttnGradScratch::reusing_forward(&self.dev, shape)?;
+        let mut scratch = ops::attention::AttnGradScratch::reusing_forward(&self.dev, x.shape)?;
+        let (o, lse) = (bf(op, "o", o)?, f32b(op, "saved", saved)?);
+        let g = attn_grads(op, dy, dq, dk, dv)?;
         ops::attention::attention_backward_saved(
             &self.dev,
-            bf(op, "q", q)?,
-            bf(op, "k", k)?,
-            bf(op, "v", v)?,
-            u32b(op, "positions", positions)?,
-            spans,
+            &x,
             &mut span_buf,
-            shape,
-            bf(op, "o", o)?,
-            f32b(op, "saved", saved)?,
-            bf(op, "dy", dy)?,
-            bf_mut(op, "dq", dq)?,
-            bf_mut(op, "dk", dk)?,
-            bf_mut(op, "dv", dv)?,
+            o,
+            lse,
+            g,
             &mut scratch,
         )
     }

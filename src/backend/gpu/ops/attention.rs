@@ -79,78 +79,93 @@ pub enum AttnKernel {
     PerRow,
 }
 
+/// What every attention call reads: q `[tq, heads, head_dim]`, k and v `[tk, kv_heads,
+/// head_dim]` (bf16), the position of each query row `[tq]`, and the sequences as spans.
+#[derive(Clone, Copy)]
+pub struct AttnInputs<'a> {
+    pub q: &'a DevBuf<bf16>,
+    pub k: &'a DevBuf<bf16>,
+    pub v: &'a DevBuf<bf16>,
+    pub positions: &'a DevBuf<u32>,
+    pub spans: &'a [SeqSpan],
+    pub shape: AttnShape,
+}
+
+impl AttnInputs<'_> {
+    /// The kernels' head limits, the buffers' lengths against `shape`, and the spans.
+    fn check(&self, name: &str) -> Result<()> {
+        let AttnShape {
+            tq,
+            tk,
+            heads,
+            kv_heads,
+            head_dim,
+        } = self.shape;
+        self.shape.check_heads(name)?;
+        let (q, k, v, positions) = (self.q, self.k, self.v, self.positions);
+        if q.len() != tq * heads * head_dim
+            || k.len() != tk * kv_heads * head_dim
+            || v.len() != k.len()
+            || positions.len() != tq
+        {
+            return Err(Error::Shape(format!(
+                "{name}: q {}, k {}, v {}, positions {} do not match {:?}",
+                q.len(),
+                k.len(),
+                v.len(),
+                positions.len(),
+                self.shape
+            )));
+        }
+        crate::backend::check_spans(name, self.spans, tq, tk)
+    }
+}
+
 /// Forward: `out = softmax(scale · q·kᵀ, causal by position) · v` per span, and `lse` `[tq,
 /// heads]`. `spans` is uploaded into `span_buf` (4 i32 per span) — the caller keeps that buffer.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     dev: &Device,
-    q: &DevBuf<bf16>,
-    k: &DevBuf<bf16>,
-    v: &DevBuf<bf16>,
-    positions: &DevBuf<u32>,
-    spans: &[SeqSpan],
+    x: &AttnInputs,
     span_buf: &mut DevBuf<i32>,
-    shape: AttnShape,
     out: &mut DevBuf<bf16>,
     lse: &mut DevBuf<f32>,
 ) -> Result<()> {
-    attention_forward_with(
-        dev,
-        AttnKernel::Auto,
+    attention_forward_with(dev, AttnKernel::Auto, x, span_buf, out, lse)
+}
+
+/// [`attention_forward`] with the kernel chosen by the caller (tests and benchmarks compare them).
+pub fn attention_forward_with(
+    dev: &Device,
+    kernel: AttnKernel,
+    x: &AttnInputs,
+    span_buf: &mut DevBuf<i32>,
+    out: &mut DevBuf<bf16>,
+    lse: &mut DevBuf<f32>,
+) -> Result<()> {
+    let name = "attention_fwd_bf16";
+    let AttnInputs {
         q,
         k,
         v,
         positions,
         spans,
-        span_buf,
         shape,
-        out,
-        lse,
-    )
-}
-
-/// [`attention_forward`] with the kernel chosen by the caller (tests and benchmarks compare them).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_forward_with(
-    dev: &Device,
-    kernel: AttnKernel,
-    q: &DevBuf<bf16>,
-    k: &DevBuf<bf16>,
-    v: &DevBuf<bf16>,
-    positions: &DevBuf<u32>,
-    spans: &[SeqSpan],
-    span_buf: &mut DevBuf<i32>,
-    shape: AttnShape,
-    out: &mut DevBuf<bf16>,
-    lse: &mut DevBuf<f32>,
-) -> Result<()> {
-    let name = "attention_fwd_bf16";
+    } = *x;
     let AttnShape {
         tq,
-        tk,
         heads,
         kv_heads,
         head_dim,
+        ..
     } = shape;
-    shape.check_heads(name)?;
-    if q.len() != tq * heads * head_dim
-        || out.len() != q.len()
-        || k.len() != tk * kv_heads * head_dim
-        || v.len() != k.len()
-        || positions.len() != tq
-        || lse.len() != tq * heads
-    {
+    x.check(name)?;
+    if out.len() != q.len() || lse.len() != tq * heads {
         return Err(Error::Shape(format!(
-            "{name}: q {}, out {}, k {}, v {}, positions {}, lse {} do not match {shape:?}",
-            q.len(),
+            "{name}: out {} and lse {} do not match {shape:?}",
             out.len(),
-            k.len(),
-            v.len(),
-            positions.len(),
             lse.len()
         )));
     }
-    crate::backend::check_spans(name, spans, tq, tk)?;
     if spans.is_empty() {
         return Ok(());
     }
@@ -243,88 +258,54 @@ pub fn tiled_head_dim(hd: usize) -> bool {
     hd == 64 || hd == 128
 }
 
-/// Backward: dq (overwritten), dk and dv (overwritten; summed over the query heads of a group).
-#[allow(clippy::too_many_arguments)]
+/// The output gradient of a backward call and the input gradients it writes: dq `[tq, heads,
+/// head_dim]` (overwritten), dk and dv `[tk, kv_heads, head_dim]` (overwritten; summed over the
+/// query heads of a group).
+pub struct AttnGrads<'a> {
+    pub dy: &'a DevBuf<bf16>,
+    pub dq: &'a mut DevBuf<bf16>,
+    pub dk: &'a mut DevBuf<bf16>,
+    pub dv: &'a mut DevBuf<bf16>,
+}
+
+/// Backward: the gradients of [`attention_forward`]'s output, recomputing its O and lse.
 pub fn attention_backward(
     dev: &Device,
-    q: &DevBuf<bf16>,
-    k: &DevBuf<bf16>,
-    v: &DevBuf<bf16>,
-    positions: &DevBuf<u32>,
-    spans: &[SeqSpan],
+    x: &AttnInputs,
     span_buf: &mut DevBuf<i32>,
-    shape: AttnShape,
-    dy: &DevBuf<bf16>,
-    dq: &mut DevBuf<bf16>,
-    dk: &mut DevBuf<bf16>,
-    dv: &mut DevBuf<bf16>,
+    g: AttnGrads,
     scratch: &mut AttnGradScratch,
 ) -> Result<()> {
-    attention_backward_with(
-        dev,
-        AttnKernel::Auto,
-        q,
-        k,
-        v,
-        positions,
-        spans,
-        span_buf,
-        shape,
-        dy,
-        dq,
-        dk,
-        dv,
-        scratch,
-    )
+    backward_impl(dev, AttnKernel::Auto, x, span_buf, None, g, scratch)
 }
 
 /// [`attention_backward`] with the kernel chosen by the caller (tests and benchmarks).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward_with(
     dev: &Device,
     kernel: AttnKernel,
-    q: &DevBuf<bf16>,
-    k: &DevBuf<bf16>,
-    v: &DevBuf<bf16>,
-    positions: &DevBuf<u32>,
-    spans: &[SeqSpan],
+    x: &AttnInputs,
     span_buf: &mut DevBuf<i32>,
-    shape: AttnShape,
-    dy: &DevBuf<bf16>,
-    dq: &mut DevBuf<bf16>,
-    dk: &mut DevBuf<bf16>,
-    dv: &mut DevBuf<bf16>,
+    g: AttnGrads,
     scratch: &mut AttnGradScratch,
 ) -> Result<()> {
-    let g = Grads { dy, dq, dk, dv };
-    backward_impl(
-        dev, kernel, q, k, v, positions, spans, span_buf, shape, None, g, scratch,
-    )
+    backward_impl(dev, kernel, x, span_buf, None, g, scratch)
 }
 
 /// [`attention_backward`] reusing the forward pass's output `o` `[tq, heads, head_dim]` and
-/// `lse` `[tq, heads]` (as [`attention_forward`] left them, for the same q, k, v and spans)
-/// instead of recomputing them: the tiled backward then skips one attention forward. The
-/// per-row kernels (other head sizes) recompute inside the kernel and ignore them. `scratch`
-/// from [`AttnGradScratch::reusing_forward`] (or `new`).
-#[allow(clippy::too_many_arguments)]
+/// `lse` `[tq, heads]` (as [`attention_forward`] left them, for the same inputs) instead of
+/// recomputing them: the tiled backward then skips one attention forward. The per-row kernels
+/// (other head sizes) recompute inside the kernel and ignore them. `scratch` from
+/// [`AttnGradScratch::reusing_forward`] (or `new`).
 pub fn attention_backward_saved(
     dev: &Device,
-    q: &DevBuf<bf16>,
-    k: &DevBuf<bf16>,
-    v: &DevBuf<bf16>,
-    positions: &DevBuf<u32>,
-    spans: &[SeqSpan],
+    x: &AttnInputs,
     span_buf: &mut DevBuf<i32>,
-    shape: AttnShape,
     o: &DevBuf<bf16>,
     lse: &DevBuf<f32>,
-    dy: &DevBuf<bf16>,
-    dq: &mut DevBuf<bf16>,
-    dk: &mut DevBuf<bf16>,
-    dv: &mut DevBuf<bf16>,
+    g: AttnGrads,
     scratch: &mut AttnGradScratch,
 ) -> Result<()> {
+    let shape = x.shape;
     let rows = shape.tq * shape.heads;
     if o.len() != rows * shape.head_dim || lse.len() != rows {
         return Err(Error::Shape(format!(
@@ -333,49 +314,35 @@ pub fn attention_backward_saved(
             lse.len()
         )));
     }
-    let g = Grads { dy, dq, dk, dv };
     backward_impl(
         dev,
         AttnKernel::Auto,
-        q,
-        k,
-        v,
-        positions,
-        spans,
+        x,
         span_buf,
-        shape,
         Some((o, lse)),
         g,
         scratch,
     )
 }
 
-/// The output gradient and the input gradients of one backward call.
-struct Grads<'a> {
-    dy: &'a DevBuf<bf16>,
-    dq: &'a mut DevBuf<bf16>,
-    dk: &'a mut DevBuf<bf16>,
-    dv: &'a mut DevBuf<bf16>,
-}
-
-#[allow(clippy::too_many_arguments)]
 fn backward_impl(
     dev: &Device,
     kernel: AttnKernel,
-    q: &DevBuf<bf16>,
-    k: &DevBuf<bf16>,
-    v: &DevBuf<bf16>,
-    positions: &DevBuf<u32>,
-    spans: &[SeqSpan],
+    x: &AttnInputs,
     span_buf: &mut DevBuf<i32>,
-    shape: AttnShape,
     saved: Option<(&DevBuf<bf16>, &DevBuf<f32>)>,
-    g: Grads<'_>,
+    g: AttnGrads<'_>,
     scratch: &mut AttnGradScratch,
 ) -> Result<()> {
-    let Grads { dy, dq, dk, dv } = g;
     let name = "attention_bwd_bf16";
-    // Reuse the forward's checks (shapes, spans) with dy and dq standing in for out.
+    let AttnInputs {
+        q,
+        k,
+        v,
+        positions,
+        spans,
+        shape,
+    } = *x;
     let AttnShape {
         tq,
         tk,
@@ -383,49 +350,35 @@ fn backward_impl(
         kv_heads,
         head_dim,
     } = shape;
+    x.check(name)?;
     let nk = tk * kv_heads * head_dim;
-    if dy.len() != tq * heads * head_dim
-        || dq.len() != dy.len()
-        || dk.len() != nk
-        || dv.len() != nk
-        || scratch.dk32.len() != nk
-        || scratch.dv32.len() != nk
     {
-        return Err(Error::Shape(format!(
-            "{name}: dy {}, dq {}, dk {}, dv {}, scratch {} do not match {shape:?}",
-            dy.len(),
-            dq.len(),
-            dk.len(),
-            dv.len(),
-            scratch.dk32.len()
-        )));
+        let AttnGrads { dy, dq, dk, dv } = &g;
+        if dy.len() != tq * heads * head_dim
+            || dq.len() != dy.len()
+            || dk.len() != nk
+            || dv.len() != nk
+            || scratch.dk32.len() != nk
+            || scratch.dv32.len() != nk
+        {
+            return Err(Error::Shape(format!(
+                "{name}: dy {}, dq {}, dk {}, dv {}, scratch {} do not match {shape:?}",
+                dy.len(),
+                dq.len(),
+                dk.len(),
+                dv.len(),
+                scratch.dk32.len()
+            )));
+        }
     }
-    shape.check_heads(name)?;
-    if q.len() != dy.len()
-        || k.len() != nk
-        || v.len() != nk
-        || positions.len() != tq
-        || span_buf.len() != 4 * spans.len()
-    {
-        return Err(Error::Shape(format!(
-            "{name}: q {}, k {}, v {}, positions {}, span buffer {} do not match {shape:?}",
-            q.len(),
-            k.len(),
-            v.len(),
-            positions.len(),
-            span_buf.len()
-        )));
-    }
-    crate::backend::check_spans(name, spans, tq, tk)?;
     let zero = Launch::linear(nk.div_ceil(256).max(1) as u32, 256);
     for b in [&mut scratch.dk32, &mut scratch.dv32] {
         dev.launch("zero_u32", zero, &[dev.ptr_mut(b)?, Arg::I32(nk as i32)])?;
     }
     if kernel == AttnKernel::Auto && tiled_head_dim(head_dim) {
-        return tiled_backward(
-            dev, q, k, v, positions, spans, span_buf, shape, saved, dy, dq, dk, dv, scratch,
-        );
+        return tiled_backward(dev, x, span_buf, saved, g, scratch);
     }
+    let AttnGrads { dy, dq, dk, dv } = g;
     upload_spans(dev, name, spans, span_buf)?;
     let launch = shape.grid(spans);
     if launch.grid.0 > 0 {
@@ -465,23 +418,23 @@ fn backward_impl(
 /// the forward pass (`saved`) or recomputed with the tiled forward, D = rowsum(dy ⊙ O), then
 /// one block per (64 keys, query head, span) accumulating dq32 / dk32 / dv32 in f32, converted
 /// to bf16 at the end.
-#[allow(clippy::too_many_arguments)]
 fn tiled_backward(
     dev: &Device,
-    q: &DevBuf<bf16>,
-    k: &DevBuf<bf16>,
-    v: &DevBuf<bf16>,
-    positions: &DevBuf<u32>,
-    spans: &[SeqSpan],
+    x: &AttnInputs,
     span_buf: &mut DevBuf<i32>,
-    shape: AttnShape,
     saved: Option<(&DevBuf<bf16>, &DevBuf<f32>)>,
-    dy: &DevBuf<bf16>,
-    dq: &mut DevBuf<bf16>,
-    dk: &mut DevBuf<bf16>,
-    dv: &mut DevBuf<bf16>,
+    g: AttnGrads,
     scratch: &mut AttnGradScratch,
 ) -> Result<()> {
+    let AttnInputs {
+        q,
+        k,
+        v,
+        positions,
+        spans,
+        shape,
+    } = *x;
+    let AttnGrads { dy, dq, dk, dv } = g;
     let AttnShape {
         tq,
         tk,
@@ -531,9 +484,7 @@ fn tiled_backward(
             (o, lse)
         }
         None => {
-            attention_forward(
-                dev, q, k, v, positions, spans, span_buf, shape, o_own, lse_own,
-            )?;
+            attention_forward(dev, x, span_buf, o_own, lse_own)?;
             (o_own, lse_own)
         }
     };
