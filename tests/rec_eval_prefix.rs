@@ -401,3 +401,50 @@ fn smollm2_prefix_sharing_is_exact_without_outliers() {
     eprintln!("P(Yes) {full:?}");
     assert_eq!(full, shared);
 }
+
+#[test]
+fn the_scoring_forward_is_the_inference_forward_for_odd_and_even_depths() {
+    // The forward-only workspace alternates the residual stream between two buffers, so the
+    // final layer's output sits in the second buffer for an odd number of layers and in the
+    // first for an even one. With an adapter whose B is zero (PEFT's initialisation) the scoring
+    // path must give the logits of `Llama::forward` (the generation path, which keeps no
+    // workspace) at every row, whatever the depth; a stale or swapped buffer is off by O(1).
+    for layers in [1, 2, 3] {
+        let (_d, f) = fixture(&FixtureSpec { layers, ..spec() });
+        let be = Cpu::new();
+        let m = load(&be, &f.hf_dir, f32_weights());
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: parse_targets("q,v").unwrap(),
+        };
+        let host = HostAdapter::init(&f.config, &lora, 3, "fixture").unwrap();
+        let ad = DevAdapter::upload(&be, &host).unwrap();
+        let mut rng = Rng::new(layers as u64);
+        let ids: Vec<u32> = (0..19).map(|_| 3 + rng.below(200) as u32).collect();
+        let (b, _) = pack(&[&ids]);
+        let rows: Vec<usize> = (0..ids.len()).collect();
+        let mut ws = Workspace::forward_only(&be, &m, &lora.targets, lora.r, b.len()).unwrap();
+        let got = forward_logits_at(&be, &m, &ad, &mut ws, None, &b, &rows).unwrap();
+        let got = be.download(&got).unwrap().to_f32().unwrap();
+        let mut cache = m.new_cache(&be, ids.len()).unwrap();
+        let want = m
+            .forward(&be, &ids, &mut cache, recforge::model::Logits::All)
+            .unwrap()
+            .to_f32()
+            .unwrap();
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        // Both paths run the same f32 ops on the same values (LoRA adds exactly zero): any
+        // difference is summation order, ~1e-6 of the logits' scale.
+        assert!(
+            worst <= 1e-5 * scale,
+            "{layers} layers: scoring vs inference logits differ by {worst} (scale {scale})"
+        );
+    }
+}

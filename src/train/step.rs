@@ -132,6 +132,32 @@ impl<B: Backend> Workspace<B> {
         t: usize,
         recomputed: usize,
     ) -> Result<Self> {
+        Self::build(be, model, targets, r, t, recomputed, false)
+    }
+
+    /// A workspace for forward passes only (scoring): one activation set reused by every
+    /// layer, the residual stream alternating between two buffers, and no gradient buffers
+    /// (they are empty, so a backward pass over this workspace fails its shape checks).
+    pub fn forward_only(
+        be: &B,
+        model: &Llama<B>,
+        targets: &[Target],
+        r: usize,
+        t: usize,
+    ) -> Result<Self> {
+        let l = model.config.num_hidden_layers;
+        Self::build(be, model, targets, r, t, l, true)
+    }
+
+    fn build(
+        be: &B,
+        model: &Llama<B>,
+        targets: &[Target],
+        r: usize,
+        t: usize,
+        recomputed: usize,
+        forward_only: bool,
+    ) -> Result<Self> {
         let c = &model.config;
         if recomputed > c.num_hidden_layers {
             return Err(Error::Invalid(format!(
@@ -176,36 +202,31 @@ impl<B: Backend> Workspace<B> {
             vec![t, r.max(1)],
             vec![1.0; t * r.max(1)],
         )?)?;
+        // The backward reads every layer's input; a forward alone needs the current two.
+        let n_xs = if forward_only {
+            2
+        } else {
+            c.num_hidden_layers + 1
+        };
+        let tg = if forward_only { 0 } else { t };
         Ok(Workspace {
             t,
             recomputed,
-            xs: (0..=c.num_hidden_layers)
-                .map(|_| z(&[t, d]))
-                .collect::<Result<_>>()?,
+            xs: (0..n_xs).map(|_| z(&[t, d])).collect::<Result<_>>()?,
             acts,
             ones,
-            dgate: be.zeros(&[t, r.max(1)], DType::F32)?,
+            dgate: be.zeros(&[tg, r.max(1)], DType::F32)?,
             xf: z(&[t, d])?,
-            dx: z(&[t, d])?,
-            dh: z(&[t, d])?,
-            dattn: z(&[t, qd])?,
-            dq: z(&[t, qd])?,
-            dk: z(&[t, kvd])?,
-            dv: z(&[t, kvd])?,
-            dff: z(&[t, f])?,
-            dg: z(&[t, f])?,
-            du: z(&[t, f])?,
+            dx: z(&[tg, d])?,
+            dh: z(&[tg, d])?,
+            dattn: z(&[tg, qd])?,
+            dq: z(&[tg, qd])?,
+            dk: z(&[tg, kvd])?,
+            dv: z(&[tg, kvd])?,
+            dff: z(&[tg, f])?,
+            dg: z(&[tg, f])?,
+            du: z(&[tg, f])?,
         })
-    }
-    /// A workspace for forward passes only (scoring): one activation set, reused by every layer.
-    pub fn forward_only(
-        be: &B,
-        model: &Llama<B>,
-        targets: &[Target],
-        r: usize,
-        t: usize,
-    ) -> Result<Self> {
-        Self::new(be, model, targets, r, t, model.config.num_hidden_layers)
     }
     pub fn tokens(&self) -> usize {
         self.t
@@ -715,30 +736,39 @@ fn forward_with<B: Backend>(
     be.embedding(table, ids, &mut ws.xs[0])?;
     for l in 0..model.layers.len() {
         let ai = ws.slot(l);
-        let (lo, hi) = ws.xs.split_at_mut(l + 1);
+        let (xin, xout) = layer_io(&mut ws.xs, l);
         let c = cat.as_deref_mut();
-        cx.layer_forward(
-            l,
-            adapter,
-            &lo[l],
-            &mut ws.acts[ai],
-            &ws.ones,
-            &mut hi[0],
-            c,
-        )?;
+        cx.layer_forward(l, adapter, xin, &mut ws.acts[ai], &ws.ones, xout, c)?;
         if let Some(kp) = keep.as_deref_mut() {
             let a = &ws.acts[ai];
             be.copy_rows(&a.k, 0, &mut kp.k[l], 0, ws.t)?;
             be.copy_rows(&a.v, 0, &mut kp.v[l], 0, ws.t)?;
         }
     }
-    let last = &ws.xs[model.layers.len()];
+    let last = &ws.xs[model.layers.len() % ws.xs.len()];
     be.rmsnorm(
         last,
         &model.norm,
         model.config.rms_norm_eps as f32,
         &mut ws.xf,
     )
+}
+
+/// Layer `l`'s residual-stream input and output: `xs[l]` → `xs[l + 1]` when `xs` holds every
+/// layer's input (training), else alternating between the two buffers of a forward-only
+/// workspace. (With one layer both read the same.)
+fn layer_io<B: Backend>(xs: &mut [Tensor<B>], l: usize) -> (&Tensor<B>, &mut Tensor<B>) {
+    if xs.len() == 2 {
+        let (a, b) = xs.split_at_mut(1);
+        if l.is_multiple_of(2) {
+            (&a[0], &mut b[0])
+        } else {
+            (&b[0], &mut a[0])
+        }
+    } else {
+        let (lo, hi) = xs.split_at_mut(l + 1);
+        (&lo[l], &mut hi[0])
+    }
 }
 
 fn check_batch<B: Backend>(model: &Llama<B>, ws: &Workspace<B>, batch: &Batch) -> Result<()> {
