@@ -243,3 +243,166 @@ fn an_arena_smaller_than_the_plan_stops_the_run_with_a_clear_error() {
     drop(model);
     assert_eq!(be.memory_stats().unwrap().in_use, 0);
 }
+
+/// TALLRec-style samples with the same instruction and varied inputs, so the prompts share a
+/// prefix and differ in length.
+fn scoring_samples(n: usize) -> Vec<recforge::rec::Sample> {
+    let titles = [
+        "Heat (1995)",
+        "Toy Story (1995)",
+        "Fargo (1996)",
+        "Babe (1995)",
+    ];
+    (0..n)
+        .map(|i| recforge::rec::Sample {
+            instruction: recforge::rec::tallrec::INSTRUCTION.into(),
+            input: format!(
+                "User Preference: {}\nUser Unpreference: {}\nWhether the user will like the \
+                 target movie \"{}\"?",
+                titles[..1 + i % 4].join(", "),
+                titles[i % 3],
+                titles[(i + 1) % 4]
+            ),
+            output: if i % 2 == 0 { "Yes." } else { "No." }.into(),
+        })
+        .collect()
+}
+
+#[test]
+fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
+    use recforge::model::fixture::FixtureSpec;
+    use recforge::model::lora::{HostAdapter, LoraConfig};
+    use recforge::model::{self, Llama, LoadOptions};
+    use recforge::rec::eval::{layout, prompt_ids, score};
+    use recforge::train::DevAdapter;
+    /// (what, spec, prompts per batch, prefix sharing, adapter targets or none, samples)
+    type ScoreCase = (
+        &'static str,
+        FixtureSpec,
+        usize,
+        bool,
+        Option<&'static str>,
+        usize,
+    );
+    let cases: [ScoreCase; 4] = [
+        (
+            "shared prefix, adapter on q,v, batches of 3, 3, 1",
+            FixtureSpec {
+                layers: 2,
+                hidden: 128,
+                heads: 4,
+                kv_heads: 2,
+                ..Default::default()
+            },
+            3,
+            true,
+            Some("q,v"),
+            7,
+        ),
+        (
+            "every prompt in full, no adapter, 3 layers",
+            FixtureSpec {
+                layers: 3,
+                hidden: 128,
+                heads: 4,
+                kv_heads: 2,
+                ..Default::default()
+            },
+            2,
+            false,
+            None,
+            5,
+        ),
+        (
+            "shared prefix larger than any batch, one prompt a batch, all targets",
+            FixtureSpec {
+                layers: 1,
+                hidden: 128,
+                heads: 4,
+                kv_heads: 2,
+                ..Default::default()
+            },
+            1,
+            true,
+            Some("q,k,v,o,gate,up,down"),
+            3,
+        ),
+        (
+            "head_dim 64 (tiled attention), untied head, shared prefix",
+            FixtureSpec {
+                layers: 2,
+                hidden: 256,
+                heads: 4,
+                kv_heads: 1,
+                tied: false,
+                ..Default::default()
+            },
+            4,
+            true,
+            Some("v,down"),
+            6,
+        ),
+    ];
+    for (what, spec, batch, share, targets, n) in cases {
+        let (_d, f) = common::fixture(&spec);
+        let src = model::open(&f.hf_dir).unwrap();
+        let tok = src.tokenizer().unwrap();
+        let samples = scoring_samples(n);
+        let prompts = prompt_ids(&tok, &samples, 4096).unwrap();
+        let (prefix, batches) = layout(&prompts, batch, share);
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: parse_targets(targets.unwrap_or("q,v")).unwrap(),
+        };
+        let setup = memory::ScoreSetup {
+            model: f.config.clone(),
+            prefix,
+            batches: batches.clone(),
+            lora_rank: lora.r,
+            targets: targets
+                .unwrap_or("q,v")
+                .split(',')
+                .map(String::from)
+                .collect(),
+            adapter: targets.is_some(),
+            budget: 24 * memory::GIB,
+        };
+        let plan = memory::plan_scoring(&setup).unwrap();
+        let be = Gpu::new(Device::sim());
+        assert!(be.reserve_arena(plan.total()).unwrap());
+        let m = Llama::load(src.as_ref(), &be, LoadOptions::default()).unwrap();
+        let ad = match targets {
+            Some(_) => {
+                let host = HostAdapter::init(&f.config, &lora, 5, "plan").unwrap();
+                DevAdapter::upload_frozen(&be, &host).unwrap()
+            }
+            None => DevAdapter::empty(lora.clone()),
+        };
+        let probs = score(&be, &m, &ad, &tok, &samples, batch, 4096, share, |_, _| {})
+            .unwrap_or_else(|e| panic!("{what}: {e}\nplan:\n{}", plan.table()));
+        assert_eq!(probs.len(), n);
+        let st = be.memory_stats().unwrap();
+        eprintln!(
+            "{what}: prefix {prefix}, batches {batches:?}: plan {} B, measured peak {} B",
+            plan.total(),
+            st.peak
+        );
+        assert_eq!(
+            st.peak,
+            plan.total(),
+            "{what}: the measured peak ({}) is not the plan ({}): {} B {}\n{}",
+            human(st.peak),
+            human(plan.total()),
+            st.peak.abs_diff(plan.total()),
+            if st.peak > plan.total() {
+                "unplanned"
+            } else {
+                "planned but never held"
+            },
+            plan.table()
+        );
+        assert_eq!(st.device_allocations, 1, "{what}: only the arena");
+    }
+}

@@ -375,4 +375,41 @@ fn rec_train_on_a_device_runs_inside_the_planned_arena() {
     // The plan counted the loaded model and adapter to the byte.
     assert!(!err.contains("the plan counts"), "{err}");
     assert!(out.join("adapter_model.safetensors").exists());
+
+    // Scoring with that adapter: the same, with the scoring plan (rec::eval on the device).
+    let (ok, stdout, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        f.hf_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--device",
+        "sim",
+        "--batch",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("scoring's") && err.contains("reserved as one arena"),
+        "{err}"
+    );
+    assert!(!err.contains("the plan counts"), "{err}");
+    assert!(stdout.contains("AUC"), "{stdout}");
+    // A budget that is not a size is named before anything loads.
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        f.hf_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "sim",
+        "--budget",
+        "lots",
+    ]);
+    assert!(!ok && err.contains("--budget 'lots'"), "{err}");
 }

@@ -136,6 +136,14 @@ enum Cmd {
         /// Also report the largest batch and the largest sequence length that fit.
         #[arg(long)]
         solve: bool,
+        /// Plan a scoring run (`rec eval`) instead of a training step: --batch prompts of --seq
+        /// tokens per pass, the first --prefix of them shared by every prompt, with the adapter
+        /// (--lora-r, --targets) applied.
+        #[arg(long, conflicts_with = "solve")]
+        score: bool,
+        /// With --score: tokens every prompt shares (computed once).
+        #[arg(long, default_value_t = 0, requires = "score")]
+        prefix: usize,
     },
 }
 
@@ -171,6 +179,9 @@ enum RecCmd {
         /// Run every prompt in full instead of computing the prompts' common prefix once.
         #[arg(long)]
         no_prefix_sharing: bool,
+        /// Device memory budget the scoring plan must fit (checked on CUDA).
+        #[arg(long, default_value = "24GiB")]
+        budget: String,
     },
 }
 
@@ -344,6 +355,7 @@ fn run(cli: Cli) -> Result<()> {
                 device,
                 json,
                 no_prefix_sharing,
+                budget,
             } => {
                 let a = EvalArgs {
                     model: &model,
@@ -353,6 +365,7 @@ fn run(cli: Cli) -> Result<()> {
                     batch,
                     json: json.as_deref(),
                     share_prefix: !no_prefix_sharing,
+                    budget: &budget,
                 };
                 match open_backend(device)? {
                     Chosen::Cpu(be) => rec_eval(&be, &a),
@@ -375,6 +388,8 @@ fn run(cli: Cli) -> Result<()> {
             no_checkpointing,
             logits_chunk,
             solve,
+            score,
+            prefix,
         } => {
             let budget = memory::parse_bytes(&budget).with_context(|| {
                 format!("--budget '{budget}': expected a size such as 24GiB or 512MiB")
@@ -383,6 +398,38 @@ fn run(cli: Cli) -> Result<()> {
                 Some(c) => c,
                 None => open_model(Path::new(&model))?.config().clone(),
             };
+            if score {
+                if prefix >= seq {
+                    bail!("--prefix {prefix} must leave every prompt a token of its own (--seq {seq})");
+                }
+                let setup = memory::ScoreSetup {
+                    model: cfg,
+                    prefix,
+                    batches: vec![(batch, batch * (seq - prefix))],
+                    lora_rank: lora_r,
+                    targets: targets
+                        .split(',')
+                        .map(|t| t.trim().to_string())
+                        .filter(|t| !t.is_empty())
+                        .collect(),
+                    adapter: true,
+                    budget,
+                };
+                let p = memory::plan_scoring(&setup).map_err(anyhow::Error::msg)?;
+                println!(
+                    "scoring plan: {model}, {batch} prompts × {seq} tokens a pass ({prefix} shared), \
+                     LoRA r={lora_r} on {targets}\n"
+                );
+                print!("{}", p.table());
+                if !p.fits() {
+                    bail!(
+                        "the plan needs {} but the budget is {}: a smaller --batch needs less",
+                        memory::human(p.total()),
+                        memory::human(budget)
+                    );
+                }
+                return Ok(());
+            }
             let setup = memory::TrainSetup {
                 model: cfg,
                 batch,
@@ -725,6 +772,7 @@ struct EvalArgs<'a> {
     batch: usize,
     json: Option<&'a Path>,
     share_prefix: bool,
+    budget: &'a str,
 }
 
 /// Load a model for training or scoring, with a line saying what and where.
@@ -750,6 +798,37 @@ fn load_model<B: Backend>(
     Ok((m, tok))
 }
 
+/// After the model and adapter are loaded on a device: reserve what the plan has left (`the
+/// {what}'s` buffers) as one arena, saying so, and note where the loaded bytes differ from the
+/// plan's count of them.
+fn reserve_planned_arena<B: Backend>(be: &B, p: &memory::Plan, what: &str) -> Result<()> {
+    let held = be.memory_stats().map(|s| s.in_use).unwrap_or(0);
+    if held != p.persistent() {
+        eprintln!(
+            "note: the model and adapter hold {}, the plan counts {} for them",
+            memory::human(held),
+            memory::human(p.persistent())
+        );
+    }
+    let arena = if memory::arena_enabled() {
+        be.reserve_arena(p.step_bytes())
+            .context("reserving the memory plan's arena")?;
+        format!(
+            "; the {what}'s {} reserved as one arena",
+            memory::human(p.step_bytes())
+        )
+    } else {
+        " (RECFORGE_ARENA=off: no arena)".into()
+    };
+    eprintln!(
+        "memory plan: {} of {} budget; model and adapter hold {}{arena}",
+        memory::human(p.total()),
+        memory::human(p.budget),
+        memory::human(held),
+    );
+    Ok(())
+}
+
 fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     let mut samples = rec::read_json(a.data)?;
     if let Some(n) = a.limit {
@@ -758,6 +837,8 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     if samples.is_empty() {
         bail!("{}: no samples to evaluate", a.data.display());
     }
+    let budget = memory::parse_bytes(a.budget)
+        .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
     let (m, tok) = load_model(be, a.model)?;
     let adapter = match a.adapter {
         Some(dir) => {
@@ -765,18 +846,44 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
                 .with_context(|| format!("cannot load adapter {}", dir.display()))?;
             host.check_against(&m.config)
                 .with_context(|| format!("adapter {} does not fit the model", dir.display()))?;
-            DevAdapter::upload(be, &host)?
+            DevAdapter::upload_frozen(be, &host)?
         }
         None => DevAdapter::empty(TrainConfig::preset("tallrec")?.lora),
     };
     let max_tokens = m.config.max_position_embeddings.max(1);
+    let ids = rec::eval::prompt_ids(&tok, &samples, max_tokens)?;
+    let (prefix, batches) = rec::eval::layout(&ids, a.batch, a.share_prefix);
     if a.share_prefix {
-        let ids = rec::eval::prompt_ids(&tok, &samples, max_tokens)?;
         eprintln!(
-            "prefix sharing: the prompts' common {}-token prefix runs once \
-             (--no-prefix-sharing: every prompt in full)",
-            rec::eval::shared_prefix_len(&ids)
+            "prefix sharing: the prompts' common {prefix}-token prefix runs once \
+             (--no-prefix-sharing: every prompt in full)"
         );
+    }
+    if be.memory_stats().is_some() {
+        // A device: plan the run (on CUDA it must fit the budget), then carve everything the
+        // scoring allocates from one arena of what the plan has left after the model and adapter.
+        let setup = memory::ScoreSetup {
+            model: m.config.clone(),
+            prefix,
+            batches,
+            lora_rank: adapter.config.r,
+            targets: adapter
+                .config
+                .targets
+                .iter()
+                .map(|t| t.short_name().to_string())
+                .collect(),
+            adapter: a.adapter.is_some(),
+            budget,
+        };
+        let p = memory::plan_scoring(&setup).map_err(anyhow::Error::msg)?;
+        if be.memory_in_use().is_some() && !p.fits() {
+            bail!(
+                "the scoring run does not fit the budget (a smaller --batch needs less):\n{}",
+                p.table()
+            );
+        }
+        reserve_planned_arena(be, &p, "scoring")?;
     }
     let t0 = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
@@ -965,30 +1072,7 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         if be.memory_in_use().is_some() && !p.fits() {
             plan(&a.model.display().to_string(), &setup, choice, false)?;
         }
-        let held = be.memory_stats().map(|s| s.in_use).unwrap_or(0);
-        if held != p.persistent() {
-            eprintln!(
-                "note: the model and adapter hold {}, the plan counts {} for them",
-                memory::human(held),
-                memory::human(p.persistent())
-            );
-        }
-        let arena = if memory::arena_enabled() {
-            be.reserve_arena(p.step_bytes())
-                .context("reserving the memory plan's arena")?;
-            format!(
-                "; the step's {} reserved as one arena",
-                memory::human(p.step_bytes())
-            )
-        } else {
-            " (RECFORGE_ARENA=off: no arena)".into()
-        };
-        eprintln!(
-            "memory plan: {} of {} budget; model and adapter hold {}{arena}",
-            memory::human(p.total()),
-            memory::human(budget),
-            memory::human(held),
-        );
+        reserve_planned_arena(be, &p, "step")?;
     }
     eprintln!(
         "training {} LoRA parameters (r {}, alpha {}, dropout {}, on {}) for {} updates of {} × {} \

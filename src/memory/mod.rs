@@ -293,6 +293,60 @@ fn blk(n: u64, size: u64) -> u64 {
     crate::backend::gpu::arena::block_bytes(n * size)
 }
 
+/// The frozen model as the device holds it: int8 linears with their row scales, and the
+/// tensors kept in precision (embedding, untied head, norms).
+fn model_entries(c: &LlamaConfig) -> Vec<Entry> {
+    let (l, d, v) = (
+        c.num_hidden_layers as u64,
+        c.hidden_size as u64,
+        c.vocab_size as u64,
+    );
+    let mut e = vec![];
+    let mut add = |category: &'static str, what: String, bytes: u64| {
+        e.push(Entry {
+            category,
+            what,
+            bytes,
+        })
+    };
+    let bf = |n: u64| blk(n, 2);
+    let f4 = |n: u64| blk(n, 4);
+    // Frozen weights: each linear an int8 [out, in] matrix and an f32 scale per row.
+    let dims: Vec<(u64, u64)> = TARGETS
+        .iter()
+        .filter_map(|t| linear_dims(c, t))
+        .map(|(o, i)| (o as u64, i as u64))
+        .collect();
+    add(
+        "weights (int8)",
+        format!("{l} layers × q,k,v,o,gate,up,down int8"),
+        l * dims.iter().map(|&(o, i)| blk(o * i, 1)).sum::<u64>(),
+    );
+    add(
+        "weights (int8)",
+        format!("{l} layers × per-row f32 scales"),
+        l * dims.iter().map(|&(o, _)| f4(o)).sum::<u64>(),
+    );
+    add(
+        "kept precision",
+        format!("embedding [{v}, {d}] bf16"),
+        bf(v * d),
+    );
+    if !c.tie_word_embeddings {
+        add(
+            "kept precision",
+            format!("output head [{v}, {d}] bf16"),
+            bf(v * d),
+        );
+    }
+    add(
+        "kept precision",
+        format!("{} norm weights [{d}] f32", 2 * l + 1),
+        (2 * l + 1) * f4(d),
+    );
+    e
+}
+
 /// The plan of one training step (forward + backward + optimizer) for `s`: every buffer the
 /// trainer and the GPU backend allocate (`train::step::Workspace`, the adapter, each op's
 /// scratch), tensor by tensor in 256-byte blocks, with the transient scratch counted at its
@@ -339,39 +393,9 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     let bf = |n: u64| blk(n, 2);
     let f4 = |n: u64| blk(n, 4);
 
-    // Frozen weights: each linear an int8 [out, in] matrix and an f32 scale per row.
-    let dims: Vec<(u64, u64)> = TARGETS
-        .iter()
-        .filter_map(|t| linear_dims(c, t))
-        .map(|(o, i)| (o as u64, i as u64))
-        .collect();
-    add(
-        "weights (int8)",
-        format!("{l} layers × q,k,v,o,gate,up,down int8"),
-        l * dims.iter().map(|&(o, i)| blk(o * i, 1)).sum::<u64>(),
-    );
-    add(
-        "weights (int8)",
-        format!("{l} layers × per-row f32 scales"),
-        l * dims.iter().map(|&(o, _)| f4(o)).sum::<u64>(),
-    );
-    add(
-        "kept precision",
-        format!("embedding [{v}, {d}] bf16"),
-        bf(v * d),
-    );
-    if !c.tie_word_embeddings {
-        add(
-            "kept precision",
-            format!("output head [{v}, {d}] bf16"),
-            bf(v * d),
-        );
+    for m in model_entries(c) {
+        add(m.category, m.what, m.bytes);
     }
-    add(
-        "kept precision",
-        format!("{} norm weights [{d}] f32", 2 * l + 1),
-        (2 * l + 1) * f4(d),
-    );
 
     // LoRA: parameters, gradients, AdamW m and v — all f32, A [r, in] and B [out, r] each.
     let lora_one: u64 = s
@@ -495,6 +519,172 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     })
 }
 
+/// A scoring run (`rec eval`): prompts share a `prefix` of tokens whose K/V is computed once,
+/// then run in packed batches, each `(prompts, tokens of their own)`; the plan holds the
+/// largest. `lora_rank` and `targets` are the adapter's; `adapter` says whether one is loaded
+/// (without, the workspace still carries the targets' LoRA buffers).
+#[derive(Clone, Debug)]
+pub struct ScoreSetup {
+    pub model: LlamaConfig,
+    pub prefix: usize,
+    pub batches: Vec<(usize, usize)>,
+    pub lora_rank: usize,
+    pub targets: Vec<String>,
+    pub adapter: bool,
+    pub budget: u64,
+}
+
+/// The plan of a scoring run (`rec::eval::score` on the GPU backend): the model, the frozen
+/// adapter, the shared prefix's K/V, and the larger of the prefix's own forward and one batch's
+/// (its forward-only workspace, the concatenated prefix + own K/V attention reads, the ops'
+/// scratch, the Yes/No logits), buffer by buffer in 256-byte blocks, as [`plan_training`].
+pub fn plan_scoring(s: &ScoreSetup) -> Result<Plan, String> {
+    let c = &s.model;
+    for t in &s.targets {
+        if linear_dims(c, t).is_none() {
+            return Err(format!(
+                "unknown LoRA target '{t}' (expected some of {})",
+                TARGETS.join(", ")
+            ));
+        }
+    }
+    if s.batches.is_empty() {
+        return Err("a scoring run needs at least one batch".into());
+    }
+    if let Some(&(n, t)) = s.batches.iter().find(|&&(n, t)| n == 0 || t < n) {
+        return Err(format!(
+            "a scoring batch needs at least one prompt and a token of its own per prompt \
+             (got {n} prompts, {t} tokens)"
+        ));
+    }
+    let (l, d, f, v) = (
+        c.num_hidden_layers as u64,
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+    );
+    let (qd, kvd, heads) = (
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
+        c.num_attention_heads as u64,
+    );
+    let p = s.prefix as u64;
+    let r = s.lora_rank as u64;
+    let nt = s.targets.len() as u64;
+    let bf = |n: u64| blk(n, 2);
+    let f4 = |n: u64| blk(n, 4);
+    let mut e = model_entries(c);
+    let mut add = |category: &'static str, what: String, bytes: u64| {
+        e.push(Entry {
+            category,
+            what,
+            bytes,
+        })
+    };
+    if s.adapter {
+        // Frozen: A and B only; the gradient and moment tensors are empty (a block each).
+        let params: u64 = s
+            .targets
+            .iter()
+            .filter_map(|t| linear_dims(c, t))
+            .map(|(o, i)| f4(r * i as u64) + f4(r * o as u64) + 6 * blk(0, 4))
+            .sum::<u64>()
+            * l;
+        add(
+            "lora",
+            format!("A, B for {}, r={r}, {l} layers (f32)", s.targets.join(",")),
+            params,
+        );
+    }
+    if p > 0 {
+        add(
+            "prefix K/V",
+            format!("{l} layers × K, V [{p}, {kvd}] bf16"),
+            2 * l * bf(p * kvd),
+        );
+    }
+    // `train::step::Workspace::forward_only` for `t` rows: two residual-stream buffers, one
+    // layer's activations (reused by every layer) with the LoRA h, u per target, the LoRA gate
+    // (ones), the final norm's output, and the empty gradient buffers (a block each).
+    let workspace = |t: u64| {
+        2 * bf(t * d)
+            + 4 * bf(t * d)
+            + 2 * bf(t * qd)
+            + 2 * bf(t * kvd)
+            + 3 * bf(t * f)
+            + f4(t * heads)
+            + 2 * nt * f4(t * r)
+            + f4(t * r.max(1))
+            + bf(t * d)
+            + 10 * blk(0, 2)
+    };
+    // The ops' scratch inside a forward of `t` rows, at its largest: the W8A8 linear's int8
+    // input, scales and outlier columns (the GEMV path for ≤ GEMV_MAX_ROWS rows has none), the
+    // attention's span table, the embedding's bad-id flag.
+    let kmax = d.max(qd).max(f);
+    let op_scratch = |t: u64, spans: u64| {
+        let int8 = if t > GEMV_MAX_ROWS as u64 {
+            2 * f4(kmax) + f4(1) + blk(t * kmax, 1) + f4(t)
+        } else {
+            0
+        };
+        int8.max(f4(4 * spans)).max(f4(1))
+    };
+    // The prefix's own forward (once): its workspace, token ids and positions.
+    let prefix_phase = if p > 0 {
+        workspace(p) + 2 * f4(p) + op_scratch(p, 1)
+    } else {
+        0
+    };
+    // One batch of n prompts, t tokens: the workspace and token ids, then the largest of (a) the
+    // forward, with the positions and (with a prefix) each prompt's prefix + own K/V; (b) the
+    // head over one row a prompt; (c) the Yes/No log-probabilities' ids and results.
+    let moments = |n: u64, t: u64| {
+        let cat = if p > 0 { 2 * bf((n * p + t) * kvd) } else { 0 };
+        let forward = f4(t) + cat + op_scratch(t, n);
+        let head = bf(n * d) + f4(n * v);
+        let logprobs = f4(n * v) + 2 * f4(2 * n);
+        (workspace(t) + f4(t), forward, head, logprobs)
+    };
+    let peak_of = |m: (u64, u64, u64, u64)| m.0 + m.1.max(m.2).max(m.3);
+    let (n, t) = s
+        .batches
+        .iter()
+        .map(|&(n, t)| (n as u64, t as u64))
+        .max_by_key(|&(n, t)| peak_of(moments(n, t)))
+        .unwrap_or((1, 1));
+    let (batch_base, forward, head, logprobs) = moments(n, t);
+    let batch_peak = peak_of((batch_base, forward, head, logprobs));
+    if prefix_phase > batch_peak {
+        add(
+            "scoring working set",
+            format!("the prefix's forward: {p} tokens (workspace, ids, positions, scratch)"),
+            prefix_phase,
+        );
+    } else {
+        add(
+            "scoring working set",
+            format!("forward-only workspace + token ids for {t} tokens"),
+            batch_base,
+        );
+        let what = if forward >= head.max(logprobs) {
+            format!(
+                "fwd: K/V [{}, {kvd}] ×2 + positions + op scratch",
+                n * p + t
+            )
+        } else if head >= logprobs {
+            format!("head: last rows [{n}, {d}] bf16, logits [{n}, {v}] f32")
+        } else {
+            format!("logits [{n}, {v}] f32 + Yes/No ids, log-probabilities")
+        };
+        add("peak scratch", what, forward.max(head).max(logprobs));
+    }
+    Ok(Plan {
+        entries: e,
+        budget: s.budget,
+    })
+}
+
 /// `auto` checkpointing: no recomputation if that plan fits the budget less `AUTO_HEADROOM`,
 /// else the fewest recomputing layers that do (each kept layer costs its saved tensors, so the
 /// step skips the recomputation of every layer the budget has room for); all layers when even
@@ -585,6 +775,47 @@ mod tests {
             logits_chunk: 1024,
             budget: 24 * GIB,
         }
+    }
+
+    fn score7b(batches: Vec<(usize, usize)>) -> ScoreSetup {
+        ScoreSetup {
+            model: named_shape("llama-7b").unwrap(),
+            prefix: 71,
+            batches,
+            lora_rank: 8,
+            targets: vec!["q".into(), "v".into()],
+            adapter: true,
+            budget: 24 * GIB,
+        }
+    }
+
+    #[test]
+    fn the_scoring_plan_holds_the_model_and_the_largest_batch() {
+        let p = plan_scoring(&score7b(vec![(8, 1992)])).unwrap();
+        let t = plan_training(&llama7b(4, 1024)).unwrap();
+        // The same frozen model as training, the adapter without gradients or moments.
+        for c in ["weights (int8)", "kept precision"] {
+            assert_eq!(p.category_total(c), t.category_total(c), "{c}");
+        }
+        // r 8 on q, v: 32 · 2 · 8 · (4096 + 4096) f32, plus six empty blocks per adapted
+        // projection.
+        assert_eq!(p.category_total("lora"), 32 * 2 * (8 * 8192 * 4 + 6 * 256));
+        // 32 layers × K and V of 71 tokens × 4096 bf16.
+        assert_eq!(p.category_total("prefix K/V"), 32 * 2 * 71 * 4096 * 2);
+        assert!(p.fits(), "{}", p.table());
+        // A larger batch among smaller ones sets the plan; its order does not matter.
+        let big = plan_scoring(&score7b(vec![(8, 1992), (8, 4000), (3, 700)])).unwrap();
+        let rev = plan_scoring(&score7b(vec![(3, 700), (8, 4000), (8, 1992)])).unwrap();
+        assert!(big.total() > p.total());
+        assert_eq!(big.total(), rev.total());
+        // Errors name the problem.
+        let e = plan_scoring(&score7b(vec![])).unwrap_err();
+        assert!(e.contains("at least one batch"), "{e}");
+        let e = plan_scoring(&score7b(vec![(4, 3)])).unwrap_err();
+        assert!(e.contains("4 prompts, 3 tokens"), "{e}");
+        let mut s = score7b(vec![(1, 9)]);
+        s.targets = vec!["qq".into()];
+        assert!(plan_scoring(&s).unwrap_err().contains("'qq'"));
     }
 
     #[test]

@@ -46,6 +46,11 @@ impl Target {
         }
     }
 
+    /// The command line's and the memory plan's name: q, k, v, o, gate, up or down.
+    pub fn short_name(self) -> &'static str {
+        self.peft_name().trim_end_matches("_proj")
+    }
+
     /// The HF module path inside a layer, e.g. `self_attn.q_proj`.
     pub fn module_path(self) -> String {
         let parent = match self {

@@ -85,6 +85,26 @@ pub fn shared_prefix_len(prompts: &[Vec<u32>]) -> usize {
     n.min(shortest.saturating_sub(1))
 }
 
+/// How [`score`] runs `prompts`: the shared prefix's length (0 without `share_prefix`) and each
+/// packed batch as (prompts, tokens of their own) — what the memory plan of a scoring run needs
+/// (`memory::ScoreSetup`).
+pub fn layout(
+    prompts: &[Vec<u32>],
+    batch: usize,
+    share_prefix: bool,
+) -> (usize, Vec<(usize, usize)>) {
+    let p = if share_prefix {
+        shared_prefix_len(prompts)
+    } else {
+        0
+    };
+    let batches = prompts
+        .chunks(batch.max(1))
+        .map(|c| (c.len(), c.iter().map(|x| x.len() - p).sum()))
+        .collect();
+    (p, batches)
+}
+
 /// P(Yes) for every sample, `batch` prompts packed per forward pass. With `share_prefix`, the
 /// prompts' common token prefix ([`shared_prefix_len`]) is computed once and each pass runs only
 /// the samples' own tokens; without, every prompt runs in full. `progress(done, total)`.
@@ -102,11 +122,7 @@ pub fn score<B: Backend>(
 ) -> Result<Vec<f64>> {
     let yn = YesNo::from_tokenizer(tok)?;
     let prompts = prompt_ids(tok, samples, max_tokens)?;
-    let p = if share_prefix {
-        shared_prefix_len(&prompts)
-    } else {
-        0
-    };
+    let (p, _) = layout(&prompts, batch, share_prefix);
     let prefix = match p {
         0 => None,
         _ => Some(prefix_kv(be, model, adapter, &prompts[0][..p])?),

@@ -39,7 +39,21 @@ fn download_f32<B: Backend>(be: &B, t: &Tensor<B>) -> Result<Vec<f32>> {
 impl<B: Backend> DevAdapter<B> {
     /// Upload an adapter with zeroed gradients and moments.
     pub fn upload(be: &B, host: &HostAdapter) -> Result<Self> {
+        Self::upload_with(be, host, true)
+    }
+
+    /// Upload an adapter to apply, not train (scoring): A and B only, the gradient and moment
+    /// tensors empty (an optimizer step over it fails its shape checks).
+    pub fn upload_frozen(be: &B, host: &HostAdapter) -> Result<Self> {
+        Self::upload_with(be, host, false)
+    }
+
+    fn upload_with(be: &B, host: &HostAdapter, trainable: bool) -> Result<Self> {
         let scale = host.config.scale();
+        let z = |rows: usize, cols: usize| {
+            let rows = if trainable { rows } else { 0 };
+            be.zeros(&[rows, cols], DType::F32)
+        };
         let mut layers = BTreeMap::new();
         for (&key, w) in &host.layers {
             let (r, k, n) = (w.r, w.in_features, w.out_features);
@@ -51,12 +65,12 @@ impl<B: Backend> DevAdapter<B> {
                         b: f32_tensor(be, [n, r], &w.b)?,
                         scale,
                     },
-                    grad_a: be.zeros(&[r, k], DType::F32)?,
-                    grad_b: be.zeros(&[n, r], DType::F32)?,
-                    m_a: be.zeros(&[r, k], DType::F32)?,
-                    v_a: be.zeros(&[r, k], DType::F32)?,
-                    m_b: be.zeros(&[n, r], DType::F32)?,
-                    v_b: be.zeros(&[n, r], DType::F32)?,
+                    grad_a: z(r, k)?,
+                    grad_b: z(n, r)?,
+                    m_a: z(r, k)?,
+                    v_a: z(r, k)?,
+                    m_b: z(n, r)?,
+                    v_b: z(n, r)?,
                 },
             );
         }

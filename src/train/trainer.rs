@@ -56,7 +56,7 @@ impl TrainConfig {
                 .lora
                 .targets
                 .iter()
-                .map(|t| t.peft_name().trim_end_matches("_proj").to_string())
+                .map(|t| t.short_name().to_string())
                 .collect(),
             checkpointing: self.checkpointing,
             logits_chunk: super::step::HEAD_CHUNK,
