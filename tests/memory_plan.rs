@@ -343,7 +343,11 @@ fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
             6,
         ),
     ];
-    for (what, spec, batch, share, targets, n) in cases {
+    let kinds: Vec<String> = common::devices().iter().map(|d| d.name()).collect();
+    for ((what, spec, batch, share, targets, n), kind) in cases
+        .into_iter()
+        .flat_map(|c| kinds.iter().map(move |k| (c.clone(), k)))
+    {
         let (_d, f) = common::fixture(&spec);
         let src = model::open(&f.hf_dir).unwrap();
         let tok = src.tokenizer().unwrap();
@@ -370,7 +374,11 @@ fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
             budget: 24 * memory::GIB,
         };
         let plan = memory::plan_scoring(&setup).unwrap();
-        let be = Gpu::new(Device::sim());
+        let be = Gpu::new(if kind.starts_with("sim") {
+            Device::sim()
+        } else {
+            Device::cuda(0).unwrap()
+        });
         assert!(be.reserve_arena(plan.total()).unwrap());
         let m = Llama::load(src.as_ref(), &be, LoadOptions::default()).unwrap();
         let ad = match targets {
@@ -381,18 +389,18 @@ fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
             None => DevAdapter::empty(lora.clone()),
         };
         let probs = score(&be, &m, &ad, &tok, &samples, batch, 4096, share, |_, _| {})
-            .unwrap_or_else(|e| panic!("{what}: {e}\nplan:\n{}", plan.table()));
+            .unwrap_or_else(|e| panic!("{kind}, {what}: {e}\nplan:\n{}", plan.table()));
         assert_eq!(probs.len(), n);
         let st = be.memory_stats().unwrap();
         eprintln!(
-            "{what}: prefix {prefix}, batches {batches:?}: plan {} B, measured peak {} B",
+            "{kind}, {what}: prefix {prefix}, batches {batches:?}: plan {} B, measured peak {} B",
             plan.total(),
             st.peak
         );
         assert_eq!(
             st.peak,
             plan.total(),
-            "{what}: the measured peak ({}) is not the plan ({}): {} B {}\n{}",
+            "{kind}, {what}: the measured peak ({}) is not the plan ({}): {} B {}\n{}",
             human(st.peak),
             human(plan.total()),
             st.peak.abs_diff(plan.total()),
@@ -403,6 +411,6 @@ fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
             },
             plan.table()
         );
-        assert_eq!(st.device_allocations, 1, "{what}: only the arena");
+        assert_eq!(st.device_allocations, 1, "{kind}, {what}: only the arena");
     }
 }
