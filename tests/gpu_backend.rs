@@ -119,6 +119,13 @@ fn cli_generates_on_the_simulator() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("on sim (SIMT simulator"), "{err}");
     assert!(err.contains("decode") && err.contains("tok/s"), "{err}");
+    // The KV cache and the steps' buffers came from the generation plan's arena, and the plan
+    // counted the loaded model to the byte.
+    assert!(
+        err.contains("the generation's") && err.contains("reserved as one arena"),
+        "{err}"
+    );
+    assert!(!err.contains("the plan counts"), "{err}");
 }
 
 #[test]

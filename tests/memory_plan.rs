@@ -414,3 +414,91 @@ fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
         assert_eq!(st.device_allocations, 1, "{kind}, {what}: only the arena");
     }
 }
+
+#[test]
+fn the_generation_plan_is_the_measured_peak_of_generate() {
+    use recforge::backend::SamplingParams;
+    use recforge::infer::generate::{generate, GenerateOptions};
+    use recforge::model::random::random_llama;
+    // (what, model, prompt tokens, new tokens)
+    let tiny = shape("tiny").unwrap();
+    let cases = [
+        (
+            "tiny, a 40-token prompt (W8A8 prefill)",
+            tiny.clone(),
+            40,
+            6,
+        ),
+        ("tiny, a 9-token prompt (GEMV prefill)", tiny.clone(), 9, 5),
+        (
+            "3 layers, 100-token prompt",
+            LlamaConfig {
+                num_hidden_layers: 3,
+                ..tiny.clone()
+            },
+            100,
+            3,
+        ),
+        (
+            "smollm2 shape, 2 layers, tiled head_dim 64",
+            smol(2, 700),
+            70,
+            4,
+        ),
+        ("head_dim 128, untied head", hd128(), 33, 2),
+    ];
+    let kinds: Vec<String> = common::devices().iter().map(|d| d.name()).collect();
+    for ((what, cfg, prompt, new), kind) in cases
+        .into_iter()
+        .flat_map(|c| kinds.iter().map(move |k| (c.clone(), k)))
+    {
+        let plan = memory::plan_generation(&memory::GenerateSetup {
+            model: cfg.clone(),
+            prompt,
+            max_new: new,
+            budget: 24 * memory::GIB,
+        })
+        .unwrap();
+        let be = Gpu::new(if kind.starts_with("sim") {
+            Device::sim()
+        } else {
+            Device::cuda(0).unwrap()
+        });
+        assert!(be.reserve_arena(plan.total()).unwrap());
+        let m = random_llama(&be, &cfg, 3).unwrap();
+        let mut rng = Rng::new(prompt as u64);
+        let ids: Vec<u32> = (0..prompt)
+            .map(|_| rng.below(cfg.vocab_size as u64) as u32)
+            .collect();
+        let opts = GenerateOptions {
+            max_new_tokens: new,
+            stop_ids: vec![],
+            sampling: SamplingParams::ITREK,
+            seed: 1,
+        };
+        let g = generate(&be, &m, &ids, &opts, |_| Ok(()))
+            .unwrap_or_else(|e| panic!("{kind}, {what}: {e}\nplan:\n{}", plan.table()));
+        assert_eq!(g.tokens.len(), new);
+        let st = be.memory_stats().unwrap();
+        eprintln!(
+            "{kind}, {what}: plan {} B, measured peak {} B",
+            plan.total(),
+            st.peak
+        );
+        assert_eq!(
+            st.peak,
+            plan.total(),
+            "{kind}, {what}: the measured peak ({}) is not the plan ({}): {} B {}\n{}",
+            human(st.peak),
+            human(plan.total()),
+            st.peak.abs_diff(plan.total()),
+            if st.peak > plan.total() {
+                "unplanned"
+            } else {
+                "planned but never held"
+            },
+            plan.table()
+        );
+        assert_eq!(st.device_allocations, 1, "{kind}, {what}: only the arena");
+    }
+}

@@ -76,6 +76,10 @@ enum Cmd {
         /// LLM.int8 outlier threshold for activations; 0 disables the decomposition.
         #[arg(long, default_value_t = 6.0)]
         outlier_threshold: f32,
+        /// Device memory budget the generation plan (model, KV cache, prefill) must fit
+        /// (checked on CUDA).
+        #[arg(long, default_value = "24GiB")]
+        budget: String,
     },
     /// Show the devices, whether CUDA kernels were built, and a model's configuration.
     Info {
@@ -144,6 +148,10 @@ enum Cmd {
         /// With --score: tokens every prompt shares (computed once).
         #[arg(long, default_value_t = 0, requires = "score")]
         prefix: usize,
+        /// Plan a generation (`recforge generate`) instead: a --seq-token prompt, then this
+        /// many new tokens in its KV cache.
+        #[arg(long, conflicts_with_all = ["solve", "score"])]
+        generate: Option<usize>,
     },
 }
 
@@ -296,7 +304,10 @@ fn run(cli: Cli) -> Result<()> {
             raw,
             f32,
             outlier_threshold,
+            budget,
         } => {
+            let budget = memory::parse_bytes(&budget)
+                .with_context(|| format!("--budget '{budget}': expected a size such as 24GiB"))?;
             let opts = LoadOptions {
                 int8: !f32,
                 outlier_threshold,
@@ -321,6 +332,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_new,
                 params,
                 seed,
+                budget,
             };
             generate(&model, &prompt, gen, device, raw, opts)
         }
@@ -390,6 +402,7 @@ fn run(cli: Cli) -> Result<()> {
             solve,
             score,
             prefix,
+            generate,
         } => {
             let budget = memory::parse_bytes(&budget).with_context(|| {
                 format!("--budget '{budget}': expected a size such as 24GiB or 512MiB")
@@ -398,6 +411,26 @@ fn run(cli: Cli) -> Result<()> {
                 Some(c) => c,
                 None => open_model(Path::new(&model))?.config().clone(),
             };
+            if let Some(max_new) = generate {
+                let p = memory::plan_generation(&memory::GenerateSetup {
+                    model: cfg,
+                    prompt: seq,
+                    max_new,
+                    budget,
+                })
+                .map_err(anyhow::Error::msg)?;
+                println!("generation plan: {model}, a {seq}-token prompt + {max_new} new tokens\n");
+                print!("{}", p.table());
+                if !p.fits() {
+                    bail!(
+                        "the plan needs {} but the budget is {}: a shorter prompt or fewer new \
+                         tokens need less",
+                        memory::human(p.total()),
+                        memory::human(budget)
+                    );
+                }
+                return Ok(());
+            }
             if score {
                 if prefix >= seq {
                     bail!("--prefix {prefix} must leave every prompt a token of its own (--seq {seq})");
@@ -465,12 +498,13 @@ fn open_model(path: &Path) -> Result<Box<dyn model::ModelSource>> {
     model::open(path).with_context(|| format!("cannot load model {}", path.display()))
 }
 
-/// What `recforge generate` decodes with.
+/// What `recforge generate` decodes with, and the device memory it may use.
 #[derive(Clone, Copy)]
 struct GenOpts {
     max_new: usize,
     params: SamplingParams,
     seed: u64,
+    budget: u64,
 }
 
 fn generate(
@@ -528,6 +562,26 @@ fn generate_on<B: Backend>(
                 stop_ids.push(id);
             }
         }
+    }
+    if be.memory_stats().is_some() && opts.int8 {
+        // A device: the KV cache and every buffer of the prefill and decode steps come from
+        // one arena of what the plan leaves after the model. (The plan counts int8 linears;
+        // with --f32 the buffers are allocated as they come.)
+        let p = memory::plan_generation(&memory::GenerateSetup {
+            model: model.config.clone(),
+            prompt: ids.len(),
+            max_new: gen.max_new,
+            budget: gen.budget,
+        })
+        .map_err(anyhow::Error::msg)?;
+        if be.memory_in_use().is_some() && !p.fits() {
+            bail!(
+                "the generation does not fit the budget (fewer --max-new-tokens or a shorter \
+                 prompt need less):\n{}",
+                p.table()
+            );
+        }
+        reserve_planned_arena(be, &p, "generation")?;
     }
     let gen_opts = GenerateOptions {
         max_new_tokens: gen.max_new,
@@ -803,9 +857,14 @@ fn load_model<B: Backend>(
 /// plan's count of them.
 fn reserve_planned_arena<B: Backend>(be: &B, p: &memory::Plan, what: &str) -> Result<()> {
     let held = be.memory_stats().map(|s| s.in_use).unwrap_or(0);
+    let (loaded, hold) = if p.category_total("lora") > 0 {
+        ("model and adapter", "hold")
+    } else {
+        ("model", "holds")
+    };
     if held != p.persistent() {
         eprintln!(
-            "note: the model and adapter hold {}, the plan counts {} for them",
+            "note: the {loaded} {hold} {}, the plan counts {} for it",
             memory::human(held),
             memory::human(p.persistent())
         );
@@ -821,7 +880,7 @@ fn reserve_planned_arena<B: Backend>(be: &B, p: &memory::Plan, what: &str) -> Re
         " (RECFORGE_ARENA=off: no arena)".into()
     };
     eprintln!(
-        "memory plan: {} of {} budget; model and adapter hold {}{arena}",
+        "memory plan: {} of {} budget; the {loaded} {hold} {}{arena}",
         memory::human(p.total()),
         memory::human(p.budget),
         memory::human(held),

@@ -685,6 +685,97 @@ pub fn plan_scoring(s: &ScoreSetup) -> Result<Plan, String> {
     })
 }
 
+/// A generation run (`recforge generate`): one sequence, a `prompt` of tokens prefilled at once,
+/// then up to `max_new` tokens decoded one at a time into a KV cache of `prompt + max_new`.
+#[derive(Clone, Debug)]
+pub struct GenerateSetup {
+    pub model: LlamaConfig,
+    pub prompt: usize,
+    pub max_new: usize,
+    pub budget: u64,
+}
+
+/// The plan of a generation run (`infer::generate` on the GPU backend): the model, the KV
+/// cache, and the prefill's working set (`Llama::forward_logits`: token ids, positions, the
+/// residual stream, one layer's activations, the ops' scratch at its largest, the last row's
+/// logits) — the prefill holds at least what any single-token decode step does — then the
+/// sampler's parameters and result.
+pub fn plan_generation(s: &GenerateSetup) -> Result<Plan, String> {
+    let c = &s.model;
+    if s.prompt == 0 {
+        return Err("the prompt has no tokens".into());
+    }
+    let (l, d, f, v) = (
+        c.num_hidden_layers as u64,
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+    );
+    let (qd, kvd, heads) = (
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
+        c.num_attention_heads as u64,
+    );
+    let (t, cap) = (s.prompt as u64, (s.prompt + s.max_new) as u64);
+    let bf = |n: u64| blk(n, 2);
+    let f4 = |n: u64| blk(n, 4);
+    let mut e = model_entries(c);
+    let mut add = |category: &'static str, what: String, bytes: u64| {
+        e.push(Entry {
+            category,
+            what,
+            bytes,
+        })
+    };
+    add(
+        "KV cache",
+        format!("{l} layers × K, V [{cap}, {kvd}] bf16"),
+        2 * l * bf(cap * kvd),
+    );
+    // Llama::forward_logits over the prompt: ids, positions, x, the norm output, q, k, v, the
+    // attention output, the projection, gate, up, silu(gate)·up.
+    let working = 2 * f4(t) + 3 * bf(t * d) + 2 * bf(t * qd) + 2 * bf(t * kvd) + 3 * bf(t * f);
+    // Inside it, the largest of: the W8A8 linear's scratch (none on the GEMV path), the
+    // attention's log-sum-exp and span table, the embedding's bad-id flag, the head's last row
+    // and logits.
+    let kmax = d.max(qd).max(f);
+    let int8 = if t > GEMV_MAX_ROWS as u64 {
+        2 * f4(kmax) + f4(1) + blk(t * kmax, 1) + f4(t)
+    } else {
+        0
+    };
+    let attention = f4(t * heads) + f4(4);
+    let head = bf(d) + f4(v);
+    let inside = int8.max(attention).max(f4(1)).max(head);
+    // After it, only the logits remain, with the sampler's parameters and token.
+    let sampling = f4(v) + f4(4) + f4(1);
+    if sampling > working + inside {
+        add(
+            "peak scratch",
+            format!("logits [1, {v}] f32, sampling parameters, token"),
+            sampling,
+        );
+    } else {
+        add(
+            "prefill working set",
+            format!("ids, positions, x, one layer's tensors: {t} tokens"),
+            working,
+        );
+        let what = if inside == int8 {
+            format!("int8 linear: x [{t}, {kmax}] int8, scales, outlier cols")
+        } else if inside == head {
+            format!("head: last row [1, {d}] bf16, logits [1, {v}] f32")
+        } else {
+            format!("attention: log-sum-exp [{t}, {heads}] f32, span table")
+        };
+        add("peak scratch", what, inside);
+    }
+    Ok(Plan {
+        entries: e,
+        budget: s.budget,
+    })
+}
+
 /// `auto` checkpointing: no recomputation if that plan fits the budget less `AUTO_HEADROOM`,
 /// else the fewest recomputing layers that do (each kept layer costs its saved tensors, so the
 /// step skips the recomputation of every layer the budget has room for); all layers when even
@@ -816,6 +907,38 @@ mod tests {
         let mut s = score7b(vec![(1, 9)]);
         s.targets = vec!["qq".into()];
         assert!(plan_scoring(&s).unwrap_err().contains("'qq'"));
+    }
+
+    #[test]
+    fn the_generation_plan_holds_the_model_the_kv_cache_and_the_prefill() {
+        let g = |prompt, max_new| {
+            plan_generation(&GenerateSetup {
+                model: named_shape("llama-7b").unwrap(),
+                prompt,
+                max_new,
+                budget: 24 * GIB,
+            })
+        };
+        let p = g(512, 300).unwrap();
+        // 32 layers × K and V × 812 positions × 4096 bf16.
+        assert_eq!(p.category_total("KV cache"), 32 * 2 * 812 * 4096 * 2);
+        let t = plan_training(&llama7b(4, 1024)).unwrap();
+        assert_eq!(
+            p.category_total("weights (int8)"),
+            t.category_total("weights (int8)")
+        );
+        // A longer prompt needs more; new tokens only add cache.
+        let longer = g(2048, 300).unwrap();
+        assert!(
+            longer.category_total("prefill working set") > p.category_total("prefill working set")
+        );
+        let more = g(512, 1300).unwrap();
+        assert_eq!(
+            more.total() - p.total(),
+            32 * 2 * 1000 * 4096 * 2,
+            "1000 more new tokens are 1000 more cache rows"
+        );
+        assert!(g(0, 10).unwrap_err().contains("no tokens"));
     }
 
     #[test]
