@@ -137,20 +137,21 @@ enum Cmd {
         /// Rows of logits materialized at a time (the trainer's chunk by default).
         #[arg(long, default_value_t = recforge::train::step::HEAD_CHUNK)]
         logits_chunk: usize,
-        /// Also report the largest batch and the largest sequence length that fit.
+        /// Also report what else fits: the largest batch and sequence length of a training
+        /// step; with --score the most prompts a pass; with --generate the most new tokens.
         #[arg(long)]
         solve: bool,
         /// Plan a scoring run (`rec eval`) instead of a training step: --batch prompts of --seq
         /// tokens per pass, the first --prefix of them shared by every prompt, with the adapter
         /// (--lora-r, --targets) applied.
-        #[arg(long, conflicts_with = "solve")]
+        #[arg(long)]
         score: bool,
         /// With --score: tokens every prompt shares (computed once).
         #[arg(long, default_value_t = 0, requires = "score")]
         prefix: usize,
         /// Plan a generation (`recforge generate`) instead: a --seq-token prompt, then this
         /// many new tokens in its KV cache.
-        #[arg(long, conflicts_with_all = ["solve", "score"])]
+        #[arg(long, conflicts_with = "score")]
         generate: Option<usize>,
     },
 }
@@ -412,15 +413,28 @@ fn run(cli: Cli) -> Result<()> {
                 None => open_model(Path::new(&model))?.config().clone(),
             };
             if let Some(max_new) = generate {
-                let p = memory::plan_generation(&memory::GenerateSetup {
+                let setup = memory::GenerateSetup {
                     model: cfg,
                     prompt: seq,
                     max_new,
                     budget,
-                })
-                .map_err(anyhow::Error::msg)?;
+                };
+                let p = memory::plan_generation(&setup).map_err(anyhow::Error::msg)?;
                 println!("generation plan: {model}, a {seq}-token prompt + {max_new} new tokens\n");
                 print!("{}", p.table());
+                if solve {
+                    let n = memory::solve_generation(&setup).map_err(anyhow::Error::msg)?;
+                    let ctx = setup.model.max_position_embeddings;
+                    let room = ctx.saturating_sub(seq);
+                    if room < n {
+                        println!(
+                            "most new tokens after a {seq}-token prompt: {room} (the model's \
+                             context of {ctx}; the budget would hold {n})"
+                        );
+                    } else {
+                        println!("most new tokens after a {seq}-token prompt: {n}");
+                    }
+                }
                 if !p.fits() {
                     bail!(
                         "the plan needs {} but the budget is {}: a shorter prompt or fewer new \
@@ -449,11 +463,19 @@ fn run(cli: Cli) -> Result<()> {
                     budget,
                 };
                 let p = memory::plan_scoring(&setup).map_err(anyhow::Error::msg)?;
+                let most = if solve {
+                    Some(memory::solve_scoring(&setup, seq).map_err(anyhow::Error::msg)?)
+                } else {
+                    None
+                };
                 println!(
                     "scoring plan: {model}, {batch} prompts × {seq} tokens a pass ({prefix} shared), \
                      LoRA r={lora_r} on {targets}\n"
                 );
                 print!("{}", p.table());
+                if let Some(n) = most {
+                    println!("most prompts of {seq} tokens a pass: {n}");
+                }
                 if !p.fits() {
                     bail!(
                         "the plan needs {} but the budget is {}: a smaller --batch needs less",

@@ -825,30 +825,57 @@ pub fn solve(s: &TrainSetup) -> Result<(usize, usize), String> {
         })?
         .fits())
     };
-    let largest = |f: &dyn Fn(usize) -> Result<bool, String>| -> Result<usize, String> {
-        if !f(1)? {
-            return Ok(0);
-        }
-        let mut lo = 1;
-        let mut hi = 2;
-        while hi < (1 << 24) && f(hi)? {
-            lo = hi;
-            hi *= 2;
-        }
-        while hi - lo > 1 {
-            let mid = (lo + hi) / 2;
-            if f(mid)? {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        Ok(lo)
-    };
     Ok((
         largest(&|b| fits(b, s.seq))?,
         largest(&|q| fits(s.batch, q))?,
     ))
+}
+
+/// The largest n ≥ 1 (below 2^24) with `fits(n)`, for a `fits` that holds up to some n and not
+/// after; 0 when even 1 does not fit.
+fn largest(fits: &dyn Fn(usize) -> Result<bool, String>) -> Result<usize, String> {
+    if !fits(1)? {
+        return Ok(0);
+    }
+    let mut lo = 1;
+    let mut hi = 2;
+    while hi < (1 << 24) && fits(hi)? {
+        lo = hi;
+        hi *= 2;
+    }
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if fits(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+/// The most prompts of `seq` tokens (the first `s.prefix` shared) one scoring pass can hold
+/// within the budget.
+pub fn solve_scoring(s: &ScoreSetup, seq: usize) -> Result<usize, String> {
+    let own = seq.saturating_sub(s.prefix).max(1);
+    largest(&|n| {
+        Ok(plan_scoring(&ScoreSetup {
+            batches: vec![(n, n * own)],
+            ..s.clone()
+        })?
+        .fits())
+    })
+}
+
+/// The most new tokens a generation from a `s.prompt`-token prompt can hold within the budget.
+pub fn solve_generation(s: &GenerateSetup) -> Result<usize, String> {
+    largest(&|n| {
+        Ok(plan_generation(&GenerateSetup {
+            max_new: n,
+            ..s.clone()
+        })?
+        .fits())
+    })
 }
 
 #[cfg(test)]
@@ -939,6 +966,43 @@ mod tests {
             "1000 more new tokens are 1000 more cache rows"
         );
         assert!(g(0, 10).unwrap_err().contains("no tokens"));
+    }
+
+    #[test]
+    fn the_serving_solvers_find_the_edge_of_the_budget() {
+        let s = ScoreSetup {
+            budget: 8 * GIB,
+            ..score7b(vec![(1, 1)])
+        };
+        let n = solve_scoring(&s, 320).unwrap();
+        let at = |n: usize| {
+            plan_scoring(&ScoreSetup {
+                batches: vec![(n, n * 249)],
+                ..s.clone()
+            })
+            .unwrap()
+            .fits()
+        };
+        assert!(n > 1 && at(n) && !at(n + 1), "{n}");
+        let g = GenerateSetup {
+            model: named_shape("llama-7b").unwrap(),
+            prompt: 512,
+            max_new: 1,
+            budget: 7 * GIB,
+        };
+        let n = solve_generation(&g).unwrap();
+        let at = |max_new| {
+            plan_generation(&GenerateSetup {
+                max_new,
+                ..g.clone()
+            })
+            .unwrap()
+            .fits()
+        };
+        assert!(n > 1 && at(n) && !at(n + 1), "{n}");
+        // Nothing fits a budget smaller than the weights.
+        let tiny_budget = GenerateSetup { budget: GIB, ..g };
+        assert_eq!(solve_generation(&tiny_budget).unwrap(), 0);
     }
 
     #[test]
