@@ -15,3 +15,15 @@ pub mod tensor;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// Let a closed stdout end the process quietly, as it does for other command-line tools
+/// (`recforge kernels | head`): Rust ignores SIGPIPE, so a print to a closed pipe would panic.
+/// The binaries call this first thing.
+pub fn restore_default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: signal() with SIG_DFL only changes this process's disposition of SIGPIPE; it is
+    // called at the start of main, before any thread is spawned.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -503,3 +503,34 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
     let (ok, _, err) = cli(&["plan", "--targets", "q,zz"]);
     assert!(!ok && err.contains("unknown LoRA target 'zz'"), "{err}");
 }
+
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    // `recforge kernels | head -1`: the reader goes away. The binaries restore the default
+    // SIGPIPE, so the process ends as other tools do instead of panicking in a print ("failed
+    // printing to stdout: Broken pipe"). The pipe is closed right after the spawn, before the
+    // process can have printed anything.
+    use std::process::Stdio;
+    for args in [&["kernels"][..], &["plan", "--model", "llama-7b"][..]] {
+        let mut child = Command::new(common::recforge_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                o.status.signal(),
+                Some(13),
+                "{args:?}: {:?} {err}",
+                o.status
+            );
+        }
+    }
+}

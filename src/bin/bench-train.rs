@@ -122,6 +122,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    recforge::restore_default_sigpipe();
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -280,6 +280,7 @@ struct TrainArgs {
 }
 
 fn main() -> ExitCode {
+    recforge::restore_default_sigpipe();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
