@@ -7,12 +7,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The I/O error's text is part of the message (not a separate `source`), so a chain
+    /// printer such as anyhow's `{:#}` does not say it twice.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file whose contents are not what its format requires (truncated, corrupted, ...).
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
@@ -36,7 +34,7 @@ impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            err: source,
         }
     }
     pub fn format(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {

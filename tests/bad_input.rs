@@ -361,6 +361,32 @@ fn cli_reports_errors_without_panicking() {
             ],
             vec!["nucleus".into(), "itrek".into()],
         ),
+        (
+            vec![
+                "rec".into(),
+                "eval".into(),
+                "--model".into(),
+                f.gguf.display().to_string(),
+                "--data".into(),
+                missing.with_extension("json").display().to_string(),
+                "--batch".into(),
+                "0".into(),
+            ],
+            vec!["--batch".into(), "at least 1".into()],
+        ),
+        (
+            vec![
+                "rec".into(),
+                "eval".into(),
+                "--model".into(),
+                f.gguf.display().to_string(),
+                "--data".into(),
+                missing.with_extension("json").display().to_string(),
+                "--device".into(),
+                "cpu".into(),
+            ],
+            vec!["nope.json".into(), "No such file".into()],
+        ),
     ];
     for (args, words) in cases {
         let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
@@ -370,6 +396,11 @@ fn cli_reports_errors_without_panicking() {
         for w in words {
             assert!(err.contains(&w), "{args:?}: stderr lacks '{w}': {err}");
         }
+        // Each cause is said once (an I/O error's text is not repeated by the chain).
+        assert!(
+            err.matches("No such file").count() <= 1,
+            "{args:?}: repeated cause: {err}"
+        );
     }
 }
 

@@ -912,6 +912,9 @@ fn reserve_planned_arena<B: Backend>(be: &B, p: &memory::Plan, what: &str) -> Re
 }
 
 fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
+    if a.batch == 0 {
+        bail!("--batch must be at least 1 (prompts packed per forward pass)");
+    }
     let mut samples = rec::read_json(a.data)?;
     if let Some(n) = a.limit {
         samples.truncate(n);
