@@ -134,6 +134,29 @@ fn train_eval_merge_on_the_fixture() {
         after.0 < 0.5 * before.0 && after.1 == 1.0,
         "training did not learn the labels: {before:?} → {after:?}"
     );
+    // The same adapter over f32 linears (the reference for int8's effect): learnt as well.
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        model,
+        "--data",
+        &p("data.json"),
+        "--adapter",
+        &p("adapter"),
+        "--device",
+        "cpu",
+        "--f32",
+        "--json",
+        &p("after_f32.json"),
+    ]);
+    assert!(ok && err.contains("f32 linears"), "{err}");
+    let after_f32 = metrics_of(&dir.join("after_f32.json"));
+    assert!(
+        after_f32.0 < 0.5 * before.0 && after_f32.1 == 1.0,
+        "f32: {after_f32:?} (int8 {after:?})"
+    );
+    assert_ne!(after_f32.0, after.0, "--f32 changed nothing");
 
     // Resume from the checkpoint (taken at update 12) with more updates.
     let (ok, _, err) = cli(&[

@@ -191,6 +191,10 @@ enum RecCmd {
         /// Device memory budget the scoring plan must fit (checked on CUDA).
         #[arg(long, default_value = "24GiB")]
         budget: String,
+        /// Keep the linear weights in f32 instead of int8 (the reference for int8's effect
+        /// on the scores).
+        #[arg(long)]
+        f32: bool,
     },
 }
 
@@ -370,6 +374,7 @@ fn run(cli: Cli) -> Result<()> {
                 json,
                 no_prefix_sharing,
                 budget,
+                f32,
             } => {
                 let a = EvalArgs {
                     model: &model,
@@ -380,6 +385,7 @@ fn run(cli: Cli) -> Result<()> {
                     json: json.as_deref(),
                     share_prefix: !no_prefix_sharing,
                     budget: &budget,
+                    int8: !f32,
                 };
                 match open_backend(device)? {
                     Chosen::Cpu(be) => rec_eval(&be, &a),
@@ -850,25 +856,36 @@ struct EvalArgs<'a> {
     json: Option<&'a Path>,
     share_prefix: bool,
     budget: &'a str,
+    /// int8 linears (else f32, the reference).
+    int8: bool,
 }
 
-/// Load a model for training or scoring, with a line saying what and where.
+/// Load a model for training or scoring (int8 linears), with a line saying what and where.
 fn load_model<B: Backend>(
     be: &B,
     path: &Path,
+) -> Result<(Llama<B>, model::tokenizer::TextTokenizer)> {
+    load_model_with(be, path, LoadOptions::default())
+}
+
+fn load_model_with<B: Backend>(
+    be: &B,
+    path: &Path,
+    opts: LoadOptions,
 ) -> Result<(Llama<B>, model::tokenizer::TextTokenizer)> {
     let src = open_model(path)?;
     let tok = src
         .tokenizer()
         .with_context(|| format!("cannot load the tokenizer of {}", path.display()))?;
     let t0 = std::time::Instant::now();
-    let m = Llama::load(src.as_ref(), be, LoadOptions::default())
+    let m = Llama::load(src.as_ref(), be, opts)
         .with_context(|| format!("cannot load model {}", path.display()))?;
     eprintln!(
-        "loaded {} ({} layers, hidden {}, int8 linears) on {} in {:.1}s",
+        "loaded {} ({} layers, hidden {}, {} linears) on {} in {:.1}s",
         path.display(),
         m.config.num_hidden_layers,
         m.config.hidden_size,
+        if opts.int8 { "int8" } else { "f32" },
         be.name(),
         t0.elapsed().as_secs_f64()
     );
@@ -924,7 +941,11 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     }
     let budget = memory::parse_bytes(a.budget)
         .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
-    let (m, tok) = load_model(be, a.model)?;
+    let opts = LoadOptions {
+        int8: a.int8,
+        ..LoadOptions::default()
+    };
+    let (m, tok) = load_model_with(be, a.model, opts)?;
     let adapter = match a.adapter {
         Some(dir) => {
             let host = model::adapter::load(dir)
@@ -944,9 +965,10 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
              (--no-prefix-sharing: every prompt in full)"
         );
     }
-    if be.memory_stats().is_some() {
-        // A device: plan the run (on CUDA it must fit the budget), then carve everything the
-        // scoring allocates from one arena of what the plan has left after the model and adapter.
+    if be.memory_stats().is_some() && a.int8 {
+        // A device (int8 linears, as the plan counts them): plan the run (on CUDA it must fit
+        // the budget), then carve everything the scoring allocates from one arena of what the
+        // plan has left after the model and adapter.
         let setup = memory::ScoreSetup {
             model: m.config.clone(),
             prefix,
