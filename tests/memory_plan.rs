@@ -163,6 +163,24 @@ fn data(c: &Case, n: usize, seed: u64) -> Vec<Example> {
         .collect()
 }
 
+/// The measured peak must be the plan's total to the byte; the message says which way it is off.
+fn assert_peak_is_plan(what: &str, peak: u64, plan: &memory::Plan) {
+    assert_eq!(
+        peak,
+        plan.total(),
+        "{what}: the measured peak ({}) is not the plan ({}): {} B {}\n{}",
+        human(peak),
+        human(plan.total()),
+        peak.abs_diff(plan.total()),
+        if peak > plan.total() {
+            "unplanned"
+        } else {
+            "planned but never held"
+        },
+        plan.table()
+    );
+}
+
 #[test]
 fn the_plan_is_the_measured_peak_and_the_run_fits_an_arena_of_its_size() {
     for dev in common::devices() {
@@ -197,21 +215,7 @@ fn the_plan_is_the_measured_peak_and_the_run_fits_an_arena_of_its_size() {
                 st.peak,
                 st.arena_high_water
             );
-            assert_eq!(
-                st.peak,
-                plan.total(),
-                "{kind}, {}: the measured peak ({}) is not the plan ({}): {} B {}\n{}",
-                c.name,
-                human(st.peak),
-                human(plan.total()),
-                st.peak.abs_diff(plan.total()),
-                if st.peak > plan.total() {
-                    "unplanned"
-                } else {
-                    "planned but never held"
-                },
-                plan.table()
-            );
+            assert_peak_is_plan(&format!("{kind}, {}", c.name), st.peak, &plan);
             // One allocation from the device (the arena), none during the steps.
             assert_eq!(st.device_allocations, 1, "{kind}, {}", c.name);
             assert_eq!(st.device_allocations, before.device_allocations);
@@ -397,20 +401,7 @@ fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
             plan.total(),
             st.peak
         );
-        assert_eq!(
-            st.peak,
-            plan.total(),
-            "{kind}, {what}: the measured peak ({}) is not the plan ({}): {} B {}\n{}",
-            human(st.peak),
-            human(plan.total()),
-            st.peak.abs_diff(plan.total()),
-            if st.peak > plan.total() {
-                "unplanned"
-            } else {
-                "planned but never held"
-            },
-            plan.table()
-        );
+        assert_peak_is_plan(&format!("{kind}, {what}"), st.peak, &plan);
         assert_eq!(st.device_allocations, 1, "{kind}, {what}: only the arena");
     }
 }
@@ -485,20 +476,7 @@ fn the_generation_plan_is_the_measured_peak_of_generate() {
             plan.total(),
             st.peak
         );
-        assert_eq!(
-            st.peak,
-            plan.total(),
-            "{kind}, {what}: the measured peak ({}) is not the plan ({}): {} B {}\n{}",
-            human(st.peak),
-            human(plan.total()),
-            st.peak.abs_diff(plan.total()),
-            if st.peak > plan.total() {
-                "unplanned"
-            } else {
-                "planned but never held"
-            },
-            plan.table()
-        );
+        assert_peak_is_plan(&format!("{kind}, {what}"), st.peak, &plan);
         assert_eq!(st.device_allocations, 1, "{kind}, {what}: only the arena");
     }
 }

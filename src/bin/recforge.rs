@@ -419,6 +419,11 @@ fn run(cli: Cli) -> Result<()> {
                 Some(c) => c,
                 None => open_model(Path::new(&model))?.config().clone(),
             };
+            let target_list: Vec<String> = targets
+                .split(',')
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect();
             if let Some(max_new) = generate {
                 let setup = memory::GenerateSetup {
                     model: cfg,
@@ -461,11 +466,7 @@ fn run(cli: Cli) -> Result<()> {
                     prefix,
                     batches: vec![(batch, batch * (seq - prefix))],
                     lora_rank: lora_r,
-                    targets: targets
-                        .split(',')
-                        .map(|t| t.trim().to_string())
-                        .filter(|t| !t.is_empty())
-                        .collect(),
+                    targets: target_list.clone(),
                     adapter: true,
                     budget,
                 };
@@ -497,11 +498,7 @@ fn run(cli: Cli) -> Result<()> {
                 batch,
                 seq,
                 lora_rank: lora_r,
-                targets: targets
-                    .split(',')
-                    .map(|t| t.trim().to_string())
-                    .filter(|t| !t.is_empty())
-                    .collect(),
+                targets: target_list,
                 checkpointing: memory::Checkpointing::All,
                 logits_chunk,
                 budget,

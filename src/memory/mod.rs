@@ -381,7 +381,7 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     let t = (s.batch * s.seq) as u64;
     let r = s.lora_rank as u64;
     let nt = s.targets.len() as u64;
-    let mut e = vec![];
+    let mut e = model_entries(c);
     let mut add = |category: &'static str, what: String, bytes: u64| {
         e.push(Entry {
             category,
@@ -392,10 +392,6 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     // bf16 / f32 / i32-u32 buffers of n elements.
     let bf = |n: u64| blk(n, 2);
     let f4 = |n: u64| blk(n, 4);
-
-    for m in model_entries(c) {
-        add(m.category, m.what, m.bytes);
-    }
 
     // LoRA: parameters, gradients, AdamW m and v — all f32, A [r, in] and B [out, r] each.
     let lora_one: u64 = s
