@@ -293,6 +293,31 @@ fn blk(n: u64, size: u64) -> u64 {
     crate::backend::gpu::arena::block_bytes(n * size)
 }
 
+/// Device bytes of a bf16 buffer of `n` elements.
+fn bf(n: u64) -> u64 {
+    blk(n, 2)
+}
+
+/// Device bytes of an f32 (or i32 / u32) buffer of `n` elements.
+fn f4(n: u64) -> u64 {
+    blk(n, 4)
+}
+
+/// Appending a plan's rows.
+trait AddEntry {
+    fn add(&mut self, category: &'static str, what: String, bytes: u64);
+}
+
+impl AddEntry for Vec<Entry> {
+    fn add(&mut self, category: &'static str, what: String, bytes: u64) {
+        self.push(Entry {
+            category,
+            what,
+            bytes,
+        })
+    }
+}
+
 /// The frozen model as the device holds it: int8 linears with their row scales, and the
 /// tensors kept in precision (embedding, untied head, norms).
 fn model_entries(c: &LlamaConfig) -> Vec<Entry> {
@@ -302,44 +327,35 @@ fn model_entries(c: &LlamaConfig) -> Vec<Entry> {
         c.vocab_size as u64,
     );
     let mut e = vec![];
-    let mut add = |category: &'static str, what: String, bytes: u64| {
-        e.push(Entry {
-            category,
-            what,
-            bytes,
-        })
-    };
-    let bf = |n: u64| blk(n, 2);
-    let f4 = |n: u64| blk(n, 4);
     // Frozen weights: each linear an int8 [out, in] matrix and an f32 scale per row.
     let dims: Vec<(u64, u64)> = TARGETS
         .iter()
         .filter_map(|t| linear_dims(c, t))
         .map(|(o, i)| (o as u64, i as u64))
         .collect();
-    add(
+    e.add(
         "weights (int8)",
         format!("{l} layers × q,k,v,o,gate,up,down int8"),
         l * dims.iter().map(|&(o, i)| blk(o * i, 1)).sum::<u64>(),
     );
-    add(
+    e.add(
         "weights (int8)",
         format!("{l} layers × per-row f32 scales"),
         l * dims.iter().map(|&(o, _)| f4(o)).sum::<u64>(),
     );
-    add(
+    e.add(
         "kept precision",
         format!("embedding [{v}, {d}] bf16"),
         bf(v * d),
     );
     if !c.tie_word_embeddings {
-        add(
+        e.add(
             "kept precision",
             format!("output head [{v}, {d}] bf16"),
             bf(v * d),
         );
     }
-    add(
+    e.add(
         "kept precision",
         format!("{} norm weights [{d}] f32", 2 * l + 1),
         (2 * l + 1) * f4(d),
@@ -382,16 +398,6 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     let r = s.lora_rank as u64;
     let nt = s.targets.len() as u64;
     let mut e = model_entries(c);
-    let mut add = |category: &'static str, what: String, bytes: u64| {
-        e.push(Entry {
-            category,
-            what,
-            bytes,
-        })
-    };
-    // bf16 / f32 / i32-u32 buffers of n elements.
-    let bf = |n: u64| blk(n, 2);
-    let f4 = |n: u64| blk(n, 4);
 
     // LoRA: parameters, gradients, AdamW m and v — all f32, A [r, in] and B [out, r] each.
     let lora_one: u64 = s
@@ -402,16 +408,16 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
         .sum::<u64>()
         * l;
     let tl = s.targets.join(",");
-    add(
+    e.add(
         "lora",
         format!("A, B for {tl}, r={r}, {l} layers (f32)"),
         lora_one,
     );
-    add("lora", "gradients (f32)".into(), lora_one);
-    add("lora", "AdamW m, v (f32)".into(), 2 * lora_one);
+    e.add("lora", "gradients (f32)".into(), lora_one);
+    e.add("lora", "AdamW m, v (f32)".into(), 2 * lora_one);
 
     // The step's workspace (train::step::Workspace), allocated once per micro-batch size.
-    add(
+    e.add(
         "activations",
         format!("{} layer inputs + last output [{t}, {d}] bf16", l + 1),
         (l + 1) * bf(t * d),
@@ -428,30 +434,30 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     // Layers that keep their activations hold their own set; all recomputing layers share one.
     let recomputed = s.checkpointing.recomputed(l as usize) as u64;
     if recomputed < l {
-        add(
+        e.add(
             "activations",
             format!("{} layers' saved tensors for {t} tokens", l - recomputed),
             (l - recomputed) * per_layer,
         );
     }
     if recomputed > 0 {
-        add(
+        e.add(
             "recompute working set",
             format!("one layer's saved tensors for {t} tokens"),
             per_layer,
         );
     }
-    add(
+    e.add(
         "backward working set",
         "norm out, dX, dH, dAttn, dQ, dK, dV, dFFN, dG, dU bf16".to_string(),
         3 * bf(t * d) + 2 * bf(t * qd) + 2 * bf(t * kvd) + 3 * bf(t * f),
     );
-    add(
+    e.add(
         "backward working set",
         format!("LoRA gate (ones) + its gradient [{t}, {}] f32", r.max(1)),
         2 * f4(t * r.max(1)),
     );
-    add(
+    e.add(
         "step inputs",
         format!("token ids, positions [{t}] u32"),
         2 * f4(t),
@@ -508,7 +514,7 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
         .max_by_key(|p| p.0)
         .map(|p| (p.0, p.1.clone()))
         .unwrap_or_default();
-    add("peak scratch", what, peak);
+    e.add("peak scratch", what, peak);
     Ok(Plan {
         entries: e,
         budget: s.budget,
@@ -567,16 +573,7 @@ pub fn plan_scoring(s: &ScoreSetup) -> Result<Plan, String> {
     let p = s.prefix as u64;
     let r = s.lora_rank as u64;
     let nt = s.targets.len() as u64;
-    let bf = |n: u64| blk(n, 2);
-    let f4 = |n: u64| blk(n, 4);
     let mut e = model_entries(c);
-    let mut add = |category: &'static str, what: String, bytes: u64| {
-        e.push(Entry {
-            category,
-            what,
-            bytes,
-        })
-    };
     if s.adapter {
         // Frozen: A and B only; the gradient and moment tensors are empty (a block each).
         let params: u64 = s
@@ -586,14 +583,14 @@ pub fn plan_scoring(s: &ScoreSetup) -> Result<Plan, String> {
             .map(|(o, i)| f4(r * i as u64) + f4(r * o as u64) + 6 * blk(0, 4))
             .sum::<u64>()
             * l;
-        add(
+        e.add(
             "lora",
             format!("A, B for {}, r={r}, {l} layers (f32)", s.targets.join(",")),
             params,
         );
     }
     if p > 0 {
-        add(
+        e.add(
             "prefix K/V",
             format!("{l} layers × K, V [{p}, {kvd}] bf16"),
             2 * l * bf(p * kvd),
@@ -652,13 +649,13 @@ pub fn plan_scoring(s: &ScoreSetup) -> Result<Plan, String> {
     let (batch_base, forward, head, logprobs) = moments(n, t);
     let batch_peak = peak_of((batch_base, forward, head, logprobs));
     if prefix_phase > batch_peak {
-        add(
+        e.add(
             "scoring working set",
             format!("the prefix's forward: {p} tokens (workspace, ids, positions, scratch)"),
             prefix_phase,
         );
     } else {
-        add(
+        e.add(
             "scoring working set",
             format!("forward-only workspace + token ids for {t} tokens"),
             batch_base,
@@ -673,7 +670,7 @@ pub fn plan_scoring(s: &ScoreSetup) -> Result<Plan, String> {
         } else {
             format!("logits [{n}, {v}] f32 + Yes/No ids, log-probabilities")
         };
-        add("peak scratch", what, forward.max(head).max(logprobs));
+        e.add("peak scratch", what, forward.max(head).max(logprobs));
     }
     Ok(Plan {
         entries: e,
@@ -713,17 +710,8 @@ pub fn plan_generation(s: &GenerateSetup) -> Result<Plan, String> {
         c.num_attention_heads as u64,
     );
     let (t, cap) = (s.prompt as u64, (s.prompt + s.max_new) as u64);
-    let bf = |n: u64| blk(n, 2);
-    let f4 = |n: u64| blk(n, 4);
     let mut e = model_entries(c);
-    let mut add = |category: &'static str, what: String, bytes: u64| {
-        e.push(Entry {
-            category,
-            what,
-            bytes,
-        })
-    };
-    add(
+    e.add(
         "KV cache",
         format!("{l} layers × K, V [{cap}, {kvd}] bf16"),
         2 * l * bf(cap * kvd),
@@ -746,13 +734,13 @@ pub fn plan_generation(s: &GenerateSetup) -> Result<Plan, String> {
     // After it, only the logits remain, with the sampler's parameters and token.
     let sampling = f4(v) + f4(4) + f4(1);
     if sampling > working + inside {
-        add(
+        e.add(
             "peak scratch",
             format!("logits [1, {v}] f32, sampling parameters, token"),
             sampling,
         );
     } else {
-        add(
+        e.add(
             "prefill working set",
             format!("ids, positions, x, one layer's tensors: {t} tokens"),
             working,
@@ -764,7 +752,7 @@ pub fn plan_generation(s: &GenerateSetup) -> Result<Plan, String> {
         } else {
             format!("attention: log-sum-exp [{t}, {heads}] f32, span table")
         };
-        add("peak scratch", what, inside);
+        e.add("peak scratch", what, inside);
     }
     Ok(Plan {
         entries: e,
