@@ -600,14 +600,12 @@ fn generate_on<B: Backend>(
             budget: gen.budget,
         })
         .map_err(anyhow::Error::msg)?;
-        if be.memory_in_use().is_some() && !p.fits() {
-            bail!(
-                "the generation does not fit the budget (fewer --max-new-tokens or a shorter \
-                 prompt need less):\n{}",
-                p.table()
-            );
-        }
-        reserve_planned_arena(be, &p, "generation")?;
+        reserve_planned_arena(
+            be,
+            &p,
+            "generation",
+            "fewer --max-new-tokens or a shorter prompt need less",
+        )?;
     }
     let gen_opts = GenerateOptions {
         max_new_tokens: gen.max_new,
@@ -889,10 +887,19 @@ fn load_model_with<B: Backend>(
     Ok((m, tok))
 }
 
-/// After the model and adapter are loaded on a device: reserve what the plan has left (`the
-/// {what}'s` buffers) as one arena, saying so, and note where the loaded bytes differ from the
-/// plan's count of them.
-fn reserve_planned_arena<B: Backend>(be: &B, p: &memory::Plan, what: &str) -> Result<()> {
+/// After the model and adapter are loaded on a device: refuse a plan over the budget on a real
+/// GPU (with the table and `fix`), then reserve what the plan has left (`the {what}'s`
+/// buffers) as one arena, saying so, and note where the loaded bytes differ from the plan's
+/// count of them.
+fn reserve_planned_arena<B: Backend>(
+    be: &B,
+    p: &memory::Plan,
+    what: &str,
+    fix: &str,
+) -> Result<()> {
+    if be.memory_in_use().is_some() && !p.fits() {
+        bail!("the {what} does not fit the budget ({fix}):\n{}", p.table());
+    }
     let held = be.memory_stats().map(|s| s.in_use).unwrap_or(0);
     let (loaded, hold) = if p.category_total("lora") > 0 {
         ("model and adapter", "hold")
@@ -981,13 +988,7 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
             budget,
         };
         let p = memory::plan_scoring(&setup).map_err(anyhow::Error::msg)?;
-        if be.memory_in_use().is_some() && !p.fits() {
-            bail!(
-                "the scoring run does not fit the budget (a smaller --batch needs less):\n{}",
-                p.table()
-            );
-        }
-        reserve_planned_arena(be, &p, "scoring")?;
+        reserve_planned_arena(be, &p, "scoring", "a smaller --batch needs less")?;
     }
     let t0 = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
@@ -1176,7 +1177,7 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         if be.memory_in_use().is_some() && !p.fits() {
             plan(&a.model.display().to_string(), &setup, choice, false)?;
         }
-        reserve_planned_arena(be, &p, "step")?;
+        reserve_planned_arena(be, &p, "step", "see `recforge plan --solve`")?;
     }
     eprintln!(
         "training {} LoRA parameters (r {}, alpha {}, dropout {}, on {}) for {} updates of {} × {} \
