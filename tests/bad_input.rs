@@ -539,17 +539,19 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
 fn a_closed_stdout_ends_the_cli_quietly() {
     // `recforge kernels | head -1`: the reader goes away. The binaries restore the default
     // SIGPIPE, so the process ends as other tools do instead of panicking in a print ("failed
-    // printing to stdout: Broken pipe"). The pipe is closed right after the spawn, before the
-    // process can have printed anything.
+    // printing to stdout: Broken pipe"). The read end is closed before the spawn, so the first
+    // write must fail: closing it after the spawn raced the child, which could print its whole
+    // (small) output into the pipe buffer first and exit 0. CI saw exactly that once.
     use std::process::Stdio;
     for args in [&["kernels"][..], &["plan", "--model", "llama-7b"][..]] {
-        let mut child = Command::new(common::recforge_bin())
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let child = Command::new(common::recforge_bin())
             .args(args)
-            .stdout(Stdio::piped())
+            .stdout(Stdio::from(writer))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        drop(child.stdout.take());
         let o = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!err.contains("panicked"), "{args:?}: {err}");
