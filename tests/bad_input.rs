@@ -533,6 +533,12 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
     assert!(!ok && err.contains("--budget 'lots'"), "{err}");
     let (ok, _, err) = cli(&["plan", "--targets", "q,zz"]);
     assert!(!ok && err.contains("unknown LoRA target 'zz'"), "{err}");
+    let (ok, _, err) = cli(&["plan", "--model", "llama-7b", "--lora-r", "0"]);
+    assert!(!ok && err.contains("rank r must be at least 1"), "{err}");
+    let (ok, _, err) = cli(&["plan", "--model", "llama-7b", "--score", "--lora-r", "0"]);
+    assert!(!ok && err.contains("rank r must be at least 1"), "{err}");
+    let (ok, _, err) = cli(&["plan", "--model", "llama-7b", "--targets", ","]);
+    assert!(!ok && err.contains("at least one target"), "{err}");
 }
 
 #[test]

@@ -289,6 +289,39 @@ fn rec_commands_report_bad_input() {
         "cpu",
     ]);
     assert!(!ok && err.contains("unknown LoRA target"), "{err}");
+    // Bad numbers (NaN included) are refused before the model or the data is read: the data
+    // file does not exist, and the error is still the option's.
+    for (flag, value, says) in [
+        ("--weight-decay", "NaN", "weight decay must be"),
+        ("--max-grad-norm", "NaN", "max-grad-norm"),
+        ("--r", "0", "rank r must be at least 1"),
+        ("--lr", "0", "learning rate must be a positive number"),
+        (
+            "--checkpoint-every",
+            "0",
+            "--checkpoint-every must be at least 1",
+        ),
+        ("--budget", "lots", "--budget 'lots'"),
+    ] {
+        let (ok, _, err) = cli(&[
+            "rec",
+            "train",
+            "--model",
+            model,
+            "--data",
+            &p("missing.json"),
+            "--out",
+            &p("a"),
+            flag,
+            value,
+            "--device",
+            "cpu",
+        ]);
+        assert!(
+            !ok && err.contains(says) && !err.contains("missing.json"),
+            "{flag}: {err}"
+        );
+    }
     let (ok, _, err) = cli(&[
         "rec",
         "data",

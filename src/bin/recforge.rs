@@ -122,7 +122,8 @@ enum Cmd {
         /// Device memory budget, e.g. 24GiB.
         #[arg(long, default_value = "24GiB")]
         budget: String,
-        #[arg(long, default_value_t = 16)]
+        /// LoRA rank (`--r` as in `rec train` and bench-train).
+        #[arg(long, alias = "r", default_value_t = 16)]
         lora_r: usize,
         /// LoRA target modules, comma-separated (q,k,v,o,gate,up,down).
         #[arg(long, default_value = "q,k,v,o")]
@@ -233,8 +234,10 @@ struct TrainArgs {
     /// Optimizer updates.
     #[arg(long)]
     steps: Option<usize>,
+    /// Peak learning rate (AdamW), reached after the warm-up; cosine decay to 0 after it.
     #[arg(long)]
     lr: Option<f32>,
+    /// Updates of linear warm-up from 0 to --lr.
     #[arg(long)]
     warmup: Option<usize>,
     /// Sequences per micro-batch.
@@ -243,21 +246,29 @@ struct TrainArgs {
     /// Micro-batches per update.
     #[arg(long)]
     accum: Option<usize>,
+    /// Tokens per sample at most (prompt + response), cut on the right as TALLRec does; a
+    /// sample left without a response token is skipped.
     #[arg(long)]
     cutoff: Option<usize>,
+    /// LoRA rank.
     #[arg(long)]
     r: Option<usize>,
+    /// LoRA alpha (the update is scaled by alpha / r).
     #[arg(long)]
     alpha: Option<f32>,
+    /// LoRA dropout on the adapter's input, in [0, 1).
     #[arg(long)]
     dropout: Option<f32>,
     /// LoRA targets, comma-separated: q,k,v,o,gate,up,down.
     #[arg(long)]
     targets: Option<String>,
+    /// Seed of the adapter's initialisation, the dropout masks and the data order.
     #[arg(long)]
     seed: Option<u64>,
+    /// AdamW's decoupled weight decay.
     #[arg(long)]
     weight_decay: Option<f32>,
+    /// Clip the global gradient norm to this (0: no clipping).
     #[arg(long)]
     max_grad_norm: Option<f32>,
     /// Which layers recompute their activations in the backward pass: auto (the fewest that fit
@@ -1127,9 +1138,22 @@ fn human_secs(s: f64) -> String {
 }
 
 fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
+    // Everything the command line alone can get wrong is refused before the model loads.
+    let mut config = train_config(a)?;
+    let budget = memory::parse_bytes(&a.budget)
+        .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
+    if a.checkpoint_every == 0 {
+        bail!("--checkpoint-every must be at least 1 (updates between checkpoints)");
+    }
+    if a.resume.is_none() && config.warmup_steps >= config.steps {
+        eprintln!(
+            "note: the warm-up ({} updates) is not shorter than the run ({} updates): the \
+             learning rate never reaches --lr {:e}",
+            config.warmup_steps, config.steps, config.lr
+        );
+    }
     let samples = rec::read_json(&a.data)?;
     let (m, tok) = load_model(be, &a.model)?;
-    let mut config = train_config(a)?;
     let mut data = vec![];
     let mut dropped = 0;
     for s in &samples {
@@ -1160,8 +1184,6 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     };
     // The plan names every byte of the run; it also decides, under auto, how many layers
     // recompute (a resumed run takes the command line's choice: it changes no number).
-    let budget = memory::parse_bytes(&a.budget)
-        .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
     let choice = checkpoint_choice(a.checkpointing, a.no_checkpointing);
     let mut setup = trainer.config.memory_setup(&m.config, budget);
     setup.checkpointing = memory::choose_checkpointing(choice, &setup)
@@ -1236,7 +1258,7 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
             eprintln!("{line}");
         }
         if let Some(dir) = &a.checkpoint_dir {
-            if trainer.step % a.checkpoint_every.max(1) == 0 || trainer.done() {
+            if trainer.step % a.checkpoint_every == 0 || trainer.done() {
                 trainer.save_checkpoint(dir)?;
             }
         }

@@ -363,6 +363,39 @@ fn model_entries(c: &LlamaConfig) -> Vec<Entry> {
     e
 }
 
+/// Every name in `targets` is a linear of `c`, each at most once (a repeated target would be
+/// counted twice here but trained once).
+fn check_targets(c: &LlamaConfig, targets: &[String]) -> Result<(), String> {
+    for (i, t) in targets.iter().enumerate() {
+        if linear_dims(c, t).is_none() {
+            return Err(format!(
+                "unknown LoRA target '{t}' (expected some of {})",
+                TARGETS.join(", ")
+            ));
+        }
+        if targets[..i].contains(t) {
+            return Err(format!("LoRA target '{t}' is listed twice"));
+        }
+    }
+    Ok(())
+}
+
+/// An adapter the plan counts: a rank of at least 1 on at least one valid target (what
+/// `LoraConfig::validate` asks of a run).
+fn check_lora(c: &LlamaConfig, rank: usize, targets: &[String]) -> Result<(), String> {
+    check_targets(c, targets)?;
+    if rank == 0 {
+        return Err("LoRA rank r must be at least 1".into());
+    }
+    if targets.is_empty() {
+        return Err(format!(
+            "LoRA needs at least one target module (some of {})",
+            TARGETS.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// The plan of one training step (forward + backward + optimizer) for `s`: every buffer the
 /// trainer and the GPU backend allocate (`train::step::Workspace`, the adapter, each op's
 /// scratch), tensor by tensor in 256-byte blocks, with the transient scratch counted at its
@@ -370,14 +403,7 @@ fn model_entries(c: &LlamaConfig) -> Vec<Entry> {
 /// the two together (`tests/memory_plan.rs`).
 pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     let c = &s.model;
-    for t in &s.targets {
-        if linear_dims(c, t).is_none() {
-            return Err(format!(
-                "unknown LoRA target '{t}' (expected some of {})",
-                TARGETS.join(", ")
-            ));
-        }
-    }
+    check_lora(c, s.lora_rank, &s.targets)?;
     s.checkpointing.check(c.num_hidden_layers)?;
     if s.batch == 0 || s.seq == 0 || s.logits_chunk == 0 {
         return Err("batch, sequence length and logits chunk must be positive".into());
@@ -542,13 +568,10 @@ pub struct ScoreSetup {
 /// scratch, the Yes/No logits), buffer by buffer in 256-byte blocks, as [`plan_training`].
 pub fn plan_scoring(s: &ScoreSetup) -> Result<Plan, String> {
     let c = &s.model;
-    for t in &s.targets {
-        if linear_dims(c, t).is_none() {
-            return Err(format!(
-                "unknown LoRA target '{t}' (expected some of {})",
-                TARGETS.join(", ")
-            ));
-        }
+    if s.adapter {
+        check_lora(c, s.lora_rank, &s.targets)?;
+    } else {
+        check_targets(c, &s.targets)?;
     }
     if s.batches.is_empty() {
         return Err("a scoring run needs at least one batch".into());
@@ -918,6 +941,19 @@ mod tests {
         let mut s = score7b(vec![(1, 9)]);
         s.targets = vec!["qq".into()];
         assert!(plan_scoring(&s).unwrap_err().contains("'qq'"));
+        // A loaded adapter needs a rank and a target; without one, neither matters.
+        let mut s = score7b(vec![(1, 9)]);
+        s.lora_rank = 0;
+        assert!(plan_scoring(&s).unwrap_err().contains("rank r"));
+        s.adapter = false;
+        assert!(plan_scoring(&s).is_ok());
+        s.targets.clear();
+        assert!(plan_scoring(&s).is_ok());
+        s.adapter = true;
+        s.lora_rank = 8;
+        assert!(plan_scoring(&s)
+            .unwrap_err()
+            .contains("at least one target"));
     }
 
     #[test]
@@ -1163,6 +1199,18 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.contains("unknown LoRA target 'qq'"), "{e}");
+        // An adapter of rank 0, without targets, or with a target twice is not a run's.
+        let bad = |lora_rank, targets: &[&str]| {
+            plan_training(&TrainSetup {
+                lora_rank,
+                targets: targets.iter().map(|t| t.to_string()).collect(),
+                ..llama7b(1, 8)
+            })
+            .unwrap_err()
+        };
+        assert!(bad(0, &["q", "v"]).contains("rank r must be at least 1"));
+        assert!(bad(8, &[]).contains("at least one target"));
+        assert!(bad(8, &["q", "v", "q"]).contains("'q' is listed twice"));
         assert_eq!(parse_bytes("24GiB"), Some(24 * GIB));
         assert_eq!(parse_bytes("512 MiB"), Some(512 << 20));
         assert_eq!(parse_bytes("1000"), Some(1000));

@@ -122,8 +122,11 @@ impl TrainConfig {
         if self.cutoff < 2 {
             return bad("the cutoff must be at least 2 tokens");
         }
-        if self.max_grad_norm < 0.0 || self.weight_decay < 0.0 {
-            return bad("max-grad-norm and weight decay must not be negative");
+        // Comparisons are false for NaN, so NaN is refused too; an infinite norm never clips.
+        let clip_ok = self.max_grad_norm >= 0.0;
+        let decay_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;
+        if !(clip_ok && decay_ok) {
+            return bad("max-grad-norm and weight decay must be numbers that are not negative");
         }
         Ok(())
     }
