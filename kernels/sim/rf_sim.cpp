@@ -9,8 +9,11 @@
 //     KiB, plus a PROT_NONE guard page), reused across blocks and launches (a pool of workers'
 //     resources). Fibers run cooperatively: a fiber runs until it blocks in __syncthreads or in a
 //     warp collective, or exits; it then switches DIRECTLY to the next runnable fiber (FIFO run
-//     queue, initially in linear thread order), or back to the worker's scheduler context when
-//     none is runnable. The schedule is deterministic.
+//     queue), or back to the worker's scheduler context when none is runnable. The order fibers
+//     enter the queue, at a block's start and when a barrier or a collective completes, is the
+//     schedule (forward, reverse, or by default a seeded shuffle; see `Schedule` below): it
+//     decides which side of an unsynchronized shared-memory access runs first, so the default
+//     shuffle shows races in both directions. The schedule is deterministic for a given launch.
 //   - Context switch: 14 instructions of x86_64 asm (callee-saved registers + rsp); ucontext
 //     elsewhere (or with -DRF_SIM_USE_UCONTEXT). ASan fiber annotations when built with ASan.
 //   - Errors (rf_sim::fail, deadlocks, broken barriers) record the first message of the launch,
@@ -23,10 +26,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -138,6 +143,7 @@ struct Warp {
     int gop;
     warp_fn gfn;
     bool uniform;
+    uint64_t collectives;  // completed in this block (varies the shuffle)
     Lane lane[32];
 };
 
@@ -149,6 +155,7 @@ struct Launch {
     uint64_t nblocks;
     std::atomic<uint64_t> next{0};
     std::atomic<bool> abort{false};
+    int schedule = 0;
     std::mutex mu;
     std::string err;
     void set_error(const std::string& m) {
@@ -166,6 +173,50 @@ size_t stack_bytes() {
         return (size_t)kb * 1024;
     }();
     return v;
+}
+
+// The order in which runnable fibers are queued (RF_SIM_SCHEDULE, rf_sim_set_schedule):
+//   forward  linear thread order at the start of a block; at a barrier the last arriving thread
+//            runs on, then the others in arrival order; at a warp collective the last lane runs on.
+//   reverse  descending linear order at the start and at every barrier and warp collective (the
+//            last arriving thread queues too), so a thread runs before the lower-numbered ones.
+//   shuffle  (the default) a pseudo-random order at each of those points, drawn from the kernel's
+//            name, the block, the barrier count and the warp: the same launch on the same data
+//            schedules the same way, but different blocks and points see different orders. In
+//            half the barrier phases one drawn warp also runs ahead (see draw_greedy_warp).
+// Fibers run until they block, so a shared-memory access that no barrier separates from another
+// thread's sees that thread's whole phase or none of it; which one depends on this order. forward
+// alone hides every race in which the reader runs after the writer in linear order; shuffle
+// exposes both directions across blocks, and the tests compare against the CPU reference.
+enum Schedule { SCHED_FORWARD = 0, SCHED_REVERSE = 1, SCHED_SHUFFLE = 2 };
+std::atomic<int> g_schedule{-1};
+
+int default_schedule() {
+    static const int v = [] {
+        const char* e = getenv("RF_SIM_SCHEDULE");
+        if (!e || !*e || !strcmp(e, "shuffle")) return (int)SCHED_SHUFFLE;
+        if (!strcmp(e, "forward")) return (int)SCHED_FORWARD;
+        if (!strcmp(e, "reverse")) return (int)SCHED_REVERSE;
+        fprintf(stderr, "rf_sim: RF_SIM_SCHEDULE=%s is not forward, reverse or shuffle; using shuffle\n", e);
+        return (int)SCHED_SHUFFLE;
+    }();
+    return v;
+}
+int current_schedule() {
+    const int s = g_schedule.load(std::memory_order_relaxed);
+    return s < 0 ? default_schedule() : s;
+}
+
+inline uint64_t mix64(uint64_t x) {  // splitmix64's finalizer
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+uint64_t name_hash(const char* s) {  // FNV-1a
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 0x100000001b3ull;
+    return h;
 }
 
 // One worker's resources: fibers, their stacks, dynamic smem, the scheduler context and the
@@ -191,6 +242,10 @@ struct Worker : BlockPub {
     uint3 first_exited{0, 0, 0};
     bool aborted = false;
     bool asan_dirty = false;
+    int schedule = SCHED_FORWARD;  // of the current launch
+    uint64_t sched_seed = 0;       // of the current block (shuffle)
+    int greedy_warp = -1;          // shuffle: the warp that runs ahead in this barrier phase
+    std::vector<Fiber*> order;     // scratch of push_ordered
 
     void push(Fiber* f) {
         f->state = READY;
@@ -202,6 +257,43 @@ struct Worker : BlockPub {
         Fiber* f = runq[rq_head];
         rq_head = rq_head + 1 == runq.size() ? 0 : rq_head + 1;
         return f;
+    }
+    void push_front(Fiber* f) {
+        f->state = READY;
+        rq_head = rq_head == 0 ? runq.size() - 1 : rq_head - 1;
+        runq[rq_head] = f;
+    }
+    // shuffle: at the start of the block and of every barrier phase, half the time one warp is
+    // drawn to run ahead: it is queued first, and its lanes go to the FRONT of the queue after
+    // each of its collectives, so it reaches the next barrier (or its end) before the others go
+    // on. Without it the queue's round-robin keeps the warps in step, which hides races between
+    // one warp's late reads and another's early writes of the next use of a buffer.
+    void draw_greedy_warp() {
+        const uint64_t r = mix64(sched_seed ^ mix64(0x6772656564ull + bar_gen));
+        const unsigned nw = (nthreads + 31) / 32;
+        greedy_warp = schedule == SCHED_SHUFFLE && nw > 1 && (r & 1) ? (int)((r >> 8) % nw) : -1;
+    }
+    // Put `fs` in the launch's schedule order (reverse, or shuffle; `salt` varies the draw).
+    void arrange(std::vector<Fiber*>& fs, uint64_t salt) {
+        if (schedule == SCHED_REVERSE) {
+            std::sort(fs.begin(), fs.end(), [](const Fiber* a, const Fiber* b) { return a->linear > b->linear; });
+        } else if (schedule == SCHED_SHUFFLE) {
+            uint64_t r = mix64(sched_seed ^ mix64(salt)) | 1;
+            for (size_t i = fs.size(); i > 1; i--) {  // Fisher-Yates, xorshift64* draws
+                r ^= r >> 12;
+                r ^= r << 25;
+                r ^= r >> 27;
+                const uint64_t x = (r * 0x2545f4914f6cdd1dull) >> 32;
+                std::swap(fs[i - 1], fs[(size_t)((x * i) >> 32)]);
+            }
+        }
+    }
+    // Queue `fs` in schedule order, the warp that runs ahead (if any) first.
+    void push_ordered(std::vector<Fiber*>& fs, uint64_t salt) {
+        arrange(fs, salt);
+        if (greedy_warp >= 0)
+            std::stable_partition(fs.begin(), fs.end(), [&](const Fiber* f) { return (int)f->warp == greedy_warp; });
+        for (Fiber* f : fs) push(f);
     }
     void ensure(unsigned n) {
         if (!smem_buf) {
@@ -219,7 +311,8 @@ struct Worker : BlockPub {
         if (fibers.size() < n) fibers.resize(n);
         if (runq.size() < n + 1) runq.assign(n + 1, nullptr);
         if (warps.size() < (n + 31) / 32) warps.resize((n + 31) / 32);
-        bar_waiters.reserve(n);
+        bar_waiters.reserve(n + 1);
+        order.reserve(n);
     }
 };
 
@@ -277,6 +370,16 @@ inline void switch_to(Ctx* from, Worker* w, Fiber* to, bool from_dies) {
 inline void switch_away(Worker* w, Fiber* me, bool dies) {
     Fiber* next = w->L->abort.load(std::memory_order_relaxed) ? nullptr : w->pop();
     switch_to(&me->ctx, w, next, dies);
+}
+
+// The current fiber, already queued, lets the queue's head run (which may be itself).
+inline void yield_queued(Worker* w, Fiber* me) {
+    Fiber* next = w->L->abort.load(std::memory_order_relaxed) ? nullptr : w->pop();
+    if (next == me) {
+        me->state = RUNNING;
+        return;
+    }
+    switch_to(&me->ctx, w, next, false);
 }
 
 std::string where(Worker* w, const Fiber* f) {
@@ -361,11 +464,19 @@ void run_block(Worker* w, uint64_t b) {
                 f.warp = i >> 5;
                 f.lane = i & 31;
                 ctx_init(&f.ctx, w->stacks[i], w->stack_size);
-                w->push(&f);
+                if (w->schedule == SCHED_FORWARD) w->push(&f);
             }
+    if (w->schedule != SCHED_FORWARD) {
+        w->sched_seed = mix64(name_hash(w->kname) ^ mix64(b));
+        w->draw_greedy_warp();
+        w->order.clear();
+        for (unsigned k = 0; k < n; k++) w->order.push_back(&w->fibers[k]);
+        w->push_ordered(w->order, ~0ull);
+    }
     const unsigned nw = (n + 31) / 32;
     for (unsigned k = 0; k < nw; k++) {
         w->warps[k].pending = 0;
+        w->warps[k].collectives = 0;
         const unsigned lanes = n - k * 32 >= 32 ? 32 : n - k * 32;
         w->warps[k].exited = lanes == 32 ? 0u : ~((1u << lanes) - 1);
     }
@@ -422,6 +533,7 @@ void worker_main(Launch* L) {
     w->gdim = L->grid;
     w->bdim = L->block;
     w->kname = L->k->name ? L->k->name : "?";
+    w->schedule = L->schedule;
     const unsigned n = L->block.x * L->block.y * L->block.z;
     w->ensure(n);
     w->smem = w->smem_buf;
@@ -486,8 +598,16 @@ int syncthreads_op(int op, int pred) {
         w->bar_count = 0;
         w->bar_arrived = 0;
         w->bar_gen++;
-        for (Fiber* f : w->bar_waiters) w->push(f);
-        w->bar_waiters.clear();
+        if (w->schedule == SCHED_FORWARD) {
+            for (Fiber* f : w->bar_waiters) w->push(f);
+            w->bar_waiters.clear();
+        } else {
+            w->bar_waiters.push_back(me);
+            w->draw_greedy_warp();
+            w->push_ordered(w->bar_waiters, w->bar_gen);
+            w->bar_waiters.clear();
+            yield_queued(w, me);
+        }
     } else {
         me->state = AT_BARRIER;
         w->bar_waiters.push_back(me);
@@ -600,7 +720,20 @@ uint64_t warp_collective(int op, unsigned mask, uint64_t value, int b, int width
         }
     }
     wp.pending &= ~mask;
-    for (unsigned m = mask & ~bit; m; m &= m - 1) w->push(&w->fibers[me->warp * 32 + __builtin_ctz(m)]);
+    if (w->schedule == SCHED_FORWARD) {
+        for (unsigned m = mask & ~bit; m; m &= m - 1) w->push(&w->fibers[me->warp * 32 + __builtin_ctz(m)]);
+        return me_l.res;
+    }
+    std::vector<Fiber*>& lanes = w->order;
+    lanes.clear();
+    for (unsigned m = mask; m; m &= m - 1) lanes.push_back(&w->fibers[me->warp * 32 + __builtin_ctz(m)]);
+    w->arrange(lanes, ((uint64_t)me->warp << 32) ^ ++wp.collectives);
+    if ((int)me->warp == w->greedy_warp) {  // runs on ahead of the queued warps
+        for (size_t i = lanes.size(); i-- > 0;) w->push_front(lanes[i]);
+    } else {
+        for (Fiber* f : lanes) w->push(f);
+    }
+    yield_queued(w, me);
     return me_l.res;
 }
 }  // namespace
@@ -611,6 +744,11 @@ uint64_t warp_collective(int op, unsigned mask, uint64_t value, int b, int width
 extern "C" int rf_sim_set_threads(int n) {
     int prev = rf_sim::g_threads.exchange(n > 0 ? n : 0);
     return prev > 0 ? prev : rf_sim::default_threads();
+}
+
+extern "C" int rf_sim_set_schedule(int mode) {
+    const int prev = rf_sim::g_schedule.exchange(mode >= 0 && mode <= 2 ? mode : -1);
+    return prev >= 0 ? prev : rf_sim::default_schedule();
 }
 
 extern "C" int rf_sim_launch(const rf_sim_kernel* k, rf_sim_dim3 grid, rf_sim_dim3 block, size_t dyn_smem_bytes,
@@ -660,6 +798,7 @@ extern "C" int rf_sim_launch(const rf_sim_kernel* k, rf_sim_dim3 grid, rf_sim_di
     L.block = dim3(block.x, block.y, block.z);
     L.dyn = dyn_smem_bytes;
     L.nblocks = (uint64_t)grid.x * grid.y * grid.z;
+    L.schedule = current_schedule();
     int nt = g_threads.load();
     if (nt <= 0) nt = default_threads();
     if ((uint64_t)nt > L.nblocks) nt = (int)L.nblocks;

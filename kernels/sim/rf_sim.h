@@ -26,6 +26,12 @@ int rf_sim_launch(const rf_sim_kernel* k, rf_sim_dim3 grid, rf_sim_dim3 block, s
  * n <= 0 restores the default. Returns the previous value. */
 int rf_sim_set_threads(int n);
 
+/* The order runnable threads are queued in (see rf_sim.cpp): 0 forward, 1 reverse, 2 shuffle
+ * (default: env RF_SIM_SCHEDULE = forward | reverse | shuffle, else shuffle). A value outside
+ * 0..2 restores the default. Applies to launches that start after the call. Returns the
+ * previous value. */
+int rf_sim_set_schedule(int mode);
+
 /* Largest dynamic shared memory a launch may request: 227 KiB, the H100 (sm_90) opt-in limit. */
 #define RF_SIM_MAX_DYN_SMEM (227u * 1024u)
 

@@ -107,6 +107,32 @@ extern "C" __global__ void t_race_dyn(int* out) {
     out[blockIdx.x * 64 + t] = s[(t + 32) & 63];  // missing __syncthreads() before this read
 }
 
+// PLANTED BUG (a'): the same missing barrier, read from the thread below (slot t - 1). In linear
+// order the writer always ran first, so only another schedule shows it.
+extern "C" __global__ void t_race_prev(int* out) {
+    RF_DYNAMIC_SMEM(int, s);
+    const int t = threadIdx.x, n = blockDim.x;
+    s[t] = (int)blockIdx.x * 1000 + t + 1;
+    out[blockIdx.x * n + t] = s[(t + n - 1) % n];  // missing __syncthreads() before this read
+}
+
+// PLANTED BUG (a''): the buffer is rewritten for the next round with no barrier after the last
+// read of the previous one (a write-after-read race across warps, as in a pipelined GEMM that
+// refills a stage too early). A warp-wide step between the read and the write keeps the warps of
+// a round-robin schedule in step, so only a warp that runs ahead shows it.
+extern "C" __global__ void t_race_war(int rounds, int* out) {
+    RF_DYNAMIC_SMEM(int, s);
+    const int t = threadIdx.x;
+    int sum = 0;
+    for (int r = 0; r < rounds; r++) {
+        s[t] = r * 1000 + t;
+        __syncthreads();
+        sum += s[(t + 32) & 63];
+        __syncwarp();  // missing __syncthreads() after this: the next round's write races the read
+    }
+    out[blockIdx.x * 64 + t] = sum;
+}
+
 // PLANTED BUG (b): thread t reads slot t+1 of n = blockDim.x slots: the last one is past the end.
 extern "C" __global__ void t_oob(float* out) {
     RF_DYNAMIC_SMEM(float, s);

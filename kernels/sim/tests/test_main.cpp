@@ -315,6 +315,7 @@ static void test_planted_bugs() {
     // WRONG ANSWER, not a reported error: with static __shared__, warp 0 sees stale values (zero or
     // a previous block's); with RF_DYNAMIC_SMEM it sees the poison (0xFFFFFFFF = -1). Warp 1 reads
     // warp 0's slots after they were written, so it gets the intended values.
+    const int sched0 = rf_sim_set_schedule(0);  // forward: the order this part describes
     for (int threads : {1, 2}) {
         rf_sim_set_threads(threads);
         const int nb = 4;
@@ -333,6 +334,65 @@ static void test_planted_bugs() {
             }
     }
     rf_sim_set_threads(0);
+    // (a') The race forward cannot show: thread t reads slot t - 1 (thread 0: slot 63) with no
+    // barrier. forward: thread t - 1 always ran first, so every thread but 0 is "right". reverse:
+    // thread t - 1 runs after t, so every thread but 0 (which reads slot 63, written first) reads
+    // the poison. shuffle (the default): both kinds of wrong answer occur
+    // across the blocks, in both halves of (a), and the same launch gives the same output.
+    {
+        const int nb = 8;
+        auto run = [&](const char* k, int mode) {
+            rf_sim_set_schedule(mode);
+            std::vector<int> v(64 * nb, 12345);
+            CHECK(launch(k, D(nb), D(64), 64 * 4, nullptr, v.data()) == 0, "%s launch", k);
+            return v;
+        };
+        auto want = [](int b, int src) { return b * 1000 + src + 1; };
+        const std::vector<int> fw = run("t_race_prev", 0), rv = run("t_race_prev", 1);
+        const std::vector<int> sh = run("t_race_prev", 2), sh2 = run("t_race_prev", 2);
+        const std::vector<int> a_sh = run("t_race_dyn", 2);
+        int sh_wrong = 0, a_wrong_lo = 0, a_wrong_hi = 0;
+        for (int b = 0; b < nb; b++)
+            for (int t = 0; t < 64; t++) {
+                const int i = b * 64 + t, good = want(b, (t + 63) % 64);
+                CHECK((fw[i] == good) == (t != 0), "forward b=%d t=%d: %d", b, t, fw[i]);
+                CHECK((rv[i] == good) == (t == 0) && (rv[i] == good || rv[i] == -1), "reverse b=%d t=%d: %d", b, t, rv[i]);
+                CHECK(sh[i] == good || sh[i] == -1, "shuffle b=%d t=%d: %d", b, t, sh[i]);
+                sh_wrong += sh[i] != good;
+                if (a_sh[i] != want(b, (t + 32) & 63)) (t < 32 ? a_wrong_lo : a_wrong_hi)++;
+            }
+        CHECK(sh == sh2, "the same launch must schedule the same way");
+        CHECK(sh_wrong > 0 && sh_wrong < 64 * nb, "shuffle: %d of %d wrong", sh_wrong, 64 * nb);
+        CHECK(a_wrong_lo > 0 && a_wrong_hi > 0, "shuffle must show (a) in both warps: %d, %d", a_wrong_lo, a_wrong_hi);
+        printf("  (a') shuffle: %d of %d reads raced; (a): %d in warp 0, %d in warp 1\n", sh_wrong, 64 * nb, a_wrong_lo,
+               a_wrong_hi);
+        // (a'') Round-robin keeps the two warps in step through the __syncwarp, so forward and
+        // reverse give the right sums; shuffle lets one warp run ahead in some rounds of some
+        // blocks, and its next write lands before the other warp's read.
+        auto war = [&](int mode) {
+            rf_sim_set_schedule(mode);
+            std::vector<int> v(64 * nb, 12345);
+            CHECK(launch("t_race_war", D(nb), D(64), 64 * 4, nullptr, 6, v.data()) == 0, "t_race_war launch");
+            int wrong = 0;
+            for (int b = 0; b < nb; b++)
+                for (int t = 0; t < 64; t++) {
+                    int want = 0;
+                    for (int r = 0; r < 6; r++) want += r * 1000 + ((t + 32) & 63);
+                    wrong += v[b * 64 + t] != want;
+                }
+            return wrong;
+        };
+        const int war_fw = war(0), war_rv = war(1), war_sh = war(2);
+        CHECK(war_fw == 0 && war_rv == 0, "round-robin hides (a''): %d, %d wrong", war_fw, war_rv);
+        CHECK(war_sh > 0, "shuffle must show (a'')");
+        printf("  (a'') shuffle: %d of %d sums raced (forward, reverse: none)\n", war_sh, 64 * nb);
+        // The barrier-using kernels give the same answers under every schedule.
+        for (int mode : {1, 2}) {
+            rf_sim_set_schedule(mode);
+            good_launch_still_works();
+        }
+    }
+    rf_sim_set_schedule(sched0);
     // (b) Read past the dynamic smem size.
     std::vector<float> fo(64);
     CHECK(launch("t_oob", D(2), D(64), 64 * 4, &e, fo.data()) != 0, "oob not reported");
