@@ -100,6 +100,13 @@ extern "C" __global__ void selftest_bug_missing_sync(int* out) {
     out[t] = s[(t + 32) % 64];
 }
 
+// PLANTED BUG (with n > the length of x): copies n elements of x, reading past its end.
+// Launch: grid (ceil(n / B)), block (B). Run only on the simulator, whose buffers end at a guard page.
+extern "C" __global__ void selftest_bug_global_overrun(const float* x, float* out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = x[i];
+}
+
 // PLANTED BUG: reads `shift` elements past each thread's slot of a blockDim-float dynamic array.
 // Launch: grid (1), block (B), dynamic smem 4·B bytes.
 extern "C" __global__ void selftest_bug_smem_oob(float* out, int shift) {

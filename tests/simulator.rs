@@ -526,6 +526,66 @@ fn planted_bug_missing_syncthreads_gives_a_deterministic_wrong_answer() {
     }
 }
 
+/// Set in the child process of the test below, which runs the faulting kernel.
+const OVERRUN_CHILD: &str = "RECFORGE_TEST_OVERRUN_CHILD";
+
+#[test]
+fn planted_bug_global_overrun_faults_and_names_the_kernel() {
+    // Every simulator buffer ends at a guard page, so reading ONE element past the end of a
+    // 1000-float buffer (4000 bytes, no slack) faults, and the simulator's fault handler names
+    // the kernel before the process dies. A fault ends the process, so the launch runs in a
+    // child: this test binary again, running only this test.
+    let n = 1000;
+    if std::env::var_os(OVERRUN_CHILD).is_some() {
+        let sim = Device::sim();
+        let x = sim.upload(&vec![1f32; n]).unwrap();
+        let mut out = sim.upload(&vec![0f32; n + 1]).unwrap();
+        let copy = |len: usize, out: &mut DevBuf<f32>| {
+            sim.launch(
+                "selftest_bug_global_overrun",
+                Launch::linear(len.div_ceil(128) as u32, 128),
+                &[
+                    sim.ptr(&x).unwrap(),
+                    sim.ptr_mut(out).unwrap(),
+                    Arg::I32(len as i32),
+                ],
+            )
+        };
+        copy(n, &mut out).unwrap();
+        assert!(sim.download(&out).unwrap()[..n].iter().all(|&v| v == 1.0));
+        eprintln!("in bounds: ok");
+        let r = copy(n + 1, &mut out);
+        eprintln!("past the end: returned {:?}", r.err());
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "planted_bug_global_overrun_faults_and_names_the_kernel",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(OVERRUN_CHILD, "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGSEGV),
+        "the overrun must fault: {:?}\n{err}",
+        out.status
+    );
+    assert!(err.contains("in bounds: ok"), "{err}");
+    assert!(!err.contains("past the end: returned"), "{err}");
+    assert!(
+        err.contains("rf_sim: SIGSEGV")
+            && err
+                .contains("kernel 'selftest_bug_global_overrun', block (7,0,0), thread (104,0,0)"),
+        "the fault must name the kernel, block and thread of element 1000: {err}"
+    );
+}
+
 #[test]
 fn planted_bug_shared_memory_overrun_is_reported() {
     let sim = Device::sim();

@@ -23,6 +23,7 @@
 #include "rf_sim_rt.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -561,6 +562,48 @@ void worker_main(Launch* L) {
     release_worker(w);
 }
 
+// ---- faults inside kernels -------------------------------------------------------------------------
+// Simulator buffers end at a guard page (src/backend/gpu/sim.rs), so a kernel that runs past the
+// end of one faults at the access. The handler says which kernel, block and thread did it, then
+// restores the previous disposition and returns: the access faults again and that handler (Rust's
+// stack-overflow check, or the default: terminate) takes over. Not installed under ASan, which
+// reports faults itself.
+struct sigaction g_prev_segv, g_prev_bus;
+
+void on_fault(int sig, siginfo_t* si, void*) {
+    Worker* w = tls_worker;
+    if (w && w->cur) {
+        const Fiber* f = w->cur;
+        char b[512];
+        const int n = snprintf(b, sizeof b,
+                               "rf_sim: %s at address %p in kernel '%s', block (%u,%u,%u), thread (%u,%u,%u): an access "
+                               "to unmapped memory (every simulator buffer ends at a guard page: past the end of one, "
+                               "or a wild pointer)\n",
+                               sig == SIGBUS ? "SIGBUS" : "SIGSEGV", si ? si->si_addr : nullptr, w->kname, w->bid.x,
+                               w->bid.y, w->bid.z, f->tid.x, f->tid.y, f->tid.z);
+        if (n > 0) {
+            ssize_t ignored = write(2, b, (size_t)(n < (int)sizeof b ? n : (int)sizeof b - 1));
+            (void)ignored;
+        }
+    }
+    sigaction(sig, sig == SIGBUS ? &g_prev_bus : &g_prev_segv, nullptr);
+}
+
+void install_fault_handler() {
+#ifndef RF_SIM_ASAN
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_fault;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &g_prev_segv);
+        sigaction(SIGBUS, &sa, &g_prev_bus);
+    });
+#endif
+}
+
 }  // namespace
 
 // ---- called from kernel code --------------------------------------------------------------------
@@ -799,6 +842,7 @@ extern "C" int rf_sim_launch(const rf_sim_kernel* k, rf_sim_dim3 grid, rf_sim_di
     L.dyn = dyn_smem_bytes;
     L.nblocks = (uint64_t)grid.x * grid.y * grid.z;
     L.schedule = current_schedule();
+    install_fault_handler();
     int nt = g_threads.load();
     if (nt <= 0) nt = default_threads();
     if ((uint64_t)nt > L.nblocks) nt = (int)L.nblocks;

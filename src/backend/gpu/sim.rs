@@ -1,8 +1,7 @@
 //! The SIMT simulator device: the same `kernels/*.cu` compiled as host C++ by build.rs
-//! (kernels/sim/), every CUDA thread run as a fiber. Buffers are host memory aligned like
-//! cudaMalloc's (256 bytes); launches are synchronous.
+//! (kernels/sim/), every CUDA thread run as a fiber. Buffers are host memory, each ending at a
+//! guard page (see `SimBuf`); launches are synchronous.
 
-use std::alloc::Layout;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::marker::PhantomData;
 use std::sync::Mutex;
@@ -119,10 +118,18 @@ impl SimDevice {
     }
 }
 
-/// Host memory for the simulator, 256-byte aligned like cudaMalloc.
+/// Host memory for the simulator. On Unix each buffer is its own anonymous mapping whose data
+/// ENDS where a PROT_NONE guard page begins (the start is 16-byte aligned, as every vector
+/// access of the kernels needs, so at most 15 bytes of slack lie past the last element): a
+/// kernel that reads or writes past the end of a buffer faults at once, and the simulator's
+/// fault handler names the kernel, block and thread (kernels/sim/rf_sim.cpp). cudaMalloc would
+/// round the allocation up to 256 bytes and let such an access pass silently.
 pub struct SimBuf<T: DevElem> {
     ptr: *mut T,
     len: usize,
+    /// The whole mapping (data, slack and guard page), for munmap.
+    map: *mut u8,
+    map_len: usize,
     _t: PhantomData<T>,
 }
 
@@ -131,30 +138,91 @@ unsafe impl<T: DevElem> Send for SimBuf<T> {}
 // SAFETY: as above; shared access only reads.
 unsafe impl<T: DevElem> Sync for SimBuf<T> {}
 
-const ALIGN: usize = 256;
+/// The alignment of a buffer's start: enough for the kernels' 16-byte vector accesses.
+const ALIGN: usize = 16;
+
+#[cfg(unix)]
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
+}
 
 impl<T: DevElem> SimBuf<T> {
-    fn layout(len: usize) -> Result<Layout> {
-        let bytes = len
-            .checked_mul(std::mem::size_of::<T>())
-            .ok_or_else(|| Error::Device(format!("{len} elements overflow")))?;
-        Layout::from_size_align(bytes.max(ALIGN), ALIGN)
-            .map_err(|e| Error::Device(format!("layout: {e}")))
+    fn data_bytes(len: usize) -> Result<usize> {
+        len.checked_mul(std::mem::size_of::<T>())
+            .and_then(|b| b.max(1).checked_next_multiple_of(ALIGN))
+            .ok_or_else(|| Error::Device(format!("{len} elements overflow")))
     }
 
+    #[cfg(unix)]
     pub fn zeros(len: usize) -> Result<Self> {
-        let layout = Self::layout(len)?;
+        let data = Self::data_bytes(len)?;
+        let page = page_size();
+        let map_len = data
+            .checked_next_multiple_of(page)
+            .and_then(|d| d.checked_add(page))
+            .ok_or_else(|| Error::Device(format!("{len} elements overflow")))?;
+        // SAFETY: a fresh private anonymous mapping (zero-filled); no existing memory is touched.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(Error::Device(format!(
+                "out of host memory for a {data}-byte simulator buffer: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let map = map as *mut u8;
+        // SAFETY: the last page lies inside the mapping just made.
+        let guarded =
+            unsafe { libc::mprotect(map.add(map_len - page) as _, page, libc::PROT_NONE) };
+        if guarded != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: unmapping the mapping made above, which nothing else refers to.
+            unsafe { libc::munmap(map as _, map_len) };
+            return Err(Error::Device(format!(
+                "cannot protect a simulator buffer's guard page: {e}"
+            )));
+        }
+        Ok(SimBuf {
+            // SAFETY: map_len - page - data >= 0 and is a multiple of ALIGN (page and data are).
+            ptr: unsafe { map.add(map_len - page - data) } as *mut T,
+            len,
+            map,
+            map_len,
+            _t: PhantomData,
+        })
+    }
+
+    #[cfg(not(unix))]
+    pub fn zeros(len: usize) -> Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(Self::data_bytes(len)?, ALIGN)
+            .map_err(|e| Error::Device(format!("layout: {e}")))?;
         // SAFETY: layout has non-zero size; zeroed memory is a valid T (DevElem: ValidAsZeroBits + Pod).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) } as *mut T;
-        if ptr.is_null() {
+        let map = unsafe { std::alloc::alloc_zeroed(layout) };
+        if map.is_null() {
             return Err(Error::Device(format!(
                 "out of host memory for {} bytes",
                 layout.size()
             )));
         }
         Ok(SimBuf {
-            ptr,
+            ptr: map as *mut T,
             len,
+            map,
+            map_len: layout.size(),
             _t: PhantomData,
         })
     }
@@ -176,9 +244,17 @@ impl<T: DevElem> SimBuf<T> {
 
 impl<T: DevElem> Drop for SimBuf<T> {
     fn drop(&mut self) {
-        if let Ok(layout) = Self::layout(self.len) {
-            // SAFETY: allocated in `zeros` with this same layout.
-            unsafe { std::alloc::dealloc(self.ptr as *mut u8, layout) };
-        }
+        // SAFETY: `map` / `map_len` are the mapping (or allocation) made in `zeros`, unused now.
+        #[cfg(unix)]
+        unsafe {
+            libc::munmap(self.map as _, self.map_len)
+        };
+        #[cfg(not(unix))]
+        unsafe {
+            std::alloc::dealloc(
+                self.map,
+                std::alloc::Layout::from_size_align_unchecked(self.map_len, ALIGN),
+            )
+        };
     }
 }
