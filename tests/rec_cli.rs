@@ -289,6 +289,30 @@ fn rec_commands_report_bad_input() {
         "cpu",
     ]);
     assert!(!ok && err.contains("unknown LoRA target"), "{err}");
+    // A label that is neither answer is named with its sample, before the model loads (the
+    // model path does not exist).
+    std::fs::write(
+        dir.join("maybe.json"),
+        r#"[{"instruction": "i", "input": "a", "output": "Yes."},
+            {"instruction": "i", "input": "b", "output": "Maybe."}]"#,
+    )
+    .unwrap();
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        &p("no-model"),
+        "--data",
+        &p("maybe.json"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        !ok && err.contains("maybe.json")
+            && err.contains("sample 1: the output is \"Maybe.\"")
+            && !err.contains("no-model"),
+        "{err}"
+    );
     // Bad numbers (NaN included) are refused before the model or the data is read: the data
     // file does not exist, and the error is still the option's.
     for (flag, value, says) in [

@@ -954,6 +954,8 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     if samples.is_empty() {
         bail!("{}: no samples to evaluate", a.data.display());
     }
+    // Refused before the model loads.
+    rec::eval::labels(&samples).with_context(|| a.data.display().to_string())?;
     let budget = memory::parse_bytes(a.budget)
         .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
     let opts = LoadOptions {

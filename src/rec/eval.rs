@@ -145,6 +145,23 @@ pub fn score<B: Backend>(
     Ok(out)
 }
 
+/// Each sample's label (true for "Yes."); an error names the first sample whose output is
+/// neither answer.
+pub fn labels(samples: &[Sample]) -> Result<Vec<bool>> {
+    samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.label().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "sample {i}: the output is {:?}, expected \"{YES}\" or \"{NO}\"",
+                    s.output
+                ))
+            })
+        })
+        .collect()
+}
+
 /// Score and compute AUC, accuracy and log-loss against the samples' labels.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate<B: Backend>(
@@ -158,17 +175,7 @@ pub fn evaluate<B: Backend>(
     share_prefix: bool,
     progress: impl FnMut(usize, usize),
 ) -> Result<(Metrics, Vec<f64>)> {
-    let labels = samples
-        .iter()
-        .map(|s| {
-            s.label().ok_or_else(|| {
-                Error::Invalid(format!(
-                    "a sample's output is {:?}, expected \"{YES}\" or \"{NO}\"",
-                    s.output
-                ))
-            })
-        })
-        .collect::<Result<Vec<bool>>>()?;
+    let labels = labels(samples)?;
     let probs = score(
         be,
         model,
