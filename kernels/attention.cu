@@ -422,13 +422,18 @@ __device__ __forceinline__ void bwd(const __nv_bfloat16* __restrict__ q, const _
         __syncthreads();  // the previous tile's Q, dO, dS and per-row values are no longer read
         int any = 0;
         for (int r = threadIdx.x; r < BQ; r += THREADS) {
+            // Rows past the tile's end see no key (p = -1, so P = 0) but still enter dS = P ⊙
+            // (dP − D): their D must be finite, not whatever shared memory held (0 · NaN = NaN).
             int p = -1;
+            float lse2 = 0.0f, d = 0.0f;
             if (r < rows) {
                 const size_t t = (size_t)(q_start + i0 + r);
                 p = min((int)positions[t], kv_len - 1);
-                s_lse[r] = lse[t * H + h] * 1.44269504f;
-                s_d[r] = delta[t * H + h];
+                lse2 = lse[t * H + h] * 1.44269504f;
+                d = delta[t * H + h];
             }
+            s_lse[r] = lse2;
+            s_d[r] = d;
             s_pos[r] = p;
             any |= p >= j0;
         }
