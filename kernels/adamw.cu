@@ -31,7 +31,7 @@ extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restr
 }
 
 extern "C" __global__ void sum_squares_partial_f32(const float* __restrict__ x, int n, float* __restrict__ partial) {
-    __shared__ float scratch[32];
+    RF_SHARED(float, scratch, [32]);
     float s = 0.0f;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) s += x[i] * x[i];
     s = rf_block_sum(s, scratch);
@@ -39,7 +39,7 @@ extern "C" __global__ void sum_squares_partial_f32(const float* __restrict__ x, 
 }
 
 extern "C" __global__ void sum_squares_final_f32(const float* __restrict__ partial, int nb, float* __restrict__ out) {
-    __shared__ float scratch[32];
+    RF_SHARED(float, scratch, [32]);
     float s = 0.0f;
     for (int i = threadIdx.x; i < nb; i += blockDim.x) s += partial[i];
     s = rf_block_sum(s, scratch);

@@ -182,7 +182,7 @@ __device__ __forceinline__ void fwd(const __nv_bfloat16* __restrict__ q, const _
     RF_DYNAMIC_SMEM(unsigned char, smem);
     rf_smem_t<unsigned char> sK = smem;
     rf_smem_t<unsigned char> sV = smem + BC * ROWB;
-    __shared__ int s_last;
+    RF_SHARED(int, s_last);
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tq = l & 3;
     const int h = blockIdx.y, s = blockIdx.z;
     const int q_start = spans[4 * s], q_len = spans[4 * s + 1], kv_start = spans[4 * s + 2], kv_len = spans[4 * s + 3];
@@ -395,8 +395,9 @@ __device__ __forceinline__ void bwd(const __nv_bfloat16* __restrict__ q, const _
     rf_smem_t<unsigned char> sQ = smem + 2 * 64 * ROWB;
     rf_smem_t<unsigned char> sO = sQ + BQ * ROWB;  // dO
     rf_smem_t<unsigned char> sS = sO + BQ * ROWB;  // dSᵀ
-    __shared__ float s_lse[BQ], s_d[BQ];
-    __shared__ int s_pos[BQ];
+    RF_SHARED(float, s_lse, [BQ]);
+    RF_SHARED(float, s_d, [BQ]);
+    RF_SHARED(int, s_pos, [BQ]);
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tq = l & 3;
     const int h = blockIdx.y, s = blockIdx.z;
     const int q_start = spans[4 * s], q_len = spans[4 * s + 1], kv_start = spans[4 * s + 2], kv_len = spans[4 * s + 3];

@@ -17,7 +17,8 @@
 template <typename E>
 __device__ void cross_entropy(E* __restrict__ logits, const unsigned* __restrict__ labels, float grad_scale,
                               float* __restrict__ loss, int V) {
-    __shared__ float sm[32], ss[32];
+    RF_SHARED(float, sm, [32]);
+    RF_SHARED(float, ss, [32]);
     const int row = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     E* x = logits + (size_t)row * V;
     const unsigned label = labels[row];

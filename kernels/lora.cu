@@ -35,7 +35,7 @@ __device__ __forceinline__ bool rf_dropout_keep(unsigned long long seed, unsigne
 extern "C" __global__ void lora_down_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ a,
                                           const float* __restrict__ gate, float* __restrict__ h, float* __restrict__ u,
                                           int M, int K, int R, float p, unsigned long long seed) {
-    __shared__ float scratch[32];
+    RF_SHARED(float, scratch, [32]);
     const int m = blockIdx.x;
     const float ks = 1.0f / (1.0f - p);
     for (int r0 = 0; r0 < R; r0 += RF_LORA_CHUNK) {
@@ -64,7 +64,7 @@ extern "C" __global__ void lora_down_bf16(const __nv_bfloat16* __restrict__ x, c
 extern "C" __global__ void lora_dp_bf16(const __nv_bfloat16* __restrict__ dy, const float* __restrict__ b,
                                         const float* __restrict__ gate, const float* __restrict__ h, float* __restrict__ dh,
                                         float* __restrict__ dgate, int M, int N, int R, float scale) {
-    __shared__ float scratch[32];
+    RF_SHARED(float, scratch, [32]);
     const int m = blockIdx.x;
     for (int r0 = 0; r0 < R; r0 += RF_LORA_CHUNK) {
         float acc[RF_LORA_CHUNK];

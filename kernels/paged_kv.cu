@@ -254,8 +254,9 @@ extern "C" __global__ void __launch_bounds__(128)
                       int B, int Q, int H, int KVH, int hd, int block_size, int max_blocks, int P, float scale_log2) {
     // Shared memory lives here, not in the three instantiations of the body (one copy, 16 KiB).
     static_assert(RF_PD_ROWS * RF_PD_PART >= RF_PD_WARPS * RF_PD_ROWS * 128, "the P·V sums reuse the score buffer");
-    __shared__ float s_p[RF_PD_ROWS * RF_PD_PART];  // scores, then p, then the per-warp P·V sums
-    __shared__ float s_m[RF_PD_ROWS], s_l[RF_PD_ROWS];
+    RF_SHARED(float, s_p, [RF_PD_ROWS * RF_PD_PART]);  // scores, then p, then the per-warp P·V sums
+    RF_SHARED(float, s_m, [RF_PD_ROWS]);
+    RF_SHARED(float, s_l, [RF_PD_ROWS]);
     if (hd <= 32)
         rf_paged_decode<4>(q, k_cache, v_cache, block_tables, context_lens, out, partials, B, Q, H, KVH, hd, block_size,
                            max_blocks, P, scale_log2, s_p, s_m, s_l);

@@ -28,7 +28,7 @@ extern "C" __global__ void colmax_bf16(const __nv_bfloat16* __restrict__ x, int 
 
 extern "C" __global__ void outlier_cols(const unsigned* __restrict__ colmax, int K, float threshold,
                                         unsigned* __restrict__ ocols, int* __restrict__ count) {
-    __shared__ int warp_tot[32];
+    RF_SHARED(int, warp_tot, [32]);
     const int per = (K + blockDim.x - 1) / blockDim.x;
     const int k0 = threadIdx.x * per, k1 = min(K, k0 + per);
     int n = 0;
@@ -54,7 +54,7 @@ extern "C" __global__ void outlier_cols(const unsigned* __restrict__ colmax, int
 
 extern "C" __global__ void quantize_rows_bf16(const __nv_bfloat16* __restrict__ x, int K, const unsigned* __restrict__ colmax,
                                               float threshold, signed char* __restrict__ xq, float* __restrict__ sx) {
-    __shared__ float scratch[32];
+    RF_SHARED(float, scratch, [32]);
     const int r = blockIdx.x;
     const __nv_bfloat16* xr = x + (size_t)r * K;
     const bool decompose = threshold > 0.0f;

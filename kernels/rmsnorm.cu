@@ -11,7 +11,7 @@
 template <typename T>
 __device__ void rmsnorm(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ out,
                         int d, float eps) {
-    __shared__ float scratch[32];
+    RF_SHARED(float, scratch, [32]);
     const T* xr = x + (size_t)blockIdx.x * d;
     T* yr = out + (size_t)blockIdx.x * d;
     float ss = 0.0f;
@@ -61,7 +61,7 @@ template <int N> __device__ __forceinline__ void load_f32(const float* p, float 
 template <typename T>
 __device__ void rmsnorm_backward(const T* __restrict__ x, const float* __restrict__ w, const T* __restrict__ dy,
                                  T* __restrict__ dx, int d, float eps, int accumulate) {
-    __shared__ float scratch[32];
+    RF_SHARED(float, scratch, [32]);
     constexpr int N = rf_vec16<T>::N;
     const size_t row = (size_t)blockIdx.x * d;
     const T* xr = x + row;

@@ -118,14 +118,14 @@ __device__ __forceinline__ void rf_pick_bin(const unsigned long long* hval, cons
 
 extern "C" __global__ void __launch_bounds__(RF_SAMPLE_THREADS, 1) sample_f32(const float* __restrict__ logits, const unsigned* __restrict__ params,
                                       unsigned* __restrict__ tokens, int V) {
-    __shared__ unsigned long long hval[256];
-    __shared__ unsigned hcnt[256];
-    __shared__ float redf[32];
-    __shared__ unsigned long long red64[32];
-    __shared__ unsigned long long s_above;
-    __shared__ double s_thr;
-    __shared__ int s_bin;
-    __shared__ unsigned s_u;
+    RF_SHARED(unsigned long long, hval, [256]);
+    RF_SHARED(unsigned, hcnt, [256]);
+    RF_SHARED(float, redf, [32]);
+    RF_SHARED(unsigned long long, red64, [32]);
+    RF_SHARED(unsigned long long, s_above);
+    RF_SHARED(double, s_thr);
+    RF_SHARED(int, s_bin);
+    RF_SHARED(unsigned, s_u);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const int b = blockIdx.x;
     const float* x = logits + (size_t)b * V;
@@ -284,7 +284,8 @@ extern "C" __global__ void __launch_bounds__(RF_SAMPLE_THREADS, 1) sample_f32(co
 
 extern "C" __global__ void __launch_bounds__(256) token_logprobs_f32(const float* __restrict__ logits, const unsigned* __restrict__ ids,
                                               float* __restrict__ out, int V, int n) {
-    __shared__ float sm[32], ss[32];
+    RF_SHARED(float, sm, [32]);
+    RF_SHARED(float, ss, [32]);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const float* x = logits + (size_t)blockIdx.x * V;
     float m = -INFINITY, s = 0.0f;

@@ -44,6 +44,34 @@ fn ptx_and_simulator_define_the_same_kernels() {
 }
 
 #[test]
+fn static_shared_memory_is_declared_with_rf_shared() {
+    // The simulator poisons RF_SHARED variables at each block's start; a bare `__shared__`
+    // would keep the previous block's values (or zero) and hide reads of unwritten slots.
+    // (Relative to the package root: where cargo runs tests, and where gpu-check runs them.)
+    let mut bare = vec![];
+    let mut files = 0;
+    for e in std::fs::read_dir("kernels").expect("kernels/ (run from the repository root)") {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "cu") {
+            files += 1;
+            let src = std::fs::read_to_string(&path).unwrap();
+            for (i, line) in src.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                if code.contains("__shared__") {
+                    bare.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(files > 10, "only {files} kernel files found");
+    assert!(
+        bare.is_empty(),
+        "declare static shared memory with RF_SHARED(type, name, [n]):\n{}",
+        bare.join("\n")
+    );
+}
+
+#[test]
 fn ptxas_reports_no_spills() {
     if !kernels::BUILT {
         eprintln!("skipped: {}", kernels::NOT_BUILT);

@@ -11,6 +11,10 @@
 // Rules for kernel code so both paths work:
 //   - dynamic shared memory only through RF_DYNAMIC_SMEM(type, name) (never `extern __shared__`);
 //     pass it on as rf_smem_t<T> (checked in the simulator), re-type it with rf_ptr_cast<U>(p);
+//   - static shared memory only through RF_SHARED(type, name) or RF_SHARED(type, name, [n]...),
+//     one variable each (never bare `__shared__`; tests/kernels.rs checks): the simulator fills
+//     it with 0xFF bytes when a block first reaches it, as it does dynamic shared memory, so a
+//     read of a slot no thread of the block wrote gives NaN / -1, not the previous block's value;
 //   - 16-byte vector accesses through rf_ld16 / rf_st16 (alignment checked in the simulator);
 //   - helpers defined in headers must be inline or templates (__device__ __forceinline__).
 #pragma once
@@ -26,6 +30,8 @@
 #define RF_DYNAMIC_SMEM(type, name)                                   \
     extern __shared__ __align__(16) unsigned char rf_smem_raw[];      \
     type* name = reinterpret_cast<type*>(rf_smem_raw)
+// Static shared memory: RF_SHARED(float, scratch, [32]); RF_SHARED(int, flag);
+#define RF_SHARED(type, name, ...) __shared__ type name __VA_ARGS__
 
 // A (dynamic) shared-memory pointer: raw pointer on the GPU, checked pointer in the simulator.
 template <class T> using rf_smem_t = T*;
@@ -152,9 +158,14 @@ __device__ __forceinline__ void rf_mma_m16n8k32_s8(int (&d)[4], const unsigned (
 #define __align__(n) __attribute__((aligned(n)))
 #define __constant__
 // `__shared__` variables are per OS thread. A block runs start to end on one OS thread and
-// blocks never interleave on an OS thread, so this is per-block storage. Not re-initialized
-// between blocks: a block sees the previous block's values (or zero), never real garbage.
+// blocks never interleave on an OS thread, so this is per-block storage. Bare `__shared__` is
+// not re-initialized between blocks (a block sees the previous block's values, or zero);
+// RF_SHARED is: the first thread of a block to reach the declaration fills the variable with
+// 0xFF bytes (no thread can have written it before: each must pass the declaration first).
 #define __shared__ static thread_local
+#define RF_SHARED(type, name, ...)                 \
+    static thread_local type name __VA_ARGS__;     \
+    ::rf_sim::shared_poison_once(&name, sizeof(name))
 // __restrict__ is native in g++.
 
 // ---- built-in variables -------------------------------------------------------------------

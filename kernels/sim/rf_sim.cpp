@@ -247,6 +247,7 @@ struct Worker : BlockPub {
     uint64_t sched_seed = 0;       // of the current block (shuffle)
     int greedy_warp = -1;          // shuffle: the warp that runs ahead in this barrier phase
     std::vector<Fiber*> order;     // scratch of push_ordered
+    std::vector<void*> shared_poisoned;  // RF_SHARED variables this block has filled
 
     void push(Fiber* f) {
         f->state = READY;
@@ -449,6 +450,7 @@ void run_block(Worker* w, uint64_t b) {
     w->aborted = false;
     w->rq_head = w->rq_tail = 0;
     w->bar_waiters.clear();
+    w->shared_poisoned.clear();
 #ifdef RF_SIM_ASAN
     if (w->asan_dirty) {  // abandoned fibers left poisoned frames on their stacks
         for (unsigned i = 0; i < n; i++) __asan_unpoison_memory_region(w->stacks[i], w->stack_size);
@@ -568,6 +570,7 @@ void worker_main(Launch* L) {
 // restores the previous disposition and returns: the access faults again and that handler (Rust's
 // stack-overflow check, or the default: terminate) takes over. Not installed under ASan, which
 // reports faults itself.
+#ifndef RF_SIM_ASAN
 struct sigaction g_prev_segv, g_prev_bus;
 
 void on_fault(int sig, siginfo_t* si, void*) {
@@ -588,6 +591,8 @@ void on_fault(int sig, siginfo_t* si, void*) {
     }
     sigaction(sig, sig == SIGBUS ? &g_prev_bus : &g_prev_segv, nullptr);
 }
+
+#endif
 
 void install_fault_handler() {
 #ifndef RF_SIM_ASAN
@@ -624,6 +629,14 @@ void fail(const char* fmt, ...) {
     me->state = EXITED;
     switch_to(&me->ctx, w, nullptr, true);
     __builtin_trap();  // never resumed
+}
+
+void shared_poison_once(void* p, size_t bytes) {
+    Worker* w = tls_worker;
+    for (void* q : w->shared_poisoned)
+        if (q == p) return;
+    w->shared_poisoned.push_back(p);
+    memset(p, 0xff, bytes);
 }
 
 int syncthreads_op(int op, int pred) {

@@ -45,6 +45,10 @@ inline thread_local BlockPub* tls_block = nullptr;
 // abandons the block and switches back to the scheduler. Never returns.
 [[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
+// RF_SHARED: fill a static shared variable with 0xFF bytes the first time the current block
+// reaches its declaration.
+void shared_poison_once(void* p, size_t bytes);
+
 // __syncthreads family. op: 0 plain, 1 count, 2 and, 3 or.
 int syncthreads_op(int op, int pred);
 

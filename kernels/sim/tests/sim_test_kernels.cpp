@@ -7,7 +7,7 @@ namespace {
 extern "C" const rf_sim_kernel rf_sim_kernels_test_kernels[] = {
     RF_SIM_KERNEL(t_shfl_i), RF_SIM_KERNEL(t_shfl_f), RF_SIM_KERNEL(t_shfl_d), RF_SIM_KERNEL(t_shfl_partial),
     RF_SIM_KERNEL(t_vote), RF_SIM_KERNEL(t_atomics), RF_SIM_KERNEL(t_block_reduce), RF_SIM_KERNEL(t_dyn_smem),
-    RF_SIM_KERNEL(t_race_static), RF_SIM_KERNEL(t_race_dyn), RF_SIM_KERNEL(t_race_prev), RF_SIM_KERNEL(t_race_war), RF_SIM_KERNEL(t_oob), RF_SIM_KERNEL(t_div_barrier),
+    RF_SIM_KERNEL(t_race_static), RF_SIM_KERNEL(t_race_dyn), RF_SIM_KERNEL(t_race_prev), RF_SIM_KERNEL(t_race_war), RF_SIM_KERNEL(t_shared_unwritten), RF_SIM_KERNEL(t_oob), RF_SIM_KERNEL(t_div_barrier),
     RF_SIM_KERNEL(t_div_barrier_rev), RF_SIM_KERNEL(t_misaligned), RF_SIM_KERNEL(t_misaligned_smem),
     RF_SIM_KERNEL(t_lane_exit), RF_SIM_KERNEL(t_mask_mismatch), RF_SIM_KERNEL(t_deadlock), RF_SIM_KERNEL(t_syncwarp_loop),
     RF_SIM_KERNEL(t_helper_clash), RF_SIM_KERNEL(t_ldm), RF_SIM_KERNEL(t_mma), RF_SIM_KERNEL(t_ldm_bad),

@@ -133,6 +133,17 @@ extern "C" __global__ void t_race_war(int rounds, int* out) {
     out[blockIdx.x * 64 + t] = sum;
 }
 
+// PLANTED BUG (a3): reads static shared slots no thread of this block wrote. Block b writes only
+// slot b % 64 (thread 0), then every thread reads slot t: with RF_SHARED the unwritten slots read
+// the poison (-1) in every block, not a previous block's value and not zero.
+extern "C" __global__ void t_shared_unwritten(int* out) {
+    RF_SHARED(int, s, [64]);
+    const int t = threadIdx.x;
+    if (t == 0) s[blockIdx.x % 64] = (int)blockIdx.x + 100;
+    __syncthreads();
+    out[blockIdx.x * 64 + t] = s[t];
+}
+
 // PLANTED BUG (b): thread t reads slot t+1 of n = blockDim.x slots: the last one is past the end.
 extern "C" __global__ void t_oob(float* out) {
     RF_DYNAMIC_SMEM(float, s);

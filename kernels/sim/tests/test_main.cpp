@@ -393,6 +393,19 @@ static void test_planted_bugs() {
         }
     }
     rf_sim_set_schedule(sched0);
+    // (a3) Static shared memory declared with RF_SHARED starts every block as 0xFF bytes: the
+    // slots a block did not write read -1, on one OS thread (blocks in sequence on one worker)
+    // and on two.
+    for (int threads : {1, 2}) {
+        rf_sim_set_threads(threads);
+        const int nb = 6;
+        std::vector<int> v(64 * nb, 12345);
+        CHECK(launch("t_shared_unwritten", D(nb), D(64), 0, nullptr, v.data()) == 0, "t_shared_unwritten launch");
+        for (int b = 0; b < nb; b++)
+            for (int t = 0; t < 64; t++)
+                CHECK(v[b * 64 + t] == (t == b ? b + 100 : -1), "threads=%d b=%d t=%d: %d", threads, b, t, v[b * 64 + t]);
+    }
+    rf_sim_set_threads(0);
     // (b) Read past the dynamic smem size.
     std::vector<float> fo(64);
     CHECK(launch("t_oob", D(2), D(64), 64 * 4, &e, fo.data()) != 0, "oob not reported");
