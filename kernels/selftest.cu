@@ -107,6 +107,13 @@ extern "C" __global__ void selftest_bug_global_overrun(const float* x, float* ou
     if (i < n) out[i] = x[i];
 }
 
+// PLANTED BUG: copies x[i - 1] to out[i], reading the element before x's start at i = 0.
+// Launch: grid (ceil(n / B)), block (B). Run only on the simulator with its guard page before buffers.
+extern "C" __global__ void selftest_bug_global_underrun(const float* x, float* out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = x[i - 1];
+}
+
 // PLANTED BUG: reads `shift` elements past each thread's slot of a blockDim-float dynamic array.
 // Launch: grid (1), block (B), dynamic smem 4·B bytes.
 extern "C" __global__ void selftest_bug_smem_oob(float* out, int shift) {

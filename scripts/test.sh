@@ -15,3 +15,8 @@ kernels/sim/tests/run.sh
 export RECFORGE_REQUIRE_KERNELS=1
 export RECFORGE_REQUIRE_ASSETS=1
 cargo test --release "$@"
+# The kernel tests once more with the simulator's guard page BEFORE each buffer instead of
+# after it, so a read or write before a buffer's first element faults too (~20 s).
+RECFORGE_SIM_GUARD=start cargo test --release --test simulator --test kernels \
+    --test kernels_linear --test kernels_elementwise --test kernels_train --test kernels_attention \
+    --test attention_saved --test kernels_paged --test kernels_sampling --test gpu_backend

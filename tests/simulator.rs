@@ -526,46 +526,40 @@ fn planted_bug_missing_syncthreads_gives_a_deterministic_wrong_answer() {
     }
 }
 
-/// Set in the child process of the test below, which runs the faulting kernel.
-const OVERRUN_CHILD: &str = "RECFORGE_TEST_OVERRUN_CHILD";
+/// Set in the child process of the two tests below, which runs the faulting kernel.
+const FAULT_CHILD: &str = "RECFORGE_TEST_FAULT_CHILD";
 
-#[test]
-fn planted_bug_global_overrun_faults_and_names_the_kernel() {
-    // Every simulator buffer ends at a guard page, so reading ONE element past the end of a
-    // 1000-float buffer (4000 bytes, no slack) faults, and the simulator's fault handler names
-    // the kernel before the process dies. A fault ends the process, so the launch runs in a
-    // child: this test binary again, running only this test.
-    let n = 1000;
-    if std::env::var_os(OVERRUN_CHILD).is_some() {
-        let sim = Device::sim();
-        let x = sim.upload(&vec![1f32; n]).unwrap();
-        let mut out = sim.upload(&vec![0f32; n + 1]).unwrap();
-        let copy = |len: usize, out: &mut DevBuf<f32>| {
-            sim.launch(
-                "selftest_bug_global_overrun",
-                Launch::linear(len.div_ceil(128) as u32, 128),
-                &[
-                    sim.ptr(&x).unwrap(),
-                    sim.ptr_mut(out).unwrap(),
-                    Arg::I32(len as i32),
-                ],
-            )
-        };
-        copy(n, &mut out).unwrap();
-        assert!(sim.download(&out).unwrap()[..n].iter().all(|&v| v == 1.0));
-        eprintln!("in bounds: ok");
-        let r = copy(n + 1, &mut out);
-        eprintln!("past the end: returned {:?}", r.err());
-        return;
-    }
+/// Child side: copy `n` floats in bounds with `kernel` (offset 0: the overrun kernel), then
+/// launch `kernel` over `len` elements, which must fault before the launch returns.
+fn copy_then_fault(kernel: &str, n: usize, len: usize) {
+    let sim = Device::sim();
+    let x = sim.upload(&vec![1f32; n]).unwrap();
+    let mut out = sim.upload(&vec![0f32; n + 1]).unwrap();
+    let copy = |k: &str, len: usize, out: &mut DevBuf<f32>| {
+        sim.launch(
+            k,
+            Launch::linear(len.div_ceil(128) as u32, 128),
+            &[
+                sim.ptr(&x).unwrap(),
+                sim.ptr_mut(out).unwrap(),
+                Arg::I32(len as i32),
+            ],
+        )
+    };
+    copy("selftest_bug_global_overrun", n, &mut out).unwrap();
+    assert!(sim.download(&out).unwrap()[..n].iter().all(|&v| v == 1.0));
+    eprintln!("in bounds: ok");
+    let r = copy(kernel, len, &mut out);
+    eprintln!("out of bounds: returned {:?}", r.err());
+}
+
+/// Parent side: run `test` alone in a child (this test binary again) with the simulator's
+/// guard pages on `guard`'s side, and check that it died by SIGSEGV naming `names`.
+fn assert_child_faults(test: &str, guard: &str, names: &str) {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "planted_bug_global_overrun_faults_and_names_the_kernel",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(OVERRUN_CHILD, "1")
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(FAULT_CHILD, "1")
+        .env("RECFORGE_SIM_GUARD", guard)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -573,16 +567,44 @@ fn planted_bug_global_overrun_faults_and_names_the_kernel() {
     assert_eq!(
         out.status.signal(),
         Some(libc::SIGSEGV),
-        "the overrun must fault: {:?}\n{err}",
+        "the access must fault: {:?}\n{err}",
         out.status
     );
     assert!(err.contains("in bounds: ok"), "{err}");
-    assert!(!err.contains("past the end: returned"), "{err}");
+    assert!(!err.contains("out of bounds: returned"), "{err}");
     assert!(
-        err.contains("rf_sim: SIGSEGV")
-            && err
-                .contains("kernel 'selftest_bug_global_overrun', block (7,0,0), thread (104,0,0)"),
-        "the fault must name the kernel, block and thread of element 1000: {err}"
+        err.contains("rf_sim: SIGSEGV") && err.contains(names),
+        "the fault must name {names}: {err}"
+    );
+}
+
+#[test]
+fn planted_bug_global_overrun_faults_and_names_the_kernel() {
+    // Every simulator buffer ends at a guard page, so reading ONE element past the end of a
+    // 1000-float buffer (4000 bytes, no slack) faults, and the simulator's fault handler names
+    // the kernel before the process dies. A fault ends the process, so the launch runs in a
+    // child.
+    if std::env::var_os(FAULT_CHILD).is_some() {
+        return copy_then_fault("selftest_bug_global_overrun", 1000, 1001);
+    }
+    assert_child_faults(
+        "planted_bug_global_overrun_faults_and_names_the_kernel",
+        "end",
+        "kernel 'selftest_bug_global_overrun', block (7,0,0), thread (104,0,0)",
+    );
+}
+
+#[test]
+fn planted_bug_global_underrun_faults_with_the_guard_before_buffers() {
+    // With RECFORGE_SIM_GUARD=start the guard page lies just before each buffer, so reading
+    // x[-1] (thread 0 of block 0) faults.
+    if std::env::var_os(FAULT_CHILD).is_some() {
+        return copy_then_fault("selftest_bug_global_underrun", 1000, 1000);
+    }
+    assert_child_faults(
+        "planted_bug_global_underrun_faults_with_the_guard_before_buffers",
+        "start",
+        "kernel 'selftest_bug_global_underrun', block (0,0,0), thread (0,0,0)",
     );
 }
 

@@ -123,7 +123,10 @@ impl SimDevice {
 /// access of the kernels needs, so at most 15 bytes of slack lie past the last element): a
 /// kernel that reads or writes past the end of a buffer faults at once, and the simulator's
 /// fault handler names the kernel, block and thread (kernels/sim/rf_sim.cpp). cudaMalloc would
-/// round the allocation up to 256 bytes and let such an access pass silently.
+/// round the allocation up to 256 bytes and let such an access pass silently. With
+/// `RECFORGE_SIM_GUARD=start` the guard page lies just BEFORE the data instead (page-aligned
+/// start), to catch accesses before a buffer's first element; scripts/test.sh runs the kernel
+/// tests once more that way.
 pub struct SimBuf<T: DevElem> {
     ptr: *mut T,
     len: usize,
@@ -150,6 +153,13 @@ fn page_size() -> usize {
     } else {
         4096
     }
+}
+
+/// Where a buffer's guard page lies: after its end (the default) or before its start.
+#[cfg(unix)]
+fn guard_before() -> bool {
+    static BEFORE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *BEFORE.get_or_init(|| std::env::var("RECFORGE_SIM_GUARD").is_ok_and(|v| v == "start"))
 }
 
 impl<T: DevElem> SimBuf<T> {
@@ -185,9 +195,10 @@ impl<T: DevElem> SimBuf<T> {
             )));
         }
         let map = map as *mut u8;
-        // SAFETY: the last page lies inside the mapping just made.
-        let guarded =
-            unsafe { libc::mprotect(map.add(map_len - page) as _, page, libc::PROT_NONE) };
+        let before = guard_before();
+        let guard = if before { 0 } else { map_len - page };
+        // SAFETY: the guard page lies inside the mapping just made.
+        let guarded = unsafe { libc::mprotect(map.add(guard) as _, page, libc::PROT_NONE) };
         if guarded != 0 {
             let e = std::io::Error::last_os_error();
             // SAFETY: unmapping the mapping made above, which nothing else refers to.
@@ -196,9 +207,11 @@ impl<T: DevElem> SimBuf<T> {
                 "cannot protect a simulator buffer's guard page: {e}"
             )));
         }
+        let start = if before { page } else { map_len - page - data };
         Ok(SimBuf {
-            // SAFETY: map_len - page - data >= 0 and is a multiple of ALIGN (page and data are).
-            ptr: unsafe { map.add(map_len - page - data) } as *mut T,
+            // SAFETY: start + data <= map_len (just past the guard before, or ending at the
+            // guard after); start is a multiple of ALIGN (page and data are).
+            ptr: unsafe { map.add(start) } as *mut T,
             len,
             map,
             map_len,
