@@ -293,9 +293,11 @@ struct Worker : BlockPub {
     // Queue `fs` in schedule order, the warp that runs ahead (if any) first.
     void push_ordered(std::vector<Fiber*>& fs, uint64_t salt) {
         arrange(fs, salt);
-        if (greedy_warp >= 0)
-            std::stable_partition(fs.begin(), fs.end(), [&](const Fiber* f) { return (int)f->warp == greedy_warp; });
-        for (Fiber* f : fs) push(f);
+        if (greedy_warp >= 0)  // two passes: no temporary buffer at every barrier
+            for (Fiber* f : fs)
+                if ((int)f->warp == greedy_warp) push(f);
+        for (Fiber* f : fs)
+            if ((int)f->warp != greedy_warp) push(f);
     }
     void ensure(unsigned n) {
         if (!smem_buf) {
