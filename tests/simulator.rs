@@ -530,11 +530,20 @@ fn planted_bug_missing_syncthreads_gives_a_deterministic_wrong_answer() {
 const FAULT_CHILD: &str = "RECFORGE_TEST_FAULT_CHILD";
 
 /// Child side: copy `n` floats in bounds with `kernel` (offset 0: the overrun kernel), then
-/// launch `kernel` over `len` elements, which must fault before the launch returns.
-fn copy_then_fault(kernel: &str, n: usize, len: usize) {
+/// launch `kernel` over `len` elements, which must fault before the launch returns. With
+/// `arena`, the buffers are carved from a reserved arena, as in a planned training run.
+fn copy_then_fault(kernel: &str, n: usize, len: usize, arena: bool) {
     let sim = Device::sim();
+    if arena {
+        sim.reserve_arena(1 << 20).unwrap();
+    }
     let x = sim.upload(&vec![1f32; n]).unwrap();
     let mut out = sim.upload(&vec![0f32; n + 1]).unwrap();
+    if arena {
+        // One reservation, and both buffers carved from it.
+        let st = sim.memory_stats();
+        assert_eq!((st.device_allocations, st.buffers), (1, 2), "{st:?}");
+    }
     let copy = |k: &str, len: usize, out: &mut DevBuf<f32>| {
         sim.launch(
             k,
@@ -585,10 +594,25 @@ fn planted_bug_global_overrun_faults_and_names_the_kernel() {
     // the kernel before the process dies. A fault ends the process, so the launch runs in a
     // child.
     if std::env::var_os(FAULT_CHILD).is_some() {
-        return copy_then_fault("selftest_bug_global_overrun", 1000, 1001);
+        return copy_then_fault("selftest_bug_global_overrun", 1000, 1001, false);
     }
     assert_child_faults(
         "planted_bug_global_overrun_faults_and_names_the_kernel",
+        "end",
+        "kernel 'selftest_bug_global_overrun', block (7,0,0), thread (104,0,0)",
+    );
+}
+
+#[test]
+fn planted_bug_global_overrun_faults_in_an_arena_block_too() {
+    // A planned run carves every buffer from one arena in 256-byte blocks: the one-element
+    // overread lands in the 96 bytes of padding of x's 4096-byte block, and on a GPU it would
+    // pass silently. The simulator gives each block its own guarded mapping, so it faults.
+    if std::env::var_os(FAULT_CHILD).is_some() {
+        return copy_then_fault("selftest_bug_global_overrun", 1000, 1001, true);
+    }
+    assert_child_faults(
+        "planted_bug_global_overrun_faults_in_an_arena_block_too",
         "end",
         "kernel 'selftest_bug_global_overrun', block (7,0,0), thread (104,0,0)",
     );
@@ -599,7 +623,7 @@ fn planted_bug_global_underrun_faults_with_the_guard_before_buffers() {
     // With RECFORGE_SIM_GUARD=start the guard page lies just before each buffer, so reading
     // x[-1] (thread 0 of block 0) faults.
     if std::env::var_os(FAULT_CHILD).is_some() {
-        return copy_then_fault("selftest_bug_global_underrun", 1000, 1000);
+        return copy_then_fault("selftest_bug_global_underrun", 1000, 1000, false);
     }
     assert_child_faults(
         "planted_bug_global_underrun_faults_with_the_guard_before_buffers",

@@ -9,7 +9,11 @@
 //! makes ONE allocation and every later buffer is carved out of it: a host-side best-fit free
 //! list over the arena's byte range, blocks rounded to 256 bytes (cudaMalloc's alignment),
 //! neighbours coalesced on free. No call reaches the driver after the reservation, so a
-//! training step allocates nothing from the device. A request the arena cannot serve is an
+//! training step allocates nothing from the device. The simulator keeps the same books (the
+//! same offsets, free list, peak and high-water) but gives every block its own guarded
+//! mapping (`SimBuf`) instead of a slice of one allocation, so that a kernel running past a
+//! block's end faults there rather than landing in the block's padding or its neighbour, which
+//! on a GPU would pass unnoticed. A request the arena cannot serve is an
 //! error that names the request and the arena's state: with an arena sized from the plan, that
 //! means the plan undercounts the run, which is a bug to fix, never a reason to fall back
 //! silently.
@@ -19,7 +23,6 @@ use std::sync::Mutex;
 
 use cudarc::driver::CudaSlice;
 
-use super::sim::SimBuf;
 use crate::error::{Error, Result};
 use crate::memory::human;
 
@@ -55,11 +58,15 @@ pub struct MemStats {
 /// The memory an arena's blocks point into; kept alive by every buffer carved from it.
 pub(crate) enum Backing {
     Cuda(#[allow(dead_code)] CudaSlice<u8>),
-    Sim(#[allow(dead_code)] SimBuf<u8>),
+    /// The simulator's arena is the accounting alone (offsets, free list, high-water): each
+    /// block it hands out is its own guarded `SimBuf`, so a kernel that runs past a block's
+    /// end faults there instead of landing silently in the block's padding or its neighbour,
+    /// as it would on a GPU.
+    SimAccounting,
 }
 
 struct Arena {
-    /// Device address (CUDA) or host address (simulator) of byte 0.
+    /// Device address of byte 0 (0 in the simulator, whose blocks have their own mappings).
     base: u64,
     capacity: u64,
     /// Free ranges: offset → length, non-overlapping, never adjacent (coalesced).
@@ -124,7 +131,8 @@ pub(crate) struct Memory {
 
 /// Where a new buffer's memory comes from.
 pub(crate) enum Source {
-    /// A block of the arena: its address and offset.
+    /// A block of the arena: its address (base + offset; only an offset in the simulator) and
+    /// offset.
     Arena { addr: u64, offset: u64 },
     /// No arena: the caller allocates from the device and the bytes are already counted.
     Device,

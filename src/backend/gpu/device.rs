@@ -76,11 +76,10 @@ enum Kind {
 enum Repr<T: DevElem> {
     Cuda(CudaSlice<T>),
     Sim(SimBuf<T>),
-    /// A block of the device's arena: its address (device or, in the simulator, host) and
-    /// offset. The arena's memory stays alive through `DevBuf::mem`.
+    /// A block of the CUDA device's arena, at this device address. The arena's memory stays
+    /// alive through `DevBuf::mem`. (A simulator arena block is a `Sim` buffer of its own.)
     Arena {
         addr: u64,
-        offset: u64,
     },
 }
 
@@ -92,6 +91,8 @@ pub struct DevBuf<T: DevElem> {
     mem: Arc<Memory>,
     /// Bytes it counts for: `len` elements rounded up to a 256-byte block.
     bytes: u64,
+    /// Its block's offset in the device's arena, when it was carved from one.
+    arena_offset: Option<u64>,
 }
 
 impl<T: DevElem> DevBuf<T> {
@@ -101,15 +102,16 @@ impl<T: DevElem> DevBuf<T> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Its block's offset in the device's arena, when it was carved from one (on CUDA its
+    /// address is the arena's base plus this offset).
+    pub fn arena_offset(&self) -> Option<u64> {
+        self.arena_offset
+    }
 }
 
 impl<T: DevElem> Drop for DevBuf<T> {
     fn drop(&mut self) {
-        let offset = match self.repr {
-            Repr::Arena { offset, .. } => Some(offset),
-            _ => None,
-        };
-        self.mem.release(offset, self.bytes);
+        self.mem.release(self.arena_offset, self.bytes);
     }
 }
 
@@ -186,12 +188,10 @@ impl Device {
                 human(capacity)
             ))
         })?;
-        let base = match &backing {
-            Backing::Cuda(s) => match &self.kind {
-                Kind::Cuda(d) => s.device_ptr(d.stream()).0,
-                Kind::Sim(_) => return Err(other_device()),
-            },
-            Backing::Sim(b) => b.addr(),
+        let base = match (&backing, &self.kind) {
+            (Backing::Cuda(s), Kind::Cuda(d)) => s.device_ptr(d.stream()).0,
+            (Backing::Cuda(_), Kind::Sim(_)) => return Err(other_device()),
+            (Backing::SimAccounting, _) => 0,
         };
         self.mem.install_arena(base, capacity, backing)
     }
@@ -205,7 +205,7 @@ impl Device {
                 unsafe { d.stream().alloc::<u8>(n) }
                     .map_err(|e| Error::Device(format!("allocating {n} bytes: {e:?}")))?,
             ),
-            Kind::Sim(_) => Backing::Sim(SimBuf::zeros(n)?),
+            Kind::Sim(_) => Backing::SimAccounting,
         })
     }
 
@@ -228,55 +228,51 @@ impl Device {
             "a buffer of {len} × {}-byte elements",
             std::mem::size_of::<T>()
         );
-        let repr = match self.mem.acquire(bytes, &what)? {
-            Source::Arena { addr, offset } => {
+        let source = self.mem.acquire(bytes, &what)?;
+        let arena_offset = match source {
+            Source::Arena { offset, .. } => Some(offset),
+            Source::Device => None,
+        };
+        let r = match (&self.kind, source) {
+            (Kind::Cuda(d), Source::Arena { addr, .. }) => {
                 if zero {
-                    match &self.kind {
-                        Kind::Cuda(d) => {
-                            d.bind()?;
-                            // SAFETY: [addr, addr + size) lies inside the live arena block just
-                            // handed out; the memset is ordered on the device's one stream.
-                            unsafe {
-                                cudarc::driver::result::memset_d8_async(
-                                    addr,
-                                    0,
-                                    size as usize,
-                                    d.stream().cu_stream(),
-                                )
-                            }
-                            .map_err(|e| Error::Device(format!("zeroing {what}: {e:?}")))?
-                        }
-                        // SAFETY: as above, in host memory the simulator owns.
-                        Kind::Sim(_) => unsafe {
-                            std::ptr::write_bytes(addr as *mut u8, 0, size as usize)
-                        },
+                    d.bind()?;
+                    // SAFETY: [addr, addr + size) lies inside the live arena block just handed
+                    // out; the memset is ordered on the device's one stream.
+                    unsafe {
+                        cudarc::driver::result::memset_d8_async(
+                            addr,
+                            0,
+                            size as usize,
+                            d.stream().cu_stream(),
+                        )
                     }
+                    .map_err(|e| Error::Device(format!("zeroing {what}: {e:?}")))
+                    .map(|()| Repr::Arena { addr })
+                } else {
+                    Ok(Repr::Arena { addr })
                 }
-                Repr::Arena { addr, offset }
             }
-            Source::Device => {
-                // The driver refuses a 0-byte allocation (CUDA_ERROR_INVALID_VALUE) where the
-                // simulator and the arena hand out an empty block, so an empty buffer (no
-                // outlier columns, an empty batch) gets one element it never exposes.
-                let n = len.max(1);
-                let r = match &self.kind {
-                    Kind::Cuda(d) => if zero {
-                        d.stream().alloc_zeros::<T>(n)
-                    } else {
-                        // SAFETY: the caller (upload) writes every element before any use.
-                        unsafe { d.stream().alloc::<T>(n) }
-                    }
-                    .map(Repr::Cuda)
-                    .map_err(|e| Error::Device(format!("allocating {what}: {e:?}"))),
-                    Kind::Sim(_) => SimBuf::zeros(len).map(Repr::Sim),
-                };
-                match r {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.mem.release(None, bytes);
-                        return Err(e);
-                    }
-                }
+            // The driver refuses a 0-byte allocation (CUDA_ERROR_INVALID_VALUE) where the
+            // simulator and the arena hand out an empty block, so an empty buffer (no outlier
+            // columns, an empty batch) gets one element it never exposes.
+            (Kind::Cuda(d), Source::Device) => if zero {
+                d.stream().alloc_zeros::<T>(len.max(1))
+            } else {
+                // SAFETY: the caller (upload) writes every element before any use.
+                unsafe { d.stream().alloc::<T>(len.max(1)) }
+            }
+            .map(Repr::Cuda)
+            .map_err(|e| Error::Device(format!("allocating {what}: {e:?}"))),
+            // In the simulator an arena block, like any buffer, is its own guarded mapping;
+            // the arena only did the accounting.
+            (Kind::Sim(_), _) => SimBuf::zeros(len).map(Repr::Sim),
+        };
+        let repr = match r {
+            Ok(r) => r,
+            Err(e) => {
+                self.mem.release(arena_offset, bytes);
+                return Err(e);
             }
         };
         Ok(DevBuf {
@@ -284,6 +280,7 @@ impl Device {
             len,
             mem: self.mem.clone(),
             bytes,
+            arena_offset,
         })
     }
 
@@ -331,7 +328,7 @@ impl Device {
     fn cuda_addr<T: DevElem>(d: &CudaDevice, buf: &DevBuf<T>) -> Result<u64> {
         match &buf.repr {
             Repr::Cuda(s) => Ok(s.device_ptr(d.stream()).0),
-            Repr::Arena { addr, .. } => Ok(*addr),
+            Repr::Arena { addr } => Ok(*addr),
             Repr::Sim(_) => Err(other_device()),
         }
     }
@@ -340,24 +337,14 @@ impl Device {
     fn sim_slice<T: DevElem>(buf: &DevBuf<T>) -> Result<&[T]> {
         match &buf.repr {
             Repr::Sim(b) => Ok(b.as_slice()),
-            // SAFETY: an arena block of at least len elements, 256-byte aligned, inside the
-            // arena's live host allocation (held by buf.mem); &buf gives shared access.
-            Repr::Arena { addr, .. } => {
-                Ok(unsafe { std::slice::from_raw_parts(*addr as *const T, buf.len) })
-            }
-            Repr::Cuda(_) => Err(other_device()),
+            Repr::Cuda(_) | Repr::Arena { .. } => Err(other_device()),
         }
     }
 
     fn sim_slice_mut<T: DevElem>(buf: &mut DevBuf<T>) -> Result<&mut [T]> {
-        let len = buf.len;
         match &mut buf.repr {
             Repr::Sim(b) => Ok(b.as_mut_slice()),
-            // SAFETY: as in sim_slice; &mut buf gives exclusive access to its block.
-            Repr::Arena { addr, .. } => {
-                Ok(unsafe { std::slice::from_raw_parts_mut(*addr as *mut T, len) })
-            }
-            Repr::Cuda(_) => Err(other_device()),
+            Repr::Cuda(_) | Repr::Arena { .. } => Err(other_device()),
         }
     }
 
@@ -429,8 +416,7 @@ impl Device {
         match (&self.kind, &buf.repr) {
             (Kind::Cuda(d), _) => Ok(Arg::Ptr(Self::cuda_addr(d, buf)?)),
             (Kind::Sim(_), Repr::Sim(b)) => Ok(Arg::Ptr(b.addr())),
-            (Kind::Sim(_), Repr::Arena { addr, .. }) => Ok(Arg::Ptr(*addr)),
-            (Kind::Sim(_), Repr::Cuda(_)) => Err(other_device()),
+            (Kind::Sim(_), Repr::Cuda(_) | Repr::Arena { .. }) => Err(other_device()),
         }
     }
 
