@@ -633,6 +633,45 @@ fn planted_bug_global_underrun_faults_with_the_guard_before_buffers() {
 }
 
 #[test]
+fn planted_bug_overrun_into_a_buffers_slack_is_poisoned_and_reported() {
+    // 1001 floats end 12 bytes short of the 16-byte boundary where the guard page (or, with
+    // the guard before, the rest of the page) begins: one element past the end lies in that
+    // slack, where nothing faults.
+    let sim = Device::sim();
+    let copy = |x: &DevBuf<f32>, out: &mut DevBuf<f32>, n: usize| {
+        sim.launch(
+            "selftest_bug_global_overrun",
+            Launch::linear(n.div_ceil(128) as u32, 128),
+            &[
+                sim.ptr(x).unwrap(),
+                sim.ptr_mut(out).unwrap(),
+                Arg::I32(n as i32),
+            ],
+        )
+    };
+    // A read there gives the poison, NaN, not a plausible value.
+    let x = sim.upload(&vec![1f32; 1001]).unwrap();
+    let mut wide = sim.upload(&vec![0f32; 1002]).unwrap();
+    copy(&x, &mut wide, 1002).unwrap();
+    let got = sim.download(&wide).unwrap();
+    assert!(got[..1001].iter().all(|&v| v == 1.0));
+    assert!(got[1001].is_nan(), "the slack read as {}", got[1001]);
+    // A write there is an error naming the kernel and the argument.
+    let big = sim.upload(&vec![2f32; 1002]).unwrap();
+    let mut narrow = sim.upload(&vec![0f32; 1001]).unwrap();
+    let e = copy(&big, &mut narrow, 1002).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "kernel 'selftest_bug_global_overrun' wrote past the end of the buffer of \
+             argument 1 (4004 bytes): byte 0 past its last element changed"
+        ),
+        "{e}"
+    );
+    // In bounds, nothing is reported.
+    copy(&big, &mut wide, 1002).unwrap();
+}
+
+#[test]
 fn planted_bug_shared_memory_overrun_is_reported() {
     let sim = Device::sim();
     let mut out = sim.upload(&[0f32; 64]).unwrap();

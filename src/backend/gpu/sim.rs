@@ -2,6 +2,7 @@
 //! (kernels/sim/), every CUDA thread run as a fiber. Buffers are host memory, each ending at a
 //! guard page (see `SimBuf`); launches are synchronous.
 
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::marker::PhantomData;
 use std::sync::Mutex;
@@ -114,8 +115,52 @@ impl SimDevice {
                 "{kernel} launch {cfg:?} in the simulator: {msg}"
             )));
         }
-        Ok(())
+        check_slack(kernel, args)
     }
+}
+
+/// The byte every buffer's slack (between its last element and the next 16-byte boundary,
+/// where the guard page cannot reach) holds: all-ones reads as NaN in f32 and bf16 and as -1
+/// in the integer types, so a read there spoils the result, and a write there is seen when it
+/// changes the byte.
+const SLACK_POISON: u8 = 0xFF;
+
+/// Every live buffer's data start → (end of its elements, end of its slack), so that a launch
+/// can find the buffers its pointer arguments point into.
+static SLACK: Mutex<BTreeMap<usize, (usize, usize)>> = Mutex::new(BTreeMap::new());
+
+fn slack_registry() -> std::sync::MutexGuard<'static, BTreeMap<usize, (usize, usize)>> {
+    // A plain map updated in single steps: a panic elsewhere cannot leave it half-changed.
+    SLACK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// After a launch: the slack of every buffer a pointer argument points into must still hold
+/// the poison, or the kernel wrote past the buffer's last element (by less than the 16 bytes
+/// the guard page leaves uncovered; a longer overrun faults at the guard page).
+fn check_slack(kernel: &str, args: &[Arg]) -> Result<()> {
+    let reg = slack_registry();
+    for (i, a) in args.iter().enumerate() {
+        let Arg::Ptr(p) = *a else { continue };
+        let p = p as usize;
+        let Some((&start, &(end, slack_end))) = reg.range(..=p).next_back() else {
+            continue;
+        };
+        if p >= slack_end {
+            continue;
+        }
+        // SAFETY: [end, slack_end) is the slack of a live SimBuf: a buffer leaves the registry
+        // (under this lock) before it is unmapped.
+        let slack = unsafe { std::slice::from_raw_parts(end as *const u8, slack_end - end) };
+        if let Some(j) = slack.iter().position(|&b| b != SLACK_POISON) {
+            return Err(Error::Device(format!(
+                "kernel '{kernel}' wrote past the end of the buffer of argument {i} ({} bytes): \
+                 byte {} past its last element changed",
+                end - start,
+                j
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Host memory for the simulator. On Unix each buffer is its own anonymous mapping whose data
@@ -123,7 +168,10 @@ impl SimDevice {
 /// access of the kernels needs, so at most 15 bytes of slack lie past the last element): a
 /// kernel that reads or writes past the end of a buffer faults at once, and the simulator's
 /// fault handler names the kernel, block and thread (kernels/sim/rf_sim.cpp). cudaMalloc would
-/// round the allocation up to 256 bytes and let such an access pass silently. With
+/// round the allocation up to 256 bytes and let such an access pass silently. The slack holds
+/// 0xFF bytes (NaN, or -1): a read there spoils the result, and after every launch the slack
+/// of each buffer a pointer argument points into is checked, so a write there is an error
+/// naming the kernel and the argument. With
 /// `RECFORGE_SIM_GUARD=start` the guard page lies just BEFORE the data instead (page-aligned
 /// start), to catch accesses before a buffer's first element; scripts/test.sh runs the kernel
 /// tests once more that way.
@@ -208,10 +256,15 @@ impl<T: DevElem> SimBuf<T> {
             )));
         }
         let start = if before { page } else { map_len - page - data };
+        // SAFETY: start + data <= map_len (just past the guard before, or ending at the guard
+        // after); start is a multiple of ALIGN (page and data are).
+        let ptr = unsafe { map.add(start) };
+        let used = len * std::mem::size_of::<T>();
+        // SAFETY: [used, data) lies in the mapping's writable part, past every element.
+        unsafe { std::ptr::write_bytes(ptr.add(used), SLACK_POISON, data - used) };
+        slack_registry().insert(ptr as usize, (ptr as usize + used, ptr as usize + data));
         Ok(SimBuf {
-            // SAFETY: start + data <= map_len (just past the guard before, or ending at the
-            // guard after); start is a multiple of ALIGN (page and data are).
-            ptr: unsafe { map.add(start) } as *mut T,
+            ptr: ptr as *mut T,
             len,
             map,
             map_len,
@@ -257,6 +310,7 @@ impl<T: DevElem> SimBuf<T> {
 
 impl<T: DevElem> Drop for SimBuf<T> {
     fn drop(&mut self) {
+        slack_registry().remove(&(self.ptr as usize));
         // SAFETY: `map` / `map_len` are the mapping (or allocation) made in `zeros`, unused now.
         #[cfg(unix)]
         unsafe {
