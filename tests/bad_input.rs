@@ -539,6 +539,14 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
     assert!(!ok && err.contains("rank r must be at least 1"), "{err}");
     let (ok, _, err) = cli(&["plan", "--model", "llama-7b", "--targets", ","]);
     assert!(!ok && err.contains("at least one target"), "{err}");
+    // The plan takes PEFT's module names as `rec train` does, and refuses a module named
+    // twice under either name.
+    let (ok, peft, err) = cli(&["plan", "--model", "llama-7b", "--targets", "v_proj,q_proj"]);
+    assert!(ok, "{err}");
+    let (_, short, _) = cli(&["plan", "--model", "llama-7b", "--targets", "q,v"]);
+    assert_eq!(peft, short);
+    let (ok, _, err) = cli(&["plan", "--model", "llama-7b", "--targets", "q,q_proj"]);
+    assert!(!ok && err.contains("'q' is listed twice"), "{err}");
 }
 
 #[test]

@@ -289,6 +289,21 @@ fn rec_commands_report_bad_input() {
         "cpu",
     ]);
     assert!(!ok && err.contains("unknown LoRA target"), "{err}");
+    let (ok, _, err) = cli(&[
+        "rec",
+        "train",
+        "--model",
+        model,
+        "--data",
+        &p("data.json"),
+        "--out",
+        &p("a"),
+        "--targets",
+        "q,v,q",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("'q' is listed twice"), "{err}");
     // A label that is neither answer is named with its sample, before the model loads (the
     // model path does not exist).
     std::fs::write(

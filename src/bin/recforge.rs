@@ -430,11 +430,13 @@ fn run(cli: Cli) -> Result<()> {
                 Some(c) => c,
                 None => open_model(Path::new(&model))?.config().clone(),
             };
-            let target_list: Vec<String> = targets
-                .split(',')
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
-                .collect();
+            // The same names as `rec train` and bench-train take (q or q_proj ...); a
+            // generation plan has no adapter, so its targets are not read.
+            let target_list = || -> Result<Vec<String>> {
+                let t =
+                    parse_targets(&targets).with_context(|| format!("--targets '{targets}'"))?;
+                Ok(t.iter().map(|t| t.short_name().to_string()).collect())
+            };
             if let Some(max_new) = generate {
                 let setup = memory::GenerateSetup {
                     model: cfg,
@@ -477,7 +479,7 @@ fn run(cli: Cli) -> Result<()> {
                     prefix,
                     batches: vec![(batch, batch * (seq - prefix))],
                     lora_rank: lora_r,
-                    targets: target_list.clone(),
+                    targets: target_list()?,
                     adapter: true,
                     budget,
                 };
@@ -509,7 +511,7 @@ fn run(cli: Cli) -> Result<()> {
                 batch,
                 seq,
                 lora_rank: lora_r,
-                targets: target_list,
+                targets: target_list()?,
                 checkpointing: memory::Checkpointing::All,
                 logits_chunk,
                 budget,
@@ -1079,7 +1081,7 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         c.lora.dropout = v;
     }
     if let Some(t) = &a.targets {
-        c.lora.targets = parse_targets(t)?;
+        c.lora.targets = parse_targets(t).with_context(|| format!("--targets '{t}'"))?;
     }
     if let Some(v) = a.seed {
         c.seed = v;

@@ -99,7 +99,7 @@ impl FromStr for Target {
             "down" => Target::Down,
             _ => {
                 return Err(Error::Invalid(format!(
-                    "unknown LoRA target {s:?}: expected one of q, k, v, o, gate, up, down \
+                    "unknown LoRA target '{s}': expected some of q, k, v, o, gate, up, down \
                      (or their PEFT names q_proj ...)"
                 )))
             }
@@ -107,17 +107,26 @@ impl FromStr for Target {
     }
 }
 
-/// Parse a comma-separated target list such as `q,v` or `q_proj,k_proj`.
+/// Parse a comma-separated target list such as `q,v` or `q_proj,k_proj` into sorted targets.
+/// A module named twice (`q,v,q`, `q,q_proj`) is refused, as the memory plan refuses it: it is
+/// more likely a slip for another module than a request for one adapter.
 pub fn parse_targets(s: &str) -> Result<Vec<Target>> {
-    let mut t: Vec<Target> = s
-        .split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(Target::from_str)
-        .collect::<Result<_>>()?;
+    let mut t: Vec<Target> = Vec::new();
+    for p in s.split(',').filter(|p| !p.trim().is_empty()) {
+        let target = Target::from_str(p)?;
+        if t.contains(&target) {
+            return Err(Error::Invalid(format!(
+                "LoRA target '{}' is listed twice",
+                target.short_name()
+            )));
+        }
+        t.push(target);
+    }
     t.sort();
-    t.dedup();
     if t.is_empty() {
-        return Err(Error::Invalid("no LoRA targets given".into()));
+        return Err(Error::Invalid(
+            "LoRA needs at least one target module (some of q, k, v, o, gate, up, down)".into(),
+        ));
     }
     Ok(t)
 }
@@ -233,5 +242,22 @@ impl HostAdapter {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_lists_parse_sorted_and_refuse_slips() {
+        use Target::*;
+        assert_eq!(parse_targets("v, q").unwrap(), vec![Q, V]);
+        assert_eq!(parse_targets("down_proj,q,").unwrap(), vec![Q, Down]);
+        let err = |s: &str| parse_targets(s).unwrap_err().to_string();
+        assert!(err("q,v,q").contains("'q' is listed twice"));
+        assert!(err("q,q_proj").contains("'q' is listed twice"));
+        assert!(err(" , ").contains("at least one target"));
+        assert!(err("q,zz").contains("unknown LoRA target 'zz'"));
     }
 }
