@@ -81,9 +81,8 @@ fn bench_linear_backward_input(c: &mut Criterion) {
     let be = Cpu::new();
     let mut rng = Rng::new(3);
     let mut g = c.benchmark_group("cpu_linear_backward_input_int8");
-    for (n, k) in [(1536usize, 576usize), (576, 1536)] {
+    for (t, n, k) in [(TRAIN_ROWS, 1536usize, 576usize), (TRAIN_ROWS, 576, 1536)] {
         let lin = int8_linear(&be, &mut rng, n, k);
-        let t = TRAIN_ROWS;
         let dy = tensor(&be, &mut rng, &[t, n]);
         let mut dx = be.zeros(&[t, k], DType::F32).unwrap();
         g.throughput(Throughput::Elements((2 * t * n * k) as u64));
@@ -93,6 +92,30 @@ fn bench_linear_backward_input(c: &mut Criterion) {
             |b, _| b.iter(|| be.linear_backward_input(&dy, &lin, &mut dx, false).unwrap()),
         );
     }
+    g.finish();
+}
+
+/// dX = dY · E through SmolLM2's tied head (the embedding table, kept in f32: 49152 → 576) over
+/// one 128-row chunk of the loss (`train::step::HEAD_CHUNK`), twice per demo micro-batch.
+fn bench_head_backward_input(c: &mut Criterion) {
+    let be = Cpu::new();
+    let mut rng = Rng::new(4);
+    let mut g = c.benchmark_group("cpu_linear_backward_input_f32");
+    let (t, n, k) = (128usize, 49152usize, 576usize);
+    let lin = Linear {
+        weight: LinearWeight::Dense(tensor(&be, &mut rng, &[n, k])),
+        out_features: n,
+        in_features: k,
+        outlier_threshold: 6.0,
+    };
+    let dy = tensor(&be, &mut rng, &[t, n]);
+    let mut dx = be.zeros(&[t, k], DType::F32).unwrap();
+    g.throughput(Throughput::Elements((2 * t * n * k) as u64));
+    g.bench_with_input(
+        BenchmarkId::from_parameter(format!("{t}x{n}to{k}")),
+        &t,
+        |b, _| b.iter(|| be.linear_backward_input(&dy, &lin, &mut dx, false).unwrap()),
+    );
     g.finish();
 }
 
@@ -194,6 +217,7 @@ criterion_group!(
     benches,
     bench_linear,
     bench_linear_backward_input,
+    bench_head_backward_input,
     bench_lora,
     bench_attention,
     bench_rmsnorm

@@ -533,22 +533,15 @@ impl Backend for Cpu {
         let dys = f32s(op, "dy", dy)?;
         let wv = weight_view(op, w)?;
         let dxs = f32s_mut(op, "dx", dx)?;
-        // dX = dY · W with W `[N, K]` row-major, the NN layout; int8 weights are dequantized
-        // once per call (same order as the products: the integer times the row scale).
-        let wf: std::borrow::Cow<[f32]> = match wv {
-            WView::Dense(wd) => wd.into(),
+        // dX = dY · W with W `[N, K]` row-major, the NN layout. An int8 W is dequantized in
+        // cache-sized blocks inside the GEMM (the integer times its row's scale, rounded to
+        // f32), never whole: as on the GPU, W is never materialized in a wider type.
+        match wv {
+            WView::Dense(wd) => simd::gemm_f32_nn(dys, wd, t, n, k, dxs, accumulate),
             WView::Int8 { w: wq, scale } => {
-                let mut wf = vec![0f32; n * k];
-                wf.par_chunks_mut(k.max(1))
-                    .zip(wq.par_chunks(k.max(1)))
-                    .zip(scale.par_iter())
-                    .for_each(|((o, q), s)| {
-                        o.iter_mut().zip(q).for_each(|(o, q)| *o = *q as f32 * s);
-                    });
-                wf.into()
+                simd::gemm_f32_nn_i8(dys, wq, scale, t, n, k, dxs, accumulate)
             }
-        };
-        simd::gemm_f32_nn(dys, &wf, t, n, k, dxs, accumulate);
+        }
         Ok(())
     }
 

@@ -689,6 +689,8 @@ const NN_MR: usize = 6;
 /// 64 KiB) stays in L2 and a row block of A (`6 × 256`, 6 KiB) in L1 while the kernels run.
 const NN_CB: usize = 64;
 const NN_KC: usize = 256;
+/// Elements of an f32 B (4 MiB) from which the row-split path runs one task per thread.
+const NN_BIG_B: usize = 1 << 20;
 
 /// `C[t, n] = A[t, kk] · B[kk, n]` (or `C += A · B`, the product summed first, with
 /// `accumulate`) in f32 with both operands
@@ -704,6 +706,51 @@ pub fn gemm_f32_nn(
     out: &mut [f32],
     accumulate: bool,
 ) {
+    gemm_nn(a, NnB::F32(b), t, kk, n, out, accumulate)
+}
+
+/// `gemm_f32_nn` with B an int8 matrix `q[kk, n]` times a scale per row, `B[j, c] = q[j, c] as
+/// f32 · scale[j]`: the product `dY · W` of an int8 weight `[out, in]` with its per-output
+/// scales. B is dequantized one cache block at a time (`NN_KC × NN_CB` f32, in L2) and never
+/// whole, with the same rounding as a dequantized copy would have, so the result is
+/// bit-identical to `gemm_f32_nn` on `dequant(q)`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32_nn_i8(
+    a: &[f32],
+    q: &[i8],
+    scale: &[f32],
+    t: usize,
+    kk: usize,
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(scale.len() >= kk, "gemm_f32_nn_i8: a scale per row of B");
+    gemm_nn(a, NnB::I8 { q, scale }, t, kk, n, out, accumulate)
+}
+
+/// The B operand of an NN product.
+#[derive(Clone, Copy)]
+enum NnB<'a> {
+    F32(&'a [f32]),
+    /// `B[j, c] = q[j · n + c] as f32 · scale[j]`.
+    I8 {
+        q: &'a [i8],
+        scale: &'a [f32],
+    },
+}
+
+impl NnB<'_> {
+    fn len(&self) -> usize {
+        match self {
+            NnB::F32(b) => b.len(),
+            NnB::I8 { q, .. } => q.len(),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_nn(a: &[f32], b: NnB, t: usize, kk: usize, n: usize, out: &mut [f32], accumulate: bool) {
     use rayon::prelude::*;
     assert!(
         a.len() >= t * kk && b.len() >= kk * n && out.len() >= t * n,
@@ -722,7 +769,7 @@ pub fn gemm_f32_nn(
         // The finished product is added, as the GPU's epilogue adds it (not a chain that
         // starts from the old value).
         let mut prod = vec![0f32; t * n];
-        gemm_f32_nn(a, b, t, kk, n, &mut prod, false);
+        gemm_nn(a, b, t, kk, n, &mut prod, false);
         out[..t * n]
             .par_iter_mut()
             .zip(prod.par_iter())
@@ -731,8 +778,15 @@ pub fn gemm_f32_nn(
     }
     let threads = rayon::current_num_threads().max(1);
     if t >= 2 * NN_MR * threads {
-        // Many rows: each task owns whole output rows (about four tasks per thread).
-        let rows = t.div_ceil(4 * threads).div_ceil(NN_MR) * NN_MR;
+        // Many rows: each task owns whole output rows (about four tasks per thread). Each
+        // task reads all of B (and dequantizes all of an int8 B for itself), so when B is
+        // larger than a core's L2 (the tied head: 49152 × 576 f32, 113 MB, streamed from
+        // DRAM by every task) or int8, one task per thread.
+        let tasks = match b {
+            NnB::F32(_) if kk * n < NN_BIG_B => 4 * threads,
+            _ => threads,
+        };
+        let rows = t.div_ceil(tasks).div_ceil(NN_MR) * NN_MR;
         out[..t * n]
             .par_chunks_mut(rows * n)
             .enumerate()
@@ -780,22 +834,18 @@ struct NnOut<'a> {
 /// Rows `0..rows` of A (row-major, `kk` wide) times columns `c0..c0 + w` of B (`n` wide) into
 /// `out`, in column blocks of `NN_CB` and row blocks of `NN_MR`.
 #[allow(clippy::too_many_arguments)]
-fn nn_block(
-    a: &[f32],
-    b: &[f32],
-    rows: usize,
-    kk: usize,
-    n: usize,
-    c0: usize,
-    w: usize,
-    out: NnOut,
-) {
+fn nn_block(a: &[f32], b: NnB, rows: usize, kk: usize, n: usize, c0: usize, w: usize, out: NnOut) {
     #[cfg(target_arch = "x86_64")]
     let fast =
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
     let fast = false;
     let NnOut { data, ld, col0 } = out;
+    // An int8 B's block of rows k0..k0 + kc and the micro-kernels' columns, dequantized.
+    let mut panel = match b {
+        NnB::F32(_) => Vec::new(),
+        NnB::I8 { .. } => vec![0f32; NN_KC * NN_CB],
+    };
     let mut cb = c0;
     while cb < c0 + w {
         let cbe = (cb + NN_CB).min(c0 + w);
@@ -812,6 +862,21 @@ fn nn_block(
             while k0 < kk {
                 let kc = NN_KC.min(kk - k0);
                 let load = k0 > 0;
+                // Where the micro-kernels read B: in place, or the dequantized panel.
+                let (bbase, ldb) = match b {
+                    NnB::F32(bf) => (bf[k0 * n + cb..].as_ptr(), n),
+                    NnB::I8 { q, scale } => {
+                        let wv = vec_end - cb;
+                        for jj in 0..kc {
+                            let (j, dst) = (k0 + jj, &mut panel[jj * wv..(jj + 1) * wv]);
+                            let (src, s) = (&q[j * n + cb..j * n + vec_end], scale[j]);
+                            dst.iter_mut()
+                                .zip(src)
+                                .for_each(|(d, &x)| *d = x as f32 * s);
+                        }
+                        (panel.as_ptr(), wv)
+                    }
+                };
                 let mut i0 = 0;
                 while i0 < rows {
                     let mr = NN_MR.min(rows - i0);
@@ -819,20 +884,22 @@ fn nn_block(
                     while c < vec_end {
                         let o = i0 * ld + c - col0;
                         // SAFETY: AVX2 + FMA were checked above; rows i0..i0 + mr of A at
-                        // columns k0..k0 + kc, rows k0..k0 + kc of B at columns c..c + 16, and
-                        // the output window's rows i0..i0 + mr at columns c..c + 16 are inside
-                        // their slices (the caller's length checks and the loop bounds).
+                        // columns k0..k0 + kc, B's rows k0..k0 + kc at columns c..c + 16 (in
+                        // place: `bbase` is row k0, column cb of B, stride n; or the panel's
+                        // kc rows of stride vec_end - cb), and the output window's rows
+                        // i0..i0 + mr at columns c..c + 16 are inside their slices (the
+                        // caller's length checks and the loop bounds).
                         unsafe {
                             let ap = a.as_ptr().add(i0 * kk + k0);
-                            let bp = b.as_ptr().add(k0 * n + c);
+                            let bp = bbase.add(c - cb);
                             let op = data.as_mut_ptr().add(o);
                             match mr {
-                                6 => nn_kernel::<6>(ap, kk, bp, n, kc, op, ld, load),
-                                5 => nn_kernel::<5>(ap, kk, bp, n, kc, op, ld, load),
-                                4 => nn_kernel::<4>(ap, kk, bp, n, kc, op, ld, load),
-                                3 => nn_kernel::<3>(ap, kk, bp, n, kc, op, ld, load),
-                                2 => nn_kernel::<2>(ap, kk, bp, n, kc, op, ld, load),
-                                _ => nn_kernel::<1>(ap, kk, bp, n, kc, op, ld, load),
+                                6 => nn_kernel::<6>(ap, kk, bp, ldb, kc, op, ld, load),
+                                5 => nn_kernel::<5>(ap, kk, bp, ldb, kc, op, ld, load),
+                                4 => nn_kernel::<4>(ap, kk, bp, ldb, kc, op, ld, load),
+                                3 => nn_kernel::<3>(ap, kk, bp, ldb, kc, op, ld, load),
+                                2 => nn_kernel::<2>(ap, kk, bp, ldb, kc, op, ld, load),
+                                _ => nn_kernel::<1>(ap, kk, bp, ldb, kc, op, ld, load),
                             }
                         }
                         c += NN_NR;
@@ -847,7 +914,10 @@ fn nn_block(
         for i in 0..rows {
             let ar = &a[i * kk..(i + 1) * kk];
             for cc in vec_end..cbe {
-                data[i * ld + cc - col0] = fma_chain(ar, &b[cc..], n, fast);
+                data[i * ld + cc - col0] = match b {
+                    NnB::F32(bf) => fma_chain(ar, &bf[cc..], n, fast),
+                    NnB::I8 { q, scale } => fma_chain_i8(ar, &q[cc..], scale, n, fast),
+                };
             }
         }
         cb = cbe;
@@ -866,6 +936,31 @@ fn fma_chain(a: &[f32], b: &[f32], ldb: usize, fast: bool) -> f32 {
     a.iter()
         .enumerate()
         .fold(0f32, |s, (j, x)| x.mul_add(b[j * ldb], s))
+}
+
+/// `fma_chain` over `b[j] = q[j · ldb] as f32 · scale[j]` (rounded to f32, as the panel is).
+fn fma_chain_i8(a: &[f32], q: &[i8], scale: &[f32], ldb: usize, fast: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if fast {
+        // SAFETY: `fast` means AVX2 + FMA were detected.
+        return unsafe { fma_chain_i8_fma(a, q, scale, ldb) };
+    }
+    let _ = fast;
+    a.iter()
+        .enumerate()
+        .fold(0f32, |s, (j, x)| x.mul_add(q[j * ldb] as f32 * scale[j], s))
+}
+
+/// `fma_chain_i8` compiled with FMA.
+///
+/// # Safety
+/// FMA must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chain_i8_fma(a: &[f32], q: &[i8], scale: &[f32], ldb: usize) -> f32 {
+    a.iter()
+        .enumerate()
+        .fold(0f32, |s, (j, x)| x.mul_add(q[j * ldb] as f32 * scale[j], s))
 }
 
 /// `fma_chain` compiled with FMA, so `mul_add` is one instruction.
@@ -939,6 +1034,41 @@ unsafe fn nn_kernel<const M: usize>(
 mod gemm_nn_tests {
     use super::*;
     use crate::rng::Rng;
+
+    /// The int8 B, dequantized a block at a time, gives the bits of the f32 product on a
+    /// dequantized copy, on both paths (many rows: one task per thread; few rows: column
+    /// blocks), with column tails, several kk blocks, overwriting and accumulating.
+    #[test]
+    fn gemm_f32_nn_i8_equals_the_product_on_a_dequantized_copy() {
+        let mut rng = Rng::new(12);
+        for (t, kk, n) in [
+            (1, 1, 1),
+            (2, 7, 17),
+            (5, 300, 70),
+            (13, 9, 129),
+            (30, 600, 35),
+            (61, 17, 200),
+            (100, 513, 64),
+        ] {
+            let a: Vec<f32> = (0..t * kk).map(|_| rng.normal()).collect();
+            let q: Vec<i8> = (0..kk * n)
+                .map(|_| (rng.uniform() * 255.0 - 127.5).round() as i8)
+                .collect();
+            let scale: Vec<f32> = (0..kk).map(|_| 0.01 + rng.uniform() * 0.05).collect();
+            let deq: Vec<f32> = (0..kk * n).map(|i| q[i] as f32 * scale[i / n]).collect();
+            let init: Vec<f32> = (0..t * n).map(|_| rng.normal()).collect();
+            for accumulate in [false, true] {
+                let (mut want, mut got) = (init.clone(), init.clone());
+                gemm_f32_nn(&a, &deq, t, kk, n, &mut want, accumulate);
+                gemm_f32_nn_i8(&a, &q, &scale, t, kk, n, &mut got, accumulate);
+                let same = want
+                    .iter()
+                    .zip(&got)
+                    .all(|(w, g)| w.to_bits() == g.to_bits());
+                assert!(same, "{t}×{kk}×{n} acc={accumulate}");
+            }
+        }
+    }
 
     /// Against an f64 triple loop at sizes that leave row and column tails, for both the
     /// row-split (many rows) and column-split (few rows) paths, with kk in one or several
