@@ -16,6 +16,30 @@ pub mod train;
 
 pub use error::{Error, Result};
 
+/// Keep freed host memory in the process for reuse instead of returning it to the kernel at
+/// once: the CPU backend allocates and frees its activations (tens of MB: SmolLM2's logits are
+/// 25 MB a 128-row chunk) every step, and with glibc's defaults each such buffer comes from a
+/// fresh mmap or a regrown heap, so every page faults and is zeroed again (9% of a CPU training
+/// step's time went to `clear_page`). Large blocks come from the heap and the heap is never
+/// trimmed; the price is that the process keeps its peak of host memory until it exits. glibc
+/// only, and skipped when GLIBC_TUNABLES sets malloc options (the user's choice wins). Returns
+/// whether the settings took. The binaries call this first thing; an embedding runtime may too.
+pub fn keep_freed_host_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
+            return false;
+        }
+        // SAFETY: mallopt only changes the allocator's thresholds, under its own arena lock.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
+}
+
 /// Let a closed stdout end the process quietly, as it does for other command-line tools
 /// (`recforge kernels | head`): Rust ignores SIGPIPE, so a print to a closed pipe would panic.
 /// The binaries call this first thing.
@@ -25,5 +49,16 @@ pub fn restore_default_sigpipe() {
     // called at the start of main, before any thread is spawned.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
+mod host_memory_tests {
+    /// glibc takes both thresholds (it refuses values it cannot use by returning 0), unless the
+    /// user's GLIBC_TUNABLES set malloc options.
+    #[test]
+    fn glibc_takes_the_allocator_settings() {
+        let user = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc."));
+        assert_eq!(super::keep_freed_host_memory(), !user);
     }
 }

@@ -123,6 +123,7 @@ struct Args {
 
 fn main() -> ExitCode {
     recforge::restore_default_sigpipe();
+    recforge::keep_freed_host_memory();
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

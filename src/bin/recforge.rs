@@ -296,6 +296,7 @@ struct TrainArgs {
 
 fn main() -> ExitCode {
     recforge::restore_default_sigpipe();
+    recforge::keep_freed_host_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
