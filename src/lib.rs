@@ -40,6 +40,21 @@ pub fn keep_freed_host_memory() -> bool {
     false
 }
 
+/// Run `f` on a thread of rayon's global pool (the CPU backend's threads), built first with the
+/// main thread's 8 MiB stacks if nothing built it yet. From a thread outside the pool every
+/// parallel op hands its whole job to the pool and sleeps until it is done, a wake-up and a
+/// sleep per op: decoding a token runs hundreds of small ops, and a quarter of `recforge
+/// generate`'s CPU time went to the scheduler. On a pool thread an op runs its first part in
+/// place and only the part another thread steals crosses threads. The binaries run their whole
+/// command this way; an embedding runtime may wrap its calls into the CPU backend likewise.
+pub fn on_cpu_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // An error means the global pool exists already (built by the embedder): use it as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(8 << 20)
+        .build_global();
+    rayon::scope(|_| f())
+}
+
 /// Let a closed stdout end the process quietly, as it does for other command-line tools
 /// (`recforge kernels | head`): Rust ignores SIGPIPE, so a print to a closed pipe would panic.
 /// The binaries call this first thing.

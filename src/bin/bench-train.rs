@@ -125,7 +125,7 @@ fn main() -> ExitCode {
     recforge::restore_default_sigpipe();
     recforge::keep_freed_host_memory();
     let args = Args::parse();
-    match run(args) {
+    match recforge::on_cpu_pool(|| run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -298,7 +298,7 @@ fn main() -> ExitCode {
     recforge::restore_default_sigpipe();
     recforge::keep_freed_host_memory();
     let cli = Cli::parse();
-    match run(cli) {
+    match recforge::on_cpu_pool(|| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
