@@ -274,36 +274,26 @@ fn rec_commands_report_bad_input() {
         "cpu",
     ]);
     assert!(!ok && err.contains("unknown preset"), "{err}");
-    let (ok, _, err) = cli(&[
-        "rec",
-        "train",
-        "--model",
-        model,
-        "--data",
-        &p("data.json"),
-        "--out",
-        &p("a"),
-        "--targets",
-        "q,zz",
-        "--device",
-        "cpu",
-    ]);
-    assert!(!ok && err.contains("unknown LoRA target"), "{err}");
-    let (ok, _, err) = cli(&[
-        "rec",
-        "train",
-        "--model",
-        model,
-        "--data",
-        &p("data.json"),
-        "--out",
-        &p("a"),
-        "--targets",
-        "q,v,q",
-        "--device",
-        "cpu",
-    ]);
-    assert!(!ok && err.contains("'q' is listed twice"), "{err}");
+    for (targets, want) in [
+        ("q,zz", "unknown LoRA target"),
+        ("q,v,q", "'q' is listed twice"),
+    ] {
+        let (ok, _, err) = cli(&[
+            "rec",
+            "train",
+            "--model",
+            model,
+            "--data",
+            &p("data.json"),
+            "--out",
+            &p("a"),
+            "--targets",
+            targets,
+            "--device",
+            "cpu",
+        ]);
+        assert!(!ok && err.contains(want), "{err}");
+    }
     // A label that is neither answer is named with its sample, before the model loads (the
     // model path does not exist).
     std::fs::write(

@@ -915,8 +915,10 @@ fn nn_block(a: &[f32], b: NnB, rows: usize, kk: usize, n: usize, c0: usize, w: u
             let ar = &a[i * kk..(i + 1) * kk];
             for cc in vec_end..cbe {
                 data[i * ld + cc - col0] = match b {
-                    NnB::F32(bf) => fma_chain(ar, &bf[cc..], n, fast),
-                    NnB::I8 { q, scale } => fma_chain_i8(ar, &q[cc..], scale, n, fast),
+                    NnB::F32(bf) => fma_chain(ar, |j| bf[j * n + cc], fast),
+                    NnB::I8 { q, scale } => {
+                        fma_chain(ar, |j| q[j * n + cc] as f32 * scale[j], fast)
+                    }
                 };
             }
         }
@@ -924,43 +926,19 @@ fn nn_block(a: &[f32], b: NnB, rows: usize, kk: usize, n: usize, c0: usize, w: u
     }
 }
 
-/// `Σ_j a[j] · b[j · ldb]` as one chain of fused multiply-adds in j order: the arithmetic of
-/// each lane of `nn_kernel`.
-fn fma_chain(a: &[f32], b: &[f32], ldb: usize, fast: bool) -> f32 {
+/// `Σ_j a[j] · b(j)` as one chain of fused multiply-adds in j order: the arithmetic of each
+/// lane of `nn_kernel` (`b(j)` is B's element in row j of the column, dequantized as the panel
+/// is for an int8 B).
+fn fma_chain(a: &[f32], b: impl Fn(usize) -> f32, fast: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if fast {
         // SAFETY: `fast` means AVX2 + FMA were detected.
-        return unsafe { fma_chain_fma(a, b, ldb) };
+        return unsafe { fma_chain_fma(a, b) };
     }
     let _ = fast;
     a.iter()
         .enumerate()
-        .fold(0f32, |s, (j, x)| x.mul_add(b[j * ldb], s))
-}
-
-/// `fma_chain` over `b[j] = q[j · ldb] as f32 · scale[j]` (rounded to f32, as the panel is).
-fn fma_chain_i8(a: &[f32], q: &[i8], scale: &[f32], ldb: usize, fast: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if fast {
-        // SAFETY: `fast` means AVX2 + FMA were detected.
-        return unsafe { fma_chain_i8_fma(a, q, scale, ldb) };
-    }
-    let _ = fast;
-    a.iter()
-        .enumerate()
-        .fold(0f32, |s, (j, x)| x.mul_add(q[j * ldb] as f32 * scale[j], s))
-}
-
-/// `fma_chain_i8` compiled with FMA.
-///
-/// # Safety
-/// FMA must be available.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fma_chain_i8_fma(a: &[f32], q: &[i8], scale: &[f32], ldb: usize) -> f32 {
-    a.iter()
-        .enumerate()
-        .fold(0f32, |s, (j, x)| x.mul_add(q[j * ldb] as f32 * scale[j], s))
+        .fold(0f32, |s, (j, x)| x.mul_add(b(j), s))
 }
 
 /// `fma_chain` compiled with FMA, so `mul_add` is one instruction.
@@ -969,10 +947,10 @@ unsafe fn fma_chain_i8_fma(a: &[f32], q: &[i8], scale: &[f32], ldb: usize) -> f3
 /// FMA must be available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fma_chain_fma(a: &[f32], b: &[f32], ldb: usize) -> f32 {
+unsafe fn fma_chain_fma(a: &[f32], b: impl Fn(usize) -> f32) -> f32 {
     a.iter()
         .enumerate()
-        .fold(0f32, |s, (j, x)| x.mul_add(b[j * ldb], s))
+        .fold(0f32, |s, (j, x)| x.mul_add(b(j), s))
 }
 
 /// `M` rows × 16 columns: for each of the kk steps, two vectors of B's row and one broadcast of
