@@ -1,6 +1,6 @@
 //! The 8-bit linear algebra: W8A8 GEMM (LLaMA-7B training shapes and SmolLM2), W8A16 decode
-//! GEMV, the W8A16 backward GEMM, and the fused LoRA overhead. `cuda_*` groups run on a real GPU
-//! and say why they skipped otherwise; throughput is in operations (2·M·N·K) or weight bytes.
+//! GEMV, the W8A16 backward GEMM (both tiles), and the fused LoRA overhead. `cuda_*` groups run
+//! on a real GPU and say why they skipped otherwise; throughput is in operations (2·M·N·K) or weight bytes.
 //! The cuBLASLt int8 peer is timed by scripts/peer_int8_mm.py in the GPU check.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
@@ -8,7 +8,8 @@ use half::bf16;
 use recforge::backend::cpu::{quantize_rows, Cpu};
 use recforge::backend::gpu::cuda_or_say_why;
 use recforge::backend::gpu::ops::lora::{self, DevLora};
-use recforge::backend::gpu::ops::{w8a16, w8a8};
+use recforge::backend::gpu::ops::w8a16::{self, DxTile};
+use recforge::backend::gpu::ops::w8a8;
 use recforge::backend::{Backend, Dropout, Linear, LinearWeight};
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostData, HostTensor};
@@ -129,12 +130,19 @@ fn bench_gpu(c: &mut Criterion) {
         let sw = dev.upload(&vec![0.01f32; n]).unwrap();
         let mut dx = dev.alloc_zeros::<bf16>(m * k).unwrap();
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                w8a16::linear_backward_input(&dev, &dy, &dw, &sw, &mut dx, m, n, k, false).unwrap();
-                dev.synchronize().unwrap();
-            })
-        });
+        // Both kernels on every shape: the 64 × 64 single-stage tile and the 128 × 128
+        // pipelined one (which `DxTile::for_shape` picks for training shapes).
+        for (label, tile) in [("t64", DxTile::T64), ("t128", DxTile::T128)] {
+            g.bench_function(BenchmarkId::new(name, label), |b| {
+                b.iter(|| {
+                    w8a16::linear_backward_input_with(
+                        &dev, &dy, &dw, &sw, &mut dx, m, n, k, false, tile,
+                    )
+                    .unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
+        }
     }
     g.finish();
 

@@ -14,6 +14,17 @@
 //          32×32. Staging goes through registers (the conversion), one stage, no pipeline yet.
 // Launch:  grid (ceil(K/64), ceil(M/64)), block (128), dynamic smem 64·64 + 32·128 = 8192 bytes.
 // Must match: backend::cpu::Cpu::linear_backward_input with LinearWeight::Int8.
+//
+// The pipelined variants `gemm_{w8a16,bf16}_dx128_bf16` (second half of this file) are the
+// training-shape kernels: block tile 128 (m) × 128 (k), 8 warps in 2 × 4 (each 64 × 32), the
+// reduction over n in steps of 32. dY goes global → shared by cp.async through a 3-stage ring
+// (the scale is folded into W instead, so dY needs no conversion); the W tile of step t+2 is
+// loaded into registers while step t computes, and is converted (int8 → f32 exactly, × sw[n],
+// one rounding to bf16) and stored into a double-buffered shared tile at the top of step t+1.
+// Math:    dX[m, k] = Σ_n dy[m, n] · bf16(wq[n, k]·sw[n]): the same one bf16 rounding per term
+//          (now on the W side, at most 2^-8 relative), f32 products and sums on the tensor cores.
+// Launch:  grid (ceil(K/128), ceil(M/128)), block (256), dynamic smem 3·128·64 + 2·32·256 = 40960.
+//          N must be a multiple of 8 for both (16-byte cp.async of dY rows), K of 16.
 #include "common/recforge.cuh"
 
 namespace w8a16 {
@@ -144,4 +155,178 @@ extern "C" __global__ void gemm_w8a16_dx_bf16(const __nv_bfloat16* __restrict__ 
 extern "C" __global__ void gemm_bf16_dx_bf16(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ w,
                                              __nv_bfloat16* __restrict__ dx, int M, int N, int K, int accumulate) {
     dx_gemm<true>(dy, w, nullptr, dx, M, N, K, accumulate);
+}
+
+// ---- The pipelined 128 × 128 variants ------------------------------------------------------------
+namespace dx128 {
+constexpr int THREADS = 256, BM = 128, BK = 128, BN = 32, STAGES = 3;
+constexpr int A_ROW = BN * 2, A_STAGE = BM * A_ROW;  // dY: 128 rows of 32 bf16 (64 bytes)
+constexpr int B_ROW = BK * 2, B_TILE = BN * B_ROW;   // W:  32 rows of 128 bf16 (256 bytes)
+constexpr int SMEM = STAGES * A_STAGE + 2 * B_TILE;  // 40960 bytes
+
+// 16-byte chunk c of row r. dY rows have 4 chunks, XORed with (r/2)%4 so the 8 rows an ldmatrix
+// phase reads hit 8 different bank groups; W rows have 16 chunks, XORed with r%8 for ldmatrix.trans.
+__device__ __forceinline__ int swz_a(int r, int c) { return r * A_ROW + ((c ^ ((r >> 1) & 3)) << 4); }
+__device__ __forceinline__ int swz_b(int r, int c) { return r * B_ROW + ((c ^ (r & 7)) << 4); }
+
+__device__ __forceinline__ unsigned pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const unsigned*>(&v);
+}
+
+// The slice of one W step a thread stages: row r = tid / 8 of the 32, columns 16·(tid % 8) ..+16.
+struct WRegs {
+    uint4 v0, v1;  // int8: v0 holds the 16 values; bf16: v0, v1 hold 8 each
+    float s;       // sw[n] (int8 only)
+};
+
+template <bool DENSE>
+__device__ __forceinline__ void load_w(WRegs& w, const void* __restrict__ wv, const float* __restrict__ sw, int N, int K,
+                                       int n0, int k0) {
+    const int r = threadIdx.x >> 3, c = threadIdx.x & 7, n = n0 + r, k = k0 + c * 16;
+    const uint4 zero = {0u, 0u, 0u, 0u};
+    w.v0 = zero;
+    w.v1 = zero;
+    w.s = 0.0f;
+    if (n >= N || k >= K) return;
+    if (DENSE) {
+        const __nv_bfloat16* p = static_cast<const __nv_bfloat16*>(wv) + (size_t)n * K + k;
+        w.v0 = rf_ld16(p);
+        w.v1 = rf_ld16(p + 8);
+    } else {
+        w.v0 = rf_ld16(static_cast<const signed char*>(wv) + (size_t)n * K + k);
+        w.s = sw[n];
+    }
+}
+
+template <bool DENSE> __device__ __forceinline__ void store_w(rf_smem_t<unsigned char> sB, const WRegs& w) {
+    const int r = threadIdx.x >> 3, c = threadIdx.x & 7;
+    if (DENSE) {
+        rf_st16(sB + swz_b(r, 2 * c), w.v0);
+        rf_st16(sB + swz_b(r, 2 * c + 1), w.v1);
+        return;
+    }
+    // int8 → f32 exactly without an int→float conversion: with b = w + 128 (w XOR 0x80 as a byte),
+    // the f32 with bits 0x4B000000 | b is 2^23 + b, and subtracting 2^23 + 128 leaves w.
+    const unsigned in[4] = {w.v0.x ^ 0x80808080u, w.v0.y ^ 0x80808080u, w.v0.z ^ 0x80808080u, w.v0.w ^ 0x80808080u};
+    unsigned o[8];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float f[4];
+#pragma unroll
+        for (int b = 0; b < 4; b++) f[b] = (__uint_as_float(0x4B000000u | ((in[j] >> (8 * b)) & 0xffu)) - 8388736.0f) * w.s;
+        o[2 * j] = pack(f[0], f[1]);
+        o[2 * j + 1] = pack(f[2], f[3]);
+    }
+    rf_st16(sB + swz_b(r, 2 * c), make_uint4(o[0], o[1], o[2], o[3]));
+    rf_st16(sB + swz_b(r, 2 * c + 1), make_uint4(o[4], o[5], o[6], o[7]));
+}
+
+// dY step: 128 rows × 4 chunks of 8 bf16, two chunks a thread; rows past M and columns past N
+// are zeros (N is a multiple of 8, so a chunk is all in or all out).
+__device__ __forceinline__ void load_a(rf_smem_t<unsigned char> sA, const __nv_bfloat16* __restrict__ dy, int M, int N,
+                                       int m0, int n0) {
+    const uint4 zero = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int i = threadIdx.x; i < BM * 4; i += THREADS) {
+        const int r = i >> 2, c = i & 3, n = n0 + c * 8;
+        if (m0 + r < M && n < N) rf_cp_async16(sA + swz_a(r, c), dy + (size_t)(m0 + r) * N + n);
+        else rf_st16(sA + swz_a(r, c), zero);
+    }
+}
+}  // namespace dx128
+
+template <bool DENSE>
+__device__ __forceinline__ void dx_gemm128(const __nv_bfloat16* __restrict__ dy, const void* __restrict__ wv,
+                                           const float* __restrict__ sw, __nv_bfloat16* __restrict__ dx, int M, int N,
+                                           int K, int accumulate) {
+    using namespace dx128;
+    RF_DYNAMIC_SMEM(unsigned char, smem);
+    rf_smem_t<unsigned char> sB0 = smem + STAGES * A_STAGE;
+    const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, t = l & 3;
+    const int m0 = blockIdx.y * BM, k0 = blockIdx.x * BK, wm = (w >> 2) * 64, wn = (w & 3) * 32;
+    const int steps = (N + BN - 1) / BN;
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+
+    // Prologue: dY steps 0 .. STAGES-2 in flight (one commit group each, empty past the end);
+    // W step 0 in shared memory, W step 1 in registers.
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < steps) load_a(smem + s * A_STAGE, dy, M, N, m0, s * BN);
+        rf_cp_async_commit();
+    }
+    WRegs wr;
+    load_w<DENSE>(wr, wv, sw, N, K, 0, k0);
+    store_w<DENSE>(sB0, wr);
+    if (steps > 1) load_w<DENSE>(wr, wv, sw, N, K, BN, k0);
+
+    for (int st = 0; st < steps; st++) {
+        // Groups committed so far: STAGES-1 + st; step st's is complete when at most STAGES-2
+        // are pending. The barrier then also ends every read of step st-1's buffers.
+        rf_cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int na = st + STAGES - 1;
+        if (na < steps) load_a(smem + (na % STAGES) * A_STAGE, dy, M, N, m0, na * BN);
+        rf_cp_async_commit();
+        if (st + 1 < steps) {
+            store_w<DENSE>(sB0 + ((st + 1) & 1) * B_TILE, wr);
+            if (st + 2 < steps) load_w<DENSE>(wr, wv, sw, N, K, (st + 2) * BN, k0);
+        }
+        rf_smem_t<unsigned char> sA = smem + (st % STAGES) * A_STAGE;
+        rf_smem_t<unsigned char> sB = sB0 + (st & 1) * B_TILE;
+#pragma unroll
+        for (int kk = 0; kk < 2; kk++) {
+            unsigned a[4][4], b[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+                rf_ldmatrix_x4(a[mi][0], a[mi][1], a[mi][2], a[mi][3], sA + swz_a(wm + mi * 16 + (l & 15), 2 * kk + (l >> 4)));
+            // W is [n][k]: ldmatrix.trans of (n 0-7, k 0-7), (n 8-15, k 0-7), (n 0-7, k 8-15),
+            // (n 8-15, k 8-15) gives two "col" B fragments.
+#pragma unroll
+            for (int p = 0; p < 2; p++)
+                rf_ldmatrix_x4_trans(b[2 * p][0], b[2 * p][1], b[2 * p + 1][0], b[2 * p + 1][1],
+                                     sB + swz_b(kk * 16 + (l & 7) + ((l >> 3) & 1) * 8, (wn >> 3) + 2 * p + (l >> 4)));
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+                for (int nj = 0; nj < 4; nj++) rf_mma_m16n8k16_bf16(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
+        }
+    }
+    rf_cp_async_wait_all();
+    // Accumulator element e of tile (mi, nj): row g + 8·(e/2), column 2t + e%2. K is even, so the
+    // two columns of a pair are both in or both out: one 4-byte access each.
+#pragma unroll
+    for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+        for (int nj = 0; nj < 4; nj++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = m0 + wm + mi * 16 + g + 8 * h, c = k0 + wn + nj * 8 + 2 * t;
+                if (r >= M || c >= K) continue;
+                unsigned* p = reinterpret_cast<unsigned*>(dx + (size_t)r * K + c);
+                float y0 = acc[mi][nj][2 * h], y1 = acc[mi][nj][2 * h + 1];
+                if (accumulate) {
+                    const unsigned old = *p;
+                    y0 += __uint_as_float(old << 16);
+                    y1 += __uint_as_float(old & 0xffff0000u);
+                }
+                *p = dx128::pack(y0, y1);
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_w8a16_dx128_bf16(const __nv_bfloat16* __restrict__ dy, const signed char* __restrict__ wq,
+                                                 const float* __restrict__ sw, __nv_bfloat16* __restrict__ dx, int M, int N,
+                                                 int K, int accumulate) {
+    dx_gemm128<false>(dy, wq, sw, dx, M, N, K, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_bf16_dx128_bf16(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ w,
+                                                __nv_bfloat16* __restrict__ dx, int M, int N, int K, int accumulate) {
+    dx_gemm128<true>(dy, w, nullptr, dx, M, N, K, accumulate);
 }

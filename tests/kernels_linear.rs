@@ -8,6 +8,7 @@ mod common;
 use common::devices;
 use half::bf16;
 use recforge::backend::cpu::{quantize_activations, quantize_rows, Cpu};
+use recforge::backend::gpu::ops::w8a16::DxTile;
 use recforge::backend::gpu::ops::w8a8::{self, Int8Scratch};
 use recforge::backend::gpu::Device;
 use recforge::backend::{Backend, Linear, LinearWeight};
@@ -224,13 +225,17 @@ fn w8a16_backward_matches_the_cpu_reference() {
     use recforge::backend::gpu::ops::w8a16;
     let cpu = Cpu::new();
     let mut rng = Rng::new(34);
-    // (M, N = out features, K = in features): N multiples of 8, K of 16, odd M.
+    // (M, N = out features, K = in features): N multiples of 8, K of 16, odd M; the last two
+    // span two 128-row tiles and 3 of 128 columns (partial), with 7 and 9 steps of 32 over N
+    // (the last partial) so the 128 tile's 3-stage dY ring and W double buffer wrap around.
     for (m, n, k) in [
         (1, 8, 16),
         (7, 40, 48),
         (64, 64, 64),
         (33, 200, 80),
         (100, 24, 144),
+        (150, 200, 272),
+        (129, 280, 144),
     ] {
         let dy: Vec<bf16> = (0..m * n).map(|_| bf16::from_f32(rng.normal())).collect();
         let dyf: Vec<f32> = dy.iter().map(|v| v.to_f32()).collect();
@@ -269,7 +274,10 @@ fn w8a16_backward_matches_the_cpu_reference() {
             .collect();
         let prior: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.normal())).collect();
         for dev in devices() {
-            for accumulate in [false, true] {
+            for (accumulate, tile) in [false, true]
+                .into_iter()
+                .flat_map(|a| [(a, DxTile::T64), (a, DxTile::T128)])
+            {
                 let (ddy, dwq, dws) = (
                     dev.upload(&dy).unwrap(),
                     dev.upload(&wq).unwrap(),
@@ -282,20 +290,23 @@ fn w8a16_backward_matches_the_cpu_reference() {
                         vec![bf16::NAN; m * k]
                     })
                     .unwrap();
-                w8a16::linear_backward_input(&dev, &ddy, &dwq, &dws, &mut dx, m, n, k, accumulate)
-                    .unwrap();
+                w8a16::linear_backward_input_with(
+                    &dev, &ddy, &dwq, &dws, &mut dx, m, n, k, accumulate, tile,
+                )
+                .unwrap();
                 let got = dev.download(&dx).unwrap();
                 for i in 0..m * k {
                     let base = if accumulate { prior[i].to_f32() } else { 0.0 };
                     let want_i = want[i] + base;
-                    // dy·sw is rounded to bf16 once per term (at most half an ulp, 2^-8
-                    // relative, so at most 2^-8·Σ|term| in all), f32 accumulation adds
-                    // ~n·2^-24 of it, and the output is rounded to bf16 (2^-8 of |dx|).
+                    // Each term's factor dy·sw (64 tile) or wq·sw (128 tile) is rounded to
+                    // bf16 once (at most half an ulp, 2^-8 relative, so at most 2^-8·Σ|term|
+                    // in all), f32 accumulation adds ~n·2^-24 of it, and the output is rounded
+                    // to bf16 (2^-8 of |dx|).
                     let tol = mag[i] / 256.0 + want_i.abs() / 256.0 + 1e-6;
                     let g = got[i].to_f32();
                     assert!(
                         (g - want_i).abs() <= tol,
-                        "{}: {m}×{n}×{k} acc={accumulate} element {i}: {g} vs {want_i}",
+                        "{}: {tile:?} {m}×{n}×{k} acc={accumulate} element {i}: {g} vs {want_i}",
                         dev.name()
                     );
                 }
@@ -325,13 +336,15 @@ fn dense_backward_input_matches_the_cpu_reference() {
     use recforge::backend::gpu::ops::w8a16;
     let cpu = Cpu::new();
     let mut rng = Rng::new(35);
-    // (M, N = vocabulary, K = hidden): odd vocabularies (rows not 16-byte aligned) included.
+    // (M, N = vocabulary, K = hidden): odd vocabularies (rows not 16-byte aligned: the 64 tile
+    // only) included; the last spans two 128-row tiles, 2 of 128 columns and 9 steps over N.
     for (m, n, k) in [
         (1, 8, 16),
         (5, 279, 64),
         (70, 33, 48),
         (64, 128, 128),
         (3, 1001, 32),
+        (131, 272, 160),
     ] {
         let dy: Vec<bf16> = (0..m * n).map(|_| bf16::from_f32(rng.normal())).collect();
         let w: Vec<bf16> = (0..n * k)
@@ -364,15 +377,19 @@ fn dense_backward_input_matches_the_cpu_reference() {
             )
             .unwrap();
             let want = cpu.download(&want).unwrap().to_f32().unwrap();
-            for dev in devices() {
+            let devs = devices();
+            for (dev, tile) in devs
+                .iter()
+                .flat_map(|d| [(d, DxTile::T64), (d, DxTile::T128)])
+            {
                 let start = if accumulate {
                     prior.clone()
                 } else {
                     vec![bf16::NAN; m * k]
                 };
                 let mut dx = dev.upload(&start).unwrap();
-                w8a16::dense_backward_input(
-                    &dev,
+                let run = w8a16::dense_backward_input_with(
+                    dev,
                     &dev.upload(&dy).unwrap(),
                     &dev.upload(&w).unwrap(),
                     &mut dx,
@@ -380,8 +397,14 @@ fn dense_backward_input_matches_the_cpu_reference() {
                     n,
                     k,
                     accumulate,
-                )
-                .unwrap();
+                    tile,
+                );
+                if tile == DxTile::T128 && n % 8 != 0 {
+                    let e = run.unwrap_err().to_string();
+                    assert!(e.contains("multiple of 8"), "{e}");
+                    continue;
+                }
+                run.unwrap();
                 let got = dev.download(&dx).unwrap();
                 for i in 0..m * k {
                     // Exact bf16 products, f32 sums (~n·2^-24 of Σ|term|), the prior added in
@@ -393,7 +416,7 @@ fn dense_backward_input_matches_the_cpu_reference() {
                     let g = got[i].to_f32();
                     assert!(
                         (g - want[i]).abs() <= tol,
-                        "{}: {m}×{n}×{k} acc={accumulate} element {i}: {g} vs {}",
+                        "{}: {tile:?} {m}×{n}×{k} acc={accumulate} element {i}: {g} vs {}",
                         dev.name(),
                         want[i]
                     );

@@ -1,9 +1,70 @@
 //! W8A16 GEMM for the backward pass to the input (kernels/gemm_w8a16.cu).
 
+use std::sync::OnceLock;
+
 use half::bf16;
 
 use super::super::device::{Arg, DevBuf, Device, Launch};
 use crate::error::{Error, Result};
+
+/// Which dX kernel runs: the 64 × 64 single-stage tile (`gemm_*_dx_bf16`) or the 128 × 128
+/// pipelined one (`gemm_*_dx128_bf16`). Both compute the same sums with the same rounding bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DxTile {
+    T64,
+    T128,
+}
+
+impl DxTile {
+    /// The 128 tile when its grid has at least `MIN_BLOCKS_128` blocks (training shapes: LLaMA-7B
+    /// at 4 × 1024 tokens gives 1024), else the 64 tile, whose 4× more blocks fill more of the
+    /// GPU on small shapes. `RECFORGE_DX_TILE=64|128` forces one (read once), for A/B runs;
+    /// the 128 tile needs N to be a multiple of 8, so an odd vocabulary always takes the 64.
+    pub fn for_shape(m: usize, n: usize, k: usize) -> DxTile {
+        const MIN_BLOCKS_128: usize = 128;
+        if !n.is_multiple_of(8) {
+            return DxTile::T64;
+        }
+        static FORCED: OnceLock<Option<DxTile>> = OnceLock::new();
+        let forced = *FORCED.get_or_init(|| match std::env::var("RECFORGE_DX_TILE").as_deref() {
+            Ok("64") => Some(DxTile::T64),
+            Ok("128") => Some(DxTile::T128),
+            _ => None,
+        });
+        forced.unwrap_or(if m.div_ceil(128) * k.div_ceil(128) >= MIN_BLOCKS_128 {
+            DxTile::T128
+        } else {
+            DxTile::T64
+        })
+    }
+
+    fn launch(self) -> Launch {
+        match self {
+            DxTile::T64 => Launch {
+                grid: (0, 0, 1),
+                block: (128, 1, 1),
+                shared_bytes: 64 * 64 + 32 * 128,
+            },
+            DxTile::T128 => Launch {
+                grid: (0, 0, 1),
+                block: (256, 1, 1),
+                shared_bytes: 3 * 128 * 64 + 2 * 32 * 256,
+            },
+        }
+    }
+
+    fn grid(self, m: usize, k: usize) -> Result<(u32, u32, u32)> {
+        let t = match self {
+            DxTile::T64 => 64,
+            DxTile::T128 => 128,
+        };
+        let c = |v: usize| {
+            u32::try_from(v.div_ceil(t))
+                .map_err(|_| Error::Shape(format!("dX GEMM: {v} rows or columns is too many")))
+        };
+        Ok((c(k)?, c(m)?, 1))
+    }
+}
 
 /// `dx[M, K] (+)= dy[M, N] · dequant(wq, sw)[N, K]`; `accumulate` adds to dx instead of
 /// overwriting it. N must be a multiple of 8 and K of 16.
@@ -19,7 +80,28 @@ pub fn linear_backward_input(
     k: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let name = "gemm_w8a16_dx_bf16";
+    let tile = DxTile::for_shape(m, n, k);
+    linear_backward_input_with(dev, dy, wq, sw, dx, m, n, k, accumulate, tile)
+}
+
+/// [`linear_backward_input`] with the kernel chosen by the caller (tests and benchmarks run both).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_input_with(
+    dev: &Device,
+    dy: &DevBuf<bf16>,
+    wq: &DevBuf<i8>,
+    sw: &DevBuf<f32>,
+    dx: &mut DevBuf<bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    tile: DxTile,
+) -> Result<()> {
+    let name = match tile {
+        DxTile::T64 => "gemm_w8a16_dx_bf16",
+        DxTile::T128 => "gemm_w8a16_dx128_bf16",
+    };
     if !n.is_multiple_of(8) || !k.is_multiple_of(16) {
         return Err(Error::Shape(format!(
             "{name}: N = {n} must be a multiple of 8 and K = {k} of 16"
@@ -41,9 +123,8 @@ pub fn linear_backward_input(
         i32::try_from(v).map_err(|_| Error::Shape(format!("{name}: {what} = {v} is too large")))
     };
     let launch = Launch {
-        grid: (k.div_ceil(64) as u32, m.div_ceil(64) as u32, 1),
-        block: (128, 1, 1),
-        shared_bytes: 64 * 64 + 32 * 128,
+        grid: tile.grid(m, k)?,
+        ..tile.launch()
     };
     let args = [
         dev.ptr(dy)?,
@@ -135,7 +216,33 @@ pub fn dense_backward_input(
     k: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let name = "gemm_bf16_dx_bf16";
+    let tile = DxTile::for_shape(m, n, k);
+    dense_backward_input_with(dev, dy, w, dx, m, n, k, accumulate, tile)
+}
+
+/// [`dense_backward_input`] with the kernel chosen by the caller; the 128 tile needs N to be a
+/// multiple of 8 (its dY rows are copied 16 bytes at a time).
+#[allow(clippy::too_many_arguments)]
+pub fn dense_backward_input_with(
+    dev: &Device,
+    dy: &DevBuf<bf16>,
+    w: &DevBuf<bf16>,
+    dx: &mut DevBuf<bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    tile: DxTile,
+) -> Result<()> {
+    let name = match tile {
+        DxTile::T64 => "gemm_bf16_dx_bf16",
+        DxTile::T128 => "gemm_bf16_dx128_bf16",
+    };
+    if tile == DxTile::T128 && !n.is_multiple_of(8) {
+        return Err(Error::Shape(format!(
+            "{name}: N = {n} must be a multiple of 8 (use the 64 tile)"
+        )));
+    }
     if !k.is_multiple_of(16) {
         return Err(Error::Shape(format!(
             "{name}: K = {k} must be a multiple of 16"
@@ -156,9 +263,8 @@ pub fn dense_backward_input(
         i32::try_from(v).map_err(|_| Error::Shape(format!("{name}: {what} = {v} is too large")))
     };
     let launch = Launch {
-        grid: (k.div_ceil(64) as u32, m.div_ceil(64) as u32, 1),
-        block: (128, 1, 1),
-        shared_bytes: 64 * 64 + 32 * 128,
+        grid: tile.grid(m, k)?,
+        ..tile.launch()
     };
     let args = [
         dev.ptr(dy)?,
