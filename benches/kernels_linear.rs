@@ -1,5 +1,5 @@
 //! The 8-bit linear algebra: W8A8 GEMM (LLaMA-7B training shapes and SmolLM2), W8A16 decode
-//! GEMV, the W8A16 backward GEMM (both tiles), and the fused LoRA overhead. `cuda_*` groups run
+//! GEMV, the W8A16 backward GEMM (both tiles of each GEMM), and the fused LoRA overhead. `cuda_*` groups run
 //! on a real GPU and say why they skipped otherwise; throughput is in operations (2·M·N·K) or weight bytes.
 //! The cuBLASLt int8 peer is timed by scripts/peer_int8_mm.py in the GPU check.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -8,8 +8,8 @@ use half::bf16;
 use recforge::backend::cpu::{quantize_rows, Cpu};
 use recforge::backend::gpu::cuda_or_say_why;
 use recforge::backend::gpu::ops::lora::{self, DevLora};
-use recforge::backend::gpu::ops::w8a16::{self, DxTile};
 use recforge::backend::gpu::ops::w8a8;
+use recforge::backend::gpu::ops::{w8a16, Tile};
 use recforge::backend::{Backend, Dropout, Linear, LinearWeight};
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostData, HostTensor};
@@ -74,22 +74,26 @@ fn bench_gpu(c: &mut Criterion) {
         let mut s = w8a8::Int8Scratch::new(&dev, m, k).unwrap();
         let mut out = dev.alloc_zeros::<bf16>(m * n).unwrap();
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
-        g.bench_function(BenchmarkId::new("linear", name), |b| {
-            b.iter(|| {
-                w8a8::linear_w8a8(
-                    &dev, &dx, m, k, &dw, &sw, n, 6.0, &mut s, None, None, &mut out,
-                )
-                .unwrap();
-                dev.synchronize().unwrap();
-            })
-        });
         let mut raw = dev.alloc_zeros::<i32>(m * n).unwrap();
-        g.bench_function(BenchmarkId::new("i32_only", name), |b| {
-            b.iter(|| {
-                w8a8::gemm_w8a8_i32(&dev, &s.xq, &dw, &mut raw, m, n, k).unwrap();
-                dev.synchronize().unwrap();
-            })
-        });
+        // Both tiles on every shape (`w8a8::gemm_tile` picks t128 for the 7B shapes, t64 for
+        // SmolLM2's): the whole linear (quantization, GEMM, epilogue) and the GEMM alone.
+        for (label, tile) in [("t64", Tile::T64), ("t128", Tile::T128)] {
+            g.bench_function(BenchmarkId::new(format!("linear_{label}"), name), |b| {
+                b.iter(|| {
+                    w8a8::linear_w8a8_with(
+                        &dev, &dx, m, k, &dw, &sw, n, 6.0, &mut s, None, None, &mut out, tile,
+                    )
+                    .unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
+            g.bench_function(BenchmarkId::new(format!("i32_only_{label}"), name), |b| {
+                b.iter(|| {
+                    w8a8::gemm_w8a8_i32_with(&dev, &s.xq, &dw, &mut raw, m, n, k, tile).unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
+        }
     }
     g.finish();
 
@@ -131,8 +135,8 @@ fn bench_gpu(c: &mut Criterion) {
         let mut dx = dev.alloc_zeros::<bf16>(m * k).unwrap();
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
         // Both kernels on every shape: the 64 × 64 single-stage tile and the 128 × 128
-        // pipelined one (which `DxTile::for_shape` picks for training shapes).
-        for (label, tile) in [("t64", DxTile::T64), ("t128", DxTile::T128)] {
+        // pipelined one (which `w8a16::dx_tile` picks for training shapes).
+        for (label, tile) in [("t64", Tile::T64), ("t128", Tile::T128)] {
             g.bench_function(BenchmarkId::new(name, label), |b| {
                 b.iter(|| {
                     w8a16::linear_backward_input_with(

@@ -22,90 +22,114 @@
 #include "common/recforge.cuh"
 
 namespace w8a8 {
-constexpr int STAGES = 3, ROWB = 64, THREADS = 128, TILE = 64 * ROWB;
+constexpr int STAGES = 3, ROWB = 64;
+
+// A block tile of BM × BN outputs computed by WARPS_M × WARPS_N warps.
+template <int BM_, int BN_, int WARPS_M, int WARPS_N> struct Tile {
+    static constexpr int BM = BM_, BN = BN_, THREADS = 32 * WARPS_M * WARPS_N;
+    static constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // one warp's outputs
+    static constexpr int MI = WTM / 16, NJ = WTN / 8;             // its m16 × n8 mma tiles
+    static constexpr int A_BYTES = BM * ROWB, STAGE = (BM + BN) * ROWB, SMEM = STAGES * STAGE;
+    static __device__ __forceinline__ int warp_m() { return (int)(threadIdx.x >> 5) / WARPS_N * WTM; }
+    static __device__ __forceinline__ int warp_n() { return (int)(threadIdx.x >> 5) % WARPS_N * WTN; }
+};
+using T64 = Tile<64, 64, 2, 2>;
+using T128 = Tile<128, 128, 2, 4>;
 
 // Byte offset of 16-byte chunk c (0..3) of row r in a swizzled tile.
 __device__ __forceinline__ int swz(int r, int c) { return r * ROWB + ((c ^ ((r >> 1) & 3)) << 4); }
 
-__device__ __forceinline__ void load_stage(rf_smem_t<unsigned char> sA, rf_smem_t<unsigned char> sB, const signed char* A,
-                                           const signed char* B, int M, int N, int K, int m0, int n0, int k0) {
+// `rows` rows of 64 bytes from `src` (row stride K) at column k0, zeros past `limit` rows or K.
+template <int THREADS>
+__device__ __forceinline__ void load_rows(rf_smem_t<unsigned char> dst, const signed char* src, int rows, int limit, int K,
+                                          int r0, int k0) {
     const uint4 zero = {0u, 0u, 0u, 0u};
-    for (int i = threadIdx.x; i < 256; i += THREADS) {
+    for (int i = threadIdx.x; i < rows * 4; i += THREADS) {
         const int r = i >> 2, c = i & 3, gk = k0 + c * 16;
-        if (m0 + r < M && gk < K) rf_cp_async16(sA + swz(r, c), A + (size_t)(m0 + r) * K + gk);
-        else rf_st16(sA + swz(r, c), zero);
-        if (n0 + r < N && gk < K) rf_cp_async16(sB + swz(r, c), B + (size_t)(n0 + r) * K + gk);
-        else rf_st16(sB + swz(r, c), zero);
+        if (r0 + r < limit && gk < K) rf_cp_async16(dst + swz(r, c), src + (size_t)(r0 + r) * K + gk);
+        else rf_st16(dst + swz(r, c), zero);
     }
 }
 
-// Accumulate the 64×64 tile of Xq·Wqᵀ for this block into acc (per-warp fragments).
-__device__ __forceinline__ void mainloop(const signed char* A, const signed char* B, int M, int N, int K, int (&acc)[2][4][4]) {
+// Accumulate this block's tile of Xq·Wqᵀ into acc (per-warp fragments).
+template <class T>
+__device__ __forceinline__ void mainloop(const signed char* A, const signed char* B, int M, int N, int K,
+                                         int (&acc)[T::MI][T::NJ][4]) {
     RF_DYNAMIC_SMEM(unsigned char, smem);
-    const int l = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64, wm = (w >> 1) * 32, wn = (w & 1) * 32;
-    for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 4; j++)
+    const int l = threadIdx.x & 31;
+    const int m0 = blockIdx.y * T::BM, n0 = blockIdx.x * T::BN, wm = T::warp_m(), wn = T::warp_n();
+#pragma unroll
+    for (int i = 0; i < T::MI; i++)
+#pragma unroll
+        for (int j = 0; j < T::NJ; j++)
+#pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0;
     const int ktiles = (K + 63) / 64;
+    auto load_stage = [&](int st, int k0) {
+        load_rows<T::THREADS>(smem + st * T::STAGE, A, T::BM, M, K, m0, k0);
+        load_rows<T::THREADS>(smem + st * T::STAGE + T::A_BYTES, B, T::BN, N, K, n0, k0);
+    };
     for (int s = 0; s < STAGES - 1; s++) {
-        if (s < ktiles) load_stage(smem + s * 2 * TILE, smem + s * 2 * TILE + TILE, A, B, M, N, K, m0, n0, s * 64);
+        if (s < ktiles) load_stage(s, s * 64);
         rf_cp_async_commit();
     }
     for (int kt = 0; kt < ktiles; kt++) {
         rf_cp_async_wait<STAGES - 2>();
         __syncthreads();  // stage kt landed for every thread; nobody still reads stage kt-1
         const int nk = kt + STAGES - 1;
-        if (nk < ktiles) {
-            const int st = nk % STAGES;
-            load_stage(smem + st * 2 * TILE, smem + st * 2 * TILE + TILE, A, B, M, N, K, m0, n0, nk * 64);
-        }
+        if (nk < ktiles) load_stage(nk % STAGES, nk * 64);
         rf_cp_async_commit();
-        rf_smem_t<unsigned char> sA = smem + (kt % STAGES) * 2 * TILE;
-        rf_smem_t<unsigned char> sB = sA + TILE;
+        rf_smem_t<unsigned char> sA = smem + (kt % STAGES) * T::STAGE;
+        rf_smem_t<unsigned char> sB = sA + T::A_BYTES;
+#pragma unroll
         for (int kk = 0; kk < 2; kk++) {
-            unsigned a[2][4], b[4][2];
+            unsigned a[T::MI][4], b[T::NJ][2];
             // A fragment (m16 × k32 bytes): lanes 0-15 rows 0-15 at chunk 2kk, lanes 16-31 at 2kk+1.
-            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int mi = 0; mi < T::MI; mi++)
                 rf_ldmatrix_x4(a[mi][0], a[mi][1], a[mi][2], a[mi][3], sA + swz(wm + mi * 16 + (l & 15), 2 * kk + (l >> 4)));
             // B fragments for two n8 tiles per ldmatrix.x4: matrices (n 0-7, chunk 2kk), (n 0-7,
             // chunk 2kk+1), (n 8-15, chunk 2kk), (n 8-15, chunk 2kk+1).
-            for (int p = 0; p < 2; p++)
+#pragma unroll
+            for (int p = 0; p < T::NJ / 2; p++)
                 rf_ldmatrix_x4(b[2 * p][0], b[2 * p][1], b[2 * p + 1][0], b[2 * p + 1][1],
                                sB + swz(wn + p * 16 + (l & 7) + ((l >> 4) << 3), 2 * kk + ((l >> 3) & 1)));
-            for (int mi = 0; mi < 2; mi++)
-                for (int nj = 0; nj < 4; nj++) rf_mma_m16n8k32_s8(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
+#pragma unroll
+            for (int mi = 0; mi < T::MI; mi++)
+#pragma unroll
+                for (int nj = 0; nj < T::NJ; nj++) rf_mma_m16n8k32_s8(acc[mi][nj], a[mi], b[nj], acc[mi][nj]);
         }
     }
+    rf_cp_async_wait_all();
 }
-}  // namespace w8a8
 
-extern "C" __global__ void gemm_w8a8_i32(const signed char* xq, const signed char* wq, int* out, int M, int N, int K) {
-    int acc[2][4][4];
-    w8a8::mainloop(xq, wq, M, N, K, acc);
-    const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, t = l & 3;
-    const int m0 = blockIdx.y * 64 + (w >> 1) * 32, n0 = blockIdx.x * 64 + (w & 1) * 32;
-    for (int mi = 0; mi < 2; mi++)
-        for (int nj = 0; nj < 4; nj++)
+template <class T> __device__ __forceinline__ void gemm_i32(const signed char* xq, const signed char* wq, int* out, int M, int N, int K) {
+    int acc[T::MI][T::NJ][4];
+    mainloop<T>(xq, wq, M, N, K, acc);
+    const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
+    const int m0 = blockIdx.y * T::BM + T::warp_m(), n0 = blockIdx.x * T::BN + T::warp_n();
+    for (int mi = 0; mi < T::MI; mi++)
+        for (int nj = 0; nj < T::NJ; nj++)
             for (int e = 0; e < 4; e++) {
                 const int r = m0 + mi * 16 + g + 8 * (e >> 1), c = n0 + nj * 8 + 2 * t + (e & 1);
                 if (r < M && c < N) out[(size_t)r * N + c] = acc[mi][nj][e];
             }
 }
 
-extern "C" __global__ void gemm_w8a8_bf16(const signed char* xq, const float* sx, const signed char* wq, const float* sw,
+template <class T>
+__device__ __forceinline__ void gemm_bf16(const signed char* xq, const float* sx, const signed char* wq, const float* sw,
                                           const __nv_bfloat16* x, const unsigned* ocols, const int* count,
                                           const float* lora_u, const float* lora_b, int lora_rank, float lora_scale,
                                           const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K) {
-    int acc[2][4][4];
-    w8a8::mainloop(xq, wq, M, N, K, acc);
-    const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, t = l & 3;
-    const int m0 = blockIdx.y * 64 + (w >> 1) * 32, n0 = blockIdx.x * 64 + (w & 1) * 32;
+    int acc[T::MI][T::NJ][4];
+    mainloop<T>(xq, wq, M, N, K, acc);
+    const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
+    const int m0 = blockIdx.y * T::BM + T::warp_m(), n0 = blockIdx.x * T::BN + T::warp_n();
     const int nout = *count;
 #pragma unroll
-    for (int mi = 0; mi < 2; mi++)
+    for (int mi = 0; mi < T::MI; mi++)
 #pragma unroll
-        for (int nj = 0; nj < 4; nj++)
+        for (int nj = 0; nj < T::NJ; nj++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int r = m0 + mi * 16 + g + 8 * (e >> 1), c = n0 + nj * 8 + 2 * t + (e & 1);
@@ -125,4 +149,27 @@ extern "C" __global__ void gemm_w8a8_bf16(const signed char* xq, const float* sx
                 if (residual) y = __fadd_rn(y, __bfloat162float(residual[(size_t)r * N + c]));
                 out[(size_t)r * N + c] = __float2bfloat16(y);
             }
+}
+}  // namespace w8a8
+
+extern "C" __global__ void __launch_bounds__(128) gemm_w8a8_i32(const signed char* xq, const signed char* wq, int* out, int M, int N, int K) {
+    w8a8::gemm_i32<w8a8::T64>(xq, wq, out, M, N, K);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_w8a8_t128_i32(const signed char* xq, const signed char* wq, int* out, int M, int N, int K) {
+    w8a8::gemm_i32<w8a8::T128>(xq, wq, out, M, N, K);
+}
+
+extern "C" __global__ void __launch_bounds__(128) gemm_w8a8_bf16(const signed char* xq, const float* sx, const signed char* wq, const float* sw,
+                                          const __nv_bfloat16* x, const unsigned* ocols, const int* count,
+                                          const float* lora_u, const float* lora_b, int lora_rank, float lora_scale,
+                                          const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K) {
+    w8a8::gemm_bf16<w8a8::T64>(xq, sx, wq, sw, x, ocols, count, lora_u, lora_b, lora_rank, lora_scale, residual, out, M, N, K);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_w8a8_t128_bf16(const signed char* xq, const float* sx, const signed char* wq, const float* sw,
+                                          const __nv_bfloat16* x, const unsigned* ocols, const int* count,
+                                          const float* lora_u, const float* lora_b, int lora_rank, float lora_scale,
+                                          const __nv_bfloat16* residual, __nv_bfloat16* out, int M, int N, int K) {
+    w8a8::gemm_bf16<w8a8::T128>(xq, sx, wq, sw, x, ocols, count, lora_u, lora_b, lora_rank, lora_scale, residual, out, M, N, K);
 }

@@ -20,7 +20,8 @@ cargo test --release "$@"
 RECFORGE_SIM_GUARD=start cargo test --release --test simulator --test kernels \
     --test kernels_linear --test kernels_elementwise --test kernels_train --test kernels_attention \
     --test attention_saved --test kernels_paged --test kernels_sampling --test gpu_backend
-# The training step once more with the 128 × 128 pipelined dX kernel forced: the test shapes
-# are below the size where `DxTile::for_shape` picks it, and the kernel test alone does not
-# run it inside a whole backward pass (~10 s).
-RECFORGE_DX_TILE=128 cargo test --release --test train
+# The training step once more with the 128 × 128 GEMM tiles forced (the W8A8 forward and the
+# pipelined dX): the test shapes are below the size where `w8a8::gemm_tile` and
+# `w8a16::dx_tile` pick them, and the kernel tests alone do not run them inside a whole
+# forward and backward pass (~10 s).
+RECFORGE_W8A8_TILE=128 RECFORGE_DX_TILE=128 cargo test --release --test train

@@ -8,22 +8,27 @@ mod common;
 use common::devices;
 use half::bf16;
 use recforge::backend::cpu::{quantize_activations, quantize_rows, Cpu};
-use recforge::backend::gpu::ops::w8a16::DxTile;
 use recforge::backend::gpu::ops::w8a8::{self, Int8Scratch};
+use recforge::backend::gpu::ops::Tile;
 use recforge::backend::gpu::Device;
 use recforge::backend::{Backend, Linear, LinearWeight};
 use recforge::rng::Rng;
 use recforge::tensor::{DType, HostData, HostTensor};
 
-// (M, N, K): odd M and N, K multiples of 16 that are and are not multiples of the 64-byte stage.
-const SHAPES: [(usize, usize, usize); 6] = [
+// (M, N, K): odd M and N, K multiples of 16 that are and are not multiples of the 64-byte stage;
+// the last spans two 128-row and three 128-column tiles, the last of each partial.
+const SHAPES: [(usize, usize, usize); 7] = [
     (1, 1, 16),
     (5, 19, 48),
     (64, 64, 64),
     (33, 130, 576),
     (70, 67, 1040),
     (129, 8, 208),
+    (150, 260, 336),
 ];
+
+/// Both W8A8 tiles, which every GEMM test runs.
+const TILES: [Tile; 2] = [Tile::T64, Tile::T128];
 
 /// Activations as bf16 with a few columns well above the outlier threshold.
 fn activations(rng: &mut Rng, m: usize, k: usize, outliers: &[usize]) -> Vec<bf16> {
@@ -58,14 +63,16 @@ fn int8_gemm_accumulators_are_exact() {
                 })
                 .collect();
             let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
-            let mut out = dev.upload(&vec![i32::MIN; m * n]).unwrap();
-            w8a8::gemm_w8a8_i32(&dev, &da, &db, &mut out, m, n, k).unwrap();
-            assert_eq!(
-                dev.download(&out).unwrap(),
-                want,
-                "{}: {m}×{n}×{k}",
-                dev.name()
-            );
+            for tile in TILES {
+                let mut out = dev.upload(&vec![i32::MIN; m * n]).unwrap();
+                w8a8::gemm_w8a8_i32_with(&dev, &da, &db, &mut out, m, n, k, tile).unwrap();
+                assert_eq!(
+                    dev.download(&out).unwrap(),
+                    want,
+                    "{}: {tile:?} {m}×{n}×{k}",
+                    dev.name()
+                );
+            }
         }
     }
 }
@@ -128,7 +135,14 @@ fn w8a8_linear_matches_the_cpu_reference_bit_for_bit() {
             let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
             let (wq, ws) = quantize_rows(&w, n, k);
             let res: Vec<bf16> = (0..m * n).map(|_| bf16::from_f32(rng.normal())).collect();
-            for (thr, with_res) in [(6.0f32, false), (0.0, true), (6.0, true)] {
+            for (thr, with_res, tile) in [
+                (6.0f32, false, Tile::T64),
+                (0.0, true, Tile::T64),
+                (6.0, true, Tile::T64),
+                (6.0f32, false, Tile::T128),
+                (0.0, true, Tile::T128),
+                (6.0, true, Tile::T128),
+            ] {
                 // CPU: f32 y from Cpu::linear, plus the residual in f32, rounded to bf16 once.
                 let lin = Linear {
                     weight: LinearWeight::Int8 {
@@ -168,7 +182,7 @@ fn w8a8_linear_matches_the_cpu_reference_bit_for_bit() {
                 );
                 let dres = dev.upload(&res).unwrap();
                 let mut out = dev.upload(&vec![bf16::NAN; m * n]).unwrap();
-                w8a8::linear_w8a8(
+                w8a8::linear_w8a8_with(
                     &dev,
                     &dx,
                     m,
@@ -181,6 +195,7 @@ fn w8a8_linear_matches_the_cpu_reference_bit_for_bit() {
                     None,
                     with_res.then_some(&dres),
                     &mut out,
+                    tile,
                 )
                 .unwrap();
                 let got: Vec<u16> = dev
@@ -193,7 +208,7 @@ fn w8a8_linear_matches_the_cpu_reference_bit_for_bit() {
                     assert_eq!(
                         got[i],
                         want[i],
-                        "{}: {m}×{n}×{k} thr {thr} residual {with_res} element {i}: {} vs {}",
+                        "{}: {tile:?} {m}×{n}×{k} thr {thr} residual {with_res} element {i}: {} vs {}",
                         dev.name(),
                         bf16::from_bits(got[i]),
                         bf16::from_bits(want[i])
@@ -276,7 +291,7 @@ fn w8a16_backward_matches_the_cpu_reference() {
         for dev in devices() {
             for (accumulate, tile) in [false, true]
                 .into_iter()
-                .flat_map(|a| [(a, DxTile::T64), (a, DxTile::T128)])
+                .flat_map(|a| [(a, Tile::T64), (a, Tile::T128)])
             {
                 let (ddy, dwq, dws) = (
                     dev.upload(&dy).unwrap(),
@@ -378,10 +393,7 @@ fn dense_backward_input_matches_the_cpu_reference() {
             .unwrap();
             let want = cpu.download(&want).unwrap().to_f32().unwrap();
             let devs = devices();
-            for (dev, tile) in devs
-                .iter()
-                .flat_map(|d| [(d, DxTile::T64), (d, DxTile::T128)])
-            {
+            for (dev, tile) in devs.iter().flat_map(|d| [(d, Tile::T64), (d, Tile::T128)]) {
                 let start = if accumulate {
                     prior.clone()
                 } else {
@@ -399,7 +411,7 @@ fn dense_backward_input_matches_the_cpu_reference() {
                     accumulate,
                     tile,
                 );
-                if tile == DxTile::T128 && n % 8 != 0 {
+                if tile == Tile::T128 && n % 8 != 0 {
                     let e = run.unwrap_err().to_string();
                     assert!(e.contains("multiple of 8"), "{e}");
                     continue;
@@ -559,42 +571,45 @@ fn gated_lora_forward_and_backward_match_the_cpu_reference() {
                 cpu.linear(&xt, &lin, &mut base).unwrap();
                 let base = f(&base);
                 let mut s = Int8Scratch::new(&dev, m, k).unwrap();
-                let mut out = dev.upload(&vec![bf16::NAN; m * n]).unwrap();
-                let lup = w8a8::LoraUp {
-                    u: &u,
-                    b: &dl.b,
-                    rank: r,
-                    scale,
-                };
-                w8a8::linear_w8a8(
-                    &dev,
-                    &dx_,
-                    m,
-                    k,
-                    &dev.upload(&wq).unwrap(),
-                    &dev.upload(&ws).unwrap(),
-                    n,
-                    6.0,
-                    &mut s,
-                    Some(lup),
-                    None,
-                    &mut out,
-                )
-                .unwrap();
-                let got = dev.download(&out).unwrap();
-                for i in 0..m * n {
-                    let want = base[i] + wy[i];
-                    // bf16 output rounding (half an ulp: 2^-8 relative) plus the reassociated u (above) times |B|·scale.
-                    let umag: f32 = (0..r)
-                        .map(|j| (wu[i / n * r + j] * b[i % n * r + j]).abs())
-                        .sum::<f32>()
-                        * scale;
-                    assert!(
-                        close(got[i].to_f32(), want, want.abs() / 256.0 + umag * 1e-4, 1.0),
-                        "{}: y[{i}] {} vs {want}",
-                        dev.name(),
-                        got[i]
-                    );
+                for tile in TILES {
+                    let mut out = dev.upload(&vec![bf16::NAN; m * n]).unwrap();
+                    let lup = w8a8::LoraUp {
+                        u: &u,
+                        b: &dl.b,
+                        rank: r,
+                        scale,
+                    };
+                    w8a8::linear_w8a8_with(
+                        &dev,
+                        &dx_,
+                        m,
+                        k,
+                        &dev.upload(&wq).unwrap(),
+                        &dev.upload(&ws).unwrap(),
+                        n,
+                        6.0,
+                        &mut s,
+                        Some(lup),
+                        None,
+                        &mut out,
+                        tile,
+                    )
+                    .unwrap();
+                    let got = dev.download(&out).unwrap();
+                    for i in 0..m * n {
+                        let want = base[i] + wy[i];
+                        // bf16 output rounding (half an ulp: 2^-8 relative) plus the reassociated u (above) times |B|·scale.
+                        let umag: f32 = (0..r)
+                            .map(|j| (wu[i / n * r + j] * b[i % n * r + j]).abs())
+                            .sum::<f32>()
+                            * scale;
+                        assert!(
+                            close(got[i].to_f32(), want, want.abs() / 256.0 + umag * 1e-4, 1.0),
+                            "{}: {tile:?} y[{i}] {} vs {want}",
+                            dev.name(),
+                            got[i]
+                        );
+                    }
                 }
             }
             // Backward, accumulating into non-zero dA / dB / dx.

@@ -17,3 +17,49 @@ pub mod w8a16;
 pub mod w8a8;
 
 pub use norm::*;
+
+use std::sync::OnceLock;
+
+/// The block tile of a GEMM kernel that comes in two sizes: 64 × 64 (fewer operations per byte,
+/// but 4× more blocks, which fills more of a GPU on small shapes) or 128 × 128 (training shapes).
+/// Both compute the same sums with the same rounding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    T64,
+    T128,
+}
+
+impl Tile {
+    /// The edge of the block tile.
+    pub fn size(self) -> usize {
+        match self {
+            Tile::T64 => 64,
+            Tile::T128 => 128,
+        }
+    }
+
+    /// The 128 tile when its grid over `rows × cols` outputs has at least 128 blocks (every
+    /// LLaMA-7B linear at 4 × 1024 tokens has ≥ 1024), else the 64 tile. The environment
+    /// variable `var` = `64` or `128` forces one, for A/B runs; it is read once per process
+    /// (`forced` caches it).
+    pub fn pick(
+        rows: usize,
+        cols: usize,
+        var: &str,
+        forced: &'static OnceLock<Option<Tile>>,
+    ) -> Tile {
+        const MIN_BLOCKS_128: usize = 128;
+        let forced = *forced.get_or_init(|| match std::env::var(var).as_deref() {
+            Ok("64") => Some(Tile::T64),
+            Ok("128") => Some(Tile::T128),
+            _ => None,
+        });
+        forced.unwrap_or(
+            if rows.div_ceil(128) * cols.div_ceil(128) >= MIN_BLOCKS_128 {
+                Tile::T128
+            } else {
+                Tile::T64
+            },
+        )
+    }
+}

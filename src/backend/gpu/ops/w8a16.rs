@@ -5,65 +5,37 @@ use std::sync::OnceLock;
 use half::bf16;
 
 use super::super::device::{Arg, DevBuf, Device, Launch};
+use super::Tile;
 use crate::error::{Error, Result};
 
-/// Which dX kernel runs: the 64 × 64 single-stage tile (`gemm_*_dx_bf16`) or the 128 × 128
-/// pipelined one (`gemm_*_dx128_bf16`). Both compute the same sums with the same rounding bound.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DxTile {
-    T64,
-    T128,
+/// The dX kernel for a shape: the 128 × 128 pipelined tile (`gemm_*_dx128_bf16`) for
+/// training-size grids, else the 64 × 64 single-stage one (`gemm_*_dx_bf16`); `RECFORGE_DX_TILE`
+/// forces one. The 128 tile needs N to be a multiple of 8, so an odd vocabulary takes the 64.
+pub fn dx_tile(m: usize, n: usize, k: usize) -> Tile {
+    static FORCED: OnceLock<Option<Tile>> = OnceLock::new();
+    if !n.is_multiple_of(8) {
+        return Tile::T64;
+    }
+    Tile::pick(m, k, "RECFORGE_DX_TILE", &FORCED)
 }
 
-impl DxTile {
-    /// The 128 tile when its grid has at least `MIN_BLOCKS_128` blocks (training shapes: LLaMA-7B
-    /// at 4 × 1024 tokens gives 1024), else the 64 tile, whose 4× more blocks fill more of the
-    /// GPU on small shapes. `RECFORGE_DX_TILE=64|128` forces one (read once), for A/B runs;
-    /// the 128 tile needs N to be a multiple of 8, so an odd vocabulary always takes the 64.
-    pub fn for_shape(m: usize, n: usize, k: usize) -> DxTile {
-        const MIN_BLOCKS_128: usize = 128;
-        if !n.is_multiple_of(8) {
-            return DxTile::T64;
-        }
-        static FORCED: OnceLock<Option<DxTile>> = OnceLock::new();
-        let forced = *FORCED.get_or_init(|| match std::env::var("RECFORGE_DX_TILE").as_deref() {
-            Ok("64") => Some(DxTile::T64),
-            Ok("128") => Some(DxTile::T128),
-            _ => None,
-        });
-        forced.unwrap_or(if m.div_ceil(128) * k.div_ceil(128) >= MIN_BLOCKS_128 {
-            DxTile::T128
-        } else {
-            DxTile::T64
-        })
-    }
-
-    fn launch(self) -> Launch {
-        match self {
-            DxTile::T64 => Launch {
-                grid: (0, 0, 1),
-                block: (128, 1, 1),
-                shared_bytes: 64 * 64 + 32 * 128,
-            },
-            DxTile::T128 => Launch {
-                grid: (0, 0, 1),
-                block: (256, 1, 1),
-                shared_bytes: 3 * 128 * 64 + 2 * 32 * 256,
-            },
-        }
-    }
-
-    fn grid(self, m: usize, k: usize) -> Result<(u32, u32, u32)> {
-        let t = match self {
-            DxTile::T64 => 64,
-            DxTile::T128 => 128,
-        };
-        let c = |v: usize| {
-            u32::try_from(v.div_ceil(t))
-                .map_err(|_| Error::Shape(format!("dX GEMM: {v} rows or columns is too many")))
-        };
-        Ok((c(k)?, c(m)?, 1))
-    }
+fn dx_launch(tile: Tile, m: usize, k: usize) -> Result<Launch> {
+    let t = tile.size();
+    let c = |v: usize| {
+        u32::try_from(v.div_ceil(t))
+            .map_err(|_| Error::Shape(format!("dX GEMM: {v} rows or columns is too many")))
+    };
+    Ok(Launch {
+        grid: (c(k)?, c(m)?, 1),
+        block: match tile {
+            Tile::T64 => (128, 1, 1),
+            Tile::T128 => (256, 1, 1),
+        },
+        shared_bytes: match tile {
+            Tile::T64 => 64 * 64 + 32 * 128,
+            Tile::T128 => 3 * 128 * 64 + 2 * 32 * 256,
+        },
+    })
 }
 
 /// `dx[M, K] (+)= dy[M, N] · dequant(wq, sw)[N, K]`; `accumulate` adds to dx instead of
@@ -80,7 +52,7 @@ pub fn linear_backward_input(
     k: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let tile = DxTile::for_shape(m, n, k);
+    let tile = dx_tile(m, n, k);
     linear_backward_input_with(dev, dy, wq, sw, dx, m, n, k, accumulate, tile)
 }
 
@@ -96,11 +68,11 @@ pub fn linear_backward_input_with(
     n: usize,
     k: usize,
     accumulate: bool,
-    tile: DxTile,
+    tile: Tile,
 ) -> Result<()> {
     let name = match tile {
-        DxTile::T64 => "gemm_w8a16_dx_bf16",
-        DxTile::T128 => "gemm_w8a16_dx128_bf16",
+        Tile::T64 => "gemm_w8a16_dx_bf16",
+        Tile::T128 => "gemm_w8a16_dx128_bf16",
     };
     if !n.is_multiple_of(8) || !k.is_multiple_of(16) {
         return Err(Error::Shape(format!(
@@ -122,10 +94,7 @@ pub fn linear_backward_input_with(
     let c = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::Shape(format!("{name}: {what} = {v} is too large")))
     };
-    let launch = Launch {
-        grid: tile.grid(m, k)?,
-        ..tile.launch()
-    };
+    let launch = dx_launch(tile, m, k)?;
     let args = [
         dev.ptr(dy)?,
         dev.ptr(wq)?,
@@ -216,7 +185,7 @@ pub fn dense_backward_input(
     k: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let tile = DxTile::for_shape(m, n, k);
+    let tile = dx_tile(m, n, k);
     dense_backward_input_with(dev, dy, w, dx, m, n, k, accumulate, tile)
 }
 
@@ -232,13 +201,13 @@ pub fn dense_backward_input_with(
     n: usize,
     k: usize,
     accumulate: bool,
-    tile: DxTile,
+    tile: Tile,
 ) -> Result<()> {
     let name = match tile {
-        DxTile::T64 => "gemm_bf16_dx_bf16",
-        DxTile::T128 => "gemm_bf16_dx128_bf16",
+        Tile::T64 => "gemm_bf16_dx_bf16",
+        Tile::T128 => "gemm_bf16_dx128_bf16",
     };
-    if tile == DxTile::T128 && !n.is_multiple_of(8) {
+    if tile == Tile::T128 && !n.is_multiple_of(8) {
         return Err(Error::Shape(format!(
             "{name}: N = {n} must be a multiple of 8 (use the 64 tile)"
         )));
@@ -262,10 +231,7 @@ pub fn dense_backward_input_with(
     let c = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::Shape(format!("{name}: {what} = {v} is too large")))
     };
-    let launch = Launch {
-        grid: tile.grid(m, k)?,
-        ..tile.launch()
-    };
+    let launch = dx_launch(tile, m, k)?;
     let args = [
         dev.ptr(dy)?,
         dev.ptr(w)?,

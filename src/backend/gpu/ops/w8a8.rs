@@ -3,7 +3,10 @@
 
 use half::bf16;
 
+use std::sync::OnceLock;
+
 use super::super::device::{Arg, DevBuf, Device, Launch};
+use super::Tile;
 use crate::error::{Error, Result};
 
 /// Device scratch for quantizing up to `max_rows × max_k` activations, allocated once by the
@@ -37,8 +40,6 @@ impl Int8Scratch {
     }
 }
 
-const GEMM_SMEM: u32 = 3 * 2 * 64 * 64;
-
 fn dims(k: &str, m: usize, n: usize, kk: usize) -> Result<(i32, i32, i32)> {
     let c = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::Shape(format!("{k}: {what} = {v} is too large")))
@@ -51,11 +52,22 @@ fn dims(k: &str, m: usize, n: usize, kk: usize) -> Result<(i32, i32, i32)> {
     Ok((c(m, "M")?, c(n, "N")?, c(kk, "K")?))
 }
 
-fn grid(m: usize, n: usize) -> Launch {
+/// The W8A8 GEMM's tile for `m × n` outputs (see [`Tile::pick`]); `RECFORGE_W8A8_TILE` forces one.
+pub fn gemm_tile(m: usize, n: usize) -> Tile {
+    static FORCED: OnceLock<Option<Tile>> = OnceLock::new();
+    Tile::pick(m, n, "RECFORGE_W8A8_TILE", &FORCED)
+}
+
+fn grid(tile: Tile, m: usize, n: usize) -> Launch {
+    let t = tile.size();
     Launch {
-        grid: (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1),
-        block: (128, 1, 1),
-        shared_bytes: GEMM_SMEM,
+        grid: (n.div_ceil(t) as u32, m.div_ceil(t) as u32, 1),
+        block: match tile {
+            Tile::T64 => (128, 1, 1),
+            Tile::T128 => (256, 1, 1),
+        },
+        // 3 stages of a 64-byte slice of K for both operand tiles.
+        shared_bytes: (3 * 2 * t * 64) as u32,
     }
 }
 
@@ -69,7 +81,25 @@ pub fn gemm_w8a8_i32(
     n: usize,
     k: usize,
 ) -> Result<()> {
-    let name = "gemm_w8a8_i32";
+    gemm_w8a8_i32_with(dev, xq, wq, out, m, n, k, gemm_tile(m, n))
+}
+
+/// [`gemm_w8a8_i32`] with the tile chosen by the caller (tests and benchmarks run both).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_w8a8_i32_with(
+    dev: &Device,
+    xq: &DevBuf<i8>,
+    wq: &DevBuf<i8>,
+    out: &mut DevBuf<i32>,
+    m: usize,
+    n: usize,
+    k: usize,
+    tile: Tile,
+) -> Result<()> {
+    let name = match tile {
+        Tile::T64 => "gemm_w8a8_i32",
+        Tile::T128 => "gemm_w8a8_t128_i32",
+    };
     let (mi, ni, ki) = dims(name, m, n, k)?;
     if xq.len() < m * k || wq.len() != n * k || out.len() != m * n {
         return Err(Error::Shape(format!(
@@ -90,7 +120,7 @@ pub fn gemm_w8a8_i32(
         Arg::I32(ni),
         Arg::I32(ki),
     ];
-    dev.launch(name, grid(m, n), &args)
+    dev.launch(name, grid(tile, m, n), &args)
 }
 
 /// Quantize `x [rows, k]` into `scratch` (xq, sx, and the outlier columns for `threshold`; 0
@@ -180,7 +210,33 @@ pub fn linear_w8a8(
     residual: Option<&DevBuf<bf16>>,
     out: &mut DevBuf<bf16>,
 ) -> Result<()> {
-    let name = "gemm_w8a8_bf16";
+    let tile = gemm_tile(rows, n);
+    linear_w8a8_with(
+        dev, x, rows, k, wq, sw, n, threshold, scratch, lora, residual, out, tile,
+    )
+}
+
+/// [`linear_w8a8`] with the GEMM's tile chosen by the caller (tests and benchmarks run both).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_w8a8_with(
+    dev: &Device,
+    x: &DevBuf<bf16>,
+    rows: usize,
+    k: usize,
+    wq: &DevBuf<i8>,
+    sw: &DevBuf<f32>,
+    n: usize,
+    threshold: f32,
+    scratch: &mut Int8Scratch,
+    lora: Option<LoraUp<'_>>,
+    residual: Option<&DevBuf<bf16>>,
+    out: &mut DevBuf<bf16>,
+    tile: Tile,
+) -> Result<()> {
+    let name = match tile {
+        Tile::T64 => "gemm_w8a8_bf16",
+        Tile::T128 => "gemm_w8a8_t128_bf16",
+    };
     let (mi, ni, ki) = dims(name, rows, n, k)?;
     if wq.len() != n * k
         || sw.len() != n
@@ -238,5 +294,5 @@ pub fn linear_w8a8(
         Arg::I32(ni),
         Arg::I32(ki),
     ];
-    dev.launch(name, grid(rows, n), &args)
+    dev.launch(name, grid(tile, rows, n), &args)
 }
