@@ -23,7 +23,9 @@
 #                                     # training comparison always gets its turn.
 #                                     # GPU_CHECK_PHASES (default
 #                                     # "tests train peers benches sanitizer") picks phases, e.g.
-#                                     # "benches sanitizer" for a second call.
+#                                     # "benches sanitizer" for a second call; the phase
+#                                     # "tiles" (not a default) runs bench-train once more with
+#                                     # the 64 × 64 GEMM tiles forced, for the 128 tiles' effect.
 #   .gpu/gpu-check.sh run-train OUT_DIR   # THERE: only the training comparison: bench-train on
 #                                     # CUDA at LLaMA-7B shapes, batch 4 × seq 1024, ITREK LoRA
 #                                     # (r 16 on q,k,v,o), and scripts/peer_train.py (HF PEFT, bf16
@@ -244,22 +246,47 @@ PY
         done
     fi
     want train && train_compare
+    if want tiles; then
+        # Not in the default phases: the training run once more with the 64 × 64 GEMM tiles
+        # forced (the kernels before 2026-12-06), for the step-level effect of the 128 tiles.
+        step "bench-train llama-7b 4×1024 itrek, 64 tiles forced (cuda)" 120 \
+            env RECFORGE_W8A8_TILE=64 RECFORGE_DX_TILE=64 "$here/bin/bench-train" --device cuda \
+            --model llama-7b --preset itrek --batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o \
+            --warmup 2 --steps 5 --time-limit 60 --json "$out/bench-train-t64.json"
+        python3 - "$out/bench-train-t64.json" "$out/bench-train.json" >>"$md" <<'PY' || true
+import json, sys
+def tps(p):
+    try:
+        return json.load(open(p))["tokens_per_sec"]
+    except Exception:
+        return None
+a, b = tps(sys.argv[1]), tps(sys.argv[2])
+print()
+print(f"64 tiles forced: {a and round(a)} tokens/s; default tiles (train phase): {b and round(b)} tokens/s"
+      + (f"; ratio {b / a:.2f}×" if a and b else ""))
+print()
+print("| step | result | seconds |")
+print("|---|---|---|")
+PY
+    fi
     if want peers && command -v python3 >/dev/null 2>&1; then
         step "peer: torch._int_mm (cuBLASLt int8)" 90 python3 "$here/peer_int8_mm.py"
         step "peer: sort-based sampling (PyTorch)" 60 python3 "$here/peer_sampling.py"
     fi
     if want benches; then
         for b in "$here"/benches/*; do
-            step "bench $(basename "$b")" 90 "$b" --bench --warm-up-time 0.5 --measurement-time 1
+            # 10 samples: a 7B-shape GEMM at 100 would stretch each case past its 1 s.
+            step "bench $(basename "$b")" 90 "$b" --bench --warm-up-time 0.5 --measurement-time 1 --sample-size 10
         done
     fi
     if want sanitizer; then
         if command -v compute-sanitizer >/dev/null 2>&1; then
             for tool in memcheck racecheck; do
-                for t in kernels simulator kernels_attention kernels_paged kernels_sampling; do
+                for t in kernels simulator kernels_linear kernels_attention kernels_paged kernels_sampling; do
                     # The planted-bug kernels run only on the simulator, so the GPU runs are
-                    # clean. The shared-memory-heavy kernels (tiled attention, paged decode,
-                    # sampling) are checked for races and out-of-bounds accesses too.
+                    # clean. The shared-memory-heavy kernels (the pipelined GEMMs, tiled
+                    # attention, paged decode, sampling) are checked for races and
+                    # out-of-bounds accesses too.
                     step "compute-sanitizer $tool ($t)" 120 compute-sanitizer --tool "$tool" --error-exitcode 1 "$here/tests/$t" --test-threads=1
                 done
             done
