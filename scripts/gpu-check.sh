@@ -76,15 +76,16 @@ for line in sys.stdin:
     cp "${BASH_SOURCE[0]}" .gpu/gpu-check.sh
     cp scripts/peer_int8_mm.py scripts/peer_train.py scripts/peer_sampling.py .gpu/
     # Debug info is most of the size; the device tool carries at most 64 MiB. Stripped, the
-    # executables are still over 100 MiB, so they travel as one gzip archive (about a third of
-    # that), which `run` unpacks next to this script.
+    # executables are still over 200 MiB, so they travel as one xz archive (about a seventh of
+    # that; gzip gave 61 MiB on 2026-12-06, too close to the limit), which `run` unpacks next
+    # to this script (with python3's tarfile where there is no xz).
     find .gpu -type f -perm -u+x ! -name '*.sh' ! -name '*.py' -exec strip --strip-debug {} +
     git rev-parse HEAD >.gpu/COMMIT 2>/dev/null || true
     staged_tests=$(ls .gpu/tests | tr '\n' ' ')
-    tar -C .gpu -czf .gpu/payload.tar.gz tests benches bin
+    tar -C .gpu -cf - tests benches bin | xz -T0 -6 >.gpu/payload.tar.xz
     rm -rf .gpu/tests .gpu/benches .gpu/bin
     size=$(du -sm .gpu | cut -f1)
-    echo "staged .gpu/ ($size MiB; executables in payload.tar.gz): $staged_tests"
+    echo "staged .gpu/ ($size MiB; executables in payload.tar.xz): $staged_tests"
     if [ "$size" -ge 64 ]; then
         echo "error: .gpu/ is $size MiB, over the 64 MiB the device tool carries" >&2
         exit 1
@@ -93,8 +94,13 @@ for line in sys.stdin:
 run | run-train)
     out="${2:?usage: gpu-check.sh run|run-train OUT_DIR}"
     here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-    if [ -f "$here/payload.tar.gz" ] && [ ! -d "$here/tests" ]; then
-        tar -C "$here" -xzf "$here/payload.tar.gz"
+    if [ -f "$here/payload.tar.xz" ] && [ ! -d "$here/tests" ]; then
+        if command -v xz >/dev/null 2>&1; then
+            tar -C "$here" -xJf "$here/payload.tar.xz"
+        else
+            python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+                "$here/payload.tar.xz" "$here"
+        fi
     fi
     mkdir -p "$out"
     log="$out/gpu-check.log"
