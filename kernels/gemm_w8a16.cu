@@ -199,11 +199,18 @@ __device__ __forceinline__ void load_w(WRegs& w, const void* __restrict__ wv, co
     }
 }
 
+// The 8 threads of a row store chunks 2c and 2c+1; threads 4-7 store their odd chunk first, so
+// each of the two 16-byte store instructions hits 8 different bank groups (2c alone repeats
+// chunks 0, 2, 4, 6 mod 8: a 2-way conflict).
+__device__ __forceinline__ void store_pair(rf_smem_t<unsigned char> sB, uint4 lo, uint4 hi) {
+    const int r = threadIdx.x >> 3, c = threadIdx.x & 7, h = (c >> 2) & 1;
+    rf_st16(sB + swz_b(r, 2 * c + h), h ? hi : lo);
+    rf_st16(sB + swz_b(r, 2 * c + 1 - h), h ? lo : hi);
+}
+
 template <bool DENSE> __device__ __forceinline__ void store_w(rf_smem_t<unsigned char> sB, const WRegs& w) {
-    const int r = threadIdx.x >> 3, c = threadIdx.x & 7;
     if (DENSE) {
-        rf_st16(sB + swz_b(r, 2 * c), w.v0);
-        rf_st16(sB + swz_b(r, 2 * c + 1), w.v1);
+        store_pair(sB, w.v0, w.v1);
         return;
     }
     // int8 → f32 exactly without an int→float conversion: with b = w + 128 (w XOR 0x80 as a byte),
@@ -218,8 +225,7 @@ template <bool DENSE> __device__ __forceinline__ void store_w(rf_smem_t<unsigned
         o[2 * j] = pack(f[0], f[1]);
         o[2 * j + 1] = pack(f[2], f[3]);
     }
-    rf_st16(sB + swz_b(r, 2 * c), make_uint4(o[0], o[1], o[2], o[3]));
-    rf_st16(sB + swz_b(r, 2 * c + 1), make_uint4(o[4], o[5], o[6], o[7]));
+    store_pair(sB, make_uint4(o[0], o[1], o[2], o[3]), make_uint4(o[4], o[5], o[6], o[7]));
 }
 
 // dY step: 128 rows × 4 chunks of 8 bf16, two chunks a thread; rows past M and columns past N

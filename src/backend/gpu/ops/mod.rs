@@ -22,7 +22,8 @@ use std::sync::OnceLock;
 
 /// The block tile of a GEMM kernel that comes in two sizes: 64 × 64 (fewer operations per byte,
 /// but 4× more blocks, which fills more of a GPU on small shapes) or 128 × 128 (training shapes).
-/// Both compute the same sums with the same rounding.
+/// The two W8A8 tiles give bit-identical outputs; the two dX tiles round one factor of each term
+/// to bf16 on different sides (dy·sw for 64, wq·sw for 128), within the same bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tile {
     T64,
