@@ -80,8 +80,20 @@ fn bench_gpu(c: &mut Criterion) {
         for (label, tile) in [("t64", Tile::T64), ("t128", Tile::T128)] {
             g.bench_function(BenchmarkId::new(format!("linear_{label}"), name), |b| {
                 b.iter(|| {
-                    w8a8::linear_w8a8_with(
-                        &dev, &dx, m, k, &dw, &sw, n, 6.0, &mut s, None, None, &mut out, tile,
+                    w8a8::linear_w8a8(
+                        &dev,
+                        &dx,
+                        m,
+                        k,
+                        &dw,
+                        &sw,
+                        n,
+                        6.0,
+                        &mut s,
+                        None,
+                        None,
+                        &mut out,
+                        Some(tile),
                     )
                     .unwrap();
                     dev.synchronize().unwrap();
@@ -89,7 +101,7 @@ fn bench_gpu(c: &mut Criterion) {
             });
             g.bench_function(BenchmarkId::new(format!("i32_only_{label}"), name), |b| {
                 b.iter(|| {
-                    w8a8::gemm_w8a8_i32_with(&dev, &s.xq, &dw, &mut raw, m, n, k, tile).unwrap();
+                    w8a8::gemm_w8a8_i32(&dev, &s.xq, &dw, &mut raw, m, n, k, Some(tile)).unwrap();
                     dev.synchronize().unwrap();
                 })
             });
@@ -139,8 +151,17 @@ fn bench_gpu(c: &mut Criterion) {
         for (label, tile) in [("t64", Tile::T64), ("t128", Tile::T128)] {
             g.bench_function(BenchmarkId::new(name, label), |b| {
                 b.iter(|| {
-                    w8a16::linear_backward_input_with(
-                        &dev, &dy, &dw, &sw, &mut dx, m, n, k, false, tile,
+                    w8a16::linear_backward_input(
+                        &dev,
+                        &dy,
+                        &dw,
+                        &sw,
+                        &mut dx,
+                        m,
+                        n,
+                        k,
+                        false,
+                        Some(tile),
                     )
                     .unwrap();
                     dev.synchronize().unwrap();
@@ -169,7 +190,7 @@ fn bench_gpu(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("base", m), |b| {
             b.iter(|| {
                 w8a8::linear_w8a8(
-                    &dev, &dx, m, k, &dw, &sw, n, 6.0, &mut s, None, None, &mut out,
+                    &dev, &dx, m, k, &dw, &sw, n, 6.0, &mut s, None, None, &mut out, None,
                 )
                 .unwrap();
                 dev.synchronize().unwrap();
@@ -225,6 +246,7 @@ fn bench_gpu(c: &mut Criterion) {
                         Some(up),
                         None,
                         &mut out,
+                        None,
                     )
                     .unwrap();
                     dev.synchronize().unwrap();

@@ -65,7 +65,7 @@ fn int8_gemm_accumulators_are_exact() {
             let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
             for tile in TILES {
                 let mut out = dev.upload(&vec![i32::MIN; m * n]).unwrap();
-                w8a8::gemm_w8a8_i32_with(&dev, &da, &db, &mut out, m, n, k, tile).unwrap();
+                w8a8::gemm_w8a8_i32(&dev, &da, &db, &mut out, m, n, k, Some(tile)).unwrap();
                 assert_eq!(
                     dev.download(&out).unwrap(),
                     want,
@@ -182,7 +182,7 @@ fn w8a8_linear_matches_the_cpu_reference_bit_for_bit() {
                 );
                 let dres = dev.upload(&res).unwrap();
                 let mut out = dev.upload(&vec![bf16::NAN; m * n]).unwrap();
-                w8a8::linear_w8a8_with(
+                w8a8::linear_w8a8(
                     &dev,
                     &dx,
                     m,
@@ -195,7 +195,7 @@ fn w8a8_linear_matches_the_cpu_reference_bit_for_bit() {
                     None,
                     with_res.then_some(&dres),
                     &mut out,
-                    tile,
+                    Some(tile),
                 )
                 .unwrap();
                 let got: Vec<u16> = dev
@@ -305,8 +305,17 @@ fn w8a16_backward_matches_the_cpu_reference() {
                         vec![bf16::NAN; m * k]
                     })
                     .unwrap();
-                w8a16::linear_backward_input_with(
-                    &dev, &ddy, &dwq, &dws, &mut dx, m, n, k, accumulate, tile,
+                w8a16::linear_backward_input(
+                    &dev,
+                    &ddy,
+                    &dwq,
+                    &dws,
+                    &mut dx,
+                    m,
+                    n,
+                    k,
+                    accumulate,
+                    Some(tile),
                 )
                 .unwrap();
                 let got = dev.download(&dx).unwrap();
@@ -340,6 +349,7 @@ fn w8a16_backward_matches_the_cpu_reference() {
         3,
         16,
         false,
+        None,
     )
     .unwrap_err()
     .to_string();
@@ -400,7 +410,7 @@ fn dense_backward_input_matches_the_cpu_reference() {
                     vec![bf16::NAN; m * k]
                 };
                 let mut dx = dev.upload(&start).unwrap();
-                let run = w8a16::dense_backward_input_with(
+                let run = w8a16::dense_backward_input(
                     dev,
                     &dev.upload(&dy).unwrap(),
                     &dev.upload(&w).unwrap(),
@@ -409,7 +419,7 @@ fn dense_backward_input_matches_the_cpu_reference() {
                     n,
                     k,
                     accumulate,
-                    tile,
+                    Some(tile),
                 );
                 if tile == Tile::T128 && n % 8 != 0 {
                     let e = run.unwrap_err().to_string();
@@ -579,7 +589,7 @@ fn gated_lora_forward_and_backward_match_the_cpu_reference() {
                         rank: r,
                         scale,
                     };
-                    w8a8::linear_w8a8_with(
+                    w8a8::linear_w8a8(
                         &dev,
                         &dx_,
                         m,
@@ -592,7 +602,7 @@ fn gated_lora_forward_and_backward_match_the_cpu_reference() {
                         Some(lup),
                         None,
                         &mut out,
-                        tile,
+                        Some(tile),
                     )
                     .unwrap();
                     let got = dev.download(&out).unwrap();

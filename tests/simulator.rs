@@ -717,6 +717,14 @@ fn misuse_is_reported_with_the_kernel_name() {
         e.contains("selftest_bug_smem_oob") && e.contains("invalid launch"),
         "{e}"
     );
+    // A grid taller than CUDA's 65535 blocks in y (a GEMM over more than 8.4M rows).
+    let mut l = Launch::linear(1, 64);
+    l.grid.1 = 65536;
+    let e = sim
+        .launch("selftest_bug_smem_oob", l, &[p, Arg::I32(0)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("invalid launch") && e.contains("65535"), "{e}");
     // More dynamic shared memory than any GPU gives a block.
     let mut l = Launch::linear(1, 64);
     l.shared_bytes = 300 * 1024;

@@ -209,6 +209,7 @@ impl Gpu {
                     None,
                     None,
                     ob,
+                    None,
                 )
             }
             LinearWeight::Dense(d) => {
@@ -702,6 +703,7 @@ impl Backend for Gpu {
                 n,
                 w.in_features,
                 accumulate,
+                None,
             ),
             LinearWeight::Dense(d) => ops::w8a16::dense_backward_input(
                 &self.dev,
@@ -712,6 +714,7 @@ impl Backend for Gpu {
                 n,
                 w.in_features,
                 accumulate,
+                None,
             ),
         }
     }

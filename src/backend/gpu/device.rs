@@ -531,9 +531,18 @@ impl Device {
     pub fn launch(&self, kernel: &str, cfg: Launch, args: &[Arg]) -> Result<()> {
         let (b, g) = (cfg.block, cfg.grid);
         let threads = b.0 as u64 * b.1 as u64 * b.2 as u64;
-        if threads == 0 || threads > 1024 || g.0 == 0 || g.1 == 0 || g.2 == 0 {
+        if threads == 0
+            || threads > 1024
+            || g.0 == 0
+            || g.1 == 0
+            || g.2 == 0
+            || g.0 > i32::MAX as u32
+            || g.1 > 65535
+            || g.2 > 65535
+        {
             return Err(Error::Device(format!(
-                "{kernel}: invalid launch {cfg:?} (1..=1024 threads per block, non-empty grid)"
+                "{kernel}: invalid launch {cfg:?} (1..=1024 threads per block, a non-empty grid \
+                 of at most 2^31-1 × 65535 × 65535 blocks)"
             )));
         }
         check_args(kernel, args)?;

@@ -20,6 +20,8 @@ pub use norm::*;
 
 use std::sync::OnceLock;
 
+use super::device::Launch;
+
 /// The block tile of a GEMM kernel that comes in two sizes: 64 × 64 (fewer operations per byte,
 /// but 4× more blocks, which fills more of a GPU on small shapes) or 128 × 128 (training shapes).
 /// The two W8A8 tiles give bit-identical outputs; the two dX tiles round one factor of each term
@@ -36,6 +38,22 @@ impl Tile {
         match self {
             Tile::T64 => 64,
             Tile::T128 => 128,
+        }
+    }
+
+    /// The launch of a kernel with this tile over `rows × cols` outputs: blocks along the
+    /// columns in x and the rows in y, 4 warps for the 64 tile and 8 for the 128. A grid too
+    /// large for a u32 saturates, and `Device::launch` refuses it by name.
+    pub fn launch(self, rows: usize, cols: usize, shared_bytes: u32) -> Launch {
+        let t = self.size();
+        let blocks = |v: usize| u32::try_from(v.div_ceil(t)).unwrap_or(u32::MAX);
+        Launch {
+            grid: (blocks(cols), blocks(rows), 1),
+            block: match self {
+                Tile::T64 => (128, 1, 1),
+                Tile::T128 => (256, 1, 1),
+            },
+            shared_bytes,
         }
     }
 

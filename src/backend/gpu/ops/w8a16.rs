@@ -19,27 +19,17 @@ pub fn dx_tile(m: usize, n: usize, k: usize) -> Tile {
     Tile::pick(m, k, "RECFORGE_DX_TILE", &FORCED)
 }
 
-fn dx_launch(tile: Tile, m: usize, k: usize) -> Result<Launch> {
-    let t = tile.size();
-    let c = |v: usize| {
-        u32::try_from(v.div_ceil(t))
-            .map_err(|_| Error::Shape(format!("dX GEMM: {v} rows or columns is too many")))
-    };
-    Ok(Launch {
-        grid: (c(k)?, c(m)?, 1),
-        block: match tile {
-            Tile::T64 => (128, 1, 1),
-            Tile::T128 => (256, 1, 1),
-        },
-        shared_bytes: match tile {
-            Tile::T64 => 64 * 64 + 32 * 128,
-            Tile::T128 => 3 * 128 * 64 + 2 * 32 * 256,
-        },
-    })
+/// Dynamic shared memory of each dX kernel (see kernels/gemm_w8a16.cu).
+fn dx_smem(tile: Tile) -> u32 {
+    match tile {
+        Tile::T64 => 64 * 64 + 32 * 128,
+        Tile::T128 => 3 * 128 * 64 + 2 * 32 * 256,
+    }
 }
 
 /// `dx[M, K] (+)= dy[M, N] · dequant(wq, sw)[N, K]`; `accumulate` adds to dx instead of
-/// overwriting it. N must be a multiple of 8 and K of 16.
+/// overwriting it. N must be a multiple of 8 and K of 16. `tile`: the kernel, or `None` for
+/// [`dx_tile`]'s pick (tests and benchmarks run both).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward_input(
     dev: &Device,
@@ -51,25 +41,9 @@ pub fn linear_backward_input(
     n: usize,
     k: usize,
     accumulate: bool,
+    tile: Option<Tile>,
 ) -> Result<()> {
-    let tile = dx_tile(m, n, k);
-    linear_backward_input_with(dev, dy, wq, sw, dx, m, n, k, accumulate, tile)
-}
-
-/// [`linear_backward_input`] with the kernel chosen by the caller (tests and benchmarks run both).
-#[allow(clippy::too_many_arguments)]
-pub fn linear_backward_input_with(
-    dev: &Device,
-    dy: &DevBuf<bf16>,
-    wq: &DevBuf<i8>,
-    sw: &DevBuf<f32>,
-    dx: &mut DevBuf<bf16>,
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    tile: Tile,
-) -> Result<()> {
+    let tile = tile.unwrap_or_else(|| dx_tile(m, n, k));
     let name = match tile {
         Tile::T64 => "gemm_w8a16_dx_bf16",
         Tile::T128 => "gemm_w8a16_dx128_bf16",
@@ -94,7 +68,7 @@ pub fn linear_backward_input_with(
     let c = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::Shape(format!("{name}: {what} = {v} is too large")))
     };
-    let launch = dx_launch(tile, m, k)?;
+    let launch = tile.launch(m, k, dx_smem(tile));
     let args = [
         dev.ptr(dy)?,
         dev.ptr(wq)?,
@@ -173,7 +147,8 @@ pub fn gemv(
 
 /// `dx[M, K] (+)= dy[M, N] · w[N, K]` for a dense bf16 weight (the output head's backward, and
 /// any linear kept dense); any N, K a multiple of 16 (kernels/gemm_w8a16.cu,
-/// `gemm_bf16_dx_bf16`).
+/// `gemm_bf16_dx{,128}_bf16`). `tile`: the kernel, or `None` for [`dx_tile`]'s pick; the 128
+/// tile needs N to be a multiple of 8 (its dY rows are copied 16 bytes at a time).
 #[allow(clippy::too_many_arguments)]
 pub fn dense_backward_input(
     dev: &Device,
@@ -184,25 +159,9 @@ pub fn dense_backward_input(
     n: usize,
     k: usize,
     accumulate: bool,
+    tile: Option<Tile>,
 ) -> Result<()> {
-    let tile = dx_tile(m, n, k);
-    dense_backward_input_with(dev, dy, w, dx, m, n, k, accumulate, tile)
-}
-
-/// [`dense_backward_input`] with the kernel chosen by the caller; the 128 tile needs N to be a
-/// multiple of 8 (its dY rows are copied 16 bytes at a time).
-#[allow(clippy::too_many_arguments)]
-pub fn dense_backward_input_with(
-    dev: &Device,
-    dy: &DevBuf<bf16>,
-    w: &DevBuf<bf16>,
-    dx: &mut DevBuf<bf16>,
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    tile: Tile,
-) -> Result<()> {
+    let tile = tile.unwrap_or_else(|| dx_tile(m, n, k));
     let name = match tile {
         Tile::T64 => "gemm_bf16_dx_bf16",
         Tile::T128 => "gemm_bf16_dx128_bf16",
@@ -231,7 +190,7 @@ pub fn dense_backward_input_with(
     let c = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::Shape(format!("{name}: {what} = {v} is too large")))
     };
-    let launch = dx_launch(tile, m, k)?;
+    let launch = tile.launch(m, k, dx_smem(tile));
     let args = [
         dev.ptr(dy)?,
         dev.ptr(w)?,

@@ -58,20 +58,14 @@ pub fn gemm_tile(m: usize, n: usize) -> Tile {
     Tile::pick(m, n, "RECFORGE_W8A8_TILE", &FORCED)
 }
 
+/// The W8A8 GEMM's launch: 3 stages of a 64-byte slice of K for both operand tiles.
 fn grid(tile: Tile, m: usize, n: usize) -> Launch {
-    let t = tile.size();
-    Launch {
-        grid: (n.div_ceil(t) as u32, m.div_ceil(t) as u32, 1),
-        block: match tile {
-            Tile::T64 => (128, 1, 1),
-            Tile::T128 => (256, 1, 1),
-        },
-        // 3 stages of a 64-byte slice of K for both operand tiles.
-        shared_bytes: (3 * 2 * t * 64) as u32,
-    }
+    tile.launch(m, n, (3 * 2 * tile.size() * 64) as u32)
 }
 
-/// Raw int32 accumulators `out[M, N] = xq[M, K] · wq[N, K]ᵀ` (exactness tests).
+/// Raw int32 accumulators `out[M, N] = xq[M, K] · wq[N, K]ᵀ` (exactness tests). `tile`: the
+/// block tile, or `None` for [`gemm_tile`]'s pick.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_w8a8_i32(
     dev: &Device,
     xq: &DevBuf<i8>,
@@ -80,22 +74,9 @@ pub fn gemm_w8a8_i32(
     m: usize,
     n: usize,
     k: usize,
+    tile: Option<Tile>,
 ) -> Result<()> {
-    gemm_w8a8_i32_with(dev, xq, wq, out, m, n, k, gemm_tile(m, n))
-}
-
-/// [`gemm_w8a8_i32`] with the tile chosen by the caller (tests and benchmarks run both).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_w8a8_i32_with(
-    dev: &Device,
-    xq: &DevBuf<i8>,
-    wq: &DevBuf<i8>,
-    out: &mut DevBuf<i32>,
-    m: usize,
-    n: usize,
-    k: usize,
-    tile: Tile,
-) -> Result<()> {
+    let tile = tile.unwrap_or_else(|| gemm_tile(m, n));
     let name = match tile {
         Tile::T64 => "gemm_w8a8_i32",
         Tile::T128 => "gemm_w8a8_t128_i32",
@@ -195,6 +176,8 @@ pub struct LoraUp<'a> {
 }
 
 /// `out[rows, n] = bf16(dequant(quant(x) · wqᵀ) + outlier side product (+ LoRA) (+ residual))`.
+/// `tile`: the GEMM's block tile, or `None` for [`gemm_tile`]'s pick (tests and benchmarks run
+/// both).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_w8a8(
     dev: &Device,
@@ -209,30 +192,9 @@ pub fn linear_w8a8(
     lora: Option<LoraUp<'_>>,
     residual: Option<&DevBuf<bf16>>,
     out: &mut DevBuf<bf16>,
+    tile: Option<Tile>,
 ) -> Result<()> {
-    let tile = gemm_tile(rows, n);
-    linear_w8a8_with(
-        dev, x, rows, k, wq, sw, n, threshold, scratch, lora, residual, out, tile,
-    )
-}
-
-/// [`linear_w8a8`] with the GEMM's tile chosen by the caller (tests and benchmarks run both).
-#[allow(clippy::too_many_arguments)]
-pub fn linear_w8a8_with(
-    dev: &Device,
-    x: &DevBuf<bf16>,
-    rows: usize,
-    k: usize,
-    wq: &DevBuf<i8>,
-    sw: &DevBuf<f32>,
-    n: usize,
-    threshold: f32,
-    scratch: &mut Int8Scratch,
-    lora: Option<LoraUp<'_>>,
-    residual: Option<&DevBuf<bf16>>,
-    out: &mut DevBuf<bf16>,
-    tile: Tile,
-) -> Result<()> {
+    let tile = tile.unwrap_or_else(|| gemm_tile(rows, n));
     let name = match tile {
         Tile::T64 => "gemm_w8a8_bf16",
         Tile::T128 => "gemm_w8a8_t128_bf16",
