@@ -707,15 +707,19 @@ template <class DT, class CT> inline void mma(warp_fn fn, const char* name, DT (
 }
 }  // namespace rf_sim
 
-// cp.async: the simulator copies at issue time (a valid schedule of the asynchronous copy); the
-// commit / wait calls are no-ops. Alignment (both sides) and the smem range are checked.
+// cp.async: by default the destination reads 0xFF from issue until the issuing thread's wait
+// covers the copy (RF_SIM_CP_ASYNC in rf_sim.cpp), so wait counts are checked. Alignment (both
+// sides) and the smem range are checked at issue.
 template <class P> inline void rf_cp_async16(P smem_dst, const void* gmem_src) {
     unsigned char* d = ::rf_sim::row16w(smem_dst, "cp.async (shared destination)");
-    std::memcpy(d, ::rf_sim::row16(gmem_src, "cp.async (global source)"), 16);
+    ::rf_sim::cp_async16(d, ::rf_sim::row16(gmem_src, "cp.async (global source)"));
 }
-static inline void rf_cp_async_commit() {}
-template <int N> inline void rf_cp_async_wait() {}
-static inline void rf_cp_async_wait_all() {}
+static inline void rf_cp_async_commit() { ::rf_sim::cp_async_commit(); }
+template <int N> inline void rf_cp_async_wait() {
+    static_assert(N >= 0, "cp.async.wait_group takes a non-negative count");
+    ::rf_sim::cp_async_wait(N);
+}
+static inline void rf_cp_async_wait_all() { ::rf_sim::cp_async_wait(-1); }
 
 template <class P> inline void rf_ldmatrix_x1(unsigned& r0, P row) {
     unsigned r[1];

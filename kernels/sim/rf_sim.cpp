@@ -124,9 +124,19 @@ inline void ctx_switch_raw(Ctx* from, Ctx* to) {
 
 enum State : unsigned char { READY, RUNNING, AT_BARRIER, AT_WARP, EXITED };
 
+// One cp.async of this thread not yet complete (deferred mode): the 16 source bytes, read at
+// issue, and where they land when a wait covers `group`.
+struct PendingCopy {
+    unsigned char* dst;
+    unsigned group;  // index of the commit group it belongs to (== cp_committed while uncommitted)
+    unsigned char data[16];
+};
+
 struct Fiber : FiberPub {
     Ctx ctx;
     State state = READY;
+    std::vector<PendingCopy> cp;  // issue order
+    unsigned cp_committed = 0;    // cp.async.commit_group calls so far in this block
 };
 
 struct Lane {
@@ -157,6 +167,7 @@ struct Launch {
     std::atomic<uint64_t> next{0};
     std::atomic<bool> abort{false};
     int schedule = 0;
+    int cp_async = 0;
     std::mutex mu;
     std::string err;
     void set_error(const std::string& m) {
@@ -208,6 +219,36 @@ int current_schedule() {
     return s < 0 ? default_schedule() : s;
 }
 
+// When a cp.async lands (RF_SIM_CP_ASYNC, rf_sim_set_cp_async):
+//   wait   (the default) the destination's 16 bytes become 0xFF at issue and receive the data only
+//          when a cp.async.wait_group / wait_all of the issuing thread covers the copy's group
+//          (or when the thread exits). The source is read at issue. A read of the destination
+//          before that wait sees NaN / -1 instead of the data, so a wait_group count one too
+//          high, a missing wait or a read of a stage still in flight fails the kernel tests; and
+//          a refill issued into a stage other warps still read (a missing barrier) poisons
+//          their reads at once.
+//   issue  the copy completes at issue, commit and wait do nothing (the model before 2026-12-06;
+//          also a valid schedule on hardware, kept for comparison).
+// Hardware shows old or new bytes before the wait, never 0xFF; the poison is stricter on purpose,
+// since such a read is a bug either way.
+enum CpAsync { CP_WAIT = 0, CP_ISSUE = 1 };
+std::atomic<int> g_cp_async{-1};
+
+int default_cp_async() {
+    static const int v = [] {
+        const char* e = getenv("RF_SIM_CP_ASYNC");
+        if (!e || !*e || !strcmp(e, "wait")) return (int)CP_WAIT;
+        if (!strcmp(e, "issue")) return (int)CP_ISSUE;
+        fprintf(stderr, "rf_sim: RF_SIM_CP_ASYNC=%s is not wait or issue; using wait\n", e);
+        return (int)CP_WAIT;
+    }();
+    return v;
+}
+int current_cp_async() {
+    const int s = g_cp_async.load(std::memory_order_relaxed);
+    return s < 0 ? default_cp_async() : s;
+}
+
 inline uint64_t mix64(uint64_t x) {  // splitmix64's finalizer
     x += 0x9e3779b97f4a7c15ull;
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -244,6 +285,7 @@ struct Worker : BlockPub {
     bool aborted = false;
     bool asan_dirty = false;
     int schedule = SCHED_FORWARD;  // of the current launch
+    int cp_async = CP_WAIT;        // of the current launch
     uint64_t sched_seed = 0;       // of the current block (shuffle)
     int greedy_warp = -1;          // shuffle: the warp that runs ahead in this barrier phase
     std::vector<Fiber*> order;     // scratch of push_ordered
@@ -408,6 +450,18 @@ const char* op_name(int op) {
     return "?";
 }
 
+// Land, in issue order, this thread's copies whose group index is below `limit` (~0u: all,
+// including uncommitted ones).
+void cp_complete(Fiber* me, unsigned limit) {
+    size_t keep = 0;
+    for (size_t i = 0; i < me->cp.size(); i++) {
+        PendingCopy& c = me->cp[i];
+        if (limit == ~0u || c.group < limit) memcpy(c.dst, c.data, 16);
+        else me->cp[keep++] = c;
+    }
+    me->cp.resize(keep);
+}
+
 [[noreturn]] void fiber_exit(Worker* w, Fiber* me) {
     const unsigned bit = 1u << me->lane;
     Warp& wp = w->warps[me->warp];
@@ -421,6 +475,7 @@ const char* op_name(int op) {
             fail("lane %u of warp %u exited while lane %u waits for it in %s (mask 0x%08x)", me->lane, me->warp, j,
                  wp.lane[j].name ? wp.lane[j].name : op_name(wp.lane[j].op), wp.lane[j].mask);
     }
+    cp_complete(me, ~0u);  // copies still in flight land (nothing can wait for them any more)
     me->state = EXITED;
     wp.exited |= bit;
     w->live--;
@@ -468,6 +523,8 @@ void run_block(Worker* w, uint64_t b) {
                 f.linear = i;
                 f.warp = i >> 5;
                 f.lane = i & 31;
+                f.cp.clear();
+                f.cp_committed = 0;
                 ctx_init(&f.ctx, w->stacks[i], w->stack_size);
                 if (w->schedule == SCHED_FORWARD) w->push(&f);
             }
@@ -539,6 +596,7 @@ void worker_main(Launch* L) {
     w->bdim = L->block;
     w->kname = L->k->name ? L->k->name : "?";
     w->schedule = L->schedule;
+    w->cp_async = L->cp_async;
     const unsigned n = L->block.x * L->block.y * L->block.z;
     w->ensure(n);
     w->smem = w->smem_buf;
@@ -639,6 +697,35 @@ void shared_poison_once(void* p, size_t bytes) {
         if (q == p) return;
     w->shared_poisoned.push_back(p);
     memset(p, 0xff, bytes);
+}
+
+void cp_async16(unsigned char* dst, const unsigned char* src) {
+    Worker* w = tls_worker;
+    if (w->cp_async == CP_ISSUE) {
+        memcpy(dst, src, 16);
+        return;
+    }
+    Fiber* me = w->cur;
+    PendingCopy c;
+    c.dst = dst;
+    c.group = me->cp_committed;
+    memcpy(c.data, src, 16);
+    me->cp.push_back(c);
+    memset(dst, 0xff, 16);
+}
+
+void cp_async_commit() { tls_worker->cur->cp_committed++; }
+
+void cp_async_wait(int n) {
+    Fiber* me = tls_worker->cur;
+    if (me->cp.empty()) return;
+    if (n < 0) {
+        cp_complete(me, ~0u);
+        return;
+    }
+    // wait_group n: every committed group but the newest n is complete; uncommitted copies are not
+    // waited for (PTX ISA, cp.async.wait_group).
+    if (me->cp_committed > (unsigned)n) cp_complete(me, me->cp_committed - (unsigned)n);
 }
 
 int syncthreads_op(int op, int pred) {
@@ -809,6 +896,11 @@ extern "C" int rf_sim_set_schedule(int mode) {
     return prev >= 0 ? prev : rf_sim::default_schedule();
 }
 
+extern "C" int rf_sim_set_cp_async(int mode) {
+    const int prev = rf_sim::g_cp_async.exchange(mode >= 0 && mode <= 1 ? mode : -1);
+    return prev >= 0 ? prev : rf_sim::default_cp_async();
+}
+
 extern "C" int rf_sim_launch(const rf_sim_kernel* k, rf_sim_dim3 grid, rf_sim_dim3 block, size_t dyn_smem_bytes,
                              void** args, char* err, size_t err_cap) {
     using namespace rf_sim;
@@ -857,6 +949,7 @@ extern "C" int rf_sim_launch(const rf_sim_kernel* k, rf_sim_dim3 grid, rf_sim_di
     L.dyn = dyn_smem_bytes;
     L.nblocks = (uint64_t)grid.x * grid.y * grid.z;
     L.schedule = current_schedule();
+    L.cp_async = current_cp_async();
     install_fault_handler();
     int nt = g_threads.load();
     if (nt <= 0) nt = default_threads();

@@ -32,6 +32,13 @@ int rf_sim_set_threads(int n);
  * previous value. */
 int rf_sim_set_schedule(int mode);
 
+/* When cp.async copies land (see rf_sim.cpp): 0 wait (default: the destination reads 0xFF from
+ * issue until the issuing thread's cp.async.wait_group / wait_all covers the copy), 1 issue
+ * (complete at issue). Default: env RF_SIM_CP_ASYNC = wait | issue, else wait. A value outside
+ * 0..1 restores the default. Applies to launches that start after the call. Returns the
+ * previous value. */
+int rf_sim_set_cp_async(int mode);
+
 /* Largest dynamic shared memory a launch may request: 227 KiB, the H100 (sm_90) opt-in limit. */
 #define RF_SIM_MAX_DYN_SMEM (227u * 1024u)
 

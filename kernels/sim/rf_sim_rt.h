@@ -64,6 +64,13 @@ uint64_t warp_op(int op, unsigned mask, uint64_t value, int b, int width);
 typedef void (*warp_fn)(void* const* io, unsigned mask);
 void warp_call(unsigned mask, void* io, warp_fn fn, const char* name);
 
+// cp.async (see CpAsync in rf_sim.cpp): issue 16 bytes from src (read now) to dst; close the
+// thread's open group; wait until at most n of its newest committed groups are pending (n < 0:
+// wait_all, which also covers uncommitted copies).
+void cp_async16(unsigned char* dst, const unsigned char* src);
+void cp_async_commit();
+void cp_async_wait(int n);
+
 // --- kernel registration --------------------------------------------------------------------
 // invoker<&kernel>::invoke(args) unpacks CUDA kernelParams into the kernel's own parameter types.
 template <auto F> struct invoker;

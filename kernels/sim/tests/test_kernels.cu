@@ -271,6 +271,55 @@ extern "C" __global__ void t_mma(int kind, const unsigned char* A, const unsigne
     }
 }
 
+// cp.async groups: each thread copies its three uint4 of src (src[32 k + lane], k = 0..2) into
+// slots s[32 k + lane]: slot 0 in group 0, slot 1 in group 1, slot 2 left uncommitted. It reads
+// its own slots before any wait (phase 0), after wait_group 1 (1), wait_group 0 (2) and wait_all
+// (3): out[(3 * phase + k) * 32 + lane].
+extern "C" __global__ void t_cp_groups(const uint4* src, uint4* out) {
+    RF_DYNAMIC_SMEM(uint4, s);
+    const int l = threadIdx.x;
+    rf_cp_async16(s + l, src + l);
+    rf_cp_async_commit();
+    rf_cp_async16(s + 32 + l, src + 32 + l);
+    rf_cp_async_commit();
+    rf_cp_async16(s + 64 + l, src + 64 + l);
+    for (int k = 0; k < 3; k++) out[k * 32 + l] = rf_ld16(s + 32 * k + l);
+    rf_cp_async_wait<1>();
+    for (int k = 0; k < 3; k++) out[(3 + k) * 32 + l] = rf_ld16(s + 32 * k + l);
+    rf_cp_async_wait<0>();
+    for (int k = 0; k < 3; k++) out[(6 + k) * 32 + l] = rf_ld16(s + 32 * k + l);
+    rf_cp_async_wait_all();
+    for (int k = 0; k < 3; k++) out[(9 + k) * 32 + l] = rf_ld16(s + 32 * k + l);
+}
+
+// A 3-stage cp.async ring as the GEMMs run it: one warp sums n_tiles tiles of 32 uint4 (tile t in
+// stage t % 3), each lane reading its right neighbour's slot (as an mma operand read crosses
+// lanes), out[lane] = the sum of that uint4's four words over the tiles. bug 0: correct
+// (wait_group 1 = STAGES - 2, then a barrier, then the refill); 1: wait_group 2 (the stage about
+// to be read may still be in flight); 2: the refill issued before the barrier (into the stage
+// other lanes may still be reading).
+extern "C" __global__ void t_cp_ring(const uint4* src, int n_tiles, int bug, unsigned* out) {
+    RF_DYNAMIC_SMEM(uint4, s);
+    const int l = threadIdx.x;
+    for (int t = 0; t < 2; t++) {
+        if (t < n_tiles) rf_cp_async16(s + 32 * t + l, src + 32 * t + l);
+        rf_cp_async_commit();
+    }
+    unsigned acc = 0;
+    for (int t = 0; t < n_tiles; t++) {
+        if (bug == 1) rf_cp_async_wait<2>();
+        else rf_cp_async_wait<1>();
+        if (bug == 2 && t + 2 < n_tiles) rf_cp_async16(s + 32 * ((t + 2) % 3) + l, src + 32 * (t + 2) + l);
+        __syncthreads();
+        if (bug != 2 && t + 2 < n_tiles) rf_cp_async16(s + 32 * ((t + 2) % 3) + l, src + 32 * (t + 2) + l);
+        rf_cp_async_commit();
+        const uint4 v = rf_ld16(s + 32 * (t % 3) + ((l + 1) & 31));
+        acc += v.x + v.y + v.z + v.w;
+    }
+    rf_cp_async_wait_all();
+    out[l] = acc;
+}
+
 // Misuse: mode 0 a misaligned ldmatrix row, 1 ldmatrix by half a warp, 2 misaligned cp.async.
 extern "C" __global__ void t_ldm_bad(int mode, unsigned* out) {
     RF_DYNAMIC_SMEM(unsigned short, s);
