@@ -1,6 +1,8 @@
 //! Compiles every `kernels/*.cu` to PTX for the compute_80 virtual architecture (JIT-compiled
 //! by the driver on sm_86 / sm_89 / sm_90), embeds the PTX in the library, and records each
-//! kernel's registers, shared memory and spills from ptxas for sm_86 and sm_90.
+//! kernel's registers, shared memory and spills from ptxas for sm_86 and sm_90. A file whose
+//! first line is `// recforge-arch: sm_90a` (Hopper-only wgmma) is compiled for compute_90a
+//! instead and reported for sm_90a; its module records that target and loads on sm_90 only.
 //!
 //! nvcc is looked for in: $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, then the folder that
 //! scripts/install-cuda-toolchain.sh installs into (.toolchain/cuda/bin). Without nvcc the
@@ -254,10 +256,20 @@ fn main() {
             .to_string_lossy()
             .into_owned();
         let ptx = out_dir.join(format!("{stem}.ptx"));
+        // A file whose first line is `// recforge-arch: sm_90a` uses Hopper-only instructions
+        // (wgmma): its PTX targets compute_90a and loads on sm_90 devices only.
+        let hopper = std::fs::read_to_string(src)
+            .map(|t| t.lines().next().unwrap_or("").trim() == "// recforge-arch: sm_90a")
+            .unwrap_or(false);
+        let (ptx_arch, report_archs, target): (&str, &[&str], &str) = if hopper {
+            ("compute_90a", &["sm_90a"], "sm_90a")
+        } else {
+            (ARCH_PTX, &ARCHS_REPORT, "")
+        };
         let mut cmd = Command::new(&nvcc);
         cmd.args([
             "-ptx",
-            &format!("-arch={ARCH_PTX}"),
+            &format!("-arch={ptx_arch}"),
             "-O3",
             "-std=c++17",
             "-lineinfo",
@@ -288,14 +300,20 @@ fn main() {
             .map(|l| l.split('(').next().unwrap_or("").trim().to_string())
             .collect();
         let mut reports = vec![];
-        for arch in ARCHS_REPORT {
+        for &arch in report_archs {
             let o = Command::new(&ptxas)
                 .args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"])
                 .arg(&ptx)
                 .output();
             match o {
                 Ok(o) if o.status.success() => {
-                    reports.extend(parse_ptxas(&String::from_utf8_lossy(&o.stderr), arch))
+                    let text = String::from_utf8_lossy(&o.stderr);
+                    // ptxas warnings are performance cliffs (e.g. C7515: wgmma serialized);
+                    // pass them on instead of dropping them with the -v noise.
+                    for l in text.lines().filter(|l| l.contains("warning")) {
+                        println!("cargo:warning=ptxas -arch={arch} {stem}: {}", l.trim());
+                    }
+                    reports.extend(parse_ptxas(&text, arch))
                 }
                 Ok(o) => panic!(
                     "ptxas -arch={arch} failed on {}:\n{}",
@@ -307,7 +325,7 @@ fn main() {
                 }
             }
         }
-        let _ = writeln!(gen, "    Module {{ name: {stem:?}, ptx: include_str!(concat!(env!(\"OUT_DIR\"), \"/{stem}.ptx\")), kernels: &{kernels:?}, reports: &[");
+        let _ = writeln!(gen, "    Module {{ name: {stem:?}, target: {target:?}, ptx: include_str!(concat!(env!(\"OUT_DIR\"), \"/{stem}.ptx\")), kernels: &{kernels:?}, reports: &[");
         for r in reports {
             let _ = writeln!(
                 gen,

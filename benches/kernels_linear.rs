@@ -75,9 +75,14 @@ fn bench_gpu(c: &mut Criterion) {
         let mut out = dev.alloc_zeros::<bf16>(m * n).unwrap();
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
         let mut raw = dev.alloc_zeros::<i32>(m * n).unwrap();
-        // Both tiles on every shape (`w8a8::gemm_tile` picks t128 for the 7B shapes, t64 for
-        // SmolLM2's): the whole linear (quantization, GEMM, epilogue) and the GEMM alone.
-        for (label, tile) in [("t64", Tile::T64), ("t128", Tile::T128)] {
+        // Every tile on every shape (`w8a8::gemm_tile` picks t128 for the 7B shapes, t64 for
+        // SmolLM2's; the wgmma tile `wg` on an sm_90 only): the whole linear (quantization,
+        // GEMM, epilogue) and the GEMM alone.
+        let mut tiles = vec![("t64", Tile::T64), ("t128", Tile::T128)];
+        if dev.has_wgmma() {
+            tiles.push(("wg", Tile::Wg));
+        }
+        for (label, tile) in tiles {
             g.bench_function(BenchmarkId::new(format!("linear_{label}"), name), |b| {
                 b.iter(|| {
                     w8a8::linear_w8a8(

@@ -20,6 +20,7 @@
 //          full epilogue.
 // Must match: backend::cpu::Cpu::linear with LinearWeight::Int8 (src/backend/cpu/mod.rs).
 #include "common/recforge.cuh"
+#include "common/rf_w8a8_epilogue.cuh"
 
 namespace w8a8 {
 constexpr int STAGES = 3, ROWB = 64;
@@ -125,30 +126,13 @@ __device__ __forceinline__ void gemm_bf16(const signed char* xq, const float* sx
     mainloop<T>(xq, wq, M, N, K, acc);
     const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
     const int m0 = blockIdx.y * T::BM + T::warp_m(), n0 = blockIdx.x * T::BN + T::warp_n();
-    const int nout = *count;
+    const Epilogue e{sx, wq, sw, x, ocols, *count, lora_u, lora_b, lora_rank, lora_scale, residual, out, M, N, K};
 #pragma unroll
     for (int mi = 0; mi < T::MI; mi++)
 #pragma unroll
         for (int nj = 0; nj < T::NJ; nj++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int r = m0 + mi * 16 + g + 8 * (e >> 1), c = n0 + nj * 8 + 2 * t + (e & 1);
-                if (r >= M || c >= N) continue;
-                const float s = sw[c];
-                float y = __fmul_rn(__fmul_rn((float)acc[mi][nj][e], sx[r]), s);
-                for (int j = 0; j < nout; j++) {
-                    const unsigned o = ocols[j];
-                    y = __fadd_rn(y, __fmul_rn(__bfloat162float(x[(size_t)r * K + o]), __fmul_rn((float)wq[(size_t)c * K + o], s)));
-                }
-                if (lora_u) {
-                    float lt = 0.0f;
-                    for (int j = 0; j < lora_rank; j++)
-                        lt = __fadd_rn(lt, __fmul_rn(lora_u[(size_t)r * lora_rank + j], lora_b[(size_t)c * lora_rank + j]));
-                    y = __fadd_rn(y, __fmul_rn(lora_scale, lt));
-                }
-                if (residual) y = __fadd_rn(y, __bfloat162float(residual[(size_t)r * N + c]));
-                out[(size_t)r * N + c] = __float2bfloat16(y);
-            }
+            for (int v = 0; v < 4; v++) e.store(acc[mi][nj][v], m0 + mi * 16 + g + 8 * (v >> 1), n0 + nj * 8 + 2 * t + (v & 1));
 }
 }  // namespace w8a8
 

@@ -16,6 +16,9 @@ pub struct PtxasReport {
 pub struct Module {
     /// The `.cu` file's stem, e.g. "rmsnorm".
     pub name: &'static str,
+    /// "" for PTX that loads on every supported GPU (compute_80); "sm_90a" for a module of
+    /// Hopper-only instructions (wgmma), which loads on compute capability 9.0 only.
+    pub target: &'static str,
     pub ptx: &'static str,
     /// Every `extern "C" __global__` entry in the PTX.
     pub kernels: &'static [&'static str],

@@ -83,8 +83,25 @@ fn ptxas_reports_no_spills() {
             "{}: PTX ISA must load on a CUDA 13.0 driver",
             m.name
         );
+        // Hopper-only modules (wgmma) are compiled and reported for sm_90a alone.
+        let archs: &[&str] = if m.target == "sm_90a" {
+            assert!(
+                m.ptx.contains(".target sm_90a"),
+                "{}: a Hopper-only module must be compute_90a PTX",
+                m.name
+            );
+            &["sm_90a"]
+        } else {
+            assert!(
+                m.target.is_empty() && m.ptx.contains(".target sm_80"),
+                "{}: unknown target {:?}",
+                m.name,
+                m.target
+            );
+            &["sm_86", "sm_90"]
+        };
         for k in m.kernels {
-            for arch in ["sm_86", "sm_90"] {
+            for &arch in archs {
                 let r = m
                     .reports
                     .iter()

@@ -27,8 +27,19 @@ const SHAPES: [(usize, usize, usize); 7] = [
     (150, 260, 336),
 ];
 
-/// Both W8A8 tiles, which every GEMM test runs.
-const TILES: [Tile; 2] = [Tile::T64, Tile::T128];
+/// The W8A8 tiles every GEMM test runs: both mma.sync tiles everywhere, and the wgmma tile
+/// where the device has it (the simulator always; a CUDA GPU when it is an sm_90).
+fn tiles(dev: &Device) -> Vec<Tile> {
+    if dev.has_wgmma() {
+        vec![Tile::T64, Tile::T128, Tile::Wg]
+    } else {
+        eprintln!(
+            "{}: the wgmma W8A8 tile skipped: not an sm_90 GPU",
+            dev.name()
+        );
+        vec![Tile::T64, Tile::T128]
+    }
+}
 
 /// Activations as bf16 with a few columns well above the outlier threshold.
 fn activations(rng: &mut Rng, m: usize, k: usize, outliers: &[usize]) -> Vec<bf16> {
@@ -63,7 +74,7 @@ fn int8_gemm_accumulators_are_exact() {
                 })
                 .collect();
             let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
-            for tile in TILES {
+            for tile in tiles(&dev) {
                 let mut out = dev.upload(&vec![i32::MIN; m * n]).unwrap();
                 w8a8::gemm_w8a8_i32(&dev, &da, &db, &mut out, m, n, k, Some(tile)).unwrap();
                 assert_eq!(
@@ -135,14 +146,10 @@ fn w8a8_linear_matches_the_cpu_reference_bit_for_bit() {
             let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
             let (wq, ws) = quantize_rows(&w, n, k);
             let res: Vec<bf16> = (0..m * n).map(|_| bf16::from_f32(rng.normal())).collect();
-            for (thr, with_res, tile) in [
-                (6.0f32, false, Tile::T64),
-                (0.0, true, Tile::T64),
-                (6.0, true, Tile::T64),
-                (6.0f32, false, Tile::T128),
-                (0.0, true, Tile::T128),
-                (6.0, true, Tile::T128),
-            ] {
+            for (thr, with_res, tile) in tiles(&dev)
+                .into_iter()
+                .flat_map(|t| [(6.0f32, false, t), (0.0, true, t), (6.0, true, t)])
+            {
                 // CPU: f32 y from Cpu::linear, plus the residual in f32, rounded to bf16 once.
                 let lin = Linear {
                     weight: LinearWeight::Int8 {
@@ -581,7 +588,7 @@ fn gated_lora_forward_and_backward_match_the_cpu_reference() {
                 cpu.linear(&xt, &lin, &mut base).unwrap();
                 let base = f(&base);
                 let mut s = Int8Scratch::new(&dev, m, k).unwrap();
-                for tile in TILES {
+                for tile in tiles(&dev) {
                     let mut out = dev.upload(&vec![bf16::NAN; m * n]).unwrap();
                     let lup = w8a8::LoraUp {
                         u: &u,

@@ -741,3 +741,84 @@ fn misuse_is_reported_with_the_kernel_name() {
         .to_string();
     assert!(e.contains("out of range"), "{e}");
 }
+
+/// wgmma.m64n256k32.s32.s8.s8 from shared-memory descriptors (kernels/selftest_sm90.cu): the
+/// simulator against a plain int32 matmul for two placements of the core matrices (K chunks
+/// adjacent; row groups adjacent), scale-d 0 and 1; an sm_90 GPU against the same values.
+#[test]
+fn wgmma_s8_follows_the_ptx_descriptor_and_fragment_layouts() {
+    let (sim, gpu) = sim_and_gpu();
+    let gpu = gpu.filter(|g| {
+        let ok = g.has_wgmma();
+        if !ok {
+            eprintln!("skipped wgmma on {}: not an sm_90 GPU", g.name());
+        }
+        ok
+    });
+    let mut rng = Rng::new(90);
+    let a: Vec<i8> = (0..64 * 32)
+        .map(|_| (rng.below(256) as i32 - 128) as i8)
+        .collect();
+    let b: Vec<i8> = (0..256 * 32)
+        .map(|_| (rng.below(256) as i32 - 128) as i8)
+        .collect();
+    let pack = |v: &[i8]| -> Vec<u32> {
+        v.chunks(4)
+            .map(|c| u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]))
+            .collect()
+    };
+    let (pa, pb) = (pack(&a), pack(&b));
+    let prod: Vec<i32> = (0..64 * 256)
+        .map(|i| {
+            let (r, c) = (i / 256, i % 256);
+            (0..32)
+                .map(|k| a[r * 32 + k] as i32 * b[c * 32 + k] as i32)
+                .sum()
+        })
+        .collect();
+    // (lbo_a, sbo_a, lbo_b, sbo_b): the GEMM's packing (a row group's 2 chunks adjacent), and
+    // row groups adjacent with the second chunk of every row after all of them.
+    for (lbo_a, sbo_a, lbo_b, sbo_b) in [(128u32, 256u32, 128u32, 256u32), (1024, 128, 4096, 128)] {
+        for twice in [0, 1] {
+            let want: Vec<u32> = prod.iter().map(|&p| (p * (1 + twice)) as u32).collect();
+            // B's last byte: row 255 (group 31, row 7 of it), chunk 1, byte 15.
+            let smem = 8192 + 31 * sbo_b + 7 * 16 + lbo_b + 16;
+            let run = |d: &Device| {
+                run_u32(
+                    d,
+                    "selftest_wgmma_s8",
+                    Launch {
+                        grid: (1, 1, 1),
+                        block: (128, 1, 1),
+                        shared_bytes: smem,
+                    },
+                    &[&pa, &pb],
+                    &[
+                        Arg::U32(lbo_a),
+                        Arg::U32(sbo_a),
+                        Arg::U32(lbo_b),
+                        Arg::U32(sbo_b),
+                        Arg::I32(twice),
+                    ],
+                    64 * 256,
+                )
+            };
+            for dev in std::iter::once(&sim).chain(gpu.as_ref()) {
+                let got = run(dev);
+                let bad: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
+                assert!(
+                    bad.is_empty(),
+                    "{}: wgmma lbo/sbo A {lbo_a}/{sbo_a} B {lbo_b}/{sbo_b} twice {twice}: {} of {} \
+                     wrong, first at row {} col {}: {:#x} vs {:#x}",
+                    dev.name(),
+                    bad.len(),
+                    want.len(),
+                    bad[0] / 256,
+                    bad[0] % 256,
+                    got[bad[0]],
+                    want[bad[0]]
+                );
+            }
+        }
+    }
+}

@@ -132,11 +132,24 @@ struct PendingCopy {
     unsigned char data[16];
 };
 
+// One wgmma.mma_async of this thread not yet complete: computed when a wgmma.wait_group covers
+// `group` (see wgmma_s8).
+struct PendingMma {
+    int* d;  // this thread's accumulators (n / 2 of them)
+    int n;
+    uint64_t da, db;
+    int accumulate;
+    unsigned group;
+    uint64_t operands;  // hash of the shared-memory bytes this thread's part reads, at issue
+};
+
 struct Fiber : FiberPub {
     Ctx ctx;
     State state = READY;
     std::vector<PendingCopy> cp;  // issue order
     unsigned cp_committed = 0;    // cp.async.commit_group calls so far in this block
+    std::vector<PendingMma> wg;   // issue order
+    unsigned wg_committed = 0;    // wgmma.commit_group calls so far in this block
 };
 
 struct Lane {
@@ -475,6 +488,10 @@ void cp_complete(Fiber* me, unsigned limit) {
             fail("lane %u of warp %u exited while lane %u waits for it in %s (mask 0x%08x)", me->lane, me->warp, j,
                  wp.lane[j].name ? wp.lane[j].name : op_name(wp.lane[j].op), wp.lane[j].mask);
     }
+    if (!me->wg.empty())
+        fail("exited with %zu wgmma.mma_async operation(s) not yet waited for (wgmma.wait_group): their "
+             "accumulators and shared memory still belong to the tensor cores",
+             me->wg.size());
     cp_complete(me, ~0u);  // copies still in flight land (nothing can wait for them any more)
     me->state = EXITED;
     wp.exited |= bit;
@@ -525,6 +542,8 @@ void run_block(Worker* w, uint64_t b) {
                 f.lane = i & 31;
                 f.cp.clear();
                 f.cp_committed = 0;
+                f.wg.clear();
+                f.wg_committed = 0;
                 ctx_init(&f.ctx, w->stacks[i], w->stack_size);
                 if (w->schedule == SCHED_FORWARD) w->push(&f);
             }
@@ -726,6 +745,95 @@ void cp_async_wait(int n) {
     // wait_group n: every committed group but the newest n is complete; uncommitted copies are not
     // waited for (PTX ISA, cp.async.wait_group).
     if (me->cp_committed > (unsigned)n) cp_complete(me, me->cp_committed - (unsigned)n);
+}
+
+// ---- wgmma (kernels/common/rf_wgmma.cuh) ----
+// Byte `k` (0..31) of row `r` of a K-major, unswizzled operand described by `desc`, bounds-checked
+// against the block's dynamic shared memory.
+static const unsigned char* wgmma_operand_row(Worker* w, uint64_t desc, int r, const char* which) {
+    const unsigned start = (unsigned)(desc & 0x3FFF) << 4, lbo = (unsigned)((desc >> 16) & 0x3FFF) << 4,
+                   sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4;
+    const unsigned mode = (unsigned)(desc >> 62), base_off = (unsigned)((desc >> 49) & 7);
+    if (mode != 0 || base_off != 0)
+        fail("wgmma: descriptor of %s has swizzle mode %u, base offset %u; the simulator models only mode 0 (no "
+             "swizzle) with base offset 0",
+             which, mode, base_off);
+    const size_t lo = (size_t)start + (size_t)(r % 8) * 16 + (size_t)(r / 8) * sbo;
+    const size_t hi = lo + lbo + 16;  // one past the row's second 16-byte chunk
+    if (hi > w->smem_size)
+        fail("wgmma: %s row %d reaches byte %zu of dynamic shared memory, but the launch has %zu (start %u, LBO %u, "
+             "SBO %u)",
+             which, r, hi, w->smem_size, start, lbo, sbo);
+    return w->smem + lo;
+}
+
+// FNV-1a over the 32 bytes of each operand row this thread's part of `op` reads.
+static uint64_t wgmma_operand_hash(Worker* w, const Fiber* me, const PendingMma& op) {
+    const unsigned wq = (me->linear % 128) / 32, g = me->lane >> 2, t = me->lane & 3;
+    uint64_t h = 0xcbf29ce484222325ull;
+    auto row = [&](uint64_t desc, int r, const char* which) {
+        const unsigned char* p = wgmma_operand_row(w, desc, r, which);
+        const unsigned lbo = (unsigned)((desc >> 16) & 0x3FFF) << 4;
+        for (int k = 0; k < 32; k++) h = (h ^ p[(k / 16) * lbo + k % 16]) * 0x100000001b3ull;
+    };
+    for (int hh = 0; hh < 2; hh++) row(op.da, (int)(16 * wq + g + 8 * hh), "A");
+    for (int j = 0; j < op.n / 8; j++)
+        for (int c = 0; c < 2; c++) row(op.db, (int)(8 * j + 2 * t + c), "B");
+    return h;
+}
+
+static void wgmma_complete(Fiber* me, unsigned limit) {
+    Worker* w = tls_worker;
+    const unsigned wq = (me->linear % 128) / 32, g = me->lane >> 2, t = me->lane & 3;
+    size_t keep = 0;
+    for (size_t i = 0; i < me->wg.size(); i++) {
+        PendingMma& op = me->wg[i];
+        if (op.group >= limit) {
+            me->wg[keep++] = op;
+            continue;
+        }
+        // The hardware may read the operands at any time from issue to completion: a write in
+        // between (a stage refilled early) is a race, whatever the bytes read at the wait give.
+        if (wgmma_operand_hash(w, me, op) != op.operands)
+            fail("wgmma: shared memory read by a wgmma.mma_async (batch %u) changed between its issue and the "
+                 "wgmma.wait_group that completes it",
+                 op.group);
+        const unsigned char* arow[2];
+        for (int h = 0; h < 2; h++) arow[h] = wgmma_operand_row(w, op.da, (int)(16 * wq + g + 8 * h), "A");
+        const unsigned lbo_a = (unsigned)((op.da >> 16) & 0x3FFF) << 4, lbo_b = (unsigned)((op.db >> 16) & 0x3FFF) << 4;
+        for (int j = 0; j < op.n / 8; j++)
+            for (int v = 0; v < 4; v++) {
+                const unsigned char* a = arow[v >> 1];
+                const unsigned char* b = wgmma_operand_row(w, op.db, (int)(8 * j + 2 * t + (v & 1)), "B");
+                int acc = op.accumulate ? op.d[4 * j + v] : 0;
+                for (int k = 0; k < 32; k++) {
+                    const int8_t x = (int8_t)a[(k / 16) * lbo_a + k % 16], y = (int8_t)b[(k / 16) * lbo_b + k % 16];
+                    acc = (int)((unsigned)acc + (unsigned)(x * y));  // int32 wrap-around, as the hardware's s32
+                }
+                op.d[4 * j + v] = acc;
+            }
+    }
+    me->wg.resize(keep);
+}
+
+void wgmma_fence() {}
+
+void wgmma_s8(int* d, int n, uint64_t da, uint64_t db, int accumulate) {
+    Worker* w = tls_worker;
+    Fiber* me = w->cur;
+    if (w->nthreads % 128 != 0)
+        fail("wgmma.mma_async: the block has %u threads, not a whole number of warpgroups (128)", w->nthreads);
+    PendingMma op{d, n, da, db, accumulate, me->wg_committed, 0};
+    op.operands = wgmma_operand_hash(w, me, op);
+    me->wg.push_back(op);
+}
+
+void wgmma_commit() { tls_worker->cur->wg_committed++; }
+
+void wgmma_wait(int n) {
+    Fiber* me = tls_worker->cur;
+    if (me->wg.empty()) return;
+    if (me->wg_committed > (unsigned)n) wgmma_complete(me, me->wg_committed - (unsigned)n);
 }
 
 int syncthreads_op(int op, int pred) {

@@ -71,6 +71,14 @@ void cp_async16(unsigned char* dst, const unsigned char* src);
 void cp_async_commit();
 void cp_async_wait(int n);
 
+// wgmma (kernels/common/rf_wgmma.cuh): record this thread's part of an m64nNk32 s8 MMA (d: its
+// n/2 accumulators) at issue; compute it when wgmma_wait(k) leaves its commit group outside the k
+// newest. A thread that exits with one pending fails the launch.
+void wgmma_fence();
+void wgmma_s8(int* d, int n, uint64_t da, uint64_t db, int accumulate);
+void wgmma_commit();
+void wgmma_wait(int n);
+
 // --- kernel registration --------------------------------------------------------------------
 // invoker<&kernel>::invoke(args) unpacks CUDA kernelParams into the kernel's own parameter types.
 template <auto F> struct invoker;

@@ -1049,6 +1049,9 @@ fn bench<B: Backend>(
                 "requested_steps": args.steps,
                 "stopped_by_time_limit": measured.len() < args.steps,
                 "seed": args.seed,
+                // GEMM tile overrides (ops::Tile): "auto" = the per-shape pick.
+                "w8a8_tile": std::env::var("RECFORGE_W8A8_TILE").unwrap_or_else(|_| "auto".into()),
+                "dx_tile": std::env::var("RECFORGE_DX_TILE").unwrap_or_else(|_| "auto".into()),
             },
             "tokens_per_sec": tps,
             "tokens_per_sec_min": tps_min,

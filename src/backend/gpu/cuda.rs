@@ -14,6 +14,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     name: String,
+    /// Compute capability (major, minor).
+    capability: (i32, i32),
 }
 
 fn dev_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
@@ -36,6 +38,9 @@ impl CudaDevice {
         }
         let ctx = CudaContext::new(ordinal).map_err(dev_err("creating the CUDA context"))?;
         let name = ctx.name().map_err(dev_err("reading the device name"))?;
+        let capability = ctx
+            .compute_capability()
+            .map_err(dev_err("reading the compute capability"))?;
         // One stream, so cudarc's per-buffer event tracking only costs time.
         // SAFETY: called before any buffer or stream of this context exists.
         unsafe { ctx.disable_event_tracking() };
@@ -65,11 +70,22 @@ impl CudaDevice {
             stream,
             modules: Mutex::new(HashMap::new()),
             name,
+            capability,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Can this device load a module built for `target` ("" = any supported GPU; "sm_90a" =
+    /// compute capability 9.0 exactly: arch-specific PTX does not run on later architectures)?
+    pub fn supports(&self, target: &str) -> bool {
+        match target {
+            "" => true,
+            "sm_90a" => self.capability == (9, 0),
+            _ => false,
+        }
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -84,6 +100,12 @@ impl CudaDevice {
             .modules
             .lock()
             .map_err(|_| Error::Device("module cache poisoned".into()))?;
+        if !self.supports(m.target) {
+            return Err(Error::Device(format!(
+                "kernel '{kernel}' is built for {} (Hopper) only; this device ({}) is sm_{}{}",
+                m.target, self.name, self.capability.0, self.capability.1
+            )));
+        }
         let module = match mods.get(m.name) {
             Some(x) => x.clone(),
             None => {

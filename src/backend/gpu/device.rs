@@ -151,11 +151,21 @@ impl Device {
         matches!(self.kind, Kind::Sim(_))
     }
 
-    /// Every kernel this device can launch.
+    /// Does this device run the Hopper-only (wgmma) kernels? The simulator does (it stands in
+    /// for every target); a CUDA device does when its compute capability is 9.0.
+    pub fn has_wgmma(&self) -> bool {
+        match &self.kind {
+            Kind::Cuda(d) => d.supports("sm_90a"),
+            Kind::Sim(_) => true,
+        }
+    }
+
+    /// Every kernel this device can launch (on CUDA, the Hopper-only modules only on sm_90).
     pub fn kernel_names(&self) -> Vec<&'static str> {
         match &self.kind {
-            Kind::Cuda(_) => crate::kernels::MODULES
+            Kind::Cuda(d) => crate::kernels::MODULES
                 .iter()
+                .filter(|m| d.supports(m.target))
                 .flat_map(|m| m.kernels.iter().copied())
                 .collect(),
             Kind::Sim(_) => crate::kernels::SIM_KERNELS.to_vec(),
@@ -646,7 +656,7 @@ fn check_args(kernel: &str, args: &[Arg]) -> Result<()> {
 fn max_block_shared(arch: &str) -> Option<u64> {
     match arch {
         "sm_86" => Some(99 * 1024),
-        "sm_90" => Some(227 * 1024),
+        "sm_90" | "sm_90a" => Some(227 * 1024),
         _ => None,
     }
 }

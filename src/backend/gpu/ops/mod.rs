@@ -22,36 +22,41 @@ use std::sync::OnceLock;
 
 use super::device::Launch;
 
-/// The block tile of a GEMM kernel that comes in two sizes: 64 × 64 (fewer operations per byte,
-/// but 4× more blocks, which fills more of a GPU on small shapes) or 128 × 128 (training shapes).
-/// The two W8A8 tiles give bit-identical outputs; the two dX tiles round one factor of each term
-/// to bf16 on different sides (dy·sw for 64, wq·sw for 128), within the same bound.
+/// The block tile of a GEMM kernel: 64 × 64 (fewer operations per byte, but 4× more blocks,
+/// which fills more of a GPU on small shapes), 128 × 128 (training shapes), or, for the W8A8
+/// forward on Hopper only, 128 × 256 on the warpgroup tensor cores (`Wg`, wgmma; sm_90 and the
+/// simulator). The W8A8 tiles give bit-identical outputs; the two dX tiles round one factor of
+/// each term to bf16 on different sides (dy·sw for 64, wq·sw for 128), within the same bound.
+/// `Wg` is never picked by default until a GPU run has measured it: `RECFORGE_W8A8_TILE=wg`
+/// asks for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tile {
     T64,
     T128,
+    Wg,
 }
 
 impl Tile {
-    /// The edge of the block tile.
-    pub fn size(self) -> usize {
+    /// The block tile's (rows, columns) of outputs.
+    pub fn dims(self) -> (usize, usize) {
         match self {
-            Tile::T64 => 64,
-            Tile::T128 => 128,
+            Tile::T64 => (64, 64),
+            Tile::T128 => (128, 128),
+            Tile::Wg => (128, 256),
         }
     }
 
     /// The launch of a kernel with this tile over `rows × cols` outputs: blocks along the
-    /// columns in x and the rows in y, 4 warps for the 64 tile and 8 for the 128. A grid too
+    /// columns in x and the rows in y, 4 warps for the 64 tile and 8 for the others. A grid too
     /// large for a u32 saturates, and `Device::launch` refuses it by name.
     pub fn launch(self, rows: usize, cols: usize, shared_bytes: u32) -> Launch {
-        let t = self.size();
-        let blocks = |v: usize| u32::try_from(v.div_ceil(t)).unwrap_or(u32::MAX);
+        let (tr, tc) = self.dims();
+        let blocks = |v: usize, t: usize| u32::try_from(v.div_ceil(t)).unwrap_or(u32::MAX);
         Launch {
-            grid: (blocks(cols), blocks(rows), 1),
+            grid: (blocks(cols, tc), blocks(rows, tr), 1),
             block: match self {
                 Tile::T64 => (128, 1, 1),
-                Tile::T128 => (256, 1, 1),
+                Tile::T128 | Tile::Wg => (256, 1, 1),
             },
             shared_bytes,
         }
@@ -59,18 +64,20 @@ impl Tile {
 
     /// The 128 tile when its grid over `rows × cols` outputs has at least 128 blocks (every
     /// LLaMA-7B linear at 4 × 1024 tokens has ≥ 1024), else the 64 tile. The environment
-    /// variable `var` = `64` or `128` forces one, for A/B runs; it is read once per process
-    /// (`forced` caches it).
+    /// variable `var` = `64`, `128` (or `wg` where `wg_ok`) forces one, for A/B runs; it is read
+    /// once per process (`forced` caches it).
     pub fn pick(
         rows: usize,
         cols: usize,
         var: &str,
+        wg_ok: bool,
         forced: &'static OnceLock<Option<Tile>>,
     ) -> Tile {
         const MIN_BLOCKS_128: usize = 128;
         let forced = *forced.get_or_init(|| match std::env::var(var).as_deref() {
             Ok("64") => Some(Tile::T64),
             Ok("128") => Some(Tile::T128),
+            Ok("wg") if wg_ok => Some(Tile::Wg),
             _ => None,
         });
         forced.unwrap_or(

@@ -16,7 +16,7 @@ pub fn dx_tile(m: usize, n: usize, k: usize) -> Tile {
     if !n.is_multiple_of(8) {
         return Tile::T64;
     }
-    Tile::pick(m, k, "RECFORGE_DX_TILE", &FORCED)
+    Tile::pick(m, k, "RECFORGE_DX_TILE", false, &FORCED)
 }
 
 /// Dynamic shared memory of each dX kernel (see kernels/gemm_w8a16.cu).
@@ -24,7 +24,23 @@ fn dx_smem(tile: Tile) -> u32 {
     match tile {
         Tile::T64 => 64 * 64 + 32 * 128,
         Tile::T128 => 3 * 128 * 64 + 2 * 32 * 256,
+        Tile::Wg => 0, // no such kernel: refused by dx_kernel
     }
+}
+
+/// The dX kernel of `tile` (`int8`: W8A16, else dense bf16 W); there is no wgmma one.
+fn dx_kernel(tile: Tile, int8: bool) -> Result<&'static str> {
+    Ok(match (tile, int8) {
+        (Tile::T64, true) => "gemm_w8a16_dx_bf16",
+        (Tile::T128, true) => "gemm_w8a16_dx128_bf16",
+        (Tile::T64, false) => "gemm_bf16_dx_bf16",
+        (Tile::T128, false) => "gemm_bf16_dx128_bf16",
+        (Tile::Wg, _) => {
+            return Err(Error::Shape(
+                "the backward to the input has no wgmma (Wg) tile: use T64 or T128".into(),
+            ))
+        }
+    })
 }
 
 /// `dx[M, K] (+)= dy[M, N] · dequant(wq, sw)[N, K]`; `accumulate` adds to dx instead of
@@ -44,10 +60,7 @@ pub fn linear_backward_input(
     tile: Option<Tile>,
 ) -> Result<()> {
     let tile = tile.unwrap_or_else(|| dx_tile(m, n, k));
-    let name = match tile {
-        Tile::T64 => "gemm_w8a16_dx_bf16",
-        Tile::T128 => "gemm_w8a16_dx128_bf16",
-    };
+    let name = dx_kernel(tile, true)?;
     if !n.is_multiple_of(8) || !k.is_multiple_of(16) {
         return Err(Error::Shape(format!(
             "{name}: N = {n} must be a multiple of 8 and K = {k} of 16"
@@ -162,10 +175,7 @@ pub fn dense_backward_input(
     tile: Option<Tile>,
 ) -> Result<()> {
     let tile = tile.unwrap_or_else(|| dx_tile(m, n, k));
-    let name = match tile {
-        Tile::T64 => "gemm_bf16_dx_bf16",
-        Tile::T128 => "gemm_bf16_dx128_bf16",
-    };
+    let name = dx_kernel(tile, false)?;
     if tile == Tile::T128 && !n.is_multiple_of(8) {
         return Err(Error::Shape(format!(
             "{name}: N = {n} must be a multiple of 8 (use the 64 tile)"

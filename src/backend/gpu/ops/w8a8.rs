@@ -52,15 +52,41 @@ fn dims(k: &str, m: usize, n: usize, kk: usize) -> Result<(i32, i32, i32)> {
     Ok((c(m, "M")?, c(n, "N")?, c(kk, "K")?))
 }
 
-/// The W8A8 GEMM's tile for `m × n` outputs (see [`Tile::pick`]); `RECFORGE_W8A8_TILE` forces one.
+/// The W8A8 GEMM's tile for `m × n` outputs (see [`Tile::pick`]); `RECFORGE_W8A8_TILE` = 64,
+/// 128 or wg forces one.
 pub fn gemm_tile(m: usize, n: usize) -> Tile {
     static FORCED: OnceLock<Option<Tile>> = OnceLock::new();
-    Tile::pick(m, n, "RECFORGE_W8A8_TILE", &FORCED)
+    Tile::pick(m, n, "RECFORGE_W8A8_TILE", true, &FORCED)
 }
 
-/// The W8A8 GEMM's launch: 3 stages of a 64-byte slice of K for both operand tiles.
+/// The W8A8 GEMM's launch: 3 stages of a 64-byte slice of K for both operand tiles (mma.sync),
+/// or 4 stages of a 128-byte slice (wgmma, kernels/gemm_w8a8_sm90.cu).
 fn grid(tile: Tile, m: usize, n: usize) -> Launch {
-    tile.launch(m, n, (3 * 2 * tile.size() * 64) as u32)
+    let (tr, tc) = tile.dims();
+    let smem = match tile {
+        Tile::T64 | Tile::T128 => 3 * (tr + tc) * 64,
+        Tile::Wg => 4 * (tr + tc) * 128,
+    };
+    tile.launch(m, n, smem as u32)
+}
+
+/// The kernel of `tile` (`i32`: raw accumulators, else the bf16 epilogue); the wgmma one only
+/// where the device has it.
+fn kernel(dev: &Device, tile: Tile, i32: bool) -> Result<&'static str> {
+    if tile == Tile::Wg && !dev.has_wgmma() {
+        return Err(Error::Device(format!(
+            "the wgmma W8A8 tile (RECFORGE_W8A8_TILE=wg) needs an sm_90 (Hopper) GPU; {} has none",
+            dev.name()
+        )));
+    }
+    Ok(match (tile, i32) {
+        (Tile::T64, true) => "gemm_w8a8_i32",
+        (Tile::T128, true) => "gemm_w8a8_t128_i32",
+        (Tile::Wg, true) => "gemm_w8a8_wg_i32",
+        (Tile::T64, false) => "gemm_w8a8_bf16",
+        (Tile::T128, false) => "gemm_w8a8_t128_bf16",
+        (Tile::Wg, false) => "gemm_w8a8_wg_bf16",
+    })
 }
 
 /// Raw int32 accumulators `out[M, N] = xq[M, K] · wq[N, K]ᵀ` (exactness tests). `tile`: the
@@ -77,10 +103,7 @@ pub fn gemm_w8a8_i32(
     tile: Option<Tile>,
 ) -> Result<()> {
     let tile = tile.unwrap_or_else(|| gemm_tile(m, n));
-    let name = match tile {
-        Tile::T64 => "gemm_w8a8_i32",
-        Tile::T128 => "gemm_w8a8_t128_i32",
-    };
+    let name = kernel(dev, tile, true)?;
     let (mi, ni, ki) = dims(name, m, n, k)?;
     if xq.len() < m * k || wq.len() != n * k || out.len() != m * n {
         return Err(Error::Shape(format!(
@@ -195,10 +218,7 @@ pub fn linear_w8a8(
     tile: Option<Tile>,
 ) -> Result<()> {
     let tile = tile.unwrap_or_else(|| gemm_tile(rows, n));
-    let name = match tile {
-        Tile::T64 => "gemm_w8a8_bf16",
-        Tile::T128 => "gemm_w8a8_t128_bf16",
-    };
+    let name = kernel(dev, tile, false)?;
     let (mi, ni, ki) = dims(name, rows, n, k)?;
     if wq.len() != n * k
         || sw.len() != n
