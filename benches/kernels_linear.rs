@@ -151,9 +151,13 @@ fn bench_gpu(c: &mut Criterion) {
         let sw = dev.upload(&vec![0.01f32; n]).unwrap();
         let mut dx = dev.alloc_zeros::<bf16>(m * k).unwrap();
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
-        // Both kernels on every shape: the 64 × 64 single-stage tile and the 128 × 128
-        // pipelined one (which `w8a16::dx_tile` picks for training shapes).
-        for (label, tile) in [("t64", Tile::T64), ("t128", Tile::T128)] {
+        // Every kernel on every shape: the 64 × 64 single-stage tile, the 128 × 128 pipelined
+        // one (which `w8a16::dx_tile` picks for training shapes), and on an sm_90 the wgmma one.
+        let mut tiles = vec![("t64", Tile::T64), ("t128", Tile::T128)];
+        if dev.has_wgmma() {
+            tiles.push(("wg", Tile::Wg));
+        }
+        for (label, tile) in tiles {
             g.bench_function(BenchmarkId::new(name, label), |b| {
                 b.iter(|| {
                     w8a16::linear_backward_input(

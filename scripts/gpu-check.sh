@@ -26,8 +26,9 @@
 #                                     # "benches sanitizer" for a second call; the phase
 #                                     # "tiles" (not a default) runs bench-train once more with
 #                                     # the 64 × 64 GEMM tiles forced, for the 128 tiles' effect;
-#                                     # "wg" (not a default) runs it with the Hopper wgmma W8A8
-#                                     # tile forced (RECFORGE_W8A8_TILE=wg), for its effect.
+#                                     # "wg" (not a default) runs it with the Hopper wgmma tiles
+#                                     # forced (RECFORGE_W8A8_TILE=wg RECFORGE_DX_TILE=wg), for
+#                                     # their effect.
 #   .gpu/gpu-check.sh run-train OUT_DIR   # THERE: only the training comparison: bench-train on
 #                                     # CUDA at LLaMA-7B shapes, batch 4 × seq 1024, ITREK LoRA
 #                                     # (r 16 on q,k,v,o), and scripts/peer_train.py (HF PEFT, bf16
@@ -278,10 +279,10 @@ print("|---|---|---|")
 PY
     fi
     if want wg; then
-        # Not in the default phases: the training run with the forward GEMMs on the wgmma tile
-        # (sm_90 only; opt-in until measured), against the train phase's default tiles.
-        step "bench-train llama-7b 4×1024 itrek, wgmma W8A8 tile (cuda)" 120 \
-            env RECFORGE_W8A8_TILE=wg "$here/bin/bench-train" --device cuda \
+        # Not in the default phases: the training run with the W8A8 forward and the int8 dX on
+        # the wgmma tiles (sm_90 only; opt-in until measured), against the train phase's tiles.
+        step "bench-train llama-7b 4×1024 itrek, wgmma tiles (cuda)" 120 \
+            env RECFORGE_W8A8_TILE=wg RECFORGE_DX_TILE=wg "$here/bin/bench-train" --device cuda \
             --model llama-7b --preset itrek --batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o \
             --warmup 2 --steps 5 --time-limit 60 --json "$out/bench-train-wg.json"
         python3 - "$out/bench-train-wg.json" "$out/bench-train.json" >>"$md" <<'PY' || true
@@ -293,7 +294,7 @@ def tps(p):
         return None
 a, b = tps(sys.argv[1]), tps(sys.argv[2])
 print()
-print(f"wgmma W8A8 tile forced: {a and round(a)} tokens/s; default tiles (train phase): {b and round(b)} tokens/s"
+print(f"wgmma tiles forced: {a and round(a)} tokens/s; default tiles (train phase): {b and round(b)} tokens/s"
       + (f"; ratio {a / b:.2f}×" if a and b else ""))
 print()
 print("| step | result | seconds |")

@@ -25,6 +25,6 @@ RECFORGE_SIM_GUARD=start cargo test --release --test simulator --test kernels \
 # `w8a16::dx_tile` pick them, and the kernel tests alone do not run them inside a whole
 # forward and backward pass (~10 s).
 RECFORGE_W8A8_TILE=128 RECFORGE_DX_TILE=128 cargo test --release --test train
-# And with the forward on the Hopper wgmma W8A8 tile (the simulator runs it on any machine;
-# nothing picks it by default yet) (~10 s).
-RECFORGE_W8A8_TILE=wg cargo test --release --test train
+# And with the Hopper wgmma tiles for the W8A8 forward and the int8 dX (the simulator runs them
+# on any machine; nothing picks them by default yet) (~10 s).
+RECFORGE_W8A8_TILE=wg RECFORGE_DX_TILE=wg cargo test --release --test train

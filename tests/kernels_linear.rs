@@ -27,8 +27,8 @@ const SHAPES: [(usize, usize, usize); 7] = [
     (150, 260, 336),
 ];
 
-/// The W8A8 tiles every GEMM test runs: both mma.sync tiles everywhere, and the wgmma tile
-/// where the device has it (the simulator always; a CUDA GPU when it is an sm_90).
+/// The tiles every W8A8 and int8 dX test runs: both mma.sync tiles everywhere, and the wgmma
+/// tile where the device has it (the simulator always; a CUDA GPU when it is an sm_90).
 fn tiles(dev: &Device) -> Vec<Tile> {
     if dev.has_wgmma() {
         vec![Tile::T64, Tile::T128, Tile::Wg]
@@ -247,9 +247,10 @@ fn w8a16_backward_matches_the_cpu_reference() {
     use recforge::backend::gpu::ops::w8a16;
     let cpu = Cpu::new();
     let mut rng = Rng::new(34);
-    // (M, N = out features, K = in features): N multiples of 8, K of 16, odd M; the last two
-    // span two 128-row tiles and 3 of 128 columns (partial), with 7 and 9 steps of 32 over N
-    // (the last partial) so the 128 tile's 3-stage dY ring and W double buffer wrap around.
+    // (M, N = out features, K = in features): N multiples of 8, K of 16, odd M; (150, 200,
+    // 272) and (129, 280, 144) span two 128-row tiles and 3 of 128 columns (partial), with 7 and 9
+    // steps of 32 over N (the last partial) so the 128 tile's 3-stage dY ring and W double buffer
+    // wrap around; the wgmma tile (steps of 64) wraps them with 5 and 9 steps (the last).
     for (m, n, k) in [
         (1, 8, 16),
         (7, 40, 48),
@@ -258,6 +259,7 @@ fn w8a16_backward_matches_the_cpu_reference() {
         (100, 24, 144),
         (150, 200, 272),
         (129, 280, 144),
+        (70, 520, 48),
     ] {
         let dy: Vec<bf16> = (0..m * n).map(|_| bf16::from_f32(rng.normal())).collect();
         let dyf: Vec<f32> = dy.iter().map(|v| v.to_f32()).collect();
@@ -296,9 +298,10 @@ fn w8a16_backward_matches_the_cpu_reference() {
             .collect();
         let prior: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.normal())).collect();
         for dev in devices() {
+            let dx_tiles = tiles(&dev); // the W8A8 set: 64, 128, and wg where the device has it
             for (accumulate, tile) in [false, true]
                 .into_iter()
-                .flat_map(|a| [(a, Tile::T64), (a, Tile::T128)])
+                .flat_map(|a| dx_tiles.iter().map(move |&t| (a, t)))
             {
                 let (ddy, dwq, dws) = (
                     dev.upload(&dy).unwrap(),
@@ -329,7 +332,7 @@ fn w8a16_backward_matches_the_cpu_reference() {
                 for i in 0..m * k {
                     let base = if accumulate { prior[i].to_f32() } else { 0.0 };
                     let want_i = want[i] + base;
-                    // Each term's factor dy·sw (64 tile) or wq·sw (128 tile) is rounded to
+                    // Each term's factor dy·sw (64 tile) or wq·sw (128, wg) is rounded to
                     // bf16 once (at most half an ulp, 2^-8 relative, so at most 2^-8·Σ|term|
                     // in all), f32 accumulation adds ~n·2^-24 of it, and the output is rounded
                     // to bf16 (2^-8 of |dx|).

@@ -822,3 +822,87 @@ fn wgmma_s8_follows_the_ptx_descriptor_and_fragment_layouts() {
         }
     }
 }
+
+/// wgmma.m64n256k16.f32.bf16.bf16 with B MN-major (imm-trans-b = 1), from shared-memory
+/// descriptors (kernels/selftest_sm90.cu): the simulator against an f64 matmul for two
+/// placements of the core matrices, scale-d 0 and 1; an sm_90 GPU against the same values.
+#[test]
+fn wgmma_bf16_follows_the_ptx_descriptor_and_fragment_layouts() {
+    let (sim, gpu) = sim_and_gpu();
+    let gpu = gpu.filter(|g| {
+        let ok = g.has_wgmma();
+        if !ok {
+            eprintln!("skipped wgmma on {}: not an sm_90 GPU", g.name());
+        }
+        ok
+    });
+    let mut rng = Rng::new(91);
+    let a: Vec<bf16> = (0..64 * 16).map(|_| bf16::from_f32(rng.normal())).collect();
+    let b: Vec<bf16> = (0..16 * 256)
+        .map(|_| bf16::from_f32(rng.normal()))
+        .collect();
+    let pack = |v: &[bf16]| -> Vec<u32> {
+        v.chunks(2)
+            .map(|c| c[0].to_bits() as u32 | (c[1].to_bits() as u32) << 16)
+            .collect()
+    };
+    let (pa, pb) = (pack(&a), pack(&b));
+    let (prod, mag): (Vec<f64>, Vec<f64>) = (0..64 * 256)
+        .map(|i| {
+            let (r, c) = (i / 256, i % 256);
+            let terms = (0..16).map(|k| a[r * 16 + k].to_f64() * b[k * 256 + c].to_f64());
+            (terms.clone().sum::<f64>(), terms.map(f64::abs).sum::<f64>())
+        })
+        .unzip();
+    // (lbo_a, sbo_a, lbo_b, sbo_b): the dX kernel's packing (A: a row group's 2 chunks adjacent;
+    // B: 8-column groups adjacent, the second 8 rows 4096 bytes on), and the other way round.
+    for (lbo_a, sbo_a, lbo_b, sbo_b) in [(128u32, 256u32, 4096u32, 128u32), (1024, 128, 128, 256)] {
+        for twice in [0, 1] {
+            let smem = 8192 + 31 * sbo_b + lbo_b + 128;
+            let run = |d: &Device| {
+                run_u32(
+                    d,
+                    "selftest_wgmma_bf16",
+                    Launch {
+                        grid: (1, 1, 1),
+                        block: (128, 1, 1),
+                        shared_bytes: smem,
+                    },
+                    &[&pa, &pb],
+                    &[
+                        Arg::U32(lbo_a),
+                        Arg::U32(sbo_a),
+                        Arg::U32(lbo_b),
+                        Arg::U32(sbo_b),
+                        Arg::I32(twice),
+                    ],
+                    64 * 256,
+                )
+            };
+            for dev in std::iter::once(&sim).chain(gpu.as_ref()) {
+                let got = run(dev);
+                // Products of bf16 are exact in f32; 16 f32 additions (twice: 32, and the
+                // doubling) round by at most 32 · 2^-24 of the magnitudes.
+                let scale = (1 + twice) as f64;
+                let bad: Vec<usize> = (0..prod.len())
+                    .filter(|&i| {
+                        let err = (f32::from_bits(got[i]) as f64 - scale * prod[i]).abs();
+                        err.is_nan() || err > 32.0 * 6e-8 * scale * mag[i] + 1e-30
+                    })
+                    .collect();
+                assert!(
+                    bad.is_empty(),
+                    "{}: wgmma bf16 lbo/sbo A {lbo_a}/{sbo_a} B {lbo_b}/{sbo_b} twice {twice}: {} of \
+                     {} wrong, first at row {} col {}: {} vs {}",
+                    dev.name(),
+                    bad.len(),
+                    prod.len(),
+                    bad[0] / 256,
+                    bad[0] % 256,
+                    f32::from_bits(got[bad[0]]),
+                    scale * prod[bad[0]]
+                );
+            }
+        }
+    }
+}

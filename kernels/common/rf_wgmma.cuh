@@ -15,6 +15,11 @@
 //     Accumulator layout (9.7.15.5.1.1, the m64nNk32 D fragment): warp w = (thread % 128) / 32 of the
 //     warpgroup holds rows 16w .. 16w+15; lane l (g = l/4, t = l%4) holds d[4j + v] =
 //     D[16w + g + 8·(v/2)][8j + 2t + v%2] for j < N/8, v < 4 — the mma.m16n8 C layout, N/8 times.
+//   - wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 with imm-trans-b = 1: A K-major as
+//     above (byte 2k' of row r for element k'), B "MN-major" (9.7.15.5.1.2: the N dimension
+//     contiguous), canonical ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)) with T = 8: element (n, k) of
+//     B at start + 2·(n % 8) + (n / 8)·SBO + (k % 8)·16 + (k / 8)·LBO — core matrices of 8 k × 8 n
+//     (16 bytes each), 128 contiguous bytes. f32 accumulators in the same fragment layout.
 //   - fence.proxy.async.shared::cta in every thread that wrote an operand by ordinary stores or
 //     cp.async (the generic proxy), after the data landed and before the barrier that precedes
 //     the wgmma (which reads through the async proxy). The simulator does not model proxies:
@@ -54,19 +59,21 @@ __device__ __forceinline__ void rf_wgmma_commit() {
 }
 // Pin the accumulators before wgmma.fence: ordinary code that writes them (the zero fill) must
 // be ordered before the fence, or the behaviour is undefined (ptxas serializes the wgmmas).
-template <int R> __device__ __forceinline__ void rf_wgmma_fence_operand(int (&d)[R]) {
+__device__ __forceinline__ void rf_pin(int& x) { asm volatile("" : "+r"(x)::"memory"); }
+__device__ __forceinline__ void rf_pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+template <class T, int R> __device__ __forceinline__ void rf_wgmma_fence_operand(T (&d)[R]) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
-    for (int i = 0; i < R; i++) asm volatile("" : "+r"(d[i])::"memory");
+    for (int i = 0; i < R; i++) rf_pin(d[i]);
 #endif
 }
 // Wait until at most N batches are pending, then pin the accumulators so the compiler cannot move
 // their reads above the wait.
-template <int N, int R> __device__ __forceinline__ void rf_wgmma_wait(int (&d)[R]) {
+template <int N, class T, int R> __device__ __forceinline__ void rf_wgmma_wait(T (&d)[R]) {
 #if defined(__CUDA_ARCH__)
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #pragma unroll
-    for (int i = 0; i < R; i++) asm volatile("" : "+r"(d[i])::"memory");
+    for (int i = 0; i < R; i++) rf_pin(d[i]);
 #endif
 }
 template <int N> __device__ __forceinline__ void rf_wgmma_s8(int (&d)[N / 2], uint64_t da, uint64_t db, int accumulate);
@@ -89,6 +96,18 @@ template <> __device__ __forceinline__ void rf_wgmma_s8<256>(int (&d)[128], uint
 #endif
 }
 
+// D[64×256] (+)= A[64×16]·B[16×256], bf16 operands, f32 accumulators: A K-major, B MN-major (the
+// output dimension contiguous: imm-trans-b = 1), imm-scale-a = imm-scale-b = 1.
+template <int N> __device__ __forceinline__ void rf_wgmma_bf16_tb(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate);
+template <> __device__ __forceinline__ void rf_wgmma_bf16_tb<256>(float (&d)[128], uint64_t da, uint64_t db, int accumulate) {
+#if defined(__CUDA_ARCH__)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(accumulate));
+#endif
+}
 #elif defined(RF_SIM)
 // Simulator: each thread records its part of a wgmma at issue; a wgmma.wait_group that covers the
 // batch computes it then, in issue order, from shared memory as it is AT THE WAIT (so a stage
@@ -102,16 +121,20 @@ template <class T> inline uint64_t rf_wgmma_desc(::rf_sim::smem_ptr<T> p, unsign
            ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32);
 }
 inline void rf_fence_proxy_async() {}
-template <int R> inline void rf_wgmma_fence_operand(int (&)[R]) {}
+template <class T, int R> inline void rf_wgmma_fence_operand(T (&)[R]) {}
 inline void rf_wgmma_fence() { ::rf_sim::wgmma_fence(); }
 inline void rf_wgmma_commit() { ::rf_sim::wgmma_commit(); }
-template <int N, int R> inline void rf_wgmma_wait(int (&)[R]) {
+template <int N, class T, int R> inline void rf_wgmma_wait(T (&)[R]) {
     static_assert(N >= 0, "wgmma.wait_group takes a non-negative count");
     ::rf_sim::wgmma_wait(N);
 }
 template <int N> inline void rf_wgmma_s8(int (&d)[N / 2], uint64_t da, uint64_t db, int accumulate) {
     static_assert(N == 128 || N == 256, "m64nNk32: N = 128 or 256 here");
     ::rf_sim::wgmma_s8(d, N, da, db, accumulate);
+}
+template <int N> inline void rf_wgmma_bf16_tb(float (&d)[N / 2], uint64_t da, uint64_t db, int accumulate) {
+    static_assert(N == 256, "m64nNk16 bf16: N = 256 here");
+    ::rf_sim::wgmma_bf16_tb(d, N, da, db, accumulate);
 }
 #else
 #error "rf_wgmma.cuh: compile with nvcc or with -DRF_SIM"

@@ -134,9 +134,10 @@ struct PendingCopy {
 
 // One wgmma.mma_async of this thread not yet complete: computed when a wgmma.wait_group covers
 // `group` (see wgmma_s8).
+enum MmaKind { MMA_S8 = 0, MMA_BF16_TB = 1 };
 struct PendingMma {
-    int* d;  // this thread's accumulators (n / 2 of them)
-    int n;
+    void* d;  // this thread's accumulators (n / 2 of them): int32 for MMA_S8, f32 for MMA_BF16_TB
+    int n, kind;
     uint64_t da, db;
     int accumulate;
     unsigned group;
@@ -748,38 +749,60 @@ void cp_async_wait(int n) {
 }
 
 // ---- wgmma (kernels/common/rf_wgmma.cuh) ----
-// Byte `k` (0..31) of row `r` of a K-major, unswizzled operand described by `desc`, bounds-checked
-// against the block's dynamic shared memory.
-static const unsigned char* wgmma_operand_row(Worker* w, uint64_t desc, int r, const char* which) {
-    const unsigned start = (unsigned)(desc & 0x3FFF) << 4, lbo = (unsigned)((desc >> 16) & 0x3FFF) << 4,
-                   sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4;
+// A decoded shared-memory matrix descriptor (no swizzle, base offset 0: anything else fails).
+struct MmaDesc {
+    unsigned start, lbo, sbo;
+    const char* which;
+};
+static MmaDesc wgmma_desc(uint64_t desc, const char* which) {
     const unsigned mode = (unsigned)(desc >> 62), base_off = (unsigned)((desc >> 49) & 7);
     if (mode != 0 || base_off != 0)
         fail("wgmma: descriptor of %s has swizzle mode %u, base offset %u; the simulator models only mode 0 (no "
              "swizzle) with base offset 0",
              which, mode, base_off);
-    const size_t lo = (size_t)start + (size_t)(r % 8) * 16 + (size_t)(r / 8) * sbo;
-    const size_t hi = lo + lbo + 16;  // one past the row's second 16-byte chunk
-    if (hi > w->smem_size)
-        fail("wgmma: %s row %d reaches byte %zu of dynamic shared memory, but the launch has %zu (start %u, LBO %u, "
-             "SBO %u)",
-             which, r, hi, w->smem_size, start, lbo, sbo);
-    return w->smem + lo;
+    return MmaDesc{(unsigned)(desc & 0x3FFF) << 4, (unsigned)((desc >> 16) & 0x3FFF) << 4,
+                   (unsigned)((desc >> 32) & 0x3FFF) << 4, which};
+}
+static const unsigned char* wgmma_at(Worker* w, const MmaDesc& d, size_t off, size_t bytes) {
+    if (off + bytes > w->smem_size)
+        fail("wgmma: %s reaches byte %zu of dynamic shared memory, but the launch has %zu (start %u, LBO %u, SBO %u)",
+             d.which, off + bytes, w->smem_size, d.start, d.lbo, d.sbo);
+    return w->smem + off;
+}
+// K-major: byte kb (0..31) of row r. MN-major 16-bit: element (n, k) (2 bytes).
+static const unsigned char* kmajor(Worker* w, const MmaDesc& d, int r, int kb) {
+    return wgmma_at(w, d, (size_t)d.start + (r % 8) * 16 + (size_t)(r / 8) * d.sbo + (size_t)(kb / 16) * d.lbo + kb % 16, 1);
+}
+static const unsigned char* mnmajor16(Worker* w, const MmaDesc& d, int n, int k) {
+    return wgmma_at(w, d, (size_t)d.start + 2 * (n % 8) + (size_t)(n / 8) * d.sbo + (k % 8) * 16 + (size_t)(k / 8) * d.lbo, 2);
 }
 
-// FNV-1a over the 32 bytes of each operand row this thread's part of `op` reads.
-static uint64_t wgmma_operand_hash(Worker* w, const Fiber* me, const PendingMma& op) {
+// The operand bytes this thread's part of `op` reads, in a fixed order, to `f`: A rows
+// 16wq + g (+8), B rows (s8) or columns (bf16, MN-major) 8j + 2t (+1).
+template <class F> static void wgmma_operands(Worker* w, const Fiber* me, const PendingMma& op, F&& f) {
     const unsigned wq = (me->linear % 128) / 32, g = me->lane >> 2, t = me->lane & 3;
-    uint64_t h = 0xcbf29ce484222325ull;
-    auto row = [&](uint64_t desc, int r, const char* which) {
-        const unsigned char* p = wgmma_operand_row(w, desc, r, which);
-        const unsigned lbo = (unsigned)((desc >> 16) & 0x3FFF) << 4;
-        for (int k = 0; k < 32; k++) h = (h ^ p[(k / 16) * lbo + k % 16]) * 0x100000001b3ull;
-    };
-    for (int hh = 0; hh < 2; hh++) row(op.da, (int)(16 * wq + g + 8 * hh), "A");
+    const MmaDesc a = wgmma_desc(op.da, "A"), b = wgmma_desc(op.db, "B");
+    for (int h = 0; h < 2; h++)
+        for (int kb = 0; kb < 32; kb++) f(*kmajor(w, a, (int)(16 * wq + g + 8 * h), kb));
     for (int j = 0; j < op.n / 8; j++)
-        for (int c = 0; c < 2; c++) row(op.db, (int)(8 * j + 2 * t + c), "B");
+        for (int c = 0; c < 2; c++) {
+            const int col = (int)(8 * j + 2 * t + c);
+            for (int kb = 0; kb < 32; kb++)
+                f(op.kind == MMA_S8 ? *kmajor(w, b, col, kb) : mnmajor16(w, b, col, kb / 2)[kb % 2]);
+        }
+}
+
+static uint64_t wgmma_operand_hash(Worker* w, const Fiber* me, const PendingMma& op) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    wgmma_operands(w, me, op, [&](unsigned char x) { h = (h ^ x) * 0x100000001b3ull; });
     return h;
+}
+
+static float bf16_bits(const unsigned char* p) {
+    const uint32_t u = (uint32_t)(p[0] | (p[1] << 8)) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
 static void wgmma_complete(Fiber* me, unsigned limit) {
@@ -798,19 +821,23 @@ static void wgmma_complete(Fiber* me, unsigned limit) {
             fail("wgmma: shared memory read by a wgmma.mma_async (batch %u) changed between its issue and the "
                  "wgmma.wait_group that completes it",
                  op.group);
-        const unsigned char* arow[2];
-        for (int h = 0; h < 2; h++) arow[h] = wgmma_operand_row(w, op.da, (int)(16 * wq + g + 8 * h), "A");
-        const unsigned lbo_a = (unsigned)((op.da >> 16) & 0x3FFF) << 4, lbo_b = (unsigned)((op.db >> 16) & 0x3FFF) << 4;
+        const MmaDesc a = wgmma_desc(op.da, "A"), b = wgmma_desc(op.db, "B");
         for (int j = 0; j < op.n / 8; j++)
             for (int v = 0; v < 4; v++) {
-                const unsigned char* a = arow[v >> 1];
-                const unsigned char* b = wgmma_operand_row(w, op.db, (int)(8 * j + 2 * t + (v & 1)), "B");
-                int acc = op.accumulate ? op.d[4 * j + v] : 0;
-                for (int k = 0; k < 32; k++) {
-                    const int8_t x = (int8_t)a[(k / 16) * lbo_a + k % 16], y = (int8_t)b[(k / 16) * lbo_b + k % 16];
-                    acc = (int)((unsigned)acc + (unsigned)(x * y));  // int32 wrap-around, as the hardware's s32
+                const int row = (int)(16 * wq + g + 8 * (v >> 1)), col = (int)(8 * j + 2 * t + (v & 1));
+                if (op.kind == MMA_S8) {
+                    int* d = static_cast<int*>(op.d);
+                    unsigned acc = op.accumulate ? (unsigned)d[4 * j + v] : 0u;
+                    for (int kb = 0; kb < 32; kb++)
+                        acc += (unsigned)((int8_t)*kmajor(w, a, row, kb) * (int8_t)*kmajor(w, b, col, kb));
+                    d[4 * j + v] = (int)acc;  // int32 wrap-around, as the hardware's s32
+                } else {
+                    // bf16 products are exact in f32; their sum is rounded in k order, then added.
+                    float* d = static_cast<float*>(op.d);
+                    float sum = 0.0f;
+                    for (int k = 0; k < 16; k++) sum += bf16_bits(kmajor(w, a, row, 2 * k)) * bf16_bits(mnmajor16(w, b, col, k));
+                    d[4 * j + v] = (op.accumulate ? d[4 * j + v] : 0.0f) + sum;
                 }
-                op.d[4 * j + v] = acc;
             }
     }
     me->wg.resize(keep);
@@ -818,14 +845,20 @@ static void wgmma_complete(Fiber* me, unsigned limit) {
 
 void wgmma_fence() {}
 
-void wgmma_s8(int* d, int n, uint64_t da, uint64_t db, int accumulate) {
+static void wgmma_issue(void* d, int n, int kind, uint64_t da, uint64_t db, int accumulate) {
     Worker* w = tls_worker;
     Fiber* me = w->cur;
     if (w->nthreads % 128 != 0)
         fail("wgmma.mma_async: the block has %u threads, not a whole number of warpgroups (128)", w->nthreads);
-    PendingMma op{d, n, da, db, accumulate, me->wg_committed, 0};
+    PendingMma op{d, n, kind, da, db, accumulate, me->wg_committed, 0};
     op.operands = wgmma_operand_hash(w, me, op);
     me->wg.push_back(op);
+}
+
+void wgmma_s8(int* d, int n, uint64_t da, uint64_t db, int accumulate) { wgmma_issue(d, n, MMA_S8, da, db, accumulate); }
+
+void wgmma_bf16_tb(float* d, int n, uint64_t da, uint64_t db, int accumulate) {
+    wgmma_issue(d, n, MMA_BF16_TB, da, db, accumulate);
 }
 
 void wgmma_commit() { tls_worker->cur->wg_committed++; }

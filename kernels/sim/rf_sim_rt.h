@@ -76,6 +76,8 @@ void cp_async_wait(int n);
 // newest. A thread that exits with one pending fails the launch.
 void wgmma_fence();
 void wgmma_s8(int* d, int n, uint64_t da, uint64_t db, int accumulate);
+// m64nNk16 f32.bf16.bf16, A K-major, B MN-major (imm-trans-b = 1).
+void wgmma_bf16_tb(float* d, int n, uint64_t da, uint64_t db, int accumulate);
 void wgmma_commit();
 void wgmma_wait(int n);
 

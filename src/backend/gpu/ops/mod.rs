@@ -24,11 +24,11 @@ use super::device::Launch;
 
 /// The block tile of a GEMM kernel: 64 × 64 (fewer operations per byte, but 4× more blocks,
 /// which fills more of a GPU on small shapes), 128 × 128 (training shapes), or, for the W8A8
-/// forward on Hopper only, 128 × 256 on the warpgroup tensor cores (`Wg`, wgmma; sm_90 and the
-/// simulator). The W8A8 tiles give bit-identical outputs; the two dX tiles round one factor of
-/// each term to bf16 on different sides (dy·sw for 64, wq·sw for 128), within the same bound.
-/// `Wg` is never picked by default until a GPU run has measured it: `RECFORGE_W8A8_TILE=wg`
-/// asks for it.
+/// forward and the int8 dX on Hopper only, 128 × 256 on the warpgroup tensor cores (`Wg`, wgmma;
+/// sm_90 and the simulator). The W8A8 tiles give bit-identical outputs; the dX tiles round one
+/// factor of each term to bf16 on different sides (dy·sw for 64, wq·sw for 128 and wg), within
+/// the same bound. `Wg` is never picked by default until a GPU run has measured it:
+/// `RECFORGE_W8A8_TILE=wg` / `RECFORGE_DX_TILE=wg` ask for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tile {
     T64,

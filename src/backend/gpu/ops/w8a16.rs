@@ -9,14 +9,15 @@ use super::Tile;
 use crate::error::{Error, Result};
 
 /// The dX kernel for a shape: the 128 × 128 pipelined tile (`gemm_*_dx128_bf16`) for
-/// training-size grids, else the 64 × 64 single-stage one (`gemm_*_dx_bf16`); `RECFORGE_DX_TILE`
-/// forces one. The 128 tile needs N to be a multiple of 8, so an odd vocabulary takes the 64.
+/// training-size grids, else the 64 × 64 single-stage one (`gemm_*_dx_bf16`);
+/// `RECFORGE_DX_TILE` = 64, 128 or wg (the Hopper wgmma tile, int8 W only) forces one. The 128
+/// and wg tiles need N to be a multiple of 8, so an odd vocabulary takes the 64.
 pub fn dx_tile(m: usize, n: usize, k: usize) -> Tile {
     static FORCED: OnceLock<Option<Tile>> = OnceLock::new();
     if !n.is_multiple_of(8) {
         return Tile::T64;
     }
-    Tile::pick(m, k, "RECFORGE_DX_TILE", false, &FORCED)
+    Tile::pick(m, k, "RECFORGE_DX_TILE", true, &FORCED)
 }
 
 /// Dynamic shared memory of each dX kernel (see kernels/gemm_w8a16.cu).
@@ -24,20 +25,28 @@ fn dx_smem(tile: Tile) -> u32 {
     match tile {
         Tile::T64 => 64 * 64 + 32 * 128,
         Tile::T128 => 3 * 128 * 64 + 2 * 32 * 256,
-        Tile::Wg => 0, // no such kernel: refused by dx_kernel
+        Tile::Wg => 3 * 128 * 64 * 2 + 2 * 64 * 256 * 2, // kernels/gemm_w8a16_sm90.cu
     }
 }
 
-/// The dX kernel of `tile` (`int8`: W8A16, else dense bf16 W); there is no wgmma one.
-fn dx_kernel(tile: Tile, int8: bool) -> Result<&'static str> {
+/// The dX kernel of `tile` (`int8`: W8A16, else dense bf16 W); the wgmma one is int8 only and
+/// needs a device that has wgmma.
+fn dx_kernel(dev: &Device, tile: Tile, int8: bool) -> Result<&'static str> {
+    if tile == Tile::Wg && !dev.has_wgmma() {
+        return Err(Error::Device(format!(
+            "the wgmma dX tile (RECFORGE_DX_TILE=wg) needs an sm_90 (Hopper) GPU; {} has none",
+            dev.name()
+        )));
+    }
     Ok(match (tile, int8) {
         (Tile::T64, true) => "gemm_w8a16_dx_bf16",
         (Tile::T128, true) => "gemm_w8a16_dx128_bf16",
+        (Tile::Wg, true) => "gemm_w8a16_dx_wg_bf16",
         (Tile::T64, false) => "gemm_bf16_dx_bf16",
         (Tile::T128, false) => "gemm_bf16_dx128_bf16",
-        (Tile::Wg, _) => {
+        (Tile::Wg, false) => {
             return Err(Error::Shape(
-                "the backward to the input has no wgmma (Wg) tile: use T64 or T128".into(),
+                "gemm_bf16_dx: a bf16 W has no wgmma (Wg) dX tile: use T64 or T128".into(),
             ))
         }
     })
@@ -60,7 +69,7 @@ pub fn linear_backward_input(
     tile: Option<Tile>,
 ) -> Result<()> {
     let tile = tile.unwrap_or_else(|| dx_tile(m, n, k));
-    let name = dx_kernel(tile, true)?;
+    let name = dx_kernel(dev, tile, true)?;
     if !n.is_multiple_of(8) || !k.is_multiple_of(16) {
         return Err(Error::Shape(format!(
             "{name}: N = {n} must be a multiple of 8 and K = {k} of 16"
@@ -174,8 +183,12 @@ pub fn dense_backward_input(
     accumulate: bool,
     tile: Option<Tile>,
 ) -> Result<()> {
-    let tile = tile.unwrap_or_else(|| dx_tile(m, n, k));
-    let name = dx_kernel(tile, false)?;
+    // A forced wg tile (RECFORGE_DX_TILE=wg) is for the int8 kernel; a bf16 W keeps the 128.
+    let tile = tile.unwrap_or_else(|| match dx_tile(m, n, k) {
+        Tile::Wg => Tile::T128,
+        t => t,
+    });
+    let name = dx_kernel(dev, tile, false)?;
     if tile == Tile::T128 && !n.is_multiple_of(8) {
         return Err(Error::Shape(format!(
             "{name}: N = {n} must be a multiple of 8 (use the 64 tile)"
