@@ -33,7 +33,8 @@
 #if defined(__CUDACC__)
 #include <stdint.h>
 
-// The 64-bit descriptor of a K-major operand at `p` (16-byte aligned), no swizzle.
+// The 64-bit descriptor of an operand at `p` (16-byte aligned), no swizzle, K- or MN-major (the
+// instruction's imm-trans says which; LBO and SBO are as the layouts above define them).
 __device__ __forceinline__ uint64_t rf_wgmma_desc(const void* p, unsigned lbo, unsigned sbo) {
     unsigned addr = 0;
 #if defined(__CUDA_ARCH__)
