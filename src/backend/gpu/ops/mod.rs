@@ -78,7 +78,14 @@ impl Tile {
             Ok("64") => Some(Tile::T64),
             Ok("128") => Some(Tile::T128),
             Ok("wg") if wg_ok => Some(Tile::Wg),
-            _ => None,
+            Ok("") | Err(_) => None,
+            Ok(other) => {
+                eprintln!(
+                    "warning: {var}={other} is not 64, 128{}; using the per-shape pick",
+                    if wg_ok { " or wg" } else { "" }
+                );
+                None
+            }
         });
         forced.unwrap_or(
             if rows.div_ceil(128) * cols.div_ceil(128) >= MIN_BLOCKS_128 {
