@@ -232,3 +232,78 @@ fn lora_through_the_backend_trait_matches_the_cpu() {
         }
     }
 }
+
+/// q, k, v (and gate, up) go through `Backend::linear_many`, which on the GPU quantizes their
+/// shared input once: the outputs must be the bits of one `linear` each, outlier columns
+/// included; past the decode sizes (the shared path) and at them (one GEMV each).
+#[test]
+fn linear_many_gives_the_bits_of_one_linear_each() {
+    use half::bf16;
+    use recforge::backend::cpu::quantize_rows;
+    use recforge::backend::{Linear, LinearWeight};
+    use recforge::rng::Rng;
+    use recforge::tensor::{DType, HostData, HostTensor};
+    let mut rng = Rng::new(7);
+    let k = 96;
+    for be in backends() {
+        let mut layer = |n: usize| {
+            let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
+            let (wq, ws) = quantize_rows(&w, n, k);
+            Linear {
+                weight: LinearWeight::Int8 {
+                    w: be
+                        .upload(&HostTensor::new(vec![n, k], HostData::I8(wq)).unwrap())
+                        .unwrap(),
+                    scale: be.upload(&HostTensor::f32(vec![n], ws).unwrap()).unwrap(),
+                },
+                out_features: n,
+                in_features: k,
+                outlier_threshold: 6.0,
+            }
+        };
+        let ws = [layer(64), layer(24), layer(40)];
+        for rows in [40usize, 3] {
+            // Column 5 well above the outlier threshold, so the shared outlier list matters.
+            let x: Vec<bf16> = (0..rows * k)
+                .map(|i| bf16::from_f32(if i % k == 5 { 25.0 } else { 1.0 } * rng.normal()))
+                .collect();
+            let xt = be
+                .upload(&HostTensor::new(vec![rows, k], HostData::BF16(x)).unwrap())
+                .unwrap();
+            let zeros = |n: usize| be.zeros(&[rows, n], DType::BF16).unwrap();
+            let (mut a, mut b, mut c) = (zeros(64), zeros(24), zeros(40));
+            be.linear_many(
+                &xt,
+                &[&ws[0], &ws[1], &ws[2]],
+                &mut [&mut a, &mut b, &mut c],
+            )
+            .unwrap();
+            for (w, many) in ws.iter().zip([&a, &b, &c]) {
+                let mut one = zeros(w.out_features);
+                be.linear(&xt, w, &mut one).unwrap();
+                let bits = |t| -> Vec<u32> {
+                    be.download(t)
+                        .unwrap()
+                        .to_f32()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                assert_eq!(
+                    bits(many),
+                    bits(&one),
+                    "{}: rows {rows}, n {}",
+                    be.name(),
+                    w.out_features
+                );
+            }
+        }
+        let xt = be.zeros(&[20, k], DType::BF16).unwrap();
+        let e = be
+            .linear_many(&xt, &[&ws[0], &ws[1]], &mut [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2 layers but 0 outputs"), "{e}");
+    }
+}

@@ -199,6 +199,27 @@ pub trait Backend: Sized + Send + Sync {
     ) -> Result<()>;
     /// `out = x · Wᵀ`; x `[T, in]`, out `[T, out]`.
     fn linear(&self, x: &Tensor<Self>, w: &Linear<Self>, out: &mut Tensor<Self>) -> Result<()>;
+    /// `outs[i] = x · ws[i]ᵀ` for several layers that read the same input (q, k, v; gate, up):
+    /// the same results as one `linear` each, which is what this default does. A backend may
+    /// share work between them (the GPU quantizes the activations once for int8 weights).
+    fn linear_many(
+        &self,
+        x: &Tensor<Self>,
+        ws: &[&Linear<Self>],
+        outs: &mut [&mut Tensor<Self>],
+    ) -> Result<()> {
+        if ws.len() != outs.len() {
+            return Err(crate::error::Error::Shape(format!(
+                "linear_many: {} layers but {} outputs",
+                ws.len(),
+                outs.len()
+            )));
+        }
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            self.linear(x, w, out)?;
+        }
+        Ok(())
+    }
     /// Rotary embedding in place, HF rotate-half convention; x `[T, heads, head_dim]`,
     /// positions u32 `[T]`. `inverse` rotates by the negative angle, which is the backward pass.
     fn rope(

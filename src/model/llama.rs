@@ -225,9 +225,7 @@ impl<B: Backend> Llama<B> {
         let mut a = be.zeros(&[t, f], dt)?;
         for (li, l) in self.layers.iter().enumerate() {
             be.rmsnorm(&x, &l.attn_norm, eps, &mut hbuf)?;
-            be.linear(&hbuf, &l.q, &mut q)?;
-            be.linear(&hbuf, &l.k, &mut k)?;
-            be.linear(&hbuf, &l.v, &mut v)?;
+            be.linear_many(&hbuf, &[&l.q, &l.k, &l.v], &mut [&mut q, &mut k, &mut v])?;
             q.shape = vec![t, h, hd];
             k.shape = vec![t, kvh, hd];
             v.shape = vec![t, kvh, hd];
@@ -244,8 +242,7 @@ impl<B: Backend> Llama<B> {
             attn.shape = vec![t, h, hd];
             be.add_assign(&mut x, &proj)?;
             be.rmsnorm(&x, &l.ffn_norm, eps, &mut hbuf)?;
-            be.linear(&hbuf, &l.gate, &mut g)?;
-            be.linear(&hbuf, &l.up, &mut u)?;
+            be.linear_many(&hbuf, &[&l.gate, &l.up], &mut [&mut g, &mut u])?;
             be.swiglu(&g, &u, &mut a)?;
             be.linear(&a, &l.down, &mut proj)?;
             be.add_assign(&mut x, &proj)?;

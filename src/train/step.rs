@@ -267,6 +267,19 @@ fn linear_lora<B: Backend>(
     out: &mut Tensor<B>,
 ) -> Result<()> {
     be.linear(x, w, out)?;
+    lora_add(be, x, lora, saved, ones, dropout, out)
+}
+
+/// `out += LoRA(x)` when the layer has an adapter (the base product is already in `out`).
+fn lora_add<B: Backend>(
+    be: &B,
+    x: &Tensor<B>,
+    lora: Option<&DevLoraParams<B>>,
+    saved: Option<&mut (Tensor<B>, Tensor<B>)>,
+    ones: &Tensor<B>,
+    dropout: Dropout,
+    out: &mut Tensor<B>,
+) -> Result<()> {
     if let (Some(p), Some((h, u))) = (lora, saved) {
         be.lora_forward(x, &p.lora, ones, dropout, h, u, out)?;
     }
@@ -426,15 +439,20 @@ impl<B: Backend> Ctx<'_, B> {
         reshape(&mut a.k, &[t, kvh * hd]);
         reshape(&mut a.v, &[t, kvh * hd]);
         be.rmsnorm(xin, &lay.attn_norm, eps, &mut a.h1)?;
-        for (tg, w, out) in [
-            (Target::Q, &lay.q, &mut a.q),
-            (Target::K, &lay.k, &mut a.k),
-            (Target::V, &lay.v, &mut a.v),
+        // q, k, v read one input: one call, so the GPU quantizes it once.
+        be.linear_many(
+            &a.h1,
+            &[&lay.q, &lay.k, &lay.v],
+            &mut [&mut a.q, &mut a.k, &mut a.v],
+        )?;
+        for (tg, out) in [
+            (Target::Q, &mut a.q),
+            (Target::K, &mut a.k),
+            (Target::V, &mut a.v),
         ] {
-            linear_lora(
+            lora_add(
                 be,
                 &a.h1,
-                w,
                 lp(tg),
                 a.lora.get_mut(&tg),
                 ones,
@@ -477,14 +495,11 @@ impl<B: Backend> Ctx<'_, B> {
         be.copy_rows(xin, 0, &mut a.x2, 0, t)?;
         be.add_assign(&mut a.x2, &a.proj)?;
         be.rmsnorm(&a.x2, &lay.ffn_norm, eps, &mut a.h2)?;
-        for (tg, w, out) in [
-            (Target::Gate, &lay.gate, &mut a.g),
-            (Target::Up, &lay.up, &mut a.u),
-        ] {
-            linear_lora(
+        be.linear_many(&a.h2, &[&lay.gate, &lay.up], &mut [&mut a.g, &mut a.u])?;
+        for (tg, out) in [(Target::Gate, &mut a.g), (Target::Up, &mut a.u)] {
+            lora_add(
                 be,
                 &a.h2,
-                w,
                 lp(tg),
                 a.lora.get_mut(&tg),
                 ones,

@@ -391,6 +391,70 @@ impl Backend for Gpu {
         self.linear_impl(x, w, out)
     }
 
+    /// Int8 layers with one outlier threshold, past the decode sizes: the activations are
+    /// quantized (and their outlier columns found) once, then one GEMM per layer — the same bits
+    /// as `linear` each. Anything else goes one `linear` at a time.
+    fn linear_many(&self, x: &T, ws: &[&Linear<Gpu>], outs: &mut [&mut T]) -> Result<()> {
+        let op = "linear_many";
+        if ws.len() != outs.len() {
+            return Err(Error::Shape(format!(
+                "{op}: {} layers but {} outputs",
+                ws.len(),
+                outs.len()
+            )));
+        }
+        let (rows, k) = x.rows_cols();
+        let shared = ws.len() > 1
+            && rows > GEMV_MAX_ROWS
+            && ws.iter().all(|w| {
+                matches!(w.weight, LinearWeight::Int8 { .. })
+                    && w.in_features == k
+                    && w.outlier_threshold == ws[0].outlier_threshold
+            });
+        if !shared {
+            for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                self.linear_impl(x, w, out)?;
+            }
+            return Ok(());
+        }
+        let xb = bf(op, "x", x)?;
+        let mut scratch = Int8Scratch::new(&self.dev, rows, k)?;
+        ops::w8a8::quantize_activations(
+            &self.dev,
+            xb,
+            rows,
+            k,
+            ws[0].outlier_threshold,
+            &mut scratch,
+        )?;
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            let LinearWeight::Int8 { w: q, scale } = &w.weight else {
+                return Err(Error::Shape(format!("{op}: a layer is not int8")));
+            };
+            if out.numel() != rows * w.out_features {
+                return Err(Error::Shape(format!(
+                    "{op}: x {:?} and out {:?} for a {}→{} layer",
+                    x.shape, out.shape, w.in_features, w.out_features
+                )));
+            }
+            ops::w8a8::linear_w8a8_quantized(
+                &self.dev,
+                xb,
+                rows,
+                k,
+                i8b(op, "weight", q)?,
+                f32b(op, "scale", scale)?,
+                w.out_features,
+                &scratch,
+                None,
+                None,
+                bf_mut(op, "out", out)?,
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
     fn rope(&self, x: &mut T, positions: &T, theta: f32, inverse: bool) -> Result<()> {
         let op = "rope";
         if x.shape.len() != 3 {

@@ -219,7 +219,7 @@ pub fn linear_w8a8(
 ) -> Result<()> {
     let tile = tile.unwrap_or_else(|| gemm_tile(rows, n));
     let name = kernel(dev, tile, false)?;
-    let (mi, ni, ki) = dims(name, rows, n, k)?;
+    // The shapes are checked before the activations are quantized, and again by the GEMM.
     if wq.len() != n * k
         || sw.len() != n
         || out.len() != rows * n
@@ -245,6 +245,73 @@ pub fn linear_w8a8(
         }
     }
     quantize_activations(dev, x, rows, k, threshold, scratch)?;
+    linear_w8a8_quantized(
+        dev,
+        x,
+        rows,
+        k,
+        wq,
+        sw,
+        n,
+        scratch,
+        lora,
+        residual,
+        out,
+        Some(tile),
+    )
+}
+
+/// [`linear_w8a8`] after [`quantize_activations`] has filled `scratch` from the same `x` (rows ×
+/// k): the GEMM and its epilogue only, so layers that read one input (q, k, v) quantize it once.
+/// The outlier threshold is the one the scratch was quantized with.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_w8a8_quantized(
+    dev: &Device,
+    x: &DevBuf<bf16>,
+    rows: usize,
+    k: usize,
+    wq: &DevBuf<i8>,
+    sw: &DevBuf<f32>,
+    n: usize,
+    scratch: &Int8Scratch,
+    lora: Option<LoraUp<'_>>,
+    residual: Option<&DevBuf<bf16>>,
+    out: &mut DevBuf<bf16>,
+    tile: Option<Tile>,
+) -> Result<()> {
+    let tile = tile.unwrap_or_else(|| gemm_tile(rows, n));
+    let name = kernel(dev, tile, false)?;
+    let (mi, ni, ki) = dims(name, rows, n, k)?;
+    if x.len() != rows * k
+        || rows > scratch.max_rows
+        || k > scratch.max_k
+        || wq.len() != n * k
+        || sw.len() != n
+        || out.len() != rows * n
+        || residual.is_some_and(|r| r.len() != rows * n)
+    {
+        return Err(Error::Shape(format!(
+            "{name}: x {} ({rows}×{k}), scratch {}×{}, wq {} ({n}×{k}), sw {} ({n}), out {} ({rows}×{n}), residual {:?}",
+            x.len(),
+            scratch.max_rows,
+            scratch.max_k,
+            wq.len(),
+            sw.len(),
+            out.len(),
+            residual.map(|r| r.len())
+        )));
+    }
+    if let Some(l) = &lora {
+        if l.u.len() != rows * l.rank || l.b.len() != n * l.rank {
+            return Err(Error::Shape(format!(
+                "{name}: LoRA u {} ({rows}×{}), B {} ({n}×{})",
+                l.u.len(),
+                l.rank,
+                l.b.len(),
+                l.rank
+            )));
+        }
+    }
     if rows == 0 || n == 0 {
         return Ok(());
     }
