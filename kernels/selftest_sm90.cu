@@ -15,6 +15,19 @@
 #include "common/recforge.cuh"
 #include "common/rf_wgmma.cuh"
 
+// out [64 × 256] row-major from the accumulator fragment (32-bit values): thread (warp w, lane
+// 4g + t) holds d[4j + v] = row 16w + g + 8(v/2), column 8j + 2t + v%2.
+__device__ __forceinline__ unsigned bits_of(int x) { return (unsigned)x; }
+__device__ __forceinline__ unsigned bits_of(float x) { return __float_as_uint(x); }
+template <class T> __device__ __forceinline__ void store_fragment(unsigned* out, const T (&d)[128]) {
+    const int w = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+#pragma unroll
+    for (int i = 0; i < 128; i++) {
+        const int j = i >> 2, v = i & 3;
+        out[(16 * w + g + 8 * (v >> 1)) * 256 + 8 * j + 2 * t + (v & 1)] = bits_of(d[i]);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(128) selftest_wgmma_s8(unsigned lbo_a, unsigned sbo_a, unsigned lbo_b, unsigned sbo_b,
                                                                     int twice, const unsigned* a, const unsigned* b, unsigned* out) {
     RF_DYNAMIC_SMEM(unsigned char, smem);
@@ -44,12 +57,7 @@ extern "C" __global__ void __launch_bounds__(128) selftest_wgmma_s8(unsigned lbo
         rf_wgmma_commit();
     }
     rf_wgmma_wait<0>(d);
-    const int w = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
-#pragma unroll
-    for (int i = 0; i < 128; i++) {
-        const int j = i >> 2, v = i & 3;
-        out[(16 * w + g + 8 * (v >> 1)) * 256 + 8 * j + 2 * t + (v & 1)] = (unsigned)d[i];
-    }
+    store_fragment(out, d);
 }
 
 // selftest_wgmma_bf16: one warpgroup (block 128). a [64 × 16] bf16 row-major (K-major) and b
@@ -92,10 +100,5 @@ extern "C" __global__ void __launch_bounds__(128) selftest_wgmma_bf16(unsigned l
         rf_wgmma_commit();
     }
     rf_wgmma_wait<0>(d);
-    const int w = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
-#pragma unroll
-    for (int i = 0; i < 128; i++) {
-        const int j = i >> 2, v = i & 3;
-        out[(16 * w + g + 8 * (v >> 1)) * 256 + 8 * j + 2 * t + (v & 1)] = __float_as_uint(d[i]);
-    }
+    store_fragment(out, d);
 }

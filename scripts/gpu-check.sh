@@ -255,6 +255,25 @@ PY
         done
     fi
     want train && train_compare
+    # compare_train LABEL JSON: one line of tokens/s, the run in JSON against the train phase's
+    # default tiles (bench-train.json), with their ratio; then a fresh step table.
+    compare_train() {
+        python3 - "$1" "$2" "$out/bench-train.json" >>"$md" <<'PY' || true
+import json, sys
+def tps(p):
+    try:
+        return json.load(open(p))["tokens_per_sec"]
+    except Exception:
+        return None
+label, a, b = sys.argv[1], tps(sys.argv[2]), tps(sys.argv[3])
+print()
+print(f"{label}: {a and round(a)} tokens/s; default tiles (train phase): {b and round(b)} tokens/s"
+      + (f"; this run / default = {a / b:.2f}×" if a and b else ""))
+print()
+print("| step | result | seconds |")
+print("|---|---|---|")
+PY
+    }
     if want tiles; then
         # Not in the default phases: the training run once more with the 64 × 64 GEMM tiles
         # forced (the kernels before 2026-12-06), for the step-level effect of the 128 tiles.
@@ -262,21 +281,7 @@ PY
             env RECFORGE_W8A8_TILE=64 RECFORGE_DX_TILE=64 "$here/bin/bench-train" --device cuda \
             --model llama-7b --preset itrek --batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o \
             --warmup 2 --steps 5 --time-limit 60 --json "$out/bench-train-t64.json"
-        python3 - "$out/bench-train-t64.json" "$out/bench-train.json" >>"$md" <<'PY' || true
-import json, sys
-def tps(p):
-    try:
-        return json.load(open(p))["tokens_per_sec"]
-    except Exception:
-        return None
-a, b = tps(sys.argv[1]), tps(sys.argv[2])
-print()
-print(f"64 tiles forced: {a and round(a)} tokens/s; default tiles (train phase): {b and round(b)} tokens/s"
-      + (f"; ratio {b / a:.2f}×" if a and b else ""))
-print()
-print("| step | result | seconds |")
-print("|---|---|---|")
-PY
+        compare_train "64 tiles forced" "$out/bench-train-t64.json"
     fi
     if want wg; then
         # Not in the default phases: the training run with the W8A8 forward and the int8 dX on
@@ -285,21 +290,7 @@ PY
             env RECFORGE_W8A8_TILE=wg RECFORGE_DX_TILE=wg "$here/bin/bench-train" --device cuda \
             --model llama-7b --preset itrek --batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o \
             --warmup 2 --steps 5 --time-limit 60 --json "$out/bench-train-wg.json"
-        python3 - "$out/bench-train-wg.json" "$out/bench-train.json" >>"$md" <<'PY' || true
-import json, sys
-def tps(p):
-    try:
-        return json.load(open(p))["tokens_per_sec"]
-    except Exception:
-        return None
-a, b = tps(sys.argv[1]), tps(sys.argv[2])
-print()
-print(f"wgmma tiles forced: {a and round(a)} tokens/s; default tiles (train phase): {b and round(b)} tokens/s"
-      + (f"; ratio {a / b:.2f}×" if a and b else ""))
-print()
-print("| step | result | seconds |")
-print("|---|---|---|")
-PY
+        compare_train "wgmma tiles forced" "$out/bench-train-wg.json"
     fi
     if want peers && command -v python3 >/dev/null 2>&1; then
         step "peer: torch._int_mm (cuBLASLt int8)" 90 python3 "$here/peer_int8_mm.py"

@@ -742,11 +742,41 @@ fn misuse_is_reported_with_the_kernel_name() {
     assert!(e.contains("out of range"), "{e}");
 }
 
-/// wgmma.m64n256k32.s32.s8.s8 from shared-memory descriptors (kernels/selftest_sm90.cu): the
-/// simulator against a plain int32 matmul for two placements of the core matrices (K chunks
-/// adjacent; row groups adjacent), scale-d 0 and 1; an sm_90 GPU against the same values.
-#[test]
-fn wgmma_s8_follows_the_ptx_descriptor_and_fragment_layouts() {
+/// Runs a one-instruction wgmma self-test kernel (kernels/selftest_sm90.cu) with the operand
+/// strides `(lbo_a, sbo_a, lbo_b, sbo_b)`, once or `twice`; returns its 64 × 256 outputs' bits.
+fn run_wgmma_selftest(
+    dev: &Device,
+    kernel: &str,
+    (lbo_a, sbo_a, lbo_b, sbo_b): (u32, u32, u32, u32),
+    twice: i32,
+    a: &[u32],
+    b: &[u32],
+) -> Vec<u32> {
+    // B's last byte: its 32nd group of 8 rows (s8) or columns (bf16) at 31·sbo_b, the second
+    // group along K at lbo_b, the last 16-byte row of that core matrix.
+    let smem = 8192 + 31 * sbo_b + 7 * 16 + lbo_b + 16;
+    run_u32(
+        dev,
+        kernel,
+        Launch {
+            grid: (1, 1, 1),
+            block: (128, 1, 1),
+            shared_bytes: smem,
+        },
+        &[a, b],
+        &[
+            Arg::U32(lbo_a),
+            Arg::U32(sbo_a),
+            Arg::U32(lbo_b),
+            Arg::U32(sbo_b),
+            Arg::I32(twice),
+        ],
+        64 * 256,
+    )
+}
+
+/// The simulator, and an sm_90 GPU when there is one (else it says why it skipped).
+fn sim_and_hopper() -> Vec<Device> {
     let (sim, gpu) = sim_and_gpu();
     let gpu = gpu.filter(|g| {
         let ok = g.has_wgmma();
@@ -755,6 +785,15 @@ fn wgmma_s8_follows_the_ptx_descriptor_and_fragment_layouts() {
         }
         ok
     });
+    std::iter::once(sim).chain(gpu).collect()
+}
+
+/// wgmma.m64n256k32.s32.s8.s8 from shared-memory descriptors (kernels/selftest_sm90.cu): the
+/// simulator against a plain int32 matmul for two placements of the core matrices (K chunks
+/// adjacent; row groups adjacent), scale-d 0 and 1; an sm_90 GPU against the same values.
+#[test]
+fn wgmma_s8_follows_the_ptx_descriptor_and_fragment_layouts() {
+    let devs = sim_and_hopper();
     let mut rng = Rng::new(90);
     let a: Vec<i8> = (0..64 * 32)
         .map(|_| (rng.below(256) as i32 - 128) as i8)
@@ -781,30 +820,9 @@ fn wgmma_s8_follows_the_ptx_descriptor_and_fragment_layouts() {
     for (lbo_a, sbo_a, lbo_b, sbo_b) in [(128u32, 256u32, 128u32, 256u32), (1024, 128, 4096, 128)] {
         for twice in [0, 1] {
             let want: Vec<u32> = prod.iter().map(|&p| (p * (1 + twice)) as u32).collect();
-            // B's last byte: row 255 (group 31, row 7 of it), chunk 1, byte 15.
-            let smem = 8192 + 31 * sbo_b + 7 * 16 + lbo_b + 16;
-            let run = |d: &Device| {
-                run_u32(
-                    d,
-                    "selftest_wgmma_s8",
-                    Launch {
-                        grid: (1, 1, 1),
-                        block: (128, 1, 1),
-                        shared_bytes: smem,
-                    },
-                    &[&pa, &pb],
-                    &[
-                        Arg::U32(lbo_a),
-                        Arg::U32(sbo_a),
-                        Arg::U32(lbo_b),
-                        Arg::U32(sbo_b),
-                        Arg::I32(twice),
-                    ],
-                    64 * 256,
-                )
-            };
-            for dev in std::iter::once(&sim).chain(gpu.as_ref()) {
-                let got = run(dev);
+            for dev in &devs {
+                let strides = (lbo_a, sbo_a, lbo_b, sbo_b);
+                let got = run_wgmma_selftest(dev, "selftest_wgmma_s8", strides, twice, &pa, &pb);
                 let bad: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
                 assert!(
                     bad.is_empty(),
@@ -828,14 +846,7 @@ fn wgmma_s8_follows_the_ptx_descriptor_and_fragment_layouts() {
 /// placements of the core matrices, scale-d 0 and 1; an sm_90 GPU against the same values.
 #[test]
 fn wgmma_bf16_follows_the_ptx_descriptor_and_fragment_layouts() {
-    let (sim, gpu) = sim_and_gpu();
-    let gpu = gpu.filter(|g| {
-        let ok = g.has_wgmma();
-        if !ok {
-            eprintln!("skipped wgmma on {}: not an sm_90 GPU", g.name());
-        }
-        ok
-    });
+    let devs = sim_and_hopper();
     let mut rng = Rng::new(91);
     let a: Vec<bf16> = (0..64 * 16).map(|_| bf16::from_f32(rng.normal())).collect();
     let b: Vec<bf16> = (0..16 * 256)
@@ -858,29 +869,9 @@ fn wgmma_bf16_follows_the_ptx_descriptor_and_fragment_layouts() {
     // B: 8-column groups adjacent, the second 8 rows 4096 bytes on), and the other way round.
     for (lbo_a, sbo_a, lbo_b, sbo_b) in [(128u32, 256u32, 4096u32, 128u32), (1024, 128, 128, 256)] {
         for twice in [0, 1] {
-            let smem = 8192 + 31 * sbo_b + lbo_b + 128;
-            let run = |d: &Device| {
-                run_u32(
-                    d,
-                    "selftest_wgmma_bf16",
-                    Launch {
-                        grid: (1, 1, 1),
-                        block: (128, 1, 1),
-                        shared_bytes: smem,
-                    },
-                    &[&pa, &pb],
-                    &[
-                        Arg::U32(lbo_a),
-                        Arg::U32(sbo_a),
-                        Arg::U32(lbo_b),
-                        Arg::U32(sbo_b),
-                        Arg::I32(twice),
-                    ],
-                    64 * 256,
-                )
-            };
-            for dev in std::iter::once(&sim).chain(gpu.as_ref()) {
-                let got = run(dev);
+            for dev in &devs {
+                let strides = (lbo_a, sbo_a, lbo_b, sbo_b);
+                let got = run_wgmma_selftest(dev, "selftest_wgmma_bf16", strides, twice, &pa, &pb);
                 // Products of bf16 are exact in f32. The tensor cores' f32 additions need not
                 // round to nearest (earlier GPUs truncate when adding), so each of the 17 per
                 // batch (16 products, then the accumulator) may be off by a whole ulp of the

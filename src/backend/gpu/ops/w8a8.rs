@@ -217,47 +217,10 @@ pub fn linear_w8a8(
     out: &mut DevBuf<bf16>,
     tile: Option<Tile>,
 ) -> Result<()> {
-    let tile = tile.unwrap_or_else(|| gemm_tile(rows, n));
-    let name = kernel(dev, tile, false)?;
-    // The shapes are checked before the activations are quantized, and again by the GEMM.
-    if wq.len() != n * k
-        || sw.len() != n
-        || out.len() != rows * n
-        || residual.is_some_and(|r| r.len() != rows * n)
-    {
-        return Err(Error::Shape(format!(
-            "{name}: wq {} ({n}×{k}), sw {} ({n}), out {} ({rows}×{n}), residual {:?}",
-            wq.len(),
-            sw.len(),
-            out.len(),
-            residual.map(|r| r.len())
-        )));
-    }
-    if let Some(l) = &lora {
-        if l.u.len() != rows * l.rank || l.b.len() != n * l.rank {
-            return Err(Error::Shape(format!(
-                "{name}: LoRA u {} ({rows}×{}), B {} ({n}×{})",
-                l.u.len(),
-                l.rank,
-                l.b.len(),
-                l.rank
-            )));
-        }
-    }
+    // linear_w8a8_quantized checks the GEMM's shapes; quantize_activations checks x's.
     quantize_activations(dev, x, rows, k, threshold, scratch)?;
     linear_w8a8_quantized(
-        dev,
-        x,
-        rows,
-        k,
-        wq,
-        sw,
-        n,
-        scratch,
-        lora,
-        residual,
-        out,
-        Some(tile),
+        dev, x, rows, k, wq, sw, n, scratch, lora, residual, out, tile,
     )
 }
 
