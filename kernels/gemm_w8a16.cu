@@ -26,6 +26,7 @@
 // Launch:  grid (ceil(K/128), ceil(M/128)), block (256), dynamic smem 3·128·64 + 2·32·256 = 40960.
 //          N must be a multiple of 8 for both (16-byte cp.async of dY rows), K of 16.
 #include "common/recforge.cuh"
+#include "common/rf_dequant.cuh"
 
 namespace w8a16 {
 constexpr int THREADS = 128, A_ROW = 64, B_ROW = 128, A_TILE = 64 * A_ROW;
@@ -169,11 +170,6 @@ constexpr int SMEM = STAGES * A_STAGE + 2 * B_TILE;  // 40960 bytes
 __device__ __forceinline__ int swz_a(int r, int c) { return r * A_ROW + ((c ^ ((r >> 1) & 3)) << 4); }
 __device__ __forceinline__ int swz_b(int r, int c) { return r * B_ROW + ((c ^ (r & 7)) << 4); }
 
-__device__ __forceinline__ unsigned pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const unsigned*>(&v);
-}
-
 // The slice of one W step a thread stages: row r = tid / 8 of the 32, columns 16·(tid % 8) ..+16.
 struct WRegs {
     uint4 v0, v1;  // int8: v0 holds the 16 values; bf16: v0, v1 hold 8 each
@@ -213,18 +209,8 @@ template <bool DENSE> __device__ __forceinline__ void store_w(rf_smem_t<unsigned
         store_pair(sB, w.v0, w.v1);
         return;
     }
-    // int8 → f32 exactly without an int→float conversion: with b = w + 128 (w XOR 0x80 as a byte),
-    // the f32 with bits 0x4B000000 | b is 2^23 + b, and subtracting 2^23 + 128 leaves w.
-    const unsigned in[4] = {w.v0.x ^ 0x80808080u, w.v0.y ^ 0x80808080u, w.v0.z ^ 0x80808080u, w.v0.w ^ 0x80808080u};
     unsigned o[8];
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        float f[4];
-#pragma unroll
-        for (int b = 0; b < 4; b++) f[b] = (__uint_as_float(0x4B000000u | ((in[j] >> (8 * b)) & 0xffu)) - 8388736.0f) * w.s;
-        o[2 * j] = pack(f[0], f[1]);
-        o[2 * j + 1] = pack(f[2], f[3]);
-    }
+    rf_dequant16_bf16(w.v0, w.s, o);
     store_pair(sB, make_uint4(o[0], o[1], o[2], o[3]), make_uint4(o[4], o[5], o[6], o[7]));
 }
 
@@ -315,14 +301,7 @@ __device__ __forceinline__ void dx_gemm128(const __nv_bfloat16* __restrict__ dy,
             for (int h = 0; h < 2; h++) {
                 const int r = m0 + wm + mi * 16 + g + 8 * h, c = k0 + wn + nj * 8 + 2 * t;
                 if (r >= M || c >= K) continue;
-                unsigned* p = reinterpret_cast<unsigned*>(dx + (size_t)r * K + c);
-                float y0 = acc[mi][nj][2 * h], y1 = acc[mi][nj][2 * h + 1];
-                if (accumulate) {
-                    const unsigned old = *p;
-                    y0 += __uint_as_float(old << 16);
-                    y1 += __uint_as_float(old & 0xffff0000u);
-                }
-                *p = dx128::pack(y0, y1);
+                rf_store_bf16x2(dx + (size_t)r * K + c, acc[mi][nj][2 * h], acc[mi][nj][2 * h + 1], accumulate);
             }
 }
 

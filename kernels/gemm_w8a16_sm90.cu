@@ -28,29 +28,13 @@
 // Kernel:  gemm_w8a16_dx_wg_bf16. Must match: backend::cpu::Cpu::linear_backward_input with
 //          LinearWeight::Int8, within the bound tests/kernels_linear.rs states.
 #include "common/recforge.cuh"
+#include "common/rf_dequant.cuh"
 #include "common/rf_wgmma.cuh"
 
 namespace dxwg {
 constexpr int THREADS = 256, BM = 128, BK = 256, BN = 64, A_STAGES = 3;
 constexpr int A_STAGE = BM * BN * 2, B_TILE = BN * BK * 2, SMEM = A_STAGES * A_STAGE + 2 * B_TILE;
 constexpr unsigned A_LBO = 128, A_SBO = 1024, B_SBO = 128, B_LBO = (BK / 8) * 128;
-
-__device__ __forceinline__ unsigned pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const unsigned*>(&v);
-}
-
-// dY step: 128 rows × 8 chunks of 8 bf16; rows past M and columns past N are zeros (N is a
-// multiple of 8, so a chunk is all in or all out).
-__device__ __forceinline__ void load_a(rf_smem_t<unsigned char> sA, const __nv_bfloat16* __restrict__ dy, int M, int N,
-                                       int m0, int n0) {
-    const uint4 zero = {0u, 0u, 0u, 0u};
-    for (int i = threadIdx.x; i < BM * 8; i += THREADS) {
-        const int r = (i >> 6) * 8 + (i & 7), n = n0 + ((i >> 3) & 7) * 8;
-        if (m0 + r < M && n < N) rf_cp_async16(sA + 16 * i, dy + (size_t)(m0 + r) * N + n);
-        else rf_st16(sA + 16 * i, zero);
-    }
-}
 
 // A thread's 4 items of a W step: item q is row n = 8·(tid/128 + 2q) + tid%8 of the 64, columns
 // 16·((tid/8) % 16) .. +16 of the 256.
@@ -77,30 +61,14 @@ __device__ __forceinline__ void store_w(rf_smem_t<unsigned char> sB, const WRegs
     const int r8 = threadIdx.x & 7, kg = (threadIdx.x >> 3) & 15;
 #pragma unroll
     for (int q = 0; q < 4; q++) {
-        // int8 → f32 exactly without an int→float conversion: with b = w + 128 (w XOR 0x80 as a
-        // byte), the f32 with bits 0x4B000000 | b is 2^23 + b, and subtracting 2^23 + 128 leaves w.
-        const unsigned in[4] = {w.v[q].x ^ 0x80808080u, w.v[q].y ^ 0x80808080u, w.v[q].z ^ 0x80808080u, w.v[q].w ^ 0x80808080u};
         unsigned o[8];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            float f[4];
-#pragma unroll
-            for (int b = 0; b < 4; b++) f[b] = (__uint_as_float(0x4B000000u | ((in[j] >> (8 * b)) & 0xffu)) - 8388736.0f) * w.s[q];
-            o[2 * j] = pack(f[0], f[1]);
-            o[2 * j + 1] = pack(f[2], f[3]);
-        }
+        rf_dequant16_bf16(w.v[q], w.s[q], o);
         const int ng = (threadIdx.x >> 7) + 2 * q, base = ng * (int)B_LBO + r8 * 16 + 2 * kg * (int)B_SBO;
         rf_st16(sB + base, make_uint4(o[0], o[1], o[2], o[3]));
         rf_st16(sB + base + B_SBO, make_uint4(o[4], o[5], o[6], o[7]));
     }
 }
 
-// Output coordinates of accumulator i of this thread, relative to the block tile.
-__device__ __forceinline__ int acc_row(int i) {
-    const int l = threadIdx.x & 31;
-    return (threadIdx.x >> 7) * 64 + ((threadIdx.x >> 5) & 3) * 16 + (l >> 2) + 8 * ((i & 3) >> 1);
-}
-__device__ __forceinline__ int acc_col(int i) { return (i >> 2) * 8 + 2 * (threadIdx.x & 3) + (i & 1); }
 }  // namespace dxwg
 
 extern "C" __global__ void __launch_bounds__(256, 1) gemm_w8a16_dx_wg_bf16(const __nv_bfloat16* __restrict__ dy, const signed char* __restrict__ wq,
@@ -114,11 +82,17 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_w8a16_dx_wg_bf16(const
     float acc[BK / 2];
 #pragma unroll
     for (int i = 0; i < BK / 2; i++) acc[i] = 0.0f;
+    // dY step from reduction column n0: 128 rows × 128 bytes, zeros past M and N (N is a multiple
+    // of 8, so a 16-byte chunk is all in or all out).
+    auto load_a = [&](rf_smem_t<unsigned char> sA, int n0) {
+        rf_wgmma_load_kmajor128<THREADS>(sA, reinterpret_cast<const unsigned char*>(dy), BM, M, (size_t)N * 2, m0,
+                                         (size_t)n0 * 2);
+    };
 
     // Prologue: dY steps 0 .. A_STAGES-2 in flight (one commit group each, empty past the end);
     // W step 0 in shared memory, W step 1 in registers.
     for (int s = 0; s < A_STAGES - 1; s++) {
-        if (s < steps) load_a(smem + s * A_STAGE, dy, M, N, m0, s * BN);
+        if (s < steps) load_a(smem + s * A_STAGE, s * BN);
         rf_cp_async_commit();
     }
     WRegs wr;
@@ -142,7 +116,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_w8a16_dx_wg_bf16(const
         rf_wgmma_wait<1>(acc);  // this warpgroup's step st-1 is done
         __syncthreads();        // ... and the other's: dY stage (st-1)%3 and W buffer (st+1)%2 are free
         const int na = st + A_STAGES - 1;
-        if (na < steps) load_a(smem + (na % A_STAGES) * A_STAGE, dy, M, N, m0, na * BN);
+        if (na < steps) load_a(smem + (na % A_STAGES) * A_STAGE, na * BN);
         rf_cp_async_commit();
         if (st + 1 < steps) {
             store_w(sB0 + ((st + 1) & 1) * B_TILE, wr);
@@ -155,15 +129,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_w8a16_dx_wg_bf16(const
     // one 4-byte access each.
 #pragma unroll
     for (int i = 0; i < BK / 2; i += 2) {
-        const int r = m0 + acc_row(i), c = k0 + acc_col(i);
+        const int r = m0 + 64 * q + rf_wgmma_acc_row(i), c = k0 + rf_wgmma_acc_col(i);
         if (r >= M || c >= K) continue;
-        unsigned* p = reinterpret_cast<unsigned*>(dx + (size_t)r * K + c);
-        float y0 = acc[i], y1 = acc[i + 1];
-        if (accumulate) {
-            const unsigned old = *p;
-            y0 += __uint_as_float(old << 16);
-            y1 += __uint_as_float(old & 0xffff0000u);
-        }
-        *p = pack(y0, y1);
+        rf_store_bf16x2(dx + (size_t)r * K + c, acc[i], acc[i + 1], accumulate);
     }
 }

@@ -11,8 +11,8 @@
 // Layout:  as gemm_w8a8.cu: xq [M, K] i8, wq [N, K] i8 (both K-major, as wgmma wants 8-bit
 //          operands), K a multiple of 16; M, N arbitrary.
 // Tiling:  block tile 128 × 256, K in 128-byte stages, a 4-stage cp.async ring (48 KiB a stage).
-//          Each operand tile is stored as wgmma's unswizzled K-major canonical layout (see
-//          common/rf_wgmma.cuh): core matrices of 8 rows × 16 bytes, 128 contiguous bytes, with
+//          Each operand tile is stored as wgmma's unswizzled K-major canonical layout
+//          (rf_wgmma_load_kmajor128 in common/rf_wgmma.cuh): core matrices of 8 rows × 16 bytes, 128 contiguous bytes, with
 //          LBO = 128 (next 16 bytes of K) and SBO = 1024 (next 8 rows). Chunk i of a stage's
 //          operand (i = 64·(r/8) + 8·c + r%8 for row r, 16-byte chunk c of the 128) sits at byte
 //          16·i, so the 8 lanes that write one core matrix write 128 contiguous bytes, and a warp
@@ -36,18 +36,6 @@ constexpr int BM = 128, BN = 256, BK = 128, STAGES = 4, THREADS = 256;
 constexpr int A_BYTES = BM * BK, STAGE = (BM + BN) * BK, SMEM = STAGES * STAGE;
 constexpr unsigned LBO = 128, SBO = 1024;
 
-// `rows` rows × 128 bytes of K from `src` (row stride K) at row r0, column k0, into the canonical
-// layout at `dst`; zeros past `limit` rows or past K.
-__device__ __forceinline__ void load_tile(rf_smem_t<unsigned char> dst, const signed char* src, int rows, int limit, int K,
-                                          int r0, int k0) {
-    const uint4 zero = {0u, 0u, 0u, 0u};
-    for (int i = threadIdx.x; i < rows * 8; i += THREADS) {
-        const int r = (i >> 6) * 8 + (i & 7), gk = k0 + ((i >> 3) & 7) * 16;
-        if (r0 + r < limit && gk < K) rf_cp_async16(dst + 16 * i, src + (size_t)(r0 + r) * K + gk);
-        else rf_st16(dst + 16 * i, zero);
-    }
-}
-
 // Accumulate this block's 128 × 256 tile of Xq·Wqᵀ: thread (warpgroup q, warp w of it, lane
 // g·4 + t) ends with acc[4j + v] = Y[64q + 16w + g + 8(v/2)][8j + 2t + v%2] of the tile.
 __device__ __forceinline__ void mainloop(const signed char* A, const signed char* B, int M, int N, int K, int (&acc)[BN / 2]) {
@@ -57,8 +45,9 @@ __device__ __forceinline__ void mainloop(const signed char* A, const signed char
     for (int i = 0; i < BN / 2; i++) acc[i] = 0;
     const int ktiles = (K + BK - 1) / BK;
     auto load_stage = [&](int st, int k0) {
-        load_tile(smem + st * STAGE, A, BM, M, K, m0, k0);
-        load_tile(smem + st * STAGE + A_BYTES, B, BN, N, K, n0, k0);
+        const unsigned char *a = reinterpret_cast<const unsigned char*>(A), *b = reinterpret_cast<const unsigned char*>(B);
+        rf_wgmma_load_kmajor128<THREADS>(smem + st * STAGE, a, BM, M, (size_t)K, m0, (size_t)k0);
+        rf_wgmma_load_kmajor128<THREADS>(smem + st * STAGE + A_BYTES, b, BN, N, (size_t)K, n0, (size_t)k0);
     };
     for (int s = 0; s < STAGES - 1; s++) {
         if (s < ktiles) load_stage(s, s * BK);
@@ -86,12 +75,6 @@ __device__ __forceinline__ void mainloop(const signed char* A, const signed char
     rf_cp_async_wait_all();
 }
 
-// Output coordinates of accumulator i of this thread, relative to the block tile.
-__device__ __forceinline__ int acc_row(int i) {
-    const int l = threadIdx.x & 31;
-    return (threadIdx.x >> 7) * 64 + ((threadIdx.x >> 5) & 3) * 16 + (l >> 2) + 8 * ((i & 3) >> 1);
-}
-__device__ __forceinline__ int acc_col(int i) { return (i >> 2) * 8 + 2 * (threadIdx.x & 3) + (i & 1); }
 }  // namespace w8a8_wg
 
 extern "C" __global__ void __launch_bounds__(256, 1) gemm_w8a8_wg_i32(const signed char* xq, const signed char* wq, int* out, int M, int N, int K) {
@@ -101,7 +84,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_w8a8_wg_i32(const sign
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) {
-        const int r = m0 + acc_row(i), c = n0 + acc_col(i);
+        const int r = m0 + 64 * (threadIdx.x >> 7) + rf_wgmma_acc_row(i), c = n0 + rf_wgmma_acc_col(i);
         if (r < M && c < N) out[(size_t)r * N + c] = acc[i];
     }
 }
@@ -116,5 +99,5 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_w8a8_wg_bf16(const sig
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const w8a8::Epilogue e{sx, wq, sw, x, ocols, *count, lora_u, lora_b, lora_rank, lora_scale, residual, out, M, N, K};
 #pragma unroll
-    for (int i = 0; i < BN / 2; i++) e.store(acc[i], m0 + acc_row(i), n0 + acc_col(i));
+    for (int i = 0; i < BN / 2; i++) e.store(acc[i], m0 + 64 * (threadIdx.x >> 7) + rf_wgmma_acc_row(i), n0 + rf_wgmma_acc_col(i));
 }

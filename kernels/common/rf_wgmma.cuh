@@ -30,6 +30,30 @@
 #pragma once
 #include "common/rf_cuda.cuh"
 
+// Row and column, within the warpgroup's 64 × N tile, of accumulator i of this thread (the
+// fragment layout above; the thread's index within its warpgroup is threadIdx.x % 128).
+__device__ __forceinline__ int rf_wgmma_acc_row(int i) {
+    return ((threadIdx.x >> 5) & 3) * 16 + ((threadIdx.x & 31) >> 2) + 8 * ((i & 3) >> 1);
+}
+__device__ __forceinline__ int rf_wgmma_acc_col(int i) { return (i >> 2) * 8 + 2 * (threadIdx.x & 3) + (i & 1); }
+
+// `rows` rows × 128 bytes from `src` (row stride `row_bytes`) at row r0, byte column c0, into the
+// unswizzled K-major layout at `dst` (LBO 128, SBO 1024): 16-byte chunk c of row r is chunk
+// i = 64·(r/8) + 8·c + r%8, at byte 16·i, so the 8 lanes that write one core matrix write 128
+// contiguous bytes. cp.async for chunks inside `limit` rows and `row_bytes`; zeros for the rest
+// (a chunk is all in or all out: `row_bytes` and c0 are multiples of 16).
+template <int THREADS>
+__device__ __forceinline__ void rf_wgmma_load_kmajor128(rf_smem_t<unsigned char> dst, const unsigned char* src, int rows,
+                                                        int limit, size_t row_bytes, int r0, size_t c0) {
+    const uint4 zero = {0u, 0u, 0u, 0u};
+    for (int i = threadIdx.x; i < rows * 8; i += THREADS) {
+        const int r = (i >> 6) * 8 + (i & 7);
+        const size_t c = c0 + (size_t)((i >> 3) & 7) * 16;
+        if (r0 + r < limit && c < row_bytes) rf_cp_async16(dst + 16 * i, src + (size_t)(r0 + r) * row_bytes + c);
+        else rf_st16(dst + 16 * i, zero);
+    }
+}
+
 #if defined(__CUDACC__)
 #include <stdint.h>
 

@@ -20,7 +20,8 @@ pub use norm::*;
 
 use std::sync::OnceLock;
 
-use super::device::Launch;
+use super::device::{Device, Launch};
+use crate::error::{Error, Result};
 
 /// The block tile of a GEMM kernel: 64 × 64 (fewer operations per byte, but 4× more blocks,
 /// which fills more of a GPU on small shapes), 128 × 128 (training shapes), or, for the W8A8
@@ -44,6 +45,18 @@ impl Tile {
             Tile::T128 => (128, 128),
             Tile::Wg => (128, 256),
         }
+    }
+
+    /// Refuses the wgmma tile on a device without wgmma, naming the kernel family `what` and the
+    /// environment variable `var` that asks for it.
+    pub fn check_device(self, dev: &Device, what: &str, var: &str) -> Result<()> {
+        if self == Tile::Wg && !dev.has_wgmma() {
+            return Err(Error::Device(format!(
+                "the wgmma {what} tile ({var}=wg) needs an sm_90 (Hopper) GPU; {} has none",
+                dev.name()
+            )));
+        }
+        Ok(())
     }
 
     /// The launch of a kernel with this tile over `rows × cols` outputs: blocks along the

@@ -32,12 +32,7 @@ fn dx_smem(tile: Tile) -> u32 {
 /// The dX kernel of `tile` (`int8`: W8A16, else dense bf16 W); the wgmma one is int8 only and
 /// needs a device that has wgmma.
 fn dx_kernel(dev: &Device, tile: Tile, int8: bool) -> Result<&'static str> {
-    if tile == Tile::Wg && !dev.has_wgmma() {
-        return Err(Error::Device(format!(
-            "the wgmma dX tile (RECFORGE_DX_TILE=wg) needs an sm_90 (Hopper) GPU; {} has none",
-            dev.name()
-        )));
-    }
+    tile.check_device(dev, "dX", "RECFORGE_DX_TILE")?;
     Ok(match (tile, int8) {
         (Tile::T64, true) => "gemm_w8a16_dx_bf16",
         (Tile::T128, true) => "gemm_w8a16_dx128_bf16",

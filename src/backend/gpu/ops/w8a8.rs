@@ -73,12 +73,7 @@ fn grid(tile: Tile, m: usize, n: usize) -> Launch {
 /// The kernel of `tile` (`i32`: raw accumulators, else the bf16 epilogue); the wgmma one only
 /// where the device has it.
 fn kernel(dev: &Device, tile: Tile, i32: bool) -> Result<&'static str> {
-    if tile == Tile::Wg && !dev.has_wgmma() {
-        return Err(Error::Device(format!(
-            "the wgmma W8A8 tile (RECFORGE_W8A8_TILE=wg) needs an sm_90 (Hopper) GPU; {} has none",
-            dev.name()
-        )));
-    }
+    tile.check_device(dev, "W8A8", "RECFORGE_W8A8_TILE")?;
     Ok(match (tile, i32) {
         (Tile::T64, true) => "gemm_w8a8_i32",
         (Tile::T128, true) => "gemm_w8a8_t128_i32",
