@@ -155,8 +155,15 @@ fn build_simulator(root: &Path, out_dir: &Path, sources: &[PathBuf]) -> Vec<Stri
             "#include \"common/recforge.cuh\"\n#include \"sim/rf_sim.h\"\nnamespace {{\n#include \"{}\"\n}}  // namespace\nextern \"C\" const rf_sim_kernel rf_sim_kernels_{stem}[] = {{\n",
             src.display()
         );
+        // Hopper files' kernels read wgmma operands through the async proxy: the simulator
+        // tracks their shared-memory writes to check the proxy fences (kernels/sim/rf_sim.cpp).
+        let entry = if hopper_only(&text) {
+            "RF_SIM_KERNEL_ASYNC_PROXY"
+        } else {
+            "RF_SIM_KERNEL"
+        };
         for n in &names {
-            let _ = writeln!(tu, "    RF_SIM_KERNEL({n}),");
+            let _ = writeln!(tu, "    {entry}({n}),");
         }
         let _ = writeln!(
             tu,
@@ -259,7 +266,7 @@ fn main() {
         // A file whose first line is `// recforge-arch: sm_90a` uses Hopper-only instructions
         // (wgmma): its PTX targets compute_90a and loads on sm_90 devices only.
         let hopper = std::fs::read_to_string(src)
-            .map(|t| t.lines().next().unwrap_or("").trim() == "// recforge-arch: sm_90a")
+            .map(|t| hopper_only(&t))
             .unwrap_or(false);
         let (ptx_arch, report_archs, target): (&str, &[&str], &str) = if hopper {
             ("compute_90a", &["sm_90a"], "sm_90a")
@@ -337,4 +344,9 @@ fn main() {
     }
     gen.push_str("];\n");
     std::fs::write(out_dir.join("kernels.rs"), gen).expect("write kernels.rs");
+}
+
+/// A kernel file whose first line is `// recforge-arch: sm_90a` uses Hopper-only instructions.
+fn hopper_only(text: &str) -> bool {
+    text.lines().next().unwrap_or("").trim() == "// recforge-arch: sm_90a"
 }

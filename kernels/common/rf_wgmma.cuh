@@ -22,8 +22,10 @@
 //     (16 bytes each), 128 contiguous bytes. f32 accumulators in the same fragment layout.
 //   - fence.proxy.async.shared::cta in every thread that wrote an operand by ordinary stores or
 //     cp.async (the generic proxy), after the data landed and before the barrier that precedes
-//     the wgmma (which reads through the async proxy). The simulator does not model proxies:
-//     only a GPU run checks this one.
+//     the wgmma (which reads through the async proxy). The simulator checks it: a wgmma operand
+//     byte whose last writer has not fenced since the write fails the launch (rf_sim.cpp,
+//     proxy_note_writes; kernels registered with RF_SIM_KERNEL_ASYNC_PROXY, as build.rs does
+//     for sm_90a files).
 //   - wgmma.fence before the first wgmma of a batch (accumulators written by ordinary code before
 //     it, pinned there with rf_wgmma_fence_operand), wgmma.commit_group, wgmma.wait_group N: the accumulators of a batch and the shared
 //     memory it reads belong to the hardware from issue until a wait covers its group.
@@ -145,7 +147,7 @@ template <class T> inline uint64_t rf_wgmma_desc(::rf_sim::smem_ptr<T> p, unsign
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
            ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32);
 }
-inline void rf_fence_proxy_async() {}
+inline void rf_fence_proxy_async() { ::rf_sim::fence_proxy_async(); }
 template <class T, int R> inline void rf_wgmma_fence_operand(T (&)[R]) {}
 inline void rf_wgmma_fence() { ::rf_sim::wgmma_fence(); }
 inline void rf_wgmma_commit() { ::rf_sim::wgmma_commit(); }

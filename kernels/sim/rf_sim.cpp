@@ -151,6 +151,7 @@ struct Fiber : FiberPub {
     unsigned cp_committed = 0;    // cp.async.commit_group calls so far in this block
     std::vector<PendingMma> wg;   // issue order
     unsigned wg_committed = 0;    // wgmma.commit_group calls so far in this block
+    std::vector<uint32_t> unfenced;  // async-proxy tracking: dynamic smem bytes this thread wrote, not yet fenced
 };
 
 struct Lane {
@@ -304,6 +305,12 @@ struct Worker : BlockPub {
     int greedy_warp = -1;          // shuffle: the warp that runs ahead in this barrier phase
     std::vector<Fiber*> order;     // scratch of push_ordered
     std::vector<void*> shared_poisoned;  // RF_SHARED variables this block has filled
+    // Generic -> async proxy tracking (see track_async_proxy), on for kernels registered with
+    // RF_SIM_KERNEL_ASYNC_PROXY: dynamic smem as of the last attribution, and per byte 1 + the
+    // thread whose generic write of it no fence.proxy.async has covered yet (0: none).
+    bool proxy = false;
+    std::vector<unsigned char> proxy_snap;
+    std::vector<uint16_t> proxy_owner;
 
     void push(Fiber* f) {
         f->state = READY;
@@ -407,6 +414,34 @@ void release_worker(Worker* w) {
     g_pool.push_back(w);
 }
 
+// ---- generic -> async proxy tracking ---------------------------------------------------------------
+// The tensor cores read wgmma operands through the async proxy; a thread's ordinary stores and
+// cp.async copies (the generic proxy) become visible to it only after that thread executes
+// fence.proxy.async (PTX ISA, "Proxies"; the fence must come before the barrier that orders the
+// write before the wgmma). Kernel code has no hook on ordinary stores, but a fiber runs alone
+// until it switches away, so every byte of dynamic smem that changed since the last attribution
+// was written by the running fiber: it is attributed at each switch, at the fiber's fences and
+// at its wgmma issues. A write that leaves a byte's value unchanged is invisible here, and
+// harmless (the async proxy sees the same value either way).
+void proxy_note_writes(Worker* w, Fiber* me) {
+    const unsigned char* s = w->smem;
+    unsigned char* snap = w->proxy_snap.data();
+    const size_t n = w->smem_size;
+    const uint16_t id = (uint16_t)(me->linear + 1);
+    for (size_t i = 0; i < n; i += 64) {
+        const size_t len = n - i < 64 ? n - i : 64;
+        if (memcmp(s + i, snap + i, len) == 0) continue;
+        for (size_t j = i; j < i + len; j++) {
+            if (s[j] == snap[j]) continue;
+            snap[j] = s[j];
+            if (w->proxy_owner[j] != id) {
+                w->proxy_owner[j] = id;
+                me->unfenced.push_back((uint32_t)j);
+            }
+        }
+    }
+}
+
 // ---- switching (with ASan annotations) --------------------------------------------------------
 inline void switch_to(Ctx* from, Worker* w, Fiber* to, bool from_dies) {
 #ifdef RF_SIM_ASAN
@@ -428,6 +463,7 @@ inline void switch_to(Ctx* from, Worker* w, Fiber* to, bool from_dies) {
 
 // The current fiber blocks (or died): run the next runnable fiber, or go back to the scheduler.
 inline void switch_away(Worker* w, Fiber* me, bool dies) {
+    if (w->proxy) proxy_note_writes(w, me);
     Fiber* next = w->L->abort.load(std::memory_order_relaxed) ? nullptr : w->pop();
     switch_to(&me->ctx, w, next, dies);
 }
@@ -439,6 +475,7 @@ inline void yield_queued(Worker* w, Fiber* me) {
         me->state = RUNNING;
         return;
     }
+    if (w->proxy) proxy_note_writes(w, me);
     switch_to(&me->ctx, w, next, false);
 }
 
@@ -526,6 +563,7 @@ void run_block(Worker* w, uint64_t b) {
     w->rq_head = w->rq_tail = 0;
     w->bar_waiters.clear();
     w->shared_poisoned.clear();
+    w->proxy = false;
 #ifdef RF_SIM_ASAN
     if (w->asan_dirty) {  // abandoned fibers left poisoned frames on their stacks
         for (unsigned i = 0; i < n; i++) __asan_unpoison_memory_region(w->stacks[i], w->stack_size);
@@ -545,6 +583,7 @@ void run_block(Worker* w, uint64_t b) {
                 f.cp_committed = 0;
                 f.wg.clear();
                 f.wg_committed = 0;
+                f.unfenced.clear();
                 ctx_init(&f.ctx, w->stacks[i], w->stack_size);
                 if (w->schedule == SCHED_FORWARD) w->push(&f);
             }
@@ -777,24 +816,24 @@ static const unsigned char* mnmajor16(Worker* w, const MmaDesc& d, int n, int k)
     return wgmma_at(w, d, (size_t)d.start + 2 * (n % 8) + (size_t)(n / 8) * d.sbo + (k % 8) * 16 + (size_t)(k / 8) * d.lbo, 2);
 }
 
-// The operand bytes this thread's part of `op` reads, in a fixed order, to `f`: A rows
-// 16wq + g (+8), B rows (s8) or columns (bf16, MN-major) 8j + 2t (+1).
+// The operand bytes this thread's part of `op` reads, in a fixed order, to f(address, "A" or
+// "B"): A rows 16wq + g (+8), B rows (s8) or columns (bf16, MN-major) 8j + 2t (+1).
 template <class F> static void wgmma_operands(Worker* w, const Fiber* me, const PendingMma& op, F&& f) {
     const unsigned wq = (me->linear % 128) / 32, g = me->lane >> 2, t = me->lane & 3;
     const MmaDesc a = wgmma_desc(op.da, "A"), b = wgmma_desc(op.db, "B");
     for (int h = 0; h < 2; h++)
-        for (int kb = 0; kb < 32; kb++) f(*kmajor(w, a, (int)(16 * wq + g + 8 * h), kb));
+        for (int kb = 0; kb < 32; kb++) f(kmajor(w, a, (int)(16 * wq + g + 8 * h), kb), "A");
     for (int j = 0; j < op.n / 8; j++)
         for (int c = 0; c < 2; c++) {
             const int col = (int)(8 * j + 2 * t + c);
             for (int kb = 0; kb < 32; kb++)
-                f(op.kind == MMA_S8 ? *kmajor(w, b, col, kb) : mnmajor16(w, b, col, kb / 2)[kb % 2]);
+                f(op.kind == MMA_S8 ? kmajor(w, b, col, kb) : mnmajor16(w, b, col, kb / 2) + kb % 2, "B");
         }
 }
 
 static uint64_t wgmma_operand_hash(Worker* w, const Fiber* me, const PendingMma& op) {
     uint64_t h = 0xcbf29ce484222325ull;
-    wgmma_operands(w, me, op, [&](unsigned char x) { h = (h ^ x) * 0x100000001b3ull; });
+    wgmma_operands(w, me, op, [&](const unsigned char* p, const char*) { h = (h ^ *p) * 0x100000001b3ull; });
     return h;
 }
 
@@ -845,12 +884,46 @@ static void wgmma_complete(Fiber* me, unsigned limit) {
 
 void wgmma_fence() {}
 
+void track_async_proxy() {
+    Worker* w = tls_worker;
+    if (w->proxy) return;  // another thread of this block started it (before any kernel code ran)
+    w->proxy = true;
+    w->proxy_snap.assign(w->smem, w->smem + w->smem_size);
+    w->proxy_owner.assign(w->smem_size, 0);
+}
+
+void fence_proxy_async() {
+    Worker* w = tls_worker;
+    if (!w->proxy) return;
+    Fiber* me = w->cur;
+    proxy_note_writes(w, me);
+    const uint16_t id = (uint16_t)(me->linear + 1);
+    for (uint32_t j : me->unfenced)
+        if (w->proxy_owner[j] == id) w->proxy_owner[j] = 0;
+    me->unfenced.clear();
+}
+
 static void wgmma_issue(void* d, int n, int kind, uint64_t da, uint64_t db, int accumulate) {
     Worker* w = tls_worker;
     Fiber* me = w->cur;
     if (w->nthreads % 128 != 0)
         fail("wgmma.mma_async: the block has %u threads, not a whole number of warpgroups (128)", w->nthreads);
+    if (!w->proxy)
+        fail("wgmma.mma_async in a kernel the simulator does not track proxies for: register it with "
+             "RF_SIM_KERNEL_ASYNC_PROXY (build.rs does so for files that start with `// recforge-arch: sm_90a`)");
     PendingMma op{d, n, kind, da, db, accumulate, me->wg_committed, 0};
+    proxy_note_writes(w, me);
+    wgmma_operands(w, me, op, [&](const unsigned char* p, const char* which) {
+        const size_t off = (size_t)(p - w->smem);
+        const uint16_t o = w->proxy_owner[off];
+        if (o == 0) return;
+        const uint3 t = w->fibers[o - 1u].tid;
+        fail("wgmma.mma_async reads byte %zu of dynamic shared memory (operand %s), which thread (%u,%u,%u) wrote "
+             "through the generic proxy (an ordinary store or a cp.async) with no fence.proxy.async after the write: "
+             "the tensor cores (async proxy) may not see it; the writer needs rf_fence_proxy_async() after its "
+             "writes and before the barrier that precedes the wgmma",
+             off, which, t.x, t.y, t.z);
+    });
     op.operands = wgmma_operand_hash(w, me, op);
     me->wg.push_back(op);
 }

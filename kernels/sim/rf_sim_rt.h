@@ -80,6 +80,12 @@ void wgmma_s8(int* d, int n, uint64_t da, uint64_t db, int accumulate);
 void wgmma_bf16_tb(float* d, int n, uint64_t da, uint64_t db, int accumulate);
 void wgmma_commit();
 void wgmma_wait(int n);
+// Generic -> async proxy ordering (see proxy_note_writes in rf_sim.cpp): a kernel registered with
+// RF_SIM_KERNEL_ASYNC_PROXY turns tracking on for its block before any of its code runs; then a
+// wgmma operand byte that a thread wrote (ordinary store or cp.async) and did not follow with
+// fence_proxy_async() (fence.proxy.async) fails the launch. A wgmma in an untracked kernel fails.
+void track_async_proxy();
+void fence_proxy_async();
 
 // --- kernel registration --------------------------------------------------------------------
 // invoker<&kernel>::invoke(args) unpacks CUDA kernelParams into the kernel's own parameter types.
@@ -92,7 +98,16 @@ template <typename... A, void (*F)(A...)> struct invoker<F> {
     static void invoke(void** args) { call(args, std::index_sequence_for<A...>{}); }
 };
 
+template <auto F> struct invoker_async_proxy {
+    static void invoke(void** args) {
+        track_async_proxy();
+        invoker<F>::invoke(args);
+    }
+};
+
 }  // namespace rf_sim
 
 // Entry of a kernel table: `{ "name", invoke }`.
 #define RF_SIM_KERNEL(name) ::rf_sim_kernel{#name, &::rf_sim::invoker<&name>::invoke}
+// The same for a kernel whose wgmma operands the simulator checks for proxy fences (Hopper files).
+#define RF_SIM_KERNEL_ASYNC_PROXY(name) ::rf_sim_kernel{#name, &::rf_sim::invoker_async_proxy<&name>::invoke}

@@ -12,5 +12,6 @@ extern "C" const rf_sim_kernel rf_sim_kernels_test_kernels[] = {
     RF_SIM_KERNEL(t_lane_exit), RF_SIM_KERNEL(t_mask_mismatch), RF_SIM_KERNEL(t_deadlock), RF_SIM_KERNEL(t_syncwarp_loop),
     RF_SIM_KERNEL(t_helper_clash), RF_SIM_KERNEL(t_ldm), RF_SIM_KERNEL(t_mma), RF_SIM_KERNEL(t_ldm_bad),
     RF_SIM_KERNEL(t_cp_groups), RF_SIM_KERNEL(t_cp_ring),
+    RF_SIM_KERNEL_ASYNC_PROXY(t_wgmma_proxy),
 };
 extern "C" const int rf_sim_kernels_test_kernels_len = sizeof(rf_sim_kernels_test_kernels) / sizeof(rf_sim_kernel);

@@ -1,6 +1,7 @@
 // Test kernels of the SIMT simulator (kernels/sim/tests). Plain CUDA C++: they also compile with
 // nvcc (run.sh checks that), so the GPU self-test can run the same kernels on hardware.
 #include "common/recforge.cuh"
+#include "common/rf_wgmma.cuh"
 
 #define LIN (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z))
 
@@ -318,6 +319,40 @@ extern "C" __global__ void t_cp_ring(const uint4* src, int n_tiles, int bug, uns
     }
     rf_cp_async_wait_all();
     out[l] = acc;
+}
+
+// The generic -> async proxy rule for wgmma operands (registered with RF_SIM_KERNEL_ASYNC_PROXY).
+// One warpgroup computes D[64 × 128] = A[64 × 32] · B[128 × 32]ᵀ (s8, both K-major in global
+// memory, 8 u32 a row) with one wgmma.m64n128k32 from the canonical no-swizzle layout: 16-byte
+// chunk c of row r at (r % 8)·16 + (r / 8)·256 + c·128, A from byte 0, B from byte 2048 (6144
+// bytes of dynamic smem). out [64 × 128] int32 row-major. mode 0: every thread stores its share of
+// chunks, fences, barrier (correct); 1: as 0 but thread 77 skips its fence; 2: thread 0 stores
+// every chunk and fences, nobody else does (correct: only writers need to fence); 3: cp.async,
+// wait_all, fence (correct); 4: cp.async, wait_all, no fence; 5: the fence before the stores.
+extern "C" __global__ void t_wgmma_proxy(int mode, const unsigned* a, const unsigned* b, int* out) {
+    RF_DYNAMIC_SMEM(unsigned char, smem);
+    const int tid = threadIdx.x;
+    if (mode == 5) rf_fence_proxy_async();
+    for (int i = mode == 2 ? (tid == 0 ? 0 : 384) : tid; i < 384; i += mode == 2 ? 1 : 128) {
+        const bool is_a = i < 128;
+        const int j = is_a ? i : i - 128, r = j >> 1, c = j & 1;
+        const unsigned* src = (is_a ? a : b) + r * 8 + c * 4;
+        rf_smem_t<unsigned char> dst = smem + (is_a ? 0 : 2048) + (r % 8) * 16 + (r / 8) * 256 + c * 128;
+        if (mode == 3 || mode == 4) rf_cp_async16(dst, src);
+        else rf_st16(dst, uint4{src[0], src[1], src[2], src[3]});
+    }
+    if (mode == 3 || mode == 4) rf_cp_async_wait_all();
+    if (mode == 0 || mode == 3 || (mode == 1 && tid != 77) || (mode == 2 && tid == 0)) rf_fence_proxy_async();
+    __syncthreads();
+    int d[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) d[i] = 0;
+    rf_wgmma_fence_operand(d);
+    rf_wgmma_fence();
+    rf_wgmma_s8<128>(d, rf_wgmma_desc(smem, 128, 256), rf_wgmma_desc(smem + 2048, 128, 256), 0);
+    rf_wgmma_commit();
+    rf_wgmma_wait<0>(d);
+    for (int i = 0; i < 64; i++) out[rf_wgmma_acc_row(i) * 128 + rf_wgmma_acc_col(i)] = d[i];
 }
 
 // Misuse: mode 0 a misaligned ldmatrix row, 1 ldmatrix by half a warp, 2 misaligned cp.async.
