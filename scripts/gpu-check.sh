@@ -154,6 +154,8 @@ run | run-train)
     # simulator still runs (tests that compare it with the hardware).
     # (RECFORGE_TEST_DEVICES= set empty runs both halves, e.g. to try this script without a GPU.)
     export RECFORGE_TEST_DEVICES="${RECFORGE_TEST_DEVICES-cuda}"
+    # A hardware wgmma self-test that fails writes its whole output here (tests/simulator.rs).
+    export RECFORGE_TEST_DUMP="$out/dumps"
     RF_SIM_THREADS="$(nproc 2>/dev/null || echo 4)"
     export RF_SIM_THREADS
     # The training comparison (DESIGN.md §6): recforge vs HF PEFT on the same shapes.

@@ -788,6 +788,87 @@ fn sim_and_hopper() -> Vec<Device> {
     std::iter::once(sim).chain(gpu).collect()
 }
 
+/// What a wrong wgmma result looks like, for a layout bug seen only on hardware: for the first
+/// wrong outputs, the expected position whose value the output holds (a swapped row or column of
+/// the fragment, or a misread descriptor stride, shows as a pattern in these), and the whole
+/// output written to `<dump>/<name>.txt` (one hex word a line, row-major 64 × 256) so it can be
+/// studied off the machine (the callers pass `$RECFORGE_TEST_DUMP`, which gpu-check sets).
+fn explain_wrong(
+    name: &str,
+    got: &[u32],
+    bad: &[usize],
+    same: impl Fn(u32, usize) -> bool,
+    dump: Option<&std::path::Path>,
+) -> String {
+    let at = |i: usize| format!("({}, {})", i / 256, i % 256);
+    let mut s = String::new();
+    for &i in bad.iter().take(8) {
+        let hits: Vec<usize> = (0..got.len()).filter(|&j| same(got[i], j)).collect();
+        s += &match hits.first() {
+            Some(&j) => format!(
+                "\n  {} holds the expected value of {} ({} such)",
+                at(i),
+                at(j),
+                hits.len()
+            ),
+            None => format!("\n  {} holds {:#x}, no expected value", at(i), got[i]),
+        };
+    }
+    if let Some(dir) = dump {
+        let path = dir.join(format!("{name}.txt"));
+        let text: String = got.iter().map(|w| format!("{w:08x}\n")).collect();
+        match std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&path, text)) {
+            Ok(()) => s += &format!("\n  all outputs written to {}", path.display()),
+            Err(e) => s += &format!("\n  could not write {}: {e}", path.display()),
+        }
+    }
+    s
+}
+
+fn test_dump_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("RECFORGE_TEST_DUMP")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+}
+
+/// The diagnosis a hardware wgmma failure would print: two swapped rows and a garbage value are
+/// named as such, and the outputs land in the dump folder.
+#[test]
+fn a_wrong_wgmma_result_is_explained() {
+    let want: Vec<u32> = (0..64 * 256u32)
+        .map(|i| i.wrapping_mul(2654435761))
+        .collect();
+    let mut got = want.clone();
+    for c in 0..256 {
+        got.swap(3 * 256 + c, 11 * 256 + c);
+    }
+    got[40 * 256 + 7] = 0xdead_beef;
+    let bad: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
+    let dir = std::env::temp_dir().join(format!("recforge-wgmma-dump-{}", std::process::id()));
+    let m = explain_wrong("t", &got, &bad, |v, j| v == want[j], Some(&dir));
+    assert!(
+        m.contains("(3, 0) holds the expected value of (11, 0) (1 such)"),
+        "{m}"
+    );
+    assert!(
+        m.contains("(3, 7) holds the expected value of (11, 7)"),
+        "{m}"
+    );
+    let written = std::fs::read_to_string(dir.join("t.txt")).unwrap();
+    let words: Vec<u32> = written
+        .lines()
+        .map(|l| u32::from_str_radix(l, 16).unwrap())
+        .collect();
+    assert_eq!(words, got);
+    std::fs::remove_dir_all(&dir).unwrap();
+    // The garbage value is past the first 8 wrong outputs (row 3's); alone, it is named.
+    let m = explain_wrong("t", &got, &[40 * 256 + 7], |v, j| v == want[j], None);
+    assert!(
+        m.contains("(40, 7) holds 0xdeadbeef, no expected value"),
+        "{m}"
+    );
+}
+
 /// wgmma.m64n256k32.s32.s8.s8 from shared-memory descriptors (kernels/selftest_sm90.cu): the
 /// simulator against a plain int32 matmul for two placements of the core matrices (K chunks
 /// adjacent; row groups adjacent), scale-d 0 and 1; an sm_90 GPU against the same values.
@@ -824,17 +905,21 @@ fn wgmma_s8_follows_the_ptx_descriptor_and_fragment_layouts() {
                 let strides = (lbo_a, sbo_a, lbo_b, sbo_b);
                 let got = run_wgmma_selftest(dev, "selftest_wgmma_s8", strides, twice, &pa, &pb);
                 let bad: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
-                assert!(
-                    bad.is_empty(),
+                if bad.is_empty() {
+                    continue;
+                }
+                let name = format!("wgmma_s8_{lbo_a}_{sbo_a}_{lbo_b}_{sbo_b}_x{}", 1 + twice);
+                panic!(
                     "{}: wgmma lbo/sbo A {lbo_a}/{sbo_a} B {lbo_b}/{sbo_b} twice {twice}: {} of {} \
-                     wrong, first at row {} col {}: {:#x} vs {:#x}",
+                     wrong, first at row {} col {}: {:#x} vs {:#x}{}",
                     dev.name(),
                     bad.len(),
                     want.len(),
                     bad[0] / 256,
                     bad[0] % 256,
                     got[bad[0]],
-                    want[bad[0]]
+                    want[bad[0]],
+                    explain_wrong(&name, &got, &bad, |v, j| v == want[j], test_dump_dir().as_deref())
                 );
             }
         }
@@ -885,17 +970,24 @@ fn wgmma_bf16_follows_the_ptx_descriptor_and_fragment_layouts() {
                         err.is_nan() || err > bound(mag[i])
                     })
                     .collect();
-                assert!(
-                    bad.is_empty(),
+                if bad.is_empty() {
+                    continue;
+                }
+                let name = format!("wgmma_bf16_{lbo_a}_{sbo_a}_{lbo_b}_{sbo_b}_x{}", 1 + twice);
+                let near = |v: u32, j: usize| {
+                    (f32::from_bits(v) as f64 - scale * prod[j]).abs() <= bound(mag[j])
+                };
+                panic!(
                     "{}: wgmma bf16 lbo/sbo A {lbo_a}/{sbo_a} B {lbo_b}/{sbo_b} twice {twice}: {} of \
-                     {} wrong, first at row {} col {}: {} vs {}",
+                     {} wrong, first at row {} col {}: {} vs {}{}",
                     dev.name(),
                     bad.len(),
                     prod.len(),
                     bad[0] / 256,
                     bad[0] % 256,
                     f32::from_bits(got[bad[0]]),
-                    scale * prod[bad[0]]
+                    scale * prod[bad[0]],
+                    explain_wrong(&name, &got, &bad, near, test_dump_dir().as_deref())
                 );
             }
         }
