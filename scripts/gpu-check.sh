@@ -168,7 +168,7 @@ run | run-train)
         # for building the random 7B model (host) and its upload.
         step "bench-train llama-7b 4×1024 itrek (cuda)" "$l_auto" \
             "$here/bin/bench-train" --device cuda --model llama-7b --preset itrek "${args[@]}" \
-            --warmup 2 --steps 5 --time-limit "$((l_auto / 2))" --json "$out/bench-train.json"
+            --warmup 2 --steps 5 --time-limit "$((l_auto / 2))" --profile --json "$out/bench-train.json"
         if command -v python3 >/dev/null 2>&1; then
             # The peer stops starting new work at its own budget, before `timeout` would kill it.
             step "peer: HF PEFT LoRA llama-7b 4×1024 (bf16, bnb int8)" "$l_peer" \
@@ -225,6 +225,16 @@ for mode, r in (p.get("runs") or {}).items():
         print(f"| HF PEFT {mode} base | — | — | — | {r.get('status')}: {r.get('error') or r.get('note')} |")
 if not p.get("runs"):
     print(f"| HF PEFT | — | — | — | {p.get('error', 'no result (see the log)')} |")
+prof = b.get("profile") if isinstance(b, dict) else None
+if prof:
+    print()
+    print(f"Where one more step's time went (bench-train --profile, {prof['timer']}): "
+          f"{prof['timed_ms']:.1f} ms timed of {prof['step_wall_ms']:.1f} ms wall, {prof['operations']} operations.")
+    print()
+    print("| operation | launches | ms | share of timed |")
+    print("|---|---|---|---|")
+    for k in prof["kernels"][:15]:
+        print(f"| {k['name']} | {k['launches']} | {k['ms']:.2f} | {k['share_of_timed'] * 100:.1f}% |")
 PY
             # The steps that follow get a table of their own.
             echo
@@ -291,7 +301,7 @@ PY
         step "bench-train llama-7b 4×1024 itrek, wgmma tiles (cuda)" 120 \
             env RECFORGE_W8A8_TILE=wg RECFORGE_DX_TILE=wg "$here/bin/bench-train" --device cuda \
             --model llama-7b --preset itrek --batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o \
-            --warmup 2 --steps 5 --time-limit 60 --json "$out/bench-train-wg.json"
+            --warmup 2 --steps 5 --time-limit 60 --profile --json "$out/bench-train-wg.json"
         compare_train "wgmma tiles forced" "$out/bench-train-wg.json"
     fi
     if want peers && command -v python3 >/dev/null 2>&1; then

@@ -193,6 +193,67 @@ fn cpu_run_reports_throughput_flops_and_loss() {
     assert!((l - (49152f64).ln()).abs() < 1.0, "loss {l}");
 }
 
+/// `--profile` times one more step operation by operation. The counts follow from the model's
+/// structure (tiny: 2 layers; accumulation 2; checkpointing off, so nothing recomputes): an
+/// RMSNorm before attention and MLP of each layer and a final one, forward and backward, and
+/// 7 int8 linears a layer (whatever the tile the GEMM picks). The operations run one after the
+/// other within the step, so their times cannot add up to more than its wall time.
+#[test]
+fn profile_counts_the_steps_operations_by_kernel() {
+    let v = bench(
+        "sim",
+        &["--model", "tiny", "--checkpointing", "off", "--profile"],
+        2,
+        16,
+        2,
+    );
+    let p = &v["profile"];
+    let kernels = p["kernels"].as_array().expect("profile.kernels");
+    let launches = |pred: &dyn Fn(&str) -> bool| -> u64 {
+        kernels
+            .iter()
+            .filter(|k| pred(k["name"].as_str().unwrap()))
+            .map(|k| k["launches"].as_u64().unwrap())
+            .sum()
+    };
+    let (layers, accum) = (2, 2);
+    assert_eq!(
+        launches(&|n| n == "rmsnorm_bf16"),
+        (2 * layers + 1) * accum,
+        "{p:#}"
+    );
+    assert_eq!(
+        launches(&|n| n == "rmsnorm_backward_bf16"),
+        (2 * layers + 1) * accum,
+        "{p:#}"
+    );
+    assert_eq!(
+        launches(&|n| n.starts_with("gemm_w8a8") && n.ends_with("_bf16")),
+        7 * layers * accum,
+        "{p:#}"
+    );
+    assert_eq!(launches(&|_| true), p["operations"].as_u64().unwrap());
+    let timed = f(&v, "profile.timed_ms");
+    let summed: f64 = kernels.iter().map(|k| k["ms"].as_f64().unwrap()).sum();
+    assert!(
+        (timed - summed).abs() <= 1e-9 * timed.max(1.0),
+        "{timed} vs {summed}"
+    );
+    assert!(
+        timed > 0.0 && timed <= f(&v, "profile.step_wall_ms"),
+        "{p:#}"
+    );
+    assert_eq!(p["timer"], "simulator wall clock");
+    // Most time first.
+    let ms: Vec<f64> = kernels.iter().map(|k| k["ms"].as_f64().unwrap()).collect();
+    assert!(ms.windows(2).all(|w| w[0] >= w[1]), "{ms:?}");
+    // Without --profile there is none; on the CPU reference there is nothing to time.
+    let v = bench("sim", &["--model", "tiny"], 1, 8, 1);
+    assert!(v["profile"].is_null());
+    let v = bench("cpu", &["--model", "tiny", "--profile"], 1, 8, 1);
+    assert!(v["profile"].is_null());
+}
+
 #[test]
 fn simulator_run_reports_throughput_flops_and_loss() {
     let v = bench(

@@ -7,7 +7,7 @@ mod common;
 
 use recforge::backend::gpu::backend::Gpu;
 use recforge::backend::gpu::device::DevElem;
-use recforge::backend::gpu::{Arg, DevBuf, Device};
+use recforge::backend::gpu::{Arg, DevBuf, Device, Launch};
 use recforge::backend::Backend;
 use recforge::memory::{self, TrainSetup};
 use recforge::model::lora::parse_targets;
@@ -301,5 +301,56 @@ fn training_in_an_arena_is_bit_identical_to_training_without_one() {
         assert_eq!((s1.peak, s1.buffers), (s2.peak, s2.buffers));
         assert_eq!(s1.device_allocations, s1.buffers);
         assert_eq!((s2.device_allocations, s1.arena), (1, None));
+    }
+}
+
+/// The device's profiler files every launch, memset and copy under its name while it is on,
+/// and nothing before or after; each start begins a fresh record. On CUDA the times come from
+/// events on the stream, in the simulator from the host's clock.
+#[test]
+fn the_profiler_counts_each_operation_under_its_name() {
+    deterministic_sim();
+    for dev in common::devices() {
+        let mut a = dev.alloc_zeros::<u32>(1000).unwrap();
+        let mut b = dev.alloc_zeros::<u32>(1000).unwrap();
+        let zero = |dev: &Device, buf: &mut DevBuf<u32>| {
+            let p = dev.ptr_mut(buf).unwrap();
+            dev.launch("zero_u32", Launch::linear(4, 256), &[p, Arg::I32(1000)])
+                .unwrap();
+        };
+        zero(&dev, &mut a); // before profiling: not counted
+        dev.profile_start().unwrap();
+        for _ in 0..3 {
+            zero(&dev, &mut a);
+        }
+        dev.fill_zero(&mut b).unwrap();
+        dev.copy(&a, 0, &mut b, 10, 100).unwrap();
+        dev.copy_within(&mut b, 0, 500, 100).unwrap();
+        dev.write(&mut a, &[7u32; 1000]).unwrap();
+        assert_eq!(dev.download(&a).unwrap()[999], 7);
+        let p = dev.profile_stop().unwrap();
+        zero(&dev, &mut a); // after: not counted
+        let n = |name: &str| p.get(name).map(|k| k.launches).unwrap_or(0);
+        assert_eq!(n("zero_u32"), 3, "{p:?}");
+        assert_eq!(n("memset"), 1, "{p:?}");
+        assert_eq!(n("copy device→device"), 2, "{p:?}");
+        assert_eq!(n("copy host→device"), 1, "{p:?}");
+        assert_eq!(n("copy device→host"), 1, "{p:?}");
+        assert_eq!(p.launches(), 8, "{p:?}");
+        assert!(p.kernels.iter().all(|k| k.ms >= 0.0), "{p:?}");
+        assert_eq!(
+            p.timer,
+            if dev.is_sim() {
+                "simulator wall clock"
+            } else {
+                "CUDA events"
+            }
+        );
+        dev.profile_start().unwrap();
+        let p = dev.profile_stop().unwrap();
+        assert!(
+            p.kernels.is_empty(),
+            "a new start forgets the last record: {p:?}"
+        );
     }
 }

@@ -160,6 +160,16 @@ pub trait Backend: Sized + Send + Sync {
     }
     /// Start a new peak measurement (`memory_stats().peak`) from what is held now.
     fn reset_memory_peak(&self) {}
+    /// Time every device operation (kernels by name, memsets, copies) from now on, until
+    /// `profile_stop`. Ok(false) where the backend has no device operations to time (the CPU
+    /// reference).
+    fn profile_start(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Stop profiling and return what ran since `profile_start` (None where it returned false).
+    fn profile_stop(&self) -> Result<Option<crate::backend::gpu::Profile>> {
+        Ok(None)
+    }
 
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;

@@ -34,7 +34,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
 
-use recforge::backend::gpu::{Chosen, DeviceChoice};
+use recforge::backend::gpu::{Chosen, DeviceChoice, Profile};
 use recforge::backend::Backend;
 use recforge::memory::{self, human, TrainSetup};
 use recforge::model::lora::parse_targets;
@@ -119,6 +119,11 @@ struct Args {
     /// one measured step) and report the steps done, e.g. under an outer `timeout`.
     #[arg(long)]
     time_limit: Option<f64>,
+    /// After the measured steps, run one more with every device operation timed (CUDA events
+    /// on a GPU; in the simulator exact counts and the simulator's own time) and report where
+    /// its time went, kernel by kernel. Not in the medians above: the events cost a little.
+    #[arg(long)]
+    profile: bool,
 }
 
 fn main() -> ExitCode {
@@ -763,6 +768,11 @@ fn bench<B: Backend>(
         (Some(a), Some(b)) => Some(b.device_allocations - a.device_allocations),
         _ => None,
     };
+    let profile = if args.profile {
+        profile_step(be, &mut trainer)?
+    } else {
+        None
+    };
 
     // ---- results --------------------------------------------------------------------------
     let med = |f: &dyn Fn(&Timed) -> f64| median(&measured.iter().map(f).collect::<Vec<_>>());
@@ -1009,6 +1019,20 @@ fn bench<B: Backend>(
         );
     }
     line("formula", FLOP_FORMULA.to_string());
+    if let Some((pwall, p)) = &profile {
+        line(
+            "profile",
+            format!(
+                "one more step, every device operation timed ({}): {} operations, {:.1} ms of the step's {:.1} ms wall ({:.1}%; the rest is host work and gaps)",
+                p.timer,
+                p.launches(),
+                p.total_ms(),
+                pwall * 1e3,
+                100.0 * p.total_ms() / (pwall * 1e3)
+            ),
+        );
+        out.push_str(&profile_table(p, 20));
+    }
     print!("{out}");
 
     // ---- JSON -----------------------------------------------------------------------------
@@ -1118,6 +1142,19 @@ fn bench<B: Backend>(
                 })),
                 "arena_reserved": arena,
             },
+            "profile": profile.as_ref().map(|(pwall, p)| json!({
+                "what": "one step after the measured ones, every device operation (kernel launch, memset, copy) timed and summed by name",
+                "timer": p.timer,
+                "step_wall_ms": pwall * 1e3,
+                "timed_ms": p.total_ms(),
+                "operations": p.launches(),
+                "kernels": p.kernels.iter().map(|k| json!({
+                    "name": k.name,
+                    "launches": k.launches,
+                    "ms": k.ms,
+                    "share_of_timed": k.ms / p.total_ms().max(f64::MIN_POSITIVE),
+                })).collect::<Vec<_>>(),
+            })),
             "warmup": warm.iter().map(Timed::to_json).collect::<Vec<_>>(),
             "steps": measured.iter().map(Timed::to_json).collect::<Vec<_>>(),
         });
@@ -1125,6 +1162,59 @@ fn bench<B: Backend>(
         eprintln!("bench-train: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// One more optimizer step with the backend's profiler on: its wall time and where the
+/// device's time went. None (with a note) on a backend that has no device operations.
+fn profile_step<B: Backend>(
+    be: &B,
+    trainer: &mut Trainer<'_, B>,
+) -> Result<Option<(f64, Profile)>> {
+    if !be.profile_start()? {
+        eprintln!(
+            "bench-train: --profile: {} has no device operations to time; no profile",
+            be.name()
+        );
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let stepped = trainer.step().context("the profiled step");
+    let wall = t.elapsed().as_secs_f64();
+    // Stop (and free the events) even when the step failed.
+    let p = be.profile_stop()?;
+    stepped?;
+    Ok(p.map(|p| (wall, p)))
+}
+
+/// The `top` names that took the most time, then one line for the rest.
+fn profile_table(p: &Profile, top: usize) -> String {
+    let total = p.total_ms().max(f64::MIN_POSITIVE);
+    let mut s = format!(
+        "  {:>10} {:>7} {:>9}  {}\n",
+        "ms", "share", "launches", "operation"
+    );
+    for k in p.kernels.iter().take(top) {
+        s += &format!(
+            "  {:>10.3} {:>6.1}% {:>9}  {}\n",
+            k.ms,
+            100.0 * k.ms / total,
+            k.launches,
+            k.name
+        );
+    }
+    if p.kernels.len() > top {
+        let rest = &p.kernels[top..];
+        let ms: f64 = rest.iter().map(|k| k.ms).sum();
+        let n: u64 = rest.iter().map(|k| k.launches).sum();
+        s += &format!(
+            "  {:>10.3} {:>6.1}% {:>9}  ({} more operations)\n",
+            ms,
+            100.0 * ms / total,
+            n,
+            rest.len()
+        );
+    }
+    s
 }
 
 /// The plan's total per category, in the plan's order.

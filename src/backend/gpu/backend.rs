@@ -259,6 +259,14 @@ impl Backend for Gpu {
         self.dev.reset_peak()
     }
 
+    fn profile_start(&self) -> Result<bool> {
+        self.dev.profile_start().map(|()| true)
+    }
+
+    fn profile_stop(&self) -> Result<Option<super::Profile>> {
+        self.dev.profile_stop().map(Some)
+    }
+
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<T> {
         let n: usize = shape.iter().product();
         let storage = match dtype {

@@ -8,6 +8,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKerne
 
 use super::arena::{block_bytes, Backing, MemStats, Memory, Source};
 use super::cuda::CudaDevice;
+use super::profile::{Profile, Profiler};
 use super::sim::{SimBuf, SimDevice};
 use crate::error::{Error, Result};
 use crate::memory::human;
@@ -66,6 +67,7 @@ impl Launch {
 pub struct Device {
     kind: Kind,
     mem: Arc<Memory>,
+    prof: Profiler,
 }
 
 enum Kind {
@@ -130,6 +132,7 @@ impl Device {
         Ok(Device {
             kind: Kind::Cuda(Arc::new(CudaDevice::new(ordinal)?)),
             mem: Arc::default(),
+            prof: Profiler::default(),
         })
     }
 
@@ -137,6 +140,7 @@ impl Device {
         Device {
             kind: Kind::Sim(SimDevice::new()),
             mem: Arc::default(),
+            prof: Profiler::default(),
         }
     }
 
@@ -158,6 +162,27 @@ impl Device {
             Kind::Cuda(d) => d.supports("sm_90a"),
             Kind::Sim(_) => true,
         }
+    }
+
+    /// Time every kernel launch, memset and copy from now on, by name, until `profile_stop`
+    /// (see `profile.rs`). A second start forgets what the first recorded.
+    pub fn profile_start(&self) -> Result<()> {
+        self.prof.start()
+    }
+
+    /// Wait for the device, stop profiling and return what ran since `profile_start`.
+    pub fn profile_stop(&self) -> Result<Profile> {
+        self.synchronize()?;
+        self.prof.stop()
+    }
+
+    /// Run one device operation, timed under `name` while profiling is on.
+    fn timed<R>(&self, name: &str, op: impl FnOnce() -> Result<R>) -> Result<R> {
+        let cuda = match &self.kind {
+            Kind::Cuda(d) => Some(&**d),
+            Kind::Sim(_) => None,
+        };
+        self.prof.time(name, cuda, op)
     }
 
     /// Every kernel this device can launch (on CUDA, the Hopper-only modules only on sm_90).
@@ -298,7 +323,7 @@ impl Device {
     pub fn fill_zero<T: DevElem>(&self, buf: &mut DevBuf<T>) -> Result<()> {
         self.owns(buf)?;
         let size = byte_len::<T>(buf.len)? as usize;
-        match &self.kind {
+        self.timed("memset", || match &self.kind {
             Kind::Cuda(d) => {
                 let addr = Self::cuda_addr(d, buf)?;
                 d.bind()?;
@@ -313,7 +338,7 @@ impl Device {
                 Self::sim_slice_mut(buf)?.fill(T::default());
                 Ok(())
             }
-        }
+        })
     }
 
     pub fn alloc_zeros<T: DevElem>(&self, len: usize) -> Result<DevBuf<T>> {
@@ -360,7 +385,7 @@ impl Device {
 
     pub fn download<T: DevElem>(&self, buf: &DevBuf<T>) -> Result<Vec<T>> {
         self.owns(buf)?;
-        match (&self.kind, &buf.repr) {
+        self.timed("copy device→host", || match (&self.kind, &buf.repr) {
             (Kind::Cuda(d), Repr::Cuda(s)) => {
                 let mut v = d.download(s)?;
                 // An empty buffer holds one hidden element (see `alloc`).
@@ -385,7 +410,7 @@ impl Device {
                 Ok(out)
             }
             (Kind::Sim(_), _) => Ok(Self::sim_slice(buf)?.to_vec()),
-        }
+        })
     }
 
     /// Overwrite a whole buffer from the host.
@@ -398,7 +423,7 @@ impl Device {
             )));
         }
         self.owns(buf)?;
-        match (&self.kind, &mut buf.repr) {
+        self.timed("copy host→device", || match (&self.kind, &mut buf.repr) {
             (Kind::Cuda(d), Repr::Cuda(s)) => d
                 .stream()
                 .memcpy_htod(data, s)
@@ -417,7 +442,7 @@ impl Device {
                 Self::sim_slice_mut(buf)?.copy_from_slice(data);
                 Ok(())
             }
-        }
+        })
     }
 
     /// The buffer's address as a kernel argument (read-only use).
@@ -456,7 +481,7 @@ impl Device {
         }
         self.owns(src)?;
         self.owns(dst)?;
-        match &self.kind {
+        self.timed("copy device→device", || match &self.kind {
             Kind::Cuda(d) => {
                 let size = std::mem::size_of::<T>();
                 let from = Self::cuda_addr(d, src)? + (src_off * size) as u64;
@@ -481,7 +506,7 @@ impl Device {
                 Self::sim_slice_mut(dst)?[dst_off..dst_off + n].copy_from_slice(&from);
                 Ok(())
             }
-        }
+        })
     }
 
     /// Copy `n` elements of `buf` from `src_off` to `dst_off` (non-overlapping ranges), e.g. a
@@ -501,7 +526,7 @@ impl Device {
             return Err(Error::Shape(format!("copy_within: {n} elements from {src_off} to {dst_off} in a buffer of {len} (ranges must not overlap)")));
         }
         self.owns(buf)?;
-        match &self.kind {
+        self.timed("copy device→device", || match &self.kind {
             Kind::Cuda(d) => {
                 let size = std::mem::size_of::<T>();
                 let base = Self::cuda_addr(d, buf)?;
@@ -522,7 +547,7 @@ impl Device {
                 Self::sim_slice_mut(buf)?.copy_within(src_off..src_off + n, dst_off);
                 Ok(())
             }
-        }
+        })
     }
 
     /// The address of element `offset` of `buf` (a row range passed to a kernel).
@@ -561,7 +586,7 @@ impl Device {
             // for every target, so it checks against each one ptxas compiled for.
             check_resources(kernel, cfg, threads)?;
         }
-        match &self.kind {
+        self.timed(kernel, || match &self.kind {
             Kind::Cuda(d) => {
                 let f = d.function(kernel)?;
                 if cfg.shared_bytes > 48 * 1024 {
@@ -599,7 +624,7 @@ impl Device {
                 Ok(())
             }
             Kind::Sim(s) => s.launch(kernel, cfg, args),
-        }
+        })
     }
 
     pub fn synchronize(&self) -> Result<()> {

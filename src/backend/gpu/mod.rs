@@ -6,10 +6,12 @@ pub mod backend;
 pub mod cuda;
 pub mod device;
 pub mod ops;
+pub mod profile;
 pub mod sim;
 
 pub use arena::MemStats;
 pub use device::{Arg, DevBuf, Device, Launch};
+pub use profile::{KernelTime, Profile};
 
 use crate::error::{Error, Result};
 
