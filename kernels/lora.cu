@@ -13,9 +13,9 @@
 //          dgate [M, R] f32 (overwritten); dx [M, K] bf16, accumulated (+=).
 // Dropout: element (m, k) is kept when a SplitMix64 hash of (seed, m·K + k) gives 24 uniform bits
 //          u ≥ p, and scaled by 1/(1−p); bit-identical to backend::dropout_keep on the CPU.
-// Launch:  lora_down_bf16 / lora_dp_bf16: grid (M), block (256), ranks in chunks of 8 with a block
-//          reduction per chunk. lora_db_bf16: grid (ceil(N/128)), block (128), a thread per output
-//          column n summing over the M rows; lora_da_bf16 likewise with a thread per input column k.
+// Launch:  lora_down_bf16 / lora_dp_bf16: grid (ceil(M/8)), block (256), 8 rows a block, ranks in
+//          chunks of 8 (lora_rowdot). lora_db_bf16 / lora_da_bf16: grid (ceil(N/32) / ceil(K/32)), block
+//          (256): 32 columns a block, the rows split over its 8 warps (lora_colsum).
 //          lora_dx_bf16: grid-stride over M·K.
 // Must match: backend::cpu::Cpu::lora_forward / lora_backward.
 #include "common/recforge.cuh"
@@ -31,107 +31,154 @@ __device__ __forceinline__ bool rf_dropout_keep(unsigned long long seed, unsigne
 }
 
 #define RF_LORA_CHUNK 8
+#define RF_LORA_ROWS 8
 
-extern "C" __global__ void lora_down_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ a,
-                                          const float* __restrict__ gate, float* __restrict__ h, float* __restrict__ u,
-                                          int M, int K, int R, float p, unsigned long long seed) {
-    RF_SHARED(float, scratch, [32]);
-    const int m = blockIdx.x;
-    const float ks = 1.0f / (1.0f - p);
-    for (int r0 = 0; r0 < R; r0 += RF_LORA_CHUNK) {
-        float acc[RF_LORA_CHUNK];
+// The row products of lora_down (x·Aᵀ, with dropout) and lora_dp (dy·B): for the block's rows
+// m0 .. m0+7 and ranks r0 .. r0+7, Σ_c v[m, c] · w(j, c), with w(j, c) = A[j, c] (DOWN) or
+// B[c, j]. A block reads each w element once for its 8 rows (a block per row read all of A, R·K
+// f32, per row: 1 GiB of L2 traffic per projection at LLaMA-7B shapes), and each element of v
+// once per chunk of 8 ranks. Each thread sums its columns; the 8 × 8 sums are reduced over the
+// warp by shuffles, then over the 8 warps in warp order through `red` (deterministic). Returns,
+// in thread t < 64, the sum for row m0 + t/8, rank r0 + t%8. Block (256).
+template <bool DOWN>
+__device__ __forceinline__ float lora_rowdot(const __nv_bfloat16* __restrict__ v, const float* __restrict__ w, int M, int C,
+                                             int R, int m0, int r0, float p, unsigned long long seed, float* red) {
+    float acc[RF_LORA_ROWS][RF_LORA_CHUNK];
 #pragma unroll
-        for (int j = 0; j < RF_LORA_CHUNK; j++) acc[j] = 0.0f;
-        for (int k = threadIdx.x; k < K; k += blockDim.x) {
-            const unsigned long long idx = (unsigned long long)m * K + k;
-            const float xv = rf_dropout_keep(seed, idx, p) ? __bfloat162float(x[idx]) * ks : 0.0f;
+    for (int i = 0; i < RF_LORA_ROWS; i++)
 #pragma unroll
-            for (int j = 0; j < RF_LORA_CHUNK; j++)
-                if (r0 + j < R) acc[j] += xv * a[(size_t)(r0 + j) * K + k];
-        }
-#pragma unroll
-        for (int j = 0; j < RF_LORA_CHUNK; j++) {
-            const float s = rf_block_sum(acc[j], scratch);
-            if (threadIdx.x == 0 && r0 + j < R) {
-                h[(size_t)m * R + r0 + j] = s;
-                u[(size_t)m * R + r0 + j] = s * gate[(size_t)m * R + r0 + j];
-            }
-        }
-    }
-}
-
-// dp = scale · dy · B; dh = dp ⊙ gate; dgate = dp ⊙ h.
-extern "C" __global__ void lora_dp_bf16(const __nv_bfloat16* __restrict__ dy, const float* __restrict__ b,
-                                        const float* __restrict__ gate, const float* __restrict__ h, float* __restrict__ dh,
-                                        float* __restrict__ dgate, int M, int N, int R, float scale) {
-    RF_SHARED(float, scratch, [32]);
-    const int m = blockIdx.x;
-    for (int r0 = 0; r0 < R; r0 += RF_LORA_CHUNK) {
-        float acc[RF_LORA_CHUNK];
-#pragma unroll
-        for (int j = 0; j < RF_LORA_CHUNK; j++) acc[j] = 0.0f;
-        for (int n = threadIdx.x; n < N; n += blockDim.x) {
-            const float d = __bfloat162float(dy[(size_t)m * N + n]);
-#pragma unroll
-            for (int j = 0; j < RF_LORA_CHUNK; j++)
-                if (r0 + j < R) acc[j] += d * b[(size_t)n * R + r0 + j];
-        }
-#pragma unroll
-        for (int j = 0; j < RF_LORA_CHUNK; j++) {
-            const float s = rf_block_sum(acc[j], scratch);
-            if (threadIdx.x == 0 && r0 + j < R) {
-                const size_t i = (size_t)m * R + r0 + j;
-                const float dp = scale * s;
-                dh[i] = dp * gate[i];
-                dgate[i] = dp * h[i];
-            }
-        }
-    }
-}
-
-// dB[n, j] += scale · Σ_m dy[m, n] · u[m, j]
-extern "C" __global__ void lora_db_bf16(const __nv_bfloat16* __restrict__ dy, const float* __restrict__ u, float* __restrict__ db,
-                                        int M, int N, int R, float scale) {
-    const int n = blockIdx.x * blockDim.x + threadIdx.x;
-    if (n >= N) return;
-    for (int r0 = 0; r0 < R; r0 += RF_LORA_CHUNK) {
-        float acc[RF_LORA_CHUNK];
-#pragma unroll
-        for (int j = 0; j < RF_LORA_CHUNK; j++) acc[j] = 0.0f;
-        for (int m = 0; m < M; m++) {
-            const float d = __bfloat162float(dy[(size_t)m * N + n]);
-#pragma unroll
-            for (int j = 0; j < RF_LORA_CHUNK; j++)
-                if (r0 + j < R) acc[j] += d * u[(size_t)m * R + r0 + j];
-        }
+        for (int j = 0; j < RF_LORA_CHUNK; j++) acc[i][j] = 0.0f;
+    const float ks = DOWN ? 1.0f / (1.0f - p) : 1.0f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float wv[RF_LORA_CHUNK];
 #pragma unroll
         for (int j = 0; j < RF_LORA_CHUNK; j++)
-            if (r0 + j < R) db[(size_t)n * R + r0 + j] += scale * acc[j];
+            wv[j] = r0 + j < R ? (DOWN ? w[(size_t)(r0 + j) * C + c] : w[(size_t)c * R + r0 + j]) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < RF_LORA_ROWS; i++) {
+            if (m0 + i >= M) break;
+            const unsigned long long idx = (unsigned long long)(m0 + i) * C + c;
+            float xv = __bfloat162float(v[idx]);
+            if (DOWN) xv = rf_dropout_keep(seed, idx, p) ? xv * ks : 0.0f;
+#pragma unroll
+            for (int j = 0; j < RF_LORA_CHUNK; j++) acc[i][j] += xv * wv[j];
+        }
+    }
+    const int lane = threadIdx.x & 31, q = threadIdx.x >> 5;
+#pragma unroll
+    for (int i = 0; i < RF_LORA_ROWS; i++)
+#pragma unroll
+        for (int j = 0; j < RF_LORA_CHUNK; j++) {
+            float t = acc[i][j];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(RF_FULL_MASK, t, o);
+            if (lane == 0) red[q * (RF_LORA_ROWS * RF_LORA_CHUNK) + i * RF_LORA_CHUNK + j] = t;
+        }
+    __syncthreads();
+    float t = 0.0f;
+    if (threadIdx.x < RF_LORA_ROWS * RF_LORA_CHUNK)
+        for (int qq = 0; qq < (int)(blockDim.x >> 5); qq++) t += red[qq * (RF_LORA_ROWS * RF_LORA_CHUNK) + threadIdx.x];
+    __syncthreads();  // red is rewritten by the next chunk
+    return t;
+}
+
+// h = dropout(x)·Aᵀ, u = h ⊙ gate. Grid (ceil(M/8)), block (256).
+extern "C" __global__ void __launch_bounds__(256) lora_down_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ a,
+                                                                 const float* __restrict__ gate, float* __restrict__ h,
+                                                                 float* __restrict__ u, int M, int K, int R, float p,
+                                                                 unsigned long long seed) {
+    RF_SHARED(float, red, [8 * RF_LORA_ROWS * RF_LORA_CHUNK]);
+    const int m0 = blockIdx.x * RF_LORA_ROWS;
+    for (int r0 = 0; r0 < R; r0 += RF_LORA_CHUNK) {
+        const float s = lora_rowdot<true>(x, a, M, K, R, m0, r0, p, seed, red);
+        const int m = m0 + (int)threadIdx.x / RF_LORA_CHUNK, r = r0 + (int)threadIdx.x % RF_LORA_CHUNK;
+        if (threadIdx.x < RF_LORA_ROWS * RF_LORA_CHUNK && m < M && r < R) {
+            const size_t i = (size_t)m * R + r;
+            h[i] = s;
+            u[i] = s * gate[i];
+        }
     }
 }
 
-// dA[j, k] += Σ_m dh[m, j] · dropout(x)[m, k]
-extern "C" __global__ void lora_da_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ dh, float* __restrict__ da,
-                                        int M, int K, int R, float p, unsigned long long seed) {
-    const int k = blockIdx.x * blockDim.x + threadIdx.x;
-    if (k >= K) return;
-    const float ks = 1.0f / (1.0f - p);
+// dp = scale · dy · B; dh = dp ⊙ gate; dgate = dp ⊙ h. Grid (ceil(M/8)), block (256).
+extern "C" __global__ void __launch_bounds__(256) lora_dp_bf16(const __nv_bfloat16* __restrict__ dy, const float* __restrict__ b,
+                                                               const float* __restrict__ gate, const float* __restrict__ h,
+                                                               float* __restrict__ dh, float* __restrict__ dgate, int M, int N,
+                                                               int R, float scale) {
+    RF_SHARED(float, red, [8 * RF_LORA_ROWS * RF_LORA_CHUNK]);
+    const int m0 = blockIdx.x * RF_LORA_ROWS;
     for (int r0 = 0; r0 < R; r0 += RF_LORA_CHUNK) {
-        float acc[RF_LORA_CHUNK];
+        const float s = lora_rowdot<false>(dy, b, M, N, R, m0, r0, 0.0f, 0, red);
+        const int m = m0 + (int)threadIdx.x / RF_LORA_CHUNK, r = r0 + (int)threadIdx.x % RF_LORA_CHUNK;
+        if (threadIdx.x < RF_LORA_ROWS * RF_LORA_CHUNK && m < M && r < R) {
+            const size_t i = (size_t)m * R + r;
+            const float dp = scale * s;
+            dh[i] = dp * gate[i];
+            dgate[i] = dp * h[i];
+        }
+    }
+}
+
+// The two weight gradients are column sums over the M rows: out[c, j] (dB) or out[j, c] (dA)
+// += s · Σ_m v[m, c] · w[m, j], with v = dy, w = u for dB and v = dropout(x), w = dh for dA.
+// A block of 256 threads owns 32 columns (a warp-wide run of v's row, 64 bytes); warp q sums the
+// rows m ≡ q (mod 8) for its lane's column and up to 16 ranks at once, so each element of v is
+// read (and its dropout mask hashed) once; the 8 warps' partial sums are then added in warp
+// order through shared memory, so the result is deterministic. This replaced a thread per
+// column looping over all M rows (grid K/128: 32 blocks and a 4096-long dependent chain at
+// LLaMA-7B shapes; see results/NOTES.md, 2026-12-06).
+#define RF_LORA_COLS 32
+#define RF_LORA_RBLOCK 16
+template <bool DA>
+__device__ __forceinline__ void lora_colsum(const __nv_bfloat16* __restrict__ v, const float* __restrict__ w,
+                                            float* __restrict__ out, int M, int C, int R, float s, float p,
+                                            unsigned long long seed) {
+    RF_SHARED(float, red, [8 * RF_LORA_RBLOCK * RF_LORA_COLS]);
+    const int lane = threadIdx.x & 31, q = threadIdx.x >> 5;
+    const int c = blockIdx.x * RF_LORA_COLS + lane;
+    const float ks = DA ? 1.0f / (1.0f - p) : 1.0f;
+    for (int r0 = 0; r0 < R; r0 += RF_LORA_RBLOCK) {
+        float acc[RF_LORA_RBLOCK];
 #pragma unroll
-        for (int j = 0; j < RF_LORA_CHUNK; j++) acc[j] = 0.0f;
-        for (int m = 0; m < M; m++) {
-            const unsigned long long idx = (unsigned long long)m * K + k;
-            if (!rf_dropout_keep(seed, idx, p)) continue;
-            const float xv = __bfloat162float(x[idx]);
+        for (int j = 0; j < RF_LORA_RBLOCK; j++) acc[j] = 0.0f;
+        if (c < C) {
+#pragma unroll 4
+            for (int m = q; m < M; m += 8) {
+                const unsigned long long idx = (unsigned long long)m * C + c;
+                float xv = __bfloat162float(v[idx]);
+                if (DA) xv = rf_dropout_keep(seed, idx, p) ? xv * ks : 0.0f;
+                const float* wr = w + (size_t)m * R + r0;
 #pragma unroll
-            for (int j = 0; j < RF_LORA_CHUNK; j++)
-                if (r0 + j < R) acc[j] += dh[(size_t)m * R + r0 + j] * xv * ks;
+                for (int j = 0; j < RF_LORA_RBLOCK; j++)
+                    if (r0 + j < R) acc[j] += wr[j] * xv;
+            }
         }
 #pragma unroll
-        for (int j = 0; j < RF_LORA_CHUNK; j++)
-            if (r0 + j < R) da[(size_t)(r0 + j) * K + k] += acc[j];
+        for (int j = 0; j < RF_LORA_RBLOCK; j++) red[(q * RF_LORA_RBLOCK + j) * RF_LORA_COLS + lane] = acc[j];
+        __syncthreads();
+        for (int i = threadIdx.x; i < RF_LORA_RBLOCK * RF_LORA_COLS; i += blockDim.x) {
+            const int j = i / RF_LORA_COLS, l = i % RF_LORA_COLS, cc = blockIdx.x * RF_LORA_COLS + l;
+            if (cc >= C || r0 + j >= R) continue;
+            float t = 0.0f;
+            for (int qq = 0; qq < 8; qq++) t += red[(qq * RF_LORA_RBLOCK + j) * RF_LORA_COLS + l];
+            float& o = DA ? out[(size_t)(r0 + j) * C + cc] : out[(size_t)cc * R + r0 + j];
+            o += s * t;
+        }
+        __syncthreads();  // red is rewritten by the next block of ranks
     }
+}
+
+// dB[n, j] += scale · Σ_m dy[m, n] · u[m, j]. Grid (ceil(N/32)), block (256).
+extern "C" __global__ void __launch_bounds__(256) lora_db_bf16(const __nv_bfloat16* __restrict__ dy, const float* __restrict__ u,
+                                                               float* __restrict__ db, int M, int N, int R, float scale) {
+    lora_colsum<false>(dy, u, db, M, N, R, scale, 0.0f, 0);
+}
+
+// dA[j, k] += Σ_m dh[m, j] · dropout(x)[m, k]. Grid (ceil(K/32)), block (256).
+extern "C" __global__ void __launch_bounds__(256) lora_da_bf16(const __nv_bfloat16* __restrict__ x, const float* __restrict__ dh,
+                                                               float* __restrict__ da, int M, int K, int R, float p,
+                                                               unsigned long long seed) {
+    lora_colsum<true>(x, dh, da, M, K, R, 1.0f, p, seed);
 }
 
 // dx[m, k] += keep(m, k) · (1/(1−p)) · Σ_j dh[m, j] · A[j, k]

@@ -469,10 +469,15 @@ fn gated_lora_forward_and_backward_match_the_cpu_reference() {
     use recforge::backend::{Dropout, Lora};
     let cpu = Cpu::new();
     let mut rng = Rng::new(35);
-    // (M, K, N, R): two adapters of rank 8 concatenated (R = 16) gated one-hot per row, and a
-    // single odd rank with a soft gate.
+    // (M, K, N, R): two adapters of rank 8 concatenated (R = 16) gated one-hot per row, a
+    // single odd rank with a soft gate, and three adapters (R = 24: two blocks of ranks in the
+    // weight-gradient kernels) over rows and columns that fill no warp or block evenly, and
+    // rows longer than a block of 256 threads (K, N > 256: every warp holds a share of the
+    // down-projection's and dp's sums, and some threads two columns).
     for (m, k, n, r, one_hot) in [
         (5, 48, 40, 16, true),
+        (70, 100, 70, 24, true),
+        (9, 300, 260, 8, false),
         (33, 80, 24, 5, false),
         (1, 16, 8, 1, false),
     ] {

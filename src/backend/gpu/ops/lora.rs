@@ -113,7 +113,7 @@ pub fn lora_down(
         Arg::F32(dropout.p),
         Arg::U64(dropout.seed),
     ];
-    dev.launch(name, Launch::linear(m as u32, 256), &args)
+    dev.launch(name, Launch::linear(m.div_ceil(8) as u32, 256), &args)
 }
 
 /// Device addresses of one backward call's operands (row ranges already applied).
@@ -150,7 +150,11 @@ fn grad_passes(
         Arg::I32(ri),
         Arg::F32(lora.scale),
     ];
-    dev.launch("lora_dp_bf16", Launch::linear(rows as u32, 256), &args)?;
+    dev.launch(
+        "lora_dp_bf16",
+        Launch::linear((rows as u32).div_ceil(8), 256),
+        &args,
+    )?;
     let args = [
         p.dy,
         p.u,
@@ -162,7 +166,7 @@ fn grad_passes(
     ];
     dev.launch(
         "lora_db_bf16",
-        Launch::linear(lora.n.div_ceil(128) as u32, 128),
+        Launch::linear(lora.n.div_ceil(32) as u32, 256),
         &args,
     )?;
     let args = [
@@ -177,7 +181,7 @@ fn grad_passes(
     ];
     dev.launch(
         "lora_da_bf16",
-        Launch::linear(lora.k.div_ceil(128) as u32, 128),
+        Launch::linear(lora.k.div_ceil(32) as u32, 256),
         &args,
     )
 }
