@@ -256,7 +256,11 @@ pub fn lora_backward(
         db: dev.ptr_mut(g.db)?,
     };
     grad_passes(dev, lora, mi, ptrs, dropout)?;
-    let blocks = (m * lora.k).div_ceil(256).min(4096) as u32;
+    let cfg = Launch {
+        grid: (m.div_ceil(8) as u32, lora.k.div_ceil(256) as u32, 1),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    };
     let args = [
         dev.ptr(g.dh)?,
         dev.ptr(lora.a)?,
@@ -267,7 +271,7 @@ pub fn lora_backward(
         Arg::F32(dropout.p),
         Arg::U64(dropout.seed),
     ];
-    dev.launch("lora_dx_bf16", Launch::linear(blocks, 256), &args)
+    dev.launch("lora_dx_bf16", cfg, &args)
 }
 
 /// Device scratch for `sample_grad_sq_norms`, sized for the longest sample.
