@@ -402,7 +402,11 @@ pub fn lora_up(
         return Ok(());
     }
     let mi = i32::try_from(m).map_err(|_| Error::Shape(format!("{name}: M = {m} is too large")))?;
-    let blocks = (m * lora.n).div_ceil(256).min(4096) as u32;
+    let cfg = Launch {
+        grid: (m.div_ceil(8) as u32, lora.n.div_ceil(256) as u32, 1),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    };
     let args = [
         dev.ptr(u)?,
         dev.ptr(lora.b)?,
@@ -412,5 +416,5 @@ pub fn lora_up(
         Arg::I32(ri),
         Arg::F32(lora.scale),
     ];
-    dev.launch(name, Launch::linear(blocks, 256), &args)
+    dev.launch(name, cfg, &args)
 }
