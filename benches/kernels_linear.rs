@@ -261,6 +261,21 @@ fn bench_gpu(c: &mut Criterion) {
                     dev.synchronize().unwrap();
                 })
             });
+            // The same sum as its own pass after the GEMM (`lora_up_bf16`, the training step's
+            // default place, `LoraUpPlace::Pass`): this against the fused case above decides
+            // the default.
+            g.bench_function(BenchmarkId::new(format!("{label}_pass"), m), |b| {
+                b.iter(|| {
+                    lora::lora_down(&dev, &dx, &dl.view(), &dg, Dropout::NONE, &mut h, &mut u, m)
+                        .unwrap();
+                    w8a8::linear_w8a8(
+                        &dev, &dx, m, k, &dw, &sw, n, 6.0, &mut s, None, None, &mut out, None,
+                    )
+                    .unwrap();
+                    lora::lora_up(&dev, &u, &dl.view(), &mut out, m).unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
         }
     }
     g.finish();

@@ -2,10 +2,14 @@
 //
 // One kernel family serves plain LoRA (gate all ones), several adapters in one batch (adapters
 // concatenated along the rank, gate one-hot over rank blocks) and per-user mixtures of
-// meta-LoRAs (a soft gate). The down-projection is one extra small pass (lora_down_bf16); the
-// up-projection scale · u · Bᵀ is fused into the W8A8 GEMM's epilogue (gemm_w8a8_bf16), where
-// it costs R multiply-adds per output element on data already in registers — cheaper than a
-// separate pass that would read and write Y again.
+// meta-LoRAs (a soft gate). The down-projection is one extra small pass (lora_down_bf16). The
+// up-projection scale · u · Bᵀ has two places, and Backend::linear_lora (the training step)
+// picks one per run (RECFORGE_LORA_UP): its own pass after the GEMM (lora_up_bf16, the default),
+// which reads and writes Y once more but reads B once per 8 rows; or the W8A8 GEMM's epilogue
+// (gemm_w8a8_*), which saves that pass over Y but loads R values of u and of B for every output
+// element beside the GEMM. Which is cheaper at r 16 is for a GPU to say (results/NOTES.md,
+// 2026-12-06, "LoRA up-projection"); both give the same sum, the epilogue with one rounding
+// less.
 //
 // Layout:  x [M, K] bf16 (the linear's input), A [R, K] f32, B [N, R] f32, gate [M, R] f32;
 //          h [M, R] f32 = dropout(x)·Aᵀ (saved), u [M, R] f32 = h ⊙ gate (saved);
@@ -218,8 +222,8 @@ extern "C" __global__ void __launch_bounds__(256) lora_dx_bf16(const float* __re
     }
 }
 
-// y[m, n] += scale · Σ_j u[m, j]·B[n, j] as a separate pass (the Backend trait's lora_forward;
-// the W8A8 GEMM fuses the same sum into its epilogue). Grid (ceil(M/8), ceil(N/256)), block
+// y[m, n] += scale · Σ_j u[m, j]·B[n, j] as a separate pass (Backend::lora_forward, and
+// Backend::linear_lora by default; the W8A8 GEMM's epilogue can add the same sum). Grid (ceil(M/8), ceil(N/256)), block
 // (256): a thread per column n and 8 rows, B[n, ·] in registers (ranks in blocks of 16), so B
 // is read once per 8 rows — a thread per element read R values of B per element, 1 GiB of L2
 // traffic per call at LLaMA-7B shapes, r 16. The sum over j runs in j order, as before.

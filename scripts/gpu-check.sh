@@ -28,7 +28,9 @@
 #                                     # the 64 × 64 GEMM tiles forced, for the 128 tiles' effect;
 #                                     # "wg" (not a default) runs it with the Hopper wgmma tiles
 #                                     # forced (RECFORGE_W8A8_TILE=wg RECFORGE_DX_TILE=wg), for
-#                                     # their effect.
+#                                     # their effect; "loraup" (not a default) runs it with the
+#                                     # LoRA up-projection in the GEMM's epilogue
+#                                     # (RECFORGE_LORA_UP=epilogue) instead of its own pass.
 #   .gpu/gpu-check.sh run-train OUT_DIR   # THERE: only the training comparison: bench-train on
 #                                     # CUDA at LLaMA-7B shapes, batch 4 × seq 1024, ITREK LoRA
 #                                     # (r 16 on q,k,v,o), and scripts/peer_train.py (HF PEFT, bf16
@@ -303,6 +305,16 @@ PY
             --model llama-7b --preset itrek --batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o \
             --warmup 2 --steps 5 --time-limit 60 --profile --json "$out/bench-train-wg.json"
         compare_train "wgmma tiles forced" "$out/bench-train-wg.json"
+    fi
+    if want loraup; then
+        # Not in the default phases: the training run with the LoRA up-projection in the W8A8
+        # GEMM's epilogue instead of lora_up_bf16 after it (which is the default until this
+        # says otherwise; the prediction is in results/NOTES.md).
+        step "bench-train llama-7b 4×1024 itrek, LoRA up in the epilogue (cuda)" 120 \
+            env RECFORGE_LORA_UP=epilogue "$here/bin/bench-train" --device cuda \
+            --model llama-7b --preset itrek --batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o \
+            --warmup 2 --steps 5 --time-limit 60 --profile --json "$out/bench-train-loraup.json"
+        compare_train "LoRA up-projection in the epilogue" "$out/bench-train-loraup.json"
     fi
     if want peers && command -v python3 >/dev/null 2>&1; then
         step "peer: torch._int_mm (cuBLASLt int8)" 90 python3 "$here/peer_int8_mm.py"

@@ -28,3 +28,6 @@ RECFORGE_W8A8_TILE=128 RECFORGE_DX_TILE=128 cargo test --release --test train
 # And with the Hopper wgmma tiles for the W8A8 forward and the int8 dX (the simulator runs them
 # on any machine; nothing picks them by default yet) (~10 s).
 RECFORGE_W8A8_TILE=wg RECFORGE_DX_TILE=wg cargo test --release --test train
+# And with the LoRA up-projection in the W8A8 GEMM's epilogue (RECFORGE_LORA_UP=epilogue; the
+# default is its own pass after the GEMM), so both places run inside a whole step (~10 s).
+RECFORGE_LORA_UP=epilogue cargo test --release --test train

@@ -311,3 +311,219 @@ fn linear_many_gives_the_bits_of_one_linear_each() {
         assert!(e.contains("2 layers but 0 outputs"), "{e}");
     }
 }
+
+/// `Backend::linear_lora` — the projections of one input with their adapters and residuals, as
+/// the training step runs them — against the CPU's separate f32 passes, with the GPU's LoRA
+/// up-projection in either place (a pass after the GEMM, or the GEMM's epilogue). Past the
+/// decode sizes the GPU quantizes x once and adds the residual in the epilogue; at them it runs
+/// the separate passes, whose bits it must then give.
+#[test]
+fn linear_lora_matches_the_cpu_with_the_up_projection_in_either_place() {
+    use half::bf16;
+    use recforge::backend::cpu::quantize_rows;
+    use recforge::backend::gpu::backend::LoraUpPlace;
+    use recforge::backend::{Dropout, Linear, LinearWeight, Lora, LoraPass, Projection, Tensor};
+    use recforge::rng::Rng;
+    use recforge::tensor::{DType, HostData, HostTensor};
+    let mut rng = Rng::new(23);
+    let k = 96;
+    // (out features, LoRA rank (0: none), residual): a rank of one register block, one over
+    // two (20), and a plain projection with a residual.
+    let specs = [(64usize, 8usize, false), (24, 0, true), (300, 20, true)];
+    // Per projection: int8 W, its row scales, and the LoRA's A and B if it has one.
+    type HostLayer = (HostTensor, HostTensor, Option<(HostTensor, HostTensor)>);
+    let hosts: Vec<HostLayer> = specs
+        .iter()
+        .map(|&(n, r, _)| {
+            let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
+            let (wq, ws) = quantize_rows(&w, n, k);
+            let lora = (r > 0).then(|| {
+                let a: Vec<f32> = (0..r * k).map(|_| 0.1 * rng.normal()).collect();
+                let b: Vec<f32> = (0..n * r).map(|_| 0.3 * rng.normal()).collect();
+                (
+                    HostTensor::f32(vec![r, k], a).unwrap(),
+                    HostTensor::f32(vec![n, r], b).unwrap(),
+                )
+            });
+            (
+                HostTensor::new(vec![n, k], HostData::I8(wq)).unwrap(),
+                HostTensor::f32(vec![n], ws).unwrap(),
+                lora,
+            )
+        })
+        .collect();
+    let drop = |i: usize| Dropout {
+        p: 0.25,
+        seed: 40 + i as u64,
+    };
+    // Per projection: (out, h, u) as f32, and with `parts` the base product and the LoRA term
+    // alone (for the error bound).
+    #[allow(clippy::too_many_arguments)]
+    fn run<B: Backend>(
+        be: &B,
+        act: DType,
+        hosts: &[HostLayer],
+        specs: &[(usize, usize, bool)],
+        x: &HostTensor,
+        res: &[HostTensor],
+        drop: &dyn Fn(usize) -> Dropout,
+        unfused: bool,
+    ) -> Vec<[Vec<f32>; 3]> {
+        let rows = x.shape[0];
+        let k = x.shape[1];
+        let up = |h: &HostTensor, dt: DType| be.upload(&h.to_dtype(dt).unwrap()).unwrap();
+        let ws: Vec<Linear<B>> = hosts
+            .iter()
+            .map(|(w, s, _)| Linear {
+                weight: LinearWeight::Int8 {
+                    w: be.upload(w).unwrap(),
+                    scale: be.upload(s).unwrap(),
+                },
+                out_features: w.shape[0],
+                in_features: k,
+                outlier_threshold: 6.0,
+            })
+            .collect();
+        let loras: Vec<Option<Lora<B>>> = hosts
+            .iter()
+            .map(|(_, _, l)| {
+                l.as_ref().map(|(a, b)| Lora {
+                    a: up(a, DType::F32),
+                    b: up(b, DType::F32),
+                    scale: 2.0,
+                })
+            })
+            .collect();
+        let xt = up(x, act);
+        let resid: Vec<Tensor<B>> = res.iter().map(|r| up(r, act)).collect();
+        let gates: Vec<Tensor<B>> = specs
+            .iter()
+            .map(|&(_, r, _)| {
+                up(
+                    &HostTensor::f32(vec![rows, r], vec![1.0; rows * r]).unwrap(),
+                    DType::F32,
+                )
+            })
+            .collect();
+        let mut hs: Vec<Tensor<B>> = specs
+            .iter()
+            .map(|&(_, r, _)| be.zeros(&[rows, r], DType::F32).unwrap())
+            .collect();
+        let mut us: Vec<Tensor<B>> = specs
+            .iter()
+            .map(|&(_, r, _)| be.zeros(&[rows, r], DType::F32).unwrap())
+            .collect();
+        let mut outs: Vec<Tensor<B>> = specs
+            .iter()
+            .map(|&(n, _, _)| be.zeros(&[rows, n], act).unwrap())
+            .collect();
+        let mut projs: Vec<Projection<'_, B>> = Vec::new();
+        for (i, (((((w, l), g), h), u), out)) in ws
+            .iter()
+            .zip(&loras)
+            .zip(&gates)
+            .zip(hs.iter_mut())
+            .zip(us.iter_mut())
+            .zip(outs.iter_mut())
+            .enumerate()
+        {
+            projs.push(Projection {
+                w,
+                lora: l.as_ref().map(|lora| LoraPass {
+                    lora,
+                    gate: g,
+                    dropout: drop(i),
+                    h,
+                    u,
+                }),
+                residual: specs[i].2.then(|| &resid[i]),
+                out,
+            });
+        }
+        if unfused {
+            recforge::backend::linear_lora_unfused(be, &xt, &mut projs).unwrap();
+        } else {
+            be.linear_lora(&xt, &mut projs).unwrap();
+        }
+        std::mem::drop(projs);
+        let f = |t: &Tensor<B>| be.download(t).unwrap().to_f32().unwrap();
+        (0..specs.len())
+            .map(|i| [f(&outs[i]), f(&hs[i]), f(&us[i])])
+            .collect()
+    }
+    for rows in [37usize, 3] {
+        // Column 5 well above the outlier threshold: the outlier side path is in the epilogue.
+        let x: Vec<bf16> = (0..rows * k)
+            .map(|i| bf16::from_f32(if i % k == 5 { 25.0 } else { 1.0 } * rng.normal()))
+            .collect();
+        let x = HostTensor::new(vec![rows, k], HostData::BF16(x)).unwrap();
+        let res: Vec<HostTensor> = specs
+            .iter()
+            .map(|&(n, _, _)| {
+                let v = (0..rows * n)
+                    .map(|_| bf16::from_f32(rng.normal()))
+                    .collect();
+                HostTensor::new(vec![rows, n], HostData::BF16(v)).unwrap()
+            })
+            .collect();
+        let cpu = Cpu::new();
+        let want = run(&cpu, DType::F32, &hosts, &specs, &x, &res, &drop, false);
+        // The parts of the CPU result, for the bound: the base product, and the LoRA term.
+        let no_res: Vec<(usize, usize, bool)> =
+            specs.iter().map(|&(n, r, _)| (n, r, false)).collect();
+        let no_lora: Vec<_> = hosts
+            .iter()
+            .map(|(w, s, _)| (w.clone(), s.clone(), None))
+            .collect();
+        let base = run(&cpu, DType::F32, &no_lora, &no_res, &x, &res, &drop, false);
+        for mut be in backends() {
+            for place in [LoraUpPlace::Pass, LoraUpPlace::Epilogue] {
+                be.lora_up = Some(place);
+                let got = run(&be, DType::BF16, &hosts, &specs, &x, &res, &drop, false);
+                let what = format!("{}, {place:?}, rows {rows}", be.name());
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let resv = res[i].to_f32().unwrap();
+                    let mut lora_vs_tol = 0f32;
+                    for (j, (&gv, &wv)) in g[0].iter().zip(&w[0]).enumerate() {
+                        let b = base[i][0][j];
+                        let lt = wv - b - if specs[i].2 { resv[j] } else { 0.0 };
+                        let mag = b.abs() + lt.abs() + resv[j].abs();
+                        // At most three bf16 roundings of partial sums bounded by `mag`, each
+                        // off by at most half an ulp, 2^-8 of the value (8 significant bits),
+                        // plus f32 reassociation of the ≤ 96-term sums.
+                        let tol = 3.0 * mag / 256.0 + 1e-4 * (1.0 + mag);
+                        lora_vs_tol = lora_vs_tol.max(lt.abs() / tol);
+                        if rows > 16 {
+                            assert!(
+                                (gv - wv).abs() <= tol,
+                                "{what}: projection {i} out[{j}] {gv} vs {wv} (tol {tol})"
+                            );
+                        }
+                    }
+                    if specs[i].1 > 0 {
+                        // The LoRA term is large against the bound: leaving it out would fail.
+                        assert!(lora_vs_tol > 10.0, "{what}: projection {i}: {lora_vs_tol}");
+                    }
+                    for (name, gi) in [("h", 1), ("u", 2)] {
+                        for (j, (&gv, &wv)) in g[gi].iter().zip(&w[gi]).enumerate() {
+                            assert!(
+                                (gv - wv).abs() <= 1e-4 * (1.0 + wv.abs()),
+                                "{what}: projection {i} {name}[{j}] {gv} vs {wv}"
+                            );
+                        }
+                    }
+                }
+                if rows <= 16 {
+                    // The decode sizes take the separate passes: their bits exactly.
+                    let sep = run(&be, DType::BF16, &hosts, &specs, &x, &res, &drop, true);
+                    for (i, (g, s)) in got.iter().zip(&sep).enumerate() {
+                        assert!(
+                            g[0] == s[0],
+                            "{what}: projection {i} differs from the passes"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -94,6 +94,45 @@ pub struct Lora<B: Backend> {
     pub scale: f32,
 }
 
+/// A gated LoRA applied by [`Backend::linear_lora`]; the arguments of [`Backend::lora_forward`]
+/// (h and u are written, for the backward pass).
+pub struct LoraPass<'a, B: Backend> {
+    pub lora: &'a Lora<B>,
+    pub gate: &'a Tensor<B>,
+    pub dropout: Dropout,
+    pub h: &'a mut Tensor<B>,
+    pub u: &'a mut Tensor<B>,
+}
+
+/// One projection of a [`Backend::linear_lora`] call: `out = x · Wᵀ (+ LoRA(x)) (+ residual)`.
+pub struct Projection<'a, B: Backend> {
+    pub w: &'a Linear<B>,
+    pub lora: Option<LoraPass<'a, B>>,
+    /// `[T, out]`, added last (the residual stream around o and down).
+    pub residual: Option<&'a Tensor<B>>,
+    pub out: &'a mut Tensor<B>,
+}
+
+/// [`Backend::linear_lora`] as separate passes: `linear`, `lora_forward` into its output, then
+/// `add_assign` of the residual. What the trait's default does, and what a backend that fuses
+/// them falls back to where it cannot.
+pub fn linear_lora_unfused<B: Backend>(
+    be: &B,
+    x: &Tensor<B>,
+    projs: &mut [Projection<'_, B>],
+) -> Result<()> {
+    for p in projs.iter_mut() {
+        be.linear(x, p.w, p.out)?;
+        if let Some(l) = p.lora.as_mut() {
+            be.lora_forward(x, l.lora, l.gate, l.dropout, l.h, l.u, p.out)?;
+        }
+        if let Some(r) = p.residual {
+            be.add_assign(p.out, r)?;
+        }
+    }
+    Ok(())
+}
+
 /// Label of a token that is not trained on (prompt tokens, padding).
 pub const IGNORE_LABEL: u32 = u32::MAX;
 
@@ -229,6 +268,15 @@ pub trait Backend: Sized + Send + Sync {
             self.linear(x, w, out)?;
         }
         Ok(())
+    }
+    /// Projections of one input with their adapters and residuals (q, k, v; o + the residual
+    /// stream; gate, up; down + the residual stream): for each, `out = x · Wᵀ`, then the gated
+    /// LoRA of `x` added as by `lora_forward` (h and u saved), then the residual added. The
+    /// default runs those passes ([`linear_lora_unfused`]); a backend may fuse them (the GPU
+    /// quantizes x once and adds the residual, and optionally the LoRA up-projection, in the
+    /// int8 GEMM's epilogue), so the results agree to the rounding of the activation dtype.
+    fn linear_lora(&self, x: &Tensor<Self>, projs: &mut [Projection<'_, Self>]) -> Result<()> {
+        linear_lora_unfused(self, x, projs)
     }
     /// Rotary embedding in place, HF rotate-half convention; x `[T, heads, head_dim]`,
     /// positions u32 `[T]`. `inverse` rotates by the negative angle, which is the backward pass.

@@ -1076,6 +1076,7 @@ fn bench<B: Backend>(
                 // GEMM tile overrides (ops::Tile): "auto" = the per-shape pick.
                 "w8a8_tile": std::env::var("RECFORGE_W8A8_TILE").unwrap_or_else(|_| "auto".into()),
                 "dx_tile": std::env::var("RECFORGE_DX_TILE").unwrap_or_else(|_| "auto".into()),
+                "lora_up": std::env::var("RECFORGE_LORA_UP").unwrap_or_else(|_| "pass".into()),
             },
             "tokens_per_sec": tps,
             "tokens_per_sec_min": tps_min,

@@ -448,10 +448,11 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
         format!("{} layer inputs + last output [{t}, {d}] bf16", l + 1),
         (l + 1) * bf(t * d),
     );
-    // What one layer's backward reads: h1, x2, h2, proj [t, d]; q, attn [t, q_dim]; k, v
+    // What one layer's backward reads: h1, x2, h2 [t, d]; q, attn [t, q_dim]; k, v
     // [t, kv_dim]; gate, up, silu(gate)·up [t, ffn]; attention's log-sum-exp [t, heads] f32;
-    // LoRA h, u [t, r] f32 per target.
-    let per_layer = 4 * bf(t * d)
+    // LoRA h, u [t, r] f32 per target. (o and down add the residual as they write, so no
+    // projection output is kept.)
+    let per_layer = 3 * bf(t * d)
         + 2 * bf(t * qd)
         + 2 * bf(t * kvd)
         + 3 * bf(t * f)
@@ -624,7 +625,7 @@ pub fn plan_scoring(s: &ScoreSetup) -> Result<Plan, String> {
     // (ones), the final norm's output, and the empty gradient buffers (a block each).
     let workspace = |t: u64| {
         2 * bf(t * d)
-            + 4 * bf(t * d)
+            + 3 * bf(t * d)
             + 2 * bf(t * qd)
             + 2 * bf(t * kvd)
             + 3 * bf(t * f)
@@ -1052,12 +1053,12 @@ mod tests {
             ..llama7b(4, 1024)
         })
         .unwrap();
-        // Per layer of LLaMA-7B at 4096 tokens: h1, x2, h2, proj, q, attn, k, v (4096 wide) and
+        // Per layer of LLaMA-7B at 4096 tokens: h1, x2, h2, q, attn, k, v (4096 wide) and
         // gate, up, silu(gate)·up (11008 wide) in bf16, the attention log-sum-exp [4096, 32]
         // f32, plus LoRA h, u [4096, 16] f32 for each of 4 targets. Both keep the 33 layer
         // boundaries; checkpointing keeps one layer's set instead of 32.
         let per_layer: u64 =
-            4096 * (8 * 4096 + 3 * 11008) * 2 + 4096 * 32 * 4 + 4 * 2 * 4096 * 16 * 4;
+            4096 * (7 * 4096 + 3 * 11008) * 2 + 4096 * 32 * 4 + 4 * 2 * 4096 * 16 * 4;
         assert_eq!(without.total() - with.total(), 31 * per_layer);
         assert!(without.total() > with.total());
         // Recomputing n layers keeps 32 − n sets plus the one they share.

@@ -11,7 +11,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::{Backend, Dropout, Linear, LinearWeight, SeqSpan, Tensor, IGNORE_LABEL};
+use crate::backend::{
+    Backend, Dropout, Linear, LinearWeight, LoraPass, Projection, SeqSpan, Tensor, IGNORE_LABEL,
+};
 use crate::error::{Error, Result};
 use crate::model::lora::Target;
 use crate::model::Llama;
@@ -92,7 +94,6 @@ struct LayerActs<B: Backend> {
     g: Tensor<B>,
     u: Tensor<B>,
     a: Tensor<B>,
-    proj: Tensor<B>,
     /// LoRA down-projection h and gated u `[T, r]` per adapted projection.
     lora: BTreeMap<Target, (Tensor<B>, Tensor<B>)>,
 }
@@ -194,7 +195,6 @@ impl<B: Backend> Workspace<B> {
                 g: z(&[t, f])?,
                 u: z(&[t, f])?,
                 a: z(&[t, f])?,
-                proj: z(&[t, d])?,
                 lora,
             });
         }
@@ -254,36 +254,28 @@ fn reshape<B: Backend>(t: &mut Tensor<B>, shape: &[usize]) {
     t.shape = shape.to_vec();
 }
 
-/// `out = x · Wᵀ (+ LoRA)`.
-#[allow(clippy::too_many_arguments)]
-fn linear_lora<B: Backend>(
-    be: &B,
-    x: &Tensor<B>,
-    w: &Linear<B>,
-    lora: Option<&DevLoraParams<B>>,
-    saved: Option<&mut (Tensor<B>, Tensor<B>)>,
-    ones: &Tensor<B>,
-    dropout: Dropout,
-    out: &mut Tensor<B>,
-) -> Result<()> {
-    be.linear(x, w, out)?;
-    lora_add(be, x, lora, saved, ones, dropout, out)
-}
-
-/// `out += LoRA(x)` when the layer has an adapter (the base product is already in `out`).
-fn lora_add<B: Backend>(
-    be: &B,
-    x: &Tensor<B>,
-    lora: Option<&DevLoraParams<B>>,
-    saved: Option<&mut (Tensor<B>, Tensor<B>)>,
-    ones: &Tensor<B>,
-    dropout: Dropout,
-    out: &mut Tensor<B>,
-) -> Result<()> {
-    if let (Some(p), Some((h, u))) = (lora, saved) {
-        be.lora_forward(x, &p.lora, ones, dropout, h, u, out)?;
+/// The LoRA passes of `targets` (in that order) for one `Backend::linear_lora` call: a target
+/// with both an adapter and saved (h, u) buffers gets one, others `None`.
+fn lora_passes<'a, 'p: 'a, B: Backend + 'p>(
+    saved: &'a mut BTreeMap<Target, (Tensor<B>, Tensor<B>)>,
+    targets: &[Target],
+    params: impl Fn(Target) -> Option<&'p DevLoraParams<B>>,
+    ones: &'a Tensor<B>,
+    dropout: impl Fn(Target) -> Dropout,
+) -> Vec<Option<LoraPass<'a, B>>> {
+    let mut out: Vec<Option<LoraPass<'a, B>>> = targets.iter().map(|_| None).collect();
+    for (tg, (h, u)) in saved.iter_mut() {
+        if let (Some(i), Some(p)) = (targets.iter().position(|t| t == tg), params(*tg)) {
+            out[i] = Some(LoraPass {
+                lora: &p.lora,
+                gate: ones,
+                dropout: dropout(*tg),
+                h,
+                u,
+            });
+        }
     }
-    Ok(())
+    out
 }
 
 /// `dx = dy · W (+ the LoRA input gradient)`, or `dx +=` that when `accumulate` (a second
@@ -440,24 +432,38 @@ impl<B: Backend> Ctx<'_, B> {
         reshape(&mut a.v, &[t, kvh * hd]);
         be.rmsnorm(xin, &lay.attn_norm, eps, &mut a.h1)?;
         // q, k, v read one input: one call, so the GPU quantizes it once.
-        be.linear_many(
-            &a.h1,
-            &[&lay.q, &lay.k, &lay.v],
-            &mut [&mut a.q, &mut a.k, &mut a.v],
-        )?;
-        for (tg, out) in [
-            (Target::Q, &mut a.q),
-            (Target::K, &mut a.k),
-            (Target::V, &mut a.v),
-        ] {
-            lora_add(
-                be,
-                &a.h1,
-                lp(tg),
-                a.lora.get_mut(&tg),
+        let drop = |tg| self.run.dropout(l, tg);
+        {
+            let mut ls = lora_passes(
+                &mut a.lora,
+                &[Target::Q, Target::K, Target::V],
+                lp,
                 ones,
-                self.run.dropout(l, tg),
-                out,
+                drop,
+            )
+            .into_iter();
+            be.linear_lora(
+                &a.h1,
+                &mut [
+                    Projection {
+                        w: &lay.q,
+                        lora: ls.next().flatten(),
+                        residual: None,
+                        out: &mut a.q,
+                    },
+                    Projection {
+                        w: &lay.k,
+                        lora: ls.next().flatten(),
+                        residual: None,
+                        out: &mut a.k,
+                    },
+                    Projection {
+                        w: &lay.v,
+                        lora: ls.next().flatten(),
+                        residual: None,
+                        out: &mut a.v,
+                    },
+                ],
             )?;
         }
         reshape(&mut a.q, &[t, h, hd]);
@@ -482,44 +488,52 @@ impl<B: Backend> Ctx<'_, B> {
             }
         }
         reshape(&mut a.attn, &[t, h * hd]);
-        linear_lora(
-            be,
-            &a.attn,
-            &lay.o,
-            lp(Target::O),
-            a.lora.get_mut(&Target::O),
-            ones,
-            self.run.dropout(l, Target::O),
-            &mut a.proj,
-        )?;
-        be.copy_rows(xin, 0, &mut a.x2, 0, t)?;
-        be.add_assign(&mut a.x2, &a.proj)?;
+        // x2 = xin + o(attn): the residual added in the projection's epilogue on the GPU.
+        {
+            let mut lo = lora_passes(&mut a.lora, &[Target::O], lp, ones, drop);
+            be.linear_lora(
+                &a.attn,
+                &mut [Projection {
+                    w: &lay.o,
+                    lora: lo.pop().flatten(),
+                    residual: Some(xin),
+                    out: &mut a.x2,
+                }],
+            )?;
+        }
         be.rmsnorm(&a.x2, &lay.ffn_norm, eps, &mut a.h2)?;
-        be.linear_many(&a.h2, &[&lay.gate, &lay.up], &mut [&mut a.g, &mut a.u])?;
-        for (tg, out) in [(Target::Gate, &mut a.g), (Target::Up, &mut a.u)] {
-            lora_add(
-                be,
+        {
+            let mut ls =
+                lora_passes(&mut a.lora, &[Target::Gate, Target::Up], lp, ones, drop).into_iter();
+            be.linear_lora(
                 &a.h2,
-                lp(tg),
-                a.lora.get_mut(&tg),
-                ones,
-                self.run.dropout(l, tg),
-                out,
+                &mut [
+                    Projection {
+                        w: &lay.gate,
+                        lora: ls.next().flatten(),
+                        residual: None,
+                        out: &mut a.g,
+                    },
+                    Projection {
+                        w: &lay.up,
+                        lora: ls.next().flatten(),
+                        residual: None,
+                        out: &mut a.u,
+                    },
+                ],
             )?;
         }
         be.swiglu(&a.g, &a.u, &mut a.a)?;
-        linear_lora(
-            be,
+        let mut ld = lora_passes(&mut a.lora, &[Target::Down], lp, ones, drop);
+        be.linear_lora(
             &a.a,
-            &lay.down,
-            lp(Target::Down),
-            a.lora.get_mut(&Target::Down),
-            ones,
-            self.run.dropout(l, Target::Down),
-            &mut a.proj,
-        )?;
-        be.copy_rows(&a.x2, 0, xout, 0, t)?;
-        be.add_assign(xout, &a.proj)
+            &mut [Projection {
+                w: &lay.down,
+                lora: ld.pop().flatten(),
+                residual: Some(&a.x2),
+                out: xout,
+            }],
+        )
     }
 
     /// One layer backward: `ws.dx` holds dL/d(layer output) on entry and dL/d(layer input) on
@@ -948,8 +962,6 @@ pub fn prefix_kv<B: Backend>(
     let b = Batch::pack([(tokens, &ignore[..])])?;
     let c = &model.config;
     let cfg = &adapter.config;
-    let mut ws = Workspace::forward_only(be, model, &cfg.targets, cfg.r, b.len())?;
-    check_batch(model, &ws, &b)?;
     let (p, kvh, hd) = (b.len(), c.num_key_value_heads, c.head_dim);
     let dt = be.activation_dtype();
     let kv = || -> Result<Vec<Tensor<B>>> {
@@ -957,11 +969,16 @@ pub fn prefix_kv<B: Backend>(
             .map(|_| be.zeros(&[p, kvh, hd], dt))
             .collect()
     };
+    // What outlives this call first, then the workspace: freeing the workspace then leaves
+    // one free range at the arena's end, not a hole below the prefix (an arena sized exactly
+    // to the memory plan has no room for holes).
     let mut keep = PrefixKv {
         tokens: tokens.to_vec(),
         k: kv()?,
         v: kv()?,
     };
+    let mut ws = Workspace::forward_only(be, model, &cfg.targets, cfg.r, b.len())?;
+    check_batch(model, &ws, &b)?;
     let cx = Ctx {
         be,
         model,

@@ -9,12 +9,45 @@ use half::bf16;
 
 use super::device::{DevBuf, Device};
 use super::ops::{self, attention::AttnShape, w8a8::Int8Scratch};
-use crate::backend::{AdamW, Backend, Dropout, Linear, LinearWeight, Lora, SeqSpan, Tensor};
+use crate::backend::{
+    linear_lora_unfused, AdamW, Backend, Dropout, Linear, LinearWeight, Lora, Projection, SeqSpan,
+    Tensor,
+};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor};
 
 pub struct Gpu {
     pub dev: Device,
+    /// Where `linear_lora` adds the LoRA up-projection on the int8 GEMM path; `None` reads
+    /// `RECFORGE_LORA_UP` (see [`LoraUpPlace::from_env`]). Tests set it to run both.
+    pub lora_up: Option<LoraUpPlace>,
+}
+
+/// Where the GPU's `linear_lora` adds `scale · u · Bᵀ` to an int8 projection's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraUpPlace {
+    /// `lora_up_bf16` after the GEMM: reads B once per 8 rows and the output once more (one
+    /// more bf16 rounding).
+    Pass,
+    /// The W8A8 GEMM's epilogue (`w8a8::LoraUp`): no second pass over the output, but each
+    /// output element reads its R values of u and of B (from L1) beside the GEMM.
+    Epilogue,
+}
+
+impl LoraUpPlace {
+    /// `RECFORGE_LORA_UP` = `pass` (the default) or `epilogue`. The default is the pass because
+    /// by the arithmetic in results/NOTES.md (2026-12-06, "LoRA up-projection") the epilogue's
+    /// 2R loads per output cost more than the pass at r 16; the first GPU run measures both
+    /// (`cuda_lora_overhead`, `bench-train`).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("RECFORGE_LORA_UP").as_deref() {
+            Err(_) | Ok("") | Ok("pass") => Ok(LoraUpPlace::Pass),
+            Ok("epilogue") => Ok(LoraUpPlace::Epilogue),
+            Ok(other) => Err(Error::Invalid(format!(
+                "RECFORGE_LORA_UP={other}: expected `pass` or `epilogue`"
+            ))),
+        }
+    }
 }
 
 /// Rows of an int8 linear at or below which it takes the weight-only GEMV (decode) path,
@@ -23,7 +56,7 @@ pub const GEMV_MAX_ROWS: usize = 16;
 
 impl Gpu {
     pub fn new(dev: Device) -> Self {
-        Gpu { dev }
+        Gpu { dev, lora_up: None }
     }
 }
 
@@ -399,32 +432,50 @@ impl Backend for Gpu {
         self.linear_impl(x, w, out)
     }
 
-    /// Int8 layers with one outlier threshold, past the decode sizes: the activations are
-    /// quantized (and their outlier columns found) once, then one GEMM per layer — the same bits
-    /// as `linear` each. Anything else goes one `linear` at a time.
+    /// One `linear_lora` without adapters or residuals: the activations of int8 layers are
+    /// quantized once — the same bits as `linear` each.
     fn linear_many(&self, x: &T, ws: &[&Linear<Gpu>], outs: &mut [&mut T]) -> Result<()> {
-        let op = "linear_many";
         if ws.len() != outs.len() {
             return Err(Error::Shape(format!(
-                "{op}: {} layers but {} outputs",
+                "linear_many: {} layers but {} outputs",
                 ws.len(),
                 outs.len()
             )));
         }
+        let mut projs: Vec<Projection<'_, Gpu>> = ws
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(w, out)| Projection {
+                w,
+                lora: None,
+                residual: None,
+                out: &mut **out,
+            })
+            .collect();
+        self.linear_lora(x, &mut projs)
+    }
+
+    /// Int8 layers with one outlier threshold, past the decode sizes: the activations are
+    /// quantized (and their outlier columns found) once, then per projection the LoRA
+    /// down-projection, one GEMM with the residual (and, with `LoraUpPlace::Epilogue`, the LoRA
+    /// up-projection) in its epilogue, and otherwise `lora_up_bf16` after it. Anything else (the
+    /// GEMV sizes, bf16 weights) runs the separate passes.
+    fn linear_lora(&self, x: &T, projs: &mut [Projection<'_, Gpu>]) -> Result<()> {
+        let op = "linear_lora";
         let (rows, k) = x.rows_cols();
-        let shared = ws.len() > 1
-            && rows > GEMV_MAX_ROWS
-            && ws.iter().all(|w| {
-                matches!(w.weight, LinearWeight::Int8 { .. })
-                    && w.in_features == k
-                    && w.outlier_threshold == ws[0].outlier_threshold
+        let shared = rows > GEMV_MAX_ROWS
+            && projs.iter().all(|p| {
+                matches!(p.w.weight, LinearWeight::Int8 { .. })
+                    && p.w.in_features == k
+                    && p.w.outlier_threshold == projs[0].w.outlier_threshold
             });
-        if !shared {
-            for (w, out) in ws.iter().zip(outs.iter_mut()) {
-                self.linear_impl(x, w, out)?;
-            }
-            return Ok(());
+        if !shared || projs.is_empty() {
+            return linear_lora_unfused(self, x, projs);
         }
+        let place = match self.lora_up {
+            Some(p) => p,
+            None => LoraUpPlace::from_env()?,
+        };
         let xb = bf(op, "x", x)?;
         let mut scratch = Int8Scratch::new(&self.dev, rows, k)?;
         ops::w8a8::quantize_activations(
@@ -432,19 +483,59 @@ impl Backend for Gpu {
             xb,
             rows,
             k,
-            ws[0].outlier_threshold,
+            projs[0].w.outlier_threshold,
             &mut scratch,
         )?;
-        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        for p in projs.iter_mut() {
+            let w = p.w;
             let LinearWeight::Int8 { w: q, scale } = &w.weight else {
                 return Err(Error::Shape(format!("{op}: a layer is not int8")));
             };
-            if out.numel() != rows * w.out_features {
+            if p.out.numel() != rows * w.out_features {
                 return Err(Error::Shape(format!(
                     "{op}: x {:?} and out {:?} for a {}→{} layer",
-                    x.shape, out.shape, w.in_features, w.out_features
+                    x.shape, p.out.shape, w.in_features, w.out_features
                 )));
             }
+            let view = match &p.lora {
+                Some(l) => {
+                    let v = lora_view(op, l.lora, k)?;
+                    if v.n != w.out_features {
+                        return Err(Error::Shape(format!(
+                            "{op}: LoRA B {:?} for a {}→{} layer",
+                            l.lora.b.shape, w.in_features, w.out_features
+                        )));
+                    }
+                    Some(v)
+                }
+                None => None,
+            };
+            if let (Some(l), Some(v)) = (p.lora.as_mut(), &view) {
+                ops::lora::lora_down(
+                    &self.dev,
+                    xb,
+                    v,
+                    f32b(op, "gate", l.gate)?,
+                    l.dropout,
+                    f32b_mut(op, "h", l.h)?,
+                    f32b_mut(op, "u", l.u)?,
+                    rows,
+                )?;
+            }
+            let residual = match p.residual {
+                Some(r) => Some(bf(op, "residual", r)?),
+                None => None,
+            };
+            let fused = match (&p.lora, &view) {
+                (Some(l), Some(v)) if place == LoraUpPlace::Epilogue => Some(ops::w8a8::LoraUp {
+                    u: f32b(op, "u", l.u)?,
+                    b: v.b,
+                    rank: v.rank,
+                    scale: v.scale,
+                }),
+                _ => None,
+            };
+            let unfused_up = fused.is_none();
             ops::w8a8::linear_w8a8_quantized(
                 &self.dev,
                 xb,
@@ -454,11 +545,20 @@ impl Backend for Gpu {
                 f32b(op, "scale", scale)?,
                 w.out_features,
                 &scratch,
-                None,
-                None,
-                bf_mut(op, "out", out)?,
+                fused,
+                residual,
+                bf_mut(op, "out", p.out)?,
                 None,
             )?;
+            if let (true, Some(l), Some(v)) = (unfused_up, &p.lora, &view) {
+                ops::lora::lora_up(
+                    &self.dev,
+                    f32b(op, "u", l.u)?,
+                    v,
+                    bf_mut(op, "out", p.out)?,
+                    rows,
+                )?;
+            }
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
-//! Gated LoRA (kernels/lora.cu): the down-projection pass and the backward kernels. The
-//! up-projection runs inside the W8A8 GEMM's epilogue (`w8a8::LoraUp`).
+//! Gated LoRA (kernels/lora.cu): the down-projection pass, the up-projection pass, and the
+//! backward kernels. The up-projection can also run inside the W8A8 GEMM's epilogue
+//! (`w8a8::LoraUp`); `Backend::linear_lora` on the GPU picks the place (`LoraUpPlace`).
 
 use half::bf16;
 
