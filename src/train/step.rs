@@ -254,28 +254,50 @@ fn reshape<B: Backend>(t: &mut Tensor<B>, shape: &[usize]) {
     t.shape = shape.to_vec();
 }
 
-/// The LoRA passes of `targets` (in that order) for one `Backend::linear_lora` call: a target
-/// with both an adapter and saved (h, u) buffers gets one, others `None`.
-fn lora_passes<'a, 'p: 'a, B: Backend + 'p>(
+/// Projections of `x` in one `Backend::linear_lora` call: each `(target, weight, residual,
+/// out)` carries its LoRA pass when the layer adapts that target (and has saved h, u for it).
+#[allow(clippy::too_many_arguments)]
+fn project<'a, 'p: 'a, B: Backend + 'p>(
+    be: &B,
+    x: &Tensor<B>,
     saved: &'a mut BTreeMap<Target, (Tensor<B>, Tensor<B>)>,
-    targets: &[Target],
     params: impl Fn(Target) -> Option<&'p DevLoraParams<B>>,
     ones: &'a Tensor<B>,
     dropout: impl Fn(Target) -> Dropout,
-) -> Vec<Option<LoraPass<'a, B>>> {
-    let mut out: Vec<Option<LoraPass<'a, B>>> = targets.iter().map(|_| None).collect();
-    for (tg, (h, u)) in saved.iter_mut() {
-        if let (Some(i), Some(p)) = (targets.iter().position(|t| t == tg), params(*tg)) {
-            out[i] = Some(LoraPass {
-                lora: &p.lora,
-                gate: ones,
-                dropout: dropout(*tg),
-                h,
-                u,
-            });
-        }
+    items: impl IntoIterator<
+        Item = (
+            Target,
+            &'a Linear<B>,
+            Option<&'a Tensor<B>>,
+            &'a mut Tensor<B>,
+        ),
+    >,
+) -> Result<()> {
+    let mut saved: Vec<_> = saved.iter_mut().collect();
+    let mut projs = Vec::new();
+    for (tg, w, residual, out) in items {
+        let at = saved.iter().position(|(t, _)| **t == tg);
+        let lora = match (params(tg), at) {
+            (Some(p), Some(i)) => {
+                let (_, (h, u)) = saved.swap_remove(i);
+                Some(LoraPass {
+                    lora: &p.lora,
+                    gate: ones,
+                    dropout: dropout(tg),
+                    h,
+                    u,
+                })
+            }
+            _ => None,
+        };
+        projs.push(Projection {
+            w,
+            lora,
+            residual,
+            out,
+        });
     }
-    out
+    be.linear_lora(x, &mut projs)
 }
 
 /// `dx = dy · W (+ the LoRA input gradient)`, or `dx +=` that when `accumulate` (a second
@@ -433,39 +455,19 @@ impl<B: Backend> Ctx<'_, B> {
         be.rmsnorm(xin, &lay.attn_norm, eps, &mut a.h1)?;
         // q, k, v read one input: one call, so the GPU quantizes it once.
         let drop = |tg| self.run.dropout(l, tg);
-        {
-            let mut ls = lora_passes(
-                &mut a.lora,
-                &[Target::Q, Target::K, Target::V],
-                lp,
-                ones,
-                drop,
-            )
-            .into_iter();
-            be.linear_lora(
-                &a.h1,
-                &mut [
-                    Projection {
-                        w: &lay.q,
-                        lora: ls.next().flatten(),
-                        residual: None,
-                        out: &mut a.q,
-                    },
-                    Projection {
-                        w: &lay.k,
-                        lora: ls.next().flatten(),
-                        residual: None,
-                        out: &mut a.k,
-                    },
-                    Projection {
-                        w: &lay.v,
-                        lora: ls.next().flatten(),
-                        residual: None,
-                        out: &mut a.v,
-                    },
-                ],
-            )?;
-        }
+        project(
+            be,
+            &a.h1,
+            &mut a.lora,
+            lp,
+            ones,
+            drop,
+            [
+                (Target::Q, &lay.q, None, &mut a.q),
+                (Target::K, &lay.k, None, &mut a.k),
+                (Target::V, &lay.v, None, &mut a.v),
+            ],
+        )?;
         reshape(&mut a.q, &[t, h, hd]);
         reshape(&mut a.k, &[t, kvh, hd]);
         reshape(&mut a.v, &[t, kvh, hd]);
@@ -489,51 +491,17 @@ impl<B: Backend> Ctx<'_, B> {
         }
         reshape(&mut a.attn, &[t, h * hd]);
         // x2 = xin + o(attn): the residual added in the projection's epilogue on the GPU.
-        {
-            let mut lo = lora_passes(&mut a.lora, &[Target::O], lp, ones, drop);
-            be.linear_lora(
-                &a.attn,
-                &mut [Projection {
-                    w: &lay.o,
-                    lora: lo.pop().flatten(),
-                    residual: Some(xin),
-                    out: &mut a.x2,
-                }],
-            )?;
-        }
+        let o = [(Target::O, &lay.o, Some(xin), &mut a.x2)];
+        project(be, &a.attn, &mut a.lora, lp, ones, drop, o)?;
         be.rmsnorm(&a.x2, &lay.ffn_norm, eps, &mut a.h2)?;
-        {
-            let mut ls =
-                lora_passes(&mut a.lora, &[Target::Gate, Target::Up], lp, ones, drop).into_iter();
-            be.linear_lora(
-                &a.h2,
-                &mut [
-                    Projection {
-                        w: &lay.gate,
-                        lora: ls.next().flatten(),
-                        residual: None,
-                        out: &mut a.g,
-                    },
-                    Projection {
-                        w: &lay.up,
-                        lora: ls.next().flatten(),
-                        residual: None,
-                        out: &mut a.u,
-                    },
-                ],
-            )?;
-        }
+        let gate_up = [
+            (Target::Gate, &lay.gate, None, &mut a.g),
+            (Target::Up, &lay.up, None, &mut a.u),
+        ];
+        project(be, &a.h2, &mut a.lora, lp, ones, drop, gate_up)?;
         be.swiglu(&a.g, &a.u, &mut a.a)?;
-        let mut ld = lora_passes(&mut a.lora, &[Target::Down], lp, ones, drop);
-        be.linear_lora(
-            &a.a,
-            &mut [Projection {
-                w: &lay.down,
-                lora: ld.pop().flatten(),
-                residual: Some(&a.x2),
-                out: xout,
-            }],
-        )
+        let down = [(Target::Down, &lay.down, Some(&a.x2), xout)];
+        project(be, &a.a, &mut a.lora, lp, ones, drop, down)
     }
 
     /// One layer backward: `ws.dx` holds dL/d(layer output) on entry and dL/d(layer input) on

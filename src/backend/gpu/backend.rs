@@ -469,13 +469,13 @@ impl Backend for Gpu {
                     && p.w.in_features == k
                     && p.w.outlier_threshold == projs[0].w.outlier_threshold
             });
-        if !shared || projs.is_empty() {
+        if projs.is_empty() || !shared {
             return linear_lora_unfused(self, x, projs);
         }
-        let place = match self.lora_up {
+        let in_epilogue = match self.lora_up {
             Some(p) => p,
             None => LoraUpPlace::from_env()?,
-        };
+        } == LoraUpPlace::Epilogue;
         let xb = bf(op, "x", x)?;
         let mut scratch = Int8Scratch::new(&self.dev, rows, k)?;
         ops::w8a8::quantize_activations(
@@ -497,7 +497,8 @@ impl Backend for Gpu {
                     x.shape, p.out.shape, w.in_features, w.out_features
                 )));
             }
-            let view = match &p.lora {
+            // The down-projection first (h, u), checked against the layer before it writes.
+            let lora = match p.lora.as_mut() {
                 Some(l) => {
                     let v = lora_view(op, l.lora, k)?;
                     if v.n != w.out_features {
@@ -506,36 +507,34 @@ impl Backend for Gpu {
                             l.lora.b.shape, w.in_features, w.out_features
                         )));
                     }
-                    Some(v)
+                    ops::lora::lora_down(
+                        &self.dev,
+                        xb,
+                        &v,
+                        f32b(op, "gate", l.gate)?,
+                        l.dropout,
+                        f32b_mut(op, "h", l.h)?,
+                        f32b_mut(op, "u", l.u)?,
+                        rows,
+                    )?;
+                    Some((v, f32b(op, "u", l.u)?))
                 }
                 None => None,
             };
-            if let (Some(l), Some(v)) = (p.lora.as_mut(), &view) {
-                ops::lora::lora_down(
-                    &self.dev,
-                    xb,
-                    v,
-                    f32b(op, "gate", l.gate)?,
-                    l.dropout,
-                    f32b_mut(op, "h", l.h)?,
-                    f32b_mut(op, "u", l.u)?,
-                    rows,
-                )?;
-            }
             let residual = match p.residual {
                 Some(r) => Some(bf(op, "residual", r)?),
                 None => None,
             };
-            let fused = match (&p.lora, &view) {
-                (Some(l), Some(v)) if place == LoraUpPlace::Epilogue => Some(ops::w8a8::LoraUp {
-                    u: f32b(op, "u", l.u)?,
+            let fused = match &lora {
+                Some((v, u)) if in_epilogue => Some(ops::w8a8::LoraUp {
+                    u,
                     b: v.b,
                     rank: v.rank,
                     scale: v.scale,
                 }),
                 _ => None,
             };
-            let unfused_up = fused.is_none();
+            let out = bf_mut(op, "out", p.out)?;
             ops::w8a8::linear_w8a8_quantized(
                 &self.dev,
                 xb,
@@ -547,17 +546,11 @@ impl Backend for Gpu {
                 &scratch,
                 fused,
                 residual,
-                bf_mut(op, "out", p.out)?,
+                out,
                 None,
             )?;
-            if let (true, Some(l), Some(v)) = (unfused_up, &p.lora, &view) {
-                ops::lora::lora_up(
-                    &self.dev,
-                    f32b(op, "u", l.u)?,
-                    v,
-                    bf_mut(op, "out", p.out)?,
-                    rows,
-                )?;
+            if let (Some((v, u)), false) = (&lora, in_epilogue) {
+                ops::lora::lora_up(&self.dev, u, v, out, rows)?;
             }
         }
         Ok(())
