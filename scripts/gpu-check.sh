@@ -3,7 +3,9 @@
 #
 #   scripts/gpu-check.sh stage        # HERE (Rust machine): build and stage everything a GPU
 #                                     # machine needs into .gpu/ (ignored, < 64 MiB): release
-#                                     # binaries, test and bench executables, this script.
+#                                     # binaries, test and bench executables, this script,
+#                                     # and bitsandbytes for the training peer (downloaded
+#                                     # from PyPI; skipped with a note when it cannot be).
 #   .gpu/gpu-check.sh run OUT_DIR     # THERE (CUDA 13 driver, no Rust): in priority order,
 #                                     # (tests) every test executable's CUDA half (the
 #                                     # simulator-vs-GPU self-test first; the simulator halves
@@ -44,6 +46,9 @@
 #   bash .gpu/gpu-check.sh run "$OUT"
 set -euo pipefail
 
+# The bitsandbytes the training peer's 8-bit base runs on (staged into .gpu/pylib).
+BNB_VERSION=0.50.2
+
 mode="${1:-}"
 case "$mode" in
 stage)
@@ -80,6 +85,26 @@ for line in sys.stdin:
     cp target/release/recforge target/release/bench-train .gpu/bin/
     cp "${BASH_SOURCE[0]}" .gpu/gpu-check.sh
     cp scripts/peer_int8_mm.py scripts/peer_train.py scripts/peer_sampling.py .gpu/
+    # bitsandbytes, for the training peer's 8-bit base: the GPU machine's image has PyTorch,
+    # transformers and peft but not it, and nothing can be installed there. The pinned wheel
+    # from PyPI, keeping only its CPU and CUDA 13 libraries (that image's PyTorch is cu130):
+    # ~8 MiB instead of 130. Best effort: without it the peer's int8 mode reports "skipped".
+    mkdir -p .gpu/pylib
+    whl=$(mktemp -d)
+    if python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_24_x86_64 \
+        --python-version 3.12 -d "$whl" "bitsandbytes==$BNB_VERSION" >/dev/null 2>&1; then
+        python3 - "$whl"/bitsandbytes-*.whl .gpu/pylib <<'PY'
+import re, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+for n in z.namelist():
+    if n.endswith(".so") and not re.search(r"/libbitsandbytes_(cpu|cuda13\d+)\.so$", n):
+        continue
+    z.extract(n, sys.argv[2])
+PY
+    else
+        echo "note: could not download bitsandbytes $BNB_VERSION; the peer's int8 base will be skipped" >&2
+    fi
+    rm -rf "$whl"
     # Debug info is most of the size; the device tool carries at most 64 MiB. Stripped, the
     # executables are still over 200 MiB, so they travel as one xz archive (about a seventh of
     # that; gzip gave 61 MiB on 2026-12-06, too close to the limit), which `run` unpacks next
@@ -87,8 +112,8 @@ for line in sys.stdin:
     find .gpu -type f -perm -u+x ! -name '*.sh' ! -name '*.py' -exec strip --strip-debug {} +
     git rev-parse HEAD >.gpu/COMMIT 2>/dev/null || true
     staged_tests=$(ls .gpu/tests | tr '\n' ' ')
-    tar -C .gpu -cf - tests benches bin | xz -T0 -6 >.gpu/payload.tar.xz
-    rm -rf .gpu/tests .gpu/benches .gpu/bin
+    tar -C .gpu -cf - tests benches bin pylib | xz -T0 -6 >.gpu/payload.tar.xz
+    rm -rf .gpu/tests .gpu/benches .gpu/bin .gpu/pylib
     size=$(du -sm .gpu | cut -f1)
     echo "staged .gpu/ ($size MiB; executables in payload.tar.xz): $staged_tests"
     if [ "$size" -ge 64 ]; then
@@ -106,6 +131,10 @@ run | run-train)
             python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
                 "$here/payload.tar.xz" "$here"
         fi
+    fi
+    # The staged bitsandbytes (see stage), for the training peer's 8-bit base.
+    if [ -d "$here/pylib" ]; then
+        export PYTHONPATH="$here/pylib${PYTHONPATH:+:$PYTHONPATH}"
     fi
     mkdir -p "$out"
     log="$out/gpu-check.log"

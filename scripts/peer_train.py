@@ -13,7 +13,9 @@ Modes (--modes, default "bf16,int8"):
   int8  the base's q,k,v,o,gate,up,down as bitsandbytes Linear8bitLt (LLM.int8, threshold 6.0,
         has_fp16_weights=False: exactly the modules BitsAndBytesConfig(load_in_8bit=True)
         gives), prepared with PEFT's prepare_model_for_kbit_training, autocast(bf16). Runs only
-        when `import bitsandbytes` works. --int8-via swap (default) quantizes the random bf16
+        when `import bitsandbytes` works (the GPU machine's image lacks it: gpu-check.sh stages
+        a pinned copy and puts it on PYTHONPATH); "int8_linears" in the JSON counts the
+        Linear8bitLt modules holding int8 weights. --int8-via swap (default) quantizes the random bf16
         model's linears in place; --int8-via checkpoint saves the random model to a temporary
         folder and loads it back with from_pretrained(quantization_config=
         BitsAndBytesConfig(load_in_8bit=True)) — the user's path, slower to set up.
@@ -26,6 +28,12 @@ result here, not a failure of the GPU check. Exit 2 for bad arguments.
 
   python3 scripts/peer_train.py --batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o \\
       --steps 3 --warmup 1 --json peer-train.json [--layers 4]
+
+--device cpu runs the same code on the CPU, to try this script where there is no GPU (its
+speed means nothing there; use small shapes):
+
+  python3 scripts/peer_train.py --device cpu --layers 2 --hidden 256 --heads 4 \\
+      --intermediate 512 --vocab 1000 --seq 64 --batch 2 --steps 2 --json /tmp/peer.json
 """
 import argparse
 import gc
@@ -68,6 +76,9 @@ def parse_args(argv):
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds for the whole script (0: none); later modes and steps are skipped")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda (the comparison) or cpu (a smoke test of this script on small "
+                        "shapes, e.g. on a machine without a GPU; its speed means nothing)")
     a = p.parse_args(argv)
     bad = [n for n in a.targets.split(",") if n.strip() and n.strip() not in TARGET_NAMES]
     if bad:
@@ -97,6 +108,12 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def cuda_call(a, torch, name):
+    """torch.cuda.<name>() on the GPU; None on the CPU (--device cpu), where memory statistics
+    and synchronization do not apply."""
+    return getattr(torch.cuda, name)() if a.device == "cuda" else None
 
 
 def flops_per_step(a, label_rows):
@@ -130,12 +147,16 @@ def llama_config(a, transformers):
 
 
 def random_bf16_model(a, torch, transformers):
-    """The random LLaMA, built directly on the GPU in bf16 (no f32 copy, no host round trip)."""
+    """The random LLaMA, built directly on the device in bf16 (no f32 copy, no host round trip)."""
     torch.manual_seed(a.seed)
     cfg = llama_config(a, transformers)
-    with torch.device("cuda"):
+    with torch.device(a.device):
         try:
-            model = transformers.LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
+            # `dtype` since transformers 4.56 (`torch_dtype` before; a deprecation warning in 5.x).
+            try:
+                model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+            except TypeError:
+                model = transformers.LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
         except (AttributeError, TypeError):
             prev = torch.get_default_dtype()
             torch.set_default_dtype(torch.bfloat16)
@@ -166,10 +187,10 @@ def swap_to_int8(model, a, torch):
                 setattr(parent, n, None)
                 del lin
                 new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
-                new = new.to("cuda")
+                new = new.to(a.device)
                 setattr(parent, n, new)
     model.is_loaded_in_8bit = True
-    torch.cuda.empty_cache()
+    cuda_call(a, torch, "empty_cache")
     return model
 
 
@@ -179,18 +200,23 @@ def int8_from_checkpoint(a, torch, transformers):
         model.save_pretrained(d, safe_serialization=True)
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        cuda_call(a, torch, "empty_cache")
         qc = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=a.threshold)
-        model = transformers.LlamaForCausalLM.from_pretrained(
-            d, quantization_config=qc, torch_dtype=torch.bfloat16, device_map={"": 0})
+        place = {"": 0 if a.device == "cuda" else "cpu"}
+        try:
+            model = transformers.LlamaForCausalLM.from_pretrained(
+                d, quantization_config=qc, dtype=torch.bfloat16, device_map=place)
+        except TypeError:
+            model = transformers.LlamaForCausalLM.from_pretrained(
+                d, quantization_config=qc, torch_dtype=torch.bfloat16, device_map=place)
     return model
 
 
 def run_mode(mode, a, deadline, torch, transformers, peft):
     out = {"mode": mode}
     t_setup = time.time()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    cuda_call(a, torch, "empty_cache")
+    cuda_call(a, torch, "reset_peak_memory_stats")
     if mode == "int8":
         if a.int8_via == "checkpoint":
             model = int8_from_checkpoint(a, torch, transformers)
@@ -199,6 +225,9 @@ def run_mode(mode, a, deadline, torch, transformers, peft):
             model = swap_to_int8(random_bf16_model(a, torch, transformers), a, torch)
             out["int8_via"] = "Linear8bitLt(has_fp16_weights=False) swapped in (what BitsAndBytesConfig(load_in_8bit=True) builds)"
         out["llm_int8_threshold"] = a.threshold
+        # What the swap or the loader really built: every frozen linear should hold int8.
+        out["int8_linears"] = sum(1 for m in model.modules()
+                                  if type(m).__name__ == "Linear8bitLt" and m.weight.dtype == torch.int8)
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=not a.no_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -220,13 +249,13 @@ def run_mode(mode, a, deadline, torch, transformers, peft):
     out["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     opt = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=0.0)
     model.train()
-    torch.cuda.synchronize()
+    cuda_call(a, torch, "synchronize")
     out["setup_secs"] = time.time() - t_setup
-    out["memory_after_setup_bytes"] = torch.cuda.memory_allocated()
+    out["memory_after_setup_bytes"] = cuda_call(a, torch, "memory_allocated")
 
-    g = torch.Generator(device="cuda")
+    g = torch.Generator(device=a.device)
     g.manual_seed(a.seed)
-    data = [torch.randint(0, a.vocab, (a.batch, a.seq), device="cuda", generator=g)
+    data = [torch.randint(0, a.vocab, (a.batch, a.seq), device=a.device, generator=g)
             for _ in range(a.accum)]
     tokens = a.batch * a.seq * a.accum
     steps = []
@@ -235,11 +264,11 @@ def run_mode(mode, a, deadline, torch, transformers, peft):
         if deadline and time.time() > deadline:
             out["note"] = f"time budget spent after {i} of {total} steps"
             break
-        torch.cuda.synchronize()
+        cuda_call(a, torch, "synchronize")
         t0 = time.time()
         loss_sum = 0.0
         for ids in data:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(a.device, dtype=torch.bfloat16):
                 res = model(input_ids=ids, labels=ids)
             (res.loss / a.accum).backward()
             loss_sum += res.loss.detach().float()
@@ -247,7 +276,7 @@ def run_mode(mode, a, deadline, torch, transformers, peft):
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = float(loss_sum) / a.accum
-        torch.cuda.synchronize()
+        cuda_call(a, torch, "synchronize")
         dt = time.time() - t0
         rec = {"step": i + 1, "measured": i >= a.warmup, "loss": loss, "grad_norm": float(gn),
                "secs": dt, "tokens_per_sec": tokens / dt}
@@ -258,8 +287,8 @@ def run_mode(mode, a, deadline, torch, transformers, peft):
             raise RuntimeError(f"the loss is not finite at step {i + 1}: {loss}")
     measured = [s for s in steps if s["measured"]]
     out["steps"] = steps
-    out["peak_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    out["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    out["peak_memory_allocated_bytes"] = cuda_call(a, torch, "max_memory_allocated")
+    out["peak_memory_reserved_bytes"] = cuda_call(a, torch, "max_memory_reserved")
     if measured:
         out["status"] = "ok"
         out["tokens_per_sec"] = statistics.median(s["tokens_per_sec"] for s in measured)
@@ -299,13 +328,13 @@ def main(argv):
         print(f"peer_train: skipped: {res['error']}")
         write_json(a.json, res)
         return 0
-    if not torch.cuda.is_available():
+    if a.device == "cuda" and not torch.cuda.is_available():
         res["status"] = "skipped"
         res["error"] = "torch sees no CUDA device"
         print("peer_train: skipped: torch sees no CUDA device")
         write_json(a.json, res)
         return 0
-    res["device"] = torch.cuda.get_device_name()
+    res["device"] = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     try:
         import bitsandbytes
         res["versions"]["bitsandbytes"] = bitsandbytes.__version__
@@ -325,16 +354,18 @@ def main(argv):
                 res["runs"][mode] = run_mode(mode, a, deadline, torch, transformers, peft)
             except torch.cuda.OutOfMemoryError as e:
                 res["runs"][mode] = {"mode": mode, "status": "oom", "error": str(e).splitlines()[0],
-                                     "peak_memory_allocated_bytes": torch.cuda.max_memory_allocated()}
+                                     "peak_memory_allocated_bytes": cuda_call(a, torch, "max_memory_allocated")}
             except Exception as e:
                 res["runs"][mode] = {"mode": mode, "status": "error", "error": f"{type(e).__name__}: {e}",
                                      "traceback": traceback.format_exc(limit=6)}
             gc.collect()
-            torch.cuda.empty_cache()
+            cuda_call(a, torch, "empty_cache")
         r = res["runs"][mode]
         if r.get("status") == "ok":
+            peak = r.get("peak_memory_allocated_bytes")
+            peak = f", peak {peak / 2**30:.2f} GiB allocated" if peak is not None else ""
             print(f"peer_train {mode}: {r['tokens_per_sec']:.0f} tokens/s (median of {r['measured_steps']}), "
-                  f"{r['step_ms']:.1f} ms/step, peak {r['peak_memory_allocated_bytes'] / 2**30:.2f} GiB allocated")
+                  f"{r['step_ms']:.1f} ms/step{peak}")
         else:
             print(f"peer_train {mode}: {r.get('status')}: {r.get('error') or r.get('note')}")
         write_json(a.json, res)
