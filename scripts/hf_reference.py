@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Reference logits of SmolLM2-135M-Instruct from Hugging Face transformers (and PEFT), an
+implementation independent of recforge, for tests/hf_reference.rs.
+
+transformers reads the same Q4_1 GGUF file itself (its own dequantization and its own undoing of
+llama.cpp's q/k row permutation, through the `gguf` package) and runs it in f32. For each text
+the JSON records the token ids of transformers' tokenizer and, at every position, the top
+logits and the log-sum-exp of the whole row; once for the base model and once with a LoRA
+adapter on all seven projections whose weights are a closed form (`pattern_value` below;
+tests/hf_reference.rs computes the same), applied by PEFT. Nothing here comes from recforge
+except the optional check below, so the reference is not the code under test.
+
+  python3 scripts/hf_reference.py --gguf assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
+      --tallrec runs/demo/valid.json --out tests/data/hf_reference.json \\
+      [--recforge-adapter DIR]
+
+--recforge-adapter DIR: an adapter recforge saved with the same pattern weights
+(RECFORGE_SAVE_PATTERN_ADAPTER=DIR cargo test --release --test hf_reference writes one). PEFT
+loads it with PeftModel.from_pretrained, and the JSON records whether PEFT accepted it and the
+largest difference of its logits from the PEFT-built adapter's.
+
+Needs torch, transformers (>= 4.56, with GGUF support), peft and gguf; CPU only. The JSON is
+written to a temporary name and renamed.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+
+# The adapter: r 4, alpha 8 (scale 2), no dropout, on every projection. Target codes as in
+# tests/hf_reference.rs.
+PATTERN = {
+    "r": 4,
+    "alpha": 8.0,
+    "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "amplitude": 0.05,
+}
+TOP_EVERY = 5  # top logits kept at every position
+TOP_LAST = 40  # ... and at the last one
+
+
+def pattern_value(which, layer, target, i, j):
+    """A[i, j] (which = "A": rank i, input j) or B[i, j] (which = "B": output i, rank j), in f64
+    then rounded to f32 by the caller. Smooth, sign-changing, different in every layer and
+    target, and independent of any random number generator."""
+    code = PATTERN["targets"].index(target) + 1
+    if which == "A":
+        return PATTERN["amplitude"] * math.sin(0.37 * (i + 1) + 0.011 * j + 0.53 * layer + 0.9 * code)
+    return PATTERN["amplitude"] * math.cos(0.23 * (j + 1) + 0.017 * i + 0.41 * layer + 1.3 * code)
+
+
+def tallrec_prompt(sample):
+    # TALLRec's Alpaca template (src/rec/prompt.rs has the same text and its own test).
+    return ("Below is an instruction that describes a task, paired with an input that provides "
+            "further context. Write a response that appropriately completes the request.\n\n"
+            f"### Instruction:\n{sample['instruction']}\n\n### Input:\n{sample['input']}\n\n"
+            "### Response:\n")
+
+
+def summarize(logits, torch):
+    """Per position: the top logits (id, value) and the row's log-sum-exp, in f64."""
+    rows = []
+    t = logits.shape[0]
+    for p in range(t):
+        row = logits[p].double()
+        k = TOP_LAST if p == t - 1 else TOP_EVERY
+        v, i = row.topk(k)
+        rows.append({"top": [[int(a), float(b)] for a, b in zip(i, v)],
+                     "logsumexp": float(torch.logsumexp(row, 0))})
+    return rows
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gguf", required=True)
+    p.add_argument("--tallrec", required=True, help="a TALLRec JSON file (recforge rec data tallrec); its first sample is one text")
+    p.add_argument("--out", required=True)
+    p.add_argument("--recforge-adapter", default=None)
+    a = p.parse_args(argv)
+
+    import torch
+    import transformers
+    import peft
+    torch.manual_seed(0)
+    d, f = os.path.split(os.path.abspath(a.gguf))
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    base = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    base.eval()
+    with open(a.tallrec) as fh:
+        sample = json.load(fh)[0]
+    texts = [
+        ("question", "What is the capital of France?"),
+        ("tallrec", tallrec_prompt(sample) + sample["output"]),
+        ("mixed", "Le café coûte 3,50 € — très cher!\n\tOK  def f(x):\n    return x**2  # ✓ 日本語 2024"),
+    ]
+    cases = []
+    for name, text in texts:
+        ids = tok(text, add_special_tokens=True).input_ids
+        cases.append({"name": name, "text": text, "ids": ids})
+
+    def run(model):
+        out = []
+        with torch.no_grad():
+            for c in cases:
+                logits = model(torch.tensor([c["ids"]])).logits[0]
+                out.append((logits, summarize(logits, torch)))
+        return out
+
+    base_out = run(base)
+    cfg = peft.LoraConfig(r=PATTERN["r"], lora_alpha=PATTERN["alpha"], lora_dropout=0.0,
+                          bias="none", task_type="CAUSAL_LM", target_modules=PATTERN["targets"])
+    model = peft.get_peft_model(base, cfg)
+    model.eval()
+    n_set = 0
+    for layer_i, layer in enumerate(model.base_model.model.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for tname in PATTERN["targets"]:
+                mod = getattr(parent, tname, None)
+                if mod is None:
+                    continue
+                wa = mod.lora_A["default"].weight  # [r, in]
+                wb = mod.lora_B["default"].weight  # [out, r]
+                with torch.no_grad():
+                    wa.copy_(torch.tensor([[pattern_value("A", layer_i, tname, i, j) for j in range(wa.shape[1])]
+                                           for i in range(wa.shape[0])], dtype=torch.float64).float())
+                    wb.copy_(torch.tensor([[pattern_value("B", layer_i, tname, i, j) for j in range(wb.shape[1])]
+                                           for i in range(wb.shape[0])], dtype=torch.float64).float())
+                n_set += 1
+    lora_out = run(model)
+    effect = max(float((x[0] - y[0]).abs().max()) for x, y in zip(base_out, lora_out))
+
+    res = {
+        "generated_by": "scripts/hf_reference.py",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "python": sys.version.split()[0]},
+        "gguf": {"file": f, "bytes": os.path.getsize(a.gguf),
+                 "sha256": hashlib.sha256(open(a.gguf, "rb").read()).hexdigest()},
+        "dtype": "float32",
+        "adapter_pattern": dict(PATTERN, modules_set=n_set,
+                                max_logit_change_over_the_base=effect),
+        "cases": [dict(c, base=b[1], lora=l[1]) for c, b, l in zip(cases, base_out, lora_out)],
+    }
+    if a.recforge_adapter:
+        try:
+            loaded = peft.PeftModel.from_pretrained(
+                transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32),
+                a.recforge_adapter)
+            loaded.eval()
+            diff = max(float((x[0] - y[0]).abs().max()) for x, y in zip(run(loaded), lora_out))
+            res["recforge_adapter"] = {"loaded_by_peft": True, "max_logit_difference": diff}
+        except Exception as e:  # recorded, not raised: the reference above stands on its own
+            res["recforge_adapter"] = {"loaded_by_peft": False, "error": f"{type(e).__name__}: {e}"}
+        print(f"recforge's adapter in PEFT: {res['recforge_adapter']}")
+    print(f"{len(cases)} texts, {n_set} adapted modules, largest logit change from the adapter {effect:.3f}")
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".{os.path.basename(a.out)}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(res, fh, ensure_ascii=False, separators=(",", ":"))
+        fh.write("\n")
+    os.replace(tmp, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
