@@ -7,12 +7,17 @@ llama.cpp's q/k row permutation, through the `gguf` package) and runs it in f32.
 the JSON records the token ids of transformers' tokenizer and, at every position, the top
 logits and the log-sum-exp of the whole row; once for the base model and once with a LoRA
 adapter on all seven projections whose weights are a closed form (`pattern_value` below;
-tests/hf_reference.rs computes the same), applied by PEFT. Nothing here comes from recforge
-except the optional check below, so the reference is not the code under test.
+tests/hf_reference.rs computes the same), applied by PEFT. Nothing here is computed by
+recforge (the TALLRec sample's text is input data; the optional check below reads recforge's
+files), so the reference is not the code under test.
 
+  recforge rec data tallrec --split valid --out /tmp/valid.json   # the TALLRec text's sample
   python3 scripts/hf_reference.py --gguf assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
-      --tallrec runs/demo/valid.json --out tests/data/hf_reference.json \\
-      [--recforge-adapter DIR]
+      --tallrec /tmp/valid.json --out tests/data/hf_reference.json [--recforge-adapter DIR]
+
+It also records one training step on the TALLRec text (loss on the response tokens only): the
+mean loss and, for each LoRA gradient, its L2 norm and its dot products with closed-form probe
+directions (`probe`), which tests/hf_reference.rs compares with recforge's backward pass.
 
 --recforge-adapter DIR: an adapter recforge saved with the same pattern weights
 (RECFORGE_SAVE_PATTERN_ADAPTER=DIR cargo test --release --test hf_reference writes one). PEFT
@@ -38,6 +43,7 @@ PATTERN = {
     "amplitude": 0.05,
 }
 TOP_EVERY = 5  # top logits kept at every position
+PROBES = 3  # closed-form directions each LoRA gradient is projected on (`probe`)
 TOP_LAST = 40  # ... and at the last one
 
 
@@ -49,6 +55,19 @@ def pattern_value(which, layer, target, i, j):
     if which == "A":
         return PATTERN["amplitude"] * math.sin(0.37 * (i + 1) + 0.011 * j + 0.53 * layer + 0.9 * code)
     return PATTERN["amplitude"] * math.cos(0.23 * (j + 1) + 0.017 * i + 0.41 * layer + 1.3 * code)
+
+
+def probe(k, n):
+    """The k-th probe direction over a gradient of n values (row-major), f64."""
+    return [math.sin(0.731 * (i + 1) * (k + 1) + 0.5 * k) for i in range(n)]
+
+
+def grad_summary(g):
+    """The L2 norm of a gradient and its dot products with the probes: a compact fingerprint
+    that a wrong scale, sign, transposition or missing term changes."""
+    flat = [float(x) for x in g.double().flatten()]
+    return {"norm": math.sqrt(sum(x * x for x in flat)),
+            "probes": [sum(a * b for a, b in zip(flat, probe(k, len(flat)))) for k in range(PROBES)]}
 
 
 def tallrec_prompt(sample):
@@ -90,9 +109,10 @@ def main(argv):
     base.eval()
     with open(a.tallrec) as fh:
         sample = json.load(fh)[0]
+    prompt = tallrec_prompt(sample)
     texts = [
         ("question", "What is the capital of France?"),
-        ("tallrec", tallrec_prompt(sample) + sample["output"]),
+        ("tallrec", prompt + sample["output"]),
         ("mixed", "Le café coûte 3,50 € — très cher!\n\tOK  def f(x):\n    return x**2  # ✓ 日本語 2024"),
     ]
     cases = []
@@ -131,6 +151,31 @@ def main(argv):
     lora_out = run(model)
     effect = max(float((x[0] - y[0]).abs().max()) for x, y in zip(base_out, lora_out))
 
+    # One training step's loss and LoRA gradients on the TALLRec text, the loss on the response
+    # tokens only (TALLRec's masking): the tokens after the prompt's own tokens.
+    tc = next(c for c in cases if c["name"] == "tallrec")
+    n_prompt = len(tok(prompt, add_special_tokens=True).input_ids)
+    assert tc["ids"][:n_prompt] == tok(prompt, add_special_tokens=True).input_ids
+    labels = [-100] * n_prompt + tc["ids"][n_prompt:]
+    model.train()  # dropout is 0: train mode changes nothing but autograd's bookkeeping
+    model.zero_grad(set_to_none=True)
+    res_loss = model(torch.tensor([tc["ids"]]), labels=torch.tensor([labels])).loss
+    res_loss.backward()
+    grads = []
+    for layer_i, layer in enumerate(model.base_model.model.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for tname in PATTERN["targets"]:
+                mod = getattr(parent, tname, None)
+                if mod is None:
+                    continue
+                grads.append({"layer": layer_i, "module": tname,
+                              "A": grad_summary(mod.lora_A["default"].weight.grad),
+                              "B": grad_summary(mod.lora_B["default"].weight.grad)})
+    model.eval()
+    training = {"case": "tallrec", "prompt_tokens": n_prompt,
+                "labelled_tokens": len(tc["ids"]) - n_prompt, "loss": res_loss.detach().item(),
+                "probes": PROBES, "grads": grads}
+
     res = {
         "generated_by": "scripts/hf_reference.py",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -141,6 +186,7 @@ def main(argv):
         "adapter_pattern": dict(PATTERN, modules_set=n_set,
                                 max_logit_change_over_the_base=effect),
         "cases": [dict(c, base=b[1], lora=l[1]) for c, b, l in zip(cases, base_out, lora_out)],
+        "training": training,
     }
     if a.recforge_adapter:
         try:
