@@ -70,6 +70,44 @@ def grad_summary(g):
             "probes": [sum(a * b for a, b in zip(flat, probe(k, len(flat)))) for k in range(PROBES)]}
 
 
+# The optimizer check: two small tensors (shaped like a LoRA A [2, 5] and B [3, 2]) updated by
+# PyTorch's AdamW under transformers' cosine schedule with warm-up and clip_grad_norm_, with
+# closed-form initial values and gradients (`optim_value`; tests/hf_reference.rs has the same).
+OPTIM = {"shapes": [[2, 5], [3, 2]], "lr": 5e-2, "warmup": 2, "total": 8, "steps": 9,
+         "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1, "max_norm": 1.0}
+
+
+def optim_value(what, tensor, step, i):
+    """Initial value (what = "init") or the gradient of update `step` (0-based) of element i of
+    tensor 0 or 1, f64. Every other update's gradients are large enough to be clipped."""
+    if what == "init":
+        return 0.5 * math.cos(0.3 * i + 1.1 * tensor)
+    amp = 3.0 if step % 2 else 0.1
+    return amp * math.sin(0.9 * i + 1.7 * step + 0.4 * tensor)
+
+
+def optimizer_reference(torch, transformers):
+    o = OPTIM
+    params = [torch.nn.Parameter(torch.tensor([optim_value("init", t, 0, i) for i in range(r * c)],
+                                              dtype=torch.float64).float().reshape(r, c))
+              for t, (r, c) in enumerate(o["shapes"])]
+    opt = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                            weight_decay=o["weight_decay"])
+    sched = transformers.get_cosine_schedule_with_warmup(opt, o["warmup"], o["total"])
+    steps = []
+    for s in range(o["steps"]):
+        for t, p in enumerate(params):
+            p.grad = torch.tensor([optim_value("grad", t, s, i) for i in range(p.numel())],
+                                  dtype=torch.float64).float().reshape(p.shape)
+        lr = opt.param_groups[0]["lr"]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, o["max_norm"]))
+        opt.step()
+        sched.step()
+        steps.append({"lr": lr, "grad_norm": norm,
+                      "params": [[float(x) for x in p.detach().flatten()] for p in params]})
+    return dict(o, updates=steps)
+
+
 def tallrec_prompt(sample):
     # TALLRec's Alpaca template (src/rec/prompt.rs has the same text and its own test).
     return ("Below is an instruction that describes a task, paired with an input that provides "
@@ -187,6 +225,7 @@ def main(argv):
                                 max_logit_change_over_the_base=effect),
         "cases": [dict(c, base=b[1], lora=l[1]) for c, b, l in zip(cases, base_out, lora_out)],
         "training": training,
+        "optimizer": optimizer_reference(torch, transformers),
     }
     if a.recforge_adapter:
         try:
