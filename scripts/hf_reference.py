@@ -15,7 +15,9 @@ files), so the reference is not the code under test.
   python3 scripts/hf_reference.py --gguf assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
       --tallrec /tmp/valid.json --out tests/data/hf_reference.json [--recforge-adapter DIR]
 
-It also records one training step on the TALLRec text (loss on the response tokens only): the
+It also records PyTorch's AdamW under transformers' cosine schedule with clip_grad_norm_ on
+closed-form tensors (`OPTIM`), and Hugging Face's sampling warpers on closed-form logit rows
+(`SAMPLING`), and one training step on the TALLRec text (loss on the response tokens only): the
 mean loss and, for each LoRA gradient, its L2 norm and its dot products with closed-form probe
 directions (`probe`), which tests/hf_reference.rs compares with recforge's backward pass.
 
@@ -106,6 +108,54 @@ def optimizer_reference(torch, transformers):
         steps.append({"lr": lr, "grad_norm": norm,
                       "params": [[float(x) for x in p.detach().flatten()] for p in params]})
     return dict(o, updates=steps)
+
+
+# The sampling check: Hugging Face's warpers (temperature, then top-k, then top-p, as
+# `generate` applies them) on closed-form logit rows (`sampling_logit`), and the probability of
+# every token they keep. (temperature, top-k, top-p); top-k 0 and top-p 1 are off.
+SAMPLING = {"vocab": 512, "rows": 4,
+            "params": [[1.0, 0, 0.9], [0.7, 50, 1.0], [1.0, 20, 0.5], [0.1, 10, 0.1],
+                       [2.0, 0, 0.95], [1.0, 5, 1.0], [0.5, 40, 0.8]]}
+
+
+def sampling_logit(row, i):
+    return 4.0 * math.sin(0.37 * i * (row + 1) + 0.3 * row) + 0.5 * math.cos(1.3 * i)
+
+
+def sampling_reference(torch):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    v = SAMPLING["vocab"]
+    out = []
+    for row in range(SAMPLING["rows"]):
+        logits = torch.tensor([[sampling_logit(row, i) for i in range(v)]], dtype=torch.float64).float()
+        for t, k, p in SAMPLING["params"]:
+            x = TemperatureLogitsWarper(t)(None, logits.clone())
+            if k > 0:
+                x = TopKLogitsWarper(k)(None, x)
+            if p < 1.0:
+                x = TopPLogitsWarper(p)(None, x)
+            probs = torch.softmax(x[0].double(), 0)
+            kept = [i for i in range(v) if math.isfinite(float(x[0, i]))]
+            # The decisions must not hang on a rounding: the k-th and the (k+1)-th logits differ,
+            # and the top-p boundary has room on both sides.
+            srt = sorted((float(a) for a in logits[0]), reverse=True)
+            if k > 0:
+                assert srt[k - 1] - srt[k] > 1e-4, (row, t, k, p)
+            if p < 1.0:
+                kk = k if k > 0 else v
+                z = torch.softmax(logits[0].double() / t, 0)
+                top = sorted(z.tolist(), reverse=True)[:kk]
+                tot = sum(top)
+                above, n = 0.0, 0
+                while n < len(top) and above / tot < p:
+                    above += top[n]
+                    n += 1
+                assert n == len(kept), (row, t, k, p, n, len(kept))
+                assert abs(above / tot - p) > 1e-5 and abs((above - top[n - 1]) / tot - p) > 1e-5
+            out.append({"row": row, "temperature": t, "top_k": k, "top_p": p,
+                        "kept": [[i, float(probs[i])] for i in kept]})
+    return dict(SAMPLING, cases=out)
 
 
 def tallrec_prompt(sample):
@@ -226,6 +276,7 @@ def main(argv):
         "cases": [dict(c, base=b[1], lora=l[1]) for c, b, l in zip(cases, base_out, lora_out)],
         "training": training,
         "optimizer": optimizer_reference(torch, transformers),
+        "sampling": sampling_reference(torch),
     }
     if a.recforge_adapter:
         try:

@@ -39,6 +39,11 @@
 //! both backends; bound 1e-6. Applying the weight decay after the Adam step instead of before
 //! fails it at the second update (tried by hand).
 //!
+//! Sampling: the tokens recforge's sampler may draw, and their probabilities, against Hugging
+//! Face's warpers (temperature → top-k → top-p) on 28 closed-form rows × settings: the same
+//! tokens kept, probabilities within 3.6e-7 relative (bound 1e-5). Taking top-p's mass over the
+//! whole row instead of over the top-k survivors fails it (tried by hand).
+//!
 //! Like tests/smollm2.rs, a missing asset fails under RECFORGE_REQUIRE_ASSETS=1 or CI and
 //! otherwise skips with the reason.
 
@@ -58,6 +63,8 @@ use serde_json::Value;
 const BOUND: f64 = 2e-3;
 /// The largest |Δ| allowed in a parameter after AdamW updates against PyTorch's (values ~0.5).
 const OPTIM_BOUND: f64 = 1e-6;
+/// The largest relative difference allowed in a kept token's sampling probability.
+const SAMPLING_BOUND: f64 = 1e-5;
 /// The largest relative difference allowed in a LoRA gradient's fingerprint (`compare_grad`).
 const GRAD_BOUND: f64 = 5e-3;
 
@@ -515,4 +522,66 @@ fn adamw_schedule_and_clipping_match_pytorch() {
             "{n} AdamW updates against PyTorch, {name}: largest parameter difference {d:.2e}"
         );
     }
+}
+
+/// `sampling_logit` of scripts/hf_reference.py, f64 then f32.
+fn sampling_logit(row: usize, i: usize) -> f32 {
+    let (r, i) = (row as f64, i as f64);
+    (4.0 * (0.37 * i * (r + 1.0) + 0.3 * r).sin() + 0.5 * (1.3 * i).cos()) as f32
+}
+
+#[test]
+fn sampling_keeps_what_the_hugging_face_warpers_keep() {
+    // recforge's sampling distribution (`kept_weights`, which every backend's sampler draws
+    // from exactly: tests/kernels_sampling.rs) against Hugging Face's TemperatureLogitsWarper →
+    // TopKLogitsWarper → TopPLogitsWarper → softmax on closed-form rows. The script asserts that
+    // no decision there hangs on a rounding (top-k's k-th and next logits differ by > 1e-4, the
+    // top-p boundary has > 1e-5 of mass on either side). The same tokens must be kept, and each
+    // probability must agree within `SAMPLING_BOUND` relative: recforge computes
+    // exp((x − max) / T) in f32 as a 40-bit fixed-point weight, transformers softmax(x / T) from
+    // f32 scores; exponents of at most ~20 rounded to f32 differ by ~20 · 2^-23 ≈ 2.4e-6.
+    use recforge::backend::sampling::kept_weights;
+    use recforge::backend::SamplingParams;
+    let reference = reference();
+    let s = &reference["sampling"];
+    let v = s["vocab"].as_u64().unwrap() as usize;
+    let mut worst = 0.0f64;
+    let cases = s["cases"].as_array().unwrap();
+    for c in cases {
+        let row = c["row"].as_u64().unwrap() as usize;
+        let p = SamplingParams {
+            temperature: c["temperature"].as_f64().unwrap() as f32,
+            top_k: c["top_k"].as_u64().unwrap() as u32,
+            top_p: c["top_p"].as_f64().unwrap() as f32,
+        };
+        let logits: Vec<f32> = (0..v).map(|i| sampling_logit(row, i)).collect();
+        let w = kept_weights(&logits, &p).unwrap();
+        let total: u64 = w.iter().sum();
+        let mut want = vec![0.0f64; v];
+        for e in c["kept"].as_array().unwrap() {
+            want[e[0].as_u64().unwrap() as usize] = e[1].as_f64().unwrap();
+        }
+        for i in 0..v {
+            let ours = w[i] as f64 / total as f64;
+            assert_eq!(
+                ours > 0.0,
+                want[i] > 0.0,
+                "row {row}, {p:?}: token {i} has probability {ours} here and {} in transformers",
+                want[i]
+            );
+            if want[i] > 0.0 {
+                let d = (ours - want[i]).abs() / want[i];
+                assert!(
+                    d <= SAMPLING_BOUND,
+                    "row {row}, {p:?}: token {i}: probability {ours} vs transformers' {}",
+                    want[i]
+                );
+                worst = worst.max(d);
+            }
+        }
+    }
+    eprintln!(
+        "{} rows × settings: the kept tokens equal Hugging Face's; probabilities within {worst:.2e} relative (bound {SAMPLING_BOUND})",
+        cases.len()
+    );
 }
