@@ -16,7 +16,7 @@
 #                                     # tests. Writes OUT_DIR/gpu-check.md (table, appended step by
 #                                     # step, so a run cut short still reports) and
 #                                     # OUT_DIR/gpu-check.log.
-#                                     # GPU_CHECK_BUDGET (seconds, default 480) bounds the whole
+#                                     # GPU_CHECK_BUDGET (seconds, default 520) bounds the whole
 #                                     # run so it fits one device call, and a 15-minute lease
 #                                     # with the machine's start: a step gets at most what is
 #                                     # left, and steps that no longer fit are listed as not
@@ -35,12 +35,13 @@
 #                                     # (RECFORGE_LORA_UP=epilogue) instead of its own pass.
 #   .gpu/gpu-check.sh run-train OUT_DIR   # THERE: only the training comparison: bench-train on
 #                                     # CUDA at LLaMA-7B shapes, batch 4 × seq 1024, ITREK LoRA
-#                                     # (r 16 on q,k,v,o), and scripts/peer_train.py (HF PEFT, bf16
-#                                     # and bitsandbytes 8-bit bases) with the same settings; writes
+#                                     # (r 16 on q,k,v,o), and scripts/peer_train.py (HF PEFT: bf16
+#                                     # base with and without checkpointing, bitsandbytes 8-bit
+#                                     # base) with the same settings; writes
 #                                     # OUT_DIR/bench-train.json and OUT_DIR/peer-train.json and a
 #                                     # summary in OUT_DIR/gpu-check.md. The three runs get
-#                                     # 120, 150 and 90 s (TRAIN_TIMEOUT, if set, gives each the
-#                                     # same), about 6 minutes together at most.
+#                                     # 120, 180 and 90 s (TRAIN_TIMEOUT, if set, gives each the
+#                                     # same), about 6.5 minutes together at most.
 #
 # With the device tool: stage here, then run with carry [".gpu"] and the command
 #   bash .gpu/gpu-check.sh run "$OUT"
@@ -153,7 +154,7 @@ run | run-train)
         echo "| step | result | seconds |"
         echo "|---|---|---|"
     } >"$md"
-    budget="${GPU_CHECK_BUDGET:-480}"
+    budget="${GPU_CHECK_BUDGET:-520}"
     phases="${GPU_CHECK_PHASES:-tests train peers benches sanitizer}"
     t_start=$SECONDS
     left() { echo $((budget - (SECONDS - t_start))); }
@@ -191,7 +192,7 @@ run | run-train)
     export RF_SIM_THREADS
     # The training comparison (DESIGN.md §6): recforge vs HF PEFT on the same shapes.
     train_compare() {
-        local l_auto="${TRAIN_TIMEOUT:-120}" l_peer="${TRAIN_TIMEOUT:-150}" l_all="${TRAIN_TIMEOUT:-90}"
+        local l_auto="${TRAIN_TIMEOUT:-120}" l_peer="${TRAIN_TIMEOUT:-180}" l_all="${TRAIN_TIMEOUT:-90}"
         local args=(--batch 4 --seq 1024 --accum 1 --r 16 --targets q,k,v,o)
         rm -f "$out/bench-train.json" "$out/peer-train.json" "$out/bench-train-ckpt-all.json"
         # Default checkpointing (auto: the 24 GiB plan keeps most layers' activations). The
@@ -202,9 +203,12 @@ run | run-train)
             --warmup 2 --steps 5 --time-limit "$((l_auto / 2))" --profile --json "$out/bench-train.json"
         if command -v python3 >/dev/null 2>&1; then
             # The peer stops starting new work at its own budget, before `timeout` would kill it.
-            step "peer: HF PEFT LoRA llama-7b 4×1024 (bf16, bnb int8)" "$l_peer" \
+            # Its usual recipe (bf16 base, checkpointing on), then at its fastest (no
+            # checkpointing, which fits an 80 GB GPU), then the bitsandbytes 8-bit base.
+            step "peer: HF PEFT LoRA llama-7b 4×1024 (bf16, bf16 without checkpointing, bnb int8)" "$l_peer" \
                 python3 "$here/peer_train.py" "${args[@]}" --alpha 16 --dropout 0.05 \
-                --warmup 1 --steps 3 --time-budget "$((l_peer - 20))" --json "$out/peer-train.json"
+                --modes bf16,bf16-nockpt,int8 \
+                --warmup 1 --steps 3 --time-budget "$(($(left) - 10 < l_peer ? $(left) - 30 : l_peer - 20))" --json "$out/peer-train.json"
         else
             echo "| peer: HF PEFT LoRA | skipped: no python3 | 0 |" >>"$md"
         fi
@@ -250,7 +254,8 @@ for mode, r in (p.get("runs") or {}).items():
         ratio = ""
         if "tokens_per_sec" in b:
             ratio = f"recforge / this = {b['tokens_per_sec'] / r['tokens_per_sec']:.2f}×"
-        print(f"| HF PEFT {mode} base | {r['tokens_per_sec']:.0f} | {r['step_ms']:.1f} | "
+        ck = "checkpointing on" if r.get("checkpointing", True) else "no checkpointing"
+        print(f"| HF PEFT {mode} base ({ck}) | {r['tokens_per_sec']:.0f} | {r['step_ms']:.1f} | "
               f"{gib(r.get('peak_memory_allocated_bytes'))} | {ratio} |")
     else:
         print(f"| HF PEFT {mode} base | — | — | — | {r.get('status')}: {r.get('error') or r.get('note')} |")

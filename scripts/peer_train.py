@@ -10,6 +10,8 @@ median tokens/s over the measured steps and the peak memory (torch.cuda.max_memo
 Modes (--modes, default "bf16,int8"):
   bf16  the base in bf16 (frozen), LoRA adapters in f32 (PEFT's autocast_adapter_dtype), the
         forward under torch.autocast(bf16);
+  bf16-nockpt  the same without gradient checkpointing whatever --no-checkpointing says: the
+        peer at its fastest where its activations fit the GPU (an "oom" result where not);
   int8  the base's q,k,v,o,gate,up,down as bitsandbytes Linear8bitLt (LLM.int8, threshold 6.0,
         has_fp16_weights=False: exactly the modules BitsAndBytesConfig(load_in_8bit=True)
         gives), prepared with PEFT's prepare_model_for_kbit_training, autocast(bf16). Runs only
@@ -68,7 +70,7 @@ def parse_args(argv):
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--intermediate", type=int, default=11008)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--modes", default="bf16,int8", help="comma-separated: bf16, int8")
+    p.add_argument("--modes", default="bf16,int8", help="comma-separated: bf16, bf16-nockpt, int8")
     p.add_argument("--int8-via", choices=["swap", "checkpoint"], default="swap")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold")
@@ -91,8 +93,8 @@ def parse_args(argv):
     if a.warmup < 0:
         p.error("--warmup must not be negative")
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-    if not modes or any(m not in ("bf16", "int8") for m in modes):
-        p.error(f"--modes {a.modes!r}: expected bf16 and/or int8")
+    if not modes or any(m not in ("bf16", "bf16-nockpt", "int8") for m in modes):
+        p.error(f"--modes {a.modes!r}: expected some of bf16, bf16-nockpt, int8")
     a.modes = modes
     a.kv_heads = a.kv_heads or a.heads
     return a
@@ -213,7 +215,8 @@ def int8_from_checkpoint(a, torch, transformers):
 
 
 def run_mode(mode, a, deadline, torch, transformers, peft):
-    out = {"mode": mode}
+    ckpt = not a.no_checkpointing and mode != "bf16-nockpt"
+    out = {"mode": mode, "checkpointing": ckpt}
     t_setup = time.time()
     cuda_call(a, torch, "empty_cache")
     cuda_call(a, torch, "reset_peak_memory_stats")
@@ -229,13 +232,13 @@ def run_mode(mode, a, deadline, torch, transformers, peft):
         out["int8_linears"] = sum(1 for m in model.modules()
                                   if type(m).__name__ == "Linear8bitLt" and m.weight.dtype == torch.int8)
         model = peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=not a.no_checkpointing,
+            model, use_gradient_checkpointing=ckpt,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = random_bf16_model(a, torch, transformers)
         for p in model.parameters():
             p.requires_grad_(False)
-    if not a.no_checkpointing:
+    if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
@@ -247,6 +250,8 @@ def run_mode(mode, a, deadline, torch, transformers, peft):
     out["trainable_params"] = sum(p.numel() for p in trainable)
     out["trainable_dtype"] = str(trainable[0].dtype) if trainable else None
     out["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    # What the model says, beside what was asked for.
+    out["is_gradient_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
     opt = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=0.0)
     model.train()
     cuda_call(a, torch, "synchronize")
