@@ -300,8 +300,15 @@ impl Device {
             .map(Repr::Cuda)
             .map_err(|e| Error::Device(format!("allocating {what}: {e:?}"))),
             // In the simulator an arena block, like any buffer, is its own guarded mapping;
-            // the arena only did the accounting.
-            (Kind::Sim(_), _) => SimBuf::zeros(len).map(Repr::Sim),
+            // the arena only did the accounting. A buffer the caller promises to write starts
+            // as 0xFF bytes (NaN, -1), so a kernel reading what nobody wrote gets a wrong answer
+            // in the tests instead of a lucky zero.
+            (Kind::Sim(_), _) => SimBuf::zeros(len).map(|mut b| {
+                if !zero {
+                    bytemuck::cast_slice_mut::<T, u8>(b.as_mut_slice()).fill(0xFF);
+                }
+                Repr::Sim(b)
+            }),
         };
         let repr = match r {
             Ok(r) => r,
@@ -343,6 +350,12 @@ impl Device {
 
     pub fn alloc_zeros<T: DevElem>(&self, len: usize) -> Result<DevBuf<T>> {
         self.alloc(len, true)
+    }
+
+    /// A buffer whose contents are unspecified (no memset on a GPU; 0xFF bytes in the
+    /// simulator): for scratch that a kernel writes in full before anything reads it.
+    pub fn alloc_uninit<T: DevElem>(&self, len: usize) -> Result<DevBuf<T>> {
+        self.alloc(len, false)
     }
 
     pub fn upload<T: DevElem>(&self, data: &[T]) -> Result<DevBuf<T>> {

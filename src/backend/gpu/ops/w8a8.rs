@@ -9,8 +9,10 @@ use super::super::device::{Arg, DevBuf, Device, Launch};
 use super::Tile;
 use crate::error::{Error, Result};
 
-/// Device scratch for quantizing up to `max_rows × max_k` activations, allocated once by the
-/// caller (the memory plan) and reused by every linear.
+/// Device scratch for quantizing up to `max_rows × max_k` activations: the column maxima, the
+/// outlier columns and their count, the int8 rows and their scales. The GPU backend takes one
+/// per W8A8 call (or group of projections sharing an input) from the arena, where the memory
+/// plan counts it as peak scratch.
 pub struct Int8Scratch {
     pub colmax: DevBuf<u32>,
     pub ocols: DevBuf<u32>,
@@ -22,13 +24,18 @@ pub struct Int8Scratch {
 }
 
 impl Int8Scratch {
+    /// Uninitialized: [`quantize_activations`] writes every part before the GEMM reads it
+    /// (`zero_u32` clears the column maxima, `outlier_cols` writes the count and the columns it
+    /// counts, `quantize_rows_bf16` every int8 row and scale), so zeroing them first would only
+    /// cost a memset of rows × K bytes per call. In the simulator they start as 0xFF bytes, so
+    /// a read of an unwritten part fails the tests.
     pub fn new(dev: &Device, max_rows: usize, max_k: usize) -> Result<Self> {
         Ok(Int8Scratch {
-            colmax: dev.alloc_zeros(max_k)?,
-            ocols: dev.alloc_zeros(max_k)?,
-            count: dev.alloc_zeros(1)?,
-            xq: dev.alloc_zeros(max_rows * max_k)?,
-            sx: dev.alloc_zeros(max_rows)?,
+            colmax: dev.alloc_uninit(max_k)?,
+            ocols: dev.alloc_uninit(max_k)?,
+            count: dev.alloc_uninit(1)?,
+            xq: dev.alloc_uninit(max_rows * max_k)?,
+            sx: dev.alloc_uninit(max_rows)?,
             max_rows,
             max_k,
         })
