@@ -122,10 +122,18 @@ pub fn bytes_to_unicode() -> Vec<char> {
     table
 }
 
+/// LLaMA 3's BPE takes a pre-token that is itself in the vocabulary as that one token, whether or
+/// not the merges can build it (its tokenizer.json has `ignore_merges: true`; llama.cpp sets
+/// the same for these pre-tokenizer names). Without it " Việt" became 3 tokens instead of 1.
+fn ignores_merges(pre: &str) -> bool {
+    matches!(pre, "llama3" | "llama-bpe" | "llama-v3")
+}
+
 fn pre_tokenizer_for(path: &Path, pre: &str) -> Result<Json> {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     Ok(match pre {
-        "gpt2" | "default" => byte_level(true),
+        // llama.cpp writes "gpt-2" for GPT-2's own vocabulary (its vocab test file has it).
+        "gpt2" | "gpt-2" | "default" => byte_level(true),
         // llama.cpp's SMOLLM / STARCODER / REFACT family: single digits, then GPT-2's regex.
         "smollm" | "starcoder" | "refact" | "codeshell" => json!({
             "type": "Sequence",
@@ -142,7 +150,7 @@ fn pre_tokenizer_for(path: &Path, pre: &str) -> Result<Json> {
         other => {
             return Err(Error::unsupported(
                 path,
-                format!("tokenizer pre-tokenizer '{other}' (supported: gpt2, default, smollm, starcoder, refact, llama-bpe)"),
+                format!("tokenizer pre-tokenizer '{other}' (supported: gpt2 / gpt-2, default, smollm, starcoder, refact, codeshell, llama-bpe / llama3 / llama-v3, smaug-bpe)"),
             ))
         }
     })
@@ -288,7 +296,8 @@ pub fn tokenizer_json(
         "post_processor": post,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": ignores_merges(pre),
                   "vocab": vocab, "merges": merges}
     });
     Ok(j.to_string())

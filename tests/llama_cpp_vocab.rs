@@ -1,0 +1,87 @@
+//! recforge's tokenizers rebuilt from GGUF metadata against llama.cpp's own tokenizer tests:
+//! llama.cpp ships vocabulary-only GGUF files with an input file of texts (separated by
+//! `__ggml_vocab_test__` lines) and the ids its tokenizer gives each (one line per text, no
+//! special tokens). scripts/fetch-assets.sh takes them from the pinned llama-cpp-python source
+//! distribution into assets/llama-vocab/. Checked here: GPT-2 (pre-tokenizer "gpt-2") and
+//! LLaMA 3 ("llama-bpe"). The texts are llama.cpp's edge cases: whitespace runs, tabs and
+//! newlines, digits, emoji, several scripts, apostrophes.
+//!
+//! Like tests/smollm2.rs, a missing asset fails under RECFORGE_REQUIRE_ASSETS=1 or CI and
+//! otherwise skips with the reason.
+
+use std::path::PathBuf;
+
+use recforge::model::gguf::GgufFile;
+use recforge::model::tokenizer::from_gguf;
+
+fn vocab(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("assets/llama-vocab/ggml-vocab-{name}.gguf"));
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("RECFORGE_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok()
+    {
+        panic!("{} is missing: run scripts/fetch-assets.sh", p.display());
+    }
+    eprintln!(
+        "skipped: {} is missing (run scripts/fetch-assets.sh)",
+        p.display()
+    );
+    None
+}
+
+/// Every text of `<vocab>.inp` tokenized as llama.cpp does in `<vocab>.out`.
+fn matches_llama_cpp(name: &str) {
+    let Some(path) = vocab(name) else { return };
+    let read = |ext: &str| {
+        let p = format!("{}.{ext}", path.display());
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+    };
+    let (inp, out) = (read("inp"), read("out"));
+    // The input file ends with a separator, so the last piece is empty and has no output line.
+    let mut texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    assert_eq!(
+        texts.pop(),
+        Some(""),
+        "{name}: the input file's last separator"
+    );
+    let wants: Vec<Vec<u32>> = out
+        .lines()
+        .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(texts.len(), wants.len(), "{name}: one output line per text");
+    assert!(texts.len() > 40, "{name}: {} texts", texts.len());
+    let tok = from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let mut differ = vec![];
+    for (text, want) in texts.iter().zip(&wants) {
+        let got = tok.encode(text, false).unwrap();
+        if &got != want {
+            differ.push(format!("{text:?}: recforge {got:?}, llama.cpp {want:?}"));
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "{name}: {} of {} texts tokenize differently:\n{}",
+        differ.len(),
+        texts.len(),
+        differ.join("\n")
+    );
+    eprintln!(
+        "{name}: all {} of llama.cpp's test texts give its ids",
+        texts.len()
+    );
+}
+
+#[test]
+fn gpt2_vocabulary_tokenizes_like_llama_cpp() {
+    matches_llama_cpp("gpt-2");
+}
+
+#[test]
+fn llama3_vocabulary_tokenizes_like_llama_cpp() {
+    // Needs `ignore_merges`: " Việt" is one token of the vocabulary that the merges cannot
+    // build (without it, 3 tokens; transformers' own GGUF loader gives those 3 as well).
+    matches_llama_cpp("llama-bpe");
+}
