@@ -12,6 +12,7 @@
 
 use std::path::PathBuf;
 
+use recforge::backend::IGNORE_LABEL;
 use recforge::model::gguf::GgufFile;
 use recforge::model::tokenizer::from_gguf;
 
@@ -111,4 +112,47 @@ fn llama2_sentencepiece_round_trips_and_adds_bos() {
         assert_eq!(with[0], 1);
         assert_eq!(&with[1..], &ids[..]);
     }
+}
+
+#[test]
+fn tallrec_responses_continue_the_prompt_with_a_sentencepiece_vocabulary() {
+    // TALLRec (alpaca-lora) tokenizes prompt + response as one text, so after the template's
+    // closing newline the response starts with "Yes", not with the "▁Yes" that SentencePiece
+    // gives the word on its own. Training's labels and scoring's Yes/No ids must both be the
+    // former.
+    use recforge::rec::eval::YesNo;
+    use recforge::rec::prompt::prompt;
+    use recforge::train::Example;
+    let Some(path) = vocab("llama-spm") else {
+        return;
+    };
+    let tok = from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let id = |t: &str| {
+        tok.token_id(t)
+            .unwrap_or_else(|| panic!("{t:?} is not a token"))
+    };
+    assert_eq!(
+        tok.encode("Yes.", false).unwrap()[0],
+        id("▁Yes"),
+        "on its own"
+    );
+
+    let p = prompt("Will the user like it?", "User Preference: \"Heat (1995)\"");
+    let e = Example::from_prompt_response(&tok, &p, "Yes.", 512)
+        .unwrap()
+        .unwrap();
+    let prompt_ids = tok.encode(&p, true).unwrap();
+    let joint = tok.encode(&format!("{p}Yes."), true).unwrap();
+    assert_eq!(
+        &e.ids[..joint.len()],
+        &joint[..],
+        "prompt + response as one text"
+    );
+    assert_eq!(e.ids[prompt_ids.len()], id("Yes"));
+    // The first labelled row (the prompt's last token) predicts that token.
+    let first = e.labels.iter().position(|&l| l != IGNORE_LABEL).unwrap();
+    assert_eq!((first, e.labels[first]), (prompt_ids.len() - 1, id("Yes")));
+
+    let yn = YesNo::from_tokenizer(&tok).unwrap();
+    assert_eq!((yn.yes, yn.no), (id("Yes"), id("No")));
 }

@@ -321,3 +321,21 @@ fn real_model_prefill_on_the_simulator_agrees_with_the_cpu() {
         "simulator vs CPU int8: relative RMS logit error {sim_cpu}"
     );
 }
+
+#[test]
+fn a_response_tokenizes_the_same_alone_and_after_the_prompt() {
+    // Byte-level BPE (unlike SentencePiece, tests/llama_cpp_vocab.rs) has no word-initial
+    // marker: "Yes." after the Alpaca template's newline is the same tokens as on its own, so
+    // tokenizing responses as continuations left SmolLM2's training data and Yes/No ids, and
+    // the README's measured AUCs, as they were.
+    let Some(p) = asset() else { return };
+    let tok = model::open(&p).unwrap().tokenizer().unwrap();
+    let prompt = recforge::rec::prompt::prompt("Will the user like it?", "\"Heat (1995)\"");
+    let ids = tok.encode(&prompt, true).unwrap();
+    for r in ["Yes.", "No."] {
+        assert_eq!(
+            tok.encode_after(&prompt, &ids, r).unwrap(),
+            tok.encode(r, false).unwrap()
+        );
+    }
+}

@@ -44,6 +44,20 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The ids `text` adds when it follows `prefix` in one text (`prefix_ids` being the
+    /// prefix's own ids, special tokens included): the tail of the joint encoding when that
+    /// starts with `prefix_ids`, as TALLRec (alpaca-lora) tokenizes prompt + response. It
+    /// matters for SentencePiece tokenizers, which put a '▁' in front of a text on its own
+    /// ("▁Yes") but not after a newline ("Yes"). Where a token would span the boundary (none
+    /// does after the Alpaca template's closing newline), `text` is encoded on its own.
+    pub fn encode_after(&self, prefix: &str, prefix_ids: &[u32], text: &str) -> Result<Vec<u32>> {
+        let joint = self.encode(&format!("{prefix}{text}"), true)?;
+        match joint.strip_prefix(prefix_ids) {
+            Some(rest) => Ok(rest.to_vec()),
+            None => self.encode(text, false),
+        }
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)

@@ -18,7 +18,9 @@ use super::prompt::prompt;
 use super::tallrec::{Sample, NO, YES};
 
 /// The token ids compared at the first response position: the first token of "Yes." and of
-/// "No." as the tokenizer encodes a response (so training and scoring agree).
+/// "No." as the tokenizer encodes a response after the prompt template, as training does
+/// (`Example::from_prompt_response`), so training and scoring agree. For a SentencePiece
+/// vocabulary that is "Yes", not the "▁Yes" of the word on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct YesNo {
     pub yes: u32,
@@ -27,10 +29,17 @@ pub struct YesNo {
 
 impl YesNo {
     pub fn from_tokenizer(tok: &TextTokenizer) -> Result<YesNo> {
+        // Every TALLRec prompt ends with the template's "### Response:\n"; what precedes it
+        // does not reach across that newline.
+        let context = prompt("", "");
+        let context_ids = tok.encode(&context, true)?;
         let first = |s: &str| -> Result<u32> {
-            tok.encode(s, false)?.first().copied().ok_or_else(|| {
-                Error::Tokenizer(format!("the tokenizer encodes {s:?} as no tokens"))
-            })
+            tok.encode_after(&context, &context_ids, s)?
+                .first()
+                .copied()
+                .ok_or_else(|| {
+                    Error::Tokenizer(format!("the tokenizer encodes {s:?} as no tokens"))
+                })
         };
         let (yes, no) = (first(YES)?, first(NO)?);
         if yes == no {

@@ -16,7 +16,9 @@ pub struct Example {
 impl Example {
     /// `prompt` then `response` (then end-of-sequence when the tokenizer has one), truncated on
     /// the right to `cutoff` tokens as TALLRec does; only response tokens (and the end token)
-    /// are predicted. None when truncation leaves no response token.
+    /// are predicted. The response is tokenized as it continues the prompt
+    /// ([`TextTokenizer::encode_after`]), as in TALLRec. None when truncation leaves no
+    /// response token.
     pub fn from_prompt_response(
         tok: &TextTokenizer,
         prompt: &str,
@@ -25,7 +27,8 @@ impl Example {
     ) -> Result<Option<Example>> {
         let mut ids = tok.encode(prompt, true)?;
         let prompt_len = ids.len();
-        ids.extend(tok.encode(response, false)?);
+        let tail = tok.encode_after(prompt, &ids, response)?;
+        ids.extend(tail);
         if let Some(&eos) = tok.eos_ids.first() {
             ids.push(eos);
         }
