@@ -158,6 +158,17 @@ def sampling_reference(torch):
     return dict(SAMPLING, cases=out)
 
 
+def lora_modules(model):
+    """(layer, target name, module) for every adapted projection of a PEFT LLaMA, in layer
+    order, then PATTERN's target order."""
+    for layer_i, layer in enumerate(model.base_model.model.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for tname in PATTERN["targets"]:
+                mod = getattr(parent, tname, None)
+                if mod is not None:
+                    yield layer_i, tname, mod
+
+
 def tallrec_prompt(sample):
     # TALLRec's Alpaca template (src/rec/prompt.rs has the same text and its own test).
     return ("Below is an instruction that describes a task, paired with an input that provides "
@@ -222,20 +233,15 @@ def main(argv):
     model = peft.get_peft_model(base, cfg)
     model.eval()
     n_set = 0
-    for layer_i, layer in enumerate(model.base_model.model.model.layers):
-        for parent in (layer.self_attn, layer.mlp):
-            for tname in PATTERN["targets"]:
-                mod = getattr(parent, tname, None)
-                if mod is None:
-                    continue
-                wa = mod.lora_A["default"].weight  # [r, in]
-                wb = mod.lora_B["default"].weight  # [out, r]
-                with torch.no_grad():
-                    wa.copy_(torch.tensor([[pattern_value("A", layer_i, tname, i, j) for j in range(wa.shape[1])]
-                                           for i in range(wa.shape[0])], dtype=torch.float64).float())
-                    wb.copy_(torch.tensor([[pattern_value("B", layer_i, tname, i, j) for j in range(wb.shape[1])]
-                                           for i in range(wb.shape[0])], dtype=torch.float64).float())
-                n_set += 1
+    for layer_i, tname, mod in lora_modules(model):
+        wa = mod.lora_A["default"].weight  # [r, in]
+        wb = mod.lora_B["default"].weight  # [out, r]
+        with torch.no_grad():
+            wa.copy_(torch.tensor([[pattern_value("A", layer_i, tname, i, j) for j in range(wa.shape[1])]
+                                   for i in range(wa.shape[0])], dtype=torch.float64).float())
+            wb.copy_(torch.tensor([[pattern_value("B", layer_i, tname, i, j) for j in range(wb.shape[1])]
+                                   for i in range(wb.shape[0])], dtype=torch.float64).float())
+        n_set += 1
     lora_out = run(model)
     effect = max(float((x[0] - y[0]).abs().max()) for x, y in zip(base_out, lora_out))
 
@@ -249,16 +255,10 @@ def main(argv):
     model.zero_grad(set_to_none=True)
     res_loss = model(torch.tensor([tc["ids"]]), labels=torch.tensor([labels])).loss
     res_loss.backward()
-    grads = []
-    for layer_i, layer in enumerate(model.base_model.model.model.layers):
-        for parent in (layer.self_attn, layer.mlp):
-            for tname in PATTERN["targets"]:
-                mod = getattr(parent, tname, None)
-                if mod is None:
-                    continue
-                grads.append({"layer": layer_i, "module": tname,
-                              "A": grad_summary(mod.lora_A["default"].weight.grad),
-                              "B": grad_summary(mod.lora_B["default"].weight.grad)})
+    grads = [{"layer": layer_i, "module": tname,
+              "A": grad_summary(mod.lora_A["default"].weight.grad),
+              "B": grad_summary(mod.lora_B["default"].weight.grad)}
+             for layer_i, tname, mod in lora_modules(model)]
     model.eval()
     training = {"case": "tallrec", "prompt_tokens": n_prompt,
                 "labelled_tokens": len(tc["ids"]) - n_prompt, "loss": res_loss.detach().item(),

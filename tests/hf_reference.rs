@@ -69,21 +69,7 @@ const SAMPLING_BOUND: f64 = 1e-5;
 const GRAD_BOUND: f64 = 5e-3;
 
 fn asset() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("RECFORGE_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
-        || std::env::var("CI").is_ok()
-    {
-        panic!("{} is missing: run scripts/fetch-assets.sh", p.display());
-    }
-    eprintln!(
-        "skipped: {} is missing (run scripts/fetch-assets.sh)",
-        p.display()
-    );
-    None
+    common::asset("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 fn reference() -> Value {

@@ -10,6 +10,8 @@
 //! Like tests/smollm2.rs, a missing asset fails under RECFORGE_REQUIRE_ASSETS=1 or CI and
 //! otherwise skips with the reason.
 
+mod common;
+
 use std::path::PathBuf;
 
 use recforge::backend::IGNORE_LABEL;
@@ -17,21 +19,7 @@ use recforge::model::gguf::GgufFile;
 use recforge::model::tokenizer::from_gguf;
 
 fn vocab(name: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("assets/llama-vocab/ggml-vocab-{name}.gguf"));
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("RECFORGE_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
-        || std::env::var("CI").is_ok()
-    {
-        panic!("{} is missing: run scripts/fetch-assets.sh", p.display());
-    }
-    eprintln!(
-        "skipped: {} is missing (run scripts/fetch-assets.sh)",
-        p.display()
-    );
-    None
+    common::asset(&format!("assets/llama-vocab/ggml-vocab-{name}.gguf"))
 }
 
 /// Every text of `<vocab>.inp` tokenized as llama.cpp does in `<vocab>.out`.

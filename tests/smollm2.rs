@@ -2,6 +2,8 @@
 //! scripts/fetch-assets.sh. With RECFORGE_REQUIRE_ASSETS=1 (scripts/test.sh, CI) a missing
 //! asset fails the test; otherwise the test says why it skipped.
 
+mod common;
+
 use std::path::PathBuf;
 
 use recforge::backend::cpu::Cpu;
@@ -10,21 +12,7 @@ use recforge::infer::generate::{argmax, generate, GenerateOptions};
 use recforge::model::{self, Llama, LoadOptions, Logits};
 
 fn asset() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("RECFORGE_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
-        || std::env::var("CI").is_ok()
-    {
-        panic!("{} is missing: run scripts/fetch-assets.sh", p.display());
-    }
-    eprintln!(
-        "skipped: {} is missing (run scripts/fetch-assets.sh)",
-        p.display()
-    );
-    None
+    common::asset("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 #[test]

@@ -4,6 +4,26 @@ use recforge::backend::cpu::Cpu;
 use recforge::model::fixture::{self, Fixture, FixtureSpec};
 use recforge::model::{self, Llama, LoadOptions, Logits};
 
+/// A fetched asset (`rel` below the repository, e.g. "assets/smollm2/…"), or None with the
+/// reason printed when it is missing. With RECFORGE_REQUIRE_ASSETS=1 (scripts/test.sh) or in
+/// CI a missing asset fails the test instead: there the check must not skip silently.
+pub fn asset(rel: &str) -> Option<std::path::PathBuf> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("RECFORGE_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok()
+    {
+        panic!("{} is missing: run scripts/fetch-assets.sh", p.display());
+    }
+    eprintln!(
+        "skipped: {} is missing (run scripts/fetch-assets.sh)",
+        p.display()
+    );
+    None
+}
+
 pub fn fixture(spec: &FixtureSpec) -> (tempfile::TempDir, Fixture) {
     let dir = tempfile::tempdir().expect("tempdir");
     let f = fixture::write(dir.path(), spec).expect("write fixture");
