@@ -140,6 +140,9 @@ fn random_tensor(
                 vals.extend(q.iter().map(|&x| x as f32 * d.to_f32() + m.to_f32()));
             }
         }
+        // Loading these is checked against gguf-py's dequantization (tests/ggml_quants.rs);
+        // the fixture models do not use them.
+        other => panic!("the fixture writer has no {} encoder", other.name()),
     }
     (vals, bytes)
 }

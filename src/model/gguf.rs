@@ -24,7 +24,12 @@ pub enum GgmlType {
     F16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
     BF16,
 }
 
@@ -35,7 +40,12 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4_K,
+            13 => GgmlType::Q5_K,
+            14 => GgmlType::Q6_K,
             30 => GgmlType::BF16,
             _ => return None,
         })
@@ -46,7 +56,12 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
             GgmlType::BF16 => 30,
         }
     }
@@ -57,7 +72,12 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => (1, 2),
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q4_K => (256, 144),
+            GgmlType::Q5_K => (256, 176),
+            GgmlType::Q6_K => (256, 210),
         }
     }
     pub fn name(self) -> &'static str {
@@ -66,7 +86,12 @@ impl GgmlType {
             GgmlType::F16 => "F16",
             GgmlType::Q4_0 => "Q4_0",
             GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
             GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q4_K => "Q4_K",
+            GgmlType::Q5_K => "Q5_K",
+            GgmlType::Q6_K => "Q6_K",
             GgmlType::BF16 => "BF16",
         }
     }
@@ -404,7 +429,8 @@ impl GgufFile {
             Error::unsupported(
                 &self.path,
                 format!(
-                    "tensor '{}' has ggml type {}; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1",
+                    "tensor '{}' has ggml type {}; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, \
+                     Q5_0, Q5_1, Q4_K, Q5_K, Q6_K",
                     t.name,
                     ggml_type_name(t.type_id)
                 ),
@@ -507,10 +533,110 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
                     o[j + 16] = (q >> 4) as f32 * d + m;
                 }
             }
+            // d: f16, qh: 32 high bits (u32 LE), qs: 16 bytes as Q4_0; x = (q | h<<4) - 16)·d
+            GgmlType::Q5_0 => {
+                let d = f16_at(blk, 0);
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                for j in 0..16 {
+                    let q = blk[6 + j];
+                    let lo = (q & 0x0f) as u32 | ((qh >> j) & 1) << 4;
+                    let hi = (q >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+                    o[j] = (lo as i32 - 16) as f32 * d;
+                    o[j + 16] = (hi as i32 - 16) as f32 * d;
+                }
+            }
+            // d, m: f16, then as Q5_0 without the offset; x = q·d + m
+            GgmlType::Q5_1 => {
+                let d = f16_at(blk, 0);
+                let m = f16_at(blk, 2);
+                let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+                for j in 0..16 {
+                    let q = blk[8 + j];
+                    let lo = (q & 0x0f) as u32 | ((qh >> j) & 1) << 4;
+                    let hi = (q >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+                    o[j] = lo as f32 * d + m;
+                    o[j + 16] = hi as f32 * d + m;
+                }
+            }
+            // 256 elements in 8 sub-blocks of 32, each with a 6-bit scale and min packed in 12
+            // bytes; d, dmin: f16; 4-bit qs; x = d·sc·q − dmin·m
+            GgmlType::Q4_K => {
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                let sc = &blk[4..16];
+                let qs = &blk[16..144];
+                for c in 0..4 {
+                    let (s1, m1) = k_scale_min(sc, 2 * c);
+                    let (s2, m2) = k_scale_min(sc, 2 * c + 1);
+                    let (d1, n1, d2, n2) = (d * s1, dmin * m1, d * s2, dmin * m2);
+                    let q = &qs[32 * c..32 * c + 32];
+                    for l in 0..32 {
+                        o[64 * c + l] = d1 * (q[l] & 0x0f) as f32 - n1;
+                        o[64 * c + 32 + l] = d2 * (q[l] >> 4) as f32 - n2;
+                    }
+                }
+            }
+            // As Q4_K with a fifth bit per element from qh (bit 2c for the low nibbles of
+            // chunk c, 2c + 1 for the high ones)
+            GgmlType::Q5_K => {
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                let sc = &blk[4..16];
+                let qh = &blk[16..48];
+                let qs = &blk[48..176];
+                for c in 0..4 {
+                    let (s1, m1) = k_scale_min(sc, 2 * c);
+                    let (s2, m2) = k_scale_min(sc, 2 * c + 1);
+                    let (d1, n1, d2, n2) = (d * s1, dmin * m1, d * s2, dmin * m2);
+                    let q = &qs[32 * c..32 * c + 32];
+                    for l in 0..32 {
+                        let h1 = ((qh[l] >> (2 * c)) & 1) << 4;
+                        let h2 = ((qh[l] >> (2 * c + 1)) & 1) << 4;
+                        o[64 * c + l] = d1 * ((q[l] & 0x0f) | h1) as f32 - n1;
+                        o[64 * c + 32 + l] = d2 * ((q[l] >> 4) | h2) as f32 - n2;
+                    }
+                }
+            }
+            // ql: 128 bytes of low nibbles, qh: 64 bytes of 2-bit highs, 16 i8 scales (one per
+            // 16 elements), d: f16 at the end; x = d·sc·(q − 32), two halves of 128
+            GgmlType::Q6_K => {
+                let d = f16_at(blk, 208);
+                for h in 0..2 {
+                    let ql = &blk[64 * h..64 * h + 64];
+                    let qh = &blk[128 + 32 * h..128 + 32 * h + 32];
+                    let sc = &blk[192 + 8 * h..192 + 8 * h + 8];
+                    let y = &mut o[128 * h..128 * h + 128];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0x0f) | (qh[l] & 3) << 4) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0x0f) | ((qh[l] >> 2) & 3) << 4) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) as i32 - 32;
+                        let s = |k: usize| d * (sc[is + k] as i8) as f32;
+                        y[l] = s(0) * q1 as f32;
+                        y[l + 32] = s(2) * q2 as f32;
+                        y[l + 64] = s(4) * q3 as f32;
+                        y[l + 96] = s(6) * q4 as f32;
+                    }
+                }
+            }
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("not a block type"),
         }
     }
     out
+}
+
+/// Scale and min `j` (0..8) of a Q4_K / Q5_K block: 6 bits each, packed in 12 bytes — the
+/// first four pairs in the low 6 bits of bytes j and j + 4, the last four from the nibbles of
+/// bytes j + 4 and the top 2 bits of bytes j − 4 and j.
+fn k_scale_min(q: &[u8], j: usize) -> (f32, f32) {
+    let (sc, m) = if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    };
+    (sc as f32, m as f32)
 }
 
 /// Undo llama.cpp's row permutation of attn_q / attn_k. llama.cpp's converter reorders the rows
