@@ -17,7 +17,8 @@ use crate::tensor::{HostData, HostTensor};
 pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 
-/// ggml tensor type ids (ggml.h `enum ggml_type`).
+/// ggml tensor type ids (ggml.h `enum ggml_type`), named as ggml names them.
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
     F32,
