@@ -560,39 +560,25 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
                 }
             }
             // 256 elements in 8 sub-blocks of 32, each with a 6-bit scale and min packed in 12
-            // bytes; d, dmin: f16; 4-bit qs; x = d·sc·q − dmin·m
-            GgmlType::Q4_K => {
+            // bytes; d, dmin: f16; 4-bit qs; x = d·sc·q − dmin·m. Q5_K adds a fifth bit per
+            // element from 32 bytes qh before qs (bit 2c for the low nibbles of chunk c, 2c + 1
+            // for the high ones).
+            GgmlType::Q4_K | GgmlType::Q5_K => {
                 let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
                 let sc = &blk[4..16];
-                let qs = &blk[16..144];
+                let (qh, qs) = match ty {
+                    GgmlType::Q5_K => (Some(&blk[16..48]), &blk[48..176]),
+                    _ => (None, &blk[16..144]),
+                };
+                let high = |l: usize, bit: usize| qh.map_or(0, |h: &[u8]| ((h[l] >> bit) & 1) << 4);
                 for c in 0..4 {
                     let (s1, m1) = k_scale_min(sc, 2 * c);
                     let (s2, m2) = k_scale_min(sc, 2 * c + 1);
                     let (d1, n1, d2, n2) = (d * s1, dmin * m1, d * s2, dmin * m2);
                     let q = &qs[32 * c..32 * c + 32];
                     for l in 0..32 {
-                        o[64 * c + l] = d1 * (q[l] & 0x0f) as f32 - n1;
-                        o[64 * c + 32 + l] = d2 * (q[l] >> 4) as f32 - n2;
-                    }
-                }
-            }
-            // As Q4_K with a fifth bit per element from qh (bit 2c for the low nibbles of
-            // chunk c, 2c + 1 for the high ones)
-            GgmlType::Q5_K => {
-                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
-                let sc = &blk[4..16];
-                let qh = &blk[16..48];
-                let qs = &blk[48..176];
-                for c in 0..4 {
-                    let (s1, m1) = k_scale_min(sc, 2 * c);
-                    let (s2, m2) = k_scale_min(sc, 2 * c + 1);
-                    let (d1, n1, d2, n2) = (d * s1, dmin * m1, d * s2, dmin * m2);
-                    let q = &qs[32 * c..32 * c + 32];
-                    for l in 0..32 {
-                        let h1 = ((qh[l] >> (2 * c)) & 1) << 4;
-                        let h2 = ((qh[l] >> (2 * c + 1)) & 1) << 4;
-                        o[64 * c + l] = d1 * ((q[l] & 0x0f) | h1) as f32 - n1;
-                        o[64 * c + 32 + l] = d2 * ((q[l] >> 4) | h2) as f32 - n2;
+                        o[64 * c + l] = d1 * ((q[l] & 0x0f) | high(l, 2 * c)) as f32 - n1;
+                        o[64 * c + 32 + l] = d2 * ((q[l] >> 4) | high(l, 2 * c + 1)) as f32 - n2;
                     }
                 }
             }

@@ -127,6 +127,19 @@ fn byte_len<T: DevElem>(len: usize) -> Result<u64> {
         .ok_or_else(|| Error::Device(format!("{len} elements overflow a buffer size")))
 }
 
+/// What a new buffer holds before its first use.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Init {
+    /// Zeros (a memset on a GPU).
+    Zero,
+    /// Unspecified; the caller's kernels write it in full before reading it. The simulator
+    /// fills it with 0xFF bytes (NaN, -1), so a read of what nobody wrote fails the tests
+    /// instead of finding a lucky zero.
+    Poison,
+    /// Unspecified, and written from the host at once (`upload`): nothing to do anywhere.
+    Written,
+}
+
 impl Device {
     pub fn cuda(ordinal: usize) -> Result<Self> {
         Ok(Device {
@@ -254,9 +267,9 @@ impl Device {
         self.mem.reset_peak()
     }
 
-    /// A new buffer of `len` elements; zeroed when `zero` (else its contents are unspecified
-    /// and the caller writes all of it).
-    fn alloc<T: DevElem>(&self, len: usize, zero: bool) -> Result<DevBuf<T>> {
+    /// A new buffer of `len` elements, its contents as `init` says.
+    fn alloc<T: DevElem>(&self, len: usize, init: Init) -> Result<DevBuf<T>> {
+        let zero = init == Init::Zero;
         let size = byte_len::<T>(len)?;
         let bytes = block_bytes(size);
         let what = format!(
@@ -294,17 +307,15 @@ impl Device {
             (Kind::Cuda(d), Source::Device) => if zero {
                 d.stream().alloc_zeros::<T>(len.max(1))
             } else {
-                // SAFETY: the caller (upload) writes every element before any use.
+                // SAFETY: the caller writes every element before reading it (`Init`).
                 unsafe { d.stream().alloc::<T>(len.max(1)) }
             }
             .map(Repr::Cuda)
             .map_err(|e| Error::Device(format!("allocating {what}: {e:?}"))),
             // In the simulator an arena block, like any buffer, is its own guarded mapping;
-            // the arena only did the accounting. A buffer the caller promises to write starts
-            // as 0xFF bytes (NaN, -1), so a kernel reading what nobody wrote gets a wrong answer
-            // in the tests instead of a lucky zero.
+            // the arena only did the accounting.
             (Kind::Sim(_), _) => SimBuf::zeros(len).map(|mut b| {
-                if !zero {
+                if init == Init::Poison {
                     bytemuck::cast_slice_mut::<T, u8>(b.as_mut_slice()).fill(0xFF);
                 }
                 Repr::Sim(b)
@@ -349,17 +360,17 @@ impl Device {
     }
 
     pub fn alloc_zeros<T: DevElem>(&self, len: usize) -> Result<DevBuf<T>> {
-        self.alloc(len, true)
+        self.alloc(len, Init::Zero)
     }
 
     /// A buffer whose contents are unspecified (no memset on a GPU; 0xFF bytes in the
     /// simulator): for scratch that a kernel writes in full before anything reads it.
     pub fn alloc_uninit<T: DevElem>(&self, len: usize) -> Result<DevBuf<T>> {
-        self.alloc(len, false)
+        self.alloc(len, Init::Poison)
     }
 
     pub fn upload<T: DevElem>(&self, data: &[T]) -> Result<DevBuf<T>> {
-        let mut b = self.alloc(data.len(), false)?;
+        let mut b = self.alloc(data.len(), Init::Written)?;
         self.write(&mut b, data)?;
         Ok(b)
     }
