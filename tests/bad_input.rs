@@ -593,3 +593,49 @@ fn a_closed_stdout_ends_the_cli_quietly() {
         }
     }
 }
+
+/// A GGUF header whose counts are as large as the (sparse, 64 GiB) file could hold in bytes
+/// but far more than memory could hold as parsed entries: refused with a clear error before
+/// anything is reserved for them (a reservation that size aborts the process).
+#[test]
+fn counts_beyond_memory_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let size = 1u64 << 36;
+    let header = |n_tensors: u64, kv: &[u8]| {
+        let mut b = gguf::MAGIC.to_vec();
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&n_tensors.to_le_bytes());
+        b.extend_from_slice(&u64::from(!kv.is_empty()).to_le_bytes());
+        b.extend_from_slice(kv);
+        b
+    };
+    let array = |item_type: u32, n: u64| {
+        let mut kv = 1u64.to_le_bytes().to_vec();
+        kv.push(b'k');
+        kv.extend_from_slice(&9u32.to_le_bytes());
+        kv.extend_from_slice(&item_type.to_le_bytes());
+        kv.extend_from_slice(&n.to_le_bytes());
+        kv
+    };
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("tensors.gguf", header(size / 40, &[]), "has 0 dimensions"),
+        ("u8s.gguf", header(0, &array(0, size / 2)), "reads at most"),
+        (
+            "strings.gguf",
+            header(0, &array(8, size / 4)),
+            "claims 17179869184 entries",
+        ),
+    ];
+    for (name, bytes, says) in cases {
+        let p = d.path().join(name);
+        let f = std::fs::File::create(&p).unwrap();
+        std::io::Write::write_all(&mut &f, &bytes).unwrap();
+        f.set_len(size).unwrap();
+        drop(f);
+        let e = match GgufFile::open(&p) {
+            Ok(_) => panic!("{name} opened"),
+            Err(e) => e.to_string(),
+        };
+        assert_names(&e, &p, &[says]);
+    }
+}

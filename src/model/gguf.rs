@@ -16,6 +16,23 @@ use crate::tensor::{HostData, HostTensor};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;
+/// The longest metadata array read. Real files' longest are the vocabulary's tokens, scores
+/// and merges (10^5 entries); a longer count is corruption, refused before the entries (each
+/// a `Value` of several times its size on disk) fill memory.
+const MAX_ARRAY_LEN: usize = 1 << 24;
+
+/// The fewest bytes one metadata value of GGUF type `type_id` takes in the file.
+fn value_min_bytes(type_id: u32) -> u64 {
+    match type_id {
+        2 | 3 => 2,
+        4..=6 => 4,
+        // A string's length; an array's item type and count.
+        8 => 8,
+        9 => 12,
+        10..=12 => 8,
+        _ => 1,
+    }
+}
 
 /// ggml tensor type ids (ggml.h `enum ggml_type`), named as ggml names them.
 #[allow(non_camel_case_types)]
@@ -259,23 +276,24 @@ impl<'a> Cursor<'a> {
             self.take(8, what)?.try_into().expect("8 bytes"),
         ))
     }
-    fn len(&mut self, what: &str) -> Result<usize> {
+    /// A count of entries that each take at least `min_bytes` of the file: a count the rest
+    /// of the file cannot hold is corruption, caught before anything is reserved for it.
+    fn len(&mut self, what: &str, min_bytes: u64) -> Result<usize> {
         let n = self.u64(what)?;
-        // Every element takes at least one byte, so a count beyond the file is corruption.
-        if n > (self.buf.len() - self.pos) as u64 {
+        let left = (self.buf.len() - self.pos) as u64;
+        if n > left / min_bytes.max(1) {
             return Err(Error::format(
                 self.path,
                 format!(
-                    "truncated or corrupted GGUF file: {what} claims {n} entries at offset {} but only {} bytes remain",
+                    "truncated or corrupted GGUF file: {what} claims {n} entries at offset {} but only {left} bytes remain",
                     self.pos,
-                    self.buf.len() - self.pos
                 ),
             ));
         }
         Ok(n as usize)
     }
     fn string(&mut self, what: &str) -> Result<String> {
-        let n = self.len(what)?;
+        let n = self.len(what, 1)?;
         let bytes = self.take(n, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| {
             Error::format(
@@ -303,8 +321,19 @@ impl<'a> Cursor<'a> {
                     ));
                 }
                 let item_type = self.u32(what)?;
-                let n = self.len(what)?;
-                let mut items = Vec::with_capacity(n);
+                let n = self.len(what, value_min_bytes(item_type))?;
+                if n > MAX_ARRAY_LEN {
+                    return Err(Error::format(
+                        self.path,
+                        format!(
+                            "corrupted GGUF file: {what} is an array of {n} entries; recforge \
+                             reads at most {MAX_ARRAY_LEN} (vocabularies hold ~10^5)"
+                        ),
+                    ));
+                }
+                // Reserve what the file can hold, not what the count claims: each entry
+                // costs more in memory than its bytes on disk.
+                let mut items = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
                     items.push(self.value(item_type, what, depth + 1)?);
                 }
@@ -353,8 +382,10 @@ impl GgufFile {
                 format!("GGUF version {version} (2 and 3 are supported)"),
             ));
         }
-        let n_tensors = c.len("the tensor count")?;
-        let n_kv = c.len("the metadata count")?;
+        // A tensor entry is at least a name length, a rank, one dim, a type and an offset;
+        // a metadata entry a key length, a type and a one-byte value.
+        let n_tensors = c.len("the tensor count", 8 + 4 + 8 + 4 + 8)?;
+        let n_kv = c.len("the metadata count", 8 + 4 + 1)?;
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
             let key = c.string(&format!("metadata key #{i}"))?;
@@ -362,7 +393,7 @@ impl GgufFile {
             let v = c.value(ty, &format!("metadata '{key}'"), 0)?;
             metadata.insert(key, v);
         }
-        let mut tensors = Vec::with_capacity(n_tensors);
+        let mut tensors = Vec::with_capacity(n_tensors.min(1 << 16));
         for i in 0..n_tensors {
             let name = c.string(&format!("tensor name #{i}"))?;
             let n_dims = c.u32(&format!("the rank of tensor '{name}'"))?;
@@ -415,6 +446,11 @@ impl GgufFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Byte offset of the tensor data: everything before it is header and metadata.
+    pub fn data_start(&self) -> usize {
+        self.data_start
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
