@@ -26,6 +26,11 @@ impl TextTokenizer {
         eos_ids: Vec<u32>,
         chat_template: Option<String>,
     ) -> Result<Self> {
+        // Syntax first: the tokenizers crate panics (an `expect` in its decoder's
+        // deserializer) when the text ends or breaks inside the decoder, instead of returning
+        // an error; on syntactically valid JSON it returns errors.
+        serde_json::from_str::<serde::de::IgnoredAny>(json)
+            .map_err(|e| Error::format(path, format!("invalid tokenizer: not valid JSON: {e}")))?;
         let inner = tokenizers::Tokenizer::from_str(json)
             .map_err(|e| Error::format(path, format!("invalid tokenizer: {e}")))?;
         Ok(TextTokenizer {

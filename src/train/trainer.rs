@@ -177,7 +177,8 @@ impl TrainConfig {
                 r: u("r")?,
                 alpha: f("alpha")? as f32,
                 dropout: f("dropout")? as f32,
-                targets: parse_targets(&targets)?,
+                targets: parse_targets(&targets)
+                    .map_err(|e| Error::format(path, format!("trainer state: {e}")))?,
             },
             lr: f("lr")? as f32,
             warmup_steps: u("warmup_steps")?,
