@@ -351,6 +351,33 @@ fn rec_commands_report_bad_input() {
             "{flag}: {err}"
         );
     }
+    // A checkpoint replaces its folder: a folder of other files is refused up front, and
+    // kept.
+    let keep = dir.join("notes");
+    std::fs::create_dir_all(&keep).unwrap();
+    std::fs::write(keep.join("todo.txt"), "mine").unwrap();
+    let (ok, _, err) = cli(&[
+        "rec",
+        "train",
+        "--model",
+        model,
+        "--data",
+        &p("missing.json"),
+        "--out",
+        &p("a"),
+        "--checkpoint-dir",
+        &keep.display().to_string(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        !ok && err.contains("not a recforge checkpoint") && !err.contains("missing.json"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(keep.join("todo.txt")).unwrap(),
+        "mine"
+    );
     let (ok, _, err) = cli(&[
         "rec",
         "data",

@@ -274,6 +274,50 @@ fn resume_continues_exactly_like_the_uninterrupted_run() {
     assert!(e.contains("trainer_state.json"), "{e}");
 }
 
+/// A checkpoint replaces its folder only when that is empty or an earlier checkpoint, and
+/// leaves no temporary folder beside it.
+#[test]
+fn checkpoints_never_replace_other_folders() {
+    let (_d, f) = fixture(&FixtureSpec::default());
+    let be = Cpu::new();
+    let m = load(&be, &f.gguf, true);
+    let data = tiny_data(m.config.vocab_size);
+    let mut cfg = tiny_config();
+    cfg.steps = 2;
+    let mut t = Trainer::new(&be, &m, cfg, data.clone(), "fixture").unwrap();
+    t.step().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("keep.txt"), "mine").unwrap();
+    let e = t.save_checkpoint(&other).unwrap_err().to_string();
+    assert!(e.contains("not a recforge checkpoint"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(other.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let e = t.save_checkpoint(&file).unwrap_err().to_string();
+    assert!(e.contains("not a folder"), "{e}");
+
+    // An empty folder, then the same checkpoint again after another update.
+    let ck = dir.path().join("ck");
+    std::fs::create_dir(&ck).unwrap();
+    t.save_checkpoint(&ck).unwrap();
+    t.step().unwrap();
+    t.save_checkpoint(&ck).unwrap();
+    let r = Trainer::resume(&be, &m, &ck, data, None).unwrap();
+    assert_eq!(r.step, 2);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ck", "file", "other"]);
+}
+
 /// Trains the same run on the CPU and on each device; `grad_tol` bounds the relative L2
 /// difference of the first update's LoRA gradients.
 fn device_training_matches_the_cpu(int8: bool, grad_tol: f64) {

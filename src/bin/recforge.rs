@@ -1150,6 +1150,9 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     if a.checkpoint_every == 0 {
         bail!("--checkpoint-every must be at least 1 (updates between checkpoints)");
     }
+    if let Some(dir) = &a.checkpoint_dir {
+        recforge::train::check_checkpoint_dir(dir).context("--checkpoint-dir")?;
+    }
     if a.resume.is_none() && config.warmup_steps >= config.steps {
         eprintln!(
             "note: the warm-up ({} updates) is not shorter than the run ({} updates): the \

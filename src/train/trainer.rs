@@ -201,6 +201,50 @@ impl TrainConfig {
     }
 }
 
+/// A hidden name next to `dir` for a checkpoint being written or replaced.
+fn sibling(dir: &Path, what: &str) -> std::path::PathBuf {
+    dir.with_file_name(format!(
+        ".{}.{what}-{}",
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ))
+}
+
+/// A checkpoint folder replaces what is at `dir`, so `dir` must be absent, an empty folder, or
+/// an earlier checkpoint (it holds a recforge trainer state): a mistyped path to a folder of
+/// other files is refused, never deleted. Call it before training to fail at once.
+pub fn check_checkpoint_dir(dir: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return Ok(());
+    };
+    let refuse = |why: &str| {
+        Err(Error::Invalid(format!(
+            "{}: {why}; a checkpoint replaces its folder, so give a new path, an empty \
+             folder or an earlier checkpoint",
+            dir.display()
+        )))
+    };
+    if !meta.is_dir() {
+        return refuse("exists and is not a folder");
+    }
+    let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    if entries.next().is_none() {
+        return Ok(());
+    }
+    let state = std::fs::read_to_string(dir.join("trainer_state.json")).unwrap_or_default();
+    let is_checkpoint = serde_json::from_str::<Value>(&state)
+        .ok()
+        .and_then(|v| v.get("format").and_then(Value::as_str).map(str::to_owned))
+        .is_some_and(|f| f == "recforge-trainer-state");
+    if is_checkpoint {
+        Ok(())
+    } else {
+        refuse("holds files and is not a recforge checkpoint")
+    }
+}
+
 /// What one optimizer update did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepRecord {
@@ -430,13 +474,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let host = self.host_adapter()?;
         let moments = self.adapter.moments_to_host(self.be)?;
-        let tmp = dir.with_file_name(format!(
-            ".{}.tmp-{}",
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
+        check_checkpoint_dir(dir)?;
+        let tmp = sibling(dir, "tmp");
         let res = (|| -> Result<()> {
             if tmp.exists() {
                 std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -475,10 +514,23 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let p = tmp.join("trainer_state.json");
             std::fs::write(&p, serde_json::to_string_pretty(&state).unwrap_or_default())
                 .map_err(|e| Error::io(&p, e))?;
-            if dir.exists() {
-                std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            check_checkpoint_dir(dir)?;
+            if !dir.exists() {
+                return std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e));
             }
-            std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+            // The previous checkpoint is moved aside, not deleted, until the new one has its
+            // name: at every moment one complete checkpoint is on disk.
+            let old = sibling(dir, "old");
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+            }
+            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+            if let Err(e) = std::fs::rename(&tmp, dir) {
+                let _ = std::fs::rename(&old, dir);
+                return Err(Error::io(dir, e));
+            }
+            let _ = std::fs::remove_dir_all(&old);
+            Ok(())
         })();
         if res.is_err() {
             let _ = std::fs::remove_dir_all(&tmp);
