@@ -313,3 +313,29 @@ fn wrappers_reject_wrong_lengths() {
         assert!(e.contains("rmsnorm_f32") && e.contains("expected"), "{e}");
     }
 }
+
+/// scripts/gpu-check.sh leaves the test executables listed in CPU_ONLY_TESTS out of the GPU
+/// payload; a test file that gains a device half must leave that list, or its CUDA half would
+/// never run on a GPU.
+#[test]
+fn gpu_check_stages_every_test_with_a_device_half() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = std::fs::read_to_string(root.join("scripts/gpu-check.sh")).unwrap();
+    let list = script
+        .lines()
+        .find_map(|l| l.strip_prefix("CPU_ONLY_TESTS=\""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("gpu-check.sh defines CPU_ONLY_TESTS=\"...\"");
+    for name in list.split_whitespace() {
+        let path = root.join("tests").join(format!("{name}.rs"));
+        let src = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("CPU_ONLY_TESTS names {name}: {e}"));
+        // (`--device sim` is the simulator on any machine; `auto` would pick a GPU.)
+        for device_use in ["devices()", "backend::gpu", "Gpu::", "\"cuda\"", "\"auto\""] {
+            assert!(
+                !src.contains(device_use),
+                "{name} is in gpu-check.sh's CPU_ONLY_TESTS but uses {device_use}"
+            );
+        }
+    }
+}
