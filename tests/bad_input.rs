@@ -117,18 +117,18 @@ fn impossible_tensor_dims() {
 #[test]
 fn unsupported_tensor_type() {
     let (d, f) = fixture(&FixtureSpec::default());
-    let p = d.path().join("q2k.gguf");
+    let p = d.path().join("iq4xs.gguf");
     rewrite_gguf(&f.gguf, &p, |_, ts| {
         let t = ts
             .iter_mut()
             .find(|t| t.name == "blk.0.attn_q.weight")
             .unwrap();
-        t.type_id = 10; // Q2_K (Q4_K, Q5_K and Q6_K load)
+        t.type_id = 23; // IQ4_XS (the Q*_0, Q*_1 and k-quant types load)
     });
     assert_names(
         &load_err(&p),
         &p,
-        &["unsupported", "blk.0.attn_q.weight", "Q2_K"],
+        &["unsupported", "blk.0.attn_q.weight", "IQ4_XS"],
     );
 }
 

@@ -1,8 +1,9 @@
 //! recforge's dequantization of ggml block types (`model::gguf::dequantize`) against gguf-py's,
 //! llama.cpp's own Python reader, which shares no code with it. `tests/data/ggml_quants.json`
 //! was written by `scripts/ggml_quants_reference.py`: seeded random blocks (f16 scale fields
-//! set to finite values) of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K — what
-//! llama.cpp's Q4_K_M, Q5_K_M and Q6_K files are made of — and gguf-py's f32 values for them.
+//! set to finite values) of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the k-quants Q2_K … Q6_K — what
+//! llama.cpp's Q2_K, Q3_K_*, Q4_K_*, Q5_K_* and Q6_K files are made of — and gguf-py's f32
+//! values for them.
 //! Random bytes reach every bit of every field: each scale, min and high-bit pattern.
 
 use recforge::model::gguf::{dequantize, GgmlType};
@@ -14,7 +15,7 @@ fn dequantization_matches_gguf_py() {
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     let reference: Value = serde_json::from_str(&text).unwrap();
     let cases = reference["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 10);
     for c in cases {
         let name = c["name"].as_str().unwrap();
         let ty = GgmlType::from_id(c["type"].as_u64().unwrap() as u32)

@@ -45,6 +45,8 @@ pub enum GgmlType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2_K,
+    Q3_K,
     Q4_K,
     Q5_K,
     Q6_K,
@@ -61,6 +63,8 @@ impl GgmlType {
             6 => GgmlType::Q5_0,
             7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
+            10 => GgmlType::Q2_K,
+            11 => GgmlType::Q3_K,
             12 => GgmlType::Q4_K,
             13 => GgmlType::Q5_K,
             14 => GgmlType::Q6_K,
@@ -77,6 +81,8 @@ impl GgmlType {
             GgmlType::Q5_0 => 6,
             GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
+            GgmlType::Q2_K => 10,
+            GgmlType::Q3_K => 11,
             GgmlType::Q4_K => 12,
             GgmlType::Q5_K => 13,
             GgmlType::Q6_K => 14,
@@ -93,6 +99,8 @@ impl GgmlType {
             GgmlType::Q5_0 => (32, 22),
             GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q2_K => (256, 84),
+            GgmlType::Q3_K => (256, 110),
             GgmlType::Q4_K => (256, 144),
             GgmlType::Q5_K => (256, 176),
             GgmlType::Q6_K => (256, 210),
@@ -107,6 +115,8 @@ impl GgmlType {
             GgmlType::Q5_0 => "Q5_0",
             GgmlType::Q5_1 => "Q5_1",
             GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q2_K => "Q2_K",
+            GgmlType::Q3_K => "Q3_K",
             GgmlType::Q4_K => "Q4_K",
             GgmlType::Q5_K => "Q5_K",
             GgmlType::Q6_K => "Q6_K",
@@ -467,7 +477,7 @@ impl GgufFile {
                 &self.path,
                 format!(
                     "tensor '{}' has ggml type {}; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, \
-                     Q5_0, Q5_1, Q4_K, Q5_K, Q6_K",
+                     Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K",
                     t.name,
                     ggml_type_name(t.type_id)
                 ),
@@ -595,6 +605,45 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
                     o[j + 16] = hi as f32 * d + m;
                 }
             }
+            // 256 elements in 16 sub-blocks of 16. scales: 16 bytes (low nibble the sub-block's
+            // scale, high nibble its min), qs: 64 bytes of 2-bit quants, d, dmin: f16;
+            // x = d·sc·q − dmin·m. Element 128h + 32s + l is bits 2s..2s+2 of qs[32h + l].
+            GgmlType::Q2_K => {
+                let (sc, qs) = (&blk[..16], &blk[16..80]);
+                let (d, dmin) = (f16_at(blk, 80), f16_at(blk, 82));
+                for h in 0..2 {
+                    for s in 0..4 {
+                        for l in 0..32 {
+                            let e = 128 * h + 32 * s + l;
+                            let k = sc[e / 16];
+                            let q = (qs[32 * h + l] >> (2 * s)) & 3;
+                            o[e] = d * (k & 0x0f) as f32 * q as f32 - dmin * (k >> 4) as f32;
+                        }
+                    }
+                }
+            }
+            // 256 elements in 16 sub-blocks of 16. hmask: 32 bytes of high bits, qs: 64 bytes of
+            // 2-bit lows (placed as Q2_K's), 16 6-bit scales packed in 12 bytes (below), d: f16
+            // at the end; x = d·(sc − 32)·(q − 4·(1 − h)), the high bit of element 128h + 32s + l
+            // being bit 4h + s of hmask[l] — set means no offset.
+            GgmlType::Q3_K => {
+                let (hm, qs, sc) = (&blk[..32], &blk[32..96], &blk[96..108]);
+                let d = f16_at(blk, 108);
+                for h in 0..2 {
+                    for s in 0..4 {
+                        for l in 0..32 {
+                            let e = 128 * h + 32 * s + l;
+                            let q = ((qs[32 * h + l] >> (2 * s)) & 3) as i32;
+                            let offset = if (hm[l] >> (4 * h + s)) & 1 == 1 {
+                                0
+                            } else {
+                                4
+                            };
+                            o[e] = d * q3k_scale(sc, e / 16) * (q - offset) as f32;
+                        }
+                    }
+                }
+            }
             // 256 elements in 8 sub-blocks of 32, each with a 6-bit scale and min packed in 12
             // bytes; d, dmin: f16; 4-bit qs; x = d·sc·q − dmin·m. Q5_K adds a fifth bit per
             // element from 32 bytes qh before qs (bit 2c for the low nibbles of chunk c, 2c + 1
@@ -645,6 +694,15 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Scale `i` (0..16) of a Q3_K block, less its offset of 32: the low 4 bits from the nibbles
+/// of bytes 0..8 (low nibbles for scales 0..8, high for 8..16), the top 2 bits from bytes
+/// 8..12 (byte 8 + i % 4, bits 2·(i / 4)).
+fn q3k_scale(sc: &[u8], i: usize) -> f32 {
+    let low = if i < 8 { sc[i] & 0x0f } else { sc[i - 8] >> 4 };
+    let high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+    ((low | high << 4) as i32 - 32) as f32
 }
 
 /// Scale and min `j` (0..8) of a Q4_K / Q5_K block: 6 bits each, packed in 12 bytes — the
