@@ -157,6 +157,28 @@ fn train_eval_merge_on_the_fixture() {
         "f32: {after_f32:?} (int8 {after:?})"
     );
     assert_ne!(after_f32.0, after.0, "--f32 changed nothing");
+    // One sample is one class: no AUC, but the scores and the other metrics are reported.
+    let (ok, out, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        model,
+        "--data",
+        &p("data.json"),
+        "--limit",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+        &p("one.json"),
+    ]);
+    assert!(ok && out.contains("AUC n/a (every label is "), "{out}{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("one.json")).unwrap()).unwrap();
+    assert!(
+        v["auc"].is_null() && v["p_yes"].as_array().map(Vec::len) == Some(1),
+        "{v}"
+    );
 
     // Resume from the checkpoint (taken at update 12) with more updates.
     let (ok, _, err) = cli(&[

@@ -102,7 +102,7 @@ fn metrics_summary() {
     assert_eq!(m.n, 4);
     assert_eq!(m.positives, 2);
     // Pairs: 0.9>0.6, 0.9>0.2, 0.4<0.6, 0.4>0.2 → 3/4.
-    assert_eq!(m.auc, 0.75);
+    assert_eq!(m.auc, Some(0.75));
     // 0.9→Yes ✓, 0.4→No ✗, 0.6→Yes ✗, 0.2→No ✓.
     assert_eq!(m.accuracy, 0.5);
     let want_ll = -(0.9f64.ln() + 0.4f64.ln() + 0.4f64.ln() + 0.8f64.ln()) / 4.0;
@@ -118,7 +118,18 @@ fn metrics_summary() {
     // Clamping keeps certainty-and-wrong finite: -ln(1e-7).
     let ll = log_loss(&[1.0], &[false]).unwrap();
     assert!((ll - 16.11809565095832).abs() < 1e-6, "{ll}");
-    assert!(Metrics::compute(&[0.5], &[true]).is_err());
+    // One class only: no AUC (it ranks positives against negatives), the rest still defined.
+    let one = Metrics::compute(&[0.5, 0.9], &[true, true]).unwrap();
+    assert_eq!(
+        (one.n, one.positives, one.auc, one.accuracy),
+        (2, 2, None, 1.0)
+    );
+    assert!((one.log_loss + (0.5f64.ln() + 0.9f64.ln()) / 2.0).abs() < 1e-12);
+    assert!(one.to_json()["auc"].is_null());
+    assert_eq!(one.auc_text(), "n/a (every label is Yes)");
+    let none = Metrics::compute(&[0.2], &[false]).unwrap();
+    assert_eq!((none.auc, none.accuracy), (None, 1.0));
+    assert_eq!(none.auc_text(), "n/a (every label is No)");
     assert!(Metrics::compute(&[0.5, 0.5], &[true]).is_err());
 }
 

@@ -1029,11 +1029,11 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         eprintln!();
     }
     println!(
-        "{}: n {} ({} Yes), AUC {:.4}, accuracy {:.4}, log-loss {:.4}  [{}{}, {:.1}s]",
+        "{}: n {} ({} Yes), AUC {}, accuracy {:.4}, log-loss {:.4}  [{}{}, {:.1}s]",
         a.data.display(),
         metrics.n,
         metrics.positives,
-        metrics.auc,
+        metrics.auc_text(),
         metrics.accuracy,
         metrics.log_loss,
         be.name(),

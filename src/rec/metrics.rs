@@ -107,20 +107,39 @@ pub fn log_loss(probs: &[f64], labels: &[bool]) -> Result<f64> {
 pub struct Metrics {
     pub n: usize,
     pub positives: usize,
-    pub auc: f64,
+    /// None when every label is the same: AUC ranks positives against negatives and needs
+    /// both. The other metrics are still defined.
+    pub auc: Option<f64>,
     pub accuracy: f64,
     pub log_loss: f64,
 }
 
 impl Metrics {
     pub fn compute(probs: &[f64], labels: &[bool]) -> Result<Metrics> {
+        let positives = labels.iter().filter(|&&l| l).count();
+        let both = positives > 0 && positives < labels.len();
         Ok(Metrics {
             n: probs.len(),
-            positives: labels.iter().filter(|&&l| l).count(),
+            positives,
             accuracy: accuracy(probs, labels)?,
             log_loss: log_loss(probs, labels)?,
-            auc: auc(probs, labels)?,
+            auc: if both {
+                Some(auc(probs, labels)?)
+            } else {
+                None
+            },
         })
+    }
+
+    /// The AUC to four places, or why there is none.
+    pub fn auc_text(&self) -> String {
+        match self.auc {
+            Some(a) => format!("{a:.4}"),
+            None => format!(
+                "n/a (every label is {})",
+                if self.positives > 0 { "Yes" } else { "No" }
+            ),
+        }
     }
 
     pub fn to_json(&self) -> Value {
