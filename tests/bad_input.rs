@@ -541,6 +541,11 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
         !ok && err.contains("expected on, off, auto or a number of layers"),
         "{err}"
     );
+    let (ok, _, err) = cli(&["plan", "--model", "llama-70b"]);
+    assert!(
+        !ok && err.contains("not a named shape (llama-7b, llama-13b, smollm2-135m)"),
+        "{err}"
+    );
     let (ok, _, err) = cli(&["plan", "--budget", "lots"]);
     assert!(!ok && err.contains("--budget 'lots'"), "{err}");
     let (ok, _, err) = cli(&["plan", "--targets", "q,zz"]);

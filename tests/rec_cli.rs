@@ -400,6 +400,27 @@ fn rec_commands_report_bad_input() {
         std::fs::read_to_string(keep.join("todo.txt")).unwrap(),
         "mine"
     );
+    // On the CPU a run the host cannot hold (r = 10^8: ~0.8 TB of adapter state) is refused
+    // by the plan before the adapter is allocated, not ended by the OOM killer.
+    write_samples(&dir.join("ok.json"), 2);
+    let (ok, _, err) = cli(&[
+        "rec",
+        "train",
+        "--model",
+        model,
+        "--data",
+        &p("ok.json"),
+        "--out",
+        &p("a"),
+        "--r",
+        "100000000",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        !ok && err.contains("of host memory by the memory plan") && err.contains("--r"),
+        "{err}"
+    );
     let (ok, _, err) = cli(&[
         "rec",
         "data",

@@ -573,7 +573,20 @@ fn run(args: Args) -> Result<()> {
 
     let chosen = open_backend(args.device)?;
     match chosen {
-        Chosen::Cpu(be) => bench(&be, Kind::Cpu, &args, &spec, cfg, &setup, &plan),
+        Chosen::Cpu(be) => {
+            // No device budget on the CPU, but a run the host cannot hold is refused before
+            // the model is built, not ended by the OOM killer.
+            if let Some(avail) = memory::host_available() {
+                memory::check_host(
+                    plan.total(),
+                    avail,
+                    "this benchmark",
+                    "a smaller --r, --batch, --seq or --layers needs less",
+                )
+                .map_err(anyhow::Error::msg)?;
+            }
+            bench(&be, Kind::Cpu, &args, &spec, cfg, &setup, &plan)
+        }
         Chosen::Gpu(be) => {
             let kind = if be.dev.is_sim() {
                 Kind::Sim

@@ -429,6 +429,10 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             let cfg = match memory::named_shape(&model) {
                 Some(c) => c,
+                None if !Path::new(&model).exists() => bail!(
+                    "--model '{model}': not a named shape (llama-7b, llama-13b, smollm2-135m) \
+                     and no file or folder by that name"
+                ),
                 None => open_model(Path::new(&model))?.config().clone(),
             };
             // The same names as `rec train` and bench-train take (q or q_proj ...); a
@@ -1180,6 +1184,28 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     }
     if data.is_empty() {
         bail!("{}: no usable training samples", a.data.display());
+    }
+    if be.memory_stats().is_none() && a.resume.is_none() {
+        // The CPU: no device budget, but a run the host cannot hold is refused before the
+        // adapter and its optimizer state are allocated (the model is already loaded).
+        let mut setup = config.memory_setup(&m.config, budget);
+        setup.checkpointing = memory::choose_checkpointing(
+            checkpoint_choice(a.checkpointing, a.no_checkpointing),
+            &setup,
+        )
+        .map_err(anyhow::Error::msg)
+        .context("--checkpointing")?;
+        let p = memory::plan_training(&setup).map_err(anyhow::Error::msg)?;
+        let loaded = p.category_total("weights (int8)") + p.category_total("kept precision");
+        if let Some(avail) = memory::host_available() {
+            memory::check_host(
+                p.total() - loaded,
+                avail,
+                "this training run",
+                "a smaller --r, --batch or --cutoff needs less (`recforge plan` shows where it goes)",
+            )
+            .map_err(anyhow::Error::msg)?;
+        }
     }
     let mut trainer = match &a.resume {
         Some(dir) => {

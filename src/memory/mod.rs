@@ -24,6 +24,39 @@ pub fn arena_enabled() -> bool {
     )
 }
 
+/// What the host can give a new allocation without swapping: MemAvailable from /proc/meminfo
+/// (None where there is no such file, e.g. not Linux).
+pub fn host_available() -> Option<u64> {
+    meminfo_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// MemAvailable (kB in the file) in bytes.
+pub fn meminfo_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut f = line.split_whitespace().skip(1);
+    let n: u64 = f.next()?.parse().ok()?;
+    match f.next() {
+        Some("kB") => n.checked_mul(1024),
+        _ => None,
+    }
+}
+
+/// A run on the CPU has no device budget, but its plan still says what it needs at least (the
+/// CPU keeps activations in f32, the plan counts them in bf16): refuse one that cannot fit the
+/// host's available memory before it allocates, rather than let the kernel's OOM killer end
+/// it. `needed` is what is still to be allocated; `available` comes from [`host_available`].
+pub fn check_host(needed: u64, available: u64, what: &str, fix: &str) -> Result<(), String> {
+    if needed <= available {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} needs at least {} of host memory by the memory plan, but {} is available \
+         (MemAvailable); {fix}",
+        human(needed),
+        human(available)
+    ))
+}
+
 /// The linear layers LoRA can target, in PEFT's names.
 pub const TARGETS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
 
@@ -889,6 +922,23 @@ pub fn solve_generation(s: &GenerateSetup) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_memory() {
+        let m = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(meminfo_available(m), Some(20_000_000 * 1024));
+        assert_eq!(meminfo_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(meminfo_available("MemAvailable: lots kB\n"), None);
+        assert_eq!(meminfo_available("MemAvailable: 5 MB\n"), None);
+        assert!(check_host(GIB, GIB, "x", "y").is_ok());
+        let e = check_host(3 * GIB, GIB, "training", "a smaller --r needs less").unwrap_err();
+        assert!(
+            e.contains("training needs at least 3.00 GiB")
+                && e.contains("1.00 GiB is available")
+                && e.ends_with("a smaller --r needs less"),
+            "{e}"
+        );
+    }
 
     fn llama7b(batch: usize, seq: usize) -> TrainSetup {
         TrainSetup {
