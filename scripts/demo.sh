@@ -4,7 +4,8 @@
 # base model's Yes/No AUC on a fixed slice of the validation split, LoRA-trains it on a
 # few-shot training set, evaluates again, and leaves the adapter (PEFT format) in runs/demo/.
 # Runs on a GPU when one is usable (`--device auto`), else on the CPU with sizes that finish in
-# about 3 minutes on 2 cores (2 min 51 s measured 2026-12-04); every size can be overridden:
+# 2.5 to 4 minutes on 2 cores (2 min 24 s on 2026-12-04, 4 min 1 s on a slower day of the
+# same VM, 2026-12-06); every size can be overridden:
 #
 #   DEMO_EVAL=128 DEMO_SHOTS=64 DEMO_STEPS=32 DEMO_LR=1e-3 DEVICE=auto scripts/demo.sh
 set -euo pipefail
