@@ -276,3 +276,33 @@ fn corrupted_movielens_and_sample_files_never_panic() {
             .map_err(|e| e.to_string())
     });
 }
+
+/// llama.cpp's vocabulary-only GGUFs (SentencePiece and GPT-2 BPE): the tokenizer rebuilt from
+/// corrupted metadata — token texts, scores, types, merges — either encodes a text or is
+/// refused, never panics.
+#[test]
+fn corrupted_gguf_vocabularies_never_panic() {
+    use recforge::model::tokenizer::from_gguf;
+    for (name, seed) in [
+        ("ggml-vocab-llama-spm.gguf", 13),
+        ("ggml-vocab-gpt-2.gguf", 14),
+    ] {
+        let Some(src) = common::asset(&format!("assets/llama-vocab/{name}")) else {
+            return;
+        };
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(name);
+        std::fs::copy(&src, &p).unwrap();
+        let len = std::fs::metadata(&p).unwrap().len() as usize;
+        fuzz(&p, len, 150, seed, || {
+            let f = GgufFile::open(&p).map_err(|e| e.to_string())?;
+            let tok = from_gguf(&f).map_err(|e| e.to_string())?;
+            tok.encode(
+                "Hello world, the movie \"Toy Story (1995)\" — 123 ünïcödé",
+                true,
+            )
+            .map(|_| ())
+            .map_err(|e| format!("{}: {e}", p.display()))
+        });
+    }
+}
