@@ -180,6 +180,36 @@ fn train_eval_merge_on_the_fixture() {
         "{v}"
     );
 
+    // generate --adapter: the trained adapter applied unmerged changes what the model says;
+    // an adapter for another model shape is refused.
+    let gen = |adapter: Option<&str>| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "the movie was",
+            "--raw",
+            "--max-new-tokens",
+            "12",
+            "--device",
+            "cpu",
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a]);
+        }
+        cli(&args)
+    };
+    let (ok, base_text, err) = gen(None);
+    assert!(ok, "{err}");
+    let adapter_dir = p("adapter");
+    let (ok, tuned_text, err) = gen(Some(&adapter_dir));
+    assert!(
+        ok && err.contains(&format!("adapter {adapter_dir}: r ")),
+        "{err}"
+    );
+    assert_ne!(base_text, tuned_text, "the adapter changed nothing");
+
     // Resume from the checkpoint (taken at update 12) with more updates.
     let (ok, _, err) = cli(&[
         "rec",

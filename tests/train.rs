@@ -8,7 +8,7 @@ use recforge::backend::cpu::Cpu;
 use recforge::backend::{Backend, IGNORE_LABEL};
 use recforge::model::fixture::FixtureSpec;
 use recforge::model::lora::{parse_targets, HostAdapter, LoraConfig};
-use recforge::model::{self, Llama, LoadOptions};
+use recforge::model::{self, Llama, LoadOptions, Logits};
 use recforge::rng::Rng;
 use recforge::train::params::HostGrads;
 use recforge::train::step::{forward_backward, Batch, LoraRun, Workspace};
@@ -468,5 +468,110 @@ fn device_step_with_a_nonzero_adapter_matches_the_cpu() {
             // flips alone, on the separate passes too (measured in the simulator).
             assert!(dl < 0.03, "{place:?}: loss {lg} vs cpu {lc}");
         }
+    }
+}
+
+/// Largest |a − b| over two logit tables, relative to the largest |b|.
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// `generate --adapter`'s forward (the inference model with a KV cache, the adapter unmerged)
+/// against the training forward with the same adapter (`logits_at`, what `rec eval` scores):
+/// the prefill's logits at every position, and a decode step after a shorter prefill at the
+/// last one, on the CPU and on each device.
+fn inference_forward_with_an_adapter<B: Backend>(be: &B, path: &std::path::Path, tol: f32) {
+    use recforge::model::llama::AdapterView;
+    // int8 without the outlier decomposition, whose columns are picked over the whole batch:
+    // then a row's result does not depend on the rows beside it, and a decode step (one row)
+    // can equal the prefill's row.
+    let src = model::open(path).unwrap();
+    let opts = LoadOptions {
+        int8: true,
+        outlier_threshold: 0.0,
+    };
+    let m = Llama::load(src.as_ref(), be, opts).unwrap();
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: parse_targets("q,k,v,o,gate,up,down").unwrap(),
+    };
+    let host = random_adapter(&m.config, &lora, 77);
+    let dev = DevAdapter::upload_frozen(be, &host).unwrap();
+    let view = AdapterView {
+        rank: lora.r,
+        layers: dev.layers.iter().map(|(k, p)| (*k, &p.lora)).collect(),
+    };
+    let mut rng = Rng::new(5);
+    let ids: Vec<u32> = (0..13)
+        .map(|_| rng.below(m.config.vocab_size as u64) as u32)
+        .collect();
+    let vocab = m.config.vocab_size;
+    let run = |tokens: &[u32], adapter: Option<&AdapterView<'_, B>>, which| -> Vec<f32> {
+        let mut cache = m.new_cache(be, ids.len()).unwrap();
+        let l = m
+            .forward_logits_with(be, tokens, &mut cache, which, adapter)
+            .unwrap();
+        be.download(&l).unwrap().to_f32().unwrap()
+    };
+    let inference = run(&ids, Some(&view), Logits::All);
+    let ignore = vec![IGNORE_LABEL; ids.len()];
+    let b = Batch::pack([(&ids[..], &ignore[..])]).unwrap();
+    let rows: Vec<usize> = (0..ids.len()).collect();
+    let mut ws = Workspace::forward_only(be, &m, &lora.targets, lora.r, ids.len()).unwrap();
+    let training = recforge::train::logits_at(be, &m, &dev, &mut ws, &b, &rows)
+        .unwrap()
+        .to_f32()
+        .unwrap();
+    let d = rel_diff(&inference, &training);
+    assert!(d <= tol, "{}: prefill vs training forward: {d}", be.name());
+    // Decode: the last token after a prefill of the others, through the cache.
+    let mut cache = m.new_cache(be, ids.len()).unwrap();
+    let n = ids.len() - 1;
+    m.forward_logits_with(be, &ids[..n], &mut cache, Logits::Last, Some(&view))
+        .unwrap();
+    let step = m
+        .forward_logits_with(be, &ids[n..], &mut cache, Logits::Last, Some(&view))
+        .unwrap();
+    let step = be.download(&step).unwrap().to_f32().unwrap();
+    let d = rel_diff(&step, &training[n * vocab..]);
+    assert!(
+        d <= tol,
+        "{}: decode step vs training forward: {d}",
+        be.name()
+    );
+    // The adapter matters: without it the logits move by far more than the tolerance.
+    let base = run(&ids, None, Logits::All);
+    let d = rel_diff(&base, &training);
+    assert!(
+        d > 0.1,
+        "{}: the adapter changed the logits by only {d}",
+        be.name()
+    );
+    eprintln!("{}: inference forward with an adapter checked", be.name());
+}
+
+#[test]
+fn inference_forward_with_an_adapter_matches_the_training_forward() {
+    use recforge::backend::gpu::backend::Gpu;
+    // head_dim 32: a size the device attention kernels take.
+    let (_d, f) = fixture(&FixtureSpec {
+        hidden: 128,
+        heads: 4,
+        kv_heads: 2,
+        ..Default::default()
+    });
+    // Both paths run the same ops on the same values in the same order — the inference
+    // model's attention reads its keys from the cache, the training forward's from the packed
+    // batch — so the CPU and the simulator give the same bits.
+    inference_forward_with_an_adapter(&Cpu::new(), &f.gguf, 0.0);
+    for dev in common::devices() {
+        // On CUDA, decode and prefill attention may round their bf16 products in another
+        // order: a few bf16 ulps (2^-8 relative each) of the largest logit.
+        let tol = if dev.is_sim() { 0.0 } else { 1e-2 };
+        inference_forward_with_an_adapter(&Gpu::new(dev), &f.gguf, tol);
     }
 }

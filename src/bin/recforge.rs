@@ -10,9 +10,10 @@ use clap::{Parser, Subcommand};
 use recforge::backend::gpu::{probe_cuda, Chosen, DeviceChoice};
 use recforge::backend::Backend;
 use recforge::backend::SamplingParams;
-use recforge::infer::generate::{generate as generate_tokens, GenerateOptions, StopReason};
+use recforge::infer::generate::{generate_with as generate_tokens, GenerateOptions, StopReason};
 use recforge::kernels;
 use recforge::memory;
+use recforge::model::llama::AdapterView;
 use recforge::model::lora::parse_targets;
 use recforge::model::{self, Llama, LoadOptions};
 use recforge::rec;
@@ -43,6 +44,10 @@ enum Cmd {
         model: PathBuf,
         #[arg(long)]
         prompt: String,
+        /// A PEFT LoRA adapter folder (e.g. from `rec train`) applied to the projections it
+        /// targets, unmerged: the int8 base plus the f32 low-rank path, as in training.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Default 64; 300 with `--sampling itrek`.
         #[arg(long)]
         max_new_tokens: Option<usize>,
@@ -312,6 +317,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate {
             model,
             prompt,
+            adapter,
             max_new_tokens,
             sampling,
             temperature,
@@ -351,6 +357,7 @@ fn run(cli: Cli) -> Result<()> {
                 params,
                 seed,
                 budget,
+                adapter,
             };
             generate(&model, &prompt, gen, device, raw, opts)
         }
@@ -543,12 +550,13 @@ fn open_model(path: &Path) -> Result<Box<dyn model::ModelSource>> {
 }
 
 /// What `recforge generate` decodes with, and the device memory it may use.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct GenOpts {
     max_new: usize,
     params: SamplingParams,
     seed: u64,
     budget: u64,
+    adapter: Option<PathBuf>,
 }
 
 fn generate(
@@ -594,6 +602,32 @@ fn generate_on<B: Backend>(
         be.name(),
         t0.elapsed().as_secs_f64()
     );
+    let dev_adapter = match &gen.adapter {
+        Some(dir) => {
+            let host = model::adapter::load(dir)
+                .with_context(|| format!("cannot load adapter {}", dir.display()))?;
+            host.check_against(&model.config)
+                .with_context(|| format!("adapter {} does not fit the model", dir.display()))?;
+            eprintln!(
+                "adapter {}: r {}, alpha {} on {}",
+                dir.display(),
+                host.config.r,
+                host.config.alpha,
+                host.config
+                    .targets
+                    .iter()
+                    .map(|t| t.peft_name())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            Some(DevAdapter::upload_frozen(be, &host)?)
+        }
+        None => None,
+    };
+    let view = dev_adapter.as_ref().map(|d| AdapterView {
+        rank: d.config.r,
+        layers: d.layers.iter().map(|(k, p)| (*k, &p.lora)).collect(),
+    });
     let text = match (raw, tok.chat_prompt(prompt)) {
         (false, Some(chat)) => chat,
         _ => prompt.to_string(),
@@ -607,10 +641,10 @@ fn generate_on<B: Backend>(
             }
         }
     }
-    if be.memory_stats().is_some() && opts.int8 {
+    if be.memory_stats().is_some() && opts.int8 && view.is_none() {
         // A device: the KV cache and every buffer of the prefill and decode steps come from
-        // one arena of what the plan leaves after the model. (The plan counts int8 linears;
-        // with --f32 the buffers are allocated as they come.)
+        // one arena of what the plan leaves after the model. (The plan counts int8 linears
+        // and no adapter; with --f32 or an adapter the buffers are allocated as they come.)
         let p = memory::plan_generation(&memory::GenerateSetup {
             model: model.config.clone(),
             prompt: ids.len(),
@@ -634,7 +668,7 @@ fn generate_on<B: Backend>(
     let mut out_ids: Vec<u32> = vec![];
     let mut printed = 0usize;
     let stdout = std::io::stdout();
-    let g = generate_tokens(be, &model, &ids, &gen_opts, |id| {
+    let g = generate_tokens(be, &model, view.as_ref(), &ids, &gen_opts, |id| {
         out_ids.push(id);
         let s = tok.decode(&out_ids, true)?;
         // Print only whole characters: a multi-byte character may span tokens.

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::backend::{Backend, SamplingParams};
 use crate::error::{Error, Result};
+use crate::model::llama::AdapterView;
 use crate::model::{Llama, Logits};
 use crate::rng::Rng;
 
@@ -70,6 +71,18 @@ pub fn generate<B: Backend>(
     model: &Llama<B>,
     prompt: &[u32],
     opts: &GenerateOptions,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generation> {
+    generate_with(be, model, None, prompt, opts, on_token)
+}
+
+/// [`generate`] with LoRA adapters applied to the model's projections.
+pub fn generate_with<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: Option<&AdapterView<'_, B>>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generation> {
     if prompt.is_empty() {
@@ -92,7 +105,7 @@ pub fn generate<B: Backend>(
     };
     let mut cache = model.new_cache(be, capacity)?;
     let t0 = Instant::now();
-    let logits = model.forward_logits(be, prompt, &mut cache, Logits::Last)?;
+    let logits = model.forward_logits_with(be, prompt, &mut cache, Logits::Last, adapter)?;
     let mut next = draw(&logits)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let mut tokens = vec![];
@@ -108,7 +121,7 @@ pub fn generate<B: Backend>(
         if tokens.len() == opts.max_new_tokens {
             break;
         }
-        let logits = model.forward_logits(be, &[next], &mut cache, Logits::Last)?;
+        let logits = model.forward_logits_with(be, &[next], &mut cache, Logits::Last, adapter)?;
         next = draw(&logits)?;
     }
     Ok(Generation {

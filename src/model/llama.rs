@@ -1,12 +1,66 @@
 //! The LLaMA model on a backend: weights loaded from any `ModelSource` (frozen linears
 //! quantized to int8 per output row, DESIGN.md §3), and the forward pass with a KV cache.
 
+use std::collections::BTreeMap;
+
 use super::config::LlamaConfig;
+use super::lora::Target;
 use super::source::ModelSource;
 use crate::backend::cpu::quantize_rows;
-use crate::backend::{Backend, Linear, LinearWeight, SeqSpan, Tensor};
+use crate::backend::{
+    Backend, Dropout, Linear, LinearWeight, Lora, LoraPass, Projection, SeqSpan, Tensor,
+};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor};
+
+/// LoRA adapters the inference forward applies, by (layer, target): A `[r, in]`, B `[out, r]`
+/// and the scale of each, lent by their owner (e.g. `train::DevAdapter`). Every adapted
+/// projection adds `scale · (x · Aᵀ) · Bᵀ` to its output, without dropout — what the training
+/// forward computes in evaluation.
+pub struct AdapterView<'a, B: Backend> {
+    pub rank: usize,
+    pub layers: BTreeMap<(usize, Target), &'a Lora<B>>,
+}
+
+/// One projection of [`project`]: the weight, its adapter if any, and the output.
+type ProjectionItem<'a, B> = (&'a Linear<B>, Option<&'a Lora<B>>, &'a mut Tensor<B>);
+
+/// `x`'s projections in one `Backend::linear_lora` call, each with its adapter where it has
+/// one (`scratch` lends the h and u buffers of the adapted ones).
+fn project<B: Backend>(
+    be: &B,
+    x: &Tensor<B>,
+    items: Vec<ProjectionItem<'_, B>>,
+    scratch: &mut [(Tensor<B>, Tensor<B>)],
+    ones: &Tensor<B>,
+) -> Result<()> {
+    let mut sc = scratch.iter_mut();
+    let mut projs = Vec::with_capacity(items.len());
+    for (w, lora, out) in items {
+        let lora = match lora {
+            Some(lora) => {
+                let (h, u) = sc.next().ok_or_else(|| {
+                    Error::Invalid("forward: too few LoRA scratch buffers".into())
+                })?;
+                Some(LoraPass {
+                    lora,
+                    gate: ones,
+                    dropout: Dropout::NONE,
+                    h,
+                    u,
+                })
+            }
+            None => None,
+        };
+        projs.push(Projection {
+            w,
+            lora,
+            residual: None,
+            out,
+        });
+    }
+    be.linear_lora(x, &mut projs)
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
@@ -177,6 +231,18 @@ impl<B: Backend> Llama<B> {
         cache: &mut KvCache<B>,
         which: Logits,
     ) -> Result<Tensor<B>> {
+        self.forward_logits_with(be, tokens, cache, which, None)
+    }
+
+    /// [`Llama::forward_logits`] with LoRA adapters on the projections `adapter` names.
+    pub fn forward_logits_with(
+        &self,
+        be: &B,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        which: Logits,
+        adapter: Option<&AdapterView<'_, B>>,
+    ) -> Result<Tensor<B>> {
         let c = &self.config;
         let t = tokens.len();
         if t == 0 {
@@ -223,9 +289,41 @@ impl<B: Backend> Llama<B> {
         let mut g = be.zeros(&[t, f], dt)?;
         let mut u = be.zeros(&[t, f], dt)?;
         let mut a = be.zeros(&[t, f], dt)?;
+        // An adapter's buffers: h and u `[t, r]` for up to three projections of one input, and
+        // the all-ones gate of plain LoRA.
+        let (mut scratch, ones) = match adapter {
+            Some(ad) => {
+                let r = ad.rank;
+                let mut sc = Vec::with_capacity(3);
+                for _ in 0..3 {
+                    sc.push((
+                        be.zeros(&[t, r], DType::F32)?,
+                        be.zeros(&[t, r], DType::F32)?,
+                    ));
+                }
+                let ones = be.upload(&HostTensor::f32(vec![t, r], vec![1.0; t * r])?)?;
+                (sc, Some(ones))
+            }
+            None => (Vec::new(), None),
+        };
         for (li, l) in self.layers.iter().enumerate() {
+            let lora = |tg: Target| adapter.and_then(|ad| ad.layers.get(&(li, tg)).copied());
             be.rmsnorm(&x, &l.attn_norm, eps, &mut hbuf)?;
-            be.linear_many(&hbuf, &[&l.q, &l.k, &l.v], &mut [&mut q, &mut k, &mut v])?;
+            match &ones {
+                Some(ones)
+                    if [Target::Q, Target::K, Target::V]
+                        .iter()
+                        .any(|&tg| lora(tg).is_some()) =>
+                {
+                    let items = vec![
+                        (&l.q, lora(Target::Q), &mut q),
+                        (&l.k, lora(Target::K), &mut k),
+                        (&l.v, lora(Target::V), &mut v),
+                    ];
+                    project(be, &hbuf, items, &mut scratch, ones)?;
+                }
+                _ => be.linear_many(&hbuf, &[&l.q, &l.k, &l.v], &mut [&mut q, &mut k, &mut v])?,
+            }
             q.shape = vec![t, h, hd];
             k.shape = vec![t, kvh, hd];
             v.shape = vec![t, kvh, hd];
@@ -238,13 +336,40 @@ impl<B: Backend> Llama<B> {
             k.shape = vec![t, kvh * hd];
             v.shape = vec![t, kvh * hd];
             attn.shape = vec![t, h * hd];
-            be.linear(&attn, &l.o, &mut proj)?;
+            match (&ones, lora(Target::O)) {
+                (Some(ones), Some(lo)) => project(
+                    be,
+                    &attn,
+                    vec![(&l.o, Some(lo), &mut proj)],
+                    &mut scratch,
+                    ones,
+                )?,
+                _ => be.linear(&attn, &l.o, &mut proj)?,
+            }
             attn.shape = vec![t, h, hd];
             be.add_assign(&mut x, &proj)?;
             be.rmsnorm(&x, &l.ffn_norm, eps, &mut hbuf)?;
-            be.linear_many(&hbuf, &[&l.gate, &l.up], &mut [&mut g, &mut u])?;
+            match &ones {
+                Some(ones) if lora(Target::Gate).is_some() || lora(Target::Up).is_some() => {
+                    let items = vec![
+                        (&l.gate, lora(Target::Gate), &mut g),
+                        (&l.up, lora(Target::Up), &mut u),
+                    ];
+                    project(be, &hbuf, items, &mut scratch, ones)?;
+                }
+                _ => be.linear_many(&hbuf, &[&l.gate, &l.up], &mut [&mut g, &mut u])?,
+            }
             be.swiglu(&g, &u, &mut a)?;
-            be.linear(&a, &l.down, &mut proj)?;
+            match (&ones, lora(Target::Down)) {
+                (Some(ones), Some(ld)) => project(
+                    be,
+                    &a,
+                    vec![(&l.down, Some(ld), &mut proj)],
+                    &mut scratch,
+                    ones,
+                )?,
+                _ => be.linear(&a, &l.down, &mut proj)?,
+            }
             be.add_assign(&mut x, &proj)?;
         }
         cache.len = start + t;
