@@ -25,15 +25,22 @@ pub struct AdapterView<'a, B: Backend> {
 /// One projection of [`project`]: the weight, its adapter if any, and the output.
 type ProjectionItem<'a, B> = (&'a Linear<B>, Option<&'a Lora<B>>, &'a mut Tensor<B>);
 
-/// `x`'s projections in one `Backend::linear_lora` call, each with its adapter where it has
-/// one (`scratch` lends the h and u buffers of the adapted ones).
+/// `x`'s projections: without adapters one `Backend::linear_many` call (the path of a model
+/// with none), else one `Backend::linear_lora` call, each projection with its adapter where it
+/// has one (`scratch` lends the h and u buffers of the adapted ones, `ones` the gate).
 fn project<B: Backend>(
     be: &B,
     x: &Tensor<B>,
     items: Vec<ProjectionItem<'_, B>>,
     scratch: &mut [(Tensor<B>, Tensor<B>)],
-    ones: &Tensor<B>,
+    ones: Option<&Tensor<B>>,
 ) -> Result<()> {
+    if items.iter().all(|(_, lora, _)| lora.is_none()) {
+        let ws: Vec<&Linear<B>> = items.iter().map(|(w, _, _)| *w).collect();
+        let mut outs: Vec<&mut Tensor<B>> = items.into_iter().map(|(_, _, o)| o).collect();
+        return be.linear_many(x, &ws, &mut outs);
+    }
+    let ones = ones.ok_or_else(|| Error::Invalid("forward: an adapter without its gate".into()))?;
     let mut sc = scratch.iter_mut();
     let mut projs = Vec::with_capacity(items.len());
     for (w, lora, out) in items {
@@ -309,21 +316,12 @@ impl<B: Backend> Llama<B> {
         for (li, l) in self.layers.iter().enumerate() {
             let lora = |tg: Target| adapter.and_then(|ad| ad.layers.get(&(li, tg)).copied());
             be.rmsnorm(&x, &l.attn_norm, eps, &mut hbuf)?;
-            match &ones {
-                Some(ones)
-                    if [Target::Q, Target::K, Target::V]
-                        .iter()
-                        .any(|&tg| lora(tg).is_some()) =>
-                {
-                    let items = vec![
-                        (&l.q, lora(Target::Q), &mut q),
-                        (&l.k, lora(Target::K), &mut k),
-                        (&l.v, lora(Target::V), &mut v),
-                    ];
-                    project(be, &hbuf, items, &mut scratch, ones)?;
-                }
-                _ => be.linear_many(&hbuf, &[&l.q, &l.k, &l.v], &mut [&mut q, &mut k, &mut v])?,
-            }
+            let qkv = vec![
+                (&l.q, lora(Target::Q), &mut q),
+                (&l.k, lora(Target::K), &mut k),
+                (&l.v, lora(Target::V), &mut v),
+            ];
+            project(be, &hbuf, qkv, &mut scratch, ones.as_ref())?;
             q.shape = vec![t, h, hd];
             k.shape = vec![t, kvh, hd];
             v.shape = vec![t, kvh, hd];
@@ -336,40 +334,19 @@ impl<B: Backend> Llama<B> {
             k.shape = vec![t, kvh * hd];
             v.shape = vec![t, kvh * hd];
             attn.shape = vec![t, h * hd];
-            match (&ones, lora(Target::O)) {
-                (Some(ones), Some(lo)) => project(
-                    be,
-                    &attn,
-                    vec![(&l.o, Some(lo), &mut proj)],
-                    &mut scratch,
-                    ones,
-                )?,
-                _ => be.linear(&attn, &l.o, &mut proj)?,
-            }
+            let o = vec![(&l.o, lora(Target::O), &mut proj)];
+            project(be, &attn, o, &mut scratch, ones.as_ref())?;
             attn.shape = vec![t, h, hd];
             be.add_assign(&mut x, &proj)?;
             be.rmsnorm(&x, &l.ffn_norm, eps, &mut hbuf)?;
-            match &ones {
-                Some(ones) if lora(Target::Gate).is_some() || lora(Target::Up).is_some() => {
-                    let items = vec![
-                        (&l.gate, lora(Target::Gate), &mut g),
-                        (&l.up, lora(Target::Up), &mut u),
-                    ];
-                    project(be, &hbuf, items, &mut scratch, ones)?;
-                }
-                _ => be.linear_many(&hbuf, &[&l.gate, &l.up], &mut [&mut g, &mut u])?,
-            }
+            let gate_up = vec![
+                (&l.gate, lora(Target::Gate), &mut g),
+                (&l.up, lora(Target::Up), &mut u),
+            ];
+            project(be, &hbuf, gate_up, &mut scratch, ones.as_ref())?;
             be.swiglu(&g, &u, &mut a)?;
-            match (&ones, lora(Target::Down)) {
-                (Some(ones), Some(ld)) => project(
-                    be,
-                    &a,
-                    vec![(&l.down, Some(ld), &mut proj)],
-                    &mut scratch,
-                    ones,
-                )?,
-                _ => be.linear(&a, &l.down, &mut proj)?,
-            }
+            let down = vec![(&l.down, lora(Target::Down), &mut proj)];
+            project(be, &a, down, &mut scratch, ones.as_ref())?;
             be.add_assign(&mut x, &proj)?;
         }
         cache.len = start + t;
