@@ -409,18 +409,29 @@ fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
 #[test]
 fn the_generation_plan_is_the_measured_peak_of_generate() {
     use recforge::backend::SamplingParams;
-    use recforge::infer::generate::{generate, GenerateOptions};
+    use recforge::infer::generate::{generate_with, GenerateOptions};
+    use recforge::model::llama::AdapterView;
+    use recforge::model::lora::{HostAdapter, LoraConfig};
     use recforge::model::random::random_llama;
-    // (what, model, prompt tokens, new tokens)
+    use recforge::train::DevAdapter;
+    // (what, model, prompt tokens, new tokens, adapter rank and targets)
     let tiny = shape("tiny").unwrap();
+    let adapter = |r: usize, targets: &str| Some((r, targets.to_string()));
     let cases = [
         (
             "tiny, a 40-token prompt (W8A8 prefill)",
             tiny.clone(),
             40,
             6,
+            None,
         ),
-        ("tiny, a 9-token prompt (GEMV prefill)", tiny.clone(), 9, 5),
+        (
+            "tiny, a 9-token prompt (GEMV prefill)",
+            tiny.clone(),
+            9,
+            5,
+            None,
+        ),
         (
             "3 layers, 100-token prompt",
             LlamaConfig {
@@ -429,25 +440,46 @@ fn the_generation_plan_is_the_measured_peak_of_generate() {
             },
             100,
             3,
+            None,
         ),
         (
             "smollm2 shape, 2 layers, tiled head_dim 64",
             smol(2, 700),
             70,
             4,
+            None,
         ),
-        ("head_dim 128, untied head", hd128(), 33, 2),
+        ("head_dim 128, untied head", hd128(), 33, 2, None),
+        (
+            "tiny with an adapter on every target, W8A8 prefill",
+            tiny.clone(),
+            40,
+            4,
+            adapter(8, "q,k,v,o,gate,up,down"),
+        ),
+        (
+            "smollm2 shape with an adapter on q, v, GEMV prefill",
+            smol(2, 700),
+            9,
+            3,
+            adapter(16, "q,v"),
+        ),
     ];
     let kinds: Vec<String> = common::devices().iter().map(|d| d.name()).collect();
-    for ((what, cfg, prompt, new), kind) in cases
+    for ((what, cfg, prompt, new, ad), kind) in cases
         .into_iter()
         .flat_map(|c| kinds.iter().map(move |k| (c.clone(), k)))
     {
+        let targets = ad.as_ref().map(|(_, t)| parse_targets(t).unwrap());
         let plan = memory::plan_generation(&memory::GenerateSetup {
             model: cfg.clone(),
             prompt,
             max_new: new,
             budget: 24 * memory::GIB,
+            adapter: ad
+                .as_ref()
+                .zip(targets.as_ref())
+                .map(|((r, _), t)| (*r, t.iter().map(|t| t.short_name().to_string()).collect())),
         })
         .unwrap();
         let be = Gpu::new(if kind.starts_with("sim") {
@@ -457,6 +489,20 @@ fn the_generation_plan_is_the_measured_peak_of_generate() {
         });
         assert!(be.reserve_arena(plan.total()).unwrap());
         let m = random_llama(&be, &cfg, 3).unwrap();
+        let dev = ad.as_ref().zip(targets).map(|((r, _), targets)| {
+            let lora = LoraConfig {
+                r: *r,
+                alpha: 16.0,
+                dropout: 0.0,
+                targets,
+            };
+            let host = HostAdapter::init(&cfg, &lora, 5, "plan").unwrap();
+            DevAdapter::upload_frozen(&be, &host).unwrap()
+        });
+        let view = dev.as_ref().map(|d| AdapterView {
+            rank: d.config.r,
+            layers: d.layers.iter().map(|(k, p)| (*k, &p.lora)).collect(),
+        });
         let mut rng = Rng::new(prompt as u64);
         let ids: Vec<u32> = (0..prompt)
             .map(|_| rng.below(cfg.vocab_size as u64) as u32)
@@ -467,7 +513,7 @@ fn the_generation_plan_is_the_measured_peak_of_generate() {
             sampling: SamplingParams::ITREK,
             seed: 1,
         };
-        let g = generate(&be, &m, &ids, &opts, |_| Ok(()))
+        let g = generate_with(&be, &m, view.as_ref(), &ids, &opts, |_| Ok(()))
             .unwrap_or_else(|e| panic!("{kind}, {what}: {e}\nplan:\n{}", plan.table()));
         assert_eq!(g.tokens.len(), new);
         let st = be.memory_stats().unwrap();

@@ -597,4 +597,26 @@ fn rec_train_on_a_device_runs_inside_the_planned_arena() {
         "lots",
     ]);
     assert!(!ok && err.contains("--budget 'lots'"), "{err}");
+    // generate with the trained adapter: the model and the adapter held as the plan counts
+    // them, the prefill and decode buffers from the plan's arena.
+    let (ok, _, err) = cli(&[
+        "generate",
+        "--model",
+        f.hf_dir.to_str().unwrap(),
+        "--prompt",
+        "the movie",
+        "--raw",
+        "--max-new-tokens",
+        "3",
+        "--adapter",
+        out.to_str().unwrap(),
+        "--device",
+        "sim",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("generation's") && err.contains("reserved as one arena"),
+        "{err}"
+    );
+    assert!(!err.contains("the plan counts"), "{err}");
 }

@@ -455,6 +455,7 @@ fn run(cli: Cli) -> Result<()> {
                     prompt: seq,
                     max_new,
                     budget,
+                    adapter: None,
                 };
                 let p = memory::plan_generation(&setup).map_err(anyhow::Error::msg)?;
                 println!("generation plan: {model}, a {seq}-token prompt + {max_new} new tokens\n");
@@ -641,15 +642,22 @@ fn generate_on<B: Backend>(
             }
         }
     }
-    if be.memory_stats().is_some() && opts.int8 && view.is_none() {
+    if be.memory_stats().is_some() && opts.int8 {
         // A device: the KV cache and every buffer of the prefill and decode steps come from
-        // one arena of what the plan leaves after the model. (The plan counts int8 linears
-        // and no adapter; with --f32 or an adapter the buffers are allocated as they come.)
+        // one arena of what the plan leaves after the model and the adapter. (The plan counts
+        // int8 linears; with --f32 the buffers are allocated as they come.)
         let p = memory::plan_generation(&memory::GenerateSetup {
             model: model.config.clone(),
             prompt: ids.len(),
             max_new: gen.max_new,
             budget: gen.budget,
+            adapter: dev_adapter.as_ref().map(|d| {
+                let targets = d.config.targets.iter();
+                (
+                    d.config.r,
+                    targets.map(|t| t.short_name().to_string()).collect(),
+                )
+            }),
         })
         .map_err(anyhow::Error::msg)?;
         reserve_planned_arena(

@@ -596,6 +596,23 @@ pub struct ScoreSetup {
     pub budget: u64,
 }
 
+/// A frozen adapter (`train::DevAdapter::upload_frozen`): A and B of each target in every
+/// layer; the gradient and moment tensors are empty (a block each).
+fn add_frozen_adapter(e: &mut Vec<Entry>, c: &LlamaConfig, rank: usize, targets: &[String]) {
+    let (l, r) = (c.num_hidden_layers as u64, rank as u64);
+    let params: u64 = targets
+        .iter()
+        .filter_map(|t| linear_dims(c, t))
+        .map(|(o, i)| f4(r * i as u64) + f4(r * o as u64) + 6 * blk(0, 4))
+        .sum::<u64>()
+        * l;
+    e.add(
+        "lora",
+        format!("A, B for {}, r={r}, {l} layers (f32)", targets.join(",")),
+        params,
+    );
+}
+
 /// The plan of a scoring run (`rec::eval::score` on the GPU backend): the model, the frozen
 /// adapter, the shared prefix's K/V, and the larger of the prefix's own forward and one batch's
 /// (its forward-only workspace, the concatenated prefix + own K/V attention reads, the ops'
@@ -632,19 +649,7 @@ pub fn plan_scoring(s: &ScoreSetup) -> Result<Plan, String> {
     let nt = s.targets.len() as u64;
     let mut e = model_entries(c);
     if s.adapter {
-        // Frozen: A and B only; the gradient and moment tensors are empty (a block each).
-        let params: u64 = s
-            .targets
-            .iter()
-            .filter_map(|t| linear_dims(c, t))
-            .map(|(o, i)| f4(r * i as u64) + f4(r * o as u64) + 6 * blk(0, 4))
-            .sum::<u64>()
-            * l;
-        e.add(
-            "lora",
-            format!("A, B for {}, r={r}, {l} layers (f32)", s.targets.join(",")),
-            params,
-        );
+        add_frozen_adapter(&mut e, c, s.lora_rank, &s.targets);
     }
     if p > 0 {
         e.add(
@@ -743,6 +748,8 @@ pub struct GenerateSetup {
     pub prompt: usize,
     pub max_new: usize,
     pub budget: u64,
+    /// A frozen adapter applied unmerged (`generate --adapter`): its rank and targets.
+    pub adapter: Option<(usize, Vec<String>)>,
 }
 
 /// The plan of a generation run (`infer::generate` on the GPU backend): the model, the KV
@@ -768,6 +775,10 @@ pub fn plan_generation(s: &GenerateSetup) -> Result<Plan, String> {
     );
     let (t, cap) = (s.prompt as u64, (s.prompt + s.max_new) as u64);
     let mut e = model_entries(c);
+    if let Some((rank, targets)) = &s.adapter {
+        check_lora(c, *rank, targets)?;
+        add_frozen_adapter(&mut e, c, *rank, targets);
+    }
     e.add(
         "KV cache",
         format!("{l} layers × K, V [{cap}, {kvd}] bf16"),
@@ -775,7 +786,11 @@ pub fn plan_generation(s: &GenerateSetup) -> Result<Plan, String> {
     );
     // Llama::forward_logits over the prompt: ids, positions, x, the norm output, q, k, v, the
     // attention output, the projection, gate, up, silu(gate)·up.
-    let working = 2 * f4(t) + 3 * bf(t * d) + 2 * bf(t * qd) + 2 * bf(t * kvd) + 3 * bf(t * f);
+    // With an adapter, `Llama::forward_logits_with`'s h and u for three projections and the
+    // all-ones gate, each [t, r] f32.
+    let lora = s.adapter.as_ref().map_or(0, |(r, _)| 7 * f4(t * *r as u64));
+    let working =
+        2 * f4(t) + 3 * bf(t * d) + 2 * bf(t * qd) + 2 * bf(t * kvd) + 3 * bf(t * f) + lora;
     // Inside it, the largest of: the W8A8 linear's scratch (none on the GEMV path), the
     // attention's log-sum-exp and span table, the embedding's bad-id flag, the head's last row
     // and logits.
@@ -1015,6 +1030,7 @@ mod tests {
                 prompt,
                 max_new,
                 budget: 24 * GIB,
+                adapter: None,
             })
         };
         let p = g(512, 300).unwrap();
@@ -1060,6 +1076,7 @@ mod tests {
             prompt: 512,
             max_new: 1,
             budget: 7 * GIB,
+            adapter: None,
         };
         let n = solve_generation(&g).unwrap();
         let at = |max_new| {
