@@ -541,6 +541,27 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
         !ok && err.contains("expected on, off, auto or a number of layers"),
         "{err}"
     );
+    // A generation plan counts an adapter only with --adapter (and then its rank and targets).
+    let gen = [
+        "plan",
+        "--model",
+        "llama-7b",
+        "--seq",
+        "512",
+        "--generate",
+        "300",
+    ];
+    let (ok, plain, err) = cli(&gen);
+    assert!(ok && !plain.contains("lora"), "{plain}{err}");
+    let (ok, with, err) =
+        cli(&[&gen[..], &["--adapter", "--r", "16", "--targets", "q,v"]].concat());
+    assert!(
+        ok && with.contains("A, B for q,v, r=16, 32 layers (f32)"),
+        "{with}{err}"
+    );
+    assert!(total_of(&with) > total_of(&plain), "{with}");
+    let (ok, _, err) = cli(&["plan", "--adapter"]);
+    assert!(!ok && err.contains("--generate"), "{err}");
     let (ok, _, err) = cli(&["plan", "--model", "llama-70b"]);
     assert!(
         !ok && err.contains("not a named shape (llama-7b, llama-13b, smollm2-135m)"),

@@ -159,6 +159,10 @@ enum Cmd {
         /// many new tokens in its KV cache.
         #[arg(long, conflicts_with = "score")]
         generate: Option<usize>,
+        /// With --generate: an adapter (--lora-r, --targets) applied unmerged, as
+        /// `generate --adapter` does.
+        #[arg(long, requires = "generate")]
+        adapter: bool,
     },
 }
 
@@ -430,6 +434,7 @@ fn run(cli: Cli) -> Result<()> {
             score,
             prefix,
             generate,
+            adapter,
         } => {
             let budget = memory::parse_bytes(&budget).with_context(|| {
                 format!("--budget '{budget}': expected a size such as 24GiB or 512MiB")
@@ -443,7 +448,7 @@ fn run(cli: Cli) -> Result<()> {
                 None => open_model(Path::new(&model))?.config().clone(),
             };
             // The same names as `rec train` and bench-train take (q or q_proj ...); a
-            // generation plan has no adapter, so its targets are not read.
+            // generation plan without --adapter does not read them.
             let target_list = || -> Result<Vec<String>> {
                 let t =
                     parse_targets(&targets).with_context(|| format!("--targets '{targets}'"))?;
@@ -455,7 +460,11 @@ fn run(cli: Cli) -> Result<()> {
                     prompt: seq,
                     max_new,
                     budget,
-                    adapter: None,
+                    adapter: if adapter {
+                        Some((lora_r, target_list()?))
+                    } else {
+                        None
+                    },
                 };
                 let p = memory::plan_generation(&setup).map_err(anyhow::Error::msg)?;
                 println!("generation plan: {model}, a {seq}-token prompt + {max_new} new tokens\n");
