@@ -67,6 +67,40 @@ pub fn restore_default_sigpipe() {
     }
 }
 
+/// Set by the first Ctrl-C (SIGINT) after [`stop_on_interrupt`]: long work checks it between
+/// units (a training update) and stops cleanly, saving what it has.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Make the first Ctrl-C a request to stop after the current unit of work (see
+/// [`interrupted`]), and the second one end the process as usual.
+pub fn stop_on_interrupt() {
+    #[cfg(unix)]
+    {
+        extern "C" fn on_sigint(_: libc::c_int) {
+            const MSG: &[u8] =
+                b"\ninterrupt: stopping after this update and saving (Ctrl-C again to abort)\n";
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+            // SAFETY: write(2) and signal(2) are async-signal-safe; MSG is a static buffer.
+            unsafe {
+                libc::write(2, MSG.as_ptr().cast(), MSG.len());
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+            }
+        }
+        // SAFETY: the handler only stores to an atomic and calls async-signal-safe functions.
+        unsafe {
+            libc::signal(
+                libc::SIGINT,
+                on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
+}
+
+/// Whether a Ctrl-C asked the work to stop (after [`stop_on_interrupt`]).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod host_memory_tests {
     /// glibc takes both thresholds (it refuses values it cannot use by returning 0), unless the

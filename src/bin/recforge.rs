@@ -1316,6 +1316,8 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let first = trainer.step;
     let mut tokens = 0usize;
+    // Ctrl-C: finish the update in flight, save the checkpoint and the adapter, exit 130.
+    recforge::stop_on_interrupt();
     while !trainer.done() {
         let r = trainer.step()?;
         tokens += r.tokens;
@@ -1342,10 +1344,14 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         } else {
             eprintln!("{line}");
         }
+        let stop = recforge::interrupted();
         if let Some(dir) = &a.checkpoint_dir {
-            if trainer.step % a.checkpoint_every == 0 || trainer.done() {
+            if trainer.step % a.checkpoint_every == 0 || trainer.done() || stop {
                 trainer.save_checkpoint(dir)?;
             }
+        }
+        if stop {
+            break;
         }
     }
     if tty {
@@ -1360,6 +1366,22 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         trainer.step,
         human_secs(t0.elapsed().as_secs_f64())
     );
+    if !trainer.done() {
+        eprintln!(
+            "interrupted at update {} of {}{}",
+            trainer.step,
+            config.steps,
+            match &a.checkpoint_dir {
+                Some(dir) => format!(
+                    "; the checkpoint in {} continues it: --resume {}",
+                    dir.display(),
+                    dir.display()
+                ),
+                None => " (no --checkpoint-dir: the adapter is all that was kept)".into(),
+            }
+        );
+        std::process::exit(130);
+    }
     Ok(())
 }
 
