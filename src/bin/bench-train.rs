@@ -659,7 +659,21 @@ fn run_steps<B: Backend>(
     let start = Instant::now();
     let mut warm = vec![];
     let mut measured = vec![];
+    // Ctrl-C ends the measurement after the step in flight, as --time-limit does: the steps
+    // measured so far are reported.
+    recforge::stop_on_interrupt();
     for i in 0..total {
+        if recforge::interrupted() {
+            if measured.is_empty() {
+                bail!("interrupted before the first measured step: nothing to report");
+            }
+            eprintln!(
+                "bench-train: interrupted after {} of {} measured steps",
+                measured.len(),
+                args.steps
+            );
+            break;
+        }
         if let (Some(limit), false) = (args.time_limit, measured.is_empty()) {
             if start.elapsed().as_secs_f64() > limit {
                 eprintln!(
@@ -781,7 +795,7 @@ fn bench<B: Backend>(
         (Some(a), Some(b)) => Some(b.device_allocations - a.device_allocations),
         _ => None,
     };
-    let profile = if args.profile {
+    let profile = if args.profile && !recforge::interrupted() {
         profile_step(be, &mut trainer)?
     } else {
         None
@@ -1084,7 +1098,8 @@ fn bench<B: Backend>(
                 "warmup_steps": args.warmup,
                 "measured_steps": measured.len(),
                 "requested_steps": args.steps,
-                "stopped_by_time_limit": measured.len() < args.steps,
+                "stopped_by_time_limit": measured.len() < args.steps && !recforge::interrupted(),
+                "stopped_by_interrupt": measured.len() < args.steps && recforge::interrupted(),
                 "seed": args.seed,
                 // GEMM tile overrides (ops::Tile): "auto" = the per-shape pick.
                 "w8a8_tile": std::env::var("RECFORGE_W8A8_TILE").unwrap_or_else(|_| "auto".into()),
