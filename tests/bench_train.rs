@@ -1,6 +1,8 @@
 //! `bench-train` end to end: a short run on the CPU reference and on the simulator (and on CUDA
 //! when a GPU is usable), checked through its JSON; bad input gives a clear error, never a panic.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -404,70 +406,32 @@ fn time_limit_stops_measuring_after_one_step() {
 #[cfg(unix)]
 #[test]
 fn an_interrupt_stops_measuring_and_reports() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("i.json");
-    let mut child = Command::new(bin())
-        .args([
-            "--device",
-            "cpu",
-            "--model",
-            "tiny",
-            "--batch",
-            "1",
-            "--seq",
-            "16",
-            "--accum",
-            "1",
-            "--warmup",
-            "0",
-            "--steps",
-            "100000",
-            "--json",
-            json.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run bench-train");
-    // A run that ignored the interrupt would go on for a long time: after 120 s it is killed,
-    // and the test fails on its exit status instead of hanging.
-    let (done, watch) = std::sync::mpsc::channel::<()>();
-    let pid = child.id() as libc::pid_t;
-    let watchdog = std::thread::spawn(move || {
-        if watch
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .is_err()
-        {
-            // SAFETY: kill(2) on the child, not yet reaped (the test waits for it first).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    });
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        log.push_str(&line);
-        log.push('\n');
-        if line.starts_with("step 2/") {
-            break;
-        }
-    }
-    assert!(log.contains("step 2/"), "{log}");
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
-    for line in lines {
-        log.push_str(&line.unwrap());
-        log.push('\n');
-    }
-    let out = child.wait_with_output().unwrap();
-    let _ = done.send(());
-    watchdog.join().unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "--device",
+        "cpu",
+        "--model",
+        "tiny",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--accum",
+        "1",
+        "--warmup",
+        "0",
+        "--steps",
+        "100000",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let out = common::interrupt_after(cmd, "step 2/");
+    let log = &out.stderr;
     assert!(out.status.success(), "{log}");
     assert!(log.contains("bench-train: interrupted after "), "{log}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("throughput"), "{stdout}");
+    assert!(out.stdout.contains("throughput"), "{}", out.stdout);
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let n = v["config"]["measured_steps"].as_u64().unwrap();
     assert!((2..100000).contains(&n), "{n}");

@@ -626,75 +626,36 @@ fn rec_train_on_a_device_runs_inside_the_planned_arena() {
 #[cfg(unix)]
 #[test]
 fn an_interrupted_training_saves_and_resumes() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let (d, f) = fixture(&FixtureSpec::default());
     let dir = d.path();
     let model = f.hf_dir.to_str().unwrap();
     write_samples(&dir.join("data.json"), 8);
     let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
-    let mut child = Command::new(common::recforge_bin())
-        .args([
-            "rec",
-            "train",
-            "--model",
-            model,
-            "--data",
-            &p("data.json"),
-            "--out",
-            &p("adapter"),
-            "--steps",
-            "100000",
-            "--batch",
-            "2",
-            "--accum",
-            "1",
-            "--checkpoint-dir",
-            &p("ckpt"),
-            "--checkpoint-every",
-            "1000",
-            "--device",
-            "cpu",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run recforge");
-    // A run that ignored the interrupt would train for a long time: after 120 s the child is
-    // killed, and the test fails on its exit status instead of hanging.
-    let (done, watch) = std::sync::mpsc::channel::<()>();
-    let pid = child.id() as libc::pid_t;
-    let watchdog = std::thread::spawn(move || {
-        if watch
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .is_err()
-        {
-            // SAFETY: kill(2) on the child, not yet reaped (the test waits for it first).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    });
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        log.push_str(&line);
-        log.push('\n');
-        if line.starts_with("update 2/") {
-            break;
-        }
-    }
-    assert!(log.contains("update 2/"), "{log}");
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
-        0
-    );
-    for line in lines {
-        log.push_str(&line.unwrap());
-        log.push('\n');
-    }
-    let status = child.wait().unwrap();
-    let _ = done.send(());
-    watchdog.join().unwrap();
+    let mut cmd = Command::new(common::recforge_bin());
+    cmd.args([
+        "rec",
+        "train",
+        "--model",
+        model,
+        "--data",
+        &p("data.json"),
+        "--out",
+        &p("adapter"),
+        "--steps",
+        "100000",
+        "--batch",
+        "2",
+        "--accum",
+        "1",
+        "--checkpoint-dir",
+        &p("ckpt"),
+        "--checkpoint-every",
+        "1000",
+        "--device",
+        "cpu",
+    ]);
+    let run = common::interrupt_after(cmd, "update 2/");
+    let (status, log) = (run.status, run.stderr);
     assert_eq!(status.code(), Some(130), "{log}");
     assert!(
         log.contains("interrupt: stopping after this update"),

@@ -87,3 +87,70 @@ pub fn recforge_bin() -> std::path::PathBuf {
         _ => built,
     }
 }
+
+/// What [`interrupt_after`] saw: the exit status, all of stderr, all of stdout.
+#[cfg(unix)]
+pub struct Interrupted {
+    pub status: std::process::ExitStatus,
+    pub stderr: String,
+    pub stdout: String,
+}
+
+/// Runs `cmd` until a line of its stderr starts with `marker`, then sends it SIGINT (Ctrl-C)
+/// and waits for it. A child that ignores the interrupt is killed after 120 s, so the test
+/// fails on its exit status instead of hanging.
+#[cfg(unix)]
+pub fn interrupt_after(mut cmd: std::process::Command, marker: &str) -> Interrupted {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    let pid = child.id() as libc::pid_t;
+    let (done, watch) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if watch
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .is_err()
+        {
+            // SAFETY: kill(2) on the child, not yet reaped (the caller's wait comes first).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    // stdout is drained beside stderr, so a child that prints a lot cannot block on it.
+    let mut out = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+    let mut stderr = String::new();
+    let mut sent = false;
+    for line in lines.by_ref() {
+        let line = line.expect("stderr is text");
+        stderr.push_str(&line);
+        stderr.push('\n');
+        if line.starts_with(marker) {
+            // SAFETY: kill(2) on our own child's pid.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+            sent = true;
+            break;
+        }
+    }
+    for line in lines {
+        stderr.push_str(&line.expect("stderr is text"));
+        stderr.push('\n');
+    }
+    let status = child.wait().expect("wait for the command");
+    let _ = done.send(());
+    watchdog.join().expect("watchdog");
+    assert!(sent, "no line starting with {marker:?}: {stderr}");
+    Interrupted {
+        status,
+        stderr,
+        stdout: reader.join().expect("stdout reader"),
+    }
+}
