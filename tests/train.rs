@@ -316,6 +316,18 @@ fn checkpoints_never_replace_other_folders() {
         .collect();
     names.sort();
     assert_eq!(names, ["ck", "file", "other"]);
+
+    // A save killed between its two renames: the checkpoint is only under its hidden name, and
+    // resuming says where it is.
+    std::fs::rename(&ck, dir.path().join(".ck.old-999")).unwrap();
+    let e = match Trainer::resume(&be, &m, &ck, tiny_data(m.config.vocab_size), None) {
+        Ok(_) => panic!("resumed from a missing checkpoint"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("interrupted") && e.contains(".ck.old-999"),
+        "{e}"
+    );
 }
 
 /// Trains the same run on the CPU and on each device; `grad_tol` bounds the relative L2

@@ -212,6 +212,36 @@ fn sibling(dir: &Path, what: &str) -> std::path::PathBuf {
     ))
 }
 
+/// A complete checkpoint that an interrupted save left beside `dir` under one of the hidden
+/// names of [`sibling`] (the previous one moved aside, or the new one not yet renamed), the
+/// newest first.
+fn saved_beside(dir: &Path) -> Option<std::path::PathBuf> {
+    let name = dir.file_name()?.to_string_lossy().into_owned();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut found: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(parent)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(&format!(".{name}.old-")) || n.starts_with(&format!(".{name}.tmp-"))
+        })
+        .map(|e| e.path())
+        .filter(|p| p.join("trainer_state.json").is_file())
+        .filter_map(|p| {
+            let t = std::fs::metadata(p.join("trainer_state.json"))
+                .ok()?
+                .modified()
+                .ok()?;
+            Some((t, p))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p)
+}
+
 /// A checkpoint folder replaces what is at `dir`, so `dir` must be absent, an empty folder, or
 /// an earlier checkpoint (it holds a recforge trainer state): a mistyped path to a folder of
 /// other files is refused, never deleted. Call it before training to fail at once.
@@ -548,7 +578,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
         steps: Option<usize>,
     ) -> Result<Self> {
         let sp = dir.join("trainer_state.json");
-        let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+        let text = std::fs::read_to_string(&sp).map_err(|e| match saved_beside(dir) {
+            // A save killed between its two renames leaves the checkpoint under a hidden name.
+            Some(other) if !dir.exists() => Error::Invalid(format!(
+                "{}: no checkpoint there, but a save of it was interrupted and left a complete \
+                 one in {}: rename that to {} to resume from it",
+                dir.display(),
+                other.display(),
+                dir.display()
+            )),
+            _ => Error::io(&sp, e),
+        })?;
         let state: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(&sp, format!("not valid JSON: {e}")))?;
         if state.get("format").and_then(Value::as_str) != Some("recforge-trainer-state") {
