@@ -410,7 +410,6 @@ fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
 fn the_generation_plan_is_the_measured_peak_of_generate() {
     use recforge::backend::SamplingParams;
     use recforge::infer::generate::{generate_with, GenerateOptions};
-    use recforge::model::llama::AdapterView;
     use recforge::model::lora::{HostAdapter, LoraConfig};
     use recforge::model::random::random_llama;
     use recforge::train::DevAdapter;
@@ -499,10 +498,7 @@ fn the_generation_plan_is_the_measured_peak_of_generate() {
             let host = HostAdapter::init(&cfg, &lora, 5, "plan").unwrap();
             DevAdapter::upload_frozen(&be, &host).unwrap()
         });
-        let view = dev.as_ref().map(|d| AdapterView {
-            rank: d.config.r,
-            layers: d.layers.iter().map(|(k, p)| (*k, &p.lora)).collect(),
-        });
+        let view = dev.as_ref().map(DevAdapter::view);
         let mut rng = Rng::new(prompt as u64);
         let ids: Vec<u32> = (0..prompt)
             .map(|_| rng.below(cfg.vocab_size as u64) as u32)

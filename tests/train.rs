@@ -513,10 +513,7 @@ fn inference_forward_with_an_adapter<B: Backend>(be: &B, path: &std::path::Path,
     };
     let host = random_adapter(&m.config, &lora, 77);
     let dev = DevAdapter::upload_frozen(be, &host).unwrap();
-    let view = AdapterView {
-        rank: lora.r,
-        layers: dev.layers.iter().map(|(k, p)| (*k, &p.lora)).collect(),
-    };
+    let view = dev.view();
     let mut rng = Rng::new(5);
     let ids: Vec<u32> = (0..13)
         .map(|_| rng.below(m.config.vocab_size as u64) as u32)

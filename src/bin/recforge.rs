@@ -13,7 +13,6 @@ use recforge::backend::SamplingParams;
 use recforge::infer::generate::{generate_with as generate_tokens, GenerateOptions, StopReason};
 use recforge::kernels;
 use recforge::memory;
-use recforge::model::llama::AdapterView;
 use recforge::model::lora::parse_targets;
 use recforge::model::{self, Llama, LoadOptions};
 use recforge::rec;
@@ -634,10 +633,7 @@ fn generate_on<B: Backend>(
         }
         None => None,
     };
-    let view = dev_adapter.as_ref().map(|d| AdapterView {
-        rank: d.config.r,
-        layers: d.layers.iter().map(|(k, p)| (*k, &p.lora)).collect(),
-    });
+    let view = dev_adapter.as_ref().map(DevAdapter::view);
     let text = match (raw, tok.chat_prompt(prompt)) {
         (false, Some(chat)) => chat,
         _ => prompt.to_string(),
@@ -1236,17 +1232,20 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     if data.is_empty() {
         bail!("{}: no usable training samples", a.data.display());
     }
+    // The plan names every byte of the run; it also decides, under auto, how many layers
+    // recompute (a resumed run takes the command line's choice: it changes no number).
+    let choice = checkpoint_choice(a.checkpointing, a.no_checkpointing);
+    let planned = |config: &TrainConfig| -> Result<memory::TrainSetup> {
+        let mut setup = config.memory_setup(&m.config, budget);
+        setup.checkpointing = memory::choose_checkpointing(choice, &setup)
+            .map_err(anyhow::Error::msg)
+            .context("--checkpointing")?;
+        Ok(setup)
+    };
     if be.memory_stats().is_none() && a.resume.is_none() {
         // The CPU: no device budget, but a run the host cannot hold is refused before the
         // adapter and its optimizer state are allocated (the model is already loaded).
-        let mut setup = config.memory_setup(&m.config, budget);
-        setup.checkpointing = memory::choose_checkpointing(
-            checkpoint_choice(a.checkpointing, a.no_checkpointing),
-            &setup,
-        )
-        .map_err(anyhow::Error::msg)
-        .context("--checkpointing")?;
-        let p = memory::plan_training(&setup).map_err(anyhow::Error::msg)?;
+        let p = memory::plan_training(&planned(&config)?).map_err(anyhow::Error::msg)?;
         let loaded = p.category_total("weights (int8)") + p.category_total("kept precision");
         if let Some(avail) = memory::host_available() {
             memory::check_host(
@@ -1267,13 +1266,7 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         }
         None => Trainer::new(be, &m, config.clone(), data, &a.model.display().to_string())?,
     };
-    // The plan names every byte of the run; it also decides, under auto, how many layers
-    // recompute (a resumed run takes the command line's choice: it changes no number).
-    let choice = checkpoint_choice(a.checkpointing, a.no_checkpointing);
-    let mut setup = trainer.config.memory_setup(&m.config, budget);
-    setup.checkpointing = memory::choose_checkpointing(choice, &setup)
-        .map_err(anyhow::Error::msg)
-        .context("--checkpointing")?;
+    let setup = planned(&trainer.config)?;
     trainer.set_checkpointing(setup.checkpointing)?;
     config = trainer.config.clone();
     if be.memory_stats().is_some() {

@@ -54,6 +54,23 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every type recforge reads.
+    pub const ALL: [GgmlType; 13] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
     pub fn from_id(id: u32) -> Option<Self> {
         Some(match id {
             0 => GgmlType::F32,
@@ -476,10 +493,10 @@ impl GgufFile {
             Error::unsupported(
                 &self.path,
                 format!(
-                    "tensor '{}' has ggml type {}; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, \
-                     Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K",
+                    "tensor '{}' has ggml type {}; supported: {}",
                     t.name,
-                    ggml_type_name(t.type_id)
+                    ggml_type_name(t.type_id),
+                    GgmlType::ALL.map(GgmlType::name).join(", ")
                 ),
             )
         })?;
@@ -881,6 +898,22 @@ pub fn encode(metadata: &[(String, Value)], tensors: &[WriteTensor]) -> Vec<u8> 
 #[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_type_id_read_is_listed_once() {
+        for ty in GgmlType::ALL {
+            assert_eq!(GgmlType::from_id(ty.id()), Some(ty), "{}", ty.name());
+            assert_eq!(GgmlType::ALL.iter().filter(|&&t| t == ty).count(), 1);
+        }
+        for id in 0..64 {
+            if let Some(ty) = GgmlType::from_id(id) {
+                assert!(
+                    GgmlType::ALL.contains(&ty),
+                    "type id {id} is read but not listed"
+                );
+            }
+        }
+    }
 
     fn h(x: f32) -> [u8; 2] {
         f16::from_f32(x).to_bits().to_le_bytes()

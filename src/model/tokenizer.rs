@@ -175,15 +175,48 @@ fn pre_tokenizer_for(path: &Path, pre: &str) -> Result<Json> {
     })
 }
 
+/// The error for tokenizer metadata `key` that is absent or not what it should be.
+fn missing_metadata(path: &Path, key: &str) -> Error {
+    Error::format(
+        path,
+        format!("no tokenizer in this GGUF file: metadata '{key}' is missing or malformed"),
+    )
+}
+
+/// Each entry of the metadata array `key`, through `conv`: None when the key is absent, an
+/// error naming it when it is not an array or an entry does not convert.
+fn metadata_array<'a, T>(
+    f: &'a GgufFile,
+    key: &str,
+    conv: impl Fn(&'a Value) -> Option<T>,
+) -> Result<Option<Vec<T>>> {
+    let Some(v) = f.get(key) else {
+        return Ok(None);
+    };
+    let bad = || missing_metadata(f.path(), key);
+    v.as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|x| conv(x).ok_or_else(bad))
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
+/// That a per-token metadata array has one entry per token.
+fn per_token(path: &Path, key: &str, len: usize, tokens: usize) -> Result<()> {
+    if len == tokens {
+        return Ok(());
+    }
+    Err(Error::format(
+        path,
+        format!("{key} has {len} entries for {tokens} tokens"),
+    ))
+}
+
 /// Build the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
 pub fn from_gguf(f: &GgufFile) -> Result<TextTokenizer> {
     let path = f.path();
-    let missing = |k: &str| {
-        Error::format(
-            path,
-            format!("no tokenizer in this GGUF file: metadata '{k}' is missing or malformed"),
-        )
-    };
+    let missing = |k: &str| missing_metadata(path, k);
     let model = f
         .get("tokenizer.ggml.model")
         .and_then(|v| v.as_str())
@@ -197,41 +230,15 @@ pub fn from_gguf(f: &GgufFile) -> Result<TextTokenizer> {
             ),
         ));
     }
-    let tokens: Vec<&str> = f
-        .get("tokenizer.ggml.tokens")
-        .and_then(|v| v.as_array())
-        .ok_or_else(|| missing("tokenizer.ggml.tokens"))?
-        .iter()
-        .map(|v| v.as_str().ok_or_else(|| missing("tokenizer.ggml.tokens")))
-        .collect::<Result<_>>()?;
-    let merges: Vec<&str> = match f.get("tokenizer.ggml.merges") {
-        Some(v) => v
-            .as_array()
-            .ok_or_else(|| missing("tokenizer.ggml.merges"))?
-            .iter()
-            .map(|v| v.as_str().ok_or_else(|| missing("tokenizer.ggml.merges")))
-            .collect::<Result<_>>()?,
-        None => vec![],
-    };
-    let types: Vec<u64> = match f.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .as_array()
-            .ok_or_else(|| missing("tokenizer.ggml.token_type"))?
-            .iter()
-            .map(|t| t.as_u64().unwrap_or(1))
-            .collect(),
-        None => vec![1; tokens.len()],
-    };
-    if types.len() != tokens.len() {
-        return Err(Error::format(
-            path,
-            format!(
-                "tokenizer.ggml.token_type has {} entries for {} tokens",
-                types.len(),
-                tokens.len()
-            ),
-        ));
-    }
+    let tokens: Vec<&str> = metadata_array(f, "tokenizer.ggml.tokens", Value::as_str)?
+        .ok_or_else(|| missing("tokenizer.ggml.tokens"))?;
+    let merges: Vec<&str> =
+        metadata_array(f, "tokenizer.ggml.merges", Value::as_str)?.unwrap_or_default();
+    let types: Vec<u64> = metadata_array(f, "tokenizer.ggml.token_type", |t| {
+        Some(t.as_u64().unwrap_or(1))
+    })?
+    .unwrap_or_else(|| vec![1; tokens.len()]);
+    per_token(path, "tokenizer.ggml.token_type", types.len(), tokens.len())?;
     let pre = f
         .get("tokenizer.ggml.pre")
         .and_then(|v| v.as_str())
@@ -263,27 +270,10 @@ pub fn from_gguf(f: &GgufFile) -> Result<TextTokenizer> {
         .map(String::from);
     let bos_to_add = if add_bos { bos } else { None };
     let json = if model == "llama" {
-        let scores: Vec<f32> = f
-            .get("tokenizer.ggml.scores")
-            .and_then(|v| v.as_array())
-            .ok_or_else(|| missing("tokenizer.ggml.scores"))?
-            .iter()
-            .map(|v| {
-                v.as_f64()
-                    .map(|x| x as f32)
-                    .ok_or_else(|| missing("tokenizer.ggml.scores"))
-            })
-            .collect::<Result<_>>()?;
-        if scores.len() != tokens.len() {
-            return Err(Error::format(
-                path,
-                format!(
-                    "tokenizer.ggml.scores has {} entries for {} tokens",
-                    scores.len(),
-                    tokens.len()
-                ),
-            ));
-        }
+        let scores: Vec<f32> =
+            metadata_array(f, "tokenizer.ggml.scores", |v| v.as_f64().map(|x| x as f32))?
+                .ok_or_else(|| missing("tokenizer.ggml.scores"))?;
+        per_token(path, "tokenizer.ggml.scores", scores.len(), tokens.len())?;
         let unk = id_of("tokenizer.ggml.unknown_token_id").filter(|&u| (u as usize) < tokens.len());
         let space_prefix = f
             .get("tokenizer.ggml.add_space_prefix")

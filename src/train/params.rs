@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::backend::{Backend, Lora, Tensor};
 use crate::error::{Error, Result};
+use crate::model::llama::AdapterView;
 use crate::model::lora::{HostAdapter, HostLora, LoraConfig, Target};
 use crate::tensor::{DType, HostTensor};
 
@@ -37,6 +38,14 @@ fn download_f32<B: Backend>(be: &B, t: &Tensor<B>) -> Result<Vec<f32>> {
 }
 
 impl<B: Backend> DevAdapter<B> {
+    /// The adapter as the inference forward applies it (`Llama::forward_logits_with`).
+    pub fn view(&self) -> AdapterView<'_, B> {
+        AdapterView {
+            rank: self.config.r,
+            layers: self.layers.iter().map(|(k, p)| (*k, &p.lora)).collect(),
+        }
+    }
+
     /// Upload an adapter with zeroed gradients and moments.
     pub fn upload(be: &B, host: &HostAdapter) -> Result<Self> {
         Self::upload_with(be, host, true)

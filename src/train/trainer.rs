@@ -201,6 +201,9 @@ impl TrainConfig {
     }
 }
 
+/// The `format` of a checkpoint's trainer_state.json.
+const STATE_FORMAT: &str = "recforge-trainer-state";
+
 /// A hidden name next to `dir` for a checkpoint being written or replaced.
 fn sibling(dir: &Path, what: &str) -> std::path::PathBuf {
     dir.with_file_name(format!(
@@ -213,33 +216,28 @@ fn sibling(dir: &Path, what: &str) -> std::path::PathBuf {
 }
 
 /// A complete checkpoint that an interrupted save left beside `dir` under one of the hidden
-/// names of [`sibling`] (the previous one moved aside, or the new one not yet renamed), the
-/// newest first.
+/// names of [`sibling`] (the previous one moved aside, or the new one not yet renamed): the
+/// newest, if there are several.
 fn saved_beside(dir: &Path) -> Option<std::path::PathBuf> {
     let name = dir.file_name()?.to_string_lossy().into_owned();
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut found: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(parent)
+    let (old, tmp) = (format!(".{name}.old-"), format!(".{name}.tmp-"));
+    std::fs::read_dir(parent)
         .ok()?
         .filter_map(|e| e.ok())
         .filter(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with(&format!(".{name}.old-")) || n.starts_with(&format!(".{name}.tmp-"))
+            n.starts_with(&old) || n.starts_with(&tmp)
         })
-        .map(|e| e.path())
-        .filter(|p| p.join("trainer_state.json").is_file())
-        .filter_map(|p| {
-            let t = std::fs::metadata(p.join("trainer_state.json"))
-                .ok()?
-                .modified()
-                .ok()?;
-            Some((t, p))
+        .filter_map(|e| {
+            let t = std::fs::metadata(e.path().join("trainer_state.json")).ok()?;
+            Some((t.modified().ok()?, e.path()))
         })
-        .collect();
-    found.sort();
-    found.pop().map(|(_, p)| p)
+        .max()
+        .map(|(_, p)| p)
 }
 
 /// A checkpoint folder replaces what is at `dir`, so `dir` must be absent, an empty folder, or
@@ -265,9 +263,7 @@ pub fn check_checkpoint_dir(dir: &Path) -> Result<()> {
     }
     let state = std::fs::read_to_string(dir.join("trainer_state.json")).unwrap_or_default();
     let is_checkpoint = serde_json::from_str::<Value>(&state)
-        .ok()
-        .and_then(|v| v.get("format").and_then(Value::as_str).map(str::to_owned))
-        .is_some_and(|f| f == "recforge-trainer-state");
+        .is_ok_and(|v| v.get("format").and_then(Value::as_str) == Some(STATE_FORMAT));
     if is_checkpoint {
         Ok(())
     } else {
@@ -504,7 +500,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let host = self.host_adapter()?;
         let moments = self.adapter.moments_to_host(self.be)?;
-        check_checkpoint_dir(dir)?;
         let tmp = sibling(dir, "tmp");
         let res = (|| -> Result<()> {
             if tmp.exists() {
@@ -534,7 +529,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             std::fs::write(&p, crate::model::convert::safetensors_bytes(&refs))
                 .map_err(|e| Error::io(&p, e))?;
             let state = json!({
-                "format": "recforge-trainer-state",
+                "format": STATE_FORMAT,
                 "version": 1,
                 "step": self.step,
                 "config": self.config.to_json(),
@@ -544,6 +539,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let p = tmp.join("trainer_state.json");
             std::fs::write(&p, serde_json::to_string_pretty(&state).unwrap_or_default())
                 .map_err(|e| Error::io(&p, e))?;
+            // Refused here, a folder that is not a checkpoint is left as it was (and the new
+            // one removed with the rest of `tmp` below).
             check_checkpoint_dir(dir)?;
             if !dir.exists() {
                 return std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e));
@@ -591,7 +588,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         })?;
         let state: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(&sp, format!("not valid JSON: {e}")))?;
-        if state.get("format").and_then(Value::as_str) != Some("recforge-trainer-state") {
+        if state.get("format").and_then(Value::as_str) != Some(STATE_FORMAT) {
             return Err(Error::format(&sp, "not a recforge trainer state"));
         }
         let mut config = TrainConfig::from_json(
