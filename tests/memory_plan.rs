@@ -522,3 +522,160 @@ fn the_generation_plan_is_the_measured_peak_of_generate() {
         assert_eq!(st.device_allocations, 1, "{kind}, {what}: only the arena");
     }
 }
+
+#[test]
+fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
+    use recforge::backend::SamplingParams;
+    use recforge::infer::batch::{cache_layout, generate_batch, BatchOptions, Request};
+    use recforge::infer::generate::GenerateOptions;
+    use recforge::model::lora::{HostAdapter, LoraConfig};
+    use recforge::train::DevAdapter;
+    let tiny = shape("tiny").unwrap();
+    let adapter = |r: usize, targets: &str| Some((r, targets.to_string()));
+    // (what, model, shared prefix, own lengths, new tokens, max batch, block size, blocks,
+    // adapter): steps where the decode step, the W8A8 prefill (own > 16 rows), the shared
+    // prefix's prefill or the sampler is the peak.
+    let cases = [
+        (
+            "tiny, 6 prompts sharing 20 tokens, batch 4",
+            tiny.clone(),
+            20,
+            vec![3, 9, 1, 5, 12, 7],
+            5,
+            4,
+            16,
+            None,
+            None,
+        ),
+        (
+            "tiny, unshared prompts with a 40-token one (W8A8 prefill)",
+            tiny.clone(),
+            0,
+            vec![40, 6, 11],
+            4,
+            8,
+            16,
+            None,
+            None,
+        ),
+        (
+            "smollm2 shape, 2 layers, head_dim 64, batch 6 of 9",
+            smol(2, 700),
+            35,
+            vec![2, 4, 6, 8, 3, 5, 7, 9, 1],
+            3,
+            6,
+            8,
+            None,
+            None,
+        ),
+        (
+            "tiny with an adapter on q, v, o, down",
+            tiny.clone(),
+            17,
+            vec![20, 3, 4],
+            4,
+            3,
+            16,
+            None,
+            adapter(8, "q,v,o,down"),
+        ),
+        (
+            "head_dim 128, untied head, blocks of 4",
+            hd128(),
+            9,
+            vec![5, 2, 7],
+            3,
+            2,
+            4,
+            None,
+            None,
+        ),
+    ];
+    let kinds: Vec<String> = common::devices().iter().map(|d| d.name()).collect();
+    for ((what, cfg, shared, own, new, max_batch, bs, blocks, ad), kind) in cases
+        .into_iter()
+        .flat_map(|c| kinds.iter().map(move |k| (c.clone(), k)))
+    {
+        let mut rng = Rng::new(own.len() as u64);
+        let mut draw = |n: usize| -> Vec<u32> {
+            (0..n)
+                .map(|_| 3 + rng.below(cfg.vocab_size as u64 - 3) as u32)
+                .collect()
+        };
+        let prefix = draw(shared);
+        let requests: Vec<Request> = own
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                // Prompts differ right after the prefix.
+                let mut p = prefix.clone();
+                p.push(i as u32);
+                p.extend(draw(n - 1));
+                Request {
+                    prompt: p,
+                    options: GenerateOptions {
+                        max_new_tokens: new,
+                        stop_ids: vec![],
+                        sampling: SamplingParams::ITREK,
+                        seed: i as u64,
+                    },
+                }
+            })
+            .collect();
+        let opts = BatchOptions {
+            max_batch,
+            block_size: bs,
+            num_blocks: blocks,
+            share_prefix: true,
+        };
+        let layout = cache_layout(&requests, &opts);
+        assert_eq!(layout.shared_prefix, shared, "{what}");
+        let targets = ad.as_ref().map(|(_, t)| parse_targets(t).unwrap());
+        let plan = memory::plan_batch_generation(&memory::BatchGenerateSetup {
+            model: cfg.clone(),
+            prompts: requests.iter().map(|r| r.prompt.len()).collect(),
+            shared_prefix: layout.shared_prefix,
+            max_new: new,
+            max_running: layout.max_running,
+            block_size: bs,
+            num_blocks: layout.num_blocks,
+            holds_every_running: layout.holds_every_running,
+            budget: 24 * memory::GIB,
+            adapter: ad
+                .as_ref()
+                .zip(targets.as_ref())
+                .map(|((r, _), t)| (*r, t.iter().map(|t| t.short_name().to_string()).collect())),
+        })
+        .unwrap();
+        let be = Gpu::new(if kind.starts_with("sim") {
+            Device::sim()
+        } else {
+            Device::cuda(0).unwrap()
+        });
+        assert!(be.reserve_arena(plan.total()).unwrap());
+        let m = random_llama(&be, &cfg, 3).unwrap();
+        let dev = ad.as_ref().zip(targets).map(|((r, _), targets)| {
+            let lora = LoraConfig {
+                r: *r,
+                alpha: 16.0,
+                dropout: 0.0,
+                targets,
+            };
+            let host = HostAdapter::init(&cfg, &lora, 5, "plan").unwrap();
+            DevAdapter::upload_frozen(&be, &host).unwrap()
+        });
+        let view = dev.as_ref().map(DevAdapter::view);
+        let g = generate_batch(&be, &m, view.as_ref(), &requests, &opts, |_, _| Ok(()))
+            .unwrap_or_else(|e| panic!("{kind}, {what}: {e}\nplan:\n{}", plan.table()));
+        assert_eq!(g.stats.generated_tokens, new * requests.len(), "{what}");
+        let st = be.memory_stats().unwrap();
+        eprintln!(
+            "{kind}, {what}: plan {} B, measured peak {} B",
+            plan.total(),
+            st.peak
+        );
+        assert_peak_is_plan(&format!("{kind}, {what}"), st.peak, &plan);
+        assert_eq!(st.device_allocations, 1, "{kind}, {what}: only the arena");
+    }
+}

@@ -170,6 +170,62 @@ pub struct SeqSpan {
     pub kv_len: usize,
 }
 
+/// One attention step over a paged KV cache (`infer::paged` hands out the blocks): `queries`
+/// new tokens for each of the batch's sequences, whose K/V — the new ones included, already
+/// written by [`Backend::kv_write`] — sit in the slots their block tables name (slot = block ·
+/// block_size + offset, a row of the cache). Query i of a sequence of `len` tokens is at
+/// position len − queries + i and sees the keys at positions ≤ its own.
+pub struct PagedBatch<'a, B: Backend> {
+    pub block_size: usize,
+    /// `[sequences, max_blocks]` i32 on the backend: each sequence's blocks, padded with 0.
+    pub block_tables: &'a Tensor<B>,
+    /// `[sequences]` i32 on the backend: tokens in the cache per sequence.
+    pub context_lens: &'a Tensor<B>,
+    /// The same tables and lengths on the host (they size the launch and are checked there).
+    pub host_block_tables: &'a [i32],
+    pub host_context_lens: &'a [i32],
+    pub max_blocks: usize,
+    pub queries: usize,
+}
+
+impl<B: Backend> PagedBatch<'_, B> {
+    /// Checks the host tables against each other and a cache of `slots` rows: every length at
+    /// least `queries` and within its table, every block it uses inside the cache.
+    pub fn check(&self, op: &str, slots: usize) -> Result<()> {
+        let (n, mb, bs) = (
+            self.host_context_lens.len(),
+            self.max_blocks,
+            self.block_size,
+        );
+        if bs == 0 || self.queries == 0 || self.host_block_tables.len() != n * mb {
+            return Err(Error::Shape(format!(
+                "{op}: {} block-table entries for {n} sequences × {mb} blocks (block size {bs}, {} queries)",
+                self.host_block_tables.len(),
+                self.queries
+            )));
+        }
+        for (b, &len) in self.host_context_lens.iter().enumerate() {
+            if len < self.queries as i32 || len as usize > mb * bs {
+                return Err(Error::Invalid(format!(
+                    "{op}: sequence {b} has {len} tokens: at least its {} queries and at most {mb} blocks of {bs}",
+                    self.queries
+                )));
+            }
+            let used = (len as usize).div_ceil(bs);
+            let table = &self.host_block_tables[b * mb..][..used];
+            if let Some(bad) = table
+                .iter()
+                .find(|&&x| x < 0 || (x as usize + 1) * bs > slots)
+            {
+                return Err(Error::Invalid(format!(
+                    "{op}: sequence {b} names block {bad}, outside the cache of {slots} slots"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub trait Backend: Sized + Send + Sync {
     type Storage: Send + Sync;
 
@@ -463,6 +519,40 @@ pub trait Backend: Sized + Send + Sync {
         self.attention_backward(q, k, v, positions, spans, dy, dq, dk, dv)
     }
 
+    /// The paged KV cache's slot writes: row `host_slots[t]` of `k_cache` / `v_cache` (`[slots,
+    /// kv_heads, head_dim]`) becomes row t of `k` / `v` (`[T, kv_heads, head_dim]`); `slots` is
+    /// the same list on the backend (u32).
+    fn kv_write(
+        &self,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        slots: &Tensor<Self>,
+        host_slots: &[u32],
+        k_cache: &mut Tensor<Self>,
+        v_cache: &mut Tensor<Self>,
+    ) -> Result<()>;
+    /// Copy `n` rows of `t` from `src_row` to `dst_row` (ranges must not overlap): a paged-KV
+    /// block duplicated for copy-on-write.
+    fn copy_rows_within(
+        &self,
+        t: &mut Tensor<Self>,
+        src_row: usize,
+        dst_row: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// Causal GQA attention of `batch.queries` new tokens per sequence over the paged cache
+    /// (softmax scale 1/sqrt(head_dim)): q, out `[sequences · queries, heads, head_dim]`, caches
+    /// `[slots, kv_heads, head_dim]`. The same numbers as [`Backend::attention`] over the
+    /// sequence's K/V stored contiguously (to the backend's rounding).
+    fn paged_attention(
+        &self,
+        q: &Tensor<Self>,
+        k_cache: &Tensor<Self>,
+        v_cache: &Tensor<Self>,
+        batch: &PagedBatch<'_, Self>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+
     /// One token per row of f32 `logits` `[B, V]`, drawn with the caller's `uniforms[b]` in
     /// [0, 1) under `params[b]`, exactly as `sampling::sample_row` defines it (so every backend
     /// picks the same token). A row with a NaN or +inf, or no finite logit, is an error naming it.
@@ -524,6 +614,84 @@ pub fn expect_dtype<B: Backend>(op: &str, what: &str, t: &Tensor<B>, dtype: DTyp
         )));
     }
     Ok(())
+}
+
+/// Shape checks shared by every backend's `kv_write`; returns (tokens, row, cache slots).
+pub fn check_kv_write<B: Backend>(
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    slots: &Tensor<B>,
+    host_slots: &[u32],
+    k_cache: &Tensor<B>,
+    v_cache: &Tensor<B>,
+) -> Result<(usize, usize, usize)> {
+    let op = "kv_write";
+    let (t, row) = k.outer_rows();
+    let (cache_slots, cache_row) = k_cache.outer_rows();
+    if v.shape != k.shape
+        || v_cache.shape != k_cache.shape
+        || k.dtype != k_cache.dtype
+        || v.dtype != k.dtype
+        || v_cache.dtype != k.dtype
+        || row != cache_row
+        || host_slots.len() != t
+        || slots.numel() != t
+    {
+        return Err(Error::Shape(format!(
+            "{op}: k {:?} / v {:?} {} with {} slots ({} on the host) into caches {:?} / {:?} {}",
+            k.shape,
+            v.shape,
+            k.dtype,
+            slots.numel(),
+            host_slots.len(),
+            k_cache.shape,
+            v_cache.shape,
+            k_cache.dtype
+        )));
+    }
+    if let Some(bad) = host_slots.iter().find(|&&s| s as usize >= cache_slots) {
+        return Err(Error::Invalid(format!(
+            "{op}: slot {bad} is outside the cache of {cache_slots} slots"
+        )));
+    }
+    Ok((t, row, cache_slots))
+}
+
+/// Shape checks shared by every backend's `paged_attention`; returns (heads, kv_heads,
+/// head_dim, cache slots).
+pub fn check_paged_attention<B: Backend>(
+    q: &Tensor<B>,
+    k_cache: &Tensor<B>,
+    v_cache: &Tensor<B>,
+    batch: &PagedBatch<'_, B>,
+    out: &Tensor<B>,
+) -> Result<(usize, usize, usize, usize)> {
+    let op = "paged_attention";
+    if q.shape.len() != 3 || k_cache.shape.len() != 3 {
+        return Err(Error::Shape(format!(
+            "{op}: q {:?} and the K cache {:?} must be [rows, heads, head_dim]",
+            q.shape, k_cache.shape
+        )));
+    }
+    let (rows, heads, hd) = (q.shape[0], q.shape[1], q.shape[2]);
+    let (slots, kvh, khd) = (k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]);
+    let nseq = batch.host_context_lens.len();
+    if v_cache.shape != k_cache.shape
+        || out.shape != q.shape
+        || khd != hd
+        || kvh == 0
+        || heads % kvh != 0
+        || rows != nseq * batch.queries
+        || batch.context_lens.numel() != nseq
+        || batch.block_tables.numel() != batch.host_block_tables.len()
+    {
+        return Err(Error::Shape(format!(
+            "{op}: q {:?}, out {:?}, caches {:?} / {:?} for {nseq} sequences × {} queries",
+            q.shape, out.shape, k_cache.shape, v_cache.shape, batch.queries
+        )));
+    }
+    batch.check(op, slots)?;
+    Ok((heads, kvh, hd, slots))
 }
 
 /// Checks spans against the q / kv row counts.

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use recforge::backend::gpu::{probe_cuda, Chosen, DeviceChoice};
 use recforge::backend::Backend;
 use recforge::backend::SamplingParams;
+use recforge::infer::batch::{cache_layout, generate_batch, BatchOptions, Request};
 use recforge::infer::generate::{generate_with as generate_tokens, GenerateOptions, StopReason};
 use recforge::kernels;
 use recforge::memory;
@@ -41,8 +42,31 @@ enum Cmd {
         /// A .gguf file or a Hugging Face folder (config.json + safetensors + tokenizer.json).
         #[arg(long, default_value = DEFAULT_MODEL)]
         model: PathBuf,
+        /// The prompt (or give --prompts).
+        #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+        prompt: Option<String>,
+        /// A file of prompts, completed together in batches over the paged KV cache: JSON Lines,
+        /// each line a JSON string or an object with a "prompt" field (any other line is the
+        /// prompt's text itself). Writes one JSON line per prompt, in file order, to stdout or
+        /// --out. Prompt i samples with seed --seed + i.
         #[arg(long)]
-        prompt: String,
+        prompts: Option<PathBuf>,
+        /// With --prompts: sequences decoded together at most.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// With --prompts: tokens per KV-cache block.
+        #[arg(long, default_value_t = 16)]
+        block_size: usize,
+        /// With --prompts: KV-cache blocks (default: enough for --batch sequences of the longest
+        /// prompt + --max-new-tokens; fewer make sequences wait or be preempted and recomputed).
+        #[arg(long)]
+        kv_blocks: Option<usize>,
+        /// With --prompts: do not compute the prefix common to every prompt once.
+        #[arg(long)]
+        no_prefix_sharing: bool,
+        /// With --prompts: write the JSON lines here (through a temporary file) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// A PEFT LoRA adapter folder (e.g. from `rec train`) applied to the projections it
         /// targets, unmerged: the int8 base plus the f32 low-rank path, as in training.
         #[arg(long)]
@@ -151,8 +175,8 @@ enum Cmd {
         /// (--lora-r, --targets) applied.
         #[arg(long)]
         score: bool,
-        /// With --score: tokens every prompt shares (computed once).
-        #[arg(long, default_value_t = 0, requires = "score")]
+        /// With --score or --prompts: tokens every prompt shares (computed once).
+        #[arg(long, default_value_t = 0)]
         prefix: usize,
         /// Plan a generation (`recforge generate`) instead: a --seq-token prompt, then this
         /// many new tokens in its KV cache.
@@ -162,6 +186,11 @@ enum Cmd {
         /// `generate --adapter` does.
         #[arg(long, requires = "generate")]
         adapter: bool,
+        /// With --generate: plan `generate --prompts` instead — this many prompts of --seq
+        /// tokens (the first --prefix shared by all), --batch of them decoded together over a
+        /// paged KV cache in blocks of 16 tokens; with --solve, the largest --batch that fits.
+        #[arg(long, requires = "generate")]
+        prompts: Option<usize>,
     },
 }
 
@@ -320,6 +349,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate {
             model,
             prompt,
+            prompts,
+            batch,
+            block_size,
+            kv_blocks,
+            no_prefix_sharing,
+            out,
             adapter,
             max_new_tokens,
             sampling,
@@ -362,7 +397,29 @@ fn run(cli: Cli) -> Result<()> {
                 budget,
                 adapter,
             };
-            generate(&model, &prompt, gen, device, raw, opts)
+            let what = match (prompt, prompts) {
+                (Some(p), _) => Prompts::One(p),
+                (None, Some(file)) => {
+                    if out.as_deref() == Some(file.as_path()) {
+                        bail!(
+                            "--out {} would overwrite the --prompts file",
+                            file.display()
+                        );
+                    }
+                    Prompts::File {
+                        texts: read_prompts(&file)?,
+                        opts: BatchOptions {
+                            max_batch: batch,
+                            block_size,
+                            num_blocks: kv_blocks,
+                            share_prefix: !no_prefix_sharing,
+                        },
+                        out,
+                    }
+                }
+                (None, None) => bail!("give --prompt or --prompts"),
+            };
+            generate(&model, &what, gen, device, raw, opts)
         }
         Cmd::Info { model } => info(model.as_deref()),
         Cmd::Convert { model, out } => convert(&model, &out),
@@ -434,7 +491,11 @@ fn run(cli: Cli) -> Result<()> {
             prefix,
             generate,
             adapter,
+            prompts,
         } => {
+            if prefix > 0 && !score && prompts.is_none() {
+                bail!("--prefix goes with --score or --prompts");
+            }
             let budget = memory::parse_bytes(&budget).with_context(|| {
                 format!("--budget '{budget}': expected a size such as 24GiB or 512MiB")
             })?;
@@ -453,6 +514,16 @@ fn run(cli: Cli) -> Result<()> {
                     parse_targets(&targets).with_context(|| format!("--targets '{targets}'"))?;
                 Ok(t.iter().map(|t| t.short_name().to_string()).collect())
             };
+            if let (Some(max_new), Some(n)) = (generate, prompts) {
+                let adapter = if adapter {
+                    Some((lora_r, target_list()?))
+                } else {
+                    None
+                };
+                return plan_batch(
+                    &cfg, &model, n, seq, prefix, batch, max_new, budget, adapter, solve,
+                );
+            }
             if let Some(max_new) = generate {
                 let setup = memory::GenerateSetup {
                     model: cfg,
@@ -568,9 +639,139 @@ struct GenOpts {
     adapter: Option<PathBuf>,
 }
 
+/// `recforge plan --generate N --prompts P`: the plan of `generate --prompts` on P prompts of
+/// `seq` tokens, the first `prefix` shared, `batch` decoded together.
+#[allow(clippy::too_many_arguments)]
+fn plan_batch(
+    cfg: &model::LlamaConfig,
+    name: &str,
+    n: usize,
+    seq: usize,
+    prefix: usize,
+    batch: usize,
+    max_new: usize,
+    budget: u64,
+    adapter: Option<(usize, Vec<String>)>,
+    solve: bool,
+) -> Result<()> {
+    if n == 0 || batch == 0 {
+        bail!("--prompts {n} and --batch {batch} must be at least 1");
+    }
+    if prefix >= seq {
+        bail!("--prefix {prefix} must leave every prompt a token of its own (--seq {seq})");
+    }
+    // Prompts that share exactly the prefix, as `cache_layout` sees them.
+    let requests: Vec<Request> = (0..n)
+        .map(|i| {
+            let mut p = vec![0u32; prefix];
+            p.extend(std::iter::repeat_n(i as u32 + 1, seq - prefix));
+            Request {
+                prompt: p,
+                options: GenerateOptions {
+                    max_new_tokens: max_new,
+                    stop_ids: vec![],
+                    sampling: SamplingParams::GREEDY,
+                    seed: 0,
+                },
+            }
+        })
+        .collect();
+    let plan_for = |batch: usize| {
+        let opts = BatchOptions {
+            max_batch: batch,
+            ..Default::default()
+        };
+        let layout = cache_layout(&requests, &opts);
+        memory::plan_batch_generation(&memory::BatchGenerateSetup {
+            model: cfg.clone(),
+            prompts: vec![seq; n],
+            shared_prefix: layout.shared_prefix,
+            max_new,
+            max_running: layout.max_running,
+            block_size: opts.block_size,
+            num_blocks: layout.num_blocks,
+            holds_every_running: layout.holds_every_running,
+            budget,
+            adapter: adapter.clone(),
+        })
+        .map_err(anyhow::Error::msg)
+    };
+    let p = plan_for(batch)?;
+    println!(
+        "batched generation plan: {name}, {n} prompts of {seq} tokens ({prefix} shared) + {max_new} new tokens each, {} decoded together\n",
+        batch.min(n)
+    );
+    print!("{}", p.table());
+    if solve {
+        let mut most = 0;
+        for b in 1..=n {
+            if !plan_for(b)?.fits() {
+                break;
+            }
+            most = b;
+        }
+        println!("most prompts decoded together: {most} of {n}");
+    }
+    if !p.fits() {
+        bail!(
+            "the plan needs {} but the budget is {}: a smaller --batch, shorter prompts or fewer new tokens need less",
+            memory::human(p.total()),
+            memory::human(budget)
+        );
+    }
+    Ok(())
+}
+
+/// What `recforge generate` completes: one prompt, streamed to stdout, or a file of them,
+/// batched.
+enum Prompts {
+    One(String),
+    File {
+        texts: Vec<String>,
+        opts: BatchOptions,
+        out: Option<PathBuf>,
+    },
+}
+
+/// The prompts of a `--prompts` file (see the flag's help).
+fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the prompts file {}", path.display()))?;
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate() {
+        let where_ = || format!("{} line {}", path.display(), i + 1);
+        let l = line.trim();
+        if l.is_empty() {
+            continue;
+        }
+        let prompt = if l.starts_with('{') || l.starts_with('"') {
+            match serde_json::from_str::<serde_json::Value>(l)
+                .with_context(|| format!("{}: not valid JSON", where_()))?
+            {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Object(o) => match o.get("prompt") {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    _ => bail!("{}: the object has no \"prompt\" string", where_()),
+                },
+                _ => unreachable!("starts with {{ or \""),
+            }
+        } else {
+            line.to_string()
+        };
+        if prompt.is_empty() {
+            bail!("{}: the prompt is empty", where_());
+        }
+        out.push(prompt);
+    }
+    if out.is_empty() {
+        bail!("the prompts file {} holds no prompt", path.display());
+    }
+    Ok(out)
+}
+
 fn generate(
     path: &Path,
-    prompt: &str,
+    prompt: &Prompts,
     gen: GenOpts,
     device: DeviceChoice,
     raw: bool,
@@ -585,7 +786,7 @@ fn generate(
 fn generate_on<B: Backend>(
     be: &B,
     path: &Path,
-    prompt: &str,
+    prompt: &Prompts,
     gen: GenOpts,
     raw: bool,
     opts: LoadOptions,
@@ -634,11 +835,13 @@ fn generate_on<B: Backend>(
         None => None,
     };
     let view = dev_adapter.as_ref().map(DevAdapter::view);
-    let text = match (raw, tok.chat_prompt(prompt)) {
-        (false, Some(chat)) => chat,
-        _ => prompt.to_string(),
+    let encode = |prompt: &str| -> Result<Vec<u32>> {
+        let text = match (raw, tok.chat_prompt(prompt)) {
+            (false, Some(chat)) => chat,
+            _ => prompt.to_string(),
+        };
+        Ok(tok.encode(&text, true)?)
     };
-    let ids = tok.encode(&text, true)?;
     let mut stop_ids = tok.eos_ids.clone();
     for s in ["<|im_end|>", "<|endoftext|>"] {
         if let Some(id) = tok.token_id(s) {
@@ -647,6 +850,38 @@ fn generate_on<B: Backend>(
             }
         }
     }
+    let adapter_plan = dev_adapter.as_ref().map(|d| {
+        let targets = d.config.targets.iter();
+        (
+            d.config.r,
+            targets
+                .map(|t| t.short_name().to_string())
+                .collect::<Vec<_>>(),
+        )
+    });
+    let prompt = match prompt {
+        Prompts::One(p) => p,
+        Prompts::File {
+            texts,
+            opts: batch_opts,
+            out,
+        } => {
+            let ids = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| encode(t).with_context(|| format!("prompt {i}")))
+                .collect::<Result<Vec<_>>>()?;
+            let b = BatchRun {
+                ids,
+                opts: batch_opts.clone(),
+                out: out.as_deref(),
+                stop_ids,
+                plan: (be.memory_stats().is_some() && opts.int8).then_some(adapter_plan.clone()),
+            };
+            return generate_batch_on(be, &model, view.as_ref(), &tok, &b, &gen);
+        }
+    };
+    let ids = encode(prompt)?;
     if be.memory_stats().is_some() && opts.int8 {
         // A device: the KV cache and every buffer of the prefill and decode steps come from
         // one arena of what the plan leaves after the model and the adapter. (The plan counts
@@ -656,13 +891,7 @@ fn generate_on<B: Backend>(
             prompt: ids.len(),
             max_new: gen.max_new,
             budget: gen.budget,
-            adapter: dev_adapter.as_ref().map(|d| {
-                let targets = d.config.targets.iter();
-                (
-                    d.config.r,
-                    targets.map(|t| t.short_name().to_string()).collect(),
-                )
-            }),
+            adapter: adapter_plan,
         })
         .map_err(anyhow::Error::msg)?;
         reserve_planned_arena(
@@ -706,6 +935,128 @@ fn generate_on<B: Backend>(
         g.prefill_tokens_per_sec(),
         g.tokens.len(),
         g.decode_tokens_per_sec()
+    );
+    Ok(())
+}
+
+/// A `--prompts` run: the encoded prompts and how to batch them.
+struct BatchRun<'a> {
+    ids: Vec<Vec<u32>>,
+    opts: BatchOptions,
+    out: Option<&'a Path>,
+    stop_ids: Vec<u32>,
+    /// On a device (int8 linears): plan the run and reserve its arena, with this adapter
+    /// (rank, targets) if any.
+    plan: Option<Option<(usize, Vec<String>)>>,
+}
+
+fn generate_batch_on<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    view: Option<&recforge::model::llama::AdapterView<'_, B>>,
+    tok: &recforge::model::tokenizer::TextTokenizer,
+    b: &BatchRun<'_>,
+    gen: &GenOpts,
+) -> Result<()> {
+    let requests: Vec<Request> = b
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request {
+            prompt: p.clone(),
+            options: GenerateOptions {
+                max_new_tokens: gen.max_new,
+                stop_ids: b.stop_ids.clone(),
+                sampling: gen.params,
+                seed: gen.seed.wrapping_add(i as u64),
+            },
+        })
+        .collect();
+    let n = requests.len();
+    if let Some(adapter) = &b.plan {
+        // A device: the paged KV cache and every step's buffers come from one arena of what the
+        // plan leaves after the model and the adapter.
+        let layout = cache_layout(&requests, &b.opts);
+        let p = memory::plan_batch_generation(&memory::BatchGenerateSetup {
+            model: model.config.clone(),
+            prompts: b.ids.iter().map(Vec::len).collect(),
+            shared_prefix: layout.shared_prefix,
+            max_new: gen.max_new,
+            max_running: layout.max_running,
+            block_size: b.opts.block_size,
+            num_blocks: layout.num_blocks,
+            holds_every_running: layout.holds_every_running,
+            budget: gen.budget,
+            adapter: adapter.clone(),
+        })
+        .map_err(anyhow::Error::msg)?;
+        reserve_planned_arena(
+            be,
+            &p,
+            "batched generation",
+            "a smaller --batch, fewer --kv-blocks or --max-new-tokens, or shorter prompts need less",
+        )?;
+    }
+    eprintln!(
+        "{n} prompts ({} tokens), up to {} at a time, KV blocks of {} tokens",
+        b.ids.iter().map(Vec::len).sum::<usize>(),
+        b.opts.max_batch,
+        b.opts.block_size
+    );
+    let t0 = std::time::Instant::now();
+    let mut last = t0;
+    let mut generated = 0usize;
+    let g = generate_batch(be, model, view, &requests, &b.opts, |_, _| {
+        generated += 1;
+        if last.elapsed().as_secs_f64() >= 2.0 {
+            last = std::time::Instant::now();
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!(
+                "  {generated} tokens generated in {secs:.1}s ({:.1} tok/s)",
+                generated as f64 / secs
+            );
+        }
+        Ok(())
+    })?;
+    let mut lines = String::new();
+    for (i, r) in g.generations.iter().enumerate() {
+        let stop = match r.stop {
+            StopReason::StopToken(id) => tok.id_to_token(id).unwrap_or_default(),
+            StopReason::MaxTokens => "max tokens".into(),
+        };
+        let line = serde_json::json!({
+            "index": i,
+            "completion": tok.decode(&r.tokens, true)?,
+            "prompt_tokens": r.prompt_tokens,
+            "new_tokens": r.tokens.len(),
+            "stop": stop,
+        });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    match b.out {
+        Some(p) => model::convert::write_atomic(p, lines.as_bytes())
+            .with_context(|| format!("cannot write {}", p.display()))?,
+        None => {
+            let mut o = std::io::stdout().lock();
+            o.write_all(lines.as_bytes())?;
+            o.flush()?;
+        }
+    }
+    let s = &g.stats;
+    eprintln!(
+        "{n} prompts: {} new tokens in {:.2}s ({:.1} tok/s) | prefill {} tokens ({} of them a prefix shared by all) in {:.2}s | {} decode steps, up to {} sequences, {} preemptions | {} KV blocks of {}",
+        s.generated_tokens,
+        s.prefill_secs + s.decode_secs,
+        s.tokens_per_sec(),
+        s.prefill_tokens,
+        s.shared_prefix,
+        s.prefill_secs,
+        s.decode_steps,
+        s.max_running,
+        s.preemptions,
+        s.num_blocks,
+        s.block_size
     );
     Ok(())
 }

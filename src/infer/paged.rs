@@ -98,6 +98,11 @@ impl PagedKv {
         self.seqs.get(&id).map(|s| s.blocks.as_slice())
     }
 
+    /// Blocks `append(id, n)` would take from the free list now (None for an unknown sequence).
+    pub fn blocks_for(&self, id: SeqId, n: usize) -> Option<usize> {
+        self.seqs.get(&id).map(|s| self.blocks_needed(s, n))
+    }
+
     /// Blocks `append(id, n)` would take from the free list.
     fn blocks_needed(&self, s: &SeqBlocks, n: usize) -> usize {
         let new_blocks = (s.len + n).div_ceil(self.block_size) - s.len.div_ceil(self.block_size);

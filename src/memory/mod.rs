@@ -10,7 +10,9 @@
 //! (`tests/memory_plan.rs`).
 
 use crate::backend::gpu::backend::GEMV_MAX_ROWS;
-use crate::backend::gpu::ops::{attention::tiled_head_dim, optim::SUM_SQUARES_BLOCKS};
+use crate::backend::gpu::ops::{
+    attention::tiled_head_dim, optim::SUM_SQUARES_BLOCKS, paged::PAGED_DECODE_PARTITION,
+};
 use crate::model::LlamaConfig;
 
 pub const GIB: u64 = 1 << 30;
@@ -826,6 +828,176 @@ pub fn plan_generation(s: &GenerateSetup) -> Result<Plan, String> {
         };
         e.add("peak scratch", what, inside);
     }
+    Ok(Plan {
+        entries: e,
+        budget: s.budget,
+    })
+}
+
+/// A batched generation run (`infer::batch::generate_batch`, `recforge generate --prompts`): the
+/// prompts' lengths and how `infer::batch::cache_layout` lays out their KV cache.
+#[derive(Clone, Debug)]
+pub struct BatchGenerateSetup {
+    pub model: LlamaConfig,
+    /// Tokens of each prompt.
+    pub prompts: Vec<usize>,
+    /// Tokens of the prefix every prompt shares, computed once (0: none).
+    pub shared_prefix: usize,
+    pub max_new: usize,
+    /// Most sequences decoded together.
+    pub max_running: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// False when the cache may preempt sequences: one is then prefilled again with the tokens
+    /// it had generated, so a prefill can be up to `max_new − 1` tokens longer than its prompt.
+    pub holds_every_running: bool,
+    pub budget: u64,
+    /// A frozen adapter applied unmerged: its rank and targets.
+    pub adapter: Option<(usize, Vec<String>)>,
+}
+
+/// The plan of a batched generation run: the model (and adapter), the paged KV cache, and the
+/// largest step — a prefill (`Llama::forward_paged` over one sequence's own tokens, or over the
+/// shared prefix) or a decode step of every running sequence — with the ops' scratch at its
+/// largest inside it, or the sampler's logits, parameters and tokens after it.
+pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
+    let c = &s.model;
+    if s.prompts.is_empty() || s.prompts.contains(&0) {
+        return Err("every prompt needs a token".into());
+    }
+    if s.block_size == 0 || s.num_blocks == 0 || s.max_running == 0 {
+        return Err(format!(
+            "{} KV blocks of {} tokens and {} sequences at a time is not a batch",
+            s.num_blocks, s.block_size, s.max_running
+        ));
+    }
+    let (l, d, f, v) = (
+        c.num_hidden_layers as u64,
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+    );
+    let (qd, kvd, heads, hd) = (
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
+        c.num_attention_heads as u64,
+        c.head_dim as u64,
+    );
+    let bs = s.block_size as u64;
+    let shared = s.shared_prefix as u64;
+    let longest = s.prompts.iter().max().copied().unwrap_or(0) as u64;
+    let context = longest + s.max_new as u64;
+    let mut e = model_entries(c);
+    let rank = s.adapter.as_ref().map(|(r, _)| *r as u64);
+    if let Some((r, targets)) = &s.adapter {
+        check_lora(c, *r, targets)?;
+        add_frozen_adapter(&mut e, c, *r, targets);
+    }
+    let slots = s.num_blocks as u64 * bs;
+    e.add(
+        "KV cache",
+        format!(
+            "{l} layers × K, V [{} blocks × {bs}, {kvd}] bf16 (paged)",
+            s.num_blocks
+        ),
+        2 * l * bf(slots * kvd),
+    );
+    // One step of t rows: positions and slots, the block tables and lengths of `cached`
+    // sequences (n, table width, queries, longest context), then the layer stack's tensors as in
+    // `plan_generation`; inside, the largest of the ops' scratch and the head's rows; after,
+    // the logits with the sampler's parameters and tokens.
+    let step = |t: u64, cached: Option<(u64, u64, u64, u64)>, rows: u64| -> (u64, u64, String) {
+        let lora = rank.map_or(0, |r| 7 * f4(t * r));
+        let tables = cached.map_or(0, |(n, mb, _, _)| f4(n * mb) + f4(n));
+        let working = 3 * f4(t)
+            + tables
+            + 3 * bf(t * d)
+            + 2 * bf(t * qd)
+            + 2 * bf(t * kvd)
+            + 3 * bf(t * f)
+            + lora;
+        let kmax = d.max(qd).max(f);
+        let int8 = if t > GEMV_MAX_ROWS as u64 {
+            2 * f4(kmax) + f4(1) + blk(t * kmax, 1) + f4(t)
+        } else {
+            0
+        };
+        let attention = match cached {
+            None => f4(t * heads) + f4(4),
+            Some((n, _, q, len)) => {
+                let parts = len.div_ceil(PAGED_DECODE_PARTITION as u64).max(1);
+                if parts > 1 {
+                    f4(n * q * heads * parts * (hd + 2))
+                } else {
+                    0
+                }
+            }
+        };
+        let head = match rows {
+            0 => 0,
+            r if r == t => f4(r * v),
+            r => bf(r * d) + f4(r * v),
+        };
+        let inside = int8.max(attention).max(f4(1)).max(head);
+        let sampling = if rows > 0 {
+            f4(rows * v) + f4(4 * rows) + f4(rows)
+        } else {
+            0
+        };
+        let what = if sampling > working + inside {
+            format!("logits [{rows}, {v}] f32, sampling parameters, tokens")
+        } else if inside == int8 {
+            format!("{t} rows; int8 linear: x [{t}, {kmax}] int8, scales, outlier cols")
+        } else if inside == head {
+            format!("{t} rows; head: logits [{rows}, {v}] f32")
+        } else if cached.is_some() {
+            format!("{t} rows; paged attention partials")
+        } else {
+            format!("{t} rows; attention: log-sum-exp [{t}, {heads}] f32, span table")
+        };
+        (working, (working + inside).max(sampling) - working, what)
+    };
+    // The steps: the shared prefix's prefill, each prompt's own prefill (through the block
+    // table after a shared prefix; with preemption, up to max_new − 1 generated tokens more),
+    // and a decode step of the most sequences.
+    let again = if s.holds_every_running {
+        0
+    } else {
+        s.max_new.saturating_sub(1) as u64
+    };
+    let mut steps = vec![];
+    if shared > 0 {
+        steps.push(("shared prefix prefill", step(shared, None, 0)));
+    }
+    let own = longest + again - shared;
+    let table = |len: u64| len.div_ceil(bs);
+    steps.push((
+        "prefill",
+        if shared > 0 {
+            step(
+                own,
+                Some((1, table(longest + again), own, longest + again)),
+                1,
+            )
+        } else {
+            step(own, None, 1)
+        },
+    ));
+    let b = s.max_running as u64;
+    steps.push((
+        "decode step",
+        step(b, Some((b, table(context), 1, context)), b),
+    ));
+    let (name, (working, inside, what)) = steps
+        .into_iter()
+        .max_by_key(|(_, (w, i, _))| w + i)
+        .expect("a prefill step");
+    e.add(
+        "working set",
+        format!("largest step ({name}): ids, positions, slots, one layer's"),
+        working,
+    );
+    e.add("peak scratch", what, inside);
     Ok(Plan {
         entries: e,
         budget: s.budget,

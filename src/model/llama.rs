@@ -8,7 +8,7 @@ use super::lora::Target;
 use super::source::ModelSource;
 use crate::backend::cpu::quantize_rows;
 use crate::backend::{
-    Backend, Dropout, Linear, LinearWeight, Lora, LoraPass, Projection, SeqSpan, Tensor,
+    Backend, Dropout, Linear, LinearWeight, Lora, LoraPass, PagedBatch, Projection, SeqSpan, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor};
@@ -114,6 +114,50 @@ pub struct KvCache<B: Backend> {
     pub v: Vec<Tensor<B>>,
     pub len: usize,
     pub capacity: usize,
+}
+
+/// Per-layer K and V of a paged cache, `[num_blocks · block_size, kv_heads, head_dim]`; which
+/// blocks hold which sequence is `infer::paged::PagedKv`'s business.
+pub struct PagedCache<B: Backend> {
+    pub k: Vec<Tensor<B>>,
+    pub v: Vec<Tensor<B>>,
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+/// How a [`Llama::forward_paged`] step's attention reads K/V.
+pub enum PagedAttention<'a> {
+    /// Sequences with nothing cached before these tokens: each span's queries attend to the
+    /// step's own K/V rows (the flash attention of a prefill).
+    Fresh(&'a [SeqSpan]),
+    /// `queries` new tokens for each sequence (rows in sequence order), attending through the
+    /// block tables to everything cached, these tokens included.
+    Cached(CachedAttention<'a>),
+}
+
+pub struct CachedAttention<'a> {
+    /// `[sequences, max_blocks]` block numbers, padded with 0.
+    pub block_tables: &'a [i32],
+    pub max_blocks: usize,
+    /// Tokens in the cache per sequence, the new ones included.
+    pub context_lens: &'a [i32],
+    pub queries: usize,
+}
+
+/// `attend(layer, q, k, v, out)` of [`Llama::forward_logits_with`] and
+/// [`Llama::forward_paged`]: stores the layer's K/V and computes its attention (q and k after
+/// RoPE).
+type Attend<'a, B> =
+    dyn FnMut(usize, &Tensor<B>, &Tensor<B>, &Tensor<B>, &mut Tensor<B>) -> Result<()> + 'a;
+
+/// One step of [`Llama::forward_paged`]: the new tokens of one or several sequences, their
+/// positions and cache slots, how attention reads the cache, and which rows want logits.
+pub struct PagedStep<'a> {
+    pub tokens: &'a [u32],
+    pub positions: &'a [u32],
+    pub slots: &'a [u32],
+    pub attention: PagedAttention<'a>,
+    pub logit_rows: &'a [usize],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,7 +294,6 @@ impl<B: Backend> Llama<B> {
         which: Logits,
         adapter: Option<&AdapterView<'_, B>>,
     ) -> Result<Tensor<B>> {
-        let c = &self.config;
         let t = tokens.len();
         if t == 0 {
             return Err(Error::Invalid("forward: no tokens".into()));
@@ -262,6 +305,133 @@ impl<B: Backend> Llama<B> {
                 t, start, cache.capacity
             )));
         }
+        let positions: Vec<u32> = (start..start + t).map(|p| p as u32).collect();
+        let pos = be.upload(&HostTensor::new(vec![t], HostData::U32(positions))?)?;
+        let spans = [SeqSpan {
+            q_start: 0,
+            q_len: t,
+            kv_start: 0,
+            kv_len: start + t,
+        }];
+        let rows: Vec<usize> = match which {
+            Logits::All => (0..t).collect(),
+            Logits::Last => vec![t - 1],
+        };
+        let mut attend =
+            |li: usize, q: &Tensor<B>, k: &Tensor<B>, v: &Tensor<B>, out: &mut Tensor<B>| {
+                be.copy_rows(k, 0, &mut cache.k[li], start, t)?;
+                be.copy_rows(v, 0, &mut cache.v[li], start, t)?;
+                be.attention(q, &cache.k[li], &cache.v[li], &pos, &spans, out)
+            };
+        let logits = self.layer_stack(be, tokens, &pos, &rows, adapter, &mut attend)?;
+        cache.len = start + t;
+        logits.ok_or_else(|| Error::Invalid("forward: no logits rows".into()))
+    }
+
+    /// The forward of several sequences' new tokens over a paged KV cache (`infer::batch`):
+    /// `step` says which tokens, where their K/V go and how attention reads the cache. Returns
+    /// f32 logits `[step.logit_rows.len(), vocab]`, or None when no rows are asked for (a
+    /// shared prefix whose K/V is all that is wanted).
+    pub fn forward_paged(
+        &self,
+        be: &B,
+        step: &PagedStep<'_>,
+        cache: &mut PagedCache<B>,
+        adapter: Option<&AdapterView<'_, B>>,
+    ) -> Result<Option<Tensor<B>>> {
+        let t = step.tokens.len();
+        if t == 0 || step.positions.len() != t || step.slots.len() != t {
+            return Err(Error::Invalid(format!(
+                "forward_paged: {t} tokens with {} positions and {} slots",
+                step.positions.len(),
+                step.slots.len()
+            )));
+        }
+        if let Some(&r) = step.logit_rows.iter().find(|&&r| r >= t) {
+            return Err(Error::Invalid(format!(
+                "forward_paged: logits of row {r} of {t}"
+            )));
+        }
+        let pos = be.upload(&HostTensor::new(
+            vec![t],
+            HostData::U32(step.positions.to_vec()),
+        )?)?;
+        let slots = be.upload(&HostTensor::new(
+            vec![t],
+            HostData::U32(step.slots.to_vec()),
+        )?)?;
+        let i32s =
+            |v: &[i32]| be.upload(&HostTensor::new(vec![v.len()], HostData::I32(v.to_vec()))?);
+        let (tables, lens) = match &step.attention {
+            PagedAttention::Fresh(_) => (None, None),
+            PagedAttention::Cached(c) => (Some(i32s(c.block_tables)?), Some(i32s(c.context_lens)?)),
+        };
+        let block_size = cache.block_size;
+        let mut attend =
+            |li: usize, q: &Tensor<B>, k: &Tensor<B>, v: &Tensor<B>, out: &mut Tensor<B>| {
+                be.kv_write(k, v, &slots, step.slots, &mut cache.k[li], &mut cache.v[li])?;
+                match &step.attention {
+                    PagedAttention::Fresh(spans) => be.attention(q, k, v, &pos, spans, out),
+                    PagedAttention::Cached(c) => {
+                        let batch = PagedBatch {
+                            block_size,
+                            block_tables: tables.as_ref().expect("uploaded above"),
+                            context_lens: lens.as_ref().expect("uploaded above"),
+                            host_block_tables: c.block_tables,
+                            host_context_lens: c.context_lens,
+                            max_blocks: c.max_blocks,
+                            queries: c.queries,
+                        };
+                        be.paged_attention(q, &cache.k[li], &cache.v[li], &batch, out)
+                    }
+                }
+            };
+        self.layer_stack(be, step.tokens, &pos, step.logit_rows, adapter, &mut attend)
+    }
+
+    /// A paged KV cache for this model: per layer K and V `[num_blocks · block_size, kv_heads,
+    /// head_dim]` in the activation dtype (`infer::paged::PagedKv` hands out the blocks).
+    pub fn new_paged_cache(
+        &self,
+        be: &B,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<PagedCache<B>> {
+        let c = &self.config;
+        if num_blocks == 0 || block_size == 0 {
+            return Err(Error::Invalid(format!(
+                "paged KV cache: {num_blocks} blocks of {block_size} tokens"
+            )));
+        }
+        let shape = [num_blocks * block_size, c.num_key_value_heads, c.head_dim];
+        let dt = be.activation_dtype();
+        let (mut k, mut v) = (vec![], vec![]);
+        for _ in 0..c.num_hidden_layers {
+            k.push(be.zeros(&shape, dt)?);
+            v.push(be.zeros(&shape, dt)?);
+        }
+        Ok(PagedCache {
+            k,
+            v,
+            num_blocks,
+            block_size,
+        })
+    }
+
+    /// Embedding, the decoder layers and the final norm over `tokens` (at positions `pos`), with `attend(layer, q, k, v, out)` storing K/V and computing the
+    /// attention (q and k after RoPE); then the head over `logit_rows` (None when empty).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_stack(
+        &self,
+        be: &B,
+        tokens: &[u32],
+        pos: &Tensor<B>,
+        logit_rows: &[usize],
+        adapter: Option<&AdapterView<'_, B>>,
+        attend: &mut Attend<'_, B>,
+    ) -> Result<Option<Tensor<B>>> {
+        let c = &self.config;
+        let t = tokens.len();
         let dt = be.activation_dtype();
         let (d, hd, h, kvh) = (
             c.hidden_size,
@@ -272,15 +442,6 @@ impl<B: Backend> Llama<B> {
         let eps = c.rms_norm_eps as f32;
         let theta = c.rope_theta as f32;
         let ids = be.upload(&HostTensor::new(vec![t], HostData::U32(tokens.to_vec()))?)?;
-        let positions: Vec<u32> = (start..start + t).map(|p| p as u32).collect();
-        let pos = be.upload(&HostTensor::new(vec![t], HostData::U32(positions))?)?;
-        let spans = [SeqSpan {
-            q_start: 0,
-            q_len: t,
-            kv_start: 0,
-            kv_len: start + t,
-        }];
-
         let LinearWeight::Dense(table) = &self.embed.weight else {
             return Err(Error::Invalid("the embedding table must be dense".into()));
         };
@@ -325,11 +486,9 @@ impl<B: Backend> Llama<B> {
             q.shape = vec![t, h, hd];
             k.shape = vec![t, kvh, hd];
             v.shape = vec![t, kvh, hd];
-            be.rope(&mut q, &pos, theta, false)?;
-            be.rope(&mut k, &pos, theta, false)?;
-            be.copy_rows(&k, 0, &mut cache.k[li], start, t)?;
-            be.copy_rows(&v, 0, &mut cache.v[li], start, t)?;
-            be.attention(&q, &cache.k[li], &cache.v[li], &pos, &spans, &mut attn)?;
+            be.rope(&mut q, pos, theta, false)?;
+            be.rope(&mut k, pos, theta, false)?;
+            attend(li, &q, &k, &v, &mut attn)?;
             q.shape = vec![t, h * hd];
             k.shape = vec![t, kvh * hd];
             v.shape = vec![t, kvh * hd];
@@ -349,18 +508,25 @@ impl<B: Backend> Llama<B> {
             project(be, &a, down, &mut scratch, ones.as_ref())?;
             be.add_assign(&mut x, &proj)?;
         }
-        cache.len = start + t;
+        if logit_rows.is_empty() {
+            return Ok(None);
+        }
         be.rmsnorm(&x, &self.norm, eps, &mut hbuf)?;
-        let (rows, first) = match which {
-            Logits::All => (t, 0),
-            Logits::Last => (1, t - 1),
+        let rows = logit_rows.len();
+        let every_row = rows == t && logit_rows.iter().enumerate().all(|(i, &r)| i == r);
+        let sel = if every_row {
+            hbuf
+        } else {
+            let mut sel = be.zeros(&[rows, d], dt)?;
+            for (i, &r) in logit_rows.iter().enumerate() {
+                be.copy_rows(&hbuf, r, &mut sel, i, 1)?;
+            }
+            sel
         };
-        let mut sel = be.zeros(&[rows, d], dt)?;
-        be.copy_rows(&hbuf, first, &mut sel, 0, rows)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         // Logits in f32 on every backend: scoring compares log-probabilities of close tokens.
         let mut logits = be.zeros(&[rows, c.vocab_size], DType::F32)?;
         be.linear(&sel, head, &mut logits)?;
-        Ok(logits)
+        Ok(Some(logits))
     }
 }

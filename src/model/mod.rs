@@ -13,5 +13,7 @@ pub mod source;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;
-pub use llama::{KvCache, Llama, LoadOptions, Logits};
+pub use llama::{
+    CachedAttention, KvCache, Llama, LoadOptions, Logits, PagedAttention, PagedCache, PagedStep,
+};
 pub use source::{open, ModelSource};

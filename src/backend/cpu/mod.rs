@@ -7,8 +7,8 @@ mod simd;
 use rayon::prelude::*;
 
 use super::{
-    check_spans, dropout_keep, expect_dtype, expect_shape, AdamW, Backend, Dropout, Linear,
-    LinearWeight, Lora, SeqSpan, Tensor, IGNORE_LABEL,
+    check_kv_write, check_paged_attention, check_spans, dropout_keep, expect_dtype, expect_shape,
+    AdamW, Backend, Dropout, Linear, LinearWeight, Lora, PagedBatch, SeqSpan, Tensor, IGNORE_LABEL,
 };
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor};
@@ -361,6 +361,109 @@ impl Backend for Cpu {
                     }
                 }
             });
+        Ok(())
+    }
+
+    fn kv_write(
+        &self,
+        k: &T,
+        v: &T,
+        slots: &T,
+        host_slots: &[u32],
+        k_cache: &mut T,
+        v_cache: &mut T,
+    ) -> Result<()> {
+        let op = "kv_write";
+        let (_, row, _) = check_kv_write(k, v, slots, host_slots, k_cache, v_cache)?;
+        for (src, cache, what) in [(k, k_cache, "k_cache"), (v, v_cache, "v_cache")] {
+            let from = f32s(op, "k / v", src)?;
+            let to = f32s_mut(op, what, cache)?;
+            for (t, &slot) in host_slots.iter().enumerate() {
+                to[slot as usize * row..][..row].copy_from_slice(&from[t * row..][..row]);
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_rows_within(&self, t: &mut T, src_row: usize, dst_row: usize, n: usize) -> Result<()> {
+        let (rows, rc) = t.outer_rows();
+        if src_row + n > rows
+            || dst_row + n > rows
+            || (n > 0 && src_row < dst_row + n && dst_row < src_row + n)
+        {
+            return Err(Error::Shape(format!(
+                "copy_rows_within: {n} rows from {src_row} to {dst_row} of {:?} (ranges must not overlap)",
+                t.shape
+            )));
+        }
+        let (a, b, len) = (src_row * rc, dst_row * rc, n * rc);
+        match &mut t.storage {
+            HostData::F32(x) => x.copy_within(a..a + len, b),
+            HostData::F16(x) => x.copy_within(a..a + len, b),
+            HostData::BF16(x) => x.copy_within(a..a + len, b),
+            HostData::I8(x) => x.copy_within(a..a + len, b),
+            HostData::I32(x) => x.copy_within(a..a + len, b),
+            HostData::U32(x) => x.copy_within(a..a + len, b),
+        }
+        Ok(())
+    }
+
+    /// Each sequence's K/V gathered from its blocks into contiguous rows, then `attention` on
+    /// them: the reference is the contiguous op itself, so a paged and a contiguous cache give
+    /// the same bits.
+    fn paged_attention(
+        &self,
+        q: &T,
+        k_cache: &T,
+        v_cache: &T,
+        batch: &PagedBatch<'_, Cpu>,
+        out: &mut T,
+    ) -> Result<()> {
+        let op = "paged_attention";
+        let (h, kvh, hd, _) = check_paged_attention(q, k_cache, v_cache, batch, out)?;
+        let (qs, kc, vc) = (
+            f32s(op, "q", q)?,
+            f32s(op, "k_cache", k_cache)?,
+            f32s(op, "v_cache", v_cache)?,
+        );
+        let (nq, bs, mb, row) = (batch.queries, batch.block_size, batch.max_blocks, kvh * hd);
+        let qrow = nq * h * hd;
+        let mut o = vec![0f32; q.numel()];
+        for (b, &len) in batch.host_context_lens.iter().enumerate() {
+            let len = len as usize;
+            let table = &batch.host_block_tables[b * mb..][..mb];
+            let (mut kb, mut vb) = (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
+            for j in 0..len {
+                let slot = table[j / bs] as usize * bs + j % bs;
+                kb.extend_from_slice(&kc[slot * row..][..row]);
+                vb.extend_from_slice(&vc[slot * row..][..row]);
+            }
+            let host = |data: HostData, shape: Vec<usize>| T {
+                dtype: data.dtype(),
+                storage: data,
+                shape,
+            };
+            let qb = host(
+                HostData::F32(qs[b * qrow..][..qrow].to_vec()),
+                vec![nq, h, hd],
+            );
+            let kt = host(HostData::F32(kb), vec![len, kvh, hd]);
+            let vt = host(HostData::F32(vb), vec![len, kvh, hd]);
+            let pos = host(
+                HostData::U32(((len - nq) as u32..len as u32).collect()),
+                vec![nq],
+            );
+            let mut ob = host(HostData::F32(vec![0f32; qrow]), vec![nq, h, hd]);
+            let spans = [SeqSpan {
+                q_start: 0,
+                q_len: nq,
+                kv_start: 0,
+                kv_len: len,
+            }];
+            self.attention(&qb, &kt, &vt, &pos, &spans, &mut ob)?;
+            o[b * qrow..][..qrow].copy_from_slice(f32s(op, "out", &ob)?);
+        }
+        f32s_mut(op, "out", out)?.copy_from_slice(&o);
         Ok(())
     }
 

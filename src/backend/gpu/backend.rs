@@ -10,8 +10,8 @@ use half::bf16;
 use super::device::{DevBuf, Device};
 use super::ops::{self, attention::AttnShape, w8a8::Int8Scratch};
 use crate::backend::{
-    linear_lora_unfused, AdamW, Backend, Dropout, Linear, LinearWeight, Lora, Projection, SeqSpan,
-    Tensor,
+    check_kv_write, check_paged_attention, linear_lora_unfused, AdamW, Backend, Dropout, Linear,
+    LinearWeight, Lora, PagedBatch, Projection, SeqSpan, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor};
@@ -99,6 +99,7 @@ getter!(f32b, f32b_mut, F32, f32);
 getter!(bf, bf_mut, BF16, bf16);
 getter!(i8b, i8b_mut, I8, i8);
 getter!(u32b, u32b_mut, U32, u32);
+getter!(i32b, i32b_mut, I32, i32);
 
 /// The trait's LoRA tensors as a kernel-wrapper view (A `[R, K]`, B `[N, R]`, both f32).
 fn lora_view<'a>(op: &str, lora: &'a Lora<Gpu>, k: usize) -> Result<ops::lora::LoraRef<'a>> {
@@ -575,6 +576,105 @@ impl Backend for Gpu {
             hd,
             theta,
             inverse,
+        )
+    }
+
+    fn kv_write(
+        &self,
+        k: &T,
+        v: &T,
+        slots: &T,
+        host_slots: &[u32],
+        k_cache: &mut T,
+        v_cache: &mut T,
+    ) -> Result<()> {
+        let op = "kv_write";
+        let (_, _, cache_slots) = check_kv_write(k, v, slots, host_slots, k_cache, v_cache)?;
+        // Slots are rows: a "block" of one slot each is the whole cache.
+        let shape = ops::paged::PagedShape {
+            num_blocks: cache_slots,
+            block_size: 1,
+            kv_heads: k_cache.shape[1],
+            head_dim: k_cache.shape[2..].iter().product(),
+        };
+        ops::paged::kv_write(
+            &self.dev,
+            bf(op, "k", k)?,
+            bf(op, "v", v)?,
+            u32b(op, "slots", slots)?,
+            host_slots,
+            shape,
+            bf_mut(op, "k_cache", k_cache)?,
+            bf_mut(op, "v_cache", v_cache)?,
+        )
+    }
+
+    fn copy_rows_within(&self, t: &mut T, src_row: usize, dst_row: usize, n: usize) -> Result<()> {
+        let (_, rc) = t.outer_rows();
+        let (a, b, len) = (src_row * rc, dst_row * rc, n * rc);
+        let d = &self.dev;
+        match &mut t.storage {
+            GpuStorage::F32(x) => d.copy_within(x, a, b, len),
+            GpuStorage::BF16(x) => d.copy_within(x, a, b, len),
+            GpuStorage::I8(x) => d.copy_within(x, a, b, len),
+            GpuStorage::I32(x) => d.copy_within(x, a, b, len),
+            GpuStorage::U32(x) => d.copy_within(x, a, b, len),
+        }
+    }
+
+    fn paged_attention(
+        &self,
+        q: &T,
+        k_cache: &T,
+        v_cache: &T,
+        batch: &PagedBatch<'_, Gpu>,
+        out: &mut T,
+    ) -> Result<()> {
+        let op = "paged_attention";
+        let (heads, kv_heads, head_dim, slots) =
+            check_paged_attention(q, k_cache, v_cache, batch, out)?;
+        if !slots.is_multiple_of(batch.block_size) {
+            return Err(Error::Shape(format!(
+                "{op}: a cache of {slots} slots is not whole blocks of {}",
+                batch.block_size
+            )));
+        }
+        let shape = ops::paged::PagedShape {
+            num_blocks: slots / batch.block_size,
+            block_size: batch.block_size,
+            kv_heads,
+            head_dim,
+        };
+        let db = ops::paged::DecodeBatch {
+            block_tables: i32b(op, "block_tables", batch.block_tables)?,
+            max_blocks: batch.max_blocks,
+            context_lens: i32b(op, "context_lens", batch.context_lens)?,
+            host_context_lens: batch.host_context_lens,
+            queries: batch.queries,
+        };
+        let longest = batch.host_context_lens.iter().max().copied().unwrap_or(0) as usize;
+        let need = ops::paged::paged_decode_scratch_len(
+            batch.host_context_lens.len(),
+            batch.queries,
+            heads,
+            head_dim,
+            longest,
+        );
+        let mut scratch = if need > 0 {
+            Some(self.dev.alloc_uninit::<f32>(need)?)
+        } else {
+            None
+        };
+        ops::paged::paged_decode(
+            &self.dev,
+            bf(op, "q", q)?,
+            bf(op, "k_cache", k_cache)?,
+            bf(op, "v_cache", v_cache)?,
+            shape,
+            heads,
+            &db,
+            scratch.as_mut(),
+            bf_mut(op, "out", out)?,
         )
     }
 

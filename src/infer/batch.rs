@@ -1,0 +1,522 @@
+//! Batched generation over the paged KV cache: many prompts decoded together, one forward per
+//! step for every running sequence (the linears read their weights once for the whole batch),
+//! continuous admission as sequences finish, a prefix common to every prompt computed once and
+//! its blocks shared (TALLRec and ranking prompts share a long instruction), and preemption by
+//! recomputation when the cache runs out of blocks.
+//!
+//! Each request keeps its own sampling parameters and its own seeded generator, drawing one
+//! uniform number per token exactly as [`generate`](super::generate::generate) does, so a
+//! request's tokens do not depend on what else is in the batch: on the CPU reference they are
+//! the tokens `generate` gives for it alone (`tests/batch_generate.rs`; on a GPU the paged and
+//! contiguous attention kernels round differently).
+//!
+//! A step is one of two kinds:
+//! - a prefill of one sequence: its tokens not yet in the cache (the whole prompt, or what
+//!   follows the shared prefix, or — after a preemption — the prompt and what it had generated);
+//!   with nothing cached before them, flash attention over the step's own K/V, else attention
+//!   through its block table (`Backend::paged_attention` with that many queries);
+//! - a decode step of every running sequence: one token each, `Backend::paged_attention` with
+//!   one query per sequence, and one `Backend::sample` over the batch's logits.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::generate::{GenerateOptions, Generation, StopReason};
+use super::paged::{PagedKv, SeqId};
+use crate::backend::{Backend, SeqSpan};
+use crate::error::{Error, Result};
+use crate::model::llama::AdapterView;
+use crate::model::{CachedAttention, Llama, PagedAttention, PagedCache, PagedStep};
+use crate::rng::Rng;
+
+/// One prompt to complete, with its own stop tokens, sampling, seed and length.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub options: GenerateOptions,
+}
+
+#[derive(Clone, Debug)]
+pub struct BatchOptions {
+    /// Sequences decoded together at most.
+    pub max_batch: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the cache; None: enough for the shared prefix and `max_batch` sequences of the
+    /// longest request, so nothing is ever preempted.
+    pub num_blocks: Option<usize>,
+    /// Compute the prefix common to every prompt once (when it is at least a block long).
+    pub share_prefix: bool,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions {
+            max_batch: 16,
+            block_size: 16,
+            num_blocks: None,
+            share_prefix: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BatchStats {
+    /// Prompt tokens of every request (what a one-at-a-time run would prefill).
+    pub prompt_tokens: usize,
+    /// Tokens the prefills computed: the shared prefix once, each request's own part, and the
+    /// recomputation after preemptions.
+    pub prefill_tokens: usize,
+    pub shared_prefix: usize,
+    pub generated_tokens: usize,
+    pub decode_steps: usize,
+    /// Most sequences in one decode step.
+    pub max_running: usize,
+    pub preemptions: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+impl BatchStats {
+    /// Generated tokens per second of the whole run (prefills included).
+    pub fn tokens_per_sec(&self) -> f64 {
+        let t = self.prefill_secs + self.decode_secs;
+        if t > 0.0 {
+            self.generated_tokens as f64 / t
+        } else {
+            0.0
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BatchGeneration {
+    /// One per request, in request order. `prefill_secs` is the time of the request's own
+    /// prefill steps; `decode_secs` runs from its first prefill's end to its last token.
+    pub generations: Vec<Generation>,
+    pub stats: BatchStats,
+}
+
+/// A request's progress.
+struct Seq {
+    req: usize,
+    rng: Rng,
+    tokens: Vec<u32>,
+    prefill_secs: f64,
+    decode_start: Option<Instant>,
+    done: Option<(StopReason, f64)>,
+}
+
+/// The shared prefix lives under this id; requests use their index.
+const ROOT: SeqId = SeqId::MAX;
+
+/// Tokens every prompt starts with, leaving each prompt at least one token of its own (its
+/// prefill then yields the logits of its last position).
+fn common_prefix(requests: &[Request]) -> usize {
+    let first = &requests[0].prompt;
+    let mut n = requests
+        .iter()
+        .map(|r| r.prompt.len() - 1)
+        .min()
+        .unwrap_or(0);
+    for r in &requests[1..] {
+        n = n.min(
+            first
+                .iter()
+                .zip(&r.prompt)
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
+    }
+    n
+}
+
+/// How a batched run lays out its KV cache (what the memory plan needs to know before it runs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheLayout {
+    /// Tokens of the prefix every prompt shares, computed once (0: none shared — shorter than
+    /// a block, sharing off, or a single request).
+    pub shared_prefix: usize,
+    pub num_blocks: usize,
+    /// Most sequences decoded together.
+    pub max_running: usize,
+    /// Whether the cache holds `max_running` sequences of the longest request (else sequences
+    /// may be preempted and prefilled again with what they had generated).
+    pub holds_every_running: bool,
+}
+
+/// The cache layout of [`generate_batch`] for these requests and options.
+pub fn cache_layout(requests: &[Request], opts: &BatchOptions) -> CacheLayout {
+    let bs = opts.block_size.max(1);
+    let shared = if opts.share_prefix && requests.len() > 1 {
+        let p = common_prefix(requests);
+        if p >= bs {
+            p
+        } else {
+            0
+        }
+    } else {
+        0
+    };
+    let longest = requests
+        .iter()
+        .map(|r| r.prompt.len() + r.options.max_new_tokens)
+        .max()
+        .unwrap_or(0);
+    // Each running sequence: its own blocks past the prefix, plus one for a copy of the
+    // prefix's partial last block.
+    let per_seq = longest.saturating_sub(shared).div_ceil(bs) + 1;
+    let max_running = opts.max_batch.min(requests.len());
+    let enough = shared.div_ceil(bs) + max_running * per_seq;
+    let num_blocks = opts.num_blocks.unwrap_or(enough);
+    CacheLayout {
+        shared_prefix: shared,
+        num_blocks,
+        max_running,
+        holds_every_running: num_blocks >= enough,
+    }
+}
+
+/// Generate a completion for every request, `opts.max_batch` at a time. `on_token(request,
+/// token)` sees each new token as it is produced.
+pub fn generate_batch<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: Option<&AdapterView<'_, B>>,
+    requests: &[Request],
+    opts: &BatchOptions,
+    mut on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<BatchGeneration> {
+    let ctx = model.config.max_position_embeddings;
+    if opts.max_batch == 0 || opts.block_size == 0 {
+        return Err(Error::Invalid(format!(
+            "batched generation: max batch {} and block size {} must be at least 1",
+            opts.max_batch, opts.block_size
+        )));
+    }
+    for (i, r) in requests.iter().enumerate() {
+        if r.prompt.is_empty() {
+            return Err(Error::Invalid(format!("prompt {i} has no tokens")));
+        }
+        r.options.sampling.validate()?;
+        if r.prompt.len() + r.options.max_new_tokens > ctx {
+            return Err(Error::Invalid(format!(
+                "prompt {i} ({}) + max new tokens ({}) exceed the model's context of {ctx}",
+                r.prompt.len(),
+                r.options.max_new_tokens
+            )));
+        }
+    }
+    let bs = opts.block_size;
+    let mut stats = BatchStats {
+        block_size: bs,
+        prompt_tokens: requests.iter().map(|r| r.prompt.len()).sum(),
+        ..Default::default()
+    };
+    if requests.is_empty() {
+        return Ok(BatchGeneration {
+            generations: vec![],
+            stats,
+        });
+    }
+    let CacheLayout {
+        shared_prefix: shared,
+        num_blocks,
+        ..
+    } = cache_layout(requests, opts);
+    stats.shared_prefix = shared;
+    stats.num_blocks = num_blocks;
+    let mut kv = PagedKv::new(num_blocks, bs)?;
+    let mut cache = model.new_paged_cache(be, num_blocks, bs)?;
+
+    if shared > 0 {
+        kv.add_sequence(ROOT)?;
+        let need = kv.blocks_for(ROOT, shared).unwrap_or(0);
+        if need > kv.free_blocks() {
+            return Err(Error::Invalid(format!(
+                "the prompts' shared prefix of {shared} tokens needs {need} KV blocks of {bs}; the cache has {num_blocks}"
+            )));
+        }
+        let (slots, _) = kv.append(ROOT, shared)?;
+        let t0 = Instant::now();
+        let tokens = &requests[0].prompt[..shared];
+        let positions: Vec<u32> = (0..shared as u32).collect();
+        let spans = [SeqSpan {
+            q_start: 0,
+            q_len: shared,
+            kv_start: 0,
+            kv_len: shared,
+        }];
+        let step = PagedStep {
+            tokens,
+            positions: &positions,
+            slots: &slots32(&slots),
+            attention: PagedAttention::Fresh(&spans),
+            logit_rows: &[],
+        };
+        model.forward_paged(be, &step, &mut cache, adapter)?;
+        stats.prefill_tokens += shared;
+        stats.prefill_secs += t0.elapsed().as_secs_f64();
+    }
+
+    let mut seqs: Vec<Seq> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Seq {
+            req: i,
+            rng: Rng::new(r.options.seed),
+            tokens: vec![],
+            prefill_secs: 0.0,
+            decode_start: None,
+            done: None,
+        })
+        .collect();
+    let mut queue: VecDeque<usize> = (0..requests.len()).collect();
+    // Running requests, in admission order (the last admitted is preempted first).
+    let mut running: Vec<usize> = vec![];
+
+    loop {
+        // Admit while there is room in the batch and in the cache.
+        while running.len() < opts.max_batch {
+            let Some(&r) = queue.front() else { break };
+            let req = &requests[r];
+            let id = r as SeqId;
+            let context: Vec<u32> = req.prompt.iter().chain(&seqs[r].tokens).copied().collect();
+            if shared > 0 {
+                kv.fork(ROOT, id)?;
+            } else {
+                kv.add_sequence(id)?;
+            }
+            let own = context.len() - shared;
+            let need = kv.blocks_for(id, own).unwrap_or(0);
+            if need > kv.free_blocks() {
+                kv.free_sequence(id)?;
+                if running.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "prompt {r} needs {need} KV blocks of {bs} tokens for {own} tokens and the cache has {} free of {num_blocks}: give the cache more blocks",
+                        kv.free_blocks()
+                    )));
+                }
+                break;
+            }
+            queue.pop_front();
+            let (slots, copies) = kv.append(id, own)?;
+            copy_blocks(be, &mut cache, &copies)?;
+            let t0 = Instant::now();
+            let positions: Vec<u32> = (shared as u32..context.len() as u32).collect();
+            let spans = [SeqSpan {
+                q_start: 0,
+                q_len: own,
+                kv_start: 0,
+                kv_len: own,
+            }];
+            let (tables, max_blocks) = block_tables(&kv, &[id])?;
+            let lens = [context.len() as i32];
+            let attention = if shared == 0 {
+                PagedAttention::Fresh(&spans)
+            } else {
+                PagedAttention::Cached(CachedAttention {
+                    block_tables: &tables,
+                    max_blocks,
+                    context_lens: &lens,
+                    queries: own,
+                })
+            };
+            let step = PagedStep {
+                tokens: &context[shared..],
+                positions: &positions,
+                slots: &slots32(&slots),
+                attention,
+                logit_rows: &[own - 1],
+            };
+            let logits = model
+                .forward_paged(be, &step, &mut cache, adapter)?
+                .ok_or_else(|| Error::Invalid("prefill: no logits".into()))?;
+            let s = &mut seqs[r];
+            let u = s.rng.uniform();
+            let tok = be.sample(&logits, &[req.options.sampling], &[u])?[0];
+            let secs = t0.elapsed().as_secs_f64();
+            s.prefill_secs += secs;
+            stats.prefill_secs += secs;
+            stats.prefill_tokens += own;
+            s.decode_start.get_or_insert_with(Instant::now);
+            if advance(s, &req.options, tok, &mut on_token)? {
+                kv.free_sequence(id)?;
+            } else {
+                running.push(r);
+            }
+        }
+        if running.is_empty() {
+            if queue.is_empty() {
+                break;
+            }
+            continue;
+        }
+
+        // One slot each for the running sequences' last tokens: preempt the newest until
+        // they fit (its blocks go back; it is prefilled again when readmitted).
+        loop {
+            let need: usize = running
+                .iter()
+                .map(|&r| kv.blocks_for(r as SeqId, 1).unwrap_or(0))
+                .sum();
+            if need <= kv.free_blocks() {
+                break;
+            }
+            if running.len() == 1 {
+                let r = running[0];
+                return Err(Error::Invalid(format!(
+                    "prompt {r} needs a KV block more than the cache of {num_blocks} blocks of {bs} tokens holds: give the cache more blocks"
+                )));
+            }
+            let r = running.pop().expect("more than one");
+            kv.free_sequence(r as SeqId)?;
+            queue.push_front(r);
+            stats.preemptions += 1;
+        }
+        let t0 = Instant::now();
+        let ids: Vec<SeqId> = running.iter().map(|&r| r as SeqId).collect();
+        let mut slots = Vec::with_capacity(ids.len());
+        for &id in &ids {
+            let (s, copies) = kv.append(id, 1)?;
+            copy_blocks(be, &mut cache, &copies)?;
+            slots.push(s[0] as u32);
+        }
+        let tokens: Vec<u32> = running
+            .iter()
+            .map(|&r| {
+                *seqs[r]
+                    .tokens
+                    .last()
+                    .expect("a running sequence has a token")
+            })
+            .collect();
+        let lens: Vec<i32> = ids
+            .iter()
+            .map(|&id| kv.len(id).unwrap_or(0) as i32)
+            .collect();
+        let positions: Vec<u32> = lens.iter().map(|&l| l as u32 - 1).collect();
+        let (tables, max_blocks) = block_tables(&kv, &ids)?;
+        let rows: Vec<usize> = (0..ids.len()).collect();
+        let step = PagedStep {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+            attention: PagedAttention::Cached(CachedAttention {
+                block_tables: &tables,
+                max_blocks,
+                context_lens: &lens,
+                queries: 1,
+            }),
+            logit_rows: &rows,
+        };
+        let logits = model
+            .forward_paged(be, &step, &mut cache, adapter)?
+            .ok_or_else(|| Error::Invalid("decode: no logits".into()))?;
+        let params: Vec<_> = running
+            .iter()
+            .map(|&r| requests[r].options.sampling)
+            .collect();
+        let us: Vec<f32> = running.iter().map(|&r| seqs[r].rng.uniform()).collect();
+        let next = be.sample(&logits, &params, &us)?;
+        stats.decode_steps += 1;
+        stats.max_running = stats.max_running.max(running.len());
+        let mut still = Vec::with_capacity(running.len());
+        for (&r, &tok) in running.iter().zip(&next) {
+            if advance(&mut seqs[r], &requests[r].options, tok, &mut on_token)? {
+                kv.free_sequence(r as SeqId)?;
+            } else {
+                still.push(r);
+            }
+        }
+        running = still;
+        stats.decode_secs += t0.elapsed().as_secs_f64();
+    }
+    if shared > 0 {
+        kv.free_sequence(ROOT)?;
+    }
+    debug_assert_eq!(kv.free_blocks(), num_blocks);
+    let generations = seqs
+        .into_iter()
+        .map(|s| {
+            let (stop, decode_secs) = s.done.expect("every request finishes");
+            Generation {
+                prompt_tokens: requests[s.req].prompt.len(),
+                tokens: s.tokens,
+                stop,
+                prefill_secs: s.prefill_secs,
+                decode_secs,
+            }
+        })
+        .collect::<Vec<_>>();
+    stats.generated_tokens = generations.iter().map(|g| g.tokens.len()).sum();
+    Ok(BatchGeneration { generations, stats })
+}
+
+/// What `generate` does with a drawn token: stop on a stop token or at the length limit, else
+/// keep it (it is the next step's input). True when the request is finished.
+fn advance(
+    s: &mut Seq,
+    o: &GenerateOptions,
+    tok: u32,
+    on_token: &mut impl FnMut(usize, u32) -> Result<()>,
+) -> Result<bool> {
+    let stop = if s.tokens.len() >= o.max_new_tokens {
+        Some(StopReason::MaxTokens)
+    } else if o.stop_ids.contains(&tok) {
+        Some(StopReason::StopToken(tok))
+    } else {
+        s.tokens.push(tok);
+        on_token(s.req, tok)?;
+        (s.tokens.len() == o.max_new_tokens).then_some(StopReason::MaxTokens)
+    };
+    match stop {
+        Some(why) => {
+            let secs = s.decode_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            s.done = Some((why, secs));
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+fn slots32(slots: &[u64]) -> Vec<u32> {
+    slots.iter().map(|&s| s as u32).collect()
+}
+
+/// `[ids.len(), max_blocks]` block tables padded with 0, and max_blocks.
+fn block_tables(kv: &PagedKv, ids: &[SeqId]) -> Result<(Vec<i32>, usize)> {
+    let tables: Vec<&[u32]> = ids
+        .iter()
+        .map(|&id| {
+            kv.block_table(id)
+                .ok_or_else(|| Error::Invalid(format!("paged KV: no sequence {id}")))
+        })
+        .collect::<Result<_>>()?;
+    let mb = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+    let mut flat = vec![0i32; ids.len() * mb];
+    for (i, t) in tables.iter().enumerate() {
+        for (j, &b) in t.iter().enumerate() {
+            flat[i * mb + j] = b as i32;
+        }
+    }
+    Ok((flat, mb))
+}
+
+/// Copy-on-write of shared, partially filled blocks, in every layer's K and V.
+fn copy_blocks<B: Backend>(
+    be: &B,
+    cache: &mut PagedCache<B>,
+    copies: &[super::paged::BlockCopy],
+) -> Result<()> {
+    let bs = cache.block_size;
+    for c in copies {
+        let (src, dst) = (c.src as usize * bs, c.dst as usize * bs);
+        for t in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+            be.copy_rows_within(t, src, dst, bs)?;
+        }
+    }
+    Ok(())
+}
