@@ -1132,10 +1132,20 @@ fn dropped_input<'a>(
 
 /// `[rows, cols]` → `[cols, rows]`.
 fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    // In 16 × 16 tiles: a row-by-row loop writes every element to another cache line (stride
+    // `rows`), which made this 38% of a batched decode step at 512 keys.
+    const TILE: usize = 16;
     let mut t = vec![0f32; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = x[r * cols + c];
+    for r0 in (0..rows).step_by(TILE) {
+        let r1 = (r0 + TILE).min(rows);
+        for c0 in (0..cols).step_by(TILE) {
+            let c1 = (c0 + TILE).min(cols);
+            for r in r0..r1 {
+                let src = &x[r * cols + c0..r * cols + c1];
+                for (c, &v) in (c0..c1).zip(src) {
+                    t[c * rows + r] = v;
+                }
+            }
         }
     }
     t

@@ -755,3 +755,29 @@ fn blocked_attention_matches_the_per_row_definition() {
         assert!(e < 1e-5, "{name}: relative L2 error {e:e}");
     }
 }
+
+#[test]
+fn tiled_transpose_is_the_transpose() {
+    let mut rng = Rng::new(3);
+    for (rows, cols) in [
+        (1, 1),
+        (1, 37),
+        (37, 1),
+        (16, 16),
+        (17, 15),
+        (64, 33),
+        (100, 7),
+    ] {
+        let x = rand_vec(&mut rng, rows * cols, 1.0);
+        let t = transpose(&x, rows, cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(
+                    t[c * rows + r],
+                    x[r * cols + c],
+                    "{rows}×{cols} at ({r}, {c})"
+                );
+            }
+        }
+    }
+}
