@@ -9,6 +9,11 @@
 //   v_cache[slots[t]] = v[t]. Launch: grid (T), block (128); 16-byte copies when KVH·hd is a
 //   multiple of 8, else scalar. Must match: a plain row scatter (tests/kernels_paged.rs).
 //
+// kv_gather_bf16 — the reverse: k[t] = k_cache[slots[t]], v[t] = v_cache[slots[t]], the same
+//   layouts and launch. A sequence's K/V gathered into contiguous rows lets a long prefill after a
+//   shared prefix run the tiled flash attention instead of the decode kernel, which reads K/V
+//   once per 8 query rows. Must match: a plain row gather (tests/kernels_paged.rs).
+//
 // paged_decode_bf16 + paged_decode_reduce_bf16 — decode attention of a few query tokens per
 //   sequence over the paged cache, split along the context ("flash-decoding" / paged attention
 //   v2 style).
@@ -69,6 +74,25 @@ extern "C" __global__ void kv_write_bf16(const __nv_bfloat16* __restrict__ k, co
         for (int i = threadIdx.x; i < row; i += blockDim.x) {
             k_cache[dst + i] = k[src + i];
             v_cache[dst + i] = v[src + i];
+        }
+    }
+}
+
+extern "C" __global__ void kv_gather_bf16(const __nv_bfloat16* __restrict__ k_cache,
+                                          const __nv_bfloat16* __restrict__ v_cache,
+                                          const unsigned* __restrict__ slots, __nv_bfloat16* __restrict__ k,
+                                          __nv_bfloat16* __restrict__ v, int row) {
+    const int t = blockIdx.x;
+    const size_t dst = (size_t)t * row, src = (size_t)slots[t] * row;
+    if (row % 8 == 0 && rf_aligned16(k) && rf_aligned16(v) && rf_aligned16(k_cache) && rf_aligned16(v_cache)) {
+        for (int i = threadIdx.x; i < row / 8; i += blockDim.x) {
+            rf_st16(k + dst + 8 * i, rf_ld16(k_cache + src + 8 * i));
+            rf_st16(v + dst + 8 * i, rf_ld16(v_cache + src + 8 * i));
+        }
+    } else {
+        for (int i = threadIdx.x; i < row; i += blockDim.x) {
+            k[dst + i] = k_cache[src + i];
+            v[dst + i] = v_cache[src + i];
         }
     }
 }

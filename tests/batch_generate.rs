@@ -36,17 +36,14 @@ fn load<B: Backend>(be: &B, path: &std::path::Path) -> Llama<B> {
     Llama::load(src.as_ref(), be, OPTS).unwrap()
 }
 
-/// Prompts sharing a 13-token prefix, of different lengths, one of them the prefix plus a
-/// single token; ids below the fixture's vocabulary.
+/// Prompts sharing a 13-token prefix, of different lengths — one of them the prefix plus a
+/// single token, one with 40 tokens of its own (past `GATHER_ABOVE_QUERIES`: its prefill
+/// gathers K/V for the flash attention); ids below the fixture's vocabulary.
 fn prompts(vocab: u32) -> Vec<Vec<u32>> {
     let prefix: Vec<u32> = (0..13).map(|i| (i * 37 + 5) % vocab).collect();
-    let tails: [&[u32]; 5] = [
-        &[7, 8, 9],
-        &[11],
-        &[3, 1, 4, 1, 5, 9, 2, 6],
-        &[200, 201],
-        &[42; 5],
-    ];
+    let long: Vec<u32> = (0..40).map(|i| i * 13 + 3).collect();
+    assert!(long.len() > recforge::model::llama::GATHER_ABOVE_QUERIES);
+    let tails: [&[u32]; 5] = [&[7, 8, 9], &[11], &long, &[200, 201], &[42; 5]];
     tails
         .iter()
         .map(|t| prefix.iter().chain(t.iter()).map(|&x| x % vocab).collect())
@@ -130,7 +127,7 @@ fn batched_generation_gives_each_request_its_own_tokens_on_the_cpu() {
             BatchOptions {
                 max_batch: 5,
                 block_size: 2,
-                num_blocks: Some(22),
+                num_blocks: Some(40),
                 share_prefix: true,
             },
         ),
@@ -416,17 +413,18 @@ fn paged_and_contiguous<B: Backend>(
     (paged.concat(), want)
 }
 
-fn two_sequences(vocab: u32) -> [Vec<u32>; 2] {
+/// Two sequences sharing the prompts' 13-token prefix, each `own` tokens of its own and then
+/// 4 to decode.
+fn two_sequences(vocab: u32, own: usize) -> [Vec<u32>; 2] {
     let p = prompts(vocab);
-    // 13 shared, then 3 and 8 own tokens; make them the same length (16 + 4 to decode).
-    let a: Vec<u32> = p[0]
-        .iter()
-        .chain(&[1, 2, 3, 4, 5])
-        .copied()
-        .take(20)
-        .collect();
-    let b: Vec<u32> = p[2][..16].iter().chain(&[9, 8, 7, 6]).copied().collect();
-    [a, b]
+    let mk = |salt: u32| -> Vec<u32> {
+        p[0][..13]
+            .iter()
+            .copied()
+            .chain((0..own as u32 + 4).map(|i| (i * 7 + salt) % vocab))
+            .collect()
+    };
+    [mk(1), mk(5)]
 }
 
 #[test]
@@ -434,13 +432,16 @@ fn paged_forward_gives_the_contiguous_bits_on_the_cpu() {
     let (_d, f) = fixture(&FixtureSpec::default());
     let be = Cpu::new();
     let m = load(&be, &f.gguf);
-    let seqs = two_sequences(f.config.vocab_size as u32);
-    let (paged, want) = paged_and_contiguous(&be, &m, &seqs, 13, 4);
-    assert_eq!(paged.len(), want.len());
-    assert!(
-        paged == want,
-        "the CPU's paged forward must equal its contiguous forward"
-    );
+    // 3 own tokens: attention through the block tables; 40: K/V gathered for the flash kernel.
+    for own in [3, 40] {
+        let seqs = two_sequences(f.config.vocab_size as u32, own);
+        let (paged, want) = paged_and_contiguous(&be, &m, &seqs, 13, 4);
+        assert_eq!(paged.len(), want.len());
+        assert!(
+            paged == want,
+            "{own} own tokens: the CPU's paged forward must equal its contiguous forward"
+        );
+    }
 }
 
 #[test]
@@ -455,12 +456,12 @@ fn paged_forward_matches_the_contiguous_forward_on_the_gpu_backend() {
             kv_heads: 2,
             ..Default::default()
         });
-        let seqs = two_sequences(f.config.vocab_size as u32);
         let v = f.config.vocab_size;
-        for dev in common::devices() {
-            let be = Gpu::new(dev);
-            let m = load(&be, &f.gguf);
-            let (paged, want) = paged_and_contiguous(&be, &m, &seqs, 13, 4);
+        let backends: Vec<Gpu> = common::devices().into_iter().map(Gpu::new).collect();
+        for (be, own) in backends.iter().flat_map(|b| [(b, 3), (b, 40)]) {
+            let seqs = two_sequences(f.config.vocab_size as u32, own);
+            let m = load(be, &f.gguf);
+            let (paged, want) = paged_and_contiguous(be, &m, &seqs, 13, 4);
             assert_eq!(paged.len(), want.len());
             let err: f32 = paged.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum();
             let norm: f32 = want.iter().map(|x| x * x).sum();
@@ -474,7 +475,7 @@ fn paged_forward_matches_the_contiguous_forward_on_the_gpu_backend() {
                 })
                 .count();
             eprintln!(
-                "{} head_dim {}: paged vs contiguous relative RMS logit error {rel:.3e}, argmax agreement {agree}/{rows}",
+                "{} head_dim {}, {own} own tokens: paged vs contiguous relative RMS logit error {rel:.3e}, argmax agreement {agree}/{rows}",
                 be.name(),
                 f.config.head_dim
             );

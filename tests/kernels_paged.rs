@@ -14,7 +14,7 @@ use common::devices;
 use half::bf16;
 use recforge::backend::cpu::Cpu;
 use recforge::backend::gpu::ops::paged::{
-    kv_write, paged_decode, paged_decode_scratch_len, DecodeBatch, PagedShape,
+    kv_gather, kv_write, paged_decode, paged_decode_scratch_len, DecodeBatch, PagedShape,
     PAGED_DECODE_PARTITION,
 };
 use recforge::backend::gpu::{DevBuf, Device};
@@ -509,4 +509,99 @@ fn kv_write_rejects_slots_outside_the_cache() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("slot 8"), "{e}");
+}
+
+/// `kv_gather` reads every sequence's rows back in order through its block table — shared
+/// prefix blocks, copied blocks, scattered blocks — bit for bit what was written, with rows of
+/// 16-byte pieces (64 × 2) and of odd sizes (3 × 5: the scalar path). Outputs poisoned first.
+#[test]
+fn kv_gather_reads_back_what_was_written() {
+    let mut rng = Rng::new(53);
+    for (kv_heads, head_dim) in [(2, 64), (3, 5)] {
+        let shape = PagedShape {
+            num_blocks: 60,
+            block_size: 8,
+            kv_heads,
+            head_dim,
+        };
+        for dev in devices() {
+            let mut cache = Cache::new(&dev, shape);
+            cache.add(0);
+            cache.fill(&[0], &[45], &mut rng);
+            cache.fork(0, 1);
+            cache.append(1, 30, &mut rng);
+            cache.add(2);
+            cache.fill(&[2, 0], &[77, 100], &mut rng);
+            for id in [0u64, 1, 2] {
+                let bs = shape.block_size;
+                let slots: Vec<u32> = (0..cache.kv.len(id).unwrap())
+                    .map(|j| {
+                        (cache.kv.block_table(id).unwrap()[j / bs] as usize * bs + j % bs) as u32
+                    })
+                    .collect();
+                let n = slots.len() * shape.row();
+                let (mut k, mut v) = (
+                    dev.upload(&vec![bf16::NAN; n]).unwrap(),
+                    dev.upload(&vec![bf16::NAN; n]).unwrap(),
+                );
+                kv_gather(
+                    &dev,
+                    &cache.kc,
+                    &cache.vc,
+                    &dev.upload(&slots).unwrap(),
+                    &slots,
+                    shape,
+                    &mut k,
+                    &mut v,
+                )
+                .unwrap();
+                let bits = |x: &[bf16]| x.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+                let (hk, hv) = &cache.host[&id];
+                let what = format!("{}, {kv_heads} × {head_dim}, sequence {id}", dev.name());
+                assert_eq!(bits(&dev.download(&k).unwrap()), bits(hk), "{what}: K");
+                assert_eq!(bits(&dev.download(&v).unwrap()), bits(hv), "{what}: V");
+            }
+        }
+    }
+}
+
+#[test]
+fn kv_gather_rejects_slots_outside_the_cache_and_wrong_sizes() {
+    let dev = Device::sim();
+    let shape = PagedShape {
+        num_blocks: 2,
+        block_size: 4,
+        kv_heads: 1,
+        head_dim: 32,
+    };
+    let z = |n: usize| dev.upload(&vec![bf16::ZERO; n]).unwrap();
+    let (kc, vc) = (z(8 * 32), z(8 * 32));
+    let (mut k, mut v) = (z(32), z(32));
+    let e = kv_gather(
+        &dev,
+        &kc,
+        &vc,
+        &dev.upload(&[8u32]).unwrap(),
+        &[8],
+        shape,
+        &mut k,
+        &mut v,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("kv_gather_bf16") && e.contains("slot 8"), "{e}");
+    let mut short = z(31);
+    let e = kv_gather(
+        &dev,
+        &kc,
+        &vc,
+        &dev.upload(&[1u32]).unwrap(),
+        &[1],
+        shape,
+        &mut short,
+        &mut v,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("kv_gather_bf16: k 31"), "{e}");
 }

@@ -581,6 +581,17 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             adapter(8, "q,v,o,down"),
         ),
         (
+            "tiny, 45 own tokens after a 20-token prefix (K/V gathered, W8A8)",
+            tiny.clone(),
+            20,
+            vec![45, 3, 8],
+            3,
+            3,
+            16,
+            None,
+            None,
+        ),
+        (
             "head_dim 128, untied head, blocks of 4",
             hd128(),
             9,

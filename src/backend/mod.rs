@@ -531,6 +531,17 @@ pub trait Backend: Sized + Send + Sync {
         k_cache: &mut Tensor<Self>,
         v_cache: &mut Tensor<Self>,
     ) -> Result<()>;
+    /// The reverse of [`Backend::kv_write`]: row t of `k` / `v` becomes row `host_slots[t]` of
+    /// the caches (a sequence's K/V made contiguous for the flash attention of a long prefill).
+    fn kv_gather(
+        &self,
+        k_cache: &Tensor<Self>,
+        v_cache: &Tensor<Self>,
+        slots: &Tensor<Self>,
+        host_slots: &[u32],
+        k: &mut Tensor<Self>,
+        v: &mut Tensor<Self>,
+    ) -> Result<()>;
     /// Copy `n` rows of `t` from `src_row` to `dst_row` (ranges must not overlap): a paged-KV
     /// block duplicated for copy-on-write.
     fn copy_rows_within(
@@ -616,8 +627,10 @@ pub fn expect_dtype<B: Backend>(op: &str, what: &str, t: &Tensor<B>, dtype: DTyp
     Ok(())
 }
 
-/// Shape checks shared by every backend's `kv_write`; returns (tokens, row, cache slots).
-pub fn check_kv_write<B: Backend>(
+/// Shape checks shared by every backend's `kv_write` and `kv_gather` (`op`); returns (tokens,
+/// row, cache slots).
+pub fn check_kv_rows<B: Backend>(
+    op: &str,
     k: &Tensor<B>,
     v: &Tensor<B>,
     slots: &Tensor<B>,
@@ -625,7 +638,6 @@ pub fn check_kv_write<B: Backend>(
     k_cache: &Tensor<B>,
     v_cache: &Tensor<B>,
 ) -> Result<(usize, usize, usize)> {
-    let op = "kv_write";
     let (t, row) = k.outer_rows();
     let (cache_slots, cache_row) = k_cache.outer_rows();
     if v.shape != k.shape

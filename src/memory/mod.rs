@@ -13,6 +13,7 @@ use crate::backend::gpu::backend::GEMV_MAX_ROWS;
 use crate::backend::gpu::ops::{
     attention::tiled_head_dim, optim::SUM_SQUARES_BLOCKS, paged::PAGED_DECODE_PARTITION,
 };
+use crate::model::llama::GATHER_ABOVE_QUERIES;
 use crate::model::LlamaConfig;
 
 pub const GIB: u64 = 1 << 30;
@@ -909,8 +910,12 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
     let step = |t: u64, cached: Option<(u64, u64, u64, u64)>, rows: u64| -> (u64, u64, String) {
         let lora = rank.map_or(0, |r| 7 * f4(t * r));
         let tables = cached.map_or(0, |(n, mb, _, _)| f4(n * mb) + f4(n));
+        // A long prefill of one sequence gathers its K/V (slots, K, V) for the flash attention.
+        let gather = cached.filter(|&(n, _, q, _)| n == 1 && q > GATHER_ABOVE_QUERIES as u64);
+        let gathered = gather.map_or(0, |(_, _, _, len)| f4(len) + 2 * bf(len * kvd));
         let working = 3 * f4(t)
             + tables
+            + gathered
             + 3 * bf(t * d)
             + 2 * bf(t * qd)
             + 2 * bf(t * kvd)
@@ -924,6 +929,7 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
         };
         let attention = match cached {
             None => f4(t * heads) + f4(4),
+            Some(_) if gather.is_some() => f4(t * heads) + f4(4),
             Some((n, _, q, len)) => {
                 let parts = len.div_ceil(PAGED_DECODE_PARTITION as u64).max(1);
                 if parts > 1 {
@@ -950,7 +956,7 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
             format!("{t} rows; int8 linear: x [{t}, {kmax}] int8, scales, outlier cols")
         } else if inside == head {
             format!("{t} rows; head: logits [{rows}, {v}] f32")
-        } else if cached.is_some() {
+        } else if cached.is_some() && gather.is_none() {
             format!("{t} rows; paged attention partials")
         } else {
             format!("{t} rows; attention: log-sum-exp [{t}, {heads}] f32, span table")

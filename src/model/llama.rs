@@ -116,6 +116,20 @@ pub struct KvCache<B: Backend> {
     pub capacity: usize,
 }
 
+/// Queries of one sequence above which [`Llama::forward_paged`] gathers its K/V and runs the
+/// flash attention instead of the paged decode kernel (which serves 8 query rows per block and
+/// reads the sequence's K/V once per block).
+pub const GATHER_ABOVE_QUERIES: usize = 32;
+
+/// A sequence's K/V gathered from the paged cache for the flash attention of a long prefill.
+struct Gathered<B: Backend> {
+    slots: Tensor<B>,
+    host_slots: Vec<u32>,
+    k: Tensor<B>,
+    v: Tensor<B>,
+    spans: [SeqSpan; 1],
+}
+
 /// Per-layer K and V of a paged cache, `[num_blocks · block_size, kv_heads, head_dim]`; which
 /// blocks hold which sequence is `infer::paged::PagedKv`'s business.
 pub struct PagedCache<B: Backend> {
@@ -367,22 +381,68 @@ impl<B: Backend> Llama<B> {
             PagedAttention::Cached(c) => (Some(i32s(c.block_tables)?), Some(i32s(c.context_lens)?)),
         };
         let block_size = cache.block_size;
+        let batch = match (&step.attention, &tables, &lens) {
+            (PagedAttention::Cached(c), Some(t), Some(l)) => Some(PagedBatch {
+                block_size,
+                block_tables: t,
+                context_lens: l,
+                host_block_tables: c.block_tables,
+                host_context_lens: c.context_lens,
+                max_blocks: c.max_blocks,
+                queries: c.queries,
+            }),
+            _ => None,
+        };
+        // A long prefill through the block tables (one sequence, many queries) gathers the
+        // sequence's K/V into contiguous rows once per layer and runs the flash attention:
+        // the paged decode kernel would read them once per 8 query rows.
+        let mut gather = match &batch {
+            Some(b) if b.queries > GATHER_ABOVE_QUERIES && b.host_context_lens.len() == 1 => {
+                let cache_slots = cache.k.first().map_or(0, |k| k.shape[0]);
+                b.check("forward_paged", cache_slots)?;
+                let len = b.host_context_lens[0] as usize;
+                let host_slots: Vec<u32> = (0..len)
+                    .map(|j| {
+                        (b.host_block_tables[j / block_size] as usize * block_size + j % block_size)
+                            as u32
+                    })
+                    .collect();
+                let c = &self.config;
+                let dt = be.activation_dtype();
+                let rows = [len, c.num_key_value_heads, c.head_dim];
+                Some(Gathered {
+                    slots: be.upload(&HostTensor::new(
+                        vec![len],
+                        HostData::U32(host_slots.clone()),
+                    )?)?,
+                    host_slots,
+                    k: be.zeros(&rows, dt)?,
+                    v: be.zeros(&rows, dt)?,
+                    spans: [SeqSpan {
+                        q_start: 0,
+                        q_len: b.queries,
+                        kv_start: 0,
+                        kv_len: len,
+                    }],
+                })
+            }
+            _ => None,
+        };
         let mut attend =
             |li: usize, q: &Tensor<B>, k: &Tensor<B>, v: &Tensor<B>, out: &mut Tensor<B>| {
                 be.kv_write(k, v, &slots, step.slots, &mut cache.k[li], &mut cache.v[li])?;
-                match &step.attention {
-                    PagedAttention::Fresh(spans) => be.attention(q, k, v, &pos, spans, out),
-                    PagedAttention::Cached(c) => {
-                        let batch = PagedBatch {
-                            block_size,
-                            block_tables: tables.as_ref().expect("uploaded above"),
-                            context_lens: lens.as_ref().expect("uploaded above"),
-                            host_block_tables: c.block_tables,
-                            host_context_lens: c.context_lens,
-                            max_blocks: c.max_blocks,
-                            queries: c.queries,
-                        };
-                        be.paged_attention(q, &cache.k[li], &cache.v[li], &batch, out)
+                let (kc, vc) = (&cache.k[li], &cache.v[li]);
+                match (&step.attention, &batch, gather.as_mut()) {
+                    (PagedAttention::Fresh(spans), _, _) => be.attention(q, k, v, &pos, spans, out),
+                    (PagedAttention::Cached(_), _, Some(g)) => {
+                        be.kv_gather(kc, vc, &g.slots, &g.host_slots, &mut g.k, &mut g.v)?;
+                        be.attention(q, &g.k, &g.v, &pos, &g.spans, out)
+                    }
+                    (PagedAttention::Cached(_), Some(b), None) => {
+                        be.paged_attention(q, kc, vc, b, out)
+                    }
+                    (PagedAttention::Cached(_), None, None) => {
+                        unreachable!("cached attention has its tables")
                     }
                 }
             };

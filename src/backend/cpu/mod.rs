@@ -7,7 +7,7 @@ mod simd;
 use rayon::prelude::*;
 
 use super::{
-    check_kv_write, check_paged_attention, check_spans, dropout_keep, expect_dtype, expect_shape,
+    check_kv_rows, check_paged_attention, check_spans, dropout_keep, expect_dtype, expect_shape,
     AdamW, Backend, Dropout, Linear, LinearWeight, Lora, PagedBatch, SeqSpan, Tensor, IGNORE_LABEL,
 };
 use crate::error::{Error, Result};
@@ -374,12 +374,33 @@ impl Backend for Cpu {
         v_cache: &mut T,
     ) -> Result<()> {
         let op = "kv_write";
-        let (_, row, _) = check_kv_write(k, v, slots, host_slots, k_cache, v_cache)?;
+        let (_, row, _) = check_kv_rows(op, k, v, slots, host_slots, k_cache, v_cache)?;
         for (src, cache, what) in [(k, k_cache, "k_cache"), (v, v_cache, "v_cache")] {
             let from = f32s(op, "k / v", src)?;
             let to = f32s_mut(op, what, cache)?;
             for (t, &slot) in host_slots.iter().enumerate() {
                 to[slot as usize * row..][..row].copy_from_slice(&from[t * row..][..row]);
+            }
+        }
+        Ok(())
+    }
+
+    fn kv_gather(
+        &self,
+        k_cache: &T,
+        v_cache: &T,
+        slots: &T,
+        host_slots: &[u32],
+        k: &mut T,
+        v: &mut T,
+    ) -> Result<()> {
+        let op = "kv_gather";
+        let (_, row, _) = check_kv_rows(op, k, v, slots, host_slots, k_cache, v_cache)?;
+        for (cache, dst, what) in [(k_cache, k, "k"), (v_cache, v, "v")] {
+            let from = f32s(op, "cache", cache)?;
+            let to = f32s_mut(op, what, dst)?;
+            for (t, &slot) in host_slots.iter().enumerate() {
+                to[t * row..][..row].copy_from_slice(&from[slot as usize * row..][..row]);
             }
         }
         Ok(())

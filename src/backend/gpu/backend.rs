@@ -10,7 +10,7 @@ use half::bf16;
 use super::device::{DevBuf, Device};
 use super::ops::{self, attention::AttnShape, w8a8::Int8Scratch};
 use crate::backend::{
-    check_kv_write, check_paged_attention, linear_lora_unfused, AdamW, Backend, Dropout, Linear,
+    check_kv_rows, check_paged_attention, linear_lora_unfused, AdamW, Backend, Dropout, Linear,
     LinearWeight, Lora, PagedBatch, Projection, SeqSpan, Tensor,
 };
 use crate::error::{Error, Result};
@@ -138,6 +138,17 @@ fn attn_shape(op: &str, q: &T, k: &T) -> Result<AttnShape> {
         kv_heads: k.shape[1],
         head_dim: q.shape[2],
     })
+}
+
+/// A cache `[slots, kv_heads, head_dim…]` as the slot kernels see it: slots are rows, so a
+/// "block" of one slot each is the whole cache.
+fn slot_shape(cache: &T, slots: usize) -> ops::paged::PagedShape {
+    ops::paged::PagedShape {
+        num_blocks: slots,
+        block_size: 1,
+        kv_heads: cache.shape.get(1).copied().unwrap_or(1),
+        head_dim: cache.shape.get(2..).map_or(1, |d| d.iter().product()),
+    }
 }
 
 /// The trait's attention tensors as the kernel wrappers' inputs.
@@ -589,14 +600,8 @@ impl Backend for Gpu {
         v_cache: &mut T,
     ) -> Result<()> {
         let op = "kv_write";
-        let (_, _, cache_slots) = check_kv_write(k, v, slots, host_slots, k_cache, v_cache)?;
-        // Slots are rows: a "block" of one slot each is the whole cache.
-        let shape = ops::paged::PagedShape {
-            num_blocks: cache_slots,
-            block_size: 1,
-            kv_heads: k_cache.shape[1],
-            head_dim: k_cache.shape[2..].iter().product(),
-        };
+        let (_, _, cache_slots) = check_kv_rows(op, k, v, slots, host_slots, k_cache, v_cache)?;
+        let shape = slot_shape(k_cache, cache_slots);
         ops::paged::kv_write(
             &self.dev,
             bf(op, "k", k)?,
@@ -606,6 +611,30 @@ impl Backend for Gpu {
             shape,
             bf_mut(op, "k_cache", k_cache)?,
             bf_mut(op, "v_cache", v_cache)?,
+        )
+    }
+
+    fn kv_gather(
+        &self,
+        k_cache: &T,
+        v_cache: &T,
+        slots: &T,
+        host_slots: &[u32],
+        k: &mut T,
+        v: &mut T,
+    ) -> Result<()> {
+        let op = "kv_gather";
+        let (_, _, cache_slots) = check_kv_rows(op, k, v, slots, host_slots, k_cache, v_cache)?;
+        let shape = slot_shape(k_cache, cache_slots);
+        ops::paged::kv_gather(
+            &self.dev,
+            bf(op, "k_cache", k_cache)?,
+            bf(op, "v_cache", v_cache)?,
+            u32b(op, "slots", slots)?,
+            host_slots,
+            shape,
+            bf_mut(op, "k", k)?,
+            bf_mut(op, "v", v)?,
         )
     }
 

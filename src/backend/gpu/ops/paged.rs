@@ -37,41 +37,98 @@ pub fn kv_write(
     k_cache: &mut DevBuf<bf16>,
     v_cache: &mut DevBuf<bf16>,
 ) -> Result<()> {
-    let name = "kv_write_bf16";
-    let (t, row) = (slots.len(), shape.row());
-    if k.len() != t * row
-        || v.len() != t * row
-        || k_cache.len() != shape.slots() * row
-        || v_cache.len() != k_cache.len()
-        || host_slots.len() != t
-    {
-        return Err(Error::Shape(format!(
-            "{name}: k {}, v {} for {t} tokens of {row}; caches {} / {} for {shape:?}",
-            k.len(),
-            v.len(),
-            k_cache.len(),
-            v_cache.len()
-        )));
+    let rows = Rows {
+        name: "kv_write_bf16",
+        slots,
+        host_slots,
+        shape,
+        tokens_are_source: true,
+    };
+    rows.copy(dev, (k, v), (k_cache, v_cache))
+}
+
+/// Read rows `host_slots` of the caches into `k`, `v` `[slots.len(), kv_heads, head_dim]` (a
+/// sequence's K/V made contiguous for the flash attention of a long prefill).
+#[allow(clippy::too_many_arguments)]
+pub fn kv_gather(
+    dev: &Device,
+    k_cache: &DevBuf<bf16>,
+    v_cache: &DevBuf<bf16>,
+    slots: &DevBuf<u32>,
+    host_slots: &[u32],
+    shape: PagedShape,
+    k: &mut DevBuf<bf16>,
+    v: &mut DevBuf<bf16>,
+) -> Result<()> {
+    let rows = Rows {
+        name: "kv_gather_bf16",
+        slots,
+        host_slots,
+        shape,
+        tokens_are_source: false,
+    };
+    rows.copy(dev, (k_cache, v_cache), (k, v))
+}
+
+/// A row copy between token-ordered K/V and cache slots (`kv_write_bf16`, `kv_gather_bf16`:
+/// the same arguments, source first).
+struct Rows<'a> {
+    name: &'static str,
+    slots: &'a DevBuf<u32>,
+    host_slots: &'a [u32],
+    shape: PagedShape,
+    tokens_are_source: bool,
+}
+
+impl Rows<'_> {
+    fn copy(
+        &self,
+        dev: &Device,
+        src: (&DevBuf<bf16>, &DevBuf<bf16>),
+        dst: (&mut DevBuf<bf16>, &mut DevBuf<bf16>),
+    ) -> Result<()> {
+        let (name, shape) = (self.name, self.shape);
+        let (t, row) = (self.slots.len(), shape.row());
+        let (tokens, caches) = if self.tokens_are_source {
+            ((src.0.len(), src.1.len()), (dst.0.len(), dst.1.len()))
+        } else {
+            ((dst.0.len(), dst.1.len()), (src.0.len(), src.1.len()))
+        };
+        if tokens.0 != t * row
+            || tokens.1 != t * row
+            || caches.0 != shape.slots() * row
+            || caches.1 != caches.0
+            || self.host_slots.len() != t
+        {
+            return Err(Error::Shape(format!(
+                "{name}: k {}, v {} for {t} tokens of {row}; caches {} / {} for {shape:?}",
+                tokens.0, tokens.1, caches.0, caches.1
+            )));
+        }
+        // The slots come from the host allocator; check them there rather than in the kernel.
+        if let Some(bad) = self
+            .host_slots
+            .iter()
+            .find(|&&s| s as usize >= shape.slots())
+        {
+            return Err(Error::Invalid(format!(
+                "{name}: slot {bad} is outside the cache of {} slots",
+                shape.slots()
+            )));
+        }
+        if t == 0 {
+            return Ok(());
+        }
+        let args = [
+            dev.ptr(src.0)?,
+            dev.ptr(src.1)?,
+            dev.ptr(self.slots)?,
+            dev.ptr_mut(dst.0)?,
+            dev.ptr_mut(dst.1)?,
+            Arg::I32(row as i32),
+        ];
+        dev.launch(name, Launch::linear(t as u32, 128), &args)
     }
-    // The slots come from the host allocator; check them there rather than in the kernel.
-    if let Some(bad) = host_slots.iter().find(|&&s| s as usize >= shape.slots()) {
-        return Err(Error::Invalid(format!(
-            "{name}: slot {bad} is outside the cache of {} slots",
-            shape.slots()
-        )));
-    }
-    if t == 0 {
-        return Ok(());
-    }
-    let args = [
-        dev.ptr(k)?,
-        dev.ptr(v)?,
-        dev.ptr(slots)?,
-        dev.ptr_mut(k_cache)?,
-        dev.ptr_mut(v_cache)?,
-        Arg::I32(row as i32),
-    ];
-    dev.launch(name, Launch::linear(t as u32, 128), &args)
 }
 
 /// Keys per partition of `paged_decode` (the kernel's `RF_PD_PART`): a sequence of `len` tokens
