@@ -48,10 +48,8 @@ fn decode_case<B: Backend>(
             let (sl, _) = kv.append(s, CONTEXT).unwrap();
             slots.push(*sl.last().unwrap() as u32);
         }
-        let mb = CONTEXT.div_ceil(BLOCK);
-        let tables: Vec<i32> = (0..b as u64)
-            .flat_map(|s| kv.block_table(s).unwrap().iter().map(|&x| x as i32))
-            .collect();
+        let ids: Vec<u64> = (0..b as u64).collect();
+        let (tables, mb) = kv.block_tables(&ids).unwrap();
         let lens = vec![CONTEXT as i32; b];
         let tokens: Vec<u32> = (0..b as u32).map(|i| 3 + i).collect();
         let positions = vec![CONTEXT as u32 - 1; b];

@@ -319,12 +319,7 @@ fn paged_and_contiguous<B: Backend>(
                     .unwrap();
             }
         }
-        let table: Vec<i32> = kv
-            .block_table(i as u64)
-            .unwrap()
-            .iter()
-            .map(|&b| b as i32)
-            .collect();
+        let (table, _) = kv.block_tables(&[i as u64]).unwrap();
         let positions: Vec<u32> = (shared as u32..prompt as u32).collect();
         let rows: Vec<usize> = (0..own).collect();
         let l = m
@@ -354,16 +349,7 @@ fn paged_and_contiguous<B: Backend>(
         for i in 0..2u64 {
             slots.push(kv.append(i, 1).unwrap().0[0] as u32);
         }
-        let mb = (0..2u64)
-            .map(|i| kv.block_table(i).unwrap().len())
-            .max()
-            .unwrap();
-        let mut tables = vec![0i32; 2 * mb];
-        for i in 0..2 {
-            for (j, &b) in kv.block_table(i as u64).unwrap().iter().enumerate() {
-                tables[i * mb + j] = b as i32;
-            }
-        }
+        let (tables, mb) = kv.block_tables(&[0, 1]).unwrap();
         let len = (prompt + step + 1) as i32;
         let tokens = [seqs[0][prompt + step], seqs[1][prompt + step]];
         let positions = [len as u32 - 1; 2];

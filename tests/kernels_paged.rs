@@ -125,18 +125,7 @@ fn check_decode(
     let (kvh, hd) = (shape.kv_heads, shape.head_dim);
     let row = shape.row();
     c.kv.check_invariants().unwrap();
-    let max_blocks = ids
-        .iter()
-        .map(|&i| c.kv.block_table(i).unwrap().len())
-        .max()
-        .unwrap()
-        .max(1);
-    let mut tables = vec![0i32; ids.len() * max_blocks];
-    for (b, &i) in ids.iter().enumerate() {
-        for (j, &blk) in c.kv.block_table(i).unwrap().iter().enumerate() {
-            tables[b * max_blocks + j] = blk as i32;
-        }
-    }
+    let (tables, max_blocks) = c.kv.block_tables(ids).unwrap();
     let lens: Vec<i32> = ids.iter().map(|&i| c.kv.len(i).unwrap() as i32).collect();
     let per_seq = queries * heads * hd;
     let q: Vec<bf16> = (0..ids.len() * per_seq)

@@ -406,12 +406,54 @@ fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
     }
 }
 
+/// An adapter's rank and target names as the plans take them (`"q,v"` → ["q", "v"]).
+fn plan_adapter(ad: &Option<(usize, String)>) -> Option<(usize, Vec<String>)> {
+    ad.as_ref().map(|(r, t)| {
+        let targets = parse_targets(t).unwrap();
+        (
+            *r,
+            targets.iter().map(|t| t.short_name().to_string()).collect(),
+        )
+    })
+}
+
+/// A device of `kind` holding an arena of the plan's size, a random model of `cfg` and, with
+/// `ad`, a frozen adapter of that rank and those targets.
+fn planned_model(
+    kind: &str,
+    cfg: &LlamaConfig,
+    plan: &memory::Plan,
+    ad: &Option<(usize, String)>,
+) -> (
+    Gpu,
+    recforge::model::Llama<Gpu>,
+    Option<recforge::train::DevAdapter<Gpu>>,
+) {
+    use recforge::model::lora::{HostAdapter, LoraConfig};
+    let be = Gpu::new(if kind.starts_with("sim") {
+        Device::sim()
+    } else {
+        Device::cuda(0).unwrap()
+    });
+    assert!(be.reserve_arena(plan.total()).unwrap());
+    let m = random_llama(&be, cfg, 3).unwrap();
+    let dev = ad.as_ref().map(|(r, t)| {
+        let lora = LoraConfig {
+            r: *r,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: parse_targets(t).unwrap(),
+        };
+        let host = HostAdapter::init(cfg, &lora, 5, "plan").unwrap();
+        recforge::train::DevAdapter::upload_frozen(&be, &host).unwrap()
+    });
+    (be, m, dev)
+}
+
 #[test]
 fn the_generation_plan_is_the_measured_peak_of_generate() {
     use recforge::backend::SamplingParams;
     use recforge::infer::generate::{generate_with, GenerateOptions};
-    use recforge::model::lora::{HostAdapter, LoraConfig};
-    use recforge::model::random::random_llama;
     use recforge::train::DevAdapter;
     // (what, model, prompt tokens, new tokens, adapter rank and targets)
     let tiny = shape("tiny").unwrap();
@@ -469,35 +511,15 @@ fn the_generation_plan_is_the_measured_peak_of_generate() {
         .into_iter()
         .flat_map(|c| kinds.iter().map(move |k| (c.clone(), k)))
     {
-        let targets = ad.as_ref().map(|(_, t)| parse_targets(t).unwrap());
         let plan = memory::plan_generation(&memory::GenerateSetup {
             model: cfg.clone(),
             prompt,
             max_new: new,
             budget: 24 * memory::GIB,
-            adapter: ad
-                .as_ref()
-                .zip(targets.as_ref())
-                .map(|((r, _), t)| (*r, t.iter().map(|t| t.short_name().to_string()).collect())),
+            adapter: plan_adapter(&ad),
         })
         .unwrap();
-        let be = Gpu::new(if kind.starts_with("sim") {
-            Device::sim()
-        } else {
-            Device::cuda(0).unwrap()
-        });
-        assert!(be.reserve_arena(plan.total()).unwrap());
-        let m = random_llama(&be, &cfg, 3).unwrap();
-        let dev = ad.as_ref().zip(targets).map(|((r, _), targets)| {
-            let lora = LoraConfig {
-                r: *r,
-                alpha: 16.0,
-                dropout: 0.0,
-                targets,
-            };
-            let host = HostAdapter::init(&cfg, &lora, 5, "plan").unwrap();
-            DevAdapter::upload_frozen(&be, &host).unwrap()
-        });
+        let (be, m, dev) = planned_model(kind, &cfg, &plan, &ad);
         let view = dev.as_ref().map(DevAdapter::view);
         let mut rng = Rng::new(prompt as u64);
         let ids: Vec<u32> = (0..prompt)
@@ -528,7 +550,6 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
     use recforge::backend::SamplingParams;
     use recforge::infer::batch::{cache_layout, generate_batch, BatchOptions, Request};
     use recforge::infer::generate::GenerateOptions;
-    use recforge::model::lora::{HostAdapter, LoraConfig};
     use recforge::train::DevAdapter;
     let tiny = shape("tiny").unwrap();
     let adapter = |r: usize, targets: &str| Some((r, targets.to_string()));
@@ -642,7 +663,6 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
         };
         let layout = cache_layout(&requests, &opts);
         assert_eq!(layout.shared_prefix, shared, "{what}");
-        let targets = ad.as_ref().map(|(_, t)| parse_targets(t).unwrap());
         let plan = memory::plan_batch_generation(&memory::BatchGenerateSetup {
             model: cfg.clone(),
             prompts: requests.iter().map(|r| r.prompt.len()).collect(),
@@ -653,29 +673,10 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             num_blocks: layout.num_blocks,
             holds_every_running: layout.holds_every_running,
             budget: 24 * memory::GIB,
-            adapter: ad
-                .as_ref()
-                .zip(targets.as_ref())
-                .map(|((r, _), t)| (*r, t.iter().map(|t| t.short_name().to_string()).collect())),
+            adapter: plan_adapter(&ad),
         })
         .unwrap();
-        let be = Gpu::new(if kind.starts_with("sim") {
-            Device::sim()
-        } else {
-            Device::cuda(0).unwrap()
-        });
-        assert!(be.reserve_arena(plan.total()).unwrap());
-        let m = random_llama(&be, &cfg, 3).unwrap();
-        let dev = ad.as_ref().zip(targets).map(|((r, _), targets)| {
-            let lora = LoraConfig {
-                r: *r,
-                alpha: 16.0,
-                dropout: 0.0,
-                targets,
-            };
-            let host = HostAdapter::init(&cfg, &lora, 5, "plan").unwrap();
-            DevAdapter::upload_frozen(&be, &host).unwrap()
-        });
+        let (be, m, dev) = planned_model(kind, &cfg, &plan, &ad);
         let view = dev.as_ref().map(DevAdapter::view);
         let g = generate_batch(&be, &m, view.as_ref(), &requests, &opts, |_, _| Ok(()))
             .unwrap_or_else(|e| panic!("{kind}, {what}: {e}\nplan:\n{}", plan.table()));

@@ -312,7 +312,7 @@ pub fn generate_batch<B: Backend>(
                 kv_start: 0,
                 kv_len: own,
             }];
-            let (tables, max_blocks) = block_tables(&kv, &[id])?;
+            let (tables, max_blocks) = kv.block_tables(&[id])?;
             let lens = [context.len() as i32];
             let attention = if shared == 0 {
                 PagedAttention::Fresh(&spans)
@@ -398,7 +398,7 @@ pub fn generate_batch<B: Backend>(
             .map(|&id| kv.len(id).unwrap_or(0) as i32)
             .collect();
         let positions: Vec<u32> = lens.iter().map(|&l| l as u32 - 1).collect();
-        let (tables, max_blocks) = block_tables(&kv, &ids)?;
+        let (tables, max_blocks) = kv.block_tables(&ids)?;
         let rows: Vec<usize> = (0..ids.len()).collect();
         let step = PagedStep {
             tokens: &tokens,
@@ -484,25 +484,6 @@ fn advance(
 
 fn slots32(slots: &[u64]) -> Vec<u32> {
     slots.iter().map(|&s| s as u32).collect()
-}
-
-/// `[ids.len(), max_blocks]` block tables padded with 0, and max_blocks.
-fn block_tables(kv: &PagedKv, ids: &[SeqId]) -> Result<(Vec<i32>, usize)> {
-    let tables: Vec<&[u32]> = ids
-        .iter()
-        .map(|&id| {
-            kv.block_table(id)
-                .ok_or_else(|| Error::Invalid(format!("paged KV: no sequence {id}")))
-        })
-        .collect::<Result<_>>()?;
-    let mb = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
-    let mut flat = vec![0i32; ids.len() * mb];
-    for (i, t) in tables.iter().enumerate() {
-        for (j, &b) in t.iter().enumerate() {
-            flat[i * mb + j] = b as i32;
-        }
-    }
-    Ok((flat, mb))
 }
 
 /// Copy-on-write of shared, partially filled blocks, in every layer's K and V.

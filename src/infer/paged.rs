@@ -98,6 +98,26 @@ impl PagedKv {
         self.seqs.get(&id).map(|s| s.blocks.as_slice())
     }
 
+    /// The block tables of `ids` as the paged attention takes them: `[ids.len(), max_blocks]`
+    /// block numbers padded with 0, and max_blocks (at least 1).
+    pub fn block_tables(&self, ids: &[SeqId]) -> Result<(Vec<i32>, usize)> {
+        let tables: Vec<&[u32]> = ids
+            .iter()
+            .map(|&id| {
+                self.block_table(id)
+                    .ok_or_else(|| Error::Invalid(format!("paged KV: no sequence {id}")))
+            })
+            .collect::<Result<_>>()?;
+        let mb = tables.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+        let mut flat = vec![0i32; ids.len() * mb];
+        for (i, t) in tables.iter().enumerate() {
+            for (j, &b) in t.iter().enumerate() {
+                flat[i * mb + j] = b as i32;
+            }
+        }
+        Ok((flat, mb))
+    }
+
     /// Blocks `append(id, n)` would take from the free list now (None for an unknown sequence).
     pub fn blocks_for(&self, id: SeqId, n: usize) -> Option<usize> {
         self.seqs.get(&id).map(|s| self.blocks_needed(s, n))

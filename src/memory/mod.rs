@@ -339,6 +339,35 @@ fn f4(n: u64) -> u64 {
     blk(n, 4)
 }
 
+/// The W8A8 linear's scratch for `t` rows — the int8 input at the widest K, its column maxima
+/// and outlier columns, the flag, the row scales; none on the GEMV path (≤ GEMV_MAX_ROWS).
+fn int8_scratch(c: &LlamaConfig, t: u64) -> u64 {
+    let kmax = (c.hidden_size.max(c.q_dim()).max(c.intermediate_size)) as u64;
+    if t > GEMV_MAX_ROWS as u64 {
+        2 * f4(kmax) + f4(1) + blk(t * kmax, 1) + f4(t)
+    } else {
+        0
+    }
+}
+
+/// The tensors of `Llama::layer_stack` over `t` rows: token ids, x, the norm output, q, k, v,
+/// the attention output, the projection, gate, up, silu(gate)·up, and with an adapter of rank
+/// r the h and u of three projections and the all-ones gate, each `[t, r]` f32.
+fn layer_stack(c: &LlamaConfig, t: u64, rank: Option<u64>) -> u64 {
+    let (d, f, qd, kvd) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
+    );
+    f4(t)
+        + 3 * bf(t * d)
+        + 2 * bf(t * qd)
+        + 2 * bf(t * kvd)
+        + 3 * bf(t * f)
+        + rank.map_or(0, |r| 7 * f4(t * r))
+}
+
 /// Appending a plan's rows.
 trait AddEntry {
     fn add(&mut self, category: &'static str, what: String, bytes: u64);
@@ -528,12 +557,8 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
 
     // Transient scratch: the largest moment of the step wins.
     let spans = f4(4 * s.batch as u64);
+    let int8 = int8_scratch(c, t);
     let kmax = d.max(qd).max(f);
-    let int8 = if t > GEMV_MAX_ROWS as u64 {
-        2 * f4(kmax) + f4(1) + blk(t * kmax, 1) + f4(t)
-    } else {
-        0
-    };
     // The forward writes its log-sum-exp into the saved set; the tiled backward reuses it and
     // the forward's output (its own O and lse buffers are empty), keeping D and dQ in f32.
     let attn_fwd = spans;
@@ -679,15 +704,7 @@ pub fn plan_scoring(s: &ScoreSetup) -> Result<Plan, String> {
     // The ops' scratch inside a forward of `t` rows, at its largest: the W8A8 linear's int8
     // input, scales and outlier columns (the GEMV path for ≤ GEMV_MAX_ROWS rows has none), the
     // attention's span table, the embedding's bad-id flag.
-    let kmax = d.max(qd).max(f);
-    let op_scratch = |t: u64, spans: u64| {
-        let int8 = if t > GEMV_MAX_ROWS as u64 {
-            2 * f4(kmax) + f4(1) + blk(t * kmax, 1) + f4(t)
-        } else {
-            0
-        };
-        int8.max(f4(4 * spans)).max(f4(1))
-    };
+    let op_scratch = |t: u64, spans: u64| int8_scratch(c, t).max(f4(4 * spans)).max(f4(1));
     // The prefix's own forward (once): its workspace, token ids and positions.
     let prefix_phase = if p > 0 {
         workspace(p) + 2 * f4(p) + op_scratch(p, 1)
@@ -791,18 +808,13 @@ pub fn plan_generation(s: &GenerateSetup) -> Result<Plan, String> {
     // attention output, the projection, gate, up, silu(gate)·up.
     // With an adapter, `Llama::forward_logits_with`'s h and u for three projections and the
     // all-ones gate, each [t, r] f32.
-    let lora = s.adapter.as_ref().map_or(0, |(r, _)| 7 * f4(t * *r as u64));
-    let working =
-        2 * f4(t) + 3 * bf(t * d) + 2 * bf(t * qd) + 2 * bf(t * kvd) + 3 * bf(t * f) + lora;
+    let rank = s.adapter.as_ref().map(|(r, _)| *r as u64);
+    let working = f4(t) + layer_stack(c, t, rank);
     // Inside it, the largest of: the W8A8 linear's scratch (none on the GEMV path), the
     // attention's log-sum-exp and span table, the embedding's bad-id flag, the head's last row
     // and logits.
+    let int8 = int8_scratch(c, t);
     let kmax = d.max(qd).max(f);
-    let int8 = if t > GEMV_MAX_ROWS as u64 {
-        2 * f4(kmax) + f4(1) + blk(t * kmax, 1) + f4(t)
-    } else {
-        0
-    };
     let attention = f4(t * heads) + f4(4);
     let head = bf(d) + f4(v);
     let inside = int8.max(attention).max(f4(1)).max(head);
@@ -908,25 +920,13 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
     // `plan_generation`; inside, the largest of the ops' scratch and the head's rows; after,
     // the logits with the sampler's parameters and tokens.
     let step = |t: u64, cached: Option<(u64, u64, u64, u64)>, rows: u64| -> (u64, u64, String) {
-        let lora = rank.map_or(0, |r| 7 * f4(t * r));
         let tables = cached.map_or(0, |(n, mb, _, _)| f4(n * mb) + f4(n));
         // A long prefill of one sequence gathers its K/V (slots, K, V) for the flash attention.
         let gather = cached.filter(|&(n, _, q, _)| n == 1 && q > GATHER_ABOVE_QUERIES as u64);
         let gathered = gather.map_or(0, |(_, _, _, len)| f4(len) + 2 * bf(len * kvd));
-        let working = 3 * f4(t)
-            + tables
-            + gathered
-            + 3 * bf(t * d)
-            + 2 * bf(t * qd)
-            + 2 * bf(t * kvd)
-            + 3 * bf(t * f)
-            + lora;
+        let working = 2 * f4(t) + tables + gathered + layer_stack(c, t, rank);
+        let int8 = int8_scratch(c, t);
         let kmax = d.max(qd).max(f);
-        let int8 = if t > GEMV_MAX_ROWS as u64 {
-            2 * f4(kmax) + f4(1) + blk(t * kmax, 1) + f4(t)
-        } else {
-            0
-        };
         let attention = match cached {
             None => f4(t * heads) + f4(4),
             Some(_) if gather.is_some() => f4(t * heads) + f4(4),
