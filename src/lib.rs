@@ -71,22 +71,39 @@ pub fn restore_default_sigpipe() {
 /// units (a training update) and stops cleanly, saving what it has.
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// What the first Ctrl-C prints (set by [`stop_on_interrupt_saying`]; a static string).
+static INTERRUPT_MSG: std::sync::atomic::AtomicPtr<u8> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+static INTERRUPT_MSG_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Make the first Ctrl-C a request to stop after the current unit of work (see
-/// [`interrupted`]), and the second one end the process as usual.
+/// [`interrupted`]), and the second one end the process as usual. Training's wording.
 pub fn stop_on_interrupt() {
+    stop_on_interrupt_saying(
+        "\ninterrupt: stopping after this update and saving (Ctrl-C again to abort)\n",
+    );
+}
+
+/// [`stop_on_interrupt`], printing `message` on the first Ctrl-C.
+pub fn stop_on_interrupt_saying(message: &'static str) {
+    use std::sync::atomic::Ordering::SeqCst;
+    INTERRUPT_MSG_LEN.store(message.len(), SeqCst);
+    INTERRUPT_MSG.store(message.as_ptr().cast_mut(), SeqCst);
     #[cfg(unix)]
     {
         extern "C" fn on_sigint(_: libc::c_int) {
-            const MSG: &[u8] =
-                b"\ninterrupt: stopping after this update and saving (Ctrl-C again to abort)\n";
-            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-            // SAFETY: write(2) and signal(2) are async-signal-safe; MSG is a static buffer.
+            INTERRUPTED.store(true, SeqCst);
+            let (msg, len) = (INTERRUPT_MSG.load(SeqCst), INTERRUPT_MSG_LEN.load(SeqCst));
+            // SAFETY: write(2) and signal(2) are async-signal-safe; msg points to a static
+            // string of len bytes (stored before the handler was installed).
             unsafe {
-                libc::write(2, MSG.as_ptr().cast(), MSG.len());
+                if !msg.is_null() {
+                    libc::write(2, msg.cast(), len);
+                }
                 libc::signal(libc::SIGINT, libc::SIG_DFL);
             }
         }
-        // SAFETY: the handler only stores to an atomic and calls async-signal-safe functions.
+        // SAFETY: the handler only uses atomics and async-signal-safe functions.
         unsafe {
             libc::signal(
                 libc::SIGINT,

@@ -670,3 +670,69 @@ fn cli_completes_a_prompts_file_on_the_gpu_backend() {
         assert!(!err.contains("the plan counts"), "{err}");
     }
 }
+
+/// Ctrl-C during `generate --prompts`: the decode step in flight finishes, the completions
+/// already in order stay on stdout as whole lines, --out gets no file (it is written only
+/// whole), and the exit status is 130.
+#[cfg(unix)]
+#[test]
+fn cli_prompts_run_stops_cleanly_on_ctrl_c() {
+    let (d, f) = fixture(&FixtureSpec {
+        layers: 2,
+        hidden: 128,
+        heads: 4,
+        kv_heads: 2,
+        ..Default::default()
+    });
+    let file = d.path().join("prompts.txt");
+    // Enough simulator work to outlast the first progress line (2 s) many times over.
+    let prompts: String = (0..40)
+        .map(|i| format!("the cat number {i} sat\n"))
+        .collect();
+    std::fs::write(&file, prompts).unwrap();
+    for out in [None, Some(d.path().join("completions.jsonl"))] {
+        let mut cmd = std::process::Command::new(common::recforge_bin());
+        cmd.args([
+            "generate",
+            "--model",
+            f.gguf.to_str().unwrap(),
+            "--prompts",
+            file.to_str().unwrap(),
+            "--raw",
+            "--max-new-tokens",
+            "60",
+            "--batch",
+            "2",
+            "--device",
+            "sim",
+        ]);
+        if let Some(o) = &out {
+            cmd.args(["--out", o.to_str().unwrap()]);
+        }
+        // The progress lines start with two spaces.
+        let r = common::interrupt_after(cmd, "  ");
+        assert_eq!(r.status.code(), Some(130), "{}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("interrupt: stopping after this decode step"),
+            "{}",
+            r.stderr
+        );
+        assert!(r.stderr.contains("interrupted: "), "{}", r.stderr);
+        let lines = json_lines(r.stdout.as_bytes());
+        for (i, l) in lines.iter().enumerate() {
+            assert_eq!(l["index"], i, "completions in prompt order");
+        }
+        assert!(lines.len() < 40, "the run was not interrupted");
+        if let Some(o) = &out {
+            assert!(lines.is_empty());
+            assert!(!o.exists(), "--out must not hold a partial file");
+            let left: Vec<_> = std::fs::read_dir(d.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.contains("tmp"))
+                .collect();
+            assert!(left.is_empty(), "temporary files left: {left:?}");
+        }
+    }
+}

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use recforge::backend::gpu::{probe_cuda, Chosen, DeviceChoice};
 use recforge::backend::Backend;
 use recforge::backend::SamplingParams;
-use recforge::infer::batch::{cache_layout, generate_batch, BatchOptions, Request};
+use recforge::infer::batch::{cache_layout, generate_batch_with, BatchOptions, Request};
 use recforge::infer::generate::{generate_with as generate_tokens, GenerateOptions, StopReason};
 use recforge::kernels;
 use recforge::memory;
@@ -1005,43 +1005,100 @@ fn generate_batch_on<B: Backend>(
     );
     let t0 = std::time::Instant::now();
     let mut last = t0;
+    // Completions go out in prompt order as soon as every earlier one is done: to stdout line
+    // by line, or to --out through a temporary file renamed at the end (an error or Ctrl-C
+    // leaves no file there; the lines on stdout stay whole).
+    let mut file = match b.out {
+        Some(p) => Some(
+            model::convert::AtomicFile::create(p)
+                .with_context(|| format!("cannot write {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut pending = std::collections::BTreeMap::new();
+    // Read by the progress line, advanced by the writer.
+    let written = std::cell::Cell::new(0usize);
     let mut generated = 0usize;
-    let g = generate_batch(be, model, view, &requests, &b.opts, |_, _| {
-        generated += 1;
-        if last.elapsed().as_secs_f64() >= 2.0 {
-            last = std::time::Instant::now();
-            let secs = t0.elapsed().as_secs_f64();
+    recforge::stop_on_interrupt_saying(
+        "\ninterrupt: stopping after this decode step (Ctrl-C again to abort)\n",
+    );
+    let run = generate_batch_with(
+        be,
+        model,
+        view,
+        &requests,
+        &b.opts,
+        |_, _| {
+            generated += 1;
+            if last.elapsed().as_secs_f64() >= 2.0 {
+                last = std::time::Instant::now();
+                let secs = t0.elapsed().as_secs_f64();
+                eprintln!(
+                    "  {generated} tokens generated in {secs:.1}s ({:.1} tok/s), {} of {n} prompts written",
+                    generated as f64 / secs,
+                    written.get()
+                );
+            }
+            if recforge::interrupted() {
+                return Err(recforge::error::Error::Invalid(
+                    "interrupted (Ctrl-C)".into(),
+                ));
+            }
+            Ok(())
+        },
+        |i, g| {
+            let stop = match g.stop {
+                StopReason::StopToken(id) => tok.id_to_token(id).unwrap_or_default(),
+                StopReason::MaxTokens => "max tokens".into(),
+            };
+            let line = serde_json::json!({
+                "index": i,
+                "completion": tok.decode(&g.tokens, true)?,
+                "prompt_tokens": g.prompt_tokens,
+                "new_tokens": g.tokens.len(),
+                "stop": stop,
+            });
+            pending.insert(i, format!("{line}\n"));
+            while let Some(l) = pending.remove(&written.get()) {
+                match file.as_mut() {
+                    Some(f) => f.write_all(l.as_bytes())?,
+                    None => {
+                        let mut o = std::io::stdout().lock();
+                        o.write_all(l.as_bytes())
+                            .and_then(|_| o.flush())
+                            .map_err(|e| {
+                                recforge::error::Error::Invalid(format!(
+                                    "writing the completions to stdout: {e}"
+                                ))
+                            })?;
+                    }
+                }
+                written.set(written.get() + 1);
+            }
+            Ok(())
+        },
+    );
+    let g = match run {
+        Ok(g) => g,
+        Err(e) if recforge::interrupted() => {
+            drop(file);
             eprintln!(
-                "  {generated} tokens generated in {secs:.1}s ({:.1} tok/s)",
-                generated as f64 / secs
+                "interrupted: {} of {n} completions written{}",
+                written.get(),
+                if b.out.is_some() {
+                    " (none to --out, which is written only whole)"
+                } else {
+                    " to stdout"
+                }
             );
+            let _ = e;
+            std::process::exit(130);
         }
-        Ok(())
-    })?;
-    let mut lines = String::new();
-    for (i, r) in g.generations.iter().enumerate() {
-        let stop = match r.stop {
-            StopReason::StopToken(id) => tok.id_to_token(id).unwrap_or_default(),
-            StopReason::MaxTokens => "max tokens".into(),
-        };
-        let line = serde_json::json!({
-            "index": i,
-            "completion": tok.decode(&r.tokens, true)?,
-            "prompt_tokens": r.prompt_tokens,
-            "new_tokens": r.tokens.len(),
-            "stop": stop,
-        });
-        lines.push_str(&line.to_string());
-        lines.push('\n');
-    }
-    match b.out {
-        Some(p) => model::convert::write_atomic(p, lines.as_bytes())
-            .with_context(|| format!("cannot write {}", p.display()))?,
-        None => {
-            let mut o = std::io::stdout().lock();
-            o.write_all(lines.as_bytes())?;
-            o.flush()?;
-        }
+        Err(e) => return Err(e.into()),
+    };
+    if let (Some(f), Some(p)) = (file, b.out) {
+        f.commit()
+            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     let s = &g.stats;
     eprintln!(

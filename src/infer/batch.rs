@@ -187,7 +187,22 @@ pub fn generate_batch<B: Backend>(
     adapter: Option<&AdapterView<'_, B>>,
     requests: &[Request],
     opts: &BatchOptions,
+    on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<BatchGeneration> {
+    generate_batch_with(be, model, adapter, requests, opts, on_token, |_, _| Ok(()))
+}
+
+/// [`generate_batch`] that also hands each request's completion to `on_finish(request,
+/// generation)` as soon as it is finished (requests finish out of order), so a caller can
+/// write results while the others run.
+pub fn generate_batch_with<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: Option<&AdapterView<'_, B>>,
+    requests: &[Request],
+    opts: &BatchOptions,
     mut on_token: impl FnMut(usize, u32) -> Result<()>,
+    mut on_finish: impl FnMut(usize, &Generation) -> Result<()>,
 ) -> Result<BatchGeneration> {
     let ctx = model.config.max_position_embeddings;
     if opts.max_batch == 0 || opts.block_size == 0 {
@@ -273,6 +288,7 @@ pub fn generate_batch<B: Backend>(
             done: None,
         })
         .collect();
+    let mut done: Vec<Option<Generation>> = vec![None; requests.len()];
     let mut queue: VecDeque<usize> = (0..requests.len()).collect();
     // Running requests, in admission order (the last admitted is preempted first).
     let mut running: Vec<usize> = vec![];
@@ -344,6 +360,9 @@ pub fn generate_batch<B: Backend>(
             s.decode_start.get_or_insert_with(Instant::now);
             if advance(s, &req.options, tok, &mut on_token)? {
                 kv.free_sequence(id)?;
+                let g = finished(s, req);
+                on_finish(r, &g)?;
+                done[r] = Some(g);
             } else {
                 running.push(r);
             }
@@ -427,6 +446,9 @@ pub fn generate_batch<B: Backend>(
         for (&r, &tok) in running.iter().zip(&next) {
             if advance(&mut seqs[r], &requests[r].options, tok, &mut on_token)? {
                 kv.free_sequence(r as SeqId)?;
+                let g = finished(&mut seqs[r], &requests[r]);
+                on_finish(r, &g)?;
+                done[r] = Some(g);
             } else {
                 still.push(r);
             }
@@ -438,21 +460,24 @@ pub fn generate_batch<B: Backend>(
         kv.free_sequence(ROOT)?;
     }
     debug_assert_eq!(kv.free_blocks(), num_blocks);
-    let generations = seqs
+    let generations = done
         .into_iter()
-        .map(|s| {
-            let (stop, decode_secs) = s.done.expect("every request finishes");
-            Generation {
-                prompt_tokens: requests[s.req].prompt.len(),
-                tokens: s.tokens,
-                stop,
-                prefill_secs: s.prefill_secs,
-                decode_secs,
-            }
-        })
+        .map(|g| g.expect("every request finishes"))
         .collect::<Vec<_>>();
     stats.generated_tokens = generations.iter().map(|g| g.tokens.len()).sum();
     Ok(BatchGeneration { generations, stats })
+}
+
+/// A finished request's completion (its tokens move out of its progress).
+fn finished(s: &mut Seq, req: &Request) -> Generation {
+    let (stop, decode_secs) = s.done.expect("called when the request is done");
+    Generation {
+        prompt_tokens: req.prompt.len(),
+        tokens: std::mem::take(&mut s.tokens),
+        stop,
+        prefill_secs: s.prefill_secs,
+        decode_secs,
+    }
 }
 
 /// What `generate` does with a drawn token: stop on a stop token or at the length limit, else

@@ -45,18 +45,56 @@ pub fn safetensors_bytes(tensors: &[(String, &HostTensor)]) -> Vec<u8> {
 
 /// Write `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_name(path);
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
+    let mut f = AtomicFile::create(path)?;
+    f.write_all(bytes)?;
+    f.commit()
+}
+
+/// A file written under a temporary name in its folder: [`AtomicFile::commit`] renames it into
+/// place; dropped before that (an error, an interrupt) it is removed, so the name never holds a
+/// half-written file.
+pub struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> Result<Self> {
+        let tmp = tmp_name(path);
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            tmp,
+            file: Some(file),
+        })
     }
-    Ok(())
+
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        let f = self.file.as_mut().expect("open until committed");
+        f.write_all(bytes).map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Flush to disk and give the file its name.
+    pub fn commit(mut self) -> Result<()> {
+        let f = self.file.take().expect("open until committed");
+        let res = f
+            .sync_all()
+            .and_then(|_| std::fs::rename(&self.tmp, &self.path));
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(Error::io(&self.path, e));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 fn tmp_name(path: &Path) -> PathBuf {
