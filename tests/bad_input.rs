@@ -465,6 +465,20 @@ fn cli_generates_and_converts_the_fixture() {
     );
 }
 
+/// The TOTAL line of `recforge plan`'s table, in MiB.
+fn total_of(out: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("TOTAL"))
+        .unwrap_or_else(|| panic!("no TOTAL in {out}"));
+    let mut it = line.split_whitespace().rev();
+    let (unit, v) = (
+        it.next().unwrap(),
+        it.next().unwrap().parse::<f64>().unwrap(),
+    );
+    v * if unit == "GiB" { 1024.0 } else { 1.0 }
+}
+
 #[test]
 fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
     let (ok, out, err) = cli(&[
@@ -486,18 +500,6 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
     );
     // auto (the default) keeps every layer it can within the budget less 1 GiB; "on"
     // recomputes all 32 and needs less; "off" does not fit 24 GiB at this size and says so.
-    let total_of = |out: &str| -> f64 {
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("TOTAL"))
-            .unwrap_or_else(|| panic!("no TOTAL in {out}"));
-        let mut it = line.split_whitespace().rev();
-        let (unit, v) = (
-            it.next().unwrap(),
-            it.next().unwrap().parse::<f64>().unwrap(),
-        );
-        v * if unit == "GiB" { 1024.0 } else { 1.0 }
-    };
     let base = [
         "plan", "--model", "llama-7b", "--batch", "4", "--seq", "1024",
     ];
@@ -664,4 +666,60 @@ fn counts_beyond_memory_are_refused() {
         };
         assert_names(&e, &p, &[says]);
     }
+}
+
+#[test]
+fn cli_plans_batched_generation() {
+    let base = [
+        "plan",
+        "--model",
+        "llama-7b",
+        "--generate",
+        "300",
+        "--prompts",
+        "64",
+        "--seq",
+        "320",
+        "--prefix",
+        "71",
+    ];
+    let (ok, b32, err) = cli(&[&base[..], &["--batch", "32", "--solve"]].concat());
+    assert!(ok, "{err}");
+    assert!(
+        b32.contains("64 prompts of 320 tokens (71 shared)") && b32.contains("32 decoded together"),
+        "{b32}"
+    );
+    assert!(
+        b32.contains("(paged)") && b32.contains("largest step"),
+        "{b32}"
+    );
+    let most: usize = b32
+        .lines()
+        .find_map(|l| l.strip_prefix("most prompts decoded together: "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no --solve line: {b32}"));
+    assert!((32..64).contains(&most), "{b32}");
+    // More sequences at a time: a larger paged cache.
+    let (ok, b8, err) = cli(&[&base[..], &["--batch", "8"]].concat());
+    assert!(ok, "{err}");
+    assert!(total_of(&b8) < total_of(&b32), "{b8}\n{b32}");
+    // Past what --solve said fits: refused, with the fix.
+    let over = (most + 1).to_string();
+    let (ok, _, err) = cli(&[&base[..], &["--batch", &over]].concat());
+    assert!(!ok && err.contains("a smaller --batch"), "{err}");
+    let (ok, _, err) = cli(&["plan", "--prefix", "8"]);
+    assert!(
+        !ok && err.contains("--prefix goes with --score or --prompts"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&[&base[..7], &["--seq", "71", "--prefix", "71"]].concat());
+    assert!(
+        !ok && err.contains("must leave every prompt a token"),
+        "{err}"
+    );
+    let (ok, _, err) = cli(&["plan", "--generate", "10", "--prompts", "0"]);
+    assert!(!ok && err.contains("--prompts 0"), "{err}");
+    let (ok, _, err) = cli(&["plan", "--prompts", "3"]);
+    assert!(!ok && err.contains("--generate"), "{err}");
 }
