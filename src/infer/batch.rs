@@ -7,14 +7,16 @@
 //! Each request keeps its own sampling parameters and its own seeded generator, drawing one
 //! uniform number per token exactly as [`generate`](super::generate::generate) does, so a
 //! request's tokens do not depend on what else is in the batch: on the CPU reference they are
-//! the tokens `generate` gives for it alone (`tests/batch_generate.rs`; on a GPU the paged and
-//! contiguous attention kernels round differently).
+//! the tokens `generate` gives for it alone (`tests/batch_generate.rs`) — with the LLM.int8
+//! decomposition off, since its outlier columns are chosen over the rows of a batch. On a GPU
+//! the paged and contiguous attention kernels also round differently.
 //!
 //! A step is one of two kinds:
 //! - a prefill of one sequence: its tokens not yet in the cache (the whole prompt, or what
 //!   follows the shared prefix, or — after a preemption — the prompt and what it had generated);
 //!   with nothing cached before them, flash attention over the step's own K/V, else attention
-//!   through its block table (`Backend::paged_attention` with that many queries);
+//!   through its block table (`Backend::paged_attention` with that many queries, or for more
+//!   than `GATHER_ABOVE_QUERIES` the flash attention over its K/V gathered from the blocks);
 //! - a decode step of every running sequence: one token each, `Backend::paged_attention` with
 //!   one query per sequence, and one `Backend::sample` over the batch's logits.
 

@@ -85,7 +85,7 @@ fn weight_view<'a>(op: &str, w: &'a Linear<Cpu>) -> Result<WView<'a>> {
 }
 
 /// Per-token int8 quantization of the activations, with the LLM.int8 outlier columns removed.
-/// Returns (x_q [T, K], per-row scale [T], outlier column mask [K]).
+/// Returns (x_q `[T, K]`, per-row scale `[T]`, outlier column mask `[K]`).
 pub fn quantize_activations(
     x: &[f32],
     t: usize,
