@@ -2,7 +2,7 @@
 //! types we accept, and a small writer used by the test fixtures.
 //!
 //! Layout: magic "GGUF", u32 version, u64 tensor count, u64 metadata count, the metadata
-//! key/values, the tensor infos (name, dims with ne[0] the FASTEST dimension, type, offset into
+//! key/values, the tensor infos (name, dims with `ne[0]` the FASTEST dimension, type, offset into
 //! the data section), then the data section starting at the next multiple of `general.alignment`
 //! (default 32). All integers little-endian.
 
@@ -233,7 +233,7 @@ impl Value {
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
     pub name: String,
-    /// ggml order: dims[0] is the fastest dimension.
+    /// ggml order: `dims[0]` is the fastest dimension.
     pub dims: Vec<u64>,
     pub type_id: u32,
     /// Offset of the data relative to the start of the data section.

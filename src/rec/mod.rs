@@ -3,7 +3,7 @@
 //! - [`movielens`]: RecBole atomic files (`.inter`, `.item`) read by column name;
 //! - [`tallrec`]: TALLRec's preprocessing into instruction samples, splits, few-shot sampling,
 //!   JSON files;
-//! - [`prompt`]: the Alpaca template TALLRec trains with;
+//! - [`prompt`](mod@prompt): the Alpaca template TALLRec trains with;
 //! - [`metrics`]: ROC AUC (tie-aware), accuracy, log loss;
 //! - [`eval`]: P(Yes) from one prefill per sample, and the metrics over a split.
 

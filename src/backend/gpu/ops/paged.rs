@@ -134,7 +134,7 @@ impl Rows<'_> {
 /// Keys per partition of `paged_decode` (the kernel's `RF_PD_PART`): a sequence of `len` tokens
 /// is processed as `max(1, ceil(len / 512))` partitions in parallel. One partition (len ≤ 512):
 /// the first kernel writes the output itself; more: each partition writes a partial (m, l,
-/// acc[hd]) to f32 scratch and `paged_decode_reduce_bf16` merges them.
+/// acc\[hd\]) to f32 scratch and `paged_decode_reduce_bf16` merges them.
 pub const PAGED_DECODE_PARTITION: usize = 512;
 
 /// Query rows (query token × query head of one KV head) one block of `paged_decode_bf16` serves
