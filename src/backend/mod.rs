@@ -189,6 +189,16 @@ pub struct PagedBatch<'a, B: Backend> {
 }
 
 impl<B: Backend> PagedBatch<'_, B> {
+    /// The cache slots of sequence `b`'s tokens, in order (its K/V rows, gathered); call after
+    /// [`PagedBatch::check`].
+    pub fn sequence_slots(&self, b: usize) -> Vec<u32> {
+        let (bs, mb) = (self.block_size, self.max_blocks);
+        let table = &self.host_block_tables[b * mb..][..mb];
+        (0..self.host_context_lens[b] as usize)
+            .map(|j| (table[j / bs] as usize * bs + j % bs) as u32)
+            .collect()
+    }
+
     /// Checks the host tables against each other and a cache of `slots` rows: every length at
     /// least `queries` and within its table, every block it uses inside the cache.
     pub fn check(&self, op: &str, slots: usize) -> Result<()> {

@@ -876,7 +876,8 @@ fn generate_on<B: Backend>(
                 opts: batch_opts.clone(),
                 out: out.as_deref(),
                 stop_ids,
-                plan: (be.memory_stats().is_some() && opts.int8).then_some(adapter_plan.clone()),
+                reserve: be.memory_stats().is_some() && opts.int8,
+                adapter: adapter_plan.clone(),
             };
             return generate_batch_on(be, &model, view.as_ref(), &tok, &b, &gen);
         }
@@ -945,9 +946,10 @@ struct BatchRun<'a> {
     opts: BatchOptions,
     out: Option<&'a Path>,
     stop_ids: Vec<u32>,
-    /// On a device (int8 linears): plan the run and reserve its arena, with this adapter
-    /// (rank, targets) if any.
-    plan: Option<Option<(usize, Vec<String>)>>,
+    /// Plan the run and reserve its arena (a device, int8 linears).
+    reserve: bool,
+    /// The adapter's rank and targets, for the plan.
+    adapter: Option<(usize, Vec<String>)>,
 }
 
 fn generate_batch_on<B: Backend>(
@@ -973,7 +975,7 @@ fn generate_batch_on<B: Backend>(
         })
         .collect();
     let n = requests.len();
-    if let Some(adapter) = &b.plan {
+    if b.reserve {
         // A device: the paged KV cache and every step's buffers come from one arena of what the
         // plan leaves after the model and the adapter.
         let layout = cache_layout(&requests, &b.opts);
@@ -987,7 +989,7 @@ fn generate_batch_on<B: Backend>(
             num_blocks: layout.num_blocks,
             holds_every_running: layout.holds_every_running,
             budget: gen.budget,
-            adapter: adapter.clone(),
+            adapter: b.adapter.clone(),
         })
         .map_err(anyhow::Error::msg)?;
         reserve_planned_arena(

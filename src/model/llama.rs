@@ -401,12 +401,7 @@ impl<B: Backend> Llama<B> {
                 let cache_slots = cache.k.first().map_or(0, |k| k.shape[0]);
                 b.check("forward_paged", cache_slots)?;
                 let len = b.host_context_lens[0] as usize;
-                let host_slots: Vec<u32> = (0..len)
-                    .map(|j| {
-                        (b.host_block_tables[j / block_size] as usize * block_size + j % block_size)
-                            as u32
-                    })
-                    .collect();
+                let host_slots = b.sequence_slots(0);
                 let c = &self.config;
                 let dt = be.activation_dtype();
                 let rows = [len, c.num_key_value_heads, c.head_dim];

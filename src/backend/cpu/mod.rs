@@ -397,11 +397,12 @@ impl Backend for Cpu {
         let op = "kv_gather";
         let (_, row, _) = check_kv_rows(op, k, v, slots, host_slots, k_cache, v_cache)?;
         for (cache, dst, what) in [(k_cache, k, "k"), (v_cache, v, "v")] {
-            let from = f32s(op, "cache", cache)?;
-            let to = f32s_mut(op, what, dst)?;
-            for (t, &slot) in host_slots.iter().enumerate() {
-                to[t * row..][..row].copy_from_slice(&from[slot as usize * row..][..row]);
-            }
+            gather_rows(
+                f32s(op, "cache", cache)?,
+                host_slots,
+                row,
+                f32s_mut(op, what, dst)?,
+            );
         }
         Ok(())
     }
@@ -447,18 +448,15 @@ impl Backend for Cpu {
             f32s(op, "k_cache", k_cache)?,
             f32s(op, "v_cache", v_cache)?,
         );
-        let (nq, bs, mb, row) = (batch.queries, batch.block_size, batch.max_blocks, kvh * hd);
+        let (nq, row) = (batch.queries, kvh * hd);
         let qrow = nq * h * hd;
         let mut o = vec![0f32; q.numel()];
         for (b, &len) in batch.host_context_lens.iter().enumerate() {
             let len = len as usize;
-            let table = &batch.host_block_tables[b * mb..][..mb];
-            let (mut kb, mut vb) = (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
-            for j in 0..len {
-                let slot = table[j / bs] as usize * bs + j % bs;
-                kb.extend_from_slice(&kc[slot * row..][..row]);
-                vb.extend_from_slice(&vc[slot * row..][..row]);
-            }
+            let slots = batch.sequence_slots(b);
+            let (mut kb, mut vb) = (vec![0f32; len * row], vec![0f32; len * row]);
+            gather_rows(kc, &slots, row, &mut kb);
+            gather_rows(vc, &slots, row, &mut vb);
             let host = |data: HostData, shape: Vec<usize>| T {
                 dtype: data.dtype(),
                 storage: data,
@@ -1152,6 +1150,13 @@ fn dropped_input<'a>(
 }
 
 /// `[rows, cols]` → `[cols, rows]`.
+/// `to`'s row t = `from`'s row `slots[t]` (rows of `row` values): the paged cache's reads.
+fn gather_rows(from: &[f32], slots: &[u32], row: usize, to: &mut [f32]) {
+    for (t, &slot) in slots.iter().enumerate() {
+        to[t * row..][..row].copy_from_slice(&from[slot as usize * row..][..row]);
+    }
+}
+
 fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     // In 16 × 16 tiles: a row-by-row loop writes every element to another cache line (stride
     // `rows`), which made this 38% of a batched decode step at 512 keys.
