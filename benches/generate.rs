@@ -8,6 +8,12 @@
 //! (30 layers) at batch 1 / 8 / 32; `cuda_decode_step` the same at batch 1 / 16 / 64 and a
 //! 4-layer slice of the LLaMA-7B shape (a full 7B step costs about 8 times the slice's layers
 //! plus its head), which says why it skipped without a GPU.
+//!
+//! `cpu_prefill` / `cuda_prefill`: the own tokens of G prompts after a cached shared prefix
+//! (`PREFIX` tokens; own parts of 104–176 tokens, TALLRec-like), prefilled `together` in one
+//! forward (what `generate_batch` does with the prompts it admits at once) or `one_at_a_time`
+//! (G forwards, `--prefill-tokens 1`), each ending in the sampler over the prompts' last rows.
+//! Throughput is prompt tokens per second.
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -54,6 +60,7 @@ fn decode_case<B: Backend>(
         let tokens: Vec<u32> = (0..b as u32).map(|i| 3 + i).collect();
         let positions = vec![CONTEXT as u32 - 1; b];
         let rows: Vec<usize> = (0..b).collect();
+        let queries = vec![1; b];
         let params = vec![SamplingParams::ITREK; b];
         let us = vec![0.5f32; b];
         g.throughput(Throughput::Elements(b as u64));
@@ -67,7 +74,7 @@ fn decode_case<B: Backend>(
                         block_tables: &tables,
                         max_blocks: mb,
                         context_lens: &lens,
-                        queries: 1,
+                        queries: &queries,
                     }),
                     logit_rows: &rows,
                 };
@@ -82,6 +89,114 @@ fn decode_case<B: Backend>(
     g.finish();
 }
 
+const PREFIX: usize = 71;
+
+/// Own tokens of prompt i of a prefill group: 104 to 176, different for neighbours.
+fn own_len(i: usize) -> usize {
+    104 + 24 * (i % 4)
+}
+
+/// G prompts forked from a cached prefix, their own tokens prefilled together or one at a
+/// time (the same slots every iteration: the steps are idempotent).
+fn prefill_case<B: Backend>(
+    c: &mut Criterion,
+    group: &str,
+    be: &B,
+    name: &str,
+    cfg: &LlamaConfig,
+    prompts: usize,
+) {
+    const ROOT: u64 = u64::MAX;
+    let m: Llama<B> = random_llama(be, cfg, 2).expect("random model");
+    let own: Vec<usize> = (0..prompts).map(own_len).collect();
+    let total: usize = own.iter().sum();
+    let blocks = PREFIX.div_ceil(BLOCK) + own.iter().map(|o| o.div_ceil(BLOCK) + 1).sum::<usize>();
+    let mut kv = PagedKv::new(blocks, BLOCK).expect("allocator");
+    let mut cache = m.new_paged_cache(be, blocks, BLOCK).expect("cache");
+    kv.add_sequence(ROOT).unwrap();
+    kv.append(ROOT, PREFIX).unwrap();
+    let mut slots = vec![];
+    for (s, &o) in own.iter().enumerate() {
+        kv.fork(ROOT, s as u64).unwrap();
+        let (sl, _) = kv.append(s as u64, o).unwrap();
+        slots.push(sl.iter().map(|&x| x as u32).collect::<Vec<u32>>());
+    }
+    let tokens: Vec<Vec<u32>> = own
+        .iter()
+        .enumerate()
+        .map(|(s, &o)| {
+            (0..o as u32)
+                .map(|j| 3 + (j * 31 + s as u32 * 7) % 1000)
+                .collect()
+        })
+        .collect();
+    let positions: Vec<Vec<u32>> = own
+        .iter()
+        .map(|&o| (PREFIX as u32..(PREFIX + o) as u32).collect())
+        .collect();
+    // One step over the prompts `ids`, rows sequence after sequence.
+    let step = |ids: &[usize], cache: &mut recforge::model::PagedCache<B>| {
+        let seq_ids: Vec<u64> = ids.iter().map(|&i| i as u64).collect();
+        let (tables, mb) = kv.block_tables(&seq_ids).unwrap();
+        let lens: Vec<i32> = ids.iter().map(|&i| (PREFIX + own[i]) as i32).collect();
+        let queries: Vec<usize> = ids.iter().map(|&i| own[i]).collect();
+        let cat = |v: &[Vec<u32>]| ids.iter().flat_map(|&i| v[i].clone()).collect::<Vec<u32>>();
+        let (t, p, sl) = (cat(&tokens), cat(&positions), cat(&slots));
+        let rows: Vec<usize> = queries
+            .iter()
+            .scan(0, |at, &q| {
+                *at += q;
+                Some(*at - 1)
+            })
+            .collect();
+        let logits = m
+            .forward_paged(
+                be,
+                &PagedStep {
+                    tokens: &t,
+                    positions: &p,
+                    slots: &sl,
+                    attention: PagedAttention::Cached(CachedAttention {
+                        block_tables: &tables,
+                        max_blocks: mb,
+                        context_lens: &lens,
+                        queries: &queries,
+                    }),
+                    logit_rows: &rows,
+                },
+                cache,
+                None,
+            )
+            .unwrap()
+            .unwrap();
+        let params = vec![SamplingParams::GREEDY; ids.len()];
+        be.sample(&logits, &params, &vec![0.5; ids.len()]).unwrap()
+    };
+    let mut g = c.benchmark_group(group);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g.throughput(Throughput::Elements(total as u64));
+    let all: Vec<usize> = (0..prompts).collect();
+    g.bench_with_input(
+        BenchmarkId::new(format!("{name}/together"), prompts),
+        &prompts,
+        |bench, _| bench.iter(|| step(&all, &mut cache)),
+    );
+    g.bench_with_input(
+        BenchmarkId::new(format!("{name}/one_at_a_time"), prompts),
+        &prompts,
+        |bench, _| {
+            bench.iter(|| {
+                for i in 0..prompts {
+                    step(&[i], &mut cache);
+                }
+            })
+        },
+    );
+    g.finish();
+}
+
 fn bench_cpu(c: &mut Criterion) {
     let smol = shape("smollm2-135m").unwrap();
     decode_case(
@@ -92,10 +207,11 @@ fn bench_cpu(c: &mut Criterion) {
         &smol,
         &[1, 8, 32],
     );
+    prefill_case(c, "cpu_prefill", &Cpu::new(), "smollm2-135m", &smol, 4);
 }
 
 fn bench_cuda(c: &mut Criterion) {
-    let Some(dev) = cuda_or_say_why("cuda_decode_step") else {
+    let Some(dev) = cuda_or_say_why("cuda_decode_step and cuda_prefill") else {
         return;
     };
     let be = Gpu::new(dev);
@@ -118,6 +234,8 @@ fn bench_cuda(c: &mut Criterion) {
         &l7,
         &[1, 16, 64],
     );
+    prefill_case(c, "cuda_prefill", &be, "smollm2-135m", &smol, 8);
+    prefill_case(c, "cuda_prefill", &be, "llama-7b-4layers", &l7, 8);
 }
 
 criterion_group!(benches, bench_cpu, bench_cuda);

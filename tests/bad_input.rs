@@ -704,6 +704,13 @@ fn cli_plans_batched_generation() {
     let (ok, b8, err) = cli(&[&base[..], &["--batch", "8"]].concat());
     assert!(ok, "{err}");
     assert!(total_of(&b8) < total_of(&b32), "{b8}\n{b32}");
+    // Smaller prefill groups: a smaller largest step.
+    let (ok, small, err) =
+        cli(&[&base[..], &["--batch", "32", "--prefill-tokens", "256"]].concat());
+    assert!(ok, "{err}");
+    assert!(total_of(&small) < total_of(&b32), "{small}\n{b32}");
+    let (ok, _, err) = cli(&[&base[..], &["--prefill-tokens", "0"]].concat());
+    assert!(!ok && err.contains("--prefill-tokens 0"), "{err}");
     // Past what --solve said fits: refused, with the fix.
     let over = (most + 1).to_string();
     let (ok, _, err) = cli(&[&base[..], &["--batch", &over]].concat());

@@ -90,8 +90,10 @@ fn batched_generation_gives_each_request_its_own_tokens_on_the_cpu() {
         want.iter().any(|g| g.tokens.len() > 3),
         "the requests should generate more than a few tokens"
     );
+    let all = usize::MAX;
     let cases = [
-        // Everything at once, the shared prefix in a partial block (13 = 3 × 4 + 1).
+        // Everything at once, the shared prefix in a partial block (13 = 3 × 4 + 1), the five
+        // own parts (3, 1, 40, 2, 5 tokens) prefilled in one forward.
         (
             "batch 8",
             BatchOptions {
@@ -99,6 +101,29 @@ fn batched_generation_gives_each_request_its_own_tokens_on_the_cpu() {
                 block_size: 4,
                 num_blocks: None,
                 share_prefix: true,
+                max_prefill_tokens: all,
+            },
+        ),
+        // Prefills of at most 20 own tokens: 3 + 1, then 40 alone, then 2 + 5.
+        (
+            "prefills of 20",
+            BatchOptions {
+                max_batch: 8,
+                block_size: 4,
+                num_blocks: None,
+                share_prefix: true,
+                max_prefill_tokens: 20,
+            },
+        ),
+        // One request per prefill.
+        (
+            "one prefill each",
+            BatchOptions {
+                max_batch: 8,
+                block_size: 4,
+                num_blocks: None,
+                share_prefix: true,
+                max_prefill_tokens: 1,
             },
         ),
         // Continuous admission: two at a time.
@@ -109,9 +134,10 @@ fn batched_generation_gives_each_request_its_own_tokens_on_the_cpu() {
                 block_size: 4,
                 num_blocks: None,
                 share_prefix: true,
+                max_prefill_tokens: all,
             },
         ),
-        // No prefix sharing, blocks of 16.
+        // No prefix sharing, blocks of 16: whole prompts prefilled together.
         (
             "unshared",
             BatchOptions {
@@ -119,6 +145,7 @@ fn batched_generation_gives_each_request_its_own_tokens_on_the_cpu() {
                 block_size: 16,
                 num_blocks: None,
                 share_prefix: false,
+                max_prefill_tokens: all,
             },
         ),
         // A cache too small for every running sequence: preemption and recomputation.
@@ -129,6 +156,7 @@ fn batched_generation_gives_each_request_its_own_tokens_on_the_cpu() {
                 block_size: 2,
                 num_blocks: Some(40),
                 share_prefix: true,
+                max_prefill_tokens: all,
             },
         ),
     ];
@@ -156,9 +184,15 @@ fn batched_generation_gives_each_request_its_own_tokens_on_the_cpu() {
                 assert_eq!(s.shared_prefix, 13);
                 assert_eq!(s.max_running, 5);
                 assert_eq!(s.preemptions, 0);
+                assert_eq!(s.prefill_steps, 1, "one forward for every own part");
             }
+            "prefills of 20" => assert_eq!(s.prefill_steps, 3),
+            "one prefill each" => assert_eq!(s.prefill_steps, 5),
             "batch 2" => assert!(s.max_running <= 2 && s.preemptions == 0),
-            "unshared" => assert_eq!(s.shared_prefix, 0),
+            "unshared" => {
+                assert_eq!(s.shared_prefix, 0);
+                assert_eq!(s.prefill_steps, 1);
+            }
             "preempting" => assert!(s.preemptions > 0, "no preemption: {s:?}"),
             _ => unreachable!(),
         }
@@ -231,6 +265,7 @@ fn bad_batches_are_refused_with_a_reason() {
         block_size: 4,
         num_blocks: Some(2),
         share_prefix: false,
+        max_prefill_tokens: 64,
     };
     let e = err(&reqs, &tiny);
     assert!(e.contains("KV blocks") && e.contains("more blocks"), "{e}");
@@ -259,26 +294,36 @@ fn bad_batches_are_refused_with_a_reason() {
         },
     );
     assert!(e.contains("max batch"), "{e}");
+    let e = err(
+        &reqs,
+        &BatchOptions {
+            max_prefill_tokens: 0,
+            ..Default::default()
+        },
+    );
+    assert!(e.contains("prefill tokens 0"), "{e}");
     // No requests: nothing to do.
     let none = generate_batch(&be, &m, None, &[], &BatchOptions::default(), |_, _| Ok(())).unwrap();
     assert!(none.generations.is_empty());
 }
 
 /// Logits of `forward_paged` steps — a fresh prefill of a prefix, two sequences forked from it
-/// prefilling their own tokens through the block tables (the first one's copy-on-write of the
-/// prefix's partial block), then decode steps of both in one batch — against each sequence's
-/// contiguous forward on the same backend in the same chunks. Every chunk is at most 16 rows.
-/// Returns (paged, contiguous) logits, row by row.
+/// prefilling their own tokens through the block tables (copy-on-write of the prefix's partial
+/// block), one after the other or `together` in one step, then decode steps of both in one
+/// batch — against each sequence's contiguous forward on the same backend in the same chunks.
+/// The sequences may have different lengths; each has `decode` tokens to decode after its
+/// prompt. Returns (paged, contiguous) logits, row by row.
 fn paged_and_contiguous<B: Backend>(
     be: &B,
     m: &Llama<B>,
     seqs: &[Vec<u32>; 2],
     shared: usize,
     decode: usize,
+    together: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     let bs = 4;
-    let mut kv = PagedKv::new(32, bs).unwrap();
-    let mut cache = m.new_paged_cache(be, 32, bs).unwrap();
+    let mut kv = PagedKv::new(48, bs).unwrap();
+    let mut cache = m.new_paged_cache(be, 48, bs).unwrap();
     let slots32 = |s: Vec<u64>| s.into_iter().map(|x| x as u32).collect::<Vec<u32>>();
     kv.add_sequence(99).unwrap();
     let (slots, _) = kv.append(99, shared).unwrap();
@@ -308,51 +353,36 @@ fn paged_and_contiguous<B: Backend>(
     let prefix_logits = be.download(&prefix_logits).unwrap().to_f32().unwrap();
     let v = m.config.vocab_size;
     let mut paged: Vec<Vec<f32>> = vec![prefix_logits.clone(), prefix_logits];
-    let prompt = seqs[0].len() - decode;
-    for (i, s) in seqs.iter().enumerate() {
-        kv.fork(99, i as u64).unwrap();
-        let own = prompt - shared;
-        let (slots, copies) = kv.append(i as u64, own).unwrap();
-        for c in copies {
-            for t in cache.k.iter_mut().chain(cache.v.iter_mut()) {
-                be.copy_rows_within(t, c.src as usize * bs, c.dst as usize * bs, bs)
-                    .unwrap();
-            }
-        }
-        let (table, _) = kv.block_tables(&[i as u64]).unwrap();
-        let positions: Vec<u32> = (shared as u32..prompt as u32).collect();
-        let rows: Vec<usize> = (0..own).collect();
-        let l = m
-            .forward_paged(
-                be,
-                &PagedStep {
-                    tokens: &s[shared..prompt],
-                    positions: &positions,
-                    slots: &slots32(slots),
-                    attention: PagedAttention::Cached(CachedAttention {
-                        block_tables: &table,
-                        max_blocks: table.len(),
-                        context_lens: &[prompt as i32],
-                        queries: own,
-                    }),
-                    logit_rows: &rows,
-                },
-                &mut cache,
-                None,
-            )
-            .unwrap()
-            .unwrap();
-        paged[i].extend(be.download(&l).unwrap().to_f32().unwrap());
+    let prompt = [seqs[0].len() - decode, seqs[1].len() - decode];
+    let own = [prompt[0] - shared, prompt[1] - shared];
+    // The own prefills: sequence 0 then 1, or both in one step.
+    let groups: Vec<Vec<usize>> = if together {
+        vec![vec![0, 1]]
+    } else {
+        vec![vec![0], vec![1]]
+    };
+    for i in 0..2u64 {
+        kv.fork(99, i).unwrap();
     }
-    for step in 0..decode {
-        let mut slots = vec![];
-        for i in 0..2u64 {
-            slots.push(kv.append(i, 1).unwrap().0[0] as u32);
+    for group in groups {
+        let (mut tokens, mut positions, mut slots) = (vec![], vec![], vec![]);
+        for &i in &group {
+            let (s, copies) = kv.append(i as u64, own[i]).unwrap();
+            for c in copies {
+                for t in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+                    be.copy_rows_within(t, c.src as usize * bs, c.dst as usize * bs, bs)
+                        .unwrap();
+                }
+            }
+            slots.extend(slots32(s));
+            tokens.extend_from_slice(&seqs[i][shared..prompt[i]]);
+            positions.extend(shared as u32..prompt[i] as u32);
         }
-        let (tables, mb) = kv.block_tables(&[0, 1]).unwrap();
-        let len = (prompt + step + 1) as i32;
-        let tokens = [seqs[0][prompt + step], seqs[1][prompt + step]];
-        let positions = [len as u32 - 1; 2];
+        let ids: Vec<u64> = group.iter().map(|&i| i as u64).collect();
+        let (tables, mb) = kv.block_tables(&ids).unwrap();
+        let lens: Vec<i32> = group.iter().map(|&i| prompt[i] as i32).collect();
+        let queries: Vec<usize> = group.iter().map(|&i| own[i]).collect();
+        let rows: Vec<usize> = (0..tokens.len()).collect();
         let l = m
             .forward_paged(
                 be,
@@ -363,8 +393,44 @@ fn paged_and_contiguous<B: Backend>(
                     attention: PagedAttention::Cached(CachedAttention {
                         block_tables: &tables,
                         max_blocks: mb,
-                        context_lens: &[len, len],
-                        queries: 1,
+                        context_lens: &lens,
+                        queries: &queries,
+                    }),
+                    logit_rows: &rows,
+                },
+                &mut cache,
+                None,
+            )
+            .unwrap()
+            .unwrap();
+        let l = be.download(&l).unwrap().to_f32().unwrap();
+        let mut at = 0;
+        for &i in &group {
+            paged[i].extend_from_slice(&l[at * v..(at + own[i]) * v]);
+            at += own[i];
+        }
+    }
+    for step in 0..decode {
+        let mut slots = vec![];
+        for i in 0..2u64 {
+            slots.push(kv.append(i, 1).unwrap().0[0] as u32);
+        }
+        let (tables, mb) = kv.block_tables(&[0, 1]).unwrap();
+        let lens = [(prompt[0] + step + 1) as i32, (prompt[1] + step + 1) as i32];
+        let tokens = [seqs[0][prompt[0] + step], seqs[1][prompt[1] + step]];
+        let positions = [lens[0] as u32 - 1, lens[1] as u32 - 1];
+        let l = m
+            .forward_paged(
+                be,
+                &PagedStep {
+                    tokens: &tokens,
+                    positions: &positions,
+                    slots: &slots,
+                    attention: PagedAttention::Cached(CachedAttention {
+                        block_tables: &tables,
+                        max_blocks: mb,
+                        context_lens: &lens,
+                        queries: &[1, 1],
                     }),
                     logit_rows: &[0, 1],
                 },
@@ -381,13 +447,13 @@ fn paged_and_contiguous<B: Backend>(
         kv.free_sequence(i).unwrap();
     }
     kv.free_sequence(99).unwrap();
-    assert_eq!(kv.free_blocks(), 32);
+    assert_eq!(kv.free_blocks(), 48);
     kv.check_invariants().unwrap();
     // The contiguous forward in the same chunks (prefix, own tokens, one token at a time), so
     // each linear sees the same rows: on the GPU backend up to 16 rows take the weight-only
     // GEMV and more the W8A8 GEMM, whose per-token activation quantization rounds differently.
     let mut want = vec![];
-    for s in seqs {
+    for (s, prompt) in seqs.iter().zip(prompt) {
         let mut c = m.new_cache(be, s.len()).unwrap();
         let mut cuts = vec![0, shared, prompt];
         cuts.extend(prompt + 1..=s.len());
@@ -399,18 +465,18 @@ fn paged_and_contiguous<B: Backend>(
     (paged.concat(), want)
 }
 
-/// Two sequences sharing the prompts' 13-token prefix, each `own` tokens of its own and then
-/// 4 to decode.
-fn two_sequences(vocab: u32, own: usize) -> [Vec<u32>; 2] {
+/// Two sequences sharing the prompts' 13-token prefix, with `own[i]` tokens of their own and
+/// then 4 to decode.
+fn two_sequences(vocab: u32, own: [usize; 2]) -> [Vec<u32>; 2] {
     let p = prompts(vocab);
-    let mk = |salt: u32| -> Vec<u32> {
+    let mk = |salt: u32, own: usize| -> Vec<u32> {
         p[0][..13]
             .iter()
             .copied()
             .chain((0..own as u32 + 4).map(|i| (i * 7 + salt) % vocab))
             .collect()
     };
-    [mk(1), mk(5)]
+    [mk(1, own[0]), mk(5, own[1])]
 }
 
 #[test]
@@ -418,14 +484,23 @@ fn paged_forward_gives_the_contiguous_bits_on_the_cpu() {
     let (_d, f) = fixture(&FixtureSpec::default());
     let be = Cpu::new();
     let m = load(&be, &f.gguf);
-    // 3 own tokens: attention through the block tables; 40: K/V gathered for the flash kernel.
-    for own in [3, 40] {
+    // 3 own tokens each: attention through the block tables; 40: K/V gathered for the flash
+    // kernel. Together: 3 and 40 (and 40 and 3) in one step gather both sequences' K/V; 5 and 5
+    // take the paged kernel with 5 queries each.
+    let cases = [
+        ([3, 3], false),
+        ([40, 40], false),
+        ([3, 40], true),
+        ([40, 3], true),
+        ([5, 5], true),
+    ];
+    for (own, together) in cases {
         let seqs = two_sequences(f.config.vocab_size as u32, own);
-        let (paged, want) = paged_and_contiguous(&be, &m, &seqs, 13, 4);
+        let (paged, want) = paged_and_contiguous(&be, &m, &seqs, 13, 4, together);
         assert_eq!(paged.len(), want.len());
         assert!(
             paged == want,
-            "{own} own tokens: the CPU's paged forward must equal its contiguous forward"
+            "{own:?} own tokens (together: {together}): the CPU's paged forward must equal its contiguous forward"
         );
     }
 }
@@ -444,10 +519,21 @@ fn paged_forward_matches_the_contiguous_forward_on_the_gpu_backend() {
         });
         let v = f.config.vocab_size;
         let backends: Vec<Gpu> = common::devices().into_iter().map(Gpu::new).collect();
-        for (be, own) in backends.iter().flat_map(|b| [(b, 3), (b, 40)]) {
+        // As on the CPU; prefilled together, both own parts exceed 16 tokens so that each
+        // contiguous chunk takes the W8A8 GEMM as the joint step does.
+        let cases = [
+            ([3, 3], false),
+            ([40, 40], false),
+            ([20, 40], true),
+            ([5, 5], true),
+        ];
+        for (be, (own, together)) in backends
+            .iter()
+            .flat_map(|b| cases.iter().map(move |&c| (b, c)))
+        {
             let seqs = two_sequences(f.config.vocab_size as u32, own);
             let m = load(be, &f.gguf);
-            let (paged, want) = paged_and_contiguous(be, &m, &seqs, 13, 4);
+            let (paged, want) = paged_and_contiguous(be, &m, &seqs, 13, 4, together);
             assert_eq!(paged.len(), want.len());
             let err: f32 = paged.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum();
             let norm: f32 = want.iter().map(|x| x * x).sum();
@@ -461,7 +547,7 @@ fn paged_forward_matches_the_contiguous_forward_on_the_gpu_backend() {
                 })
                 .count();
             eprintln!(
-                "{} head_dim {}, {own} own tokens: paged vs contiguous relative RMS logit error {rel:.3e}, argmax agreement {agree}/{rows}",
+                "{} head_dim {}, {own:?} own tokens (together: {together}): paged vs contiguous relative RMS logit error {rel:.3e}, argmax agreement {agree}/{rows}",
                 be.name(),
                 f.config.head_dim
             );
@@ -607,6 +693,8 @@ fn cli_refuses_bad_prompts_files() {
     assert_eq!(std::fs::read_to_string(&bad).unwrap(), "a prompt\n");
     let e = run(&bad, &["--batch", "0"]);
     assert!(e.contains("max batch 0"), "{e}");
+    let e = run(&bad, &["--prefill-tokens", "0"]);
+    assert!(e.contains("prefill tokens 0"), "{e}");
     let e = run(&bad, &["--kv-blocks", "1", "--max-new-tokens", "40"]);
     assert!(e.contains("give the cache more blocks"), "{e}");
     let e = run(&bad, &["--prompt", "and one more"]);

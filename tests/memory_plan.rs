@@ -554,8 +554,10 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
     let tiny = shape("tiny").unwrap();
     let adapter = |r: usize, targets: &str| Some((r, targets.to_string()));
     // (what, model, shared prefix, own lengths, new tokens, max batch, block size, blocks,
-    // adapter): steps where the decode step, the W8A8 prefill (own > 16 rows), the shared
-    // prefix's prefill or the sampler is the peak.
+    // adapter, prefill tokens): steps where the decode step, the W8A8 prefill (own > 16 rows),
+    // the shared prefix's prefill or the sampler is the peak. The plan takes the largest
+    // prefill a run may group (a run of consecutive prompts within the token cap); with one
+    // prompt a prefill (cap 1), or prompts in decreasing length, the run's first group is it.
     let cases = [
         (
             "tiny, 6 prompts sharing 20 tokens, batch 4",
@@ -567,6 +569,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             16,
             None,
             None,
+            1,
         ),
         (
             "tiny, unshared prompts with a 40-token one (W8A8 prefill)",
@@ -578,6 +581,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             16,
             None,
             None,
+            1,
         ),
         (
             "smollm2 shape, 2 layers, head_dim 64, batch 6 of 9",
@@ -589,6 +593,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             8,
             None,
             None,
+            1,
         ),
         (
             "tiny with an adapter on q, v, o, down",
@@ -600,6 +605,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             16,
             None,
             adapter(8, "q,v,o,down"),
+            1,
         ),
         (
             "tiny, 45 own tokens after a 20-token prefix (K/V gathered, W8A8)",
@@ -611,6 +617,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             16,
             None,
             None,
+            1,
         ),
         (
             "head_dim 128, untied head, blocks of 4",
@@ -622,12 +629,64 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             4,
             None,
             None,
+            1,
+        ),
+        (
+            "tiny, 6 prompts sharing 20 tokens prefilled 4 at a time (K/V gathered)",
+            tiny.clone(),
+            20,
+            vec![12, 9, 7, 5, 3, 1],
+            4,
+            4,
+            16,
+            None,
+            None,
+            64,
+        ),
+        (
+            "tiny, unshared prompts prefilled 3 at a time",
+            tiny.clone(),
+            0,
+            vec![40, 30, 6, 11],
+            3,
+            3,
+            16,
+            None,
+            None,
+            100,
+        ),
+        (
+            "smollm2 shape, 2 layers, 5 own tokens each, prefilled together (paged kernel)",
+            smol(2, 700),
+            35,
+            vec![5, 5, 5, 5, 5],
+            3,
+            4,
+            8,
+            None,
+            adapter(4, "q,v"),
+            2048,
+        ),
+        // A cache too small for the batch: sequences are preempted and prefilled again with
+        // what they had generated, in groups the plan can only bound (the peak is at most it).
+        (
+            "tiny, 17 blocks for 4 sequences: preemption",
+            tiny.clone(),
+            20,
+            vec![12, 9, 7, 5, 3, 1],
+            6,
+            4,
+            4,
+            Some(17),
+            None,
+            64,
         ),
     ];
     let kinds: Vec<String> = common::devices().iter().map(|d| d.name()).collect();
-    for ((what, cfg, shared, own, new, max_batch, bs, blocks, ad), kind) in cases
-        .into_iter()
-        .flat_map(|c| kinds.iter().map(move |k| (c.clone(), k)))
+    for ((what, cfg, shared, own, new, max_batch, bs, blocks, ad, max_prefill_tokens), kind) in
+        cases
+            .into_iter()
+            .flat_map(|c| kinds.iter().map(move |k| (c.clone(), k)))
     {
         let mut rng = Rng::new(own.len() as u64);
         let mut draw = |n: usize| -> Vec<u32> {
@@ -660,6 +719,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             block_size: bs,
             num_blocks: blocks,
             share_prefix: true,
+            max_prefill_tokens,
         };
         let layout = cache_layout(&requests, &opts);
         assert_eq!(layout.shared_prefix, shared, "{what}");
@@ -671,6 +731,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             max_running: layout.max_running,
             block_size: bs,
             num_blocks: layout.num_blocks,
+            max_prefill_tokens,
             holds_every_running: layout.holds_every_running,
             budget: 24 * memory::GIB,
             adapter: plan_adapter(&ad),
@@ -687,7 +748,17 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             plan.total(),
             st.peak
         );
-        assert_peak_is_plan(&format!("{kind}, {what}"), st.peak, &plan);
+        if blocks.is_some() {
+            assert!(g.stats.preemptions > 0, "{what}: {:?}", g.stats);
+            assert!(
+                st.peak <= plan.total(),
+                "{kind}, {what}: peak {} B over the plan {} B",
+                st.peak,
+                plan.total()
+            );
+        } else {
+            assert_peak_is_plan(&format!("{kind}, {what}"), st.peak, &plan);
+        }
         assert_eq!(st.device_allocations, 1, "{kind}, {what}: only the arena");
     }
 }

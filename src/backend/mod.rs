@@ -189,40 +189,73 @@ pub struct PagedBatch<'a, B: Backend> {
 }
 
 impl<B: Backend> PagedBatch<'_, B> {
+    /// The host half: the tables and lengths the launch is sized and checked by.
+    pub fn host(&self) -> BlockTables<'_> {
+        BlockTables {
+            block_size: self.block_size,
+            tables: self.host_block_tables,
+            max_blocks: self.max_blocks,
+            context_lens: self.host_context_lens,
+        }
+    }
+
     /// The cache slots of sequence `b`'s tokens, in order (its K/V rows, gathered); call after
     /// [`PagedBatch::check`].
     pub fn sequence_slots(&self, b: usize) -> Vec<u32> {
-        let (bs, mb) = (self.block_size, self.max_blocks);
-        let table = &self.host_block_tables[b * mb..][..mb];
-        (0..self.host_context_lens[b] as usize)
-            .map(|j| (table[j / bs] as usize * bs + j % bs) as u32)
-            .collect()
+        self.host().sequence_slots(b)
     }
 
     /// Checks the host tables against each other and a cache of `slots` rows: every length at
     /// least `queries` and within its table, every block it uses inside the cache.
     pub fn check(&self, op: &str, slots: usize) -> Result<()> {
-        let (n, mb, bs) = (
-            self.host_context_lens.len(),
-            self.max_blocks,
-            self.block_size,
-        );
-        if bs == 0 || self.queries == 0 || self.host_block_tables.len() != n * mb {
+        if self.queries == 0 {
+            return Err(Error::Shape(format!("{op}: 0 queries per sequence")));
+        }
+        self.host().check(op, |_| self.queries, slots)
+    }
+}
+
+/// Block tables on the host: which cache blocks hold each sequence's tokens (slot = block ·
+/// block_size + offset).
+#[derive(Clone, Copy, Debug)]
+pub struct BlockTables<'a> {
+    pub block_size: usize,
+    /// `[sequences, max_blocks]` block numbers, padded with 0.
+    pub tables: &'a [i32],
+    pub max_blocks: usize,
+    /// Tokens in the cache per sequence.
+    pub context_lens: &'a [i32],
+}
+
+impl BlockTables<'_> {
+    /// The cache slots of sequence `b`'s tokens, in order; call after [`BlockTables::check`].
+    pub fn sequence_slots(&self, b: usize) -> Vec<u32> {
+        let (bs, mb) = (self.block_size, self.max_blocks);
+        let table = &self.tables[b * mb..][..mb];
+        (0..self.context_lens[b] as usize)
+            .map(|j| (table[j / bs] as usize * bs + j % bs) as u32)
+            .collect()
+    }
+
+    /// Checks the tables against each other and a cache of `slots` rows: sequence b's length at
+    /// least `min_len(b)` and within its table, every block it uses inside the cache.
+    pub fn check(&self, op: &str, min_len: impl Fn(usize) -> usize, slots: usize) -> Result<()> {
+        let (n, mb, bs) = (self.context_lens.len(), self.max_blocks, self.block_size);
+        if bs == 0 || self.tables.len() != n * mb {
             return Err(Error::Shape(format!(
-                "{op}: {} block-table entries for {n} sequences × {mb} blocks (block size {bs}, {} queries)",
-                self.host_block_tables.len(),
-                self.queries
+                "{op}: {} block-table entries for {n} sequences × {mb} blocks (block size {bs})",
+                self.tables.len(),
             )));
         }
-        for (b, &len) in self.host_context_lens.iter().enumerate() {
-            if len < self.queries as i32 || len as usize > mb * bs {
+        for (b, &len) in self.context_lens.iter().enumerate() {
+            let least = min_len(b);
+            if len < 0 || (len as usize) < least || len as usize > mb * bs {
                 return Err(Error::Invalid(format!(
-                    "{op}: sequence {b} has {len} tokens: at least its {} queries and at most {mb} blocks of {bs}",
-                    self.queries
+                    "{op}: sequence {b} has {len} tokens: at least its {least} queries and at most {mb} blocks of {bs}"
                 )));
             }
             let used = (len as usize).div_ceil(bs);
-            let table = &self.host_block_tables[b * mb..][..used];
+            let table = &self.tables[b * mb..][..used];
             if let Some(bad) = table
                 .iter()
                 .find(|&&x| x < 0 || (x as usize + 1) * bs > slots)

@@ -64,6 +64,10 @@ enum Cmd {
         /// With --prompts: do not compute the prefix common to every prompt once.
         #[arg(long)]
         no_prefix_sharing: bool,
+        /// With --prompts: prompt tokens one prefill forward computes at most; the prompts
+        /// admitted together are prefilled together within it (a longer prompt runs alone).
+        #[arg(long, default_value_t = recforge::infer::batch::DEFAULT_PREFILL_TOKENS)]
+        prefill_tokens: usize,
         /// With --prompts: write the JSON lines here (through a temporary file) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -191,6 +195,10 @@ enum Cmd {
         /// paged KV cache in blocks of 16 tokens; with --solve, the largest --batch that fits.
         #[arg(long, requires = "generate")]
         prompts: Option<usize>,
+        /// With --generate --prompts: prompt tokens one prefill forward computes at most, as
+        /// `generate --prefill-tokens`.
+        #[arg(long, requires = "prompts", default_value_t = recforge::infer::batch::DEFAULT_PREFILL_TOKENS)]
+        prefill_tokens: usize,
     },
 }
 
@@ -354,6 +362,7 @@ fn run(cli: Cli) -> Result<()> {
             block_size,
             kv_blocks,
             no_prefix_sharing,
+            prefill_tokens,
             out,
             adapter,
             max_new_tokens,
@@ -413,6 +422,7 @@ fn run(cli: Cli) -> Result<()> {
                             block_size,
                             num_blocks: kv_blocks,
                             share_prefix: !no_prefix_sharing,
+                            max_prefill_tokens: prefill_tokens,
                         },
                         out,
                     }
@@ -492,6 +502,7 @@ fn run(cli: Cli) -> Result<()> {
             generate,
             adapter,
             prompts,
+            prefill_tokens,
         } => {
             if prefix > 0 && !score && prompts.is_none() {
                 bail!("--prefix goes with --score or --prompts");
@@ -521,7 +532,19 @@ fn run(cli: Cli) -> Result<()> {
                     None
                 };
                 return plan_batch(
-                    &cfg, &model, n, seq, prefix, batch, max_new, budget, adapter, solve,
+                    &cfg,
+                    &model,
+                    BatchShape {
+                        n,
+                        seq,
+                        prefix,
+                        batch,
+                        max_new,
+                        prefill_tokens,
+                    },
+                    budget,
+                    adapter,
+                    solve,
                 );
             }
             if let Some(max_new) = generate {
@@ -639,23 +662,39 @@ struct GenOpts {
     adapter: Option<PathBuf>,
 }
 
-/// `recforge plan --generate N --prompts P`: the plan of `generate --prompts` on P prompts of
-/// `seq` tokens, the first `prefix` shared, `batch` decoded together.
-#[allow(clippy::too_many_arguments)]
-fn plan_batch(
-    cfg: &model::LlamaConfig,
-    name: &str,
+/// The run `recforge plan --generate N --prompts P` plans: P prompts of `seq` tokens, the
+/// first `prefix` shared, `batch` decoded together, `max_new` new tokens each, prefills of at
+/// most `prefill_tokens`.
+struct BatchShape {
     n: usize,
     seq: usize,
     prefix: usize,
     batch: usize,
     max_new: usize,
+    prefill_tokens: usize,
+}
+
+/// `recforge plan --generate N --prompts P`: the plan of `generate --prompts` for `shape`.
+fn plan_batch(
+    cfg: &model::LlamaConfig,
+    name: &str,
+    shape: BatchShape,
     budget: u64,
     adapter: Option<(usize, Vec<String>)>,
     solve: bool,
 ) -> Result<()> {
-    if n == 0 || batch == 0 {
-        bail!("--prompts {n} and --batch {batch} must be at least 1");
+    let BatchShape {
+        n,
+        seq,
+        prefix,
+        batch,
+        max_new,
+        prefill_tokens,
+    } = shape;
+    if n == 0 || batch == 0 || prefill_tokens == 0 {
+        bail!(
+            "--prompts {n}, --batch {batch} and --prefill-tokens {prefill_tokens} must be at least 1"
+        );
     }
     if prefix >= seq {
         bail!("--prefix {prefix} must leave every prompt a token of its own (--seq {seq})");
@@ -679,6 +718,7 @@ fn plan_batch(
     let plan_for = |batch: usize| {
         let opts = BatchOptions {
             max_batch: batch,
+            max_prefill_tokens: prefill_tokens,
             ..Default::default()
         };
         let layout = cache_layout(&requests, &opts);
@@ -690,6 +730,7 @@ fn plan_batch(
             max_running: layout.max_running,
             block_size: opts.block_size,
             num_blocks: layout.num_blocks,
+            max_prefill_tokens: prefill_tokens,
             holds_every_running: layout.holds_every_running,
             budget,
             adapter: adapter.clone(),
@@ -714,7 +755,7 @@ fn plan_batch(
     }
     if !p.fits() {
         bail!(
-            "the plan needs {} but the budget is {}: a smaller --batch, shorter prompts or fewer new tokens need less",
+            "the plan needs {} but the budget is {}: a smaller --batch or --prefill-tokens, shorter prompts or fewer new tokens need less",
             memory::human(p.total()),
             memory::human(budget)
         );
@@ -987,6 +1028,7 @@ fn generate_batch_on<B: Backend>(
             max_running: layout.max_running,
             block_size: b.opts.block_size,
             num_blocks: layout.num_blocks,
+            max_prefill_tokens: b.opts.max_prefill_tokens,
             holds_every_running: layout.holds_every_running,
             budget: gen.budget,
             adapter: b.adapter.clone(),
@@ -996,7 +1038,7 @@ fn generate_batch_on<B: Backend>(
             be,
             &p,
             "batched generation",
-            "a smaller --batch, fewer --kv-blocks or --max-new-tokens, or shorter prompts need less",
+            "a smaller --batch or --prefill-tokens, fewer --kv-blocks or --max-new-tokens, or shorter prompts need less",
         )?;
     }
     eprintln!(
@@ -1104,12 +1146,13 @@ fn generate_batch_on<B: Backend>(
     }
     let s = &g.stats;
     eprintln!(
-        "{n} prompts: {} new tokens in {:.2}s ({:.1} tok/s) | prefill {} tokens ({} of them a prefix shared by all) in {:.2}s | {} decode steps, up to {} sequences, {} preemptions | {} KV blocks of {}",
+        "{n} prompts: {} new tokens in {:.2}s ({:.1} tok/s) | prefill {} tokens ({} of them a prefix shared by all) in {} forwards, {:.2}s | {} decode steps, up to {} sequences, {} preemptions | {} KV blocks of {}",
         s.generated_tokens,
         s.prefill_secs + s.decode_secs,
         s.tokens_per_sec(),
         s.prefill_tokens,
         s.shared_prefix,
+        s.prefill_steps + usize::from(s.shared_prefix > 0),
         s.prefill_secs,
         s.decode_steps,
         s.max_running,

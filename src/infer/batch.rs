@@ -12,11 +12,14 @@
 //! the paged and contiguous attention kernels also round differently.
 //!
 //! A step is one of two kinds:
-//! - a prefill of one sequence: its tokens not yet in the cache (the whole prompt, or what
-//!   follows the shared prefix, or — after a preemption — the prompt and what it had generated);
-//!   with nothing cached before them, flash attention over the step's own K/V, else attention
-//!   through its block table (`Backend::paged_attention` with that many queries, or for more
-//!   than `GATHER_ABOVE_QUERIES` the flash attention over its K/V gathered from the blocks);
+//! - a prefill of the sequences admitted together, as many as fit `max_prefill_tokens` (at
+//!   least one): each one's tokens not yet in the cache (the whole prompt, or what follows the
+//!   shared prefix, or — after a preemption — the prompt and what it had generated) as one
+//!   forward, so the linears see all their rows at once; with nothing cached before them,
+//!   flash attention over the step's own K/V, else attention through the block tables (the
+//!   same number of at most `GATHER_ABOVE_QUERIES` tokens for each sequence:
+//!   `Backend::paged_attention` with that many queries; otherwise the flash attention over
+//!   their K/V gathered from the blocks);
 //! - a decode step of every running sequence: one token each, `Backend::paged_attention` with
 //!   one query per sequence, and one `Backend::sample` over the batch's logits.
 
@@ -49,6 +52,10 @@ pub struct BatchOptions {
     pub num_blocks: Option<usize>,
     /// Compute the prefix common to every prompt once (when it is at least a block long).
     pub share_prefix: bool,
+    /// Prompt tokens one prefill step computes at most: requests admitted together are
+    /// prefilled in one forward while their own tokens stay within this (a longer prompt
+    /// still runs, alone). 1 prefills one request per step.
+    pub max_prefill_tokens: usize,
 }
 
 impl Default for BatchOptions {
@@ -58,9 +65,14 @@ impl Default for BatchOptions {
             block_size: 16,
             num_blocks: None,
             share_prefix: true,
+            max_prefill_tokens: DEFAULT_PREFILL_TOKENS,
         }
     }
 }
+
+/// [`BatchOptions::max_prefill_tokens`]'s default: enough rows for the int8 GEMM to run at its
+/// full rate, few enough that a step's activations stay small next to the weights and cache.
+pub const DEFAULT_PREFILL_TOKENS: usize = 2048;
 
 #[derive(Clone, Debug, Default)]
 pub struct BatchStats {
@@ -71,6 +83,9 @@ pub struct BatchStats {
     pub prefill_tokens: usize,
     pub shared_prefix: usize,
     pub generated_tokens: usize,
+    /// Forwards that prefilled requests' own tokens (several requests each when they fit
+    /// `max_prefill_tokens` together).
+    pub prefill_steps: usize,
     pub decode_steps: usize,
     /// Most sequences in one decode step.
     pub max_running: usize,
@@ -95,8 +110,9 @@ impl BatchStats {
 
 #[derive(Clone, Debug)]
 pub struct BatchGeneration {
-    /// One per request, in request order. `prefill_secs` is the time of the request's own
-    /// prefill steps; `decode_secs` runs from its first prefill's end to its last token.
+    /// One per request, in request order. `prefill_secs` is the time of the prefill steps the
+    /// request took part in (shared with the requests prefilled with it); `decode_secs` runs
+    /// from its first prefill's end to its last token.
     pub generations: Vec<Generation>,
     pub stats: BatchStats,
 }
@@ -207,10 +223,10 @@ pub fn generate_batch_with<B: Backend>(
     mut on_finish: impl FnMut(usize, &Generation) -> Result<()>,
 ) -> Result<BatchGeneration> {
     let ctx = model.config.max_position_embeddings;
-    if opts.max_batch == 0 || opts.block_size == 0 {
+    if opts.max_batch == 0 || opts.block_size == 0 || opts.max_prefill_tokens == 0 {
         return Err(Error::Invalid(format!(
-            "batched generation: max batch {} and block size {} must be at least 1",
-            opts.max_batch, opts.block_size
+            "batched generation: max batch {}, block size {} and prefill tokens {} must be at least 1",
+            opts.max_batch, opts.block_size, opts.max_prefill_tokens
         )));
     }
     for (i, r) in requests.iter().enumerate() {
@@ -296,42 +312,72 @@ pub fn generate_batch_with<B: Backend>(
     let mut running: Vec<usize> = vec![];
 
     loop {
-        // Admit while there is room in the batch and in the cache.
-        while running.len() < opts.max_batch {
-            let Some(&r) = queue.front() else { break };
-            let req = &requests[r];
-            let id = r as SeqId;
-            let context: Vec<u32> = req.prompt.iter().chain(&seqs[r].tokens).copied().collect();
-            if shared > 0 {
-                kv.fork(ROOT, id)?;
-            } else {
-                kv.add_sequence(id)?;
-            }
-            let own = context.len() - shared;
-            let need = kv.blocks_for(id, own).unwrap_or(0);
-            if need > kv.free_blocks() {
-                kv.free_sequence(id)?;
-                if running.is_empty() {
-                    return Err(Error::Invalid(format!(
-                        "prompt {r} needs {need} KV blocks of {bs} tokens for {own} tokens and the cache has {} free of {num_blocks}: give the cache more blocks",
-                        kv.free_blocks()
-                    )));
+        // Admit while there is room in the batch and in the cache, prefilling the admitted
+        // requests together in one forward per `max_prefill_tokens` of their own tokens.
+        loop {
+            let mut group: Vec<(usize, Vec<u32>)> = vec![];
+            let mut group_tokens = 0;
+            let mut slots = vec![];
+            while running.len() + group.len() < opts.max_batch {
+                let Some(&r) = queue.front() else { break };
+                let id = r as SeqId;
+                let context: Vec<u32> = requests[r]
+                    .prompt
+                    .iter()
+                    .chain(&seqs[r].tokens)
+                    .copied()
+                    .collect();
+                let own = context.len() - shared;
+                if !group.is_empty() && group_tokens + own > opts.max_prefill_tokens {
+                    break;
                 }
+                if shared > 0 {
+                    kv.fork(ROOT, id)?;
+                } else {
+                    kv.add_sequence(id)?;
+                }
+                let need = kv.blocks_for(id, own).unwrap_or(0);
+                if need > kv.free_blocks() {
+                    kv.free_sequence(id)?;
+                    if running.is_empty() && group.is_empty() {
+                        return Err(Error::Invalid(format!(
+                            "prompt {r} needs {need} KV blocks of {bs} tokens for {own} tokens and the cache has {} free of {num_blocks}: give the cache more blocks",
+                            kv.free_blocks()
+                        )));
+                    }
+                    break;
+                }
+                queue.pop_front();
+                let (s, copies) = kv.append(id, own)?;
+                copy_blocks(be, &mut cache, &copies)?;
+                slots.extend(slots32(&s));
+                group_tokens += own;
+                group.push((r, context));
+            }
+            if group.is_empty() {
                 break;
             }
-            queue.pop_front();
-            let (slots, copies) = kv.append(id, own)?;
-            copy_blocks(be, &mut cache, &copies)?;
             let t0 = Instant::now();
-            let positions: Vec<u32> = (shared as u32..context.len() as u32).collect();
-            let spans = [SeqSpan {
-                q_start: 0,
-                q_len: own,
-                kv_start: 0,
-                kv_len: own,
-            }];
-            let (tables, max_blocks) = kv.block_tables(&[id])?;
-            let lens = [context.len() as i32];
+            let mut tokens = Vec::with_capacity(group_tokens);
+            let mut positions = Vec::with_capacity(group_tokens);
+            let mut spans = Vec::with_capacity(group.len());
+            let mut last_rows = Vec::with_capacity(group.len());
+            for (_, context) in &group {
+                let own = context.len() - shared;
+                spans.push(SeqSpan {
+                    q_start: tokens.len(),
+                    q_len: own,
+                    kv_start: tokens.len(),
+                    kv_len: own,
+                });
+                tokens.extend_from_slice(&context[shared..]);
+                positions.extend(shared as u32..context.len() as u32);
+                last_rows.push(tokens.len() - 1);
+            }
+            let ids: Vec<SeqId> = group.iter().map(|&(r, _)| r as SeqId).collect();
+            let (tables, max_blocks) = kv.block_tables(&ids)?;
+            let lens: Vec<i32> = group.iter().map(|(_, c)| c.len() as i32).collect();
+            let queries: Vec<usize> = spans.iter().map(|s| s.q_len).collect();
             let attention = if shared == 0 {
                 PagedAttention::Fresh(&spans)
             } else {
@@ -339,34 +385,41 @@ pub fn generate_batch_with<B: Backend>(
                     block_tables: &tables,
                     max_blocks,
                     context_lens: &lens,
-                    queries: own,
+                    queries: &queries,
                 })
             };
             let step = PagedStep {
-                tokens: &context[shared..],
+                tokens: &tokens,
                 positions: &positions,
-                slots: &slots32(&slots),
+                slots: &slots,
                 attention,
-                logit_rows: &[own - 1],
+                logit_rows: &last_rows,
             };
             let logits = model
                 .forward_paged(be, &step, &mut cache, adapter)?
                 .ok_or_else(|| Error::Invalid("prefill: no logits".into()))?;
-            let s = &mut seqs[r];
-            let u = s.rng.uniform();
-            let tok = be.sample(&logits, &[req.options.sampling], &[u])?[0];
+            let params: Vec<_> = group
+                .iter()
+                .map(|&(r, _)| requests[r].options.sampling)
+                .collect();
+            let us: Vec<f32> = group.iter().map(|&(r, _)| seqs[r].rng.uniform()).collect();
+            let next = be.sample(&logits, &params, &us)?;
             let secs = t0.elapsed().as_secs_f64();
-            s.prefill_secs += secs;
             stats.prefill_secs += secs;
-            stats.prefill_tokens += own;
-            s.decode_start.get_or_insert_with(Instant::now);
-            if advance(s, &req.options, tok, &mut on_token)? {
-                kv.free_sequence(id)?;
-                let g = finished(s, req);
-                on_finish(r, &g)?;
-                done[r] = Some(g);
-            } else {
-                running.push(r);
+            stats.prefill_tokens += group_tokens;
+            stats.prefill_steps += 1;
+            for (&(r, _), tok) in group.iter().zip(next) {
+                let s = &mut seqs[r];
+                s.prefill_secs += secs;
+                s.decode_start.get_or_insert_with(Instant::now);
+                if advance(s, &requests[r].options, tok, &mut on_token)? {
+                    kv.free_sequence(r as SeqId)?;
+                    let g = finished(s, &requests[r]);
+                    on_finish(r, &g)?;
+                    done[r] = Some(g);
+                } else {
+                    running.push(r);
+                }
             }
         }
         if running.is_empty() {
@@ -429,7 +482,7 @@ pub fn generate_batch_with<B: Backend>(
                 block_tables: &tables,
                 max_blocks,
                 context_lens: &lens,
-                queries: 1,
+                queries: &vec![1; ids.len()],
             }),
             logit_rows: &rows,
         };

@@ -861,6 +861,9 @@ pub struct BatchGenerateSetup {
     pub max_running: usize,
     pub block_size: usize,
     pub num_blocks: usize,
+    /// Own tokens of the requests one prefill step computes together at most (a longer
+    /// prompt runs alone); `infer::batch::BatchOptions::max_prefill_tokens`.
+    pub max_prefill_tokens: usize,
     /// False when the cache may preempt sequences: one is then prefilled again with the tokens
     /// it had generated, so a prefill can be up to `max_new − 1` tokens longer than its prompt.
     pub holds_every_running: bool,
@@ -869,10 +872,114 @@ pub struct BatchGenerateSetup {
     pub adapter: Option<(usize, Vec<String>)>,
 }
 
+/// How one step of a batched generation run reads K/V (its attention's buffers).
+#[derive(Clone, Copy)]
+enum StepAttention {
+    /// `spans` sequences attending to the step's own K/V (nothing cached before them).
+    Fresh { spans: u64 },
+    /// The paged decode kernel: `n` sequences of `q` queries each, tables `max_blocks` wide,
+    /// the longest context `len`.
+    Paged {
+        n: u64,
+        max_blocks: u64,
+        q: u64,
+        len: u64,
+    },
+    /// `n` sequences' K/V, `rows` in all, gathered for the flash attention.
+    Gathered { n: u64, rows: u64 },
+}
+
+/// The prefill steps a batched run may take, as (own tokens, attention): groups of requests
+/// admitted together (`infer::batch`) — at most `max_running`, their own tokens within
+/// `max_prefill_tokens` unless one is alone. Without preemption a group is a run of
+/// consecutive prompts, so every run is a candidate; for each start only the longest run and
+/// its longest uniform head (the same own length for each: the paged decode kernel when ≤
+/// `GATHER_ABOVE_QUERIES`) can be the largest. With preemption a readmitted request (its
+/// prompt and up to `max_new − 1` generated tokens) may join any group, so the bound is
+/// `max_running` requests of the longest own part within the token cap.
+fn prefill_groups(s: &BatchGenerateSetup, again: u64) -> Vec<(u64, StepAttention)> {
+    let shared = s.shared_prefix as u64;
+    let bs = s.block_size as u64;
+    let k = s.max_running.max(1);
+    let cap = s.max_prefill_tokens.max(1) as u64;
+    let own: Vec<u64> = s
+        .prompts
+        .iter()
+        .map(|&p| p as u64 + again - shared)
+        .collect();
+    let group = |owns: &[u64]| -> (u64, StepAttention) {
+        let t: u64 = owns.iter().sum();
+        let n = owns.len() as u64;
+        let longest = owns.iter().max().copied().unwrap_or(0) + shared;
+        let uniform = owns.iter().all(|&o| o == owns[0]) && owns[0] <= GATHER_ABOVE_QUERIES as u64;
+        let attention = if shared == 0 {
+            StepAttention::Fresh { spans: n }
+        } else if uniform {
+            StepAttention::Paged {
+                n,
+                max_blocks: longest.div_ceil(bs),
+                q: owns[0],
+                len: longest,
+            }
+        } else {
+            StepAttention::Gathered {
+                n,
+                rows: t + n * shared,
+            }
+        };
+        (t, attention)
+    };
+    let mut out = vec![];
+    if s.holds_every_running {
+        for i in 0..own.len() {
+            let (mut j, mut t) = (i + 1, own[i]);
+            while j < own.len() && j - i < k && t + own[j] <= cap {
+                t += own[j];
+                j += 1;
+            }
+            out.push(group(&own[i..j]));
+            let u = (i + 1..j).find(|&x| own[x] != own[i]).unwrap_or(j);
+            if u < j {
+                out.push(group(&own[i..u]));
+            }
+        }
+    } else {
+        let mut sorted = own.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let n = k.min(sorted.len()) as u64;
+        let top: u64 = sorted.iter().take(k).sum();
+        let t = sorted[0].max(top.min(cap));
+        let longest = sorted[0] + shared;
+        if shared == 0 {
+            out.push((t, StepAttention::Fresh { spans: n }));
+        } else {
+            out.push((
+                t,
+                StepAttention::Gathered {
+                    n,
+                    rows: t + n * shared,
+                },
+            ));
+            let q = t.div_ceil(n).min(GATHER_ABOVE_QUERIES as u64);
+            out.push((
+                t,
+                StepAttention::Paged {
+                    n,
+                    max_blocks: longest.div_ceil(bs),
+                    q,
+                    len: longest,
+                },
+            ));
+        }
+    }
+    out
+}
+
 /// The plan of a batched generation run: the model (and adapter), the paged KV cache, and the
-/// largest step — a prefill (`Llama::forward_paged` over one sequence's own tokens, or over the
-/// shared prefix) or a decode step of every running sequence — with the ops' scratch at its
-/// largest inside it, or the sampler's logits, parameters and tokens after it.
+/// largest step — a prefill (`Llama::forward_paged` over the own tokens of the requests
+/// admitted together, or over the shared prefix) or a decode step of every running sequence —
+/// with the ops' scratch at its largest inside it, or the sampler's logits, parameters and
+/// tokens after it.
 pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
     let c = &s.model;
     if s.prompts.is_empty() || s.prompts.contains(&0) {
@@ -915,22 +1022,24 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
         ),
         2 * l * bf(slots * kvd),
     );
-    // One step of t rows: positions and slots, the block tables and lengths of `cached`
-    // sequences (n, table width, queries, longest context), then the layer stack's tensors as in
+    // One step of t rows: positions and slots, the block tables and lengths of the paged
+    // kernel or the gathered K/V (slots, K, V), then the layer stack's tensors as in
     // `plan_generation`; inside, the largest of the ops' scratch and the head's rows; after,
     // the logits with the sampler's parameters and tokens.
-    let step = |t: u64, cached: Option<(u64, u64, u64, u64)>, rows: u64| -> (u64, u64, String) {
-        let tables = cached.map_or(0, |(n, mb, _, _)| f4(n * mb) + f4(n));
-        // A long prefill of one sequence gathers its K/V (slots, K, V) for the flash attention.
-        let gather = cached.filter(|&(n, _, q, _)| n == 1 && q > GATHER_ABOVE_QUERIES as u64);
-        let gathered = gather.map_or(0, |(_, _, _, len)| f4(len) + 2 * bf(len * kvd));
-        let working = 2 * f4(t) + tables + gathered + layer_stack(c, t, rank);
+    let step = |t: u64, attention: StepAttention, rows: u64| -> (u64, u64, String) {
+        let held = match attention {
+            StepAttention::Fresh { .. } => 0,
+            StepAttention::Paged { n, max_blocks, .. } => f4(n * max_blocks) + f4(n),
+            StepAttention::Gathered { rows, .. } => f4(rows) + 2 * bf(rows * kvd),
+        };
+        let working = 2 * f4(t) + held + layer_stack(c, t, rank);
         let int8 = int8_scratch(c, t);
         let kmax = d.max(qd).max(f);
-        let attention = match cached {
-            None => f4(t * heads) + f4(4),
-            Some(_) if gather.is_some() => f4(t * heads) + f4(4),
-            Some((n, _, q, len)) => {
+        let attention_scratch = match attention {
+            StepAttention::Fresh { spans: n } | StepAttention::Gathered { n, .. } => {
+                f4(t * heads) + f4(4 * n)
+            }
+            StepAttention::Paged { n, q, len, .. } => {
                 let parts = len.div_ceil(PAGED_DECODE_PARTITION as u64).max(1);
                 if parts > 1 {
                     f4(n * q * heads * parts * (hd + 2))
@@ -944,7 +1053,7 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
             r if r == t => f4(r * v),
             r => bf(r * d) + f4(r * v),
         };
-        let inside = int8.max(attention).max(f4(1)).max(head);
+        let inside = int8.max(attention_scratch).max(f4(1)).max(head);
         let sampling = if rows > 0 {
             f4(rows * v) + f4(4 * rows) + f4(rows)
         } else {
@@ -956,16 +1065,16 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
             format!("{t} rows; int8 linear: x [{t}, {kmax}] int8, scales, outlier cols")
         } else if inside == head {
             format!("{t} rows; head: logits [{rows}, {v}] f32")
-        } else if cached.is_some() && gather.is_none() {
+        } else if matches!(attention, StepAttention::Paged { .. }) {
             format!("{t} rows; paged attention partials")
         } else {
             format!("{t} rows; attention: log-sum-exp [{t}, {heads}] f32, span table")
         };
         (working, (working + inside).max(sampling) - working, what)
     };
-    // The steps: the shared prefix's prefill, each prompt's own prefill (through the block
-    // table after a shared prefix; with preemption, up to max_new − 1 generated tokens more),
-    // and a decode step of the most sequences.
+    // The steps: the shared prefix's prefill, the prefills of requests admitted together
+    // (through the block tables after a shared prefix; with preemption, up to max_new − 1
+    // generated tokens more each), and a decode step of the most sequences.
     let again = if s.holds_every_running {
         0
     } else {
@@ -973,26 +1082,33 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
     };
     let mut steps = vec![];
     if shared > 0 {
-        steps.push(("shared prefix prefill", step(shared, None, 0)));
+        steps.push((
+            "shared prefix prefill",
+            step(shared, StepAttention::Fresh { spans: 1 }, 0),
+        ));
     }
-    let own = longest + again - shared;
     let table = |len: u64| len.div_ceil(bs);
-    steps.push((
-        "prefill",
-        if shared > 0 {
-            step(
-                own,
-                Some((1, table(longest + again), own, longest + again)),
-                1,
-            )
-        } else {
-            step(own, None, 1)
-        },
-    ));
+    for (t, attention) in prefill_groups(s, again) {
+        let n = match attention {
+            StepAttention::Fresh { spans: n }
+            | StepAttention::Paged { n, .. }
+            | StepAttention::Gathered { n, .. } => n,
+        };
+        steps.push(("prefill", step(t, attention, n)));
+    }
     let b = s.max_running as u64;
     steps.push((
         "decode step",
-        step(b, Some((b, table(context), 1, context)), b),
+        step(
+            b,
+            StepAttention::Paged {
+                n: b,
+                max_blocks: table(context),
+                q: 1,
+                len: context,
+            },
+            b,
+        ),
     ));
     let (name, (working, inside, what)) = steps
         .into_iter()

@@ -8,7 +8,8 @@ use super::lora::Target;
 use super::source::ModelSource;
 use crate::backend::cpu::quantize_rows;
 use crate::backend::{
-    Backend, Dropout, Linear, LinearWeight, Lora, LoraPass, PagedBatch, Projection, SeqSpan, Tensor,
+    Backend, BlockTables, Dropout, Linear, LinearWeight, Lora, LoraPass, PagedBatch, Projection,
+    SeqSpan, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor};
@@ -121,13 +122,14 @@ pub struct KvCache<B: Backend> {
 /// reads the sequence's K/V once per block).
 pub const GATHER_ABOVE_QUERIES: usize = 32;
 
-/// A sequence's K/V gathered from the paged cache for the flash attention of a long prefill.
+/// The sequences' K/V gathered from the paged cache, one after another, for the flash attention
+/// of a prefill through the block tables (one long one, or several of different lengths).
 struct Gathered<B: Backend> {
     slots: Tensor<B>,
     host_slots: Vec<u32>,
     k: Tensor<B>,
     v: Tensor<B>,
-    spans: [SeqSpan; 1],
+    spans: Vec<SeqSpan>,
 }
 
 /// Per-layer K and V of a paged cache, `[num_blocks · block_size, kv_heads, head_dim]`; which
@@ -144,7 +146,7 @@ pub enum PagedAttention<'a> {
     /// Sequences with nothing cached before these tokens: each span's queries attend to the
     /// step's own K/V rows (the flash attention of a prefill).
     Fresh(&'a [SeqSpan]),
-    /// `queries` new tokens for each sequence (rows in sequence order), attending through the
+    /// `queries[i]` new tokens of sequence i (rows in sequence order), attending through the
     /// block tables to everything cached, these tokens included.
     Cached(CachedAttention<'a>),
 }
@@ -155,7 +157,20 @@ pub struct CachedAttention<'a> {
     pub max_blocks: usize,
     /// Tokens in the cache per sequence, the new ones included.
     pub context_lens: &'a [i32],
-    pub queries: usize,
+    /// New tokens per sequence (the step's rows, sequence after sequence). The same number
+    /// of at most [`GATHER_ABOVE_QUERIES`] for every sequence (a decode step) runs the paged
+    /// decode kernel; otherwise (a prefill of one long or several different sequences) their
+    /// K/V is gathered for the flash attention.
+    pub queries: &'a [usize],
+}
+
+impl CachedAttention<'_> {
+    /// True when the step runs the paged decode kernel rather than gathering K/V.
+    pub fn reads_through_tables(&self) -> bool {
+        self.queries
+            .first()
+            .is_some_and(|&q| q <= GATHER_ABOVE_QUERIES && self.queries.iter().all(|&x| x == q))
+    }
 }
 
 /// `attend(layer, q, k, v, out)` of [`Llama::forward_logits_with`] and
@@ -374,13 +389,29 @@ impl<B: Backend> Llama<B> {
             vec![t],
             HostData::U32(step.slots.to_vec()),
         )?)?;
+        let block_size = cache.block_size;
+        let cache_slots = cache.k.first().map_or(0, |k| k.shape[0]);
+        if let PagedAttention::Cached(c) = &step.attention {
+            let n = c.context_lens.len();
+            if c.queries.len() != n
+                || c.queries.contains(&0)
+                || c.queries.iter().sum::<usize>() != t
+            {
+                return Err(Error::Invalid(format!(
+                    "forward_paged: {t} tokens split as {:?} queries over {n} sequences",
+                    c.queries
+                )));
+            }
+        }
+        // The paged decode kernel: device copies of the tables and lengths.
         let i32s =
             |v: &[i32]| be.upload(&HostTensor::new(vec![v.len()], HostData::I32(v.to_vec()))?);
         let (tables, lens) = match &step.attention {
-            PagedAttention::Fresh(_) => (None, None),
-            PagedAttention::Cached(c) => (Some(i32s(c.block_tables)?), Some(i32s(c.context_lens)?)),
+            PagedAttention::Cached(c) if c.reads_through_tables() => {
+                (Some(i32s(c.block_tables)?), Some(i32s(c.context_lens)?))
+            }
+            _ => (None, None),
         };
-        let block_size = cache.block_size;
         let batch = match (&step.attention, &tables, &lens) {
             (PagedAttention::Cached(c), Some(t), Some(l)) => Some(PagedBatch {
                 block_size,
@@ -389,19 +420,38 @@ impl<B: Backend> Llama<B> {
                 host_block_tables: c.block_tables,
                 host_context_lens: c.context_lens,
                 max_blocks: c.max_blocks,
-                queries: c.queries,
+                queries: c.queries[0],
             }),
             _ => None,
         };
-        // A long prefill through the block tables (one sequence, many queries) gathers the
-        // sequence's K/V into contiguous rows once per layer and runs the flash attention:
-        // the paged decode kernel would read them once per 8 query rows.
-        let mut gather = match &batch {
-            Some(b) if b.queries > GATHER_ABOVE_QUERIES && b.host_context_lens.len() == 1 => {
-                let cache_slots = cache.k.first().map_or(0, |k| k.shape[0]);
-                b.check("forward_paged", cache_slots)?;
-                let len = b.host_context_lens[0] as usize;
-                let host_slots = b.sequence_slots(0);
+        // A prefill through the block tables — one sequence with many queries, or several
+        // with different numbers — gathers the sequences' K/V into contiguous rows once per
+        // layer and runs the flash attention over them: the paged decode kernel would read
+        // them once per 8 query rows, and takes the same number of queries per sequence.
+        let mut gather = match &step.attention {
+            PagedAttention::Cached(c) if !c.reads_through_tables() => {
+                let host = BlockTables {
+                    block_size,
+                    tables: c.block_tables,
+                    max_blocks: c.max_blocks,
+                    context_lens: c.context_lens,
+                };
+                host.check("forward_paged", |b| c.queries[b], cache_slots)?;
+                let mut host_slots = vec![];
+                let mut spans = Vec::with_capacity(c.queries.len());
+                let mut q_start = 0;
+                for (b, &q) in c.queries.iter().enumerate() {
+                    let kv_start = host_slots.len();
+                    host_slots.extend(host.sequence_slots(b));
+                    spans.push(SeqSpan {
+                        q_start,
+                        q_len: q,
+                        kv_start,
+                        kv_len: host_slots.len() - kv_start,
+                    });
+                    q_start += q;
+                }
+                let len = host_slots.len();
                 let c = &self.config;
                 let dt = be.activation_dtype();
                 let rows = [len, c.num_key_value_heads, c.head_dim];
@@ -413,12 +463,7 @@ impl<B: Backend> Llama<B> {
                     host_slots,
                     k: be.zeros(&rows, dt)?,
                     v: be.zeros(&rows, dt)?,
-                    spans: [SeqSpan {
-                        q_start: 0,
-                        q_len: b.queries,
-                        kv_start: 0,
-                        kv_len: len,
-                    }],
+                    spans,
                 })
             }
             _ => None,
