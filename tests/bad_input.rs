@@ -730,3 +730,197 @@ fn cli_plans_batched_generation() {
     let (ok, _, err) = cli(&["plan", "--prompts", "3"]);
     assert!(!ok && err.contains("--generate"), "{err}");
 }
+
+/// Sizes no run could hold — from the command line or a config file — are refused by name
+/// before anything is allocated: each would otherwise overflow a byte count or a slot id (a
+/// plan saying "fits", a capacity-overflow panic, an allocation abort) or never finish.
+#[test]
+fn absurd_sizes_are_refused_by_name() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let gguf = f.gguf.to_str().unwrap();
+    let huge = u64::MAX.to_string();
+    let prompts = d.path().join("p.txt");
+    std::fs::write(&prompts, "\"one\"\n\"two\"\n").unwrap();
+    let p = prompts.to_str().unwrap();
+    let plan = ["plan", "--model", "llama-7b"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            [&plan[..], &["--batch", &huge]].concat(),
+            "batch 18446744073709551615",
+        ),
+        ([&plan[..], &["--seq", &huge]].concat(), "sequence length"),
+        ([&plan[..], &["--lora-r", &huge]].concat(), "LoRA rank"),
+        (
+            [&plan[..], &["--generate", &huge, "--seq", "512"]].concat(),
+            "new tokens",
+        ),
+        (
+            [&plan[..], &["--score", "--batch", &huge]].concat(),
+            "prompts a batch",
+        ),
+        (
+            [
+                &plan[..],
+                &[
+                    "--generate",
+                    "300",
+                    "--prompts",
+                    "1000000000",
+                    "--seq",
+                    "512",
+                ],
+            ]
+            .concat(),
+            "--prompts 1000000000",
+        ),
+        (
+            vec![
+                "rec",
+                "train",
+                "--data",
+                "absent.json",
+                "--out",
+                "o",
+                "--accum",
+                &huge,
+            ],
+            "gradient accumulation",
+        ),
+        (
+            vec![
+                "rec",
+                "train",
+                "--data",
+                "absent.json",
+                "--out",
+                "o",
+                "--batch",
+                &huge,
+            ],
+            "batch size",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                gguf,
+                "--prompts",
+                p,
+                "--device",
+                "cpu",
+                "--kv-blocks",
+                "1000000000",
+            ],
+            "at most 1073741824 tokens",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                gguf,
+                "--prompts",
+                p,
+                "--device",
+                "cpu",
+                "--block-size",
+                &huge,
+            ],
+            "at most 1073741824 tokens",
+        ),
+        // 2^26 blocks of 16: the largest cache, far more than this host holds.
+        (
+            vec![
+                "generate",
+                "--model",
+                gguf,
+                "--prompts",
+                p,
+                "--device",
+                "cpu",
+                "--kv-blocks",
+                "67108864",
+            ],
+            "of host memory",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                gguf,
+                "--prompt",
+                "x",
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                &huge,
+            ],
+            "exceed the model's context",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                gguf,
+                "--prompt",
+                "x",
+                "--device",
+                "cpu",
+                "--temperature",
+                "1e-45",
+            ],
+            "too small",
+        ),
+    ];
+    for (args, says) in cases {
+        let (ok, _, err) = cli(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    // A config with a corrupt layer count: refused by the loader, not planned for an hour.
+    let hf = copy_dir(&f.hf_dir, &d.path().join("hf-layers"));
+    edit_config(&hf, |c| {
+        c["num_hidden_layers"] = serde_json::json!(1u64 << 50)
+    });
+    let (ok, _, err) = cli(&["plan", "--model", hf.to_str().unwrap()]);
+    assert!(!ok && err.contains("num_hidden_layers"), "{err}");
+    let o = Command::new(common::bench_train_bin())
+        .args([
+            "--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", &huge,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--warmup"), "{err}");
+}
+
+#[test]
+fn solving_a_many_prompt_generation_plan_bisects() {
+    // The largest batch that fits does not depend on how many more prompts wait: the same
+    // answer for 64 prompts and a million (whose plan would take hours one batch at a time).
+    let solve = |n: &str| {
+        let (ok, out, err) = cli(&[
+            "plan",
+            "--model",
+            "llama-7b",
+            "--generate",
+            "300",
+            "--prompts",
+            n,
+            "--seq",
+            "320",
+            "--prefix",
+            "71",
+            "--solve",
+        ]);
+        assert!(ok, "{err}");
+        out.lines()
+            .find_map(|l| l.strip_prefix("most prompts decoded together: "))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|x| x.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("no --solve line: {out}"))
+    };
+    let few = solve("64");
+    assert!((32..64).contains(&few), "{few}");
+    assert_eq!(solve("1000000"), few);
+}

@@ -8,22 +8,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// The binary: cargo's path, or — for test executables staged onto a GPU machine by
-/// scripts/gpu-check.sh (`.gpu/tests/bench_train`) — the staged `.gpu/bin/bench-train`.
 fn bin() -> PathBuf {
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_bench-train"));
-    if built.exists() {
-        return built;
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let staged = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|g| g.join("bin").join("bench-train"));
-    match staged {
-        Some(s) if s.exists() => s,
-        _ => built,
-    }
+    common::bench_train_bin()
 }
 
 struct Out {

@@ -79,6 +79,13 @@ impl SamplingParams {
                 self.temperature
             )));
         }
+        if self.temperature > 0.0 && !(1.0 / self.temperature).is_finite() {
+            return Err(Error::Invalid(format!(
+                "temperature {:e} is too small to sample with (1/temperature overflows f32); \
+                 0 means greedy, which is what it would pick",
+                self.temperature
+            )));
+        }
         if !(0.0..=1.0).contains(&self.top_p) {
             return Err(Error::Invalid(format!(
                 "top-p must be in [0, 1] (1 = off), got {}",
@@ -356,6 +363,19 @@ mod tests {
         for p in bad {
             assert!(check_batch(1, &[p], &[0.5]).is_err(), "{p:?}");
         }
+        // A positive temperature whose reciprocal overflows (a subnormal) is refused by name;
+        // a small normal one is taken.
+        let tiny = SamplingParams {
+            temperature: 1e-45,
+            ..SamplingParams::ITREK
+        };
+        let e = check_batch(1, &[tiny], &[0.5]).unwrap_err().to_string();
+        assert!(e.contains("too small"), "{e}");
+        let least = SamplingParams {
+            temperature: 1e-37,
+            ..SamplingParams::ITREK
+        };
+        assert!(check_batch(1, &[least], &[0.5]).is_ok());
         assert!(check_batch(1, &[SamplingParams::ITREK], &[1.0]).is_err());
         assert!(check_batch(2, &[SamplingParams::ITREK], &[0.5]).is_err());
         assert!(SamplingParams::preset("nucleus").is_err());

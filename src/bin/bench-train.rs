@@ -545,7 +545,12 @@ fn run(args: Args) -> Result<()> {
     }
     cfg.seed = args.seed;
     // The cosine schedule spans the whole run; the learning rate does not change the work done.
-    cfg.steps = args.warmup + args.steps;
+    cfg.steps = args.warmup.checked_add(args.steps).with_context(|| {
+        format!(
+            "--warmup {} + --steps {}: too many",
+            args.warmup, args.steps
+        )
+    })?;
     cfg.validate()?;
 
     let spec = resolve_model(&args)?;

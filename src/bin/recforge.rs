@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand};
 use recforge::backend::gpu::{probe_cuda, Chosen, DeviceChoice};
 use recforge::backend::Backend;
 use recforge::backend::SamplingParams;
-use recforge::infer::batch::{cache_layout, generate_batch_with, BatchOptions, Request};
+use recforge::infer::batch::{
+    cache_layout, cache_layout_of, generate_batch_with, BatchOptions, Request,
+};
 use recforge::infer::generate::{generate_with as generate_tokens, GenerateOptions, StopReason};
 use recforge::kernels;
 use recforge::memory;
@@ -699,29 +701,20 @@ fn plan_batch(
     if prefix >= seq {
         bail!("--prefix {prefix} must leave every prompt a token of its own (--seq {seq})");
     }
-    // Prompts that share exactly the prefix, as `cache_layout` sees them.
-    let requests: Vec<Request> = (0..n)
-        .map(|i| {
-            let mut p = vec![0u32; prefix];
-            p.extend(std::iter::repeat_n(i as u32 + 1, seq - prefix));
-            Request {
-                prompt: p,
-                options: GenerateOptions {
-                    max_new_tokens: max_new,
-                    stop_ids: vec![],
-                    sampling: SamplingParams::GREEDY,
-                    seed: 0,
-                },
-            }
-        })
-        .collect();
+    if n > memory::MAX_PROMPTS {
+        bail!(
+            "--prompts {n}: a plan takes at most {}",
+            memory::MAX_PROMPTS
+        );
+    }
     let plan_for = |batch: usize| {
         let opts = BatchOptions {
             max_batch: batch,
             max_prefill_tokens: prefill_tokens,
             ..Default::default()
         };
-        let layout = cache_layout(&requests, &opts);
+        // Prompts that share exactly the prefix.
+        let layout = cache_layout_of(n, prefix, seq.saturating_add(max_new), &opts);
         memory::plan_batch_generation(&memory::BatchGenerateSetup {
             model: cfg.clone(),
             prompts: vec![seq; n],
@@ -744,12 +737,16 @@ fn plan_batch(
     );
     print!("{}", p.table());
     if solve {
-        let mut most = 0;
-        for b in 1..=n {
-            if !plan_for(b)?.fits() {
-                break;
+        // The plan grows with the batch (cache blocks, prefill groups, the decode step):
+        // bisect for the largest that fits.
+        let (mut most, mut over) = (0, n.min(memory::MAX_SEQUENCES) + 1);
+        while over - most > 1 {
+            let b = most + (over - most) / 2;
+            if plan_for(b)?.fits() {
+                most = b;
+            } else {
+                over = b;
             }
-            most = b;
         }
         println!("most prompts decoded together: {most} of {n}");
     }
@@ -1016,9 +1013,10 @@ fn generate_batch_on<B: Backend>(
         })
         .collect();
     let n = requests.len();
-    if b.reserve {
+    let on_cpu = be.memory_stats().is_none();
+    if b.reserve || on_cpu {
         // A device: the paged KV cache and every step's buffers come from one arena of what the
-        // plan leaves after the model and the adapter.
+        // plan leaves after the model and the adapter. The CPU: they must fit the host.
         let layout = cache_layout(&requests, &b.opts);
         let p = memory::plan_batch_generation(&memory::BatchGenerateSetup {
             model: model.config.clone(),
@@ -1034,12 +1032,14 @@ fn generate_batch_on<B: Backend>(
             adapter: b.adapter.clone(),
         })
         .map_err(anyhow::Error::msg)?;
-        reserve_planned_arena(
-            be,
-            &p,
-            "batched generation",
-            "a smaller --batch or --prefill-tokens, fewer --kv-blocks or --max-new-tokens, or shorter prompts need less",
-        )?;
+        let fix = "a smaller --batch or --prefill-tokens, fewer --kv-blocks or --max-new-tokens, or shorter prompts need less";
+        if b.reserve {
+            reserve_planned_arena(be, &p, "batched generation", fix)?;
+        } else if let Some(avail) = memory::host_available() {
+            // The plan counts K/V and activations in bf16 and the CPU holds f32: a lower bound.
+            memory::check_host(p.step_bytes(), avail, "this batched generation", fix)
+                .map_err(anyhow::Error::msg)?;
+        }
     }
     eprintln!(
         "{n} prompts ({} tokens), up to {} at a time, KV blocks of {} tokens",
@@ -1524,7 +1524,7 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         |i, n| {
             if tty {
                 eprint!("\rscoring {i}/{n}");
-            } else if i == n || i % (a.batch * 8).max(1) < a.batch {
+            } else if i == n || i % a.batch.saturating_mul(8).max(1) < a.batch {
                 eprintln!("scored {i}/{n}");
             }
         },

@@ -167,27 +167,41 @@ pub struct CacheLayout {
 
 /// The cache layout of [`generate_batch`] for these requests and options.
 pub fn cache_layout(requests: &[Request], opts: &BatchOptions) -> CacheLayout {
-    let bs = opts.block_size.max(1);
-    let shared = if opts.share_prefix && requests.len() > 1 {
-        let p = common_prefix(requests);
-        if p >= bs {
-            p
-        } else {
-            0
-        }
-    } else {
+    let common = if requests.is_empty() {
         0
+    } else {
+        common_prefix(requests)
     };
     let longest = requests
         .iter()
-        .map(|r| r.prompt.len() + r.options.max_new_tokens)
+        .map(|r| r.prompt.len().saturating_add(r.options.max_new_tokens))
         .max()
         .unwrap_or(0);
+    cache_layout_of(requests.len(), common, longest, opts)
+}
+
+/// [`cache_layout`] from the numbers alone: `n` requests whose prompts share their first
+/// `common` tokens (and each has a token past them), the longest prompt + its new tokens
+/// `longest` (what `recforge plan` knows without building prompts).
+pub fn cache_layout_of(
+    n: usize,
+    common: usize,
+    longest: usize,
+    opts: &BatchOptions,
+) -> CacheLayout {
+    let bs = opts.block_size.max(1);
+    let shared = if opts.share_prefix && n > 1 && common >= bs {
+        common
+    } else {
+        0
+    };
     // Each running sequence: its own blocks past the prefix, plus one for a copy of the
     // prefix's partial last block.
     let per_seq = longest.saturating_sub(shared).div_ceil(bs) + 1;
-    let max_running = opts.max_batch.min(requests.len());
-    let enough = shared.div_ceil(bs) + max_running * per_seq;
+    let max_running = opts.max_batch.min(n);
+    let enough = shared
+        .div_ceil(bs)
+        .saturating_add(max_running.saturating_mul(per_seq));
     let num_blocks = opts.num_blocks.unwrap_or(enough);
     CacheLayout {
         shared_prefix: shared,
@@ -234,7 +248,7 @@ pub fn generate_batch_with<B: Backend>(
             return Err(Error::Invalid(format!("prompt {i} has no tokens")));
         }
         r.options.sampling.validate()?;
-        if r.prompt.len() + r.options.max_new_tokens > ctx {
+        if r.prompt.len().saturating_add(r.options.max_new_tokens) > ctx {
             return Err(Error::Invalid(format!(
                 "prompt {i} ({}) + max new tokens ({}) exceed the model's context of {ctx}",
                 r.prompt.len(),

@@ -89,7 +89,7 @@ pub fn generate_with<B: Backend>(
         return Err(Error::Invalid("the prompt has no tokens".into()));
     }
     opts.sampling.validate()?;
-    let capacity = prompt.len() + opts.max_new_tokens;
+    let capacity = prompt.len().saturating_add(opts.max_new_tokens);
     if capacity > model.config.max_position_embeddings {
         return Err(Error::Invalid(format!(
             "prompt ({}) + max new tokens ({}) exceed the model's context of {}",

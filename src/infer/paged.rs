@@ -34,11 +34,7 @@ pub struct PagedKv {
 
 impl PagedKv {
     pub fn new(num_blocks: usize, block_size: usize) -> Result<Self> {
-        if block_size == 0 || num_blocks == 0 || num_blocks > u32::MAX as usize {
-            return Err(Error::Invalid(format!(
-                "paged KV: {num_blocks} blocks of {block_size} tokens is not a cache"
-            )));
-        }
+        crate::model::llama::check_cache_size(num_blocks, block_size)?;
         // Pop from the end: hand out low block numbers first (easier to read in dumps).
         Ok(PagedKv {
             block_size,

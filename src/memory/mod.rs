@@ -447,11 +447,36 @@ fn check_targets(c: &LlamaConfig, targets: &[String]) -> Result<(), String> {
 
 /// An adapter the plan counts: a rank of at least 1 on at least one valid target (what
 /// `LoraConfig::validate` asks of a run).
+/// The largest counts a plan takes: sequences in a step, tokens of one sequence, tokens of
+/// one step, LoRA rank, prompts of a batched run. Far past any device's memory, and small
+/// enough — with the model dimensions `LlamaConfig::validate` takes — that no byte count of
+/// a plan overflows 64 bits.
+pub const MAX_SEQUENCES: usize = 1 << 16;
+pub const MAX_SEQ_TOKENS: usize = 1 << 24;
+pub const MAX_STEP_TOKENS: usize = 1 << 26;
+pub const MAX_RANK: usize = 1 << 16;
+pub const MAX_PROMPTS: usize = 1 << 24;
+
+/// The model's config is one `LlamaConfig::validate` takes, and each `(what, value, most)`
+/// is at most `most`.
+fn check_sizes(c: &LlamaConfig, sizes: &[(&str, usize, usize)]) -> Result<(), String> {
+    c.validate()?;
+    for &(what, v, most) in sizes {
+        if v > most {
+            return Err(format!(
+                "{what} {v} is more than a memory plan takes (at most {most})"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_lora(c: &LlamaConfig, rank: usize, targets: &[String]) -> Result<(), String> {
     check_targets(c, targets)?;
     if rank == 0 {
         return Err("LoRA rank r must be at least 1".into());
     }
+    check_sizes(c, &[("LoRA rank", rank, MAX_RANK)])?;
     if targets.is_empty() {
         return Err(format!(
             "LoRA needs at least one target module (some of {})",
@@ -468,6 +493,19 @@ fn check_lora(c: &LlamaConfig, rank: usize, targets: &[String]) -> Result<(), St
 /// the two together (`tests/memory_plan.rs`).
 pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     let c = &s.model;
+    check_sizes(
+        c,
+        &[
+            ("batch", s.batch, MAX_SEQUENCES),
+            ("sequence length", s.seq, MAX_SEQ_TOKENS),
+            (
+                "tokens a step (batch × sequence)",
+                s.batch.saturating_mul(s.seq),
+                MAX_STEP_TOKENS,
+            ),
+            ("logits chunk", s.logits_chunk, MAX_STEP_TOKENS),
+        ],
+    )?;
     check_lora(c, s.lora_rank, &s.targets)?;
     s.checkpointing.check(c.num_hidden_layers)?;
     if s.batch == 0 || s.seq == 0 || s.logits_chunk == 0 {
@@ -647,6 +685,18 @@ fn add_frozen_adapter(e: &mut Vec<Entry>, c: &LlamaConfig, rank: usize, targets:
 /// scratch, the Yes/No logits), buffer by buffer in 256-byte blocks, as [`plan_training`].
 pub fn plan_scoring(s: &ScoreSetup) -> Result<Plan, String> {
     let c = &s.model;
+    let (most_prompts, most_tokens) = s
+        .batches
+        .iter()
+        .fold((0, 0), |(n, t), &(bn, bt)| (n.max(bn), t.max(bt)));
+    check_sizes(
+        c,
+        &[
+            ("shared prefix", s.prefix, MAX_SEQ_TOKENS),
+            ("prompts a batch", most_prompts, MAX_SEQUENCES),
+            ("tokens a batch", most_tokens, MAX_STEP_TOKENS),
+        ],
+    )?;
     if s.adapter {
         check_lora(c, s.lora_rank, &s.targets)?;
     } else {
@@ -779,6 +829,13 @@ pub struct GenerateSetup {
 /// sampler's parameters and result.
 pub fn plan_generation(s: &GenerateSetup) -> Result<Plan, String> {
     let c = &s.model;
+    check_sizes(
+        c,
+        &[
+            ("prompt tokens", s.prompt, MAX_SEQ_TOKENS),
+            ("new tokens", s.max_new, MAX_SEQ_TOKENS),
+        ],
+    )?;
     if s.prompt == 0 {
         return Err("the prompt has no tokens".into());
     }
@@ -907,41 +964,52 @@ fn prefill_groups(s: &BatchGenerateSetup, again: u64) -> Vec<(u64, StepAttention
         .iter()
         .map(|&p| p as u64 + again - shared)
         .collect();
-    let group = |owns: &[u64]| -> (u64, StepAttention) {
-        let t: u64 = owns.iter().sum();
-        let n = owns.len() as u64;
-        let longest = owns.iter().max().copied().unwrap_or(0) + shared;
-        let uniform = owns.iter().all(|&o| o == owns[0]) && owns[0] <= GATHER_ABOVE_QUERIES as u64;
-        let attention = if shared == 0 {
-            StepAttention::Fresh { spans: n }
-        } else if uniform {
-            StepAttention::Paged {
+    // A group of n requests with t own tokens in all; `same`: each has this many.
+    let group = |t: u64, n: u64, same: Option<u64>| -> (u64, StepAttention) {
+        let attention = match same {
+            _ if shared == 0 => StepAttention::Fresh { spans: n },
+            Some(q) if q <= GATHER_ABOVE_QUERIES as u64 => StepAttention::Paged {
                 n,
-                max_blocks: longest.div_ceil(bs),
-                q: owns[0],
-                len: longest,
-            }
-        } else {
-            StepAttention::Gathered {
+                max_blocks: (q + shared).div_ceil(bs),
+                q,
+                len: q + shared,
+            },
+            _ => StepAttention::Gathered {
                 n,
                 rows: t + n * shared,
-            }
+            },
         };
         (t, attention)
     };
     let mut out = vec![];
     if s.holds_every_running {
+        // Where each run of equal own lengths ends.
+        let mut same_until = vec![own.len(); own.len()];
+        for i in (0..own.len().saturating_sub(1)).rev() {
+            same_until[i] = if own[i + 1] == own[i] {
+                same_until[i + 1]
+            } else {
+                i + 1
+            };
+        }
+        // The longest run from each start (its end never moves back: two pointers).
+        let (mut j, mut t) = (0, 0);
         for i in 0..own.len() {
-            let (mut j, mut t) = (i + 1, own[i]);
+            if j <= i {
+                (j, t) = (i + 1, own[i]);
+            }
             while j < own.len() && j - i < k && t + own[j] <= cap {
                 t += own[j];
                 j += 1;
             }
-            out.push(group(&own[i..j]));
-            let u = (i + 1..j).find(|&x| own[x] != own[i]).unwrap_or(j);
+            let u = same_until[i].min(j);
+            let n = (j - i) as u64;
+            out.push(group(t, n, (u == j).then_some(own[i])));
             if u < j {
-                out.push(group(&own[i..u]));
+                let m = (u - i) as u64;
+                out.push(group(own[i] * m, m, Some(own[i])));
             }
+            t -= own[i];
         }
     } else {
         let mut sorted = own.clone();
@@ -982,6 +1050,21 @@ fn prefill_groups(s: &BatchGenerateSetup, again: u64) -> Vec<(u64, StepAttention
 /// tokens after it.
 pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
     let c = &s.model;
+    check_sizes(
+        c,
+        &[
+            ("prompts", s.prompts.len(), MAX_PROMPTS),
+            (
+                "prompt tokens",
+                s.prompts.iter().max().copied().unwrap_or(0),
+                MAX_SEQ_TOKENS,
+            ),
+            ("new tokens", s.max_new, MAX_SEQ_TOKENS),
+            ("sequences decoded together", s.max_running, MAX_SEQUENCES),
+            ("prefill tokens", s.max_prefill_tokens, MAX_STEP_TOKENS),
+        ],
+    )?;
+    crate::model::llama::check_cache_size(s.num_blocks, s.block_size).map_err(|e| e.to_string())?;
     if s.prompts.is_empty() || s.prompts.contains(&0) {
         return Err("every prompt needs a token".into());
     }
@@ -1026,7 +1109,9 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
     // kernel or the gathered K/V (slots, K, V), then the layer stack's tensors as in
     // `plan_generation`; inside, the largest of the ops' scratch and the head's rows; after,
     // the logits with the sampler's parameters and tokens.
-    let step = |t: u64, attention: StepAttention, rows: u64| -> (u64, u64, String) {
+    // (working set, peak scratch, what the peak is), the last formatted only for the largest
+    // step: a run of many prompts weighs many candidate prefill groups.
+    let step = |t: u64, attention: StepAttention, rows: u64| -> (u64, u64, StepPeak) {
         let held = match attention {
             StepAttention::Fresh { .. } => 0,
             StepAttention::Paged { n, max_blocks, .. } => f4(n * max_blocks) + f4(n),
@@ -1060,15 +1145,15 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
             0
         };
         let what = if sampling > working + inside {
-            format!("logits [{rows}, {v}] f32, sampling parameters, tokens")
+            StepPeak::Sampling { rows }
         } else if inside == int8 {
-            format!("{t} rows; int8 linear: x [{t}, {kmax}] int8, scales, outlier cols")
+            StepPeak::Int8 { t, kmax }
         } else if inside == head {
-            format!("{t} rows; head: logits [{rows}, {v}] f32")
+            StepPeak::Head { t, rows }
         } else if matches!(attention, StepAttention::Paged { .. }) {
-            format!("{t} rows; paged attention partials")
+            StepPeak::Paged { t }
         } else {
-            format!("{t} rows; attention: log-sum-exp [{t}, {heads}] f32, span table")
+            StepPeak::Attention { t }
         };
         (working, (working + inside).max(sampling) - working, what)
     };
@@ -1119,11 +1204,33 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
         format!("largest step ({name}): ids, positions, slots, one layer's"),
         working,
     );
+    let what = match what {
+        StepPeak::Sampling { rows } => {
+            format!("logits [{rows}, {v}] f32, sampling parameters, tokens")
+        }
+        StepPeak::Int8 { t, kmax } => {
+            format!("{t} rows; int8 linear: x [{t}, {kmax}] int8, scales, outlier cols")
+        }
+        StepPeak::Head { t, rows } => format!("{t} rows; head: logits [{rows}, {v}] f32"),
+        StepPeak::Paged { t } => format!("{t} rows; paged attention partials"),
+        StepPeak::Attention { t } => {
+            format!("{t} rows; attention: log-sum-exp [{t}, {heads}] f32, span table")
+        }
+    };
     e.add("peak scratch", what, inside);
     Ok(Plan {
         entries: e,
         budget: s.budget,
     })
+}
+
+/// What a batched-generation step's peak scratch is (see `plan_batch_generation`).
+enum StepPeak {
+    Sampling { rows: u64 },
+    Int8 { t: u64, kmax: u64 },
+    Head { t: u64, rows: u64 },
+    Paged { t: u64 },
+    Attention { t: u64 },
 }
 
 /// `auto` checkpointing: no recomputation if that plan fits the budget less `AUTO_HEADROOM`,

@@ -46,17 +46,26 @@ struct HfConfigJson {
 
 fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .map(|x| vec![x])
+            .unwrap_or_default(),
         Some(serde_json::Value::Array(a)) => a
             .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
+            .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
             .collect(),
         _ => vec![],
     }
 }
+
+/// The largest model dimensions [`LlamaConfig::validate`] accepts.
+pub const MAX_LAYERS: usize = 1 << 10;
+pub const MAX_WIDTH: usize = 1 << 16;
+pub const MAX_INTERMEDIATE: usize = 1 << 18;
+pub const MAX_VOCAB: usize = 1 << 22;
+pub const MAX_HEADS: usize = 1 << 10;
+pub const MAX_HEAD_DIM: usize = 1 << 10;
 
 impl LlamaConfig {
     /// Parse an HF `config.json`.
@@ -148,6 +157,23 @@ impl LlamaConfig {
             || c.rms_norm_eps <= 0.0
         {
             return Err("rope_theta and rms_norm_eps must be positive".into());
+        }
+        // Far past any published LLaMA-family model (LLaMA-3 405B: 126 layers, hidden 16384,
+        // intermediate 53248, 128 heads; vocabularies up to ~256k), and small enough that the
+        // memory plan's byte counts (layers × tokens × widths) cannot overflow.
+        for (name, v, most) in [
+            ("num_hidden_layers", c.num_hidden_layers, MAX_LAYERS),
+            ("hidden_size", c.hidden_size, MAX_WIDTH),
+            ("intermediate_size", c.intermediate_size, MAX_INTERMEDIATE),
+            ("vocab_size", c.vocab_size, MAX_VOCAB),
+            ("num_attention_heads", c.num_attention_heads, MAX_HEADS),
+            ("head_dim", c.head_dim, MAX_HEAD_DIM),
+        ] {
+            if v > most {
+                return Err(format!(
+                    "{name} {v} is more than recforge takes (at most {most}): a corrupt config?"
+                ));
+            }
         }
         Ok(())
     }

@@ -122,6 +122,22 @@ pub struct KvCache<B: Backend> {
 /// reads the sequence's K/V once per block).
 pub const GATHER_ABOVE_QUERIES: usize = 32;
 
+/// Most slots (token rows) a paged KV cache may have: slot ids and block numbers travel as
+/// 32-bit integers, and a billion tokens of K/V is past any device.
+pub const MAX_CACHE_SLOTS: usize = 1 << 30;
+
+/// Checks a paged cache's size: at least one block of at least one token, at most
+/// [`MAX_CACHE_SLOTS`] slots.
+pub fn check_cache_size(num_blocks: usize, block_size: usize) -> Result<usize> {
+    match num_blocks.checked_mul(block_size) {
+        Some(slots) if slots > 0 && slots <= MAX_CACHE_SLOTS => Ok(slots),
+        _ => Err(Error::Invalid(format!(
+            "a paged KV cache of {num_blocks} blocks of {block_size} tokens: it needs at least one \
+             block of one token and at most {MAX_CACHE_SLOTS} tokens in all"
+        ))),
+    }
+}
+
 /// The sequences' K/V gathered from the paged cache, one after another, for the flash attention
 /// of a prefill through the block tables (one long one, or several of different lengths).
 struct Gathered<B: Backend> {
@@ -498,12 +514,8 @@ impl<B: Backend> Llama<B> {
         block_size: usize,
     ) -> Result<PagedCache<B>> {
         let c = &self.config;
-        if num_blocks == 0 || block_size == 0 {
-            return Err(Error::Invalid(format!(
-                "paged KV cache: {num_blocks} blocks of {block_size} tokens"
-            )));
-        }
-        let shape = [num_blocks * block_size, c.num_key_value_heads, c.head_dim];
+        let slots = check_cache_size(num_blocks, block_size)?;
+        let shape = [slots, c.num_key_value_heads, c.head_dim];
         let dt = be.activation_dtype();
         let (mut k, mut v) = (vec![], vec![]);
         for _ in 0..c.num_hidden_layers {

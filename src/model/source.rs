@@ -142,7 +142,11 @@ impl GgufSource {
                 "rope scaling (only plain RoPE is implemented)",
             ));
         }
-        let id = |k: &str| file.get(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+        let id = |k: &str| {
+            file.get(k)
+                .and_then(|v| v.as_u64())
+                .and_then(|v| u32::try_from(v).ok())
+        };
         let config = LlamaConfig {
             hidden_size: hidden,
             intermediate_size: num("feed_forward_length")? as usize,

@@ -122,6 +122,19 @@ impl TrainConfig {
         if self.cutoff < 2 {
             return bad("the cutoff must be at least 2 tokens");
         }
+        use crate::memory::{MAX_RANK, MAX_SEQUENCES, MAX_SEQ_TOKENS};
+        for (what, v, most) in [
+            ("batch size", self.batch_size, MAX_SEQUENCES),
+            ("gradient accumulation", self.grad_accum, MAX_SEQUENCES),
+            ("cutoff", self.cutoff, MAX_SEQ_TOKENS),
+            ("LoRA rank", self.lora.r, MAX_RANK),
+        ] {
+            if v > most {
+                return Err(Error::Invalid(format!(
+                    "{what} {v} is more than recforge takes (at most {most})"
+                )));
+            }
+        }
         // Comparisons are false for NaN, so NaN is refused too; an infinite norm never clips.
         let clip_ok = self.max_grad_norm >= 0.0;
         let decay_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;

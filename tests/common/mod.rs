@@ -75,13 +75,22 @@ pub fn devices() -> Vec<recforge::backend::gpu::Device> {
 /// The `recforge` binary: cargo's path, or — for test executables staged onto a GPU machine by
 /// scripts/gpu-check.sh (`.gpu/tests/<name>`) — the staged `.gpu/bin/recforge`.
 pub fn recforge_bin() -> std::path::PathBuf {
-    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_recforge"));
+    built_or_staged(env!("CARGO_BIN_EXE_recforge"), "recforge")
+}
+
+/// The `bench-train` binary, as [`recforge_bin`].
+pub fn bench_train_bin() -> std::path::PathBuf {
+    built_or_staged(env!("CARGO_BIN_EXE_bench-train"), "bench-train")
+}
+
+fn built_or_staged(built: &str, name: &str) -> std::path::PathBuf {
+    let built = std::path::PathBuf::from(built);
     if built.exists() {
         return built;
     }
     let staged = std::env::current_exe()
         .ok()
-        .and_then(|e| e.parent()?.parent().map(|g| g.join("bin").join("recforge")));
+        .and_then(|e| e.parent()?.parent().map(|g| g.join("bin").join(name)));
     match staged {
         Some(s) if s.exists() => s,
         _ => built,
