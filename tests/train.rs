@@ -318,15 +318,29 @@ fn checkpoints_never_replace_other_folders() {
     assert_eq!(names, ["ck", "file", "other"]);
 
     // A save killed between its two renames: the checkpoint is only under its hidden name, and
-    // resuming says where it is.
-    std::fs::rename(&ck, dir.path().join(".ck.old-999")).unwrap();
+    // resuming says where it is. (No process has id 999999999: pid_max is at most 2^22.)
+    let dead = dir.path().join(".ck.old-999999999");
+    std::fs::rename(&ck, &dead).unwrap();
     let e = match Trainer::resume(&be, &m, &ck, tiny_data(m.config.vocab_size), None) {
         Ok(_) => panic!("resumed from a missing checkpoint"),
         Err(e) => e.to_string(),
     };
     assert!(
-        e.contains("interrupted") && e.contains(".ck.old-999"),
+        e.contains("interrupted") && e.contains(".ck.old-999999999"),
         "{e}"
+    );
+    // The next complete save supersedes what the dead process left; a save in progress by a
+    // running process (pid 1 always runs) is left alone.
+    let running = dir.path().join(".ck.tmp-1");
+    std::fs::create_dir(&running).unwrap();
+    t.save_checkpoint(&ck).unwrap();
+    assert!(!dead.exists(), "the dead save's folder is still there");
+    assert!(running.exists(), "a running process's save was removed");
+    assert_eq!(
+        Trainer::resume(&be, &m, &ck, tiny_data(m.config.vocab_size), None)
+            .unwrap()
+            .step,
+        2
     );
 }
 

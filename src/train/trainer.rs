@@ -233,10 +233,7 @@ fn sibling(dir: &Path, what: &str) -> std::path::PathBuf {
 /// newest, if there are several.
 fn saved_beside(dir: &Path) -> Option<std::path::PathBuf> {
     let name = dir.file_name()?.to_string_lossy().into_owned();
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let parent = parent_of(dir);
     let (old, tmp) = (format!(".{name}.old-"), format!(".{name}.tmp-"));
     std::fs::read_dir(parent)
         .ok()?
@@ -251,6 +248,43 @@ fn saved_beside(dir: &Path) -> Option<std::path::PathBuf> {
         })
         .max()
         .map(|(_, p)| p)
+}
+
+/// The folder `dir` is in.
+fn parent_of(dir: &Path) -> &Path {
+    match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Removes the hidden folders ([`sibling`]) that saves of `dir` by processes no longer running
+/// left behind (killed mid-save): called once `dir` holds a newer complete checkpoint, which
+/// supersedes them. Only where /proc says which processes run (Linux); a running process's
+/// save in progress is left alone.
+fn remove_stale_siblings(dir: &Path) {
+    let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent_of(dir)) else {
+        return;
+    };
+    let me = std::process::id();
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let pid = ["old", "tmp"]
+            .iter()
+            .find_map(|what| n.strip_prefix(&format!(".{name}.{what}-")))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != me && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 /// A checkpoint folder replaces what is at `dir`, so `dir` must be absent, an empty folder, or
@@ -572,8 +606,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let _ = std::fs::remove_dir_all(&old);
             Ok(())
         })();
-        if res.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
+        match &res {
+            Ok(()) => remove_stale_siblings(dir),
+            Err(_) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
         }
         res
     }
