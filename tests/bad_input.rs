@@ -743,6 +743,9 @@ fn absurd_sizes_are_refused_by_name() {
     std::fs::write(&prompts, "\"one\"\n\"two\"\n").unwrap();
     let p = prompts.to_str().unwrap();
     let plan = ["plan", "--model", "llama-7b"];
+    let gen = ["generate", "--model", gguf, "--device", "cpu"];
+    let batch = [&gen[..], &["--prompts", p]].concat();
+    let one = [&gen[..], &["--prompt", "x"]].concat();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             [&plan[..], &["--batch", &huge]].concat(),
@@ -800,74 +803,24 @@ fn absurd_sizes_are_refused_by_name() {
             "batch size",
         ),
         (
-            vec![
-                "generate",
-                "--model",
-                gguf,
-                "--prompts",
-                p,
-                "--device",
-                "cpu",
-                "--kv-blocks",
-                "1000000000",
-            ],
+            [&batch[..], &["--kv-blocks", "1000000000"]].concat(),
             "at most 1073741824 tokens",
         ),
         (
-            vec![
-                "generate",
-                "--model",
-                gguf,
-                "--prompts",
-                p,
-                "--device",
-                "cpu",
-                "--block-size",
-                &huge,
-            ],
+            [&batch[..], &["--block-size", &huge]].concat(),
             "at most 1073741824 tokens",
         ),
         // 2^26 blocks of 16: the largest cache, far more than this host holds.
         (
-            vec![
-                "generate",
-                "--model",
-                gguf,
-                "--prompts",
-                p,
-                "--device",
-                "cpu",
-                "--kv-blocks",
-                "67108864",
-            ],
+            [&batch[..], &["--kv-blocks", "67108864"]].concat(),
             "of host memory",
         ),
         (
-            vec![
-                "generate",
-                "--model",
-                gguf,
-                "--prompt",
-                "x",
-                "--device",
-                "cpu",
-                "--max-new-tokens",
-                &huge,
-            ],
+            [&one[..], &["--max-new-tokens", &huge]].concat(),
             "exceed the model's context",
         ),
         (
-            vec![
-                "generate",
-                "--model",
-                gguf,
-                "--prompt",
-                "x",
-                "--device",
-                "cpu",
-                "--temperature",
-                "1e-45",
-            ],
+            [&one[..], &["--temperature", "1e-45"]].concat(),
             "too small",
         ),
     ];
