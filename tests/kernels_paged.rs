@@ -275,6 +275,18 @@ fn paged_decode_equals_contiguous_attention_across_partitions() {
         queries: 2,
         lens: vec![100, 700],
     });
+    // A chunk of a long prefill: 20 queries (40 rows per KV head: five row chunks), blocks of
+    // 4, head_dim 64 and 32.
+    for head_dim in [64, 32] {
+        cases.push(Case {
+            block_size: 4,
+            head_dim,
+            heads: 4,
+            kv_heads: 2,
+            queries: 20,
+            lens: vec![33, 53],
+        });
+    }
     cases.push(Case {
         block_size: 5,
         head_dim: 32,

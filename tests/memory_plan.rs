@@ -556,8 +556,8 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
     // (what, model, shared prefix, own lengths, new tokens, max batch, block size, blocks,
     // adapter, prefill tokens): steps where the decode step, the W8A8 prefill (own > 16 rows),
     // the shared prefix's prefill or the sampler is the peak. The plan takes the largest
-    // prefill a run may group (a run of consecutive prompts within the token cap); with one
-    // prompt a prefill (cap 1), or prompts in decreasing length, the run's first group is it.
+    // prefill a run may form (a run of consecutive prompts within the token cap, or a chunk of
+    // a longer prompt); the caps and orders here make that one the run forms.
     let cases = [
         (
             "tiny, 6 prompts sharing 20 tokens, batch 4",
@@ -569,7 +569,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             16,
             None,
             None,
-            1,
+            12,
         ),
         (
             "tiny, unshared prompts with a 40-token one (W8A8 prefill)",
@@ -581,7 +581,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             16,
             None,
             None,
-            1,
+            40,
         ),
         (
             "smollm2 shape, 2 layers, head_dim 64, batch 6 of 9",
@@ -593,7 +593,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             8,
             None,
             None,
-            1,
+            9,
         ),
         (
             "tiny with an adapter on q, v, o, down",
@@ -605,7 +605,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             16,
             None,
             adapter(8, "q,v,o,down"),
-            1,
+            20,
         ),
         (
             "tiny, 45 own tokens after a 20-token prefix (K/V gathered, W8A8)",
@@ -617,7 +617,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             16,
             None,
             None,
-            1,
+            45,
         ),
         (
             "head_dim 128, untied head, blocks of 4",
@@ -629,7 +629,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             4,
             None,
             None,
-            1,
+            7,
         ),
         (
             "tiny, 6 prompts sharing 20 tokens prefilled 4 at a time (K/V gathered)",
@@ -666,6 +666,30 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
             None,
             adapter(4, "q,v"),
             2048,
+        ),
+        (
+            "tiny, a 45-token own part after a 20-token prefix in chunks of 33 (gathered) and 12",
+            tiny.clone(),
+            20,
+            vec![45, 3, 8],
+            3,
+            3,
+            16,
+            None,
+            None,
+            33,
+        ),
+        (
+            "tiny, unshared, a 40-token prompt in chunks of 16 (fresh, then through the paged kernel)",
+            tiny.clone(),
+            0,
+            vec![40, 6, 11],
+            4,
+            3,
+            16,
+            None,
+            None,
+            16,
         ),
         // A cache too small for the batch: sequences are preempted and prefilled again with
         // what they had generated, in groups the plan can only bound (the peak is at most it).

@@ -67,7 +67,8 @@ enum Cmd {
         #[arg(long)]
         no_prefix_sharing: bool,
         /// With --prompts: prompt tokens one prefill forward computes at most; the prompts
-        /// admitted together are prefilled together within it (a longer prompt runs alone).
+        /// admitted together are prefilled together within it, and a longer prompt alone in
+        /// chunks of this many (each attending to the cached ones before it).
         #[arg(long, default_value_t = recforge::infer::batch::DEFAULT_PREFILL_TOKENS)]
         prefill_tokens: usize,
         /// With --prompts: write the JSON lines here (through a temporary file) instead of stdout.

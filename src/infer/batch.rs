@@ -12,8 +12,9 @@
 //! the paged and contiguous attention kernels also round differently.
 //!
 //! A step is one of two kinds:
-//! - a prefill of the sequences admitted together, as many as fit `max_prefill_tokens` (at
-//!   least one): each one's tokens not yet in the cache (the whole prompt, or what follows the
+//! - a prefill of the sequences admitted together, as many as fit `max_prefill_tokens` (or a
+//!   chunk of that many tokens of one longer sequence, after the chunks before it): each one's
+//!   tokens not yet in the cache (the whole prompt, or what follows the
 //!   shared prefix, or — after a preemption — the prompt and what it had generated) as one
 //!   forward, so the linears see all their rows at once; with nothing cached before them,
 //!   flash attention over the step's own K/V, else attention through the block tables (the
@@ -53,8 +54,9 @@ pub struct BatchOptions {
     /// Compute the prefix common to every prompt once (when it is at least a block long).
     pub share_prefix: bool,
     /// Prompt tokens one prefill step computes at most: requests admitted together are
-    /// prefilled in one forward while their own tokens stay within this (a longer prompt
-    /// still runs, alone). 1 prefills one request per step.
+    /// prefilled in one forward while their own tokens stay within this, and a longer prompt
+    /// is prefilled alone in chunks of this many. It bounds a step's activations whatever the
+    /// prompts' lengths.
     pub max_prefill_tokens: usize,
 }
 
@@ -372,27 +374,67 @@ pub fn generate_batch_with<B: Backend>(
                 break;
             }
             let t0 = Instant::now();
-            let mut tokens = Vec::with_capacity(group_tokens);
-            let mut positions = Vec::with_capacity(group_tokens);
+            // A request with more own tokens than the cap (alone in its group) is prefilled in
+            // chunks of the cap, each attending through its block table to what the earlier
+            // ones cached; the last chunk is the step below, which yields its logits.
+            let mut chunked = 0;
+            if let [(r, context)] = group.as_slice() {
+                let cap = opts.max_prefill_tokens;
+                let id = *r as SeqId;
+                let (tables, max_blocks) = kv.block_tables(&[id])?;
+                while context.len() - shared - chunked > cap {
+                    let (a, b) = (shared + chunked, shared + chunked + cap);
+                    let fresh = [SeqSpan {
+                        q_start: 0,
+                        q_len: cap,
+                        kv_start: 0,
+                        kv_len: cap,
+                    }];
+                    let lens = [b as i32];
+                    let attention = if a == 0 {
+                        PagedAttention::Fresh(&fresh)
+                    } else {
+                        PagedAttention::Cached(CachedAttention {
+                            block_tables: &tables,
+                            max_blocks,
+                            context_lens: &lens,
+                            queries: &[cap],
+                        })
+                    };
+                    let positions: Vec<u32> = (a as u32..b as u32).collect();
+                    let step = PagedStep {
+                        tokens: &context[a..b],
+                        positions: &positions,
+                        slots: &slots[chunked..chunked + cap],
+                        attention,
+                        logit_rows: &[],
+                    };
+                    model.forward_paged(be, &step, &mut cache, adapter)?;
+                    stats.prefill_steps += 1;
+                    chunked += cap;
+                }
+            }
+            let mut tokens = Vec::with_capacity(group_tokens - chunked);
+            let mut positions = Vec::with_capacity(group_tokens - chunked);
             let mut spans = Vec::with_capacity(group.len());
             let mut last_rows = Vec::with_capacity(group.len());
             for (_, context) in &group {
-                let own = context.len() - shared;
+                let from = shared + chunked;
                 spans.push(SeqSpan {
                     q_start: tokens.len(),
-                    q_len: own,
+                    q_len: context.len() - from,
                     kv_start: tokens.len(),
-                    kv_len: own,
+                    kv_len: context.len() - from,
                 });
-                tokens.extend_from_slice(&context[shared..]);
-                positions.extend(shared as u32..context.len() as u32);
+                tokens.extend_from_slice(&context[from..]);
+                positions.extend(from as u32..context.len() as u32);
                 last_rows.push(tokens.len() - 1);
             }
             let ids: Vec<SeqId> = group.iter().map(|&(r, _)| r as SeqId).collect();
             let (tables, max_blocks) = kv.block_tables(&ids)?;
             let lens: Vec<i32> = group.iter().map(|(_, c)| c.len() as i32).collect();
             let queries: Vec<usize> = spans.iter().map(|s| s.q_len).collect();
-            let attention = if shared == 0 {
+            let attention = if shared + chunked == 0 {
                 PagedAttention::Fresh(&spans)
             } else {
                 PagedAttention::Cached(CachedAttention {
@@ -405,7 +447,7 @@ pub fn generate_batch_with<B: Backend>(
             let step = PagedStep {
                 tokens: &tokens,
                 positions: &positions,
-                slots: &slots,
+                slots: &slots[chunked..],
                 attention,
                 logit_rows: &last_rows,
             };

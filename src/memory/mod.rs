@@ -918,8 +918,8 @@ pub struct BatchGenerateSetup {
     pub max_running: usize,
     pub block_size: usize,
     pub num_blocks: usize,
-    /// Own tokens of the requests one prefill step computes together at most (a longer
-    /// prompt runs alone); `infer::batch::BatchOptions::max_prefill_tokens`.
+    /// Own tokens one prefill step computes at most (a longer prompt is prefilled in chunks of
+    /// this many); `infer::batch::BatchOptions::max_prefill_tokens`.
     pub max_prefill_tokens: usize,
     /// False when the cache may preempt sequences: one is then prefilled again with the tokens
     /// it had generated, so a prefill can be up to `max_new − 1` tokens longer than its prompt.
@@ -946,15 +946,17 @@ enum StepAttention {
     Gathered { n: u64, rows: u64 },
 }
 
-/// The prefill steps a batched run may take, as (own tokens, attention): groups of requests
-/// admitted together (`infer::batch`) — at most `max_running`, their own tokens within
-/// `max_prefill_tokens` unless one is alone. Without preemption a group is a run of
-/// consecutive prompts, so every run is a candidate; for each start only the longest run and
-/// its longest uniform head (the same own length for each: the paged decode kernel when ≤
-/// `GATHER_ABOVE_QUERIES`) can be the largest. With preemption a readmitted request (its
-/// prompt and up to `max_new − 1` generated tokens) may join any group, so the bound is
-/// `max_running` requests of the longest own part within the token cap.
-fn prefill_groups(s: &BatchGenerateSetup, again: u64) -> Vec<(u64, StepAttention)> {
+/// The prefill steps a batched run may take, as (own tokens, attention, logit rows): groups of
+/// requests admitted together (`infer::batch`) — at most `max_running`, their own tokens within
+/// `max_prefill_tokens` — and the chunks of a request with more own tokens than that,
+/// prefilled alone. Without preemption a group is a run of consecutive prompts, so every run is
+/// a candidate; for each start only the longest run and its longest uniform head (the same own
+/// length for each: the paged decode kernel when ≤ `GATHER_ABOVE_QUERIES`) can be the largest,
+/// and of a long request's chunks only the first, the last full one (the most context) and the
+/// last (with logits). With preemption a readmitted request (its prompt and up to `max_new − 1`
+/// generated tokens) may join any group, so the bound is `max_running` requests within the
+/// token cap, or one chunk with the longest context.
+fn prefill_groups(s: &BatchGenerateSetup, again: u64) -> Vec<(u64, StepAttention, u64)> {
     let shared = s.shared_prefix as u64;
     let bs = s.block_size as u64;
     let k = s.max_running.max(1);
@@ -964,22 +966,38 @@ fn prefill_groups(s: &BatchGenerateSetup, again: u64) -> Vec<(u64, StepAttention
         .iter()
         .map(|&p| p as u64 + again - shared)
         .collect();
+    // q new tokens for each of n sequences, the longest context `len`, tables `width` blocks
+    // wide, nothing cached before them (`fresh`).
+    // gathering `rows` in all otherwise.
+    let attention = |q: Option<u64>, n: u64, rows: u64, len: u64, width: u64, fresh: bool| match q {
+        _ if fresh => StepAttention::Fresh { spans: n },
+        Some(q) if q <= GATHER_ABOVE_QUERIES as u64 => StepAttention::Paged {
+            n,
+            max_blocks: width,
+            q,
+            len,
+        },
+        _ => StepAttention::Gathered { n, rows },
+    };
     // A group of n requests with t own tokens in all; `same`: each has this many.
-    let group = |t: u64, n: u64, same: Option<u64>| -> (u64, StepAttention) {
-        let attention = match same {
-            _ if shared == 0 => StepAttention::Fresh { spans: n },
-            Some(q) if q <= GATHER_ABOVE_QUERIES as u64 => StepAttention::Paged {
-                n,
-                max_blocks: (q + shared).div_ceil(bs),
-                q,
-                len: q + shared,
-            },
-            _ => StepAttention::Gathered {
-                n,
-                rows: t + n * shared,
-            },
-        };
-        (t, attention)
+    let group = |t: u64, n: u64, same: Option<u64>| -> (u64, StepAttention, u64) {
+        let len = same.unwrap_or(0) + shared;
+        let a = attention(same, n, t + n * shared, len, len.div_ceil(bs), shared == 0);
+        (t, a, n)
+    };
+    // The chunks of one request of `o` own tokens, o > cap: chunk j (1-based) ends at
+    // min(j · cap, o) and sees shared + that many tokens.
+    let chunks = |o: u64, out: &mut Vec<(u64, StepAttention, u64)>| {
+        let width = (shared + o).div_ceil(bs);
+        let last = o.div_ceil(cap);
+        for j in [1, last - 1, last] {
+            let end = (j * cap).min(o);
+            let t = end - (j - 1) * cap;
+            let rows = u64::from(j == last);
+            let len = shared + end;
+            let a = attention(Some(t), 1, len, len, width, j == 1 && shared == 0);
+            out.push((t, a, rows));
+        }
     };
     let mut out = vec![];
     if s.holds_every_running {
@@ -1002,12 +1020,16 @@ fn prefill_groups(s: &BatchGenerateSetup, again: u64) -> Vec<(u64, StepAttention
                 t += own[j];
                 j += 1;
             }
-            let u = same_until[i].min(j);
-            let n = (j - i) as u64;
-            out.push(group(t, n, (u == j).then_some(own[i])));
-            if u < j {
-                let m = (u - i) as u64;
-                out.push(group(own[i] * m, m, Some(own[i])));
+            if own[i] > cap {
+                chunks(own[i], &mut out);
+            } else {
+                let u = same_until[i].min(j);
+                let n = (j - i) as u64;
+                out.push(group(t, n, (u == j).then_some(own[i])));
+                if u < j {
+                    let m = (u - i) as u64;
+                    out.push(group(own[i] * m, m, Some(own[i])));
+                }
             }
             t -= own[i];
         }
@@ -1016,29 +1038,24 @@ fn prefill_groups(s: &BatchGenerateSetup, again: u64) -> Vec<(u64, StepAttention
         sorted.sort_unstable_by(|a, b| b.cmp(a));
         let n = k.min(sorted.len()) as u64;
         let top: u64 = sorted.iter().take(k).sum();
-        let t = sorted[0].max(top.min(cap));
+        let t = top.min(cap);
         let longest = sorted[0] + shared;
         if shared == 0 {
-            out.push((t, StepAttention::Fresh { spans: n }));
-        } else {
-            out.push((
-                t,
-                StepAttention::Gathered {
-                    n,
-                    rows: t + n * shared,
-                },
-            ));
-            let q = t.div_ceil(n).min(GATHER_ABOVE_QUERIES as u64);
-            out.push((
-                t,
-                StepAttention::Paged {
-                    n,
-                    max_blocks: longest.div_ceil(bs),
-                    q,
-                    len: longest,
-                },
-            ));
+            out.push((t, StepAttention::Fresh { spans: n }, n));
         }
+        let rows = (t + n * shared).max(longest);
+        out.push((t, StepAttention::Gathered { n, rows }, n));
+        let q = t.div_ceil(n).min(GATHER_ABOVE_QUERIES as u64);
+        out.push((
+            t,
+            StepAttention::Paged {
+                n,
+                max_blocks: longest.div_ceil(bs),
+                q,
+                len: longest,
+            },
+            n,
+        ));
     }
     out
 }
@@ -1138,7 +1155,10 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
             r if r == t => f4(r * v),
             r => bf(r * d) + f4(r * v),
         };
-        let inside = int8.max(attention_scratch).max(f4(1)).max(head);
+        // (The embedding's one-block id flag comes and goes before the layers' buffers exist,
+        // so it never tops the working set: a chunk through the paged kernel without logits
+        // holds no scratch at all.)
+        let inside = int8.max(attention_scratch).max(head);
         let sampling = if rows > 0 {
             f4(rows * v) + f4(4 * rows) + f4(rows)
         } else {
@@ -1173,13 +1193,8 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
         ));
     }
     let table = |len: u64| len.div_ceil(bs);
-    for (t, attention) in prefill_groups(s, again) {
-        let n = match attention {
-            StepAttention::Fresh { spans: n }
-            | StepAttention::Paged { n, .. }
-            | StepAttention::Gathered { n, .. } => n,
-        };
-        steps.push(("prefill", step(t, attention, n)));
+    for (t, attention, rows) in prefill_groups(s, again) {
+        steps.push(("prefill", step(t, attention, rows)));
     }
     let b = s.max_running as u64;
     steps.push((
