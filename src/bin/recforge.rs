@@ -1014,6 +1014,7 @@ fn generate_batch_on<B: Backend>(
         })
         .collect();
     let n = requests.len();
+    b.opts.validate()?;
     let on_cpu = be.memory_stats().is_none();
     if b.reserve || on_cpu {
         // A device: the paged KV cache and every step's buffers come from one arena of what the

@@ -72,6 +72,19 @@ impl Default for BatchOptions {
     }
 }
 
+impl BatchOptions {
+    /// Every count at least 1.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_batch == 0 || self.block_size == 0 || self.max_prefill_tokens == 0 {
+            return Err(Error::Invalid(format!(
+                "batched generation: max batch {}, block size {} and prefill tokens {} must be at least 1",
+                self.max_batch, self.block_size, self.max_prefill_tokens
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// [`BatchOptions::max_prefill_tokens`]'s default: enough rows for the int8 GEMM to run at its
 /// full rate, few enough that a step's activations stay small next to the weights and cache.
 pub const DEFAULT_PREFILL_TOKENS: usize = 2048;
@@ -239,12 +252,7 @@ pub fn generate_batch_with<B: Backend>(
     mut on_finish: impl FnMut(usize, &Generation) -> Result<()>,
 ) -> Result<BatchGeneration> {
     let ctx = model.config.max_position_embeddings;
-    if opts.max_batch == 0 || opts.block_size == 0 || opts.max_prefill_tokens == 0 {
-        return Err(Error::Invalid(format!(
-            "batched generation: max batch {}, block size {} and prefill tokens {} must be at least 1",
-            opts.max_batch, opts.block_size, opts.max_prefill_tokens
-        )));
-    }
+    opts.validate()?;
     for (i, r) in requests.iter().enumerate() {
         if r.prompt.is_empty() {
             return Err(Error::Invalid(format!("prompt {i} has no tokens")));
