@@ -430,8 +430,9 @@ fn rec_commands_report_bad_input() {
         std::fs::read_to_string(keep.join("todo.txt")).unwrap(),
         "mine"
     );
-    // On the CPU a run the host cannot hold (r = 10^8: ~0.8 TB of adapter state) is refused
-    // by the plan before the adapter is allocated, not ended by the OOM killer.
+    // On the CPU a run the host cannot hold (4096 × 16384 tokens a step: ~100 GB of
+    // activations) is refused by the plan before the adapter is allocated, not ended by the OOM
+    // killer. (A rank of 10^8 is now refused before the model loads, as past any plan.)
     write_samples(&dir.join("ok.json"), 2);
     let (ok, _, err) = cli(&[
         "rec",
@@ -442,8 +443,10 @@ fn rec_commands_report_bad_input() {
         &p("ok.json"),
         "--out",
         &p("a"),
-        "--r",
-        "100000000",
+        "--batch",
+        "4096",
+        "--cutoff",
+        "16384",
         "--device",
         "cpu",
     ]);
