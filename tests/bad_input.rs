@@ -877,3 +877,37 @@ fn solving_a_many_prompt_generation_plan_bisects() {
     assert!((32..64).contains(&few), "{few}");
     assert_eq!(solve("1000000"), few);
 }
+
+#[test]
+fn solving_stops_at_what_a_plan_takes() {
+    // A budget that holds more than any plan takes: --solve answers the limit (it used to probe
+    // past it and fail with the plan's refusal).
+    let (ok, out, err) = cli(&[
+        "plan",
+        "--model",
+        "smollm2-135m",
+        "--budget",
+        "1000GiB",
+        "--seq",
+        "16",
+        "--solve",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("largest batch at seq 16: 65536;"), "{out}");
+    let (ok, out, err) = cli(&[
+        "plan",
+        "--model",
+        "smollm2-135m",
+        "--budget",
+        "1000GiB",
+        "--score",
+        "--seq",
+        "16",
+        "--solve",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("most prompts of 16 tokens a pass: 65536"),
+        "{out}"
+    );
+}

@@ -1297,23 +1297,30 @@ pub fn solve(s: &TrainSetup) -> Result<(usize, usize), String> {
         })?
         .fits())
     };
+    let per_step = |n: usize| MAX_STEP_TOKENS / n.max(1);
     Ok((
-        largest(&|b| fits(b, s.seq))?,
-        largest(&|q| fits(s.batch, q))?,
+        largest(MAX_SEQUENCES.min(per_step(s.seq)), &|b| fits(b, s.seq))?,
+        largest(MAX_SEQ_TOKENS.min(per_step(s.batch)), &|q| fits(s.batch, q))?,
     ))
 }
 
-/// The largest n ≥ 1 (below 2^24) with `fits(n)`, for a `fits` that holds up to some n and not
-/// after; 0 when even 1 does not fit.
-fn largest(fits: &dyn Fn(usize) -> Result<bool, String>) -> Result<usize, String> {
-    if !fits(1)? {
+/// The largest n in 1..=most with `fits(n)`, for a `fits` that holds up to some n and not
+/// after; 0 when even 1 does not fit. `most` is what a plan takes (the `MAX_*` limits).
+fn largest(most: usize, fits: &dyn Fn(usize) -> Result<bool, String>) -> Result<usize, String> {
+    if most == 0 || !fits(1)? {
         return Ok(0);
     }
     let mut lo = 1;
     let mut hi = 2;
-    while hi < (1 << 24) && fits(hi)? {
+    while hi <= most && fits(hi)? {
         lo = hi;
         hi *= 2;
+    }
+    if hi > most {
+        if fits(most)? {
+            return Ok(most);
+        }
+        hi = most;
     }
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
@@ -1330,7 +1337,7 @@ fn largest(fits: &dyn Fn(usize) -> Result<bool, String>) -> Result<usize, String
 /// within the budget.
 pub fn solve_scoring(s: &ScoreSetup, seq: usize) -> Result<usize, String> {
     let own = seq.saturating_sub(s.prefix).max(1);
-    largest(&|n| {
+    largest(MAX_SEQUENCES.min(MAX_STEP_TOKENS / own), &|n| {
         Ok(plan_scoring(&ScoreSetup {
             batches: vec![(n, n * own)],
             ..s.clone()
@@ -1341,7 +1348,7 @@ pub fn solve_scoring(s: &ScoreSetup, seq: usize) -> Result<usize, String> {
 
 /// The most new tokens a generation from a `s.prompt`-token prompt can hold within the budget.
 pub fn solve_generation(s: &GenerateSetup) -> Result<usize, String> {
-    largest(&|n| {
+    largest(MAX_SEQ_TOKENS, &|n| {
         Ok(plan_generation(&GenerateSetup {
             max_new: n,
             ..s.clone()
@@ -1353,6 +1360,24 @@ pub fn solve_generation(s: &GenerateSetup) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn largest_stays_within_what_a_plan_takes() {
+        let upto = |k: usize| move |n: usize| -> Result<bool, String> { Ok(n <= k) };
+        assert_eq!(largest(1000, &upto(100)), Ok(100));
+        assert_eq!(largest(1000, &upto(1)), Ok(1));
+        // Everything fits: the limit, never a probe past it (the plan would refuse it).
+        let capped = |n: usize| -> Result<bool, String> {
+            if n > 10 {
+                Err(format!("{n} is past the limit"))
+            } else {
+                Ok(true)
+            }
+        };
+        assert_eq!(largest(10, &capped), Ok(10));
+        assert_eq!(largest(16, &upto(16)), Ok(16));
+        assert_eq!(largest(5, &upto(0)), Ok(0));
+    }
 
     #[test]
     fn host_memory() {
