@@ -744,6 +744,7 @@ fn absurd_sizes_are_refused_by_name() {
     let p = prompts.to_str().unwrap();
     let plan = ["plan", "--model", "llama-7b"];
     let gen = ["generate", "--model", gguf, "--device", "cpu"];
+    let train = ["rec", "train", "--data", "absent.json", "--out", "o"];
     let batch = [&gen[..], &["--prompts", p]].concat();
     let one = [&gen[..], &["--prompt", "x"]].concat();
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -777,31 +778,10 @@ fn absurd_sizes_are_refused_by_name() {
             "--prompts 1000000000",
         ),
         (
-            vec![
-                "rec",
-                "train",
-                "--data",
-                "absent.json",
-                "--out",
-                "o",
-                "--accum",
-                &huge,
-            ],
+            [&train[..], &["--accum", &huge]].concat(),
             "gradient accumulation",
         ),
-        (
-            vec![
-                "rec",
-                "train",
-                "--data",
-                "absent.json",
-                "--out",
-                "o",
-                "--batch",
-                &huge,
-            ],
-            "batch size",
-        ),
+        ([&train[..], &["--batch", &huge]].concat(), "batch size"),
         (
             [&batch[..], &["--kv-blocks", "1000000000"]].concat(),
             "at most 1073741824 tokens",
