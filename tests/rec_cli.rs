@@ -702,3 +702,51 @@ fn an_interrupted_training_saves_and_resumes() {
         "{err}"
     );
 }
+
+#[test]
+fn rec_train_notes_samples_past_the_models_context() {
+    // The fixture has 256 positions; one sample of ~400 tokens within a cutoff of 1024 trains
+    // (RoPE runs past the table) with a note saying so, the others without.
+    let (d, f) = fixture(&FixtureSpec::default());
+    let long = "a b c d ".repeat(100);
+    let v = serde_json::json!([
+        {"instruction": "Say it.", "input": long, "output": "Yes."},
+        {"instruction": "Say it.", "input": "no", "output": "No."},
+    ]);
+    let data = d.path().join("long.json");
+    std::fs::write(&data, v.to_string()).unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let args = |cutoff: &'static str| {
+        vec![
+            "rec".to_string(),
+            "train".into(),
+            "--model".into(),
+            f.hf_dir.to_str().unwrap().into(),
+            "--data".into(),
+            p("long.json"),
+            "--out".into(),
+            p(&format!("a{cutoff}")),
+            "--steps".into(),
+            "1".into(),
+            "--batch".into(),
+            "2".into(),
+            "--cutoff".into(),
+            cutoff.into(),
+            "--device".into(),
+            "cpu".into(),
+        ]
+    };
+    let run = |cutoff| {
+        let a = args(cutoff);
+        cli(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (ok, _, err) = run("1024");
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("1 samples are longer than the model's 256 positions"),
+        "{err}"
+    );
+    let (ok, _, err) = run("256");
+    assert!(ok, "{err}");
+    assert!(!err.contains("positions (RoPE runs"), "{err}");
+}

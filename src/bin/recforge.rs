@@ -1687,6 +1687,13 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     if data.is_empty() {
         bail!("{}: no usable training samples", a.data.display());
     }
+    let ctx = m.config.max_position_embeddings;
+    let past = data.iter().filter(|e| e.ids.len() > ctx).count();
+    if past > 0 {
+        eprintln!(
+            "note: {past} samples are longer than the model's {ctx} positions (RoPE runs              anyway; --cutoff {ctx} would shorten them)"
+        );
+    }
     // The plan names every byte of the run; it also decides, under auto, how many layers
     // recompute (a resumed run takes the command line's choice: it changes no number).
     let choice = checkpoint_choice(a.checkpointing, a.no_checkpointing);
