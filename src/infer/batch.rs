@@ -388,80 +388,23 @@ pub fn generate_batch_with<B: Backend>(
             let mut chunked = 0;
             if let [(r, context)] = group.as_slice() {
                 let cap = opts.max_prefill_tokens;
-                let id = *r as SeqId;
-                let (tables, max_blocks) = kv.block_tables(&[id])?;
                 while context.len() - shared - chunked > cap {
                     let (a, b) = (shared + chunked, shared + chunked + cap);
-                    let fresh = [SeqSpan {
-                        q_start: 0,
-                        q_len: cap,
-                        kv_start: 0,
-                        kv_len: cap,
-                    }];
-                    let lens = [b as i32];
-                    let attention = if a == 0 {
-                        PagedAttention::Fresh(&fresh)
-                    } else {
-                        PagedAttention::Cached(CachedAttention {
-                            block_tables: &tables,
-                            max_blocks,
-                            context_lens: &lens,
-                            queries: &[cap],
-                        })
-                    };
-                    let positions: Vec<u32> = (a as u32..b as u32).collect();
-                    let step = PagedStep {
-                        tokens: &context[a..b],
-                        positions: &positions,
-                        slots: &slots[chunked..chunked + cap],
-                        attention,
-                        logit_rows: &[],
-                    };
-                    model.forward_paged(be, &step, &mut cache, adapter)?;
+                    let piece = [(*r as SeqId, &context[..], a, b)];
+                    let slots = &slots[chunked..chunked + cap];
+                    prefill_forward(be, model, adapter, &mut cache, &kv, &piece, slots, false)?;
                     stats.prefill_steps += 1;
                     chunked += cap;
                 }
             }
-            let mut tokens = Vec::with_capacity(group_tokens - chunked);
-            let mut positions = Vec::with_capacity(group_tokens - chunked);
-            let mut spans = Vec::with_capacity(group.len());
-            let mut last_rows = Vec::with_capacity(group.len());
-            for (_, context) in &group {
-                let from = shared + chunked;
-                spans.push(SeqSpan {
-                    q_start: tokens.len(),
-                    q_len: context.len() - from,
-                    kv_start: tokens.len(),
-                    kv_len: context.len() - from,
-                });
-                tokens.extend_from_slice(&context[from..]);
-                positions.extend(from as u32..context.len() as u32);
-                last_rows.push(tokens.len() - 1);
-            }
-            let ids: Vec<SeqId> = group.iter().map(|&(r, _)| r as SeqId).collect();
-            let (tables, max_blocks) = kv.block_tables(&ids)?;
-            let lens: Vec<i32> = group.iter().map(|(_, c)| c.len() as i32).collect();
-            let queries: Vec<usize> = spans.iter().map(|s| s.q_len).collect();
-            let attention = if shared + chunked == 0 {
-                PagedAttention::Fresh(&spans)
-            } else {
-                PagedAttention::Cached(CachedAttention {
-                    block_tables: &tables,
-                    max_blocks,
-                    context_lens: &lens,
-                    queries: &queries,
-                })
-            };
-            let step = PagedStep {
-                tokens: &tokens,
-                positions: &positions,
-                slots: &slots[chunked..],
-                attention,
-                logit_rows: &last_rows,
-            };
-            let logits = model
-                .forward_paged(be, &step, &mut cache, adapter)?
-                .ok_or_else(|| Error::Invalid("prefill: no logits".into()))?;
+            let pieces: Vec<_> = group
+                .iter()
+                .map(|(r, c)| (*r as SeqId, &c[..], shared + chunked, c.len()))
+                .collect();
+            let slots = &slots[chunked..];
+            let logits =
+                prefill_forward(be, model, adapter, &mut cache, &kv, &pieces, slots, true)?
+                    .ok_or_else(|| Error::Invalid("prefill: no logits".into()))?;
             let params: Vec<_> = group
                 .iter()
                 .map(|&(r, _)| requests[r].options.sampling)
@@ -628,6 +571,58 @@ fn advance(
 
 fn slots32(slots: &[u64]) -> Vec<u32> {
     slots.iter().map(|&s| s as u32).collect()
+}
+
+/// One prefill forward over `pieces` — (sequence, its tokens, from, to): the tokens
+/// `from..to` of each, whose K/V go to `slots` (in order) — with nothing cached before them
+/// when every `from` is 0 (the flash attention over the step's own K/V), else through the block
+/// tables. With `logits`, the logits of each piece's last row.
+#[allow(clippy::too_many_arguments)]
+fn prefill_forward<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: Option<&AdapterView<'_, B>>,
+    cache: &mut PagedCache<B>,
+    kv: &PagedKv,
+    pieces: &[(SeqId, &[u32], usize, usize)],
+    slots: &[u32],
+    logits: bool,
+) -> Result<Option<crate::backend::Tensor<B>>> {
+    let (mut tokens, mut positions) = (vec![], vec![]);
+    let (mut spans, mut last_rows) = (vec![], vec![]);
+    for &(_, context, from, to) in pieces {
+        spans.push(SeqSpan {
+            q_start: tokens.len(),
+            q_len: to - from,
+            kv_start: tokens.len(),
+            kv_len: to - from,
+        });
+        tokens.extend_from_slice(&context[from..to]);
+        positions.extend(from as u32..to as u32);
+        last_rows.push(tokens.len() - 1);
+    }
+    let ids: Vec<SeqId> = pieces.iter().map(|p| p.0).collect();
+    let (tables, max_blocks) = kv.block_tables(&ids)?;
+    let lens: Vec<i32> = pieces.iter().map(|p| p.3 as i32).collect();
+    let queries: Vec<usize> = spans.iter().map(|s| s.q_len).collect();
+    let attention = if pieces.iter().all(|p| p.2 == 0) {
+        PagedAttention::Fresh(&spans)
+    } else {
+        PagedAttention::Cached(CachedAttention {
+            block_tables: &tables,
+            max_blocks,
+            context_lens: &lens,
+            queries: &queries,
+        })
+    };
+    let step = PagedStep {
+        tokens: &tokens,
+        positions: &positions,
+        slots,
+        attention,
+        logit_rows: if logits { &last_rows } else { &[] },
+    };
+    model.forward_paged(be, &step, cache, adapter)
 }
 
 /// Copy-on-write of shared, partially filled blocks, in every layer's K and V.
