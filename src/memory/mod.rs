@@ -461,6 +461,11 @@ pub const MAX_PROMPTS: usize = 1 << 24;
 /// is at most `most`.
 fn check_sizes(c: &LlamaConfig, sizes: &[(&str, usize, usize)]) -> Result<(), String> {
     c.validate()?;
+    check_limits(sizes)
+}
+
+/// Each `(what, value, most)` is at most `most`.
+fn check_limits(sizes: &[(&str, usize, usize)]) -> Result<(), String> {
     for &(what, v, most) in sizes {
         if v > most {
             return Err(format!(
@@ -476,7 +481,7 @@ fn check_lora(c: &LlamaConfig, rank: usize, targets: &[String]) -> Result<(), St
     if rank == 0 {
         return Err("LoRA rank r must be at least 1".into());
     }
-    check_sizes(c, &[("LoRA rank", rank, MAX_RANK)])?;
+    check_limits(&[("LoRA rank", rank, MAX_RANK)])?;
     if targets.is_empty() {
         return Err(format!(
             "LoRA needs at least one target module (some of {})",

@@ -232,22 +232,34 @@ fn sibling(dir: &Path, what: &str) -> std::path::PathBuf {
 /// names of [`sibling`] (the previous one moved aside, or the new one not yet renamed): the
 /// newest, if there are several.
 fn saved_beside(dir: &Path) -> Option<std::path::PathBuf> {
-    let name = dir.file_name()?.to_string_lossy().into_owned();
-    let parent = parent_of(dir);
-    let (old, tmp) = (format!(".{name}.old-"), format!(".{name}.tmp-"));
-    std::fs::read_dir(parent)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with(&old) || n.starts_with(&tmp)
-        })
-        .filter_map(|e| {
-            let t = std::fs::metadata(e.path().join("trainer_state.json")).ok()?;
-            Some((t.modified().ok()?, e.path()))
+    siblings(dir)
+        .into_iter()
+        .filter_map(|(path, _)| {
+            let t = std::fs::metadata(path.join("trainer_state.json")).ok()?;
+            Some((t.modified().ok()?, path))
         })
         .max()
         .map(|(_, p)| p)
+}
+
+/// The hidden folders of [`sibling`] beside `dir`, each with the process id its name ends in
+/// (`None` where that is not a number).
+fn siblings(dir: &Path) -> Vec<(std::path::PathBuf, Option<u32>)> {
+    let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return vec![];
+    };
+    let Ok(entries) = std::fs::read_dir(parent_of(dir)) else {
+        return vec![];
+    };
+    let prefixes = [format!(".{name}.old-"), format!(".{name}.tmp-")];
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let pid = prefixes.iter().find_map(|p| n.strip_prefix(p.as_str()))?;
+            Some((e.path(), pid.parse::<u32>().ok()))
+        })
+        .collect()
 }
 
 /// The folder `dir` is in.
@@ -263,25 +275,14 @@ fn parent_of(dir: &Path) -> &Path {
 /// supersedes them. Only where /proc says which processes run (Linux); a running process's
 /// save in progress is left alone.
 fn remove_stale_siblings(dir: &Path) {
-    let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
-        return;
-    };
     if !Path::new("/proc/self").exists() {
         return;
     }
-    let Ok(entries) = std::fs::read_dir(parent_of(dir)) else {
-        return;
-    };
     let me = std::process::id();
-    for e in entries.flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        let pid = ["old", "tmp"]
-            .iter()
-            .find_map(|what| n.strip_prefix(&format!(".{name}.{what}-")))
-            .and_then(|p| p.parse::<u32>().ok());
+    for (path, pid) in siblings(dir) {
         if let Some(pid) = pid {
             if pid != me && !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_dir_all(e.path());
+                let _ = std::fs::remove_dir_all(path);
             }
         }
     }
