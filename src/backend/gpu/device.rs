@@ -613,8 +613,16 @@ impl Device {
         self.timed(kernel, || match &self.kind {
             Kind::Cuda(d) => {
                 let f = d.function(kernel)?;
-                if cfg.shared_bytes > 48 * 1024 {
-                    // Dynamic shared memory above 48 KiB must be opted into per kernel.
+                // Without an opt-in a kernel's dynamic shared memory may take only what its
+                // static shared memory leaves of 48 KiB; the driver refuses a launch past that.
+                let fixed = if cfg.shared_bytes > 0 {
+                    f.shared_size_bytes().map_err(|e| {
+                        Error::Device(format!("{kernel}: reading its static shared memory: {e:?}"))
+                    })? as u32
+                } else {
+                    0
+                };
+                if fixed + cfg.shared_bytes > 48 * 1024 {
                     f.set_attribute(
                         cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         cfg.shared_bytes as i32,
