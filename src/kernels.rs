@@ -32,6 +32,17 @@ pub fn module_of(kernel: &str) -> Option<&'static Module> {
     MODULES.iter().find(|m| m.kernels.contains(&kernel))
 }
 
+/// The static shared memory of `kernel` in bytes (the most of ptxas' reports for it); None
+/// when no report names it.
+pub fn static_shared_bytes(kernel: &str) -> Option<u32> {
+    module_of(kernel)?
+        .reports
+        .iter()
+        .filter(|r| r.kernel == kernel)
+        .map(|r| r.shared_bytes)
+        .max()
+}
+
 // `SIM_KERNELS` (every kernel the simulator was built with, from the sources' extern "C"
 // __global__ entries), `BUILT`, `NVCC_VERSION` and `MODULES` come from build.rs.
 

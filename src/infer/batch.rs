@@ -601,13 +601,16 @@ fn prefill_forward<B: Backend>(
         positions.extend(from as u32..to as u32);
         last_rows.push(tokens.len() - 1);
     }
-    let ids: Vec<SeqId> = pieces.iter().map(|p| p.0).collect();
-    let (tables, max_blocks) = kv.block_tables(&ids)?;
-    let lens: Vec<i32> = pieces.iter().map(|p| p.3 as i32).collect();
-    let queries: Vec<usize> = spans.iter().map(|s| s.q_len).collect();
+    // Only attention through the cache needs the block tables.
+    let (tables, lens, queries);
     let attention = if pieces.iter().all(|p| p.2 == 0) {
         PagedAttention::Fresh(&spans)
     } else {
+        let ids: Vec<SeqId> = pieces.iter().map(|p| p.0).collect();
+        let max_blocks;
+        (tables, max_blocks) = kv.block_tables(&ids)?;
+        lens = pieces.iter().map(|p| p.3 as i32).collect::<Vec<i32>>();
+        queries = spans.iter().map(|s| s.q_len).collect::<Vec<usize>>();
         PagedAttention::Cached(CachedAttention {
             block_tables: &tables,
             max_blocks,

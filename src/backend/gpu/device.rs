@@ -614,15 +614,13 @@ impl Device {
             Kind::Cuda(d) => {
                 let f = d.function(kernel)?;
                 // Without an opt-in a kernel's dynamic shared memory may take only what its
-                // static shared memory leaves of 48 KiB; the driver refuses a launch past that.
-                let fixed = if cfg.shared_bytes > 0 {
-                    f.shared_size_bytes().map_err(|e| {
-                        Error::Device(format!("{kernel}: reading its static shared memory: {e:?}"))
-                    })? as u32
-                } else {
-                    0
-                };
-                if fixed + cfg.shared_bytes > 48 * 1024 {
+                // static shared memory (from the build's ptxas reports; unknown counts as all
+                // of it) leaves of 48 KiB; the driver refuses a launch past that.
+                if cfg.shared_bytes > 0
+                    && crate::kernels::static_shared_bytes(kernel).unwrap_or(48 * 1024)
+                        + cfg.shared_bytes
+                        > 48 * 1024
+                {
                     f.set_attribute(
                         cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         cfg.shared_bytes as i32,
