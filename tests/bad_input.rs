@@ -362,6 +362,20 @@ fn cli_reports_errors_without_panicking() {
             vec!["nucleus".into(), "itrek".into()],
         ),
         (
+            // A negative threshold would turn LLM.int8's outlier path off without a word.
+            vec![
+                "generate".into(),
+                "--model".into(),
+                f.gguf.display().to_string(),
+                "--prompt".into(),
+                "hi".into(),
+                "--device".into(),
+                "cpu".into(),
+                "--outlier-threshold=-1".into(),
+            ],
+            vec!["outlier threshold".into(), "-1".into()],
+        ),
+        (
             vec![
                 "rec".into(),
                 "eval".into(),

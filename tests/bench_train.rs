@@ -468,6 +468,11 @@ fn bad_input_is_a_clear_error() {
             vec!["--model", &junk_s, "--vocab", "10"],
             "--vocab applies to named shapes only",
         ),
+        (
+            // NaN would turn LLM.int8's outlier path off without a word.
+            vec!["--model", "tiny", "--outlier-threshold", "NaN"],
+            "--outlier-threshold",
+        ),
     ];
     for (args, want) in cases {
         let mut a = vec!["--device", "cpu", "--json", &json_s];
@@ -483,6 +488,22 @@ fn bad_input_is_a_clear_error() {
         assert!(!o.stderr.contains("panicked"), "{a:?}: {}", o.stderr);
         assert!(!json.exists(), "{a:?} wrote the JSON");
     }
+    // The JSON is written after the run: a folder given for it is refused before the run.
+    let o = run(&[
+        "--device",
+        "cpu",
+        "--model",
+        "tiny",
+        "--json",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!o.ok);
+    assert!(
+        o.stderr.contains("--json") && o.stderr.contains("is a folder"),
+        "{}",
+        o.stderr
+    );
+    assert!(!o.stderr.contains("step 1/"), "it ran first: {}", o.stderr);
     // No usable GPU: --device cuda is an error that says so (not a panic).
     if !recforge::backend::gpu::probe_cuda().usable() {
         let o = run(&["--device", "cuda", "--model", "tiny"]);

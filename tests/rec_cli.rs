@@ -430,6 +430,52 @@ fn rec_commands_report_bad_input() {
         std::fs::read_to_string(keep.join("todo.txt")).unwrap(),
         "mine"
     );
+    // Outputs written at the end of a run are checked before it: an adapter path that is a
+    // file (here the notes), or lies below one, and an eval --json that names a folder are
+    // refused before the data or the model is read.
+    let file = keep.join("todo.txt");
+    for (out, says) in [
+        (file.clone(), "exists and is not a folder"),
+        (
+            file.join("adapter"),
+            "is not a folder, so nothing can be written below it",
+        ),
+    ] {
+        let (ok, _, err) = cli(&[
+            "rec",
+            "train",
+            "--model",
+            model,
+            "--data",
+            &p("missing.json"),
+            "--out",
+            &out.display().to_string(),
+            "--device",
+            "cpu",
+        ]);
+        assert!(
+            !ok && err.contains("--out") && err.contains(says) && !err.contains("missing.json"),
+            "{err}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    write_samples(&dir.join("few.json"), 2);
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        &p("no-model"),
+        "--data",
+        &p("few.json"),
+        "--json",
+        &keep.display().to_string(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        !ok && err.contains("--json") && err.contains("is a folder") && !err.contains("no-model"),
+        "{err}"
+    );
     // On the CPU a run the host cannot hold (4096 × 16384 tokens a step: ~100 GB of
     // activations) is refused by the plan before the adapter is allocated, not ended by the OOM
     // killer. (A rank of 10^8 is now refused before the model loads, as past any plan.)

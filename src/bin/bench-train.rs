@@ -509,6 +509,11 @@ fn run(args: Args) -> Result<()> {
             bail!("--time-limit must be a positive number of seconds");
         }
     }
+    rmodel::llama::check_outlier_threshold(args.outlier_threshold)
+        .context("--outlier-threshold")?;
+    if let Some(path) = &args.json {
+        rmodel::convert::check_output(path, rmodel::convert::Output::File).context("--json")?;
+    }
     let budget = memory::parse_bytes(&args.budget).with_context(|| {
         format!(
             "--budget '{}': expected a size such as 24GiB or 512MiB",
@@ -1264,27 +1269,9 @@ fn plan_categories(plan: &memory::Plan) -> Value {
 
 /// Write `v` to `path` through a temporary file in the same folder, renamed into place.
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("--json {}: not a file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
     let text = serde_json::to_string_pretty(v)? + "\n";
-    let res = std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .with_context(|| format!("cannot write {}", path.display()));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    // The error names the path.
+    rmodel::convert::write_atomic(path, text.as_bytes()).context("--json")
 }
 
 fn count(n: u64) -> String {

@@ -382,6 +382,8 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let budget = memory::parse_bytes(&budget)
                 .with_context(|| format!("--budget '{budget}': expected a size such as 24GiB"))?;
+            model::llama::check_outlier_threshold(outlier_threshold)
+                .context("--outlier-threshold")?;
             let opts = LoadOptions {
                 int8: !f32,
                 outlier_threshold,
@@ -1465,6 +1467,9 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     }
     // Refused before the model loads.
     rec::eval::labels(&samples).with_context(|| a.data.display().to_string())?;
+    if let Some(path) = a.json {
+        model::convert::check_output(path, model::convert::Output::File).context("--json")?;
+    }
     let budget = memory::parse_bytes(a.budget)
         .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
     let opts = LoadOptions {
@@ -1659,6 +1664,8 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     if let Some(dir) = &a.checkpoint_dir {
         recforge::train::check_checkpoint_dir(dir).context("--checkpoint-dir")?;
     }
+    // The adapter is written at the end: a path it cannot take is refused before the run.
+    model::convert::check_output(&a.out, model::convert::Output::Folder).context("--out")?;
     if a.resume.is_none() && config.warmup_steps >= config.steps {
         eprintln!(
             "note: the warm-up ({} updates) is not shorter than the run ({} updates): the \
@@ -1691,7 +1698,8 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     let past = data.iter().filter(|e| e.ids.len() > ctx).count();
     if past > 0 {
         eprintln!(
-            "note: {past} samples are longer than the model's {ctx} positions (RoPE runs              anyway; --cutoff {ctx} would shorten them)"
+            "note: {past} samples are longer than the model's {ctx} positions (RoPE runs anyway; \
+             --cutoff {ctx} would shorten them)"
         );
     }
     // The plan names every byte of the run; it also decides, under auto, how many layers

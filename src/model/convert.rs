@@ -60,7 +60,15 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
+    /// Open the temporary file beside `path`, creating missing parent folders. A `path` that
+    /// is a folder is refused here, not at the final rename.
     pub fn create(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Err(folder_for_a_file(path));
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
         let tmp = tmp_name(path);
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
         Ok(AtomicFile {
@@ -94,6 +102,72 @@ impl Drop for AtomicFile {
         if self.file.take().is_some() {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+fn folder_for_a_file(path: &Path) -> Error {
+    Error::Invalid(format!(
+        "{}: is a folder; the output is a file, so give a file name",
+        path.display()
+    ))
+}
+
+/// What an output path is to become.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    File,
+    Folder,
+}
+
+/// Refuse, before a long run, an output its end could not write: a file path naming a folder,
+/// a folder path naming a file, a path below a file, or a place whose nearest existing folder
+/// takes no new file (checked by creating and removing a hidden probe file there). Missing
+/// folders are fine: the writers create them. Nothing is left behind.
+pub fn check_output(path: &Path, kind: Output) -> Result<()> {
+    let refuse = |what: &Path, why: &str| Err(Error::Invalid(format!("{}: {why}", what.display())));
+    if let Ok(meta) = std::fs::metadata(path) {
+        match kind {
+            Output::File if meta.is_dir() => return Err(folder_for_a_file(path)),
+            Output::Folder if !meta.is_dir() => {
+                return refuse(path, "exists and is not a folder; the output is a folder")
+            }
+            _ => {}
+        }
+    }
+    // The nearest folder that exists: where the file, or the first missing folder, is created.
+    let start = match kind {
+        Output::Folder if path.is_dir() => path,
+        _ => path.parent().unwrap_or(Path::new("")),
+    };
+    let mut at = start;
+    let dir = loop {
+        let here = if at.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            at
+        };
+        match std::fs::metadata(here) {
+            Ok(m) if m.is_dir() => break here,
+            Ok(_) => return refuse(here, "is not a folder, so nothing can be written below it"),
+            Err(_) => match at.parent() {
+                Some(p) => at = p,
+                None => break here,
+            },
+        }
+    };
+    let probe = dir.join(format!(".recforge-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        // A probe of an earlier process with this id: the folder takes files.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => refuse(dir, &format!("cannot create a file in this folder ({e})")),
     }
 }
 
@@ -170,4 +244,52 @@ pub fn to_hf_folder_with(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn outputs_are_checked_without_leaving_anything() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("f.txt");
+        std::fs::write(&file, "x").unwrap();
+        // Missing folders are fine (the writers create them); nothing is created by the check.
+        check_output(&d.path().join("new/deeper/out.json"), Output::File).unwrap();
+        check_output(&d.path().join("new/adapter"), Output::Folder).unwrap();
+        check_output(d.path(), Output::Folder).unwrap();
+        check_output(&file, Output::File).unwrap();
+        assert_eq!(names(d.path()), ["f.txt"]);
+        let err = |p: &Path, k| check_output(p, k).unwrap_err().to_string();
+        assert!(err(d.path(), Output::File).contains("is a folder"));
+        assert!(err(&file, Output::Folder).contains("is not a folder"));
+        let below = err(&file.join("x/y.json"), Output::File);
+        assert!(
+            below.contains("f.txt") && below.contains("nothing can be written below it"),
+            "{below}"
+        );
+        assert_eq!(names(d.path()), ["f.txt"]);
+    }
+
+    #[test]
+    fn atomic_files_make_their_folders_and_refuse_a_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a/b/out.json");
+        write_atomic(&p, b"{}").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"{}");
+        let e = write_atomic(&d.path().join("a"), b"{}").unwrap_err();
+        assert!(e.to_string().contains("is a folder"), "{e}");
+        assert_eq!(names(&d.path().join("a")), ["b"]);
+        assert_eq!(names(&d.path().join("a/b")), ["out.json"]);
+    }
 }

@@ -79,6 +79,18 @@ pub struct LoadOptions {
     pub outlier_threshold: f32,
 }
 
+/// The outlier threshold as the loaders accept it: a number ≥ 0. The kernels decompose only
+/// when `threshold > 0`, so a negative or NaN value would silently turn LLM.int8's outlier path
+/// off instead of meaning anything; it is refused by name instead.
+pub fn check_outlier_threshold(threshold: f32) -> Result<()> {
+    if threshold.is_nan() || threshold < 0.0 {
+        return Err(Error::Invalid(format!(
+            "the LLM.int8 outlier threshold must be a number ≥ 0 (0 turns the decomposition off), got {threshold}"
+        )));
+    }
+    Ok(())
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
@@ -250,6 +262,7 @@ impl<B: Backend> Llama<B> {
     /// lives only while it is being quantized). Kept-precision matrices (embedding, head, f32
     /// linears) take the backend's activation dtype; norm weights stay f32.
     pub fn load(src: &dyn ModelSource, be: &B, opts: LoadOptions) -> Result<Self> {
+        check_outlier_threshold(opts.outlier_threshold)?;
         let cfg = src.config().clone();
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {

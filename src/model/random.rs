@@ -225,6 +225,7 @@ pub fn random_llama_with<B: Backend>(
 ) -> Result<Llama<B>> {
     cfg.validate()
         .map_err(|m| Error::Invalid(format!("random model shape: {m}")))?;
+    super::llama::check_outlier_threshold(outlier_threshold)?;
     let (d, f, qd, kvd) = (
         cfg.hidden_size,
         cfg.intermediate_size,
