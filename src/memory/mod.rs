@@ -263,10 +263,17 @@ pub fn human(b: u64) -> String {
     }
 }
 
-/// Parse "24GiB", "24 GiB", "512MiB", "24G", or a byte count.
+/// Parse "24GiB", "24 GiB", "512MiB", "24G", "64 KiB", "1TiB", or a byte count (the units
+/// are binary whether written GiB or GB: what `human` prints reads back).
 pub fn parse_bytes(s: &str) -> Option<u64> {
     let t = s.trim().to_ascii_lowercase().replace(' ', "");
     let (num, mul) = if let Some(n) = t
+        .strip_suffix("tib")
+        .or_else(|| t.strip_suffix("tb"))
+        .or_else(|| t.strip_suffix('t'))
+    {
+        (n, GIB << 10)
+    } else if let Some(n) = t
         .strip_suffix("gib")
         .or_else(|| t.strip_suffix("gb"))
         .or_else(|| t.strip_suffix('g'))
@@ -278,6 +285,14 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         .or_else(|| t.strip_suffix('m'))
     {
         (n, 1 << 20)
+    } else if let Some(n) = t
+        .strip_suffix("kib")
+        .or_else(|| t.strip_suffix("kb"))
+        .or_else(|| t.strip_suffix('k'))
+    {
+        (n, 1 << 10)
+    } else if let Some(n) = t.strip_suffix('b') {
+        (n, 1)
     } else {
         (t.as_str(), 1)
     };
@@ -1728,6 +1743,14 @@ mod tests {
         assert_eq!(parse_bytes("24GiB"), Some(24 * GIB));
         assert_eq!(parse_bytes("512 MiB"), Some(512 << 20));
         assert_eq!(parse_bytes("1000"), Some(1000));
+        assert_eq!(parse_bytes("64 KiB"), Some(64 << 10));
+        assert_eq!(parse_bytes("1.5TiB"), Some(3 * (GIB << 9)));
+        assert_eq!(parse_bytes("100 B"), Some(100));
+        // What `human` prints reads back.
+        for b in [3 * GIB / 2, 5 << 20, 12 << 10, 700] {
+            let back = parse_bytes(&human(b)).unwrap();
+            assert!(back.abs_diff(b) * 100 <= b, "{} -> {back}", human(b));
+        }
         assert_eq!(parse_bytes("lots"), None);
         assert_eq!(parse_bytes("-1G"), None);
     }
