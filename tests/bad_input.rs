@@ -326,6 +326,17 @@ fn cli_reports_errors_without_panicking() {
             vec!["already exists".into()],
         ),
         (
+            // Below a file: refused before any tensor is converted.
+            vec![
+                "convert".into(),
+                "--model".into(),
+                f.gguf.display().to_string(),
+                "--out".into(),
+                f.gguf.join("hf").display().to_string(),
+            ],
+            vec!["nothing can be written below it".into()],
+        ),
+        (
             vec![
                 "generate".into(),
                 "--model".into(),
@@ -360,6 +371,32 @@ fn cli_reports_errors_without_panicking() {
                 "nucleus".into(),
             ],
             vec!["nucleus".into(), "itrek".into()],
+        ),
+        (
+            // Batched generation's counts and its --out are refused before the model or the
+            // prompts are read (neither exists).
+            vec![
+                "generate".into(),
+                "--model".into(),
+                missing.display().to_string(),
+                "--prompts".into(),
+                missing.with_extension("txt").display().to_string(),
+                "--batch".into(),
+                "0".into(),
+            ],
+            vec!["max batch 0".into(), "at least 1".into()],
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                missing.display().to_string(),
+                "--prompts".into(),
+                missing.with_extension("txt").display().to_string(),
+                "--out".into(),
+                out_exists.display().to_string(),
+            ],
+            vec!["--out".into(), "is a folder".into()],
         ),
         (
             // A negative threshold would turn LLM.int8's outlier path off without a word.
@@ -415,6 +452,15 @@ fn cli_reports_errors_without_panicking() {
             err.matches("No such file").count() <= 1,
             "{args:?}: repeated cause: {err}"
         );
+        if args[0] == "convert" {
+            assert!(
+                !err.contains("converting:"),
+                "{args:?}: converted first: {err}"
+            );
+        }
+        if args.iter().any(|a| a == "--prompts") {
+            assert!(!err.contains("nope"), "{args:?}: read a file first: {err}");
+        }
     }
 }
 

@@ -420,15 +420,22 @@ fn run(cli: Cli) -> Result<()> {
                             file.display()
                         );
                     }
+                    // Refused before the model loads.
+                    let opts = BatchOptions {
+                        max_batch: batch,
+                        block_size,
+                        num_blocks: kv_blocks,
+                        share_prefix: !no_prefix_sharing,
+                        max_prefill_tokens: prefill_tokens,
+                    };
+                    opts.validate()?;
+                    if let Some(o) = &out {
+                        model::convert::check_output(o, model::convert::Output::File)
+                            .context("--out")?;
+                    }
                     Prompts::File {
                         texts: read_prompts(&file)?,
-                        opts: BatchOptions {
-                            max_batch: batch,
-                            block_size,
-                            num_blocks: kv_blocks,
-                            share_prefix: !no_prefix_sharing,
-                            max_prefill_tokens: prefill_tokens,
-                        },
+                        opts,
                         out,
                     }
                 }
@@ -1058,8 +1065,8 @@ fn generate_batch_on<B: Backend>(
     // leaves no file there; the lines on stdout stay whole).
     let mut file = match b.out {
         Some(p) => Some(
-            model::convert::AtomicFile::create(p)
-                .with_context(|| format!("cannot write {}", p.display()))?,
+            // The error names the path.
+            model::convert::AtomicFile::create(p).context("--out")?,
         ),
         None => None,
     };

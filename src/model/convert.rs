@@ -20,27 +20,139 @@ fn st_dtype(d: DType) -> &'static str {
     }
 }
 
-/// Serialize tensors in the safetensors format (8-byte header length, JSON header, data).
-pub fn safetensors_bytes(tensors: &[(String, &HostTensor)]) -> Vec<u8> {
+/// One tensor's entry in a safetensors header: name, dtype, shape and byte range in the data.
+struct Entry {
+    name: String,
+    dtype: &'static str,
+    shape: Vec<usize>,
+    range: (u64, u64),
+}
+
+/// The JSON header of a safetensors file (`__metadata__` format "pt", then every tensor).
+fn header_json(entries: &[Entry]) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-    let mut off = 0usize;
-    for (name, t) in tensors {
-        let n = t.data.as_bytes().len();
-        header.insert(name.clone(), serde_json::json!({"dtype": st_dtype(t.dtype()), "shape": t.shape, "data_offsets": [off, off + n]}));
-        off += n;
+    for e in entries {
+        header.insert(
+            e.name.clone(),
+            serde_json::json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [e.range.0, e.range.1]}),
+        );
     }
-    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
+    serde_json::Value::Object(header).to_string().into_bytes()
+}
+
+/// Serialize tensors in the safetensors format (8-byte header length, JSON header, data).
+pub fn safetensors_bytes(tensors: &[(String, &HostTensor)]) -> Vec<u8> {
+    let mut off = 0u64;
+    let entries: Vec<Entry> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let n = t.data.as_bytes().len() as u64;
+            off += n;
+            Entry {
+                name: name.clone(),
+                dtype: st_dtype(t.dtype()),
+                shape: t.shape.clone(),
+                range: (off - n, off),
+            }
+        })
+        .collect();
+    let mut h = header_json(&entries);
     while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + h.len() + off);
+    let mut out = Vec::with_capacity(8 + h.len() + off as usize);
     out.extend_from_slice(&(h.len() as u64).to_le_bytes());
     out.extend_from_slice(&h);
     for (_, t) in tensors {
         out.extend_from_slice(t.data.as_bytes());
     }
     out
+}
+
+/// A safetensors file written one tensor at a time, so a model is never held whole in memory
+/// (a 7B model in bf16 is 13.5 GB; held twice, as the tensors and as the file's bytes, it
+/// would not fit a 24 GiB machine). The header must precede the data but its offsets are known
+/// only at the end, so room is reserved for it first, sized by a header with every tensor
+/// given the longest dtype name and 20-digit offsets; the real header is written into that
+/// room at the end, padded with spaces (the format allows trailing whitespace in the header).
+struct SafetensorsStream {
+    file: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+    room: usize,
+    written: Vec<Entry>,
+    off: u64,
+}
+
+impl SafetensorsStream {
+    /// `planned`: every tensor's name and shape, in the order they will be appended.
+    fn create(path: &Path, planned: &[(String, Vec<usize>)]) -> Result<Self> {
+        let widest: Vec<Entry> = planned
+            .iter()
+            .map(|(name, shape)| Entry {
+                name: name.clone(),
+                dtype: "BF16",
+                shape: shape.clone(),
+                range: (u64::MAX / 2, u64::MAX / 2),
+            })
+            .collect();
+        let room = header_json(&widest).len().next_multiple_of(8);
+        let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+        let mut s = SafetensorsStream {
+            file: std::io::BufWriter::with_capacity(1 << 20, file),
+            path: path.to_path_buf(),
+            room,
+            written: Vec::with_capacity(planned.len()),
+            off: 0,
+        };
+        s.write(&vec![0u8; 8 + room])?;
+        Ok(s)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_all(bytes)
+            .map_err(|e| Error::io(&self.path, e))
+    }
+
+    fn append(&mut self, name: &str, t: &HostTensor) -> Result<()> {
+        let bytes = t.data.as_bytes();
+        self.write(bytes)?;
+        let start = self.off;
+        self.off += bytes.len() as u64;
+        self.written.push(Entry {
+            name: name.to_string(),
+            dtype: st_dtype(t.dtype()),
+            shape: t.shape.clone(),
+            range: (start, self.off),
+        });
+        Ok(())
+    }
+
+    /// Write the header into its room and flush the file to disk.
+    fn finish(self) -> Result<()> {
+        use std::io::{Seek, SeekFrom};
+        let mut h = header_json(&self.written);
+        if h.len() > self.room {
+            return Err(Error::Invalid(format!(
+                "{}: the safetensors header ({} bytes) outgrew the {} bytes reserved for it                  (a tensor not in the plan?)",
+                self.path.display(),
+                h.len(),
+                self.room
+            )));
+        }
+        h.resize(self.room, b' ');
+        let path = self.path.clone();
+        let mut f = self
+            .file
+            .into_inner()
+            .map_err(|e| Error::io(&path, e.into_error()))?;
+        let io = |e| Error::io(&path, e);
+        f.seek(SeekFrom::Start(0)).map_err(io)?;
+        f.write_all(&(self.room as u64).to_le_bytes()).map_err(io)?;
+        f.write_all(&h).map_err(io)?;
+        f.sync_all().map_err(io)
+    }
 }
 
 /// Write `bytes` to `path` through a temporary file in the same folder and a rename.
@@ -207,13 +319,16 @@ pub fn to_hf_folder_with(
             ),
         ));
     }
+    check_output(out, Output::Folder)?;
     let cfg = src.config().clone();
     let tok = src.tokenizer()?;
     let names = cfg.tensor_names();
-    let mut tensors = Vec::with_capacity(names.len());
-    for (i, n) in names.iter().enumerate() {
-        tensors.push((n.clone(), transform(n, src.tensor(n)?)?));
-        progress(i + 1, names.len());
+    let mut planned = Vec::with_capacity(names.len());
+    for n in &names {
+        let shape = cfg
+            .expected_shape(n)
+            .ok_or_else(|| Error::Invalid(format!("'{n}' is not a LLaMA tensor name")))?;
+        planned.push((n.clone(), shape));
     }
     let tmp = tmp_name(out);
     let res = (|| -> Result<()> {
@@ -235,9 +350,20 @@ pub fn to_hf_folder_with(
             "tokenizer_config.json",
             serde_json::to_string_pretty(&tc).expect("json").as_bytes(),
         )?;
-        let refs: Vec<(String, &HostTensor)> =
-            tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
-        w("model.safetensors", &safetensors_bytes(&refs))?;
+        // One tensor in memory at a time: loaded, transformed, appended, dropped.
+        let mut st = SafetensorsStream::create(&tmp.join("model.safetensors"), &planned)?;
+        for (i, (n, shape)) in planned.iter().enumerate() {
+            let t = transform(n, src.tensor(n)?)?;
+            if &t.shape != shape {
+                return Err(Error::Shape(format!(
+                    "tensor {n} has shape {:?}, the config implies {shape:?}",
+                    t.shape
+                )));
+            }
+            st.append(n, &t)?;
+            progress(i + 1, names.len());
+        }
+        st.finish()?;
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
     })();
     if res.is_err() {
@@ -279,6 +405,78 @@ mod tests {
             "{below}"
         );
         assert_eq!(names(d.path()), ["f.txt"]);
+    }
+
+    #[test]
+    fn a_streamed_safetensors_file_reads_back_as_the_whole_one() {
+        use crate::tensor::HostData;
+        let tensors: Vec<(String, HostTensor)> = vec![
+            (
+                "w.f32".into(),
+                HostTensor::f32(vec![3, 5], (0..15).map(|i| i as f32 - 7.5).collect()).unwrap(),
+            ),
+            (
+                "b.bf16".into(),
+                HostTensor::new(
+                    vec![7],
+                    HostData::BF16(
+                        (0..7)
+                            .map(|i| half::bf16::from_f32(i as f32 * 0.25))
+                            .collect(),
+                    ),
+                )
+                .unwrap(),
+            ),
+            (
+                "a.i8".into(),
+                HostTensor::new(vec![1, 3], HostData::I8(vec![-128, 0, 127])).unwrap(),
+            ),
+            (
+                "z.f16".into(),
+                HostTensor::new(
+                    vec![2, 1],
+                    HostData::F16(vec![half::f16::from_f32(-2.0), half::f16::MAX]),
+                )
+                .unwrap(),
+            ),
+        ];
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("m.safetensors");
+        let planned: Vec<(String, Vec<usize>)> = tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape.clone()))
+            .collect();
+        let mut st = SafetensorsStream::create(&path, &planned).unwrap();
+        for (n, t) in &tensors {
+            st.append(n, t).unwrap();
+        }
+        st.finish().unwrap();
+        let streamed = std::fs::read(&path).unwrap();
+        let refs: Vec<(String, &HostTensor)> =
+            tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let whole = safetensors_bytes(&refs);
+        let (a, b) = (
+            safetensors::SafeTensors::deserialize(&streamed).unwrap(),
+            safetensors::SafeTensors::deserialize(&whole).unwrap(),
+        );
+        let mut names = a.names();
+        names.sort();
+        let mut want = b.names();
+        want.sort();
+        assert_eq!(names, want);
+        for n in names {
+            let (x, y) = (a.tensor(n).unwrap(), b.tensor(n).unwrap());
+            assert_eq!(
+                (x.dtype(), x.shape(), x.data()),
+                (y.dtype(), y.shape(), y.data()),
+                "{n}"
+            );
+        }
+        // The header's room is whole 8-byte words and the data follows it directly.
+        let room = u64::from_le_bytes(streamed[..8].try_into().unwrap()) as usize;
+        assert_eq!(room % 8, 0);
+        let data: usize = tensors.iter().map(|(_, t)| t.data.as_bytes().len()).sum();
+        assert_eq!(streamed.len(), 8 + room + data);
     }
 
     #[test]
