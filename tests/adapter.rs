@@ -495,6 +495,19 @@ fn load_refuses_bin_missing_and_truncated_files() {
     // Truncated at several points: inside the data, inside the header, inside the length.
     let dir = tempfile::tempdir().unwrap();
     adapter::save(&ad, dir.path()).unwrap();
+    // A path to one of its files is the adapter; any other file (a data file given by
+    // mistake) is named as not an adapter, not as a missing config beside it.
+    let via_file = adapter::load(&dir.path().join(CONFIG_FILE)).unwrap();
+    assert_eq!(via_file.layers.len(), ad.layers.len());
+    let other = dir.path().join("train.json");
+    std::fs::write(&other, "[]").unwrap();
+    let (e, s) = err_text(adapter::load(&other));
+    assert!(
+        matches!(e, Error::Invalid(_))
+            && s.contains("train.json")
+            && s.contains("not a PEFT adapter"),
+        "{s}"
+    );
     let full = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
     for keep in [full.len() - 1, full.len() - 100, 200, 20, 5, 0] {
         std::fs::write(dir.path().join(WEIGHTS_FILE), &full[..keep]).unwrap();

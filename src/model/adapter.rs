@@ -481,7 +481,18 @@ fn tensor_f32(path: &Path, name: &str, view: &safetensors::tensor::TensorView) -
 /// this engine does not implement.
 pub fn load(dir: &Path) -> Result<HostAdapter> {
     let dir = if dir.is_file() {
-        dir.parent().unwrap_or(Path::new("."))
+        let name = dir.file_name().and_then(|n| n.to_str());
+        if ![CONFIG_FILE, WEIGHTS_FILE, BIN_WEIGHTS_FILE].contains(&name.unwrap_or("")) {
+            return Err(Error::Invalid(format!(
+                "{}: a file, not a PEFT adapter: give the adapter's folder (with \
+                 {CONFIG_FILE} and {WEIGHTS_FILE}) or one of those two files",
+                dir.display()
+            )));
+        }
+        match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
     } else {
         dir
     };
