@@ -1207,13 +1207,20 @@ fn info(path: Option<&Path>) -> Result<()> {
         "  heads {}  kv heads {}  head dim {}",
         c.num_attention_heads, c.num_key_value_heads, c.head_dim
     );
+    // GGUF stores eps as an f32: 1e-5 arrives as 9.99999974e-6, so four digits are shown.
     println!(
-        "  vocab {}  rope theta {}  rms eps {:e}  context {}",
+        "  vocab {}  rope theta {}  rms eps {:.3e}  context {}",
         c.vocab_size, c.rope_theta, c.rms_norm_eps, c.max_position_embeddings
     );
+    let ids = |v: &[u32]| match v {
+        [] => "none".to_string(),
+        _ => v.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+    };
     println!(
-        "  tied embeddings {}  bos {:?}  eos {:?}",
-        c.tie_word_embeddings, c.bos_token_id, c.eos_token_ids
+        "  tied embeddings {}  bos {}  eos {}",
+        c.tie_word_embeddings,
+        ids(c.bos_token_id.as_slice()),
+        ids(&c.eos_token_ids)
     );
     Ok(())
 }
