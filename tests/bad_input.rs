@@ -399,6 +399,24 @@ fn cli_reports_errors_without_panicking() {
             vec!["--out".into(), "is a folder".into()],
         ),
         (
+            // --out (like every batching option) belongs to --prompts: with one --prompt it
+            // would be ignored, the completion going to stdout instead of the file asked for.
+            vec![
+                "generate".into(),
+                "--model".into(),
+                f.gguf.display().to_string(),
+                "--prompt".into(),
+                "hi".into(),
+                "--out".into(),
+                d.path().join("c.jsonl").display().to_string(),
+            ],
+            vec![
+                "--out".into(),
+                "cannot be used with".into(),
+                "--prompt".into(),
+            ],
+        ),
+        (
             // A negative threshold would turn LLM.int8's outlier path off without a word.
             vec![
                 "generate".into(),

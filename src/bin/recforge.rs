@@ -54,25 +54,25 @@ enum Cmd {
         #[arg(long)]
         prompts: Option<PathBuf>,
         /// With --prompts: sequences decoded together at most.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, conflicts_with = "prompt", default_value_t = 16)]
         batch: usize,
         /// With --prompts: tokens per KV-cache block.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, conflicts_with = "prompt", default_value_t = 16)]
         block_size: usize,
         /// With --prompts: KV-cache blocks (default: enough for --batch sequences of the longest
         /// prompt + --max-new-tokens; fewer make sequences wait or be preempted and recomputed).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "prompt")]
         kv_blocks: Option<usize>,
         /// With --prompts: do not compute the prefix common to every prompt once.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "prompt")]
         no_prefix_sharing: bool,
         /// With --prompts: prompt tokens one prefill forward computes at most; the prompts
         /// admitted together are prefilled together within it, and a longer prompt alone in
         /// chunks of this many (each attending to the cached ones before it).
-        #[arg(long, default_value_t = recforge::infer::batch::DEFAULT_PREFILL_TOKENS)]
+        #[arg(long, conflicts_with = "prompt", default_value_t = recforge::infer::batch::DEFAULT_PREFILL_TOKENS)]
         prefill_tokens: usize,
         /// With --prompts: write the JSON lines here (through a temporary file) instead of stdout.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "prompt")]
         out: Option<PathBuf>,
         /// A PEFT LoRA adapter folder (e.g. from `rec train`) applied to the projections it
         /// targets, unmerged: the int8 base plus the f32 low-rank path, as in training.
