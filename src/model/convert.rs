@@ -135,7 +135,8 @@ impl SafetensorsStream {
         let mut h = header_json(&self.written);
         if h.len() > self.room {
             return Err(Error::Invalid(format!(
-                "{}: the safetensors header ({} bytes) outgrew the {} bytes reserved for it                  (a tensor not in the plan?)",
+                "{}: the safetensors header ({} bytes) outgrew the {} bytes reserved for it \
+                 (a tensor not in the plan?)",
                 self.path.display(),
                 h.len(),
                 self.room
