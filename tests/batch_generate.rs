@@ -753,6 +753,11 @@ fn cli_refuses_bad_prompts_files() {
     std::fs::write(&bad, "a prompt\n").unwrap();
     let e = run(&bad, &["--out", bad.to_str().unwrap()]);
     assert!(e.contains("would overwrite the --prompts file"), "{e}");
+    // The same file spelt another way.
+    std::fs::create_dir_all(d.path().join("sub")).unwrap();
+    let other = d.path().join("sub/../bad.jsonl");
+    let e = run(&bad, &["--out", other.to_str().unwrap()]);
+    assert!(e.contains("would overwrite the --prompts file"), "{e}");
     assert_eq!(std::fs::read_to_string(&bad).unwrap(), "a prompt\n");
     let e = run(&bad, &["--batch", "0"]);
     assert!(e.contains("max batch 0"), "{e}");

@@ -476,6 +476,25 @@ fn rec_commands_report_bad_input() {
         !ok && err.contains("--json") && err.contains("is a folder") && !err.contains("no-model"),
         "{err}"
     );
+    // --json naming the data file, spelt another way, would replace the samples by metrics.
+    let before = std::fs::read(dir.join("few.json")).unwrap();
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        model,
+        "--data",
+        &p("few.json"),
+        "--json",
+        &dir.join("notes/../few.json").display().to_string(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        !ok && err.contains("would overwrite the --data file"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(dir.join("few.json")).unwrap(), before);
     // On the CPU a run the host cannot hold (4096 × 16384 tokens a step: ~100 GB of
     // activations) is refused by the plan before the adapter is allocated, not ended by the OOM
     // killer. (A rank of 10^8 is now refused before the model loads, as past any plan.)

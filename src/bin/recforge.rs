@@ -414,7 +414,10 @@ fn run(cli: Cli) -> Result<()> {
             let what = match (prompt, prompts) {
                 (Some(p), _) => Prompts::One(p),
                 (None, Some(file)) => {
-                    if out.as_deref() == Some(file.as_path()) {
+                    if out
+                        .as_deref()
+                        .is_some_and(|o| model::convert::same_file(o, &file))
+                    {
                         bail!(
                             "--out {} would overwrite the --prompts file",
                             file.display()
@@ -1482,6 +1485,9 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     // Refused before the model loads.
     rec::eval::labels(&samples).with_context(|| a.data.display().to_string())?;
     if let Some(path) = a.json {
+        if model::convert::same_file(path, a.data) {
+            bail!("--json {} would overwrite the --data file", path.display());
+        }
         model::convert::check_output(path, model::convert::Output::File).context("--json")?;
     }
     let budget = memory::parse_bytes(a.budget)

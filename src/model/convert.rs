@@ -218,6 +218,15 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Whether two paths name the same file: by their canonical forms where both exist (so
+/// `./a.json` and `a.json`, or a link and its target, are one), else by their text.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 fn folder_for_a_file(path: &Path) -> Error {
     Error::Invalid(format!(
         "{}: is a folder; the output is a file, so give a file name",
