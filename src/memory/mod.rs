@@ -266,36 +266,21 @@ pub fn human(b: u64) -> String {
 /// Parse "24GiB", "24 GiB", "512MiB", "24G", "64 KiB", "1TiB", or a byte count (the units
 /// are binary whether written GiB or GB: what `human` prints reads back).
 pub fn parse_bytes(s: &str) -> Option<u64> {
+    const UNITS: [(&[&str], u32); 4] = [
+        (&["kib", "kb", "k"], 10),
+        (&["mib", "mb", "m"], 20),
+        (&["gib", "gb", "g"], 30),
+        (&["tib", "tb", "t"], 40),
+    ];
     let t = s.trim().to_ascii_lowercase().replace(' ', "");
-    let (num, mul) = if let Some(n) = t
-        .strip_suffix("tib")
-        .or_else(|| t.strip_suffix("tb"))
-        .or_else(|| t.strip_suffix('t'))
-    {
-        (n, GIB << 10)
-    } else if let Some(n) = t
-        .strip_suffix("gib")
-        .or_else(|| t.strip_suffix("gb"))
-        .or_else(|| t.strip_suffix('g'))
-    {
-        (n, GIB)
-    } else if let Some(n) = t
-        .strip_suffix("mib")
-        .or_else(|| t.strip_suffix("mb"))
-        .or_else(|| t.strip_suffix('m'))
-    {
-        (n, 1 << 20)
-    } else if let Some(n) = t
-        .strip_suffix("kib")
-        .or_else(|| t.strip_suffix("kb"))
-        .or_else(|| t.strip_suffix('k'))
-    {
-        (n, 1 << 10)
-    } else if let Some(n) = t.strip_suffix('b') {
-        (n, 1)
-    } else {
-        (t.as_str(), 1)
-    };
+    let (num, shift) = UNITS
+        .iter()
+        .find_map(|(suffixes, shift)| {
+            let n = suffixes.iter().find_map(|u| t.strip_suffix(u))?;
+            Some((n, *shift))
+        })
+        .unwrap_or_else(|| (t.strip_suffix('b').unwrap_or(&t), 0));
+    let mul = 1u64 << shift;
     let v: f64 = num.parse().ok()?;
     (v.is_finite() && v > 0.0).then_some((v * mul as f64) as u64)
 }
