@@ -459,6 +459,27 @@ fn rec_commands_report_bad_input() {
         );
     }
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    // So is a checkpoint folder below a file: the first save would fail mid-run.
+    let (ok, _, err) = cli(&[
+        "rec",
+        "train",
+        "--model",
+        model,
+        "--data",
+        &p("missing.json"),
+        "--out",
+        &p("a"),
+        "--checkpoint-dir",
+        &file.join("ckpt").display().to_string(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        !ok && err.contains("--checkpoint-dir")
+            && err.contains("nothing can be written below it")
+            && !err.contains("missing.json"),
+        "{err}"
+    );
     write_samples(&dir.join("few.json"), 2);
     let (ok, _, err) = cli(&[
         "rec",

@@ -290,10 +290,11 @@ fn remove_stale_siblings(dir: &Path) {
 
 /// A checkpoint folder replaces what is at `dir`, so `dir` must be absent, an empty folder, or
 /// an earlier checkpoint (it holds a recforge trainer state): a mistyped path to a folder of
-/// other files is refused, never deleted. Call it before training to fail at once.
+/// other files is refused, never deleted; an absent `dir` must be one the save can create (not
+/// below a file, in a folder that takes files). Call it before training to fail at once.
 pub fn check_checkpoint_dir(dir: &Path) -> Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(dir) else {
-        return Ok(());
+        return crate::model::convert::check_output(dir, crate::model::convert::Output::Folder);
     };
     let refuse = |why: &str| {
         Err(Error::Invalid(format!(
