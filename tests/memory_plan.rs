@@ -368,12 +368,11 @@ fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
             model: f.config.clone(),
             prefix,
             batches: batches.clone(),
-            lora_rank: lora.r,
+            // No adapter: rank 0 and no targets, as `DevAdapter::none` (the CLI's).
+            lora_rank: if targets.is_some() { lora.r } else { 0 },
             targets: targets
-                .unwrap_or("q,v")
-                .split(',')
-                .map(String::from)
-                .collect(),
+                .map(|t| t.split(',').map(String::from).collect())
+                .unwrap_or_default(),
             adapter: targets.is_some(),
             budget: 24 * memory::GIB,
         };
@@ -390,7 +389,7 @@ fn the_scoring_plan_is_the_measured_peak_of_rec_eval() {
                 let host = HostAdapter::init(&f.config, &lora, 5, "plan").unwrap();
                 DevAdapter::upload_frozen(&be, &host).unwrap()
             }
-            None => DevAdapter::empty(lora.clone()),
+            None => DevAdapter::none(),
         };
         let probs = score(&be, &m, &ad, &tok, &samples, batch, 4096, share, |_, _| {})
             .unwrap_or_else(|e| panic!("{kind}, {what}: {e}\nplan:\n{}", plan.table()));

@@ -1505,7 +1505,7 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
                 .with_context(|| format!("adapter {} does not fit the model", dir.display()))?;
             DevAdapter::upload_frozen(be, &host)?
         }
-        None => DevAdapter::empty(TrainConfig::preset("tallrec")?.lora),
+        None => DevAdapter::none(),
     };
     let max_tokens = m.config.max_position_embeddings.max(1);
     let ids = rec::eval::prompt_ids(&tok, &samples, max_tokens)?;

@@ -90,7 +90,19 @@ impl<B: Backend> DevAdapter<B> {
         })
     }
 
-    /// No adapted projection: the base model alone (scoring before training).
+    /// No adapter at all (rank 0, no target): the base model alone. A scoring workspace built
+    /// for it (`Workspace::forward_only` with its rank and targets) holds no LoRA buffers.
+    pub fn none() -> Self {
+        Self::empty(LoraConfig {
+            r: 0,
+            alpha: 0.0,
+            dropout: 0.0,
+            targets: vec![],
+        })
+    }
+
+    /// No adapted projection, keeping `config` for what is sized by it (a workspace made for
+    /// an adapter of that shape, e.g. one to be swapped in).
     pub fn empty(config: LoraConfig) -> Self {
         DevAdapter {
             config,
