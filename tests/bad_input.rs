@@ -655,6 +655,10 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
     assert!(!ok && err.contains("rank r must be at least 1"), "{err}");
     let (ok, _, err) = cli(&["plan", "--model", "llama-7b", "--score", "--lora-r", "0"]);
     assert!(!ok && err.contains("rank r must be at least 1"), "{err}");
+    let (ok, _, err) = cli(&["plan", "--model", "llama-7b", "--seq", "1"]);
+    assert!(!ok && err.contains("--seq must be at least 2"), "{err}");
+    let (ok, _, err) = cli(&["plan", "--model", "llama-7b", "--score", "--seq", "1"]);
+    assert!(ok, "a 1-token prompt can be scored: {err}");
     let (ok, _, err) = cli(&["plan", "--model", "llama-7b", "--targets", ","]);
     assert!(!ok && err.contains("at least one target"), "{err}");
     // The plan takes PEFT's module names as `rec train` does, and refuses a module named

@@ -636,6 +636,14 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 return Ok(());
             }
+            if seq < 2 {
+                // As `rec train --cutoff` and `bench-train --seq`: a 1-token sequence has no
+                // next token to train on (scoring and generation plans take any length).
+                bail!(
+                    "--seq must be at least 2 for a training plan (a sequence predicts its \
+                     next tokens; --score or --generate plan other runs)"
+                );
+            }
             let setup = memory::TrainSetup {
                 model: cfg,
                 batch,
