@@ -8,6 +8,7 @@
 
 use crate::backend::{Backend, IGNORE_LABEL};
 use crate::error::{Error, Result};
+use crate::model::lora::StackedAdapter;
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Llama;
 use crate::train::step::{forward_logits_at, prefix_kv, Batch, Workspace};
@@ -127,29 +128,103 @@ pub fn score<B: Backend>(
     batch: usize,
     max_tokens: usize,
     share_prefix: bool,
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<f64>> {
+    let prompts = prompt_ids(tok, samples, max_tokens)?;
+    let (p, _) = layout(&prompts, batch, share_prefix);
+    score_prompts(be, model, adapter, tok, &prompts, p, None, batch, progress)
+}
+
+/// P(Yes) for every sample with its own adapter of a stack: `which[i]` is sample i's adapter
+/// (an index into `stack.blocks`) or `None` for the base model alone, and `adapter` is
+/// `stack.adapter` on the backend (`DevAdapter::upload_frozen`). The `batch` prompts of one
+/// forward pass may use different adapters (a per-row LoRA gate, `StackedAdapter::gate`).
+/// Every prompt runs in full: the K/V of a shared prefix depends on the adapter applied to it.
+#[allow(clippy::too_many_arguments)]
+pub fn score_stacked<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: &DevAdapter<B>,
+    stack: &StackedAdapter,
+    tok: &TextTokenizer,
+    samples: &[Sample],
+    which: &[Option<usize>],
+    batch: usize,
+    max_tokens: usize,
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<f64>> {
+    if which.len() != samples.len() {
+        return Err(Error::Invalid(format!(
+            "{} samples but {} adapter choices",
+            samples.len(),
+            which.len()
+        )));
+    }
+    if adapter.config.r != stack.adapter.config.r
+        || adapter.config.targets != stack.adapter.config.targets
+    {
+        return Err(Error::Invalid(format!(
+            "the device adapter (rank {}) is not the stack's (rank {}): upload stack.adapter",
+            adapter.config.r, stack.adapter.config.r
+        )));
+    }
+    if let Some(i) = which.iter().flatten().find(|&&i| i >= stack.blocks.len()) {
+        return Err(Error::Invalid(format!(
+            "adapter {i} asked for, but the stack holds {}",
+            stack.blocks.len()
+        )));
+    }
+    let prompts = prompt_ids(tok, samples, max_tokens)?;
+    let gate = Some((stack, which));
+    score_prompts(be, model, adapter, tok, &prompts, 0, gate, batch, progress)
+}
+
+/// The scoring loop: the first `p` tokens of every prompt as a shared prefix (0: none), then
+/// `batch` prompts' own tokens a pass, with all-ones LoRA gates or, with `gate`, each sample's
+/// adapter of the stack on its rows.
+#[allow(clippy::too_many_arguments)]
+fn score_prompts<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: &DevAdapter<B>,
+    tok: &TextTokenizer,
+    prompts: &[Vec<u32>],
+    p: usize,
+    gate: Option<(&StackedAdapter, &[Option<usize>])>,
+    batch: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<f64>> {
     let yn = YesNo::from_tokenizer(tok)?;
-    let prompts = prompt_ids(tok, samples, max_tokens)?;
-    let (p, _) = layout(&prompts, batch, share_prefix);
     let prefix = match p {
         0 => None,
         _ => Some(prefix_kv(be, model, adapter, &prompts[0][..p])?),
     };
-    let targets = adapter.config.targets.clone();
-    let mut out = Vec::with_capacity(samples.len());
-    for chunk in prompts.chunks(batch.max(1)) {
+    let (targets, r) = (&adapter.config.targets, adapter.config.r);
+    let batch = batch.max(1);
+    let mut out = Vec::with_capacity(prompts.len());
+    for (ci, chunk) in prompts.chunks(batch).enumerate() {
         let own: Vec<&[u32]> = chunk.iter().map(|x| &x[p..]).collect();
         let ignore: Vec<Vec<u32>> = own.iter().map(|x| vec![IGNORE_LABEL; x.len()]).collect();
         let b = Batch::pack(own.iter().zip(&ignore).map(|(x, l)| (*x, &l[..])))?;
         let rows: Vec<usize> = b.spans.iter().map(|s| s.q_start + s.q_len - 1).collect();
-        let mut ws = Workspace::forward_only(be, model, &targets, adapter.config.r, b.len())?;
+        let mut ws = match gate {
+            None => Workspace::forward_only(be, model, targets, r, b.len())?,
+            Some((stack, which)) => {
+                // Every row of a prompt takes the prompt's adapter.
+                let mut per_row = Vec::with_capacity(b.len());
+                for (span, &w) in b.spans.iter().zip(&which[ci * batch..]) {
+                    per_row.extend(std::iter::repeat_n(w, span.q_len));
+                }
+                let g = stack.gate(&per_row)?;
+                Workspace::forward_only_gated(be, model, targets, r, b.len(), &g)?
+            }
+        };
         let logits = forward_logits_at(be, model, adapter, &mut ws, prefix.as_ref(), &b, &rows)?;
         // log P(Yes), log P(No) per row on the backend: only 2 floats a row come back.
         let ids: Vec<u32> = rows.iter().flat_map(|_| [yn.yes, yn.no]).collect();
         let lp = be.token_logprobs(&logits, &ids)?;
         out.extend(lp.chunks(2).map(|x| p_yes(x[0], x[1])));
-        progress(out.len(), samples.len());
+        progress(out.len(), prompts.len());
     }
     Ok(out)
 }

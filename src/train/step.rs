@@ -107,7 +107,9 @@ pub struct Workspace<B: Backend> {
     recomputed: usize,
     xs: Vec<Tensor<B>>,
     acts: Vec<LayerActs<B>>,
-    ones: Tensor<B>,
+    /// The gate `[t, r]` every adapted projection multiplies its rank activations by: all ones
+    /// (plain LoRA) unless [`Workspace::forward_only_gated`] was given other values.
+    lora_gate: Tensor<B>,
     dgate: Tensor<B>,
     xf: Tensor<B>,
     dx: Tensor<B>,
@@ -133,7 +135,7 @@ impl<B: Backend> Workspace<B> {
         t: usize,
         recomputed: usize,
     ) -> Result<Self> {
-        Self::build(be, model, targets, r, t, recomputed, false)
+        Self::build(be, model, targets, r, t, recomputed, false, None)
     }
 
     /// A workspace for forward passes only (scoring): one activation set reused by every
@@ -147,9 +149,26 @@ impl<B: Backend> Workspace<B> {
         t: usize,
     ) -> Result<Self> {
         let l = model.config.num_hidden_layers;
-        Self::build(be, model, targets, r, t, l, true)
+        Self::build(be, model, targets, r, t, l, true, None)
     }
 
+    /// [`Workspace::forward_only`] with the LoRA gate `[t, r]` (f32, row-major) given instead
+    /// of all ones: row i multiplies rank j of every adapted projection by `gate[i·r + j]`.
+    /// With the rank blocks of a [`StackedAdapter`](crate::model::lora::StackedAdapter) and its
+    /// `gate`, each row applies its own adapter of the stack, at that adapter's scale.
+    pub fn forward_only_gated(
+        be: &B,
+        model: &Llama<B>,
+        targets: &[Target],
+        r: usize,
+        t: usize,
+        gate: &[f32],
+    ) -> Result<Self> {
+        let l = model.config.num_hidden_layers;
+        Self::build(be, model, targets, r, t, l, true, Some(gate))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn build(
         be: &B,
         model: &Llama<B>,
@@ -158,8 +177,17 @@ impl<B: Backend> Workspace<B> {
         t: usize,
         recomputed: usize,
         forward_only: bool,
+        gate: Option<&[f32]>,
     ) -> Result<Self> {
         let c = &model.config;
+        if let Some(g) = gate {
+            if g.len() != t * r.max(1) {
+                return Err(Error::Shape(format!(
+                    "a LoRA gate of {} values for {t} rows of rank {r}",
+                    g.len()
+                )));
+            }
+        }
         if recomputed > c.num_hidden_layers {
             return Err(Error::Invalid(format!(
                 "{recomputed} layers to recompute, but the model has {}",
@@ -198,9 +226,9 @@ impl<B: Backend> Workspace<B> {
                 lora,
             });
         }
-        let ones = be.upload(&HostTensor::f32(
+        let lora_gate = be.upload(&HostTensor::f32(
             vec![t, r.max(1)],
-            vec![1.0; t * r.max(1)],
+            gate.map_or_else(|| vec![1.0; t * r.max(1)], <[f32]>::to_vec),
         )?)?;
         // The backward reads every layer's input; a forward alone needs the current two.
         let n_xs = if forward_only {
@@ -214,7 +242,7 @@ impl<B: Backend> Workspace<B> {
             recomputed,
             xs: (0..n_xs).map(|_| z(&[t, d])).collect::<Result<_>>()?,
             acts,
-            ones,
+            lora_gate,
             dgate: be.zeros(&[tg, r.max(1)], DType::F32)?,
             xf: z(&[t, d])?,
             dx: z(&[tg, d])?,
@@ -262,7 +290,7 @@ fn project<'a, 'p: 'a, B: Backend + 'p>(
     x: &Tensor<B>,
     saved: &'a mut BTreeMap<Target, (Tensor<B>, Tensor<B>)>,
     params: impl Fn(Target) -> Option<&'p DevLoraParams<B>>,
-    ones: &'a Tensor<B>,
+    lora_gate: &'a Tensor<B>,
     dropout: impl Fn(Target) -> Dropout,
     items: impl IntoIterator<
         Item = (
@@ -282,7 +310,7 @@ fn project<'a, 'p: 'a, B: Backend + 'p>(
                 let (_, (h, u)) = saved.swap_remove(i);
                 Some(LoraPass {
                     lora: &p.lora,
-                    gate: ones,
+                    gate: lora_gate,
                     dropout: dropout(tg),
                     h,
                     u,
@@ -309,7 +337,7 @@ fn linear_lora_backward<B: Backend>(
     w: &Linear<B>,
     lora: Option<&mut DevLoraParams<B>>,
     saved: Option<&(Tensor<B>, Tensor<B>)>,
-    ones: &Tensor<B>,
+    lora_gate: &Tensor<B>,
     dgate: &mut Tensor<B>,
     dropout: Dropout,
     dy: &Tensor<B>,
@@ -321,7 +349,7 @@ fn linear_lora_backward<B: Backend>(
         be.lora_backward(
             x,
             &p.lora,
-            ones,
+            lora_gate,
             dropout,
             h,
             u,
@@ -438,7 +466,7 @@ impl<B: Backend> Ctx<'_, B> {
         adapter: &DevAdapter<B>,
         xin: &Tensor<B>,
         a: &mut LayerActs<B>,
-        ones: &Tensor<B>,
+        lora_gate: &Tensor<B>,
         xout: &mut Tensor<B>,
         cat: Option<&mut KvCat<'_, B>>,
     ) -> Result<()> {
@@ -460,7 +488,7 @@ impl<B: Backend> Ctx<'_, B> {
             &a.h1,
             &mut a.lora,
             lp,
-            ones,
+            lora_gate,
             drop,
             [
                 (Target::Q, &lay.q, None, &mut a.q),
@@ -492,16 +520,16 @@ impl<B: Backend> Ctx<'_, B> {
         reshape(&mut a.attn, &[t, h * hd]);
         // x2 = xin + o(attn): the residual added in the projection's epilogue on the GPU.
         let o = [(Target::O, &lay.o, Some(xin), &mut a.x2)];
-        project(be, &a.attn, &mut a.lora, lp, ones, drop, o)?;
+        project(be, &a.attn, &mut a.lora, lp, lora_gate, drop, o)?;
         be.rmsnorm(&a.x2, &lay.ffn_norm, eps, &mut a.h2)?;
         let gate_up = [
             (Target::Gate, &lay.gate, None, &mut a.g),
             (Target::Up, &lay.up, None, &mut a.u),
         ];
-        project(be, &a.h2, &mut a.lora, lp, ones, drop, gate_up)?;
+        project(be, &a.h2, &mut a.lora, lp, lora_gate, drop, gate_up)?;
         be.swiglu(&a.g, &a.u, &mut a.a)?;
         let down = [(Target::Down, &lay.down, Some(&a.x2), xout)];
-        project(be, &a.a, &mut a.lora, lp, ones, drop, down)
+        project(be, &a.a, &mut a.lora, lp, lora_gate, drop, down)
     }
 
     /// One layer backward: `ws.dx` holds dL/d(layer output) on entry and dL/d(layer input) on
@@ -522,7 +550,7 @@ impl<B: Backend> Ctx<'_, B> {
         let Workspace {
             xs,
             acts,
-            ones,
+            lora_gate,
             dgate,
             dx,
             dh,
@@ -544,7 +572,7 @@ impl<B: Backend> Ctx<'_, B> {
             &lay.down,
             adapter.layers.get_mut(&(l, Target::Down)),
             a.lora.get(&Target::Down),
-            ones,
+            lora_gate,
             dgate,
             run.dropout(l, Target::Down),
             dx,
@@ -558,7 +586,7 @@ impl<B: Backend> Ctx<'_, B> {
             &lay.gate,
             adapter.layers.get_mut(&(l, Target::Gate)),
             a.lora.get(&Target::Gate),
-            ones,
+            lora_gate,
             dgate,
             run.dropout(l, Target::Gate),
             dg,
@@ -571,7 +599,7 @@ impl<B: Backend> Ctx<'_, B> {
             &lay.up,
             adapter.layers.get_mut(&(l, Target::Up)),
             a.lora.get(&Target::Up),
-            ones,
+            lora_gate,
             dgate,
             run.dropout(l, Target::Up),
             du,
@@ -587,7 +615,7 @@ impl<B: Backend> Ctx<'_, B> {
             &lay.o,
             adapter.layers.get_mut(&(l, Target::O)),
             a.lora.get(&Target::O),
-            ones,
+            lora_gate,
             dgate,
             run.dropout(l, Target::O),
             dx,
@@ -625,7 +653,7 @@ impl<B: Backend> Ctx<'_, B> {
             &lay.q,
             adapter.layers.get_mut(&(l, Target::Q)),
             a.lora.get(&Target::Q),
-            ones,
+            lora_gate,
             dgate,
             run.dropout(l, Target::Q),
             dq,
@@ -639,7 +667,7 @@ impl<B: Backend> Ctx<'_, B> {
                 w,
                 adapter.layers.get_mut(&(l, tg)),
                 a.lora.get(&tg),
-                ones,
+                lora_gate,
                 dgate,
                 run.dropout(l, tg),
                 dy,
@@ -735,7 +763,7 @@ fn forward_with<B: Backend>(
         let ai = ws.slot(l);
         let (xin, xout) = layer_io(&mut ws.xs, l);
         let c = cat.as_deref_mut();
-        cx.layer_forward(l, adapter, xin, &mut ws.acts[ai], &ws.ones, xout, c)?;
+        cx.layer_forward(l, adapter, xin, &mut ws.acts[ai], &ws.lora_gate, xout, c)?;
         if let Some(kp) = keep.as_deref_mut() {
             let a = &ws.acts[ai];
             be.copy_rows(&a.k, 0, &mut kp.k[l], 0, ws.t)?;
@@ -887,7 +915,7 @@ pub fn forward_backward<B: Backend>(
                 adapter,
                 &lo[l],
                 &mut ws.acts[ai],
-                &ws.ones,
+                &ws.lora_gate,
                 &mut hi[0],
                 None,
             )?;
