@@ -836,3 +836,164 @@ fn rec_train_notes_samples_past_the_models_context() {
     assert!(ok, "{err}");
     assert!(!err.contains("positions (RoPE runs"), "{err}");
 }
+
+/// `rec eval --per-sample-adapters`: every sample scored with the adapter its "adapter" field
+/// names (or the base model), the adapters stacked so that a pass mixes them — the same P(Yes)
+/// as scoring each sample's group with `--adapter` (or none) on its own.
+#[test]
+fn rec_eval_scores_each_sample_with_the_adapter_it_names() {
+    use recforge::model::lora::{parse_targets, HostAdapter, LoraConfig};
+    use recforge::rng::Rng;
+    // head_dim 32: the smallest the device's attention kernels take (the simulator run below).
+    let (d, f) = fixture(&FixtureSpec {
+        layers: 1,
+        hidden: 128,
+        ..FixtureSpec::default()
+    });
+    let dir = d.path();
+    let model = f.hf_dir.to_str().unwrap();
+    // Two adapters with random B (scales 2 and 1: powers of two, so the stacked arithmetic is
+    // exact, see tests/stacked_adapters.rs), saved as PEFT folders next to the data.
+    for (name, r, alpha, targets, seed) in [("u1", 4, 8.0, "q,v", 1), ("u2", 2, 2.0, "v,down", 2)] {
+        let lora = LoraConfig {
+            r,
+            alpha,
+            dropout: 0.0,
+            targets: parse_targets(targets).unwrap(),
+        };
+        let mut a = HostAdapter::init(&f.config, &lora, seed, "fixture").unwrap();
+        let mut rng = Rng::new(seed + 10);
+        for w in a.layers.values_mut() {
+            w.b.iter_mut().for_each(|x| *x = rng.range(-0.5, 0.5));
+        }
+        recforge::model::adapter::save(&a, &dir.join(name)).unwrap();
+    }
+    let which = [Some("u1"), Some("u2"), None, Some("u1"), None, Some("u2")];
+    let sample = |i: usize| {
+        let yes = i.is_multiple_of(2);
+        serde_json::json!({
+            "instruction": "Say it.",
+            "input": format!("{} {i}", if yes { "yes" } else { "no" }),
+            "output": if yes { "Yes." } else { "No." },
+        })
+    };
+    let mut all = vec![];
+    for (i, w) in which.iter().enumerate() {
+        let mut s = sample(i);
+        if let Some(w) = w {
+            s["adapter"] = serde_json::json!(w);
+        }
+        all.push(s);
+    }
+    let data = dir.join("per_user.json");
+    std::fs::write(&data, serde_json::to_string(&all).unwrap()).unwrap();
+    let p_yes = |json: &Path| -> Vec<f64> {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+        v["p_yes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    // f32 linears: the CPU computes every row on its own (int8's LLM.int8 outlier columns are
+    // chosen over the whole pass, so a row's score would depend on its neighbours).
+    let eval = |data: &Path, extra: &[&str], json: &Path| {
+        let mut args = vec!["rec", "eval", "--model", model, "--f32", "--device", "cpu"];
+        args.extend([
+            "--data",
+            data.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        args.extend(extra);
+        let (ok, stdout, err) = cli(&args);
+        assert!(ok, "{args:?}: {err}");
+        (stdout, err)
+    };
+    let stacked_json = dir.join("stacked.json");
+    let (stdout, err) = eval(
+        &data,
+        &["--per-sample-adapters", "--batch", "4"],
+        &stacked_json,
+    );
+    assert!(stdout.contains("2 adapters by sample"), "{stdout}");
+    assert!(
+        err.contains("2 adapters stacked (rank 6 in all) for 4 of 6 samples"),
+        "{err}"
+    );
+    let stacked = p_yes(&stacked_json);
+    // Each group alone: its samples in a file of their own, scored with --adapter (or none).
+    for group in [Some("u1"), Some("u2"), None] {
+        let idx: Vec<usize> = (0..which.len()).filter(|&i| which[i] == group).collect();
+        let part: Vec<_> = idx.iter().map(|&i| sample(i)).collect();
+        let part_file = dir.join(format!("part_{}.json", group.unwrap_or("base")));
+        std::fs::write(&part_file, serde_json::to_string(&part).unwrap()).unwrap();
+        let json = dir.join("part_out.json");
+        let adapter_dir = group.map(|g| dir.join(g).to_str().unwrap().to_string());
+        let mut extra = vec!["--no-prefix-sharing", "--batch", "1"];
+        if let Some(a) = &adapter_dir {
+            extra.extend(["--adapter", a.as_str()]);
+        }
+        eval(&part_file, &extra, &json);
+        let alone = p_yes(&json);
+        for (k, &i) in idx.iter().enumerate() {
+            assert_eq!(stacked[i], alone[k], "sample {i} ({group:?})");
+        }
+    }
+    assert!(
+        stacked.iter().any(|&p| (p - stacked[0]).abs() > 1e-3),
+        "P(Yes) barely varies: {stacked:?}"
+    );
+
+    // On the simulator: the stacked adapter is counted by the scoring plan to the byte.
+    let (ok, stdout, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        model,
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "sim",
+        "--per-sample-adapters",
+        "--batch",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("scoring's") && err.contains("reserved as one arena"),
+        "{err}"
+    );
+    assert!(!err.contains("the plan counts"), "{err}");
+    assert!(stdout.contains("2 adapters by sample"), "{stdout}");
+
+    // Bad input, named: a field that is not a path, a file naming no adapter, a missing folder,
+    // and --adapter beside --per-sample-adapters.
+    let bad = dir.join("bad.json");
+    let run = |json: serde_json::Value, extra: &[&str]| {
+        std::fs::write(&bad, serde_json::to_string(&json).unwrap()).unwrap();
+        let mut args = vec!["rec", "eval", "--model", model, "--device", "cpu"];
+        args.extend(["--data", bad.to_str().unwrap(), "--per-sample-adapters"]);
+        args.extend(extra);
+        let (ok, _, err) = cli(&args);
+        assert!(!ok, "{args:?} succeeded");
+        err
+    };
+    let mut s = sample(0);
+    s["adapter"] = serde_json::json!(5);
+    let err = run(serde_json::json!([sample(1), s]), &[]);
+    assert!(err.contains("sample 1: field \"adapter\""), "{err}");
+    let err = run(serde_json::json!([sample(0), sample(1)]), &[]);
+    assert!(err.contains("no sample has an \"adapter\" field"), "{err}");
+    let mut s = sample(0);
+    s["adapter"] = serde_json::json!("nowhere");
+    let err = run(serde_json::json!([s]), &[]);
+    assert!(
+        err.contains("cannot load adapter") && err.contains("nowhere"),
+        "{err}"
+    );
+    let err = run(serde_json::json!([sample(0)]), &["--adapter", "u1"]);
+    assert!(err.contains("cannot be used with"), "{err}");
+}

@@ -223,6 +223,11 @@ enum RecCmd {
         /// A PEFT adapter folder to apply (none: the base model).
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// Score each sample with the adapter its "adapter" field names (a folder, relative
+        /// to the data file's folder; absent or null: the base model), every adapter named
+        /// stacked into one so a forward pass mixes them (per-user LoRA). Prompts run in full.
+        #[arg(long, conflicts_with = "adapter")]
+        per_sample_adapters: bool,
         /// Score only the first N samples of the file.
         #[arg(long)]
         limit: Option<usize>,
@@ -472,6 +477,7 @@ fn run(cli: Cli) -> Result<()> {
                 model,
                 data,
                 adapter,
+                per_sample_adapters,
                 limit,
                 batch,
                 device,
@@ -484,6 +490,7 @@ fn run(cli: Cli) -> Result<()> {
                     model: &model,
                     data: &data,
                     adapter: adapter.as_deref(),
+                    per_sample_adapters,
                     limit,
                     batch,
                     json: json.as_deref(),
@@ -1393,6 +1400,7 @@ struct EvalArgs<'a> {
     model: &'a Path,
     data: &'a Path,
     adapter: Option<&'a Path>,
+    per_sample_adapters: bool,
     limit: Option<usize>,
     batch: usize,
     json: Option<&'a Path>,
@@ -1484,8 +1492,14 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         bail!("--batch must be at least 1 (prompts packed per forward pass)");
     }
     let mut samples = rec::read_json(a.data)?;
+    let mut adapter_of = if a.per_sample_adapters {
+        rec::tallrec::read_adapter_field(a.data)?
+    } else {
+        vec![]
+    };
     if let Some(n) = a.limit {
         samples.truncate(n);
+        adapter_of.truncate(n);
     }
     if samples.is_empty() {
         bail!("{}: no samples to evaluate", a.data.display());
@@ -1515,10 +1529,30 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         }
         None => DevAdapter::none(),
     };
+    // --per-sample-adapters: the adapters the samples name, stacked in order of first mention.
+    let stacked = if a.per_sample_adapters {
+        Some(stack_sample_adapters(&m.config, &adapter_of)?)
+    } else {
+        None
+    };
+    let adapter = match &stacked {
+        Some((st, _, _)) => DevAdapter::upload_frozen(be, &st.adapter)?,
+        None => adapter,
+    };
+    let share_prefix = a.share_prefix && stacked.is_none();
     let max_tokens = m.config.max_position_embeddings.max(1);
     let ids = rec::eval::prompt_ids(&tok, &samples, max_tokens)?;
-    let (prefix, batches) = rec::eval::layout(&ids, a.batch, a.share_prefix);
-    if a.share_prefix {
+    let (prefix, batches) = rec::eval::layout(&ids, a.batch, share_prefix);
+    if let Some((st, which, dirs)) = &stacked {
+        eprintln!(
+            "{} adapters stacked (rank {} in all) for {} of {} samples, the others on the base \
+             model; prompts run in full (a shared prefix's K/V depends on the adapter)",
+            dirs.len(),
+            st.adapter.config.r,
+            which.iter().flatten().count(),
+            which.len()
+        );
+    } else if share_prefix {
         eprintln!(
             "prefix sharing: the prompts' common {prefix}-token prefix runs once \
              (--no-prefix-sharing: every prompt in full)"
@@ -1539,7 +1573,7 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
                 .iter()
                 .map(|t| t.short_name().to_string())
                 .collect(),
-            adapter: a.adapter.is_some(),
+            adapter: a.adapter.is_some() || stacked.is_some(),
             budget,
         };
         let p = memory::plan_scoring(&setup).map_err(anyhow::Error::msg)?;
@@ -1547,23 +1581,42 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     }
     let t0 = std::time::Instant::now();
     let tty = std::io::stderr().is_terminal();
-    let (metrics, probs) = rec::eval::evaluate(
-        be,
-        &m,
-        &adapter,
-        &tok,
-        &samples,
-        a.batch,
-        max_tokens,
-        a.share_prefix,
-        |i, n| {
-            if tty {
-                eprint!("\rscoring {i}/{n}");
-            } else if i == n || i % a.batch.saturating_mul(8).max(1) < a.batch {
-                eprintln!("scored {i}/{n}");
-            }
-        },
-    )?;
+    let mut progress = |i, n| {
+        if tty {
+            eprint!("\rscoring {i}/{n}");
+        } else if i == n || i % a.batch.saturating_mul(8).max(1) < a.batch {
+            eprintln!("scored {i}/{n}");
+        }
+    };
+    let (metrics, probs) = match &stacked {
+        None => rec::eval::evaluate(
+            be,
+            &m,
+            &adapter,
+            &tok,
+            &samples,
+            a.batch,
+            max_tokens,
+            share_prefix,
+            &mut progress,
+        )?,
+        Some((st, which, _)) => {
+            let labels = rec::eval::labels(&samples)?;
+            let probs = rec::eval::score_stacked(
+                be,
+                &m,
+                &adapter,
+                st,
+                &tok,
+                &samples,
+                which,
+                a.batch,
+                max_tokens,
+                &mut progress,
+            )?;
+            (rec::Metrics::compute(&probs, &labels)?, probs)
+        }
+    };
     if tty {
         eprintln!();
     }
@@ -1576,9 +1629,11 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         metrics.accuracy,
         metrics.log_loss,
         be.name(),
-        a.adapter
-            .map(|p| format!(", adapter {}", p.display()))
-            .unwrap_or_default(),
+        match (&stacked, a.adapter) {
+            (Some((_, _, dirs)), _) => format!(", {} adapters by sample", dirs.len()),
+            (None, Some(p)) => format!(", adapter {}", p.display()),
+            (None, None) => String::new(),
+        },
         t0.elapsed().as_secs_f64()
     );
     if let Some(path) = a.json {
@@ -1586,9 +1641,53 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         j["p_yes"] = serde_json::json!(probs);
         j["device"] = serde_json::json!(be.name());
         j["data"] = serde_json::json!(a.data.display().to_string());
+        if let Some((_, which, dirs)) = &stacked {
+            let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            j["adapters"] = serde_json::json!(dirs);
+            j["adapter_of_sample"] = serde_json::json!(which);
+        }
         model::convert::write_atomic(path, serde_json::to_string_pretty(&j)?.as_bytes())?;
     }
     Ok(())
+}
+
+/// `rec eval --per-sample-adapters`: load the distinct adapter folders the samples name (in
+/// order of first mention), check each against the model, and stack them. Returns the stack,
+/// each sample's index into it (None: the base model) and the folders.
+#[allow(clippy::type_complexity)]
+fn stack_sample_adapters(
+    cfg: &model::LlamaConfig,
+    adapter_of: &[Option<PathBuf>],
+) -> Result<(
+    model::lora::StackedAdapter,
+    Vec<Option<usize>>,
+    Vec<PathBuf>,
+)> {
+    let mut dirs: Vec<PathBuf> = vec![];
+    let mut which = Vec::with_capacity(adapter_of.len());
+    for p in adapter_of {
+        which.push(p.as_ref().map(|p| match dirs.iter().position(|d| d == p) {
+            Some(i) => i,
+            None => {
+                dirs.push(p.clone());
+                dirs.len() - 1
+            }
+        }));
+    }
+    if dirs.is_empty() {
+        bail!("--per-sample-adapters: no sample has an \"adapter\" field naming an adapter folder");
+    }
+    let mut hosts = Vec::with_capacity(dirs.len());
+    for dir in &dirs {
+        let host = model::adapter::load(dir)
+            .with_context(|| format!("cannot load adapter {}", dir.display()))?;
+        host.check_against(cfg)
+            .with_context(|| format!("adapter {} does not fit the model", dir.display()))?;
+        hosts.push(host);
+    }
+    let refs: Vec<&model::lora::HostAdapter> = hosts.iter().collect();
+    let st = model::lora::stack(&refs, cfg)?;
+    Ok((st, which, dirs))
 }
 
 fn train_config(a: &TrainArgs) -> Result<TrainConfig> {

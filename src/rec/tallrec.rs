@@ -279,6 +279,31 @@ pub fn read_json(path: &Path) -> Result<Vec<Sample>> {
         .collect()
 }
 
+/// Each sample's `"adapter"` field in a samples file (extra to TALLRec's three): the folder of
+/// the PEFT adapter that scores it, resolved against the file's own folder when relative, or
+/// None where the field is absent or null (the base model). `rec eval --per-sample-adapters`.
+pub fn read_adapter_field(path: &Path) -> Result<Vec<Option<std::path::PathBuf>>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    let Value::Array(items) = v else {
+        return Err(Error::format(path, "expected a JSON list of samples"));
+    };
+    let base = path.parent().unwrap_or(Path::new(""));
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item.get("adapter") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(base.join(s))),
+            Some(_) => Err(Error::format(
+                path,
+                format!("sample {i}: field \"adapter\" is not an adapter folder's path"),
+            )),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
