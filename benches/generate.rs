@@ -77,6 +77,7 @@ fn decode_case<B: Backend>(
                         queries: &queries,
                     }),
                     logit_rows: &rows,
+                    lora_gate: None,
                 };
                 let logits = m
                     .forward_paged(be, &step, &mut cache, None)
@@ -163,6 +164,7 @@ fn prefill_case<B: Backend>(
                         queries: &queries,
                     }),
                     logit_rows: &rows,
+                    lora_gate: None,
                 },
                 cache,
                 None,

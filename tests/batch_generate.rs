@@ -72,6 +72,7 @@ fn requests(vocab: u32) -> Vec<Request> {
                 },
                 seed: 100 + i as u64,
             },
+            adapter: None,
         })
         .collect()
 }
@@ -274,6 +275,197 @@ fn batched_generation_with_an_adapter_matches_generate_on_the_cpu() {
     assert!(differs, "the adapter should change some completion");
 }
 
+/// Two adapters with random B on different targets, scales 2 and 1 (powers of two: the stacked
+/// arithmetic is then exact, see tests/stacked_adapters.rs).
+fn two_adapters(cfg: &recforge::model::LlamaConfig) -> [recforge::model::lora::HostAdapter; 2] {
+    use recforge::model::lora::{parse_targets, HostAdapter, LoraConfig};
+    use recforge::rng::Rng;
+    let make = |r: usize, alpha: f32, targets: &str, seed: u64| {
+        let lora = LoraConfig {
+            r,
+            alpha,
+            dropout: 0.0,
+            targets: parse_targets(targets).unwrap(),
+        };
+        let mut a = HostAdapter::init(cfg, &lora, seed, "fixture").unwrap();
+        let mut rng = Rng::new(seed + 1);
+        for w in a.layers.values_mut() {
+            w.b.iter_mut().for_each(|x| *x = rng.range(-0.3, 0.3));
+        }
+        a
+    };
+    [make(4, 8.0, "q,v,o,down", 3), make(2, 2.0, "v,up", 5)]
+}
+
+#[test]
+fn batched_generation_with_stacked_adapters_gives_each_request_its_adapters_tokens() {
+    use recforge::infer::generate::generate_with;
+    use recforge::model::lora::stack;
+    use recforge::train::DevAdapter;
+    let (_d, f) = fixture(&FixtureSpec::default());
+    let be = Cpu::new();
+    let m = load(&be, &f.gguf);
+    let hosts = two_adapters(&m.config);
+    let st = stack(&[&hosts[0], &hosts[1]], &m.config).unwrap();
+    let dev = DevAdapter::upload_frozen(&be, &st.adapter).unwrap();
+    let view = dev.stacked_view(&st).unwrap();
+    let alone: Vec<DevAdapter<Cpu>> = hosts
+        .iter()
+        .map(|h| DevAdapter::upload_frozen(&be, h).unwrap())
+        .collect();
+    let opts = BatchOptions {
+        max_batch: 3,
+        block_size: 4,
+        ..Default::default()
+    };
+    // Mixed adapters (and the base model) in one batch; then every request on adapter 1, so
+    // the shared prefix is computed once through the stack's gate.
+    for which in [[Some(0), Some(1), None, Some(1), Some(0)], [Some(1); 5]] {
+        let mut reqs = requests(f.config.vocab_size as u32);
+        for (r, w) in reqs.iter_mut().zip(which) {
+            r.adapter = w;
+        }
+        let got = generate_batch(&be, &m, Some(&view), &reqs, &opts, |_, _| Ok(())).unwrap();
+        let mixed = which.iter().any(|w| *w != which[0]);
+        assert_eq!(
+            got.stats.shared_prefix == 0,
+            mixed,
+            "{which:?}: {:?}",
+            got.stats
+        );
+        let mut differs = false;
+        for (i, r) in reqs.iter().enumerate() {
+            let own = r.adapter.map(|a| alone[a].view());
+            let want =
+                generate_with(&be, &m, own.as_ref(), &r.prompt, &r.options, |_| Ok(())).unwrap();
+            let other = alone[r.adapter.map_or(0, |a| 1 - a)].view();
+            let wrong =
+                generate_with(&be, &m, Some(&other), &r.prompt, &r.options, |_| Ok(())).unwrap();
+            differs |= wrong.tokens != want.tokens;
+            assert_eq!(
+                got.generations[i].tokens, want.tokens,
+                "{which:?}: request {i}"
+            );
+        }
+        assert!(
+            differs,
+            "the adapters should give some request other tokens"
+        );
+    }
+    // A request naming an adapter needs a stacked view that holds it.
+    let mut reqs = requests(f.config.vocab_size as u32);
+    reqs[2].adapter = Some(2);
+    let err = generate_batch(&be, &m, Some(&view), &reqs, &opts, |_, _| Ok(())).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("request 2 asks for adapter 2, but the stack holds 2"),
+        "{err}"
+    );
+    reqs[2].adapter = Some(0);
+    let plain = alone[0].view();
+    let err = generate_batch(&be, &m, Some(&plain), &reqs, &opts, |_, _| Ok(())).unwrap_err();
+    assert!(
+        err.to_string().contains("no stacked adapter is given"),
+        "{err}"
+    );
+}
+
+/// The gate through the paged forward on the GPU backend: one step of two sequences, each
+/// gated to its own adapter of a stack, gives each sequence's rows the logits of the same step
+/// with that adapter alone (the same rows, so the same kernels and tiles; scales of powers of
+/// two and zero blocks are exact, so bit for bit).
+#[test]
+fn a_stacked_step_on_the_gpu_backend_gives_each_sequence_its_adapters_logits() {
+    use recforge::model::lora::stack;
+    use recforge::train::DevAdapter;
+    // head_dim 32: the smallest the device's attention kernels take.
+    let (_d, f) = fixture(&FixtureSpec {
+        layers: 2,
+        hidden: 128,
+        heads: 4,
+        kv_heads: 2,
+        ..Default::default()
+    });
+    let v = f.config.vocab_size;
+    for dev in common::devices() {
+        let be = Gpu::new(dev);
+        let m = load(&be, &f.gguf);
+        let hosts = two_adapters(&m.config);
+        let st = stack(&[&hosts[0], &hosts[1]], &m.config).unwrap();
+        let dev_st = DevAdapter::upload_frozen(&be, &st.adapter).unwrap();
+        let alone: Vec<DevAdapter<Gpu>> = hosts
+            .iter()
+            .map(|h| DevAdapter::upload_frozen(&be, h).unwrap())
+            .collect();
+        let seqs = two_sequences(v as u32, [20, 17]);
+        let (a, b) = (seqs[0].len(), seqs[1].len());
+        let tokens: Vec<u32> = seqs.concat();
+        let positions: Vec<u32> = (0..a as u32).chain(0..b as u32).collect();
+        let slots: Vec<u32> = (0..(a + b) as u32).collect();
+        let spans = [
+            SeqSpan {
+                q_start: 0,
+                q_len: a,
+                kv_start: 0,
+                kv_len: a,
+            },
+            SeqSpan {
+                q_start: a,
+                q_len: b,
+                kv_start: a,
+                kv_len: b,
+            },
+        ];
+        let rows: Vec<usize> = (0..a + b).collect();
+        let which: Vec<Option<usize>> = std::iter::repeat_n(Some(0), a)
+            .chain(std::iter::repeat_n(Some(1), b))
+            .collect();
+        let gate = st.gate(&which).unwrap();
+        let run = |view: &recforge::model::llama::AdapterView<'_, Gpu>, gate: Option<&[f32]>| {
+            let mut cache = m.new_paged_cache(&be, (a + b).div_ceil(16), 16).unwrap();
+            let step = PagedStep {
+                tokens: &tokens,
+                positions: &positions,
+                slots: &slots,
+                attention: PagedAttention::Fresh(&spans),
+                logit_rows: &rows,
+                lora_gate: gate,
+            };
+            let l = m
+                .forward_paged(&be, &step, &mut cache, Some(view))
+                .unwrap()
+                .unwrap();
+            be.download(&l).unwrap().to_f32().unwrap()
+        };
+        let stacked = run(&dev_st.stacked_view(&st).unwrap(), Some(&gate));
+        let first = run(&alone[0].view(), None);
+        let second = run(&alone[1].view(), None);
+        assert_eq!(
+            stacked[..a * v],
+            first[..a * v],
+            "{}: sequence 0",
+            be.name()
+        );
+        assert_eq!(
+            stacked[a * v..],
+            second[a * v..],
+            "{}: sequence 1",
+            be.name()
+        );
+        // The comparison can fail: the two adapters give the first sequence other logits.
+        assert_ne!(
+            first[..a * v],
+            second[..a * v],
+            "{}: adapters alike",
+            be.name()
+        );
+        eprintln!(
+            "{}: stacked step = each adapter alone, bit for bit",
+            be.name()
+        );
+    }
+}
+
 #[test]
 fn bad_batches_are_refused_with_a_reason() {
     let (_d, f) = fixture(&FixtureSpec::default());
@@ -373,6 +565,7 @@ fn paged_and_contiguous<B: Backend>(
                 slots: &slots32(slots),
                 attention: PagedAttention::Fresh(&spans),
                 logit_rows: &rows,
+                lora_gate: None,
             },
             &mut cache,
             None,
@@ -444,6 +637,7 @@ fn paged_and_contiguous<B: Backend>(
                             queries: &queries,
                         }),
                         logit_rows: &rows,
+                        lora_gate: None,
                     },
                     &mut cache,
                     None,
@@ -481,6 +675,7 @@ fn paged_and_contiguous<B: Backend>(
                         queries: &[1, 1],
                     }),
                     logit_rows: &[0, 1],
+                    lora_gate: None,
                 },
                 &mut cache,
                 None,

@@ -734,6 +734,7 @@ fn the_batch_generation_plan_is_the_measured_peak_of_generate_batch() {
                         sampling: SamplingParams::ITREK,
                         seed: i as u64,
                     },
+                    adapter: None,
                 }
             })
             .collect();

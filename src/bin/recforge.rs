@@ -1038,6 +1038,7 @@ fn generate_batch_on<B: Backend>(
                 sampling: gen.params,
                 seed: gen.seed.wrapping_add(i as u64),
             },
+            adapter: None,
         })
         .collect();
     let n = requests.len();

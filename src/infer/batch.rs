@@ -32,6 +32,7 @@ use super::paged::{PagedKv, SeqId};
 use crate::backend::{Backend, SeqSpan};
 use crate::error::{Error, Result};
 use crate::model::llama::AdapterView;
+use crate::model::lora::{gate_rows, RankBlock};
 use crate::model::{CachedAttention, Llama, PagedAttention, PagedCache, PagedStep};
 use crate::rng::Rng;
 
@@ -40,6 +41,9 @@ use crate::rng::Rng;
 pub struct Request {
     pub prompt: Vec<u32>,
     pub options: GenerateOptions,
+    /// With a stacked adapter view (`DevAdapter::stacked_view`): which adapter of the stack
+    /// this request runs with (None: the base model). Must be None otherwise.
+    pub adapter: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -182,7 +186,10 @@ pub struct CacheLayout {
 
 /// The cache layout of [`generate_batch`] for these requests and options.
 pub fn cache_layout(requests: &[Request], opts: &BatchOptions) -> CacheLayout {
-    let common = if requests.is_empty() {
+    // A prefix's K/V depends on the adapter that computed it: requests with different
+    // adapters of a stack share none.
+    let one_adapter = requests.windows(2).all(|w| w[0].adapter == w[1].adapter);
+    let common = if requests.is_empty() || !one_adapter {
         0
     } else {
         common_prefix(requests)
@@ -266,6 +273,7 @@ pub fn generate_batch_with<B: Backend>(
             )));
         }
     }
+    let gates = Gates::new(adapter, requests)?;
     let bs = opts.block_size;
     let mut stats = BatchStats {
         block_size: bs,
@@ -306,12 +314,14 @@ pub fn generate_batch_with<B: Backend>(
             kv_start: 0,
             kv_len: shared,
         }];
+        let gate = gates.rows([(0, shared)])?;
         let step = PagedStep {
             tokens,
             positions: &positions,
             slots: &slots32(&slots),
             attention: PagedAttention::Fresh(&spans),
             logit_rows: &[],
+            lora_gate: gate.as_deref(),
         };
         model.forward_paged(be, &step, &mut cache, adapter)?;
         stats.prefill_tokens += shared;
@@ -392,7 +402,9 @@ pub fn generate_batch_with<B: Backend>(
                     let (a, b) = (shared + chunked, shared + chunked + cap);
                     let piece = [(*r as SeqId, &context[..], a, b)];
                     let slots = &slots[chunked..chunked + cap];
-                    prefill_forward(be, model, adapter, &mut cache, &kv, &piece, slots, false)?;
+                    prefill_forward(
+                        be, model, adapter, &gates, &mut cache, &kv, &piece, slots, false,
+                    )?;
                     stats.prefill_steps += 1;
                     chunked += cap;
                 }
@@ -402,9 +414,10 @@ pub fn generate_batch_with<B: Backend>(
                 .map(|(r, c)| (*r as SeqId, &c[..], shared + chunked, c.len()))
                 .collect();
             let slots = &slots[chunked..];
-            let logits =
-                prefill_forward(be, model, adapter, &mut cache, &kv, &pieces, slots, true)?
-                    .ok_or_else(|| Error::Invalid("prefill: no logits".into()))?;
+            let logits = prefill_forward(
+                be, model, adapter, &gates, &mut cache, &kv, &pieces, slots, true,
+            )?
+            .ok_or_else(|| Error::Invalid("prefill: no logits".into()))?;
             let params: Vec<_> = group
                 .iter()
                 .map(|&(r, _)| requests[r].options.sampling)
@@ -481,6 +494,7 @@ pub fn generate_batch_with<B: Backend>(
         let positions: Vec<u32> = lens.iter().map(|&l| l as u32 - 1).collect();
         let (tables, max_blocks) = kv.block_tables(&ids)?;
         let rows: Vec<usize> = (0..ids.len()).collect();
+        let gate = gates.rows(running.iter().map(|&r| (r, 1)))?;
         let step = PagedStep {
             tokens: &tokens,
             positions: &positions,
@@ -492,6 +506,7 @@ pub fn generate_batch_with<B: Backend>(
                 queries: &vec![1; ids.len()],
             }),
             logit_rows: &rows,
+            lora_gate: gate.as_deref(),
         };
         let logits = model
             .forward_paged(be, &step, &mut cache, adapter)?
@@ -569,6 +584,64 @@ fn advance(
     }
 }
 
+/// Each request's adapter of a stacked adapter view, and a step's LoRA gate built from them.
+/// Empty (no gate: all ones) for a single adapter or none.
+struct Gates {
+    blocks: Vec<RankBlock>,
+    rank: usize,
+    of: Vec<Option<usize>>,
+}
+
+impl Gates {
+    fn new<B: Backend>(
+        adapter: Option<&AdapterView<'_, B>>,
+        requests: &[Request],
+    ) -> Result<Gates> {
+        let stacked = adapter.filter(|a| !a.blocks.is_empty());
+        for (i, r) in requests.iter().enumerate() {
+            match (r.adapter, stacked) {
+                (Some(a), None) => {
+                    return Err(Error::Invalid(format!(
+                    "request {i} asks for adapter {a} of a stack, but no stacked adapter is given"
+                )))
+                }
+                (Some(a), Some(v)) if a >= v.blocks.len() => {
+                    return Err(Error::Invalid(format!(
+                        "request {i} asks for adapter {a}, but the stack holds {}",
+                        v.blocks.len()
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(match stacked {
+            Some(v) => Gates {
+                blocks: v.blocks.clone(),
+                rank: v.rank,
+                of: requests.iter().map(|r| r.adapter).collect(),
+            },
+            None => Gates {
+                blocks: vec![],
+                rank: 0,
+                of: vec![],
+            },
+        })
+    }
+
+    /// The gate of a step whose rows are, in order, `n` rows of request `r` for each `(r, n)`;
+    /// None without a stack.
+    fn rows(&self, rows: impl IntoIterator<Item = (usize, usize)>) -> Result<Option<Vec<f32>>> {
+        if self.blocks.is_empty() {
+            return Ok(None);
+        }
+        let which: Vec<Option<usize>> = rows
+            .into_iter()
+            .flat_map(|(r, n)| std::iter::repeat_n(self.of[r], n))
+            .collect();
+        gate_rows(&self.blocks, self.rank, &which).map(Some)
+    }
+}
+
 fn slots32(slots: &[u64]) -> Vec<u32> {
     slots.iter().map(|&s| s as u32).collect()
 }
@@ -582,6 +655,7 @@ fn prefill_forward<B: Backend>(
     be: &B,
     model: &Llama<B>,
     adapter: Option<&AdapterView<'_, B>>,
+    gates: &Gates,
     cache: &mut PagedCache<B>,
     kv: &PagedKv,
     pieces: &[(SeqId, &[u32], usize, usize)],
@@ -618,12 +692,14 @@ fn prefill_forward<B: Backend>(
             queries: &queries,
         })
     };
+    let gate = gates.rows(pieces.iter().map(|p| (p.0 as usize, p.3 - p.2)))?;
     let step = PagedStep {
         tokens: &tokens,
         positions: &positions,
         slots,
         attention,
         logit_rows: if logits { &last_rows } else { &[] },
+        lora_gate: gate.as_deref(),
     };
     model.forward_paged(be, &step, cache, adapter)
 }

@@ -21,6 +21,9 @@ use crate::tensor::{DType, HostData, HostTensor};
 pub struct AdapterView<'a, B: Backend> {
     pub rank: usize,
     pub layers: BTreeMap<(usize, Target), &'a Lora<B>>,
+    /// For a stack of adapters (`model::lora::stack`): where each sits among the ranks, so
+    /// batched generation can gate every row to its request's adapter. Empty: one adapter.
+    pub blocks: Vec<crate::model::lora::RankBlock>,
 }
 
 /// One projection of [`project`]: the weight, its adapter if any, and the output.
@@ -215,6 +218,10 @@ pub struct PagedStep<'a> {
     pub slots: &'a [u32],
     pub attention: PagedAttention<'a>,
     pub logit_rows: &'a [usize],
+    /// The adapter's LoRA gate for these rows, `[tokens, rank]` f32 row-major (None: all ones,
+    /// plain LoRA): a stacked adapter's gate (`model::lora::StackedAdapter::gate`) lets each
+    /// row apply its own adapter of the stack.
+    pub lora_gate: Option<&'a [f32]>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -381,7 +388,7 @@ impl<B: Backend> Llama<B> {
                 be.copy_rows(v, 0, &mut cache.v[li], start, t)?;
                 be.attention(q, &cache.k[li], &cache.v[li], &pos, &spans, out)
             };
-        let logits = self.layer_stack(be, tokens, &pos, &rows, adapter, &mut attend)?;
+        let logits = self.layer_stack(be, tokens, &pos, &rows, adapter, None, &mut attend)?;
         cache.len = start + t;
         logits.ok_or_else(|| Error::Invalid("forward: no logits rows".into()))
     }
@@ -515,7 +522,15 @@ impl<B: Backend> Llama<B> {
                     }
                 }
             };
-        self.layer_stack(be, step.tokens, &pos, step.logit_rows, adapter, &mut attend)
+        self.layer_stack(
+            be,
+            step.tokens,
+            &pos,
+            step.logit_rows,
+            adapter,
+            step.lora_gate,
+            &mut attend,
+        )
     }
 
     /// A paged KV cache for this model: per layer K and V `[num_blocks · block_size, kv_heads,
@@ -553,6 +568,7 @@ impl<B: Backend> Llama<B> {
         pos: &Tensor<B>,
         logit_rows: &[usize],
         adapter: Option<&AdapterView<'_, B>>,
+        lora_gate: Option<&[f32]>,
         attend: &mut Attend<'_, B>,
     ) -> Result<Option<Tensor<B>>> {
         let c = &self.config;
@@ -583,10 +599,20 @@ impl<B: Backend> Llama<B> {
         let mut u = be.zeros(&[t, f], dt)?;
         let mut a = be.zeros(&[t, f], dt)?;
         // An adapter's buffers: h and u `[t, r]` for up to three projections of one input, and
-        // the all-ones gate of plain LoRA.
+        // the gate: all ones (plain LoRA) unless the caller gave one.
         let (mut scratch, ones) = match adapter {
             Some(ad) => {
                 let r = ad.rank;
+                let gate = match lora_gate {
+                    Some(g) if g.len() != t * r => {
+                        return Err(Error::Shape(format!(
+                            "forward: a LoRA gate of {} values for {t} rows of rank {r}",
+                            g.len()
+                        )))
+                    }
+                    Some(g) => g.to_vec(),
+                    None => vec![1.0; t * r],
+                };
                 let mut sc = Vec::with_capacity(3);
                 for _ in 0..3 {
                     sc.push((
@@ -594,7 +620,7 @@ impl<B: Backend> Llama<B> {
                         be.zeros(&[t, r], DType::F32)?,
                     ));
                 }
-                let ones = be.upload(&HostTensor::f32(vec![t, r], vec![1.0; t * r])?)?;
+                let ones = be.upload(&HostTensor::f32(vec![t, r], gate)?)?;
                 (sc, Some(ones))
             }
             None => (Vec::new(), None),

@@ -349,21 +349,36 @@ impl StackedAdapter {
     /// adapter `which[i]`'s rank block at that adapter's scale and zeros elsewhere; a `None` row
     /// runs the base model alone.
     pub fn gate(&self, which: &[Option<usize>]) -> Result<Vec<f32>> {
-        let r = self.adapter.config.r;
-        let mut g = vec![0.0f32; which.len() * r];
-        for (row, w) in g.chunks_exact_mut(r).zip(which) {
-            if let Some(i) = *w {
-                let b = self.blocks.get(i).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "adapter {i} asked for, but the stack holds {}",
-                        self.blocks.len()
-                    ))
-                })?;
-                row[b.offset..b.offset + b.rank].fill(b.scale);
-            }
-        }
-        Ok(g)
+        gate_rows(&self.blocks, self.adapter.config.r, which)
     }
+}
+
+/// [`StackedAdapter::gate`] from the stack's blocks and total rank alone (what an adapter view
+/// on a backend keeps of the stack).
+pub fn gate_rows(blocks: &[RankBlock], rank: usize, which: &[Option<usize>]) -> Result<Vec<f32>> {
+    let mut g = vec![0.0f32; which.len() * rank];
+    if rank == 0 {
+        return Ok(g);
+    }
+    for (row, w) in g.chunks_exact_mut(rank).zip(which) {
+        if let Some(i) = *w {
+            let b = blocks.get(i).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "adapter {i} asked for, but the stack holds {}",
+                    blocks.len()
+                ))
+            })?;
+            if b.offset + b.rank > rank {
+                return Err(Error::Shape(format!(
+                    "adapter {i}'s ranks {}..{} lie past the stack's rank {rank}",
+                    b.offset,
+                    b.offset + b.rank
+                )));
+            }
+            row[b.offset..b.offset + b.rank].fill(b.scale);
+        }
+    }
+    Ok(g)
 }
 
 #[cfg(test)]

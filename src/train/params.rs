@@ -43,7 +43,28 @@ impl<B: Backend> DevAdapter<B> {
         AdapterView {
             rank: self.config.r,
             layers: self.layers.iter().map(|(k, p)| (*k, &p.lora)).collect(),
+            blocks: vec![],
         }
+    }
+
+    /// The view of a stack of adapters uploaded as one (`stack.adapter`): batched generation
+    /// gates each request's rows to its adapter of the stack (`infer::batch::Request::adapter`).
+    pub fn stacked_view(
+        &self,
+        stack: &crate::model::lora::StackedAdapter,
+    ) -> Result<AdapterView<'_, B>> {
+        if self.config.r != stack.adapter.config.r
+            || self.config.targets != stack.adapter.config.targets
+        {
+            return Err(Error::Invalid(format!(
+                "this adapter (rank {}) is not the stack's (rank {}): upload stack.adapter",
+                self.config.r, stack.adapter.config.r
+            )));
+        }
+        Ok(AdapterView {
+            blocks: stack.blocks.clone(),
+            ..self.view()
+        })
     }
 
     /// Upload an adapter with zeroed gradients and moments.
