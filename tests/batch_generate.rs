@@ -913,6 +913,116 @@ fn cli_completes_a_prompts_file_like_one_prompt_at_a_time() {
     );
 }
 
+/// `generate --prompts` whose lines name adapters: each completion is the one the same
+/// command gives that prompt in a file of its adapter's prompts run with `--adapter` (or with
+/// none). Both sides are batched runs, so their text is decoded alike (a lone `generate
+/// --prompt` prints only whole characters as they come, which a random adapter's byte tokens
+/// make differ); the run is greedy, so a prompt's place in its file does not matter.
+#[test]
+fn cli_runs_each_prompt_with_the_adapter_its_line_names() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let model = f.gguf.to_str().unwrap();
+    for (name, host) in ["u1", "u2"].iter().zip(two_adapters(&f.config)) {
+        recforge::model::adapter::save(&host, &d.path().join(name)).unwrap();
+    }
+    let prompts = [
+        ("the cat sat on the mat", Some("u1")),
+        ("the cat sat on a hat, and", Some("u2")),
+        ("the cat", None),
+        ("a mat", Some("u1")),
+    ];
+    let write = |name: &str, which: &[(&str, Option<&str>)]| {
+        let file = d.path().join(name);
+        let lines: Vec<String> = which
+            .iter()
+            .map(|(p, a)| match a {
+                Some(a) => serde_json::json!({"prompt": p, "adapter": a}).to_string(),
+                None => serde_json::json!({"prompt": p}).to_string(),
+            })
+            .collect();
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        file.to_str().unwrap().to_string()
+    };
+    let common = [
+        "--model",
+        model,
+        "--raw",
+        "--max-new-tokens",
+        "6",
+        "--device",
+        "cpu",
+        "--outlier-threshold",
+        "0",
+        "--batch",
+        "3",
+    ];
+    let run = |file: &str, extra: &[&str]| {
+        let mut args = vec!["generate", "--prompts", file];
+        args.extend(common);
+        args.extend(extra);
+        let o = recforge(&args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{args:?}: {err}");
+        (json_lines(&o.stdout), err)
+    };
+    let mixed = write("mixed.jsonl", &prompts);
+    let (out, err) = run(&mixed, &[]);
+    assert!(
+        err.contains("2 adapters stacked (rank 6 in all) for 3 of 4 prompts"),
+        "{err}"
+    );
+    let mut differs = false;
+    for group in [Some("u1"), Some("u2"), None] {
+        let idx: Vec<usize> = (0..prompts.len())
+            .filter(|&i| prompts[i].1 == group)
+            .collect();
+        let plain: Vec<(&str, Option<&str>)> = idx.iter().map(|&i| (prompts[i].0, None)).collect();
+        let file = write("group.jsonl", &plain);
+        let dir = group.map(|g| d.path().join(g).to_str().unwrap().to_string());
+        let extra: Vec<&str> = match &dir {
+            Some(dir) => vec!["--adapter", dir.as_str()],
+            None => vec![],
+        };
+        let (alone, _) = run(&file, &extra);
+        let (base, _) = run(&file, &[]);
+        for (k, &i) in idx.iter().enumerate() {
+            for key in ["completion", "new_tokens", "stop"] {
+                assert_eq!(out[i][key], alone[k][key], "prompt {i} ({group:?}): {key}");
+            }
+            differs |= group.is_some() && base[k]["completion"] != alone[k]["completion"];
+        }
+    }
+    assert!(differs, "the adapters should change some completion");
+    // --adapter beside prompts that name their own is refused.
+    let u1 = d.path().join("u1");
+    let mut args = vec!["generate", "--prompts", mixed.as_str()];
+    args.extend(common);
+    args.extend(["--adapter", u1.to_str().unwrap()]);
+    let o = recforge(&args);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("names adapters of its own"), "{err}");
+    // A field that is not a folder's path, and a folder that is not there, are named.
+    for (line, want) in [
+        (
+            r#"{"prompt": "a", "adapter": 3}"#,
+            "line 1: \"adapter\" is not an adapter folder's path",
+        ),
+        (
+            r#"{"prompt": "a", "adapter": "nowhere"}"#,
+            "cannot load adapter",
+        ),
+    ] {
+        let bad = d.path().join("bad.jsonl");
+        std::fs::write(&bad, line).unwrap();
+        let mut args = vec!["generate", "--prompts", bad.to_str().unwrap()];
+        args.extend(common);
+        let o = recforge(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{line}: {err}");
+    }
+}
+
 #[test]
 fn cli_refuses_bad_prompts_files() {
     let (d, f) = fixture(&FixtureSpec::default());
@@ -1019,6 +1129,36 @@ fn cli_completes_a_prompts_file_on_the_gpu_backend() {
             "{err}"
         );
         assert!(!err.contains("the plan counts"), "{err}");
+
+        // Prompts naming two adapters: the stack is held as the plan counts it, and the run
+        // stays inside the plan's arena.
+        for (name, host) in ["u1", "u2"].iter().zip(two_adapters(&f.config)) {
+            recforge::model::adapter::save(&host, &d.path().join(name)).unwrap();
+        }
+        let per = d.path().join("per_adapter.jsonl");
+        std::fs::write(
+            &per,
+            "{\"prompt\": \"the cat sat\", \"adapter\": \"u1\"}\n{\"prompt\": \"the dog\", \"adapter\": \"u2\"}\nthe mat\n",
+        )
+        .unwrap();
+        let o = recforge(&[
+            "generate",
+            "--model",
+            f.gguf.to_str().unwrap(),
+            "--prompts",
+            per.to_str().unwrap(),
+            "--raw",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            device,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains("2 adapters stacked"), "{err}");
+        assert!(err.contains("reserved as one arena"), "{err}");
+        assert!(!err.contains("the plan counts"), "{err}");
+        assert_eq!(json_lines(&o.stdout).len(), 3);
     }
 }
 

@@ -986,7 +986,10 @@ fn rec_eval_scores_each_sample_with_the_adapter_it_names() {
     let err = run(serde_json::json!([sample(1), s]), &[]);
     assert!(err.contains("sample 1: field \"adapter\""), "{err}");
     let err = run(serde_json::json!([sample(0), sample(1)]), &[]);
-    assert!(err.contains("no sample has an \"adapter\" field"), "{err}");
+    assert!(
+        err.contains("no sample or prompt has an \"adapter\" field"),
+        "{err}"
+    );
     let mut s = sample(0);
     s["adapter"] = serde_json::json!("nowhere");
     let err = run(serde_json::json!([s]), &[]);

@@ -50,7 +50,9 @@ enum Cmd {
         /// A file of prompts, completed together in batches over the paged KV cache: JSON Lines,
         /// each line a JSON string or an object with a "prompt" field (any other line is the
         /// prompt's text itself). Writes one JSON line per prompt, in file order, to stdout or
-        /// --out. Prompt i samples with seed --seed + i.
+        /// --out. Prompt i samples with seed --seed + i. An object's "adapter" field names the
+        /// PEFT adapter folder that prompt runs with (relative to the file's folder; the
+        /// adapters named are stacked, so a batch mixes them; not with --adapter).
         #[arg(long)]
         prompts: Option<PathBuf>,
         /// With --prompts: sequences decoded together at most.
@@ -441,8 +443,10 @@ fn run(cli: Cli) -> Result<()> {
                         model::convert::check_output(o, model::convert::Output::File)
                             .context("--out")?;
                     }
+                    let (texts, adapters) = read_prompts(&file)?;
                     Prompts::File {
-                        texts: read_prompts(&file)?,
+                        texts,
+                        adapters,
                         opts,
                         out,
                     }
@@ -794,31 +798,45 @@ enum Prompts {
     One(String),
     File {
         texts: Vec<String>,
+        /// Each prompt's "adapter" folder, if its line names one.
+        adapters: Vec<Option<PathBuf>>,
         opts: BatchOptions,
         out: Option<PathBuf>,
     },
 }
 
-/// The prompts of a `--prompts` file (see the flag's help).
-fn read_prompts(path: &Path) -> Result<Vec<String>> {
+/// The prompts of a `--prompts` file (see the flag's help), and each one's adapter folder.
+#[allow(clippy::type_complexity)]
+fn read_prompts(path: &Path) -> Result<(Vec<String>, Vec<Option<PathBuf>>)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the prompts file {}", path.display()))?;
-    let mut out = vec![];
+    let (mut out, mut adapters) = (vec![], vec![]);
+    let base = path.parent().unwrap_or(Path::new(""));
     for (i, line) in text.lines().enumerate() {
         let where_ = || format!("{} line {}", path.display(), i + 1);
         let l = line.trim();
         if l.is_empty() {
             continue;
         }
+        let mut adapter = None;
         let prompt = if l.starts_with('{') || l.starts_with('"') {
             match serde_json::from_str::<serde_json::Value>(l)
                 .with_context(|| format!("{}: not valid JSON", where_()))?
             {
                 serde_json::Value::String(s) => s,
-                serde_json::Value::Object(o) => match o.get("prompt") {
-                    Some(serde_json::Value::String(s)) => s.clone(),
-                    _ => bail!("{}: the object has no \"prompt\" string", where_()),
-                },
+                serde_json::Value::Object(o) => {
+                    adapter = match o.get("adapter") {
+                        None | Some(serde_json::Value::Null) => None,
+                        Some(serde_json::Value::String(a)) if !a.is_empty() => Some(base.join(a)),
+                        Some(_) => {
+                            bail!("{}: \"adapter\" is not an adapter folder's path", where_())
+                        }
+                    };
+                    match o.get("prompt") {
+                        Some(serde_json::Value::String(s)) => s.clone(),
+                        _ => bail!("{}: the object has no \"prompt\" string", where_()),
+                    }
+                }
                 _ => unreachable!("starts with {{ or \""),
             }
         } else {
@@ -828,11 +846,12 @@ fn read_prompts(path: &Path) -> Result<Vec<String>> {
             bail!("{}: the prompt is empty", where_());
         }
         out.push(prompt);
+        adapters.push(adapter);
     }
     if out.is_empty() {
         bail!("the prompts file {} holds no prompt", path.display());
     }
-    Ok(out)
+    Ok((out, adapters))
 }
 
 fn generate(
@@ -878,7 +897,30 @@ fn generate_on<B: Backend>(
         be.name(),
         t0.elapsed().as_secs_f64()
     );
+    // Prompts that name adapters: the folders stacked into one, each prompt gated to its own.
+    let stacked = match prompt {
+        Prompts::File { adapters, .. } if adapters.iter().any(Option::is_some) => {
+            if gen.adapter.is_some() {
+                bail!("--adapter applies one adapter to every prompt, but the prompts file names adapters of its own");
+            }
+            let (st, which, dirs) = stack_sample_adapters(&model.config, adapters)?;
+            eprintln!(
+                "{} adapters stacked (rank {} in all) for {} of {} prompts, the others on the base \
+                 model; prompts with different adapters share no prefix",
+                dirs.len(),
+                st.adapter.config.r,
+                which.iter().flatten().count(),
+                which.len()
+            );
+            Some((st, which))
+        }
+        _ => None,
+    };
     let dev_adapter = match &gen.adapter {
+        _ if stacked.is_some() => {
+            let (st, _) = stacked.as_ref().expect("stacked");
+            Some(DevAdapter::upload_frozen(be, &st.adapter)?)
+        }
         Some(dir) => {
             let host = model::adapter::load(dir)
                 .with_context(|| format!("cannot load adapter {}", dir.display()))?;
@@ -900,7 +942,11 @@ fn generate_on<B: Backend>(
         }
         None => None,
     };
-    let view = dev_adapter.as_ref().map(DevAdapter::view);
+    let view = match (&dev_adapter, &stacked) {
+        (Some(d), Some((st, _))) => Some(d.stacked_view(st)?),
+        (Some(d), None) => Some(d.view()),
+        (None, _) => None,
+    };
     let encode = |prompt: &str| -> Result<Vec<u32>> {
         let text = match (raw, tok.chat_prompt(prompt)) {
             (false, Some(chat)) => chat,
@@ -931,6 +977,7 @@ fn generate_on<B: Backend>(
             texts,
             opts: batch_opts,
             out,
+            ..
         } => {
             let ids = texts
                 .iter()
@@ -944,6 +991,7 @@ fn generate_on<B: Backend>(
                 stop_ids,
                 reserve: be.memory_stats().is_some() && opts.int8,
                 adapter: adapter_plan.clone(),
+                adapter_of: stacked.map(|(_, which)| which).unwrap_or_default(),
             };
             return generate_batch_on(be, &model, view.as_ref(), &tok, &b, &gen);
         }
@@ -1016,6 +1064,8 @@ struct BatchRun<'a> {
     reserve: bool,
     /// The adapter's rank and targets, for the plan.
     adapter: Option<(usize, Vec<String>)>,
+    /// Each prompt's adapter of a stacked one (empty: every prompt on `adapter`, or none).
+    adapter_of: Vec<Option<usize>>,
 }
 
 fn generate_batch_on<B: Backend>(
@@ -1038,7 +1088,7 @@ fn generate_batch_on<B: Backend>(
                 sampling: gen.params,
                 seed: gen.seed.wrapping_add(i as u64),
             },
-            adapter: None,
+            adapter: b.adapter_of.get(i).copied().flatten(),
         })
         .collect();
     let n = requests.len();
@@ -1676,7 +1726,7 @@ fn stack_sample_adapters(
         }));
     }
     if dirs.is_empty() {
-        bail!("--per-sample-adapters: no sample has an \"adapter\" field naming an adapter folder");
+        bail!("no sample or prompt has an \"adapter\" field naming an adapter folder");
     }
     let mut hosts = Vec::with_capacity(dirs.len());
     for dir in &dirs {
