@@ -275,28 +275,6 @@ fn batched_generation_with_an_adapter_matches_generate_on_the_cpu() {
     assert!(differs, "the adapter should change some completion");
 }
 
-/// Two adapters with random B on different targets, scales 2 and 1 (powers of two: the stacked
-/// arithmetic is then exact, see tests/stacked_adapters.rs).
-fn two_adapters(cfg: &recforge::model::LlamaConfig) -> [recforge::model::lora::HostAdapter; 2] {
-    use recforge::model::lora::{parse_targets, HostAdapter, LoraConfig};
-    use recforge::rng::Rng;
-    let make = |r: usize, alpha: f32, targets: &str, seed: u64| {
-        let lora = LoraConfig {
-            r,
-            alpha,
-            dropout: 0.0,
-            targets: parse_targets(targets).unwrap(),
-        };
-        let mut a = HostAdapter::init(cfg, &lora, seed, "fixture").unwrap();
-        let mut rng = Rng::new(seed + 1);
-        for w in a.layers.values_mut() {
-            w.b.iter_mut().for_each(|x| *x = rng.range(-0.3, 0.3));
-        }
-        a
-    };
-    [make(4, 8.0, "q,v,o,down", 3), make(2, 2.0, "v,up", 5)]
-}
-
 #[test]
 fn batched_generation_with_stacked_adapters_gives_each_request_its_adapters_tokens() {
     use recforge::infer::generate::generate_with;
@@ -305,7 +283,7 @@ fn batched_generation_with_stacked_adapters_gives_each_request_its_adapters_toke
     let (_d, f) = fixture(&FixtureSpec::default());
     let be = Cpu::new();
     let m = load(&be, &f.gguf);
-    let hosts = two_adapters(&m.config);
+    let hosts = common::two_adapters(&m.config);
     let st = stack(&[&hosts[0], &hosts[1]], &m.config).unwrap();
     let dev = DevAdapter::upload_frozen(&be, &st.adapter).unwrap();
     let view = dev.stacked_view(&st).unwrap();
@@ -390,7 +368,7 @@ fn a_stacked_step_on_the_gpu_backend_gives_each_sequence_its_adapters_logits() {
     for dev in common::devices() {
         let be = Gpu::new(dev);
         let m = load(&be, &f.gguf);
-        let hosts = two_adapters(&m.config);
+        let hosts = common::two_adapters(&m.config);
         let st = stack(&[&hosts[0], &hosts[1]], &m.config).unwrap();
         let dev_st = DevAdapter::upload_frozen(&be, &st.adapter).unwrap();
         let alone: Vec<DevAdapter<Gpu>> = hosts
@@ -922,7 +900,7 @@ fn cli_completes_a_prompts_file_like_one_prompt_at_a_time() {
 fn cli_runs_each_prompt_with_the_adapter_its_line_names() {
     let (d, f) = fixture(&FixtureSpec::default());
     let model = f.gguf.to_str().unwrap();
-    for (name, host) in ["u1", "u2"].iter().zip(two_adapters(&f.config)) {
+    for (name, host) in ["u1", "u2"].iter().zip(common::two_adapters(&f.config)) {
         recforge::model::adapter::save(&host, &d.path().join(name)).unwrap();
     }
     let prompts = [
@@ -1132,7 +1110,7 @@ fn cli_completes_a_prompts_file_on_the_gpu_backend() {
 
         // Prompts naming two adapters: the stack is held as the plan counts it, and the run
         // stays inside the plan's arena.
-        for (name, host) in ["u1", "u2"].iter().zip(two_adapters(&f.config)) {
+        for (name, host) in ["u1", "u2"].iter().zip(common::two_adapters(&f.config)) {
             recforge::model::adapter::save(&host, &d.path().join(name)).unwrap();
         }
         let per = d.path().join("per_adapter.jsonl");

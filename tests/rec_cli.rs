@@ -842,8 +842,6 @@ fn rec_train_notes_samples_past_the_models_context() {
 /// as scoring each sample's group with `--adapter` (or none) on its own.
 #[test]
 fn rec_eval_scores_each_sample_with_the_adapter_it_names() {
-    use recforge::model::lora::{parse_targets, HostAdapter, LoraConfig};
-    use recforge::rng::Rng;
     // head_dim 32: the smallest the device's attention kernels take (the simulator run below).
     let (d, f) = fixture(&FixtureSpec {
         layers: 1,
@@ -855,17 +853,7 @@ fn rec_eval_scores_each_sample_with_the_adapter_it_names() {
     // Two adapters with random B (scales 2 and 1: powers of two, so the stacked arithmetic is
     // exact, see tests/stacked_adapters.rs), saved as PEFT folders next to the data.
     for (name, r, alpha, targets, seed) in [("u1", 4, 8.0, "q,v", 1), ("u2", 2, 2.0, "v,down", 2)] {
-        let lora = LoraConfig {
-            r,
-            alpha,
-            dropout: 0.0,
-            targets: parse_targets(targets).unwrap(),
-        };
-        let mut a = HostAdapter::init(&f.config, &lora, seed, "fixture").unwrap();
-        let mut rng = Rng::new(seed + 10);
-        for w in a.layers.values_mut() {
-            w.b.iter_mut().for_each(|x| *x = rng.range(-0.5, 0.5));
-        }
+        let a = common::adapter_with_b(&f.config, r, alpha, targets, seed, 0.5);
         recforge::model::adapter::save(&a, &dir.join(name)).unwrap();
     }
     let which = [Some("u1"), Some("u2"), None, Some("u1"), None, Some("u2")];

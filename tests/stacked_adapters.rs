@@ -9,11 +9,10 @@ use common::fixture;
 use recforge::backend::cpu::Cpu;
 use recforge::backend::Backend;
 use recforge::model::fixture::FixtureSpec;
-use recforge::model::lora::{parse_targets, stack, HostAdapter, LoraConfig};
+use recforge::model::lora::{stack, HostAdapter};
 use recforge::model::{self, Llama, LlamaConfig, LoadOptions};
 use recforge::rec::eval::{score, score_stacked};
 use recforge::rec::Sample;
-use recforge::rng::Rng;
 use recforge::train::DevAdapter;
 
 /// 2 layers, head_dim 32 (the smallest the GPU attention kernels take).
@@ -27,23 +26,9 @@ fn spec() -> FixtureSpec {
     }
 }
 
-/// An adapter with random (non-zero) B: PEFT's zero B would make every adapter the base model
-/// and hide a row that took the wrong one.
+/// An adapter with B uniform in ±0.3 (`common::adapter_with_b`).
 fn adapter(cfg: &LlamaConfig, r: usize, alpha: f32, targets: &str, seed: u64) -> HostAdapter {
-    let lora = LoraConfig {
-        r,
-        alpha,
-        dropout: 0.05,
-        targets: parse_targets(targets).unwrap(),
-    };
-    let mut a = HostAdapter::init(cfg, &lora, seed, "fixture").unwrap();
-    let mut rng = Rng::new(seed + 1);
-    for w in a.layers.values_mut() {
-        for x in &mut w.b {
-            *x = rng.range(-0.3, 0.3);
-        }
-    }
-    a
+    common::adapter_with_b(cfg, r, alpha, targets, seed, 0.3)
 }
 
 /// Short prompts: the fixture's byte-level tokenizer makes about a token of every 1–2 bytes,

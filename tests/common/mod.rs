@@ -42,6 +42,41 @@ pub fn logits(path: &std::path::Path, tokens: &[u32], opts: LoadOptions) -> Vec<
         .expect("f32")
 }
 
+/// A LoRA adapter of rank `r` (alpha `alpha`, no dropout) on `targets` ("q,v"): PEFT's A from
+/// `seed` and B uniform in ±`b` (PEFT's zero B would make every adapter the base model and hide
+/// a row that took the wrong one).
+pub fn adapter_with_b(
+    cfg: &recforge::model::LlamaConfig,
+    r: usize,
+    alpha: f32,
+    targets: &str,
+    seed: u64,
+    b: f32,
+) -> recforge::model::lora::HostAdapter {
+    use recforge::model::lora::{parse_targets, HostAdapter, LoraConfig};
+    let lora = LoraConfig {
+        r,
+        alpha,
+        dropout: 0.0,
+        targets: parse_targets(targets).expect("targets"),
+    };
+    let mut a = HostAdapter::init(cfg, &lora, seed, "fixture").expect("init");
+    let mut rng = recforge::rng::Rng::new(seed + 1);
+    for w in a.layers.values_mut() {
+        w.b.iter_mut().for_each(|x| *x = rng.range(-b, b));
+    }
+    a
+}
+
+/// Two adapters on different targets with scales 2 and 1 — powers of two, so stacking them
+/// (`model::lora::stack`) changes no bit of what each computes (tests/stacked_adapters.rs).
+pub fn two_adapters(cfg: &recforge::model::LlamaConfig) -> [recforge::model::lora::HostAdapter; 2] {
+    [
+        adapter_with_b(cfg, 4, 8.0, "q,v,o,down", 3, 0.3),
+        adapter_with_b(cfg, 2, 2.0, "v,up", 5, 0.3),
+    ]
+}
+
 pub const TEXT: &str = "the cat sat on the mat, and then the rest is history";
 
 /// The simulator, plus CUDA when a GPU is usable (otherwise says why the CUDA half skipped).
