@@ -825,13 +825,8 @@ fn read_prompts(path: &Path) -> Result<(Vec<String>, Vec<Option<PathBuf>>)> {
             {
                 serde_json::Value::String(s) => s,
                 serde_json::Value::Object(o) => {
-                    adapter = match o.get("adapter") {
-                        None | Some(serde_json::Value::Null) => None,
-                        Some(serde_json::Value::String(a)) if !a.is_empty() => Some(base.join(a)),
-                        Some(_) => {
-                            bail!("{}: \"adapter\" is not an adapter folder's path", where_())
-                        }
-                    };
+                    adapter = rec::tallrec::adapter_folder(o.get("adapter"), base)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", where_()))?;
                     match o.get("prompt") {
                         Some(serde_json::Value::String(s)) => s.clone(),
                         _ => bail!("{}: the object has no \"prompt\" string", where_()),
@@ -916,16 +911,10 @@ fn generate_on<B: Backend>(
         }
         _ => None,
     };
-    let dev_adapter = match &gen.adapter {
-        _ if stacked.is_some() => {
-            let (st, _) = stacked.as_ref().expect("stacked");
-            Some(DevAdapter::upload_frozen(be, &st.adapter)?)
-        }
-        Some(dir) => {
-            let host = model::adapter::load(dir)
-                .with_context(|| format!("cannot load adapter {}", dir.display()))?;
-            host.check_against(&model.config)
-                .with_context(|| format!("adapter {} does not fit the model", dir.display()))?;
+    let dev_adapter = match (&stacked, &gen.adapter) {
+        (Some((st, _)), _) => Some(DevAdapter::upload_frozen(be, &st.adapter)?),
+        (None, Some(dir)) => {
+            let host = load_adapter(dir, &model.config)?;
             eprintln!(
                 "adapter {}: r {}, alpha {} on {}",
                 dir.display(),
@@ -940,7 +929,7 @@ fn generate_on<B: Backend>(
             );
             Some(DevAdapter::upload_frozen(be, &host)?)
         }
-        None => None,
+        (None, None) => None,
     };
     let view = match (&dev_adapter, &stacked) {
         (Some(d), Some((st, _))) => Some(d.stacked_view(st)?),
@@ -1570,25 +1559,16 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         ..LoadOptions::default()
     };
     let (m, tok) = load_model_with(be, a.model, opts)?;
-    let adapter = match a.adapter {
-        Some(dir) => {
-            let host = model::adapter::load(dir)
-                .with_context(|| format!("cannot load adapter {}", dir.display()))?;
-            host.check_against(&m.config)
-                .with_context(|| format!("adapter {} does not fit the model", dir.display()))?;
-            DevAdapter::upload_frozen(be, &host)?
-        }
-        None => DevAdapter::none(),
-    };
     // --per-sample-adapters: the adapters the samples name, stacked in order of first mention.
     let stacked = if a.per_sample_adapters {
         Some(stack_sample_adapters(&m.config, &adapter_of)?)
     } else {
         None
     };
-    let adapter = match &stacked {
-        Some((st, _, _)) => DevAdapter::upload_frozen(be, &st.adapter)?,
-        None => adapter,
+    let adapter = match (&stacked, a.adapter) {
+        (Some((st, _, _)), _) => DevAdapter::upload_frozen(be, &st.adapter)?,
+        (None, Some(dir)) => DevAdapter::upload_frozen(be, &load_adapter(dir, &m.config)?)?,
+        (None, None) => DevAdapter::none(),
     };
     let share_prefix = a.share_prefix && stacked.is_none();
     let max_tokens = m.config.max_position_embeddings.max(1);
@@ -1702,9 +1682,19 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// `rec eval --per-sample-adapters`: load the distinct adapter folders the samples name (in
-/// order of first mention), check each against the model, and stack them. Returns the stack,
-/// each sample's index into it (None: the base model) and the folders.
+/// A PEFT adapter folder, checked against the model it is to be applied to.
+fn load_adapter(dir: &Path, cfg: &model::LlamaConfig) -> Result<model::lora::HostAdapter> {
+    let host = model::adapter::load(dir)
+        .with_context(|| format!("cannot load adapter {}", dir.display()))?;
+    host.check_against(cfg)
+        .with_context(|| format!("adapter {} does not fit the model", dir.display()))?;
+    Ok(host)
+}
+
+/// `rec eval --per-sample-adapters` and `generate --prompts` lines with an "adapter": load the
+/// distinct adapter folders the samples or prompts name (in order of first mention), check each
+/// against the model, and stack them. Returns the stack, each one's index into it (None: the
+/// base model) and the folders.
 #[allow(clippy::type_complexity)]
 fn stack_sample_adapters(
     cfg: &model::LlamaConfig,
@@ -1728,14 +1718,10 @@ fn stack_sample_adapters(
     if dirs.is_empty() {
         bail!("no sample or prompt has an \"adapter\" field naming an adapter folder");
     }
-    let mut hosts = Vec::with_capacity(dirs.len());
-    for dir in &dirs {
-        let host = model::adapter::load(dir)
-            .with_context(|| format!("cannot load adapter {}", dir.display()))?;
-        host.check_against(cfg)
-            .with_context(|| format!("adapter {} does not fit the model", dir.display()))?;
-        hosts.push(host);
-    }
+    let hosts = dirs
+        .iter()
+        .map(|dir| load_adapter(dir, cfg))
+        .collect::<Result<Vec<_>>>()?;
     let refs: Vec<&model::lora::HostAdapter> = hosts.iter().collect();
     let st = model::lora::stack(&refs, cfg)?;
     Ok((st, which, dirs))

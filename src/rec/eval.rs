@@ -160,14 +160,7 @@ pub fn score_stacked<B: Backend>(
             which.len()
         )));
     }
-    if adapter.config.r != stack.adapter.config.r
-        || adapter.config.targets != stack.adapter.config.targets
-    {
-        return Err(Error::Invalid(format!(
-            "the device adapter (rank {}) is not the stack's (rank {}): upload stack.adapter",
-            adapter.config.r, stack.adapter.config.r
-        )));
-    }
+    adapter.check_holds(stack)?;
     if let Some(i) = which.iter().flatten().find(|&&i| i >= stack.blocks.len()) {
         return Err(Error::Invalid(format!(
             "adapter {i} asked for, but the stack holds {}",

@@ -246,12 +246,7 @@ pub fn write_json(path: &Path, samples: &[Sample]) -> Result<()> {
 /// Read a JSON list of `{"instruction", "input", "output"}` objects (string fields; other fields
 /// are ignored).
 pub fn read_json(path: &Path) -> Result<Vec<Sample>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
-    let Value::Array(items) = v else {
-        return Err(Error::format(path, "expected a JSON list of samples"));
-    };
+    let items = read_list(path)?;
     items
         .iter()
         .enumerate()
@@ -279,29 +274,43 @@ pub fn read_json(path: &Path) -> Result<Vec<Sample>> {
         .collect()
 }
 
-/// Each sample's `"adapter"` field in a samples file (extra to TALLRec's three): the folder of
-/// the PEFT adapter that scores it, resolved against the file's own folder when relative, or
-/// None where the field is absent or null (the base model). `rec eval --per-sample-adapters`.
-pub fn read_adapter_field(path: &Path) -> Result<Vec<Option<std::path::PathBuf>>> {
+/// The JSON list of a samples file.
+fn read_list(path: &Path) -> Result<Vec<Value>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let v: Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
     let Value::Array(items) = v else {
         return Err(Error::format(path, "expected a JSON list of samples"));
     };
+    Ok(items)
+}
+
+/// Each sample's `"adapter"` field in a samples file (extra to TALLRec's three): the folder of
+/// the PEFT adapter that scores it ([`adapter_folder`]). `rec eval --per-sample-adapters`.
+pub fn read_adapter_field(path: &Path) -> Result<Vec<Option<std::path::PathBuf>>> {
     let base = path.parent().unwrap_or(Path::new(""));
-    items
+    read_list(path)?
         .iter()
         .enumerate()
-        .map(|(i, item)| match item.get("adapter") {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) if !s.is_empty() => Ok(Some(base.join(s))),
-            Some(_) => Err(Error::format(
-                path,
-                format!("sample {i}: field \"adapter\" is not an adapter folder's path"),
-            )),
+        .map(|(i, item)| {
+            adapter_folder(item.get("adapter"), base)
+                .map_err(|e| Error::format(path, format!("sample {i}: field {e}")))
         })
         .collect()
+}
+
+/// The `"adapter"` field of a sample or prompt object (`field`: the object's value for it): the
+/// adapter folder it names, resolved against `base` (the file's own folder) when relative; None
+/// where the field is absent or null. The error says what is wrong with the field.
+pub fn adapter_folder(
+    field: Option<&Value>,
+    base: &Path,
+) -> std::result::Result<Option<std::path::PathBuf>, &'static str> {
+    match field {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(base.join(s))),
+        Some(_) => Err("\"adapter\" is not an adapter folder's path"),
+    }
 }
 
 #[cfg(test)]

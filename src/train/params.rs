@@ -53,18 +53,25 @@ impl<B: Backend> DevAdapter<B> {
         &self,
         stack: &crate::model::lora::StackedAdapter,
     ) -> Result<AdapterView<'_, B>> {
-        if self.config.r != stack.adapter.config.r
-            || self.config.targets != stack.adapter.config.targets
-        {
-            return Err(Error::Invalid(format!(
-                "this adapter (rank {}) is not the stack's (rank {}): upload stack.adapter",
-                self.config.r, stack.adapter.config.r
-            )));
-        }
+        self.check_holds(stack)?;
         Ok(AdapterView {
             blocks: stack.blocks.clone(),
             ..self.view()
         })
+    }
+
+    /// That this is `stack.adapter` on the backend (its rank and targets), as the gates built
+    /// from the stack's blocks assume.
+    pub fn check_holds(&self, stack: &crate::model::lora::StackedAdapter) -> Result<()> {
+        let want = &stack.adapter.config;
+        if self.config.r != want.r || self.config.targets != want.targets {
+            return Err(Error::Invalid(format!(
+                "the adapter on the backend (rank {}) is not the stack's (rank {}): upload \
+                 stack.adapter",
+                self.config.r, want.r
+            )));
+        }
+        Ok(())
     }
 
     /// Upload an adapter with zeroed gradients and moments.
