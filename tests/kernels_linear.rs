@@ -849,6 +849,36 @@ fn per_sample_lora_gradient_norms_match_the_cpu() {
         })
         .collect();
     assert!(want[0] > 0.0 && want[2] == 0.0);
+    // The CPU backend's own op (the definition in f64, every sample of the batch at once).
+    {
+        let cl = Lora {
+            a: up(&a, &[r, k]),
+            b: up(&b, &[n, r]),
+            scale: 2.0,
+        };
+        let (xs, gs) = (up(&xf, &[m, k]), up(&gate, &[m, r]));
+        let mut h = cpu.zeros(&[m, r], DType::F32).unwrap();
+        let mut u = cpu.zeros(&[m, r], DType::F32).unwrap();
+        let mut y = cpu.zeros(&[m, n], DType::F32).unwrap();
+        cpu.lora_forward(&xs, &cl, &gs, Dropout::NONE, &mut h, &mut u, &mut y)
+            .unwrap();
+        let dys = up(&dyf, &[m, n]);
+        let got = cpu
+            .lora_sample_grad_sq_norms(&xs, &cl, &gs, &h, &u, &dys, &samples)
+            .unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            // f64 sums against f32 GEMMs of ≤ 11 rows: ~1e-6 relative apart.
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs(),
+                "cpu op: sample {i}: {g} vs {w}"
+            );
+        }
+        let e = cpu
+            .lora_sample_grad_sq_norms(&xs, &cl, &gs, &h, &u, &dys, &[(10, 9)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exceed"), "{e}");
+    }
     for dev in devices() {
         let dl = DevLora {
             a: dev.upload(&a).unwrap(),

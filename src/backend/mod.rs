@@ -477,6 +477,23 @@ pub trait Backend: Sized + Send + Sync {
         dx: &mut Tensor<Self>,
     ) -> Result<()>;
 
+    /// Squared L2 norm of each sample's LoRA weight gradient, `‖dA_s‖² + ‖dB_s‖²`, where dA_s
+    /// and dB_s are what `lora_backward` without dropout would accumulate from the sample's
+    /// rows alone; `samples` are `(first row, rows)` ranges of x's rows. For gradient-based
+    /// data pruning (`train::step::sample_scores`); `h` is the forward's, as `lora_backward`
+    /// takes it.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_sample_grad_sq_norms(
+        &self,
+        x: &Tensor<Self>,
+        lora: &Lora<Self>,
+        gate: &Tensor<Self>,
+        h: &Tensor<Self>,
+        u: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        samples: &[(usize, usize)],
+    ) -> Result<Vec<f32>>;
+
     /// Fused softmax cross-entropy, forward and backward, over a chunk of rows: `logits`
     /// `[T, V]` is overwritten with its gradient `(softmax(logits) − onehot(label)) · grad_scale`
     /// (zero rows where the label is `IGNORE_LABEL`), and `loss` `[T]` f32 receives

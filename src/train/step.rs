@@ -328,8 +328,16 @@ fn project<'a, 'p: 'a, B: Backend + 'p>(
     be.linear_lora(x, &mut projs)
 }
 
+/// Per-sample squared LoRA gradient norms summed over the adapted projections of every layer
+/// (`sample_scores`): `rows` are each sequence's `(first row, rows)`.
+struct SampleNorms {
+    rows: Vec<(usize, usize)>,
+    sq: Vec<f64>,
+}
+
 /// `dx = dy · W (+ the LoRA input gradient)`, or `dx +=` that when `accumulate` (a second
-/// projection of the same input), accumulating the LoRA weight gradients.
+/// projection of the same input), accumulating the LoRA weight gradients; with `norms`, each
+/// sample's part of those gradients is measured too.
 #[allow(clippy::too_many_arguments)]
 fn linear_lora_backward<B: Backend>(
     be: &B,
@@ -343,9 +351,16 @@ fn linear_lora_backward<B: Backend>(
     dy: &Tensor<B>,
     dx: &mut Tensor<B>,
     accumulate: bool,
+    norms: Option<&mut SampleNorms>,
 ) -> Result<()> {
     be.linear_backward_input(dy, w, dx, accumulate)?;
     if let (Some(p), Some((h, u))) = (lora, saved) {
+        if let Some(sn) = norms {
+            let sq = be.lora_sample_grad_sq_norms(x, &p.lora, lora_gate, h, u, dy, &sn.rows)?;
+            for (acc, v) in sn.sq.iter_mut().zip(sq) {
+                *acc += v as f64;
+            }
+        }
         be.lora_backward(
             x,
             &p.lora,
@@ -540,6 +555,7 @@ impl<B: Backend> Ctx<'_, B> {
         adapter: &mut DevAdapter<B>,
         ws: &mut Workspace<B>,
         ai: usize,
+        mut norms: Option<&mut SampleNorms>,
     ) -> Result<()> {
         let (be, c) = (self.be, &self.model.config);
         let lay = &self.model.layers[l];
@@ -578,6 +594,7 @@ impl<B: Backend> Ctx<'_, B> {
             dx,
             dff,
             false,
+            norms.as_deref_mut(),
         )?;
         be.swiglu_backward(&a.g, &a.u, dff, dg, du)?;
         linear_lora_backward(
@@ -592,6 +609,7 @@ impl<B: Backend> Ctx<'_, B> {
             dg,
             dh,
             false,
+            norms.as_deref_mut(),
         )?;
         linear_lora_backward(
             be,
@@ -605,6 +623,7 @@ impl<B: Backend> Ctx<'_, B> {
             du,
             dh,
             true,
+            norms.as_deref_mut(),
         )?;
         be.rmsnorm_backward(&a.x2, &lay.ffn_norm, eps, dh, dx, true)?;
         // Attention: x2 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))).
@@ -621,6 +640,7 @@ impl<B: Backend> Ctx<'_, B> {
             dx,
             dattn,
             false,
+            norms.as_deref_mut(),
         )?;
         reshape(dattn, &[t, h, hd]);
         reshape(dq, &[t, h, hd]);
@@ -659,6 +679,7 @@ impl<B: Backend> Ctx<'_, B> {
             dq,
             dh,
             false,
+            norms.as_deref_mut(),
         )?;
         for (tg, w, dy) in [(Target::K, &lay.k, &*dk), (Target::V, &lay.v, &*dv)] {
             linear_lora_backward(
@@ -673,6 +694,7 @@ impl<B: Backend> Ctx<'_, B> {
                 dy,
                 dh,
                 true,
+                norms.as_deref_mut(),
             )?;
         }
         be.rmsnorm_backward(&xs[l], &lay.attn_norm, eps, dh, dx, true)
@@ -833,6 +855,100 @@ pub fn forward_backward<B: Backend>(
     run: LoraRun,
     grad_scale: f32,
 ) -> Result<StepLoss> {
+    forward_backward_with(be, model, adapter, ws, batch, run, grad_scale, None)
+}
+
+/// What [`sample_scores`] measures of one sequence of a batch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleScore {
+    /// Labelled rows (response tokens) of the sequence.
+    pub tokens: usize,
+    /// Its mean loss per labelled token (nats).
+    pub loss: f64,
+    /// The L2 norm of the gradient of that mean loss with respect to every LoRA A and B.
+    pub grad_norm: f64,
+}
+
+/// Each sequence of `batch` scored for gradient-based data pruning, from one forward and one
+/// backward pass of the whole batch without dropout: its mean response-token loss and the
+/// norm of that loss's LoRA gradient — what the sequence alone would give, as
+/// `forward_backward` of a batch of just it with `grad_scale` = 1 / its labelled tokens and
+/// the adapter's gradient norm (sequences are independent in a packed batch). `adapter`'s
+/// gradient tensors are left holding the batch's summed gradient. A sequence with no labelled
+/// row is an error.
+pub fn sample_scores<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: &mut DevAdapter<B>,
+    ws: &mut Workspace<B>,
+    batch: &Batch,
+) -> Result<Vec<SampleScore>> {
+    let rows: Vec<(usize, usize)> = batch.spans.iter().map(|s| (s.q_start, s.q_len)).collect();
+    let tokens: Vec<usize> = rows
+        .iter()
+        .map(|&(s, n)| {
+            batch.labels[s..s + n]
+                .iter()
+                .filter(|&&l| l != IGNORE_LABEL)
+                .count()
+        })
+        .collect();
+    if let Some(i) = tokens.iter().position(|&n| n == 0) {
+        return Err(Error::Invalid(format!(
+            "sequence {i} of the batch has no labelled token to score"
+        )));
+    }
+    let mut sc = Scoring {
+        norms: SampleNorms {
+            sq: vec![0.0; rows.len()],
+            rows,
+        },
+        row_loss: vec![0.0; batch.len()],
+    };
+    adapter.zero_grads(be)?;
+    forward_backward_with(
+        be,
+        model,
+        adapter,
+        ws,
+        batch,
+        LoraRun::INFERENCE,
+        1.0,
+        Some(&mut sc),
+    )?;
+    Ok(sc
+        .norms
+        .rows
+        .iter()
+        .zip(&sc.norms.sq)
+        .zip(&tokens)
+        .map(|((&(s, n), &sq), &t)| SampleScore {
+            tokens: t,
+            loss: sc.row_loss[s..s + n].iter().sum::<f64>() / t as f64,
+            // With grad_scale 1 the sample's gradient is of its summed loss.
+            grad_norm: sq.sqrt() / t as f64,
+        })
+        .collect())
+}
+
+/// What `forward_backward_with` records for `sample_scores`.
+struct Scoring {
+    norms: SampleNorms,
+    /// Each row's loss (0 where unlabelled).
+    row_loss: Vec<f64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_backward_with<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    adapter: &mut DevAdapter<B>,
+    ws: &mut Workspace<B>,
+    batch: &Batch,
+    run: LoraRun,
+    grad_scale: f32,
+    mut scoring: Option<&mut Scoring>,
+) -> Result<StepLoss> {
     check_batch(model, ws, batch)?;
     let t0 = std::time::Instant::now();
     let ids = upload_u32(be, &batch.tokens)?;
@@ -884,6 +1000,15 @@ pub fn forward_backward<B: Backend>(
             )));
         }
         loss_sum += l.iter().map(|&x| x as f64).sum::<f64>();
+        if let Some(sc) = scoring.as_deref_mut() {
+            let mut at = 0;
+            for &(s, n) in &chunk {
+                for (dst, &v) in sc.row_loss[s..s + n].iter_mut().zip(&l[at..at + n]) {
+                    *dst = v as f64;
+                }
+                at += n;
+            }
+        }
         be.linear_backward_input(&dlogits, head(model), &mut sel, false)?;
         let mut at = 0;
         for &(s, n) in &chunk {
@@ -920,7 +1045,8 @@ pub fn forward_backward<B: Backend>(
                 None,
             )?;
         }
-        cx.layer_backward(l, adapter, ws, ai)?;
+        let norms = scoring.as_deref_mut().map(|sc| &mut sc.norms);
+        cx.layer_backward(l, adapter, ws, ai, norms)?;
     }
     be.synchronize()?;
     Ok(StepLoss {

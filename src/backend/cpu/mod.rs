@@ -803,6 +803,64 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn lora_sample_grad_sq_norms(
+        &self,
+        x: &T,
+        lora: &Lora<Cpu>,
+        gate: &T,
+        h: &T,
+        u: &T,
+        dy: &T,
+        samples: &[(usize, usize)],
+    ) -> Result<Vec<f32>> {
+        let op = "lora_sample_grad_sq_norms";
+        let g = lora_geometry(op, x, lora)?;
+        let (m, k, r, n) = (g.m, g.k, g.r, g.n);
+        for (what, t) in [("gate", gate), ("h", h), ("u", u)] {
+            expect_shape(op, what, t, &[m, r])?;
+        }
+        expect_shape(op, "dy", dy, &[m, n])?;
+        if let Some(&(s, len)) = samples.iter().find(|&&(s, len)| s + len > m) {
+            return Err(Error::Shape(format!(
+                "{op}: sample rows {s}..{} exceed the batch ({m} rows)",
+                s + len
+            )));
+        }
+        let (xs, b, gs, us, dys) = (
+            f32s(op, "x", x)?,
+            f32s(op, "b", &lora.b)?,
+            f32s(op, "gate", gate)?,
+            f32s(op, "u", u)?,
+            f32s(op, "dy", dy)?,
+        );
+        let scale = lora.scale as f64;
+        // The definitions, in f64, one sample at a time: dh = s·(dy·B) ⊙ gate,
+        // dA = dhᵀ·x `[R, K]`, dB = s·dyᵀ·u `[N, R]`.
+        Ok(samples
+            .par_iter()
+            .map(|&(s0, len)| {
+                let rows = s0..s0 + len;
+                let mut da = vec![0f64; r * k];
+                let mut db = vec![0f64; n * r];
+                for t in rows {
+                    let dyt = &dys[t * n..(t + 1) * n];
+                    for j in 0..r {
+                        let dp: f64 = (0..n).map(|c| dyt[c] as f64 * b[c * r + j] as f64).sum();
+                        let dh = scale * dp * gs[t * r + j] as f64;
+                        for (d, &xv) in da[j * k..(j + 1) * k].iter_mut().zip(&xs[t * k..]) {
+                            *d += dh * xv as f64;
+                        }
+                        let ut = us[t * r + j] as f64;
+                        for c in 0..n {
+                            db[c * r + j] += scale * dyt[c] as f64 * ut;
+                        }
+                    }
+                }
+                da.iter().chain(&db).map(|v| v * v).sum::<f64>() as f32
+            })
+            .collect())
+    }
+
     fn sample(
         &self,
         logits: &T,

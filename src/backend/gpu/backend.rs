@@ -821,6 +821,35 @@ impl Backend for Gpu {
         )
     }
 
+    fn lora_sample_grad_sq_norms(
+        &self,
+        x: &T,
+        lora: &Lora<Gpu>,
+        gate: &T,
+        h: &T,
+        u: &T,
+        dy: &T,
+        samples: &[(usize, usize)],
+    ) -> Result<Vec<f32>> {
+        let op = "lora_sample_grad_sq_norms";
+        let (_, k) = x.rows_cols();
+        let view = lora_view(op, lora, k)?;
+        // The scratch holds one sample's dA and dB at a time (ops::lora).
+        let longest = samples.iter().map(|s| s.1).max().unwrap_or(0);
+        let mut scratch = ops::lora::SampleNormScratch::new(&self.dev, &view, longest)?;
+        ops::lora::sample_grad_sq_norms(
+            &self.dev,
+            bf(op, "x", x)?,
+            &view,
+            f32b(op, "gate", gate)?,
+            f32b(op, "h", h)?,
+            f32b(op, "u", u)?,
+            bf(op, "dy", dy)?,
+            samples,
+            &mut scratch,
+        )
+    }
+
     fn cross_entropy(
         &self,
         logits: &mut T,
