@@ -51,7 +51,7 @@ set -euo pipefail
 BNB_VERSION=0.50.2
 # Test executables with no device half (no `common::devices()`, no Gpu backend, every CLI
 # run on --device cpu), left out of the staged payload.
-CPU_ONLY_TESTS="adapter bad_input examples fuzz_inputs ggml_quants llama_cpp_vocab model rec_cli rec_data tallrec_smollm2"
+CPU_ONLY_TESTS="adapter bad_input examples fuzz_inputs ggml_quants llama_cpp_vocab model rec_cli rec_data rec_prune tallrec_smollm2"
 
 mode="${1:-}"
 case "$mode" in

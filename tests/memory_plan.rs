@@ -248,6 +248,94 @@ fn an_arena_smaller_than_the_plan_stops_the_run_with_a_clear_error() {
     assert_eq!(be.memory_stats().unwrap().in_use, 0);
 }
 
+#[test]
+fn the_pruning_plan_is_the_measured_peak_of_rec_prune_scoring() {
+    // `rec prune`: a training step's memory plus, in every adapted projection's backward, each
+    // sample's gradient measured in a scratch of its own. In the first case the training
+    // step's own peak dominates; in the second (rank 64 on down, 9 tokens: the weight-only GEMV
+    // path has no int8 scratch) the per-sample scratch is the peak, so its every term counts.
+    let tiny = shape("tiny").unwrap();
+    let cases = [
+        (
+            "tiny, 3 × 20 tokens, q,v r 8, checkpointing",
+            3,
+            20,
+            8,
+            "q,v",
+            Checkpointing::All,
+            false,
+        ),
+        (
+            "tiny, 1 × 9 tokens, down r 64",
+            1,
+            9,
+            64,
+            "down",
+            Checkpointing::Off,
+            true,
+        ),
+    ];
+    for dev in common::devices() {
+        let kind = dev.name();
+        drop(dev);
+        for (name, batch, seq, r, targets, checkpointing, norms_peak) in cases {
+            let c = Case {
+                name,
+                model: tiny.clone(),
+                batch,
+                seq,
+                r,
+                targets,
+                checkpointing,
+            };
+            let plan = memory::plan_sample_scoring(&setup(&c)).unwrap();
+            let peak_row = plan
+                .entries
+                .iter()
+                .find(|e| e.category == "peak scratch")
+                .unwrap();
+            assert_eq!(
+                peak_row.what.starts_with("per-sample gradient"),
+                norms_peak,
+                "{name}: {}",
+                plan.table()
+            );
+            let dev = if kind.starts_with("sim") {
+                Device::sim()
+            } else {
+                Device::cuda(0).unwrap()
+            };
+            let be = Gpu::new(dev);
+            assert!(be.reserve_arena(plan.total()).unwrap());
+            let model = random_llama(&be, &c.model, 7).unwrap();
+            let host = common::adapter_with_b(&c.model, r, 16.0, targets, 3, 0.3);
+            let mut adapter = recforge::train::DevAdapter::upload(&be, &host).unwrap();
+            // Two passes of `batch` full-length samples, every row labelled.
+            let examples = data(&c, 2 * batch, 13);
+            let recomputed = checkpointing.recomputed(c.model.num_hidden_layers);
+            let scores = recforge::rec::prune::score(
+                &be,
+                &model,
+                &mut adapter,
+                &examples,
+                batch,
+                recomputed,
+                |_, _| {},
+            )
+            .unwrap_or_else(|e| panic!("{kind}, {name}: {e}\nplan:\n{}", plan.table()));
+            assert!(scores.iter().all(|s| s.grad_norm > 0.0 && s.tokens == seq));
+            let st = be.memory_stats().unwrap();
+            eprintln!(
+                "{kind}, {name}: plan {} B, measured peak {} B",
+                plan.total(),
+                st.peak
+            );
+            assert_peak_is_plan(&format!("{kind}, {name}"), st.peak, &plan);
+            assert_eq!(st.device_allocations, 1, "{kind}, {name}: the arena only");
+        }
+    }
+}
+
 /// TALLRec-style samples with the same instruction and varied inputs, so the prompts share a
 /// prefix and differ in length.
 fn scoring_samples(n: usize) -> Vec<recforge::rec::Sample> {

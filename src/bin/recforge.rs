@@ -216,6 +216,9 @@ enum RecCmd {
     },
     /// LoRA-train a model on a TALLRec JSON file and save the adapter (PEFT format).
     Train(Box<TrainArgs>),
+    /// Data pruning: score each training sample by the norm of its LoRA gradient and keep a
+    /// subset to train on (stratified over the scores, or the highest / lowest).
+    Prune(Box<PruneArgs>),
     /// Score a TALLRec JSON file: P(Yes) per sample, AUC, accuracy, log-loss.
     Eval {
         #[arg(long, default_value = DEFAULT_MODEL)]
@@ -349,6 +352,55 @@ struct TrainArgs {
     device: DeviceChoice,
 }
 
+#[derive(clap::Args)]
+struct PruneArgs {
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// TALLRec JSON file to prune (a list of {instruction, input, output}).
+    #[arg(long)]
+    data: PathBuf,
+    /// Where the kept samples are written: a TALLRec JSON file, in the input's order.
+    #[arg(long)]
+    out: PathBuf,
+    /// How many samples to keep: a count (256) or a share of the samples that can be scored
+    /// (25%).
+    #[arg(long)]
+    keep: String,
+    /// stratified (equal-width strata over the scores, the budget spread evenly: easy, typical
+    /// and hard samples alike), highest or lowest gradient norms.
+    #[arg(long, default_value = "stratified")]
+    select: String,
+    /// Strata of the score range, with --select stratified.
+    #[arg(long, default_value_t = rec::prune::DEFAULT_STRATA)]
+    strata: usize,
+    /// The adapter whose gradients are measured, e.g. one trained briefly on this data; without
+    /// it, a fresh adapter of the preset (PEFT's initialisation: B = 0, so only B's gradient
+    /// counts).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// tallrec or itrek: the fresh adapter's rank, alpha and targets, and the cutoff.
+    #[arg(long, default_value = "tallrec")]
+    preset: String,
+    /// Tokens per sample at most, as `rec train --cutoff` (a sample left without a response
+    /// token is neither scored nor kept).
+    #[arg(long)]
+    cutoff: Option<usize>,
+    /// Samples per forward + backward pass.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Seed of the fresh adapter and of the draws within strata.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write every sample's score (labelled tokens, loss, gradient norm, kept) as JSON.
+    #[arg(long)]
+    scores: Option<PathBuf>,
+    /// Device memory budget the plan must fit (checked on CUDA).
+    #[arg(long, default_value = "24GiB")]
+    budget: String,
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+}
+
 fn main() -> ExitCode {
     recforge::restore_default_sigpipe();
     recforge::keep_freed_host_memory();
@@ -473,6 +525,10 @@ fn run(cli: Cli) -> Result<()> {
                         seed,
                     },
             } => rec_data(&dataset, &split, &out, samples, seed),
+            RecCmd::Prune(a) => match open_backend(a.device)? {
+                Chosen::Cpu(be) => rec_prune(&be, &a),
+                Chosen::Gpu(be) => rec_prune(&be, &a),
+            },
             RecCmd::Train(a) => match open_backend(a.device)? {
                 Chosen::Cpu(be) => rec_train(&be, &a),
                 Chosen::Gpu(be) => rec_train(&be, &a),
@@ -1815,6 +1871,212 @@ fn human_secs(s: f64) -> String {
     } else {
         format!("{:.1}h", s / 3600.0)
     }
+}
+
+/// `--keep`: a count, or a percentage of `of`.
+fn parse_keep(keep: &str, of: usize) -> Result<usize> {
+    let bad = || format!("--keep '{keep}': expected a count such as 256 or a share such as 25%");
+    let n = match keep.strip_suffix('%') {
+        Some(p) => {
+            let p: f64 = p.trim().parse().ok().with_context(bad)?;
+            if !(p > 0.0 && p <= 100.0) {
+                bail!("--keep {keep}: a share must be above 0% and at most 100%");
+            }
+            ((p / 100.0 * of as f64).round() as usize).max(1)
+        }
+        None => keep.trim().parse().ok().with_context(bad)?,
+    };
+    if n == 0 {
+        bail!("--keep must keep at least one sample");
+    }
+    if n > of {
+        bail!("--keep {keep}: only {of} samples can be scored");
+    }
+    Ok(n)
+}
+
+fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
+    use model::convert::{check_output, same_file, Output};
+    // Everything the command line alone can get wrong is refused before the model loads.
+    let mut how: rec::prune::Selection = a.select.parse().context("--select")?;
+    if let rec::prune::Selection::Stratified { strata } = &mut how {
+        if a.strata == 0 {
+            bail!("--strata must be at least 1");
+        }
+        *strata = a.strata;
+    }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1 (samples per pass)");
+    }
+    let budget = memory::parse_bytes(&a.budget)
+        .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
+    let mut config = TrainConfig::preset(&a.preset)?;
+    if let Some(c) = a.cutoff {
+        if c < 2 {
+            bail!("--cutoff must be at least 2 tokens (a prompt token and a response token)");
+        }
+        config.cutoff = c;
+    }
+    for (flag, path) in [("--out", Some(&a.out)), ("--scores", a.scores.as_ref())] {
+        if let Some(p) = path {
+            if same_file(p, &a.data) {
+                bail!("{flag} {} would overwrite the --data file", p.display());
+            }
+            check_output(p, Output::File).context(flag)?;
+        }
+    }
+    if a.scores.as_ref().is_some_and(|p| same_file(p, &a.out)) {
+        bail!("--scores and --out name the same file");
+    }
+    let samples = rec::read_json(&a.data)?;
+    if samples.is_empty() {
+        bail!("{}: no samples to prune", a.data.display());
+    }
+    let (m, tok) = load_model(be, &a.model)?;
+    // Each usable sample's index in the file and its tokens (response-only labels).
+    let mut index = vec![];
+    let mut data = vec![];
+    for (i, s) in samples.iter().enumerate() {
+        let (p, r) = rec::prompt_and_response(s);
+        if let Some(e) = Example::from_prompt_response(&tok, &p, &r, config.cutoff)? {
+            index.push(i);
+            data.push(e);
+        }
+    }
+    let dropped = samples.len() - data.len();
+    if dropped > 0 {
+        eprintln!(
+            "note: {dropped} samples are longer than the cutoff of {} tokens even before their \
+             response: they are neither scored nor kept",
+            config.cutoff
+        );
+    }
+    if data.is_empty() {
+        bail!("{}: no sample can be scored", a.data.display());
+    }
+    let keep = parse_keep(&a.keep, data.len())?;
+    let host = match &a.adapter {
+        Some(dir) => load_adapter(dir, &m.config)?,
+        None => model::lora::HostAdapter::init(
+            &m.config,
+            &config.lora,
+            a.seed,
+            &a.model.display().to_string(),
+        )?,
+    };
+    let mut adapter = DevAdapter::upload(be, &host)?;
+    // The plan of a training step over the longest sample, with the per-sample scratch.
+    config.batch_size = a.batch.min(data.len());
+    config.cutoff = data.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(2);
+    config.lora = host.config.clone();
+    let mut setup = config.memory_setup(&m.config, budget);
+    setup.checkpointing = memory::choose_checkpointing(memory::CheckpointChoice::Auto, &setup)
+        .map_err(anyhow::Error::msg)?;
+    let p = memory::plan_sample_scoring(&setup).map_err(anyhow::Error::msg)?;
+    if be.memory_stats().is_some() {
+        reserve_planned_arena(
+            be,
+            &p,
+            "scoring",
+            "a smaller --batch or --cutoff needs less",
+        )?;
+    } else if let Some(avail) = memory::host_available() {
+        let loaded = p.category_total("weights (int8)") + p.category_total("kept precision");
+        memory::check_host(
+            p.total() - loaded,
+            avail,
+            "this pruning run",
+            "a smaller --batch or --cutoff needs less",
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
+    let targets: Vec<&str> = host.config.targets.iter().map(|t| t.peft_name()).collect();
+    eprintln!(
+        "scoring {} samples by their LoRA gradient norm ({} adapter, r {} on {}), {} per pass",
+        data.len(),
+        if a.adapter.is_some() {
+            "the given"
+        } else {
+            "a fresh"
+        },
+        host.config.r,
+        targets.join(","),
+        config.batch_size
+    );
+    let tty = std::io::stderr().is_terminal();
+    let t0 = std::time::Instant::now();
+    let recomputed = setup.checkpointing.recomputed(m.config.num_hidden_layers);
+    let scores = rec::prune::score(be, &m, &mut adapter, &data, a.batch, recomputed, |i, n| {
+        let el = t0.elapsed().as_secs_f64();
+        let line = format!(
+            "scored {i}/{n}  ETA {}",
+            human_secs(el / i as f64 * (n - i) as f64)
+        );
+        if tty {
+            eprint!("\r{} {line}\x1b[K", progress_bar(i, n, 20));
+        } else if i == n || i % a.batch.saturating_mul(8).max(1) < a.batch {
+            eprintln!("{line}");
+        }
+    })?;
+    if tty {
+        eprintln!();
+    }
+    let norms: Vec<f64> = scores.iter().map(|s| s.grad_norm).collect();
+    let chosen = rec::prune::select(&norms, keep, how, a.seed)?;
+    let kept: Vec<rec::Sample> = chosen.iter().map(|&j| samples[index[j]].clone()).collect();
+    rec::write_json(&a.out, &kept)?;
+    if let Some(path) = &a.scores {
+        let mut is_kept = vec![false; data.len()];
+        chosen.iter().for_each(|&j| is_kept[j] = true);
+        let j = serde_json::json!({
+            "data": a.data.display().to_string(),
+            "model": a.model.display().to_string(),
+            "adapter": a.adapter.as_ref().map(|p| p.display().to_string()),
+            "selection": how.name(),
+            "strata": match how {
+                rec::prune::Selection::Stratified { strata } => Some(strata),
+                _ => None,
+            },
+            "seed": a.seed,
+            "kept": keep,
+            "samples": scores.iter().enumerate().map(|(j, s)| serde_json::json!({
+                "index": index[j],
+                "tokens": s.tokens,
+                "loss": s.loss,
+                "grad_norm": s.grad_norm,
+                "kept": is_kept[j],
+            })).collect::<Vec<_>>(),
+        });
+        model::convert::write_atomic(path, serde_json::to_string_pretty(&j)?.as_bytes())?;
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let yes = |idx: &mut dyn Iterator<Item = usize>| {
+        idx.filter(|&i| samples[i].label() == Some(true)).count()
+    };
+    eprintln!(
+        "kept {keep} of {} samples ({}) in {}: gradient norm median {:.4} kept, {:.4} of all; \
+         {} Yes / {} No kept, {} / {} of all",
+        data.len(),
+        match how {
+            rec::prune::Selection::Stratified { strata } => format!("stratified, {strata} strata"),
+            other => format!("{} norms", other.name()),
+        },
+        human_secs(t0.elapsed().as_secs_f64()),
+        median(chosen.iter().map(|&j| norms[j]).collect()),
+        median(norms.clone()),
+        yes(&mut chosen.iter().map(|&j| index[j])),
+        keep - yes(&mut chosen.iter().map(|&j| index[j])),
+        yes(&mut index.iter().copied()),
+        data.len() - yes(&mut index.iter().copied()),
+    );
+    eprintln!("wrote {}", a.out.display());
+    if let Some(p) = &a.scores {
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {

@@ -652,6 +652,36 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     })
 }
 
+/// A gradient-scoring run (`rec prune`, `train::step::sample_scores`): a training step's
+/// memory (the adapter is uploaded trainable; its moments stay zero) in which every adapted
+/// projection's backward also measures each sample's gradient, one sample at a time, in a
+/// scratch of its own: dH and the gate gradient `[seq, r]`, one projection's dA and dB, and the
+/// sum-of-squares partials. `s.seq` is the longest sample.
+pub fn plan_sample_scoring(s: &TrainSetup) -> Result<Plan, String> {
+    let mut p = plan_training(s)?;
+    let r = s.lora_rank as u64;
+    let Some(grads) = s
+        .targets
+        .iter()
+        .filter_map(|t| linear_dims(&s.model, t))
+        .map(|(o, i)| f4(r * i as u64) + f4(o as u64 * r))
+        .max()
+    else {
+        return Ok(p);
+    };
+    let norms = 2 * f4(s.seq as u64 * r) + grads + f4(SUM_SQUARES_BLOCKS as u64) + f4(1);
+    if let Some(peak) = p.entries.iter_mut().find(|e| e.category == "peak scratch") {
+        if norms > peak.bytes {
+            peak.bytes = norms;
+            peak.what = format!(
+                "per-sample gradient: dH, dgate [{}, {r}], dA, dB f32",
+                s.seq
+            );
+        }
+    }
+    Ok(p)
+}
+
 /// A scoring run (`rec eval`): prompts share a `prefix` of tokens whose K/V is computed once,
 /// then run in packed batches, each `(prompts, tokens of their own)`; the plan holds the
 /// largest. `lora_rank` and `targets` are the adapter's; `adapter` says whether one is loaded

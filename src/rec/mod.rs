@@ -5,12 +5,14 @@
 //!   JSON files;
 //! - [`prompt`](mod@prompt): the Alpaca template TALLRec trains with;
 //! - [`metrics`]: ROC AUC (tie-aware), accuracy, log loss;
-//! - [`eval`]: P(Yes) from one prefill per sample, and the metrics over a split.
+//! - [`eval`]: P(Yes) from one prefill per sample, and the metrics over a split;
+//! - [`prune`]: gradient-norm scores per training sample and the subset to keep.
 
 pub mod eval;
 pub mod metrics;
 pub mod movielens;
 pub mod prompt;
+pub mod prune;
 pub mod tallrec;
 
 pub use metrics::{accuracy, auc, log_loss, Metrics};

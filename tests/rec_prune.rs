@@ -1,0 +1,353 @@
+//! `recforge rec prune` end to end on the fixture model: the gradient norms it reports are each
+//! sample's own (checked against `forward_backward` of the sample alone), the file it writes
+//! holds exactly the samples its selection names, a device run stays inside the planned arena,
+//! and bad input is refused by name before anything is written.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::fixture;
+use recforge::backend::cpu::Cpu;
+use recforge::model::fixture::FixtureSpec;
+use recforge::model::{self, Llama, LoadOptions};
+use recforge::rec::{self, Sample};
+use recforge::train::step::{forward_backward, Batch, LoraRun, Workspace};
+use recforge::train::{DevAdapter, Example};
+use serde_json::Value;
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let o = Command::new(common::recforge_bin())
+        .args(args)
+        .output()
+        .expect("run recforge");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Eight samples of different lengths; sample 3's input is so long that its prompt alone
+/// passes the cutoff of 512 tokens.
+fn samples() -> Vec<Sample> {
+    let inputs = [
+        "yes".to_string(),
+        "no, not this one".to_string(),
+        "User Preference: \"Heat (1995)\", \"Fargo (1996)\"".to_string(),
+        "x".repeat(1500),
+        "maybe".to_string(),
+        "User Unpreference: \"Babe (1995)\"".to_string(),
+        "ok".to_string(),
+        "Target movie: \"Toy Story (1995)\"".to_string(),
+    ];
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| Sample {
+            instruction: "Will the user like it?".into(),
+            input: input.clone(),
+            output: if i % 3 == 0 { "Yes." } else { "No." }.into(),
+        })
+        .collect()
+}
+
+fn read(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn rec_prune_keeps_what_its_scores_select() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let dir = d.path();
+    let data = dir.join("data.json");
+    let all = samples();
+    rec::write_json(&data, &all).unwrap();
+    // An adapter with random B, so both halves of every gradient count.
+    let host = common::adapter_with_b(&f.config, 4, 8.0, "q,v,down", 5, 0.3);
+    let ad = dir.join("adapter");
+    model::adapter::save(&host, &ad).unwrap();
+    let (kept, scores) = (dir.join("kept.json"), dir.join("scores.json"));
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let base = [
+        "rec",
+        "prune",
+        "--model",
+        f.hf_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&args)
+    };
+    // One sample per pass: each is alone in its forward pass, as below.
+    let (ok, err) = run(&[
+        "--adapter",
+        &p(&ad),
+        "--keep",
+        "3",
+        "--select",
+        "highest",
+        "--batch",
+        "1",
+        "--out",
+        &p(&kept),
+        "--scores",
+        &p(&scores),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("note: 1 samples are longer than the cutoff of 512"),
+        "{err}"
+    );
+    assert!(err.contains("kept 3 of 7 samples (highest norms)"), "{err}");
+    let s = read(&scores);
+    assert_eq!(s["selection"], "highest");
+    let rows = s["samples"].as_array().unwrap();
+    let index: Vec<usize> = rows
+        .iter()
+        .map(|r| r["index"].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(
+        index,
+        vec![0, 1, 2, 4, 5, 6, 7],
+        "sample 3 is past the cutoff"
+    );
+    let norm = |r: &Value| r["grad_norm"].as_f64().unwrap();
+
+    // Each reported score against the sample run alone through the training step (int8 as the
+    // CLI loads it, no dropout), its gradient norm taken from the adapter's gradient tensors.
+    let be = Cpu::new();
+    let src = model::open(&f.hf_dir).unwrap();
+    let tok = src.tokenizer().unwrap();
+    let m = Llama::load(src.as_ref(), &be, LoadOptions::default()).unwrap();
+    let mut dev = DevAdapter::upload(&be, &host).unwrap();
+    for (r, &i) in rows.iter().zip(&index) {
+        let (prompt, response) = rec::prompt_and_response(&all[i]);
+        let e = Example::from_prompt_response(&tok, &prompt, &response, 512)
+            .unwrap()
+            .unwrap();
+        let b = Batch::pack([(&e.ids[..], &e.labels[..])]).unwrap();
+        let tokens = b.label_count();
+        let mut ws = Workspace::new(&be, &m, &host.config.targets, 4, b.len(), 0).unwrap();
+        dev.zero_grads(&be).unwrap();
+        let out =
+            forward_backward(&be, &m, &mut dev, &mut ws, &b, LoraRun::INFERENCE, 1.0).unwrap();
+        let want_norm = dev.grad_sq_norm(&be).unwrap().sqrt() / tokens as f64;
+        let want_loss = out.loss_sum / tokens as f64;
+        assert_eq!(r["tokens"].as_u64().unwrap() as usize, tokens, "sample {i}");
+        // f64 per-sample sums against f32 GEMMs (tests/sample_scores.rs: ≤ 1e-7 measured).
+        assert!(
+            (norm(r) - want_norm).abs() <= 1e-5 * want_norm,
+            "sample {i}: gradient norm {} vs {want_norm} alone",
+            norm(r)
+        );
+        assert!(
+            (r["loss"].as_f64().unwrap() - want_loss).abs() <= 1e-5 * want_loss,
+            "sample {i}: loss {} vs {want_loss}",
+            r["loss"]
+        );
+    }
+    // The file holds the three largest norms' samples, in the input's order, and the scores
+    // file marks exactly those.
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by(|&a, &b| norm(&rows[b]).total_cmp(&norm(&rows[a])));
+    let mut top: Vec<usize> = order[..3].iter().map(|&j| index[j]).collect();
+    top.sort();
+    assert!(
+        norm(&rows[order[2]]) > norm(&rows[order[3]]),
+        "no tie at the cut"
+    );
+    let marked: Vec<usize> = rows
+        .iter()
+        .filter(|r| r["kept"] == true)
+        .map(|r| r["index"].as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(marked, top);
+    let want: Vec<Sample> = top.iter().map(|&i| all[i].clone()).collect();
+    assert_eq!(rec::read_json(&kept).unwrap(), want);
+
+    // Stratified, half of the 7 (rounded), 3 per pass, a fresh adapter: the count and the
+    // marks agree, and the same seed draws the same subset.
+    let fresh = |seed: &str, out: &Path| {
+        let (ok, err) = run(&[
+            "--keep",
+            "50%",
+            "--batch",
+            "3",
+            "--seed",
+            seed,
+            "--out",
+            &p(out),
+            "--scores",
+            &p(&scores),
+        ]);
+        assert!(ok, "{err}");
+        assert!(
+            err.contains("kept 4 of 7 samples (stratified, 10 strata)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("a fresh adapter, r 8 on q_proj,v_proj"),
+            "{err}"
+        );
+        rec::read_json(out).unwrap()
+    };
+    let (a, b) = (dir.join("a.json"), dir.join("b.json"));
+    let first = fresh("4", &a);
+    let marked: Vec<Sample> = read(&scores)["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kept"] == true)
+        .map(|r| all[r["index"].as_u64().unwrap() as usize].clone())
+        .collect();
+    assert_eq!(first, marked);
+    assert_eq!(fresh("4", &b), first);
+}
+
+#[test]
+fn rec_prune_on_a_device_runs_inside_the_planned_arena() {
+    let (d, f) = fixture(&FixtureSpec {
+        layers: 1,
+        hidden: 128,
+        ..FixtureSpec::default()
+    });
+    let dir = d.path();
+    let data = dir.join("data.json");
+    let all: Vec<Sample> = samples()
+        .into_iter()
+        .filter(|s| s.input.len() < 100)
+        .collect();
+    rec::write_json(&data, &all).unwrap();
+    let out = dir.join("kept.json");
+    let (ok, err) = cli(&[
+        "rec",
+        "prune",
+        "--model",
+        f.hf_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--keep",
+        "2",
+        "--batch",
+        "3",
+        "--device",
+        "sim",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("scoring's") && err.contains("reserved as one arena"),
+        "{err}"
+    );
+    // The plan counted the loaded model and the trainable adapter to the byte.
+    assert!(!err.contains("the plan counts"), "{err}");
+    assert_eq!(rec::read_json(&out).unwrap().len(), 2);
+}
+
+#[test]
+fn rec_prune_refuses_bad_input_by_name() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let dir = d.path();
+    let data = dir.join("data.json");
+    rec::write_json(&data, &samples()[..3]).unwrap();
+    let empty = dir.join("empty.json");
+    std::fs::write(&empty, "[]").unwrap();
+    let out = dir.join("kept.json");
+    let other = common::adapter_with_b(
+        &recforge::model::random::shape("tiny").unwrap(),
+        2,
+        4.0,
+        "q",
+        1,
+        0.1,
+    );
+    let wrong = dir.join("wrong-adapter");
+    model::adapter::save(&other, &wrong).unwrap();
+    let (m, dt, o) = (
+        f.hf_dir.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--keep", "0"], "--keep must keep at least one sample"),
+        (
+            vec!["--keep", "4"],
+            "--keep 4: only 3 samples can be scored",
+        ),
+        (vec!["--keep", "150%"], "at most 100%"),
+        (vec!["--keep", "0%"], "above 0%"),
+        (vec!["--keep", "lots"], "--keep 'lots': expected a count"),
+        (
+            vec!["--keep", "1", "--select", "random"],
+            "stratified, highest or lowest",
+        ),
+        (
+            vec!["--keep", "1", "--strata", "0"],
+            "--strata must be at least 1",
+        ),
+        (
+            vec!["--keep", "1", "--batch", "0"],
+            "--batch must be at least 1",
+        ),
+        (
+            vec!["--keep", "1", "--cutoff", "1"],
+            "--cutoff must be at least 2",
+        ),
+        (vec!["--keep", "1", "--preset", "big"], "big"),
+        (vec!["--keep", "1", "--budget", "lots"], "--budget 'lots'"),
+        (
+            vec!["--keep", "1", "--adapter", wrong.to_str().unwrap()],
+            "does not fit the model",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["rec", "prune", "--model", m, "--data", dt, "--out", o];
+        args.extend(extra.iter().copied());
+        let (ok, err) = cli(&args);
+        assert!(!ok && err.contains(want), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} left {}", out.display());
+    }
+    // The output may not replace the data, nor the scores the output.
+    for (args, want) in [
+        (vec!["--out", dt], "--out"),
+        (
+            vec!["--out", o, "--scores", o],
+            "--scores and --out name the same file",
+        ),
+        (vec!["--out", o, "--scores", dt], "--scores"),
+    ] {
+        let mut all = vec!["rec", "prune", "--model", m, "--data", dt, "--keep", "1"];
+        all.extend(args.iter().copied());
+        let (ok, err) = cli(&all);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+        if want != "--out" {
+            assert!(!out.exists());
+        }
+    }
+    let (ok, err) = cli(&[
+        "rec",
+        "prune",
+        "--model",
+        m,
+        "--data",
+        empty.to_str().unwrap(),
+        "--out",
+        o,
+        "--keep",
+        "1",
+    ]);
+    assert!(!ok && err.contains("no samples to prune"), "{err}");
+    assert_eq!(
+        rec::read_json(&data).unwrap(),
+        samples()[..3].to_vec(),
+        "the data file is untouched"
+    );
+}
