@@ -112,13 +112,16 @@ PY
     fi
     rm -rf "$whl"
     # Debug info is most of the size; the device tool carries at most 64 MiB. Stripped, the
-    # executables are still over 200 MiB, so they travel as one xz archive (about a seventh of
-    # that; gzip gave 61 MiB on 2026-12-06, too close to the limit), which `run` unpacks next
-    # to this script (with python3's tarfile where there is no xz).
+    # executables are still over 350 MiB, so they travel as one xz archive, which `run` unpacks
+    # next to this script (with python3's tarfile where there is no xz). Every executable links
+    # the same library, so a dictionary that spans the whole archive finds one copy of it in
+    # the next: 357 MiB packed to 19 MiB with 256 MiB (2026-12-07), against 58 MiB with xz -6's
+    # 8 MiB (gzip: 61 MiB at 2026-12-06's smaller payload). One thread: xz would drop to one
+    # anyway to stay under its memory limit; unpacking needs 256 MiB.
     find .gpu -type f -perm -u+x ! -name '*.sh' ! -name '*.py' -exec strip --strip-debug {} +
     git rev-parse HEAD >.gpu/COMMIT 2>/dev/null || true
     staged_tests=$(ls .gpu/tests | tr '\n' ' ')
-    tar -C .gpu -cf - tests benches bin pylib | xz -T0 -6 >.gpu/payload.tar.xz
+    tar -C .gpu -cf - tests benches bin pylib | xz -T1 --lzma2=preset=6,dict=256MiB >.gpu/payload.tar.xz
     rm -rf .gpu/tests .gpu/benches .gpu/bin .gpu/pylib
     size=$(du -sm .gpu | cut -f1)
     echo "staged .gpu/ ($size MiB; executables in payload.tar.xz): $staged_tests"
