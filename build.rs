@@ -1,8 +1,10 @@
 //! Compiles every `kernels/*.cu` to PTX for the compute_80 virtual architecture (JIT-compiled
-//! by the driver on sm_86 / sm_89 / sm_90), embeds the PTX in the library, and records each
-//! kernel's registers, shared memory and spills from ptxas for sm_86 and sm_90. A file whose
-//! first line is `// recforge-arch: sm_90a` (Hopper-only wgmma) is compiled for compute_90a
-//! instead and reported for sm_90a; its module records that target and loads on sm_90 only.
+//! by the driver on sm_86 / sm_89), embeds the PTX in the library, and records each kernel's
+//! registers, shared memory and spills from ptxas for sm_86 and sm_90. The sm_90 compile is
+//! kept and embedded too: on compute capability 9.0 (H100, H200) the module loads as that cubin,
+//! with no JIT on a fresh machine (`backend::gpu::cuda`). A file whose first line is
+//! `// recforge-arch: sm_90a` (Hopper-only wgmma) is compiled for compute_90a instead and
+//! reported and kept for sm_90a; its module records that target and loads on sm_90 only.
 //!
 //! nvcc is looked for in: $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, then the folder that
 //! scripts/install-cuda-toolchain.sh installs into (.toolchain/cuda/bin). Without nvcc the
@@ -307,13 +309,23 @@ fn main() {
             .map(|l| l.split('(').next().unwrap_or("").trim().to_string())
             .collect();
         let mut reports = vec![];
+        // The Hopper compile is the code that runs there: keep it (with line info, as nvcc's
+        // -lineinfo gives the PTX, for compute-sanitizer and ncu).
+        let cubin = out_dir.join(format!("{stem}.sm90.cubin"));
+        let mut have_cubin = false;
         for &arch in report_archs {
-            let o = Command::new(&ptxas)
-                .args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"])
-                .arg(&ptx)
-                .output();
+            let hopper_arch = arch.starts_with("sm_90");
+            let mut cmd = Command::new(&ptxas);
+            cmd.args([&format!("-arch={arch}"), "-v", "-o"]);
+            if hopper_arch {
+                cmd.arg(&cubin).arg("-lineinfo");
+            } else {
+                cmd.arg("/dev/null");
+            }
+            let o = cmd.arg(&ptx).output();
             match o {
                 Ok(o) if o.status.success() => {
+                    have_cubin |= hopper_arch;
                     let text = String::from_utf8_lossy(&o.stderr);
                     // ptxas warnings are performance cliffs (e.g. C7515: wgmma serialized);
                     // pass them on instead of dropping them with the -v noise.
@@ -332,7 +344,12 @@ fn main() {
                 }
             }
         }
-        let _ = writeln!(gen, "    Module {{ name: {stem:?}, target: {target:?}, ptx: include_str!(concat!(env!(\"OUT_DIR\"), \"/{stem}.ptx\")), kernels: &{kernels:?}, reports: &[");
+        let cubin_expr = if have_cubin {
+            format!("include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{stem}.sm90.cubin\"))")
+        } else {
+            "&[]".to_string()
+        };
+        let _ = writeln!(gen, "    Module {{ name: {stem:?}, target: {target:?}, ptx: include_str!(concat!(env!(\"OUT_DIR\"), \"/{stem}.ptx\")), cubin_sm90: {cubin_expr}, kernels: &{kernels:?}, reports: &[");
         for r in reports {
             let _ = writeln!(
                 gen,

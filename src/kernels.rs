@@ -20,6 +20,10 @@ pub struct Module {
     /// Hopper-only instructions (wgmma), which loads on compute capability 9.0 only.
     pub target: &'static str,
     pub ptx: &'static str,
+    /// The same PTX compiled by ptxas for sm_90 (sm_90a for a Hopper-only module): what a
+    /// compute capability 9.0 device loads, skipping the driver's JIT. Empty where ptxas could
+    /// not run at build time.
+    pub cubin_sm90: &'static [u8],
     /// Every `extern "C" __global__` entry in the PTX.
     pub kernels: &'static [&'static str],
     pub reports: &'static [PtxasReport],
@@ -107,7 +111,35 @@ fn parse_entries(ptx: &'static str) -> Vec<(&'static str, Vec<Param>)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_entries, Param};
+    use super::{parse_entries, Param, BUILT, MODULES};
+
+    #[test]
+    fn every_module_carries_an_sm_90_cubin_of_its_kernels() {
+        if !BUILT {
+            eprintln!("skipped: {}", super::NOT_BUILT);
+            return;
+        }
+        for m in MODULES {
+            let c = m.cubin_sm90;
+            assert!(c.len() > 64, "{}: no sm_90 cubin", m.name);
+            // ELF64, little-endian, e_machine 190 (EM_CUDA); with ptxas 13.0's ELF ABI
+            // version 8, bits 8–15 of e_flags hold the SM number (0x50 / 0x56 / 0x5a for
+            // sm_80 / sm_86 / sm_90 compiles of the same PTX, checked by hand).
+            assert_eq!(&c[..4], b"\x7fELF", "{}", m.name);
+            assert_eq!((c[4], c[5]), (2, 1), "{}: ELF64 little-endian", m.name);
+            assert_eq!(u16::from_le_bytes([c[18], c[19]]), 190, "{}", m.name);
+            let flags = u32::from_le_bytes([c[48], c[49], c[50], c[51]]);
+            assert_eq!((flags >> 8) & 0xff, 90, "{}: e_flags {flags:#x}", m.name);
+            // Every kernel of the PTX is a symbol of the cubin.
+            for k in m.kernels {
+                assert!(
+                    c.windows(k.len()).any(|w| w == k.as_bytes()),
+                    "{}: kernel {k} not in the cubin",
+                    m.name
+                );
+            }
+        }
+    }
 
     #[test]
     fn entries_and_their_parameters_are_read_from_ptx() {

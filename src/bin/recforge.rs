@@ -1298,9 +1298,15 @@ fn info(path: Option<&Path>) -> Result<()> {
     );
     if kernels::BUILT {
         let n: usize = kernels::MODULES.iter().map(|m| m.kernels.len()).sum();
+        let cubins = kernels::MODULES.iter().all(|m| !m.cubin_sm90.is_empty());
         println!(
-            "kernels: {n} built by nvcc ({}) for compute_80",
-            kernels::NVCC_VERSION
+            "kernels: {n} built by nvcc ({}) for compute_80 (PTX, compiled by the driver){}",
+            kernels::NVCC_VERSION,
+            if cubins {
+                " and sm_90 (cubins: H100 / H200 load them as built)"
+            } else {
+                ""
+            }
         );
     } else {
         println!("kernels: {}", kernels::NOT_BUILT);

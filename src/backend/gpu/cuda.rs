@@ -88,6 +88,30 @@ impl CudaDevice {
         }
     }
 
+    /// A module's code for this device: on compute capability 9.0 its sm_90 cubin, built with
+    /// the library (a fresh machine's driver would otherwise spend ~20–30 s compiling the PTX
+    /// of every module once); elsewhere, or with `RECFORGE_CUBIN=off`, or should the cubin not
+    /// load, the PTX, which the driver compiles.
+    fn load(&self, m: &kernels::Module) -> Result<Arc<CudaModule>> {
+        let cubin_wanted = std::env::var("RECFORGE_CUBIN").as_deref() != Ok("off");
+        if self.capability == (9, 0) && !m.cubin_sm90.is_empty() && cubin_wanted {
+            match self
+                .ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(m.cubin_sm90.to_vec()))
+            {
+                Ok(x) => return Ok(x),
+                Err(e) => eprintln!(
+                    "note: module '{}': its sm_90 cubin did not load ({e:?}); the driver \
+                     compiles its PTX instead",
+                    m.name
+                ),
+            }
+        }
+        self.ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(m.ptx))
+            .map_err(|e| Error::Device(format!("loading PTX module '{}': {e:?}", m.name)))
+    }
+
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -109,12 +133,7 @@ impl CudaDevice {
         let module = match mods.get(m.name) {
             Some(x) => x.clone(),
             None => {
-                let x = self
-                    .ctx
-                    .load_module(cudarc::nvrtc::Ptx::from_src(m.ptx))
-                    .map_err(|e| {
-                        Error::Device(format!("loading PTX module '{}': {e:?}", m.name))
-                    })?;
+                let x = self.load(m)?;
                 mods.insert(m.name, x.clone());
                 x
             }
