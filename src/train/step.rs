@@ -871,9 +871,11 @@ pub struct SampleScore {
 
 /// Each sequence of `batch` scored for gradient-based data pruning, from one forward and one
 /// backward pass of the whole batch without dropout: its mean response-token loss and the
-/// norm of that loss's LoRA gradient — what the sequence alone would give, as
-/// `forward_backward` of a batch of just it with `grad_scale` = 1 / its labelled tokens and
-/// the adapter's gradient norm (sequences are independent in a packed batch). `adapter`'s
+/// norm of that loss's LoRA gradient — what `forward_backward` of the sequence alone gives
+/// with `grad_scale` 1, the adapter's gradient norm divided by its labelled tokens (sequences
+/// are independent in a packed batch, up to LLM.int8's outlier columns, which the whole batch
+/// chooses; the division comes after the backward pass because on a device the head's
+/// gradient is rounded to bf16, and a 1/tokens scale would round differently). `adapter`'s
 /// gradient tensors are left holding the batch's summed gradient. A sequence with no labelled
 /// row is an error.
 pub fn sample_scores<B: Backend>(
