@@ -172,6 +172,35 @@ fn rec_prune_keeps_what_its_scores_select() {
     let want: Vec<Sample> = top.iter().map(|&i| all[i].clone()).collect();
     assert_eq!(rec::read_json(&kept).unwrap(), want);
 
+    // --balance-labels: 2 of the 7 answer Yes (samples 0 and 6), so 3 kept are 1 Yes (the
+    // largest remainder, 6/7 against No's 1/7) and 2 No, each answer's highest norms.
+    let (ok, err) = run(&[
+        "--adapter",
+        &p(&ad),
+        "--keep",
+        "3",
+        "--select",
+        "highest",
+        "--balance-labels",
+        "--batch",
+        "1",
+        "--out",
+        &p(&kept),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("1 Yes / 2 No kept, 2 / 5 of all"), "{err}");
+    let best = |yes: bool, n: usize| -> Vec<usize> {
+        let mut v: Vec<usize> = (0..rows.len())
+            .filter(|&j| (all[index[j]].output == "Yes.") == yes)
+            .collect();
+        v.sort_by(|&a, &b| norm(&rows[b]).total_cmp(&norm(&rows[a])));
+        v[..n].iter().map(|&j| index[j]).collect()
+    };
+    let mut balanced = [best(true, 1), best(false, 2)].concat();
+    balanced.sort();
+    let want: Vec<Sample> = balanced.iter().map(|&i| all[i].clone()).collect();
+    assert_eq!(rec::read_json(&kept).unwrap(), want);
+
     // Stratified, half of the 7 (rounded), 3 per pass, a fresh adapter: the count and the
     // marks agree, and the same seed draws the same subset.
     let fresh = |seed: &str, out: &Path| {

@@ -373,6 +373,11 @@ struct PruneArgs {
     /// Strata of the score range, with --select stratified.
     #[arg(long, default_value_t = rec::prune::DEFAULT_STRATA)]
     strata: usize,
+    /// Select among the "Yes." samples and among the "No." samples separately, each answer
+    /// keeping its share of the input (a gradient-norm selection can otherwise take mostly one
+    /// answer).
+    #[arg(long)]
+    balance_labels: bool,
     /// The adapter whose gradients are measured, e.g. one trained briefly on this data; without
     /// it, a fresh adapter of the preset (PEFT's initialisation: B = 0, so only B's gradient
     /// counts).
@@ -2028,7 +2033,19 @@ fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
         eprintln!();
     }
     let norms: Vec<f64> = scores.iter().map(|s| s.grad_norm).collect();
-    let chosen = rec::prune::select(&norms, keep, how, a.seed)?;
+    let chosen = if a.balance_labels {
+        let answer: Vec<usize> = index
+            .iter()
+            .map(|&i| match samples[i].label() {
+                Some(true) => 0,
+                Some(false) => 1,
+                None => 2,
+            })
+            .collect();
+        rec::prune::select_within_groups(&norms, &answer, keep, how, a.seed)?
+    } else {
+        rec::prune::select(&norms, keep, how, a.seed)?
+    };
     let kept: Vec<rec::Sample> = chosen.iter().map(|&j| samples[index[j]].clone()).collect();
     rec::write_json(&a.out, &kept)?;
     if let Some(path) = &a.scores {
@@ -2044,6 +2061,7 @@ fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
                 _ => None,
             },
             "seed": a.seed,
+            "balance_labels": a.balance_labels,
             "kept": keep,
             "samples": scores.iter().enumerate().map(|(j, s)| serde_json::json!({
                 "index": index[j],
@@ -2062,22 +2080,40 @@ fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
     let yes = |idx: &mut dyn Iterator<Item = usize>| {
         idx.filter(|&i| samples[i].label() == Some(true)).count()
     };
+    let (yes_kept, yes_all) = (
+        yes(&mut chosen.iter().map(|&j| index[j])),
+        yes(&mut index.iter().copied()),
+    );
     eprintln!(
-        "kept {keep} of {} samples ({}) in {}: gradient norm median {:.4} kept, {:.4} of all; \
+        "kept {keep} of {} samples ({}{}) in {}: gradient norm median {:.4} kept, {:.4} of all; \
          {} Yes / {} No kept, {} / {} of all",
         data.len(),
         match how {
             rec::prune::Selection::Stratified { strata } => format!("stratified, {strata} strata"),
             other => format!("{} norms", other.name()),
         },
+        if a.balance_labels {
+            ", within each answer"
+        } else {
+            ""
+        },
         human_secs(t0.elapsed().as_secs_f64()),
         median(chosen.iter().map(|&j| norms[j]).collect()),
         median(norms.clone()),
-        yes(&mut chosen.iter().map(|&j| index[j])),
-        keep - yes(&mut chosen.iter().map(|&j| index[j])),
-        yes(&mut index.iter().copied()),
-        data.len() - yes(&mut index.iter().copied()),
+        yes_kept,
+        keep - yes_kept,
+        yes_all,
+        data.len() - yes_all,
     );
+    let share = |y: usize, n: usize| 100.0 * y as f64 / n as f64;
+    if !a.balance_labels && (share(yes_kept, keep) - share(yes_all, data.len())).abs() > 15.0 {
+        eprintln!(
+            "note: {:.0}% of the kept samples answer Yes against {:.0}% of all \
+             (--balance-labels keeps each answer's share)",
+            share(yes_kept, keep),
+            share(yes_all, data.len())
+        );
+    }
     eprintln!("wrote {}", a.out.display());
     if let Some(p) = &a.scores {
         eprintln!("wrote {}", p.display());

@@ -100,6 +100,58 @@ pub fn select(scores: &[f64], keep: usize, how: Selection, seed: u64) -> Result<
     Ok(kept)
 }
 
+/// [`select`] within groups (e.g. the answers Yes and No): each group keeps its share of
+/// `keep` (proportional, the remainder to the largest fractions, ties to the lower group) and
+/// chooses that many of its own samples by `how`, with its own draw. `group[i]` is sample i's
+/// group. Indices ascending.
+pub fn select_within_groups(
+    scores: &[f64],
+    group: &[usize],
+    keep: usize,
+    how: Selection,
+    seed: u64,
+) -> Result<Vec<usize>> {
+    let n = scores.len();
+    if group.len() != n {
+        return Err(Error::Invalid(format!(
+            "{n} scores but {} group labels",
+            group.len()
+        )));
+    }
+    if keep == 0 || keep > n {
+        return Err(Error::Invalid(format!(
+            "cannot keep {keep} of {n} samples: keep at least 1 and at most all of them"
+        )));
+    }
+    let groups = group.iter().max().map_or(0, |g| g + 1);
+    let members: Vec<Vec<usize>> = (0..groups)
+        .map(|g| (0..n).filter(|&i| group[i] == g).collect())
+        .collect();
+    // Largest remainder: floor(keep · size / n) each, then one more to the largest fractions.
+    let mut quota: Vec<usize> = members.iter().map(|m| keep * m.len() / n).collect();
+    let mut order: Vec<usize> = (0..groups).collect();
+    order.sort_by_key(|&g| std::cmp::Reverse(keep * members[g].len() % n));
+    let short = keep - quota.iter().sum::<usize>();
+    for &g in order.iter().take(short) {
+        quota[g] += 1;
+    }
+    let mut kept = vec![];
+    for (g, m) in members.iter().enumerate() {
+        if quota[g] == 0 {
+            continue;
+        }
+        let sub: Vec<f64> = m.iter().map(|&i| scores[i]).collect();
+        let seed_g = seed ^ (g as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        kept.extend(
+            select(&sub, quota[g], how, seed_g)?
+                .into_iter()
+                .map(|j| m[j]),
+        );
+    }
+    kept.sort_unstable();
+    Ok(kept)
+}
+
 /// Which of `strata` equal-width strata of `[lo, hi]` each score falls in (all in the first when
 /// the scores are all equal).
 pub fn stratum_of(scores: &[f64], strata: usize) -> Vec<usize> {
@@ -273,6 +325,44 @@ mod tests {
             kept,
             select(&scores, 100, Selection::Stratified { strata: 10 }, 2).unwrap()
         );
+    }
+
+    #[test]
+    fn groups_keep_their_shares_and_choose_among_their_own() {
+        // 10 "Yes" with large scores, 20 "No" with small: highest overall keeps only Yes.
+        let mut scores = vec![];
+        let mut group = vec![];
+        for i in 0..30 {
+            let yes = i % 3 == 0;
+            scores.push(if yes { 100.0 + i as f64 } else { i as f64 });
+            group.push(usize::from(!yes));
+        }
+        let all_yes = select(&scores, 9, Selection::Highest, 0).unwrap();
+        assert!(all_yes.iter().all(|&i| group[i] == 0));
+        for keep in [1, 2, 9, 10, 29, 30] {
+            let k = select_within_groups(&scores, &group, keep, Selection::Highest, 0).unwrap();
+            assert_eq!(k.len(), keep);
+            let yes = k.iter().filter(|&&i| group[i] == 0).count();
+            // A third of them Yes, rounded as the largest remainder rounds.
+            assert!(
+                (yes as f64 - keep as f64 / 3.0).abs() < 1.0,
+                "keep {keep}: {yes} Yes"
+            );
+            // Within each group, its highest scores.
+            for g in 0..2 {
+                let mine: Vec<usize> = k.iter().copied().filter(|&i| group[i] == g).collect();
+                let others = (0..30).filter(|&i| group[i] == g && !mine.contains(&i));
+                let low = mine
+                    .iter()
+                    .map(|&i| scores[i])
+                    .fold(f64::INFINITY, f64::min);
+                assert!(others.into_iter().all(|i| scores[i] < low), "keep {keep}");
+            }
+        }
+        let e = select_within_groups(&scores, &group[..3], 2, Selection::Highest, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("30 scores but 3 group labels"), "{e}");
     }
 
     #[test]
