@@ -397,6 +397,18 @@ PY
         echo '```'
         grep -E "^skipped:" "$log" | sort | uniq -c || true
         echo '```'
+        echo
+        # On compute capability 9.0 every module loads as its embedded sm_90 cubin; one that
+        # does not falls back to the driver's JIT of its PTX and says so (backend::gpu::cuda).
+        echo "## Kernel modules"
+        echo
+        if grep -q "cubin did not load" "$log"; then
+            echo '```'
+            grep "cubin did not load" "$log" | sort | uniq -c
+            echo '```'
+        else
+            echo "No fallback note in the log: on compute capability 9.0 every module loaded as its sm_90 cubin (elsewhere the PTX is used by design)."
+        fi
     } >>"$md"
     cat "$md"
     ! grep -q FAILED "$md"
