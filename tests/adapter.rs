@@ -679,6 +679,52 @@ fn merge_adds_scaled_b_times_a_and_keeps_everything_else() {
 }
 
 #[test]
+fn merging_into_bf16_rounds_the_f32_merge_once() {
+    // The fixture's weights are f32, bf16 and f16: merged in f32 and then rounded to bf16 once,
+    // whatever each weight's own dtype.
+    let (d, f) = fixture(&FixtureSpec::default());
+    let src = model::open(&f.hf_dir).unwrap();
+    let cfg = src.config().clone();
+    let ad = random_adapter(
+        &cfg,
+        &lora(4, 8.0, &[Target::Q, Target::V, Target::Down]),
+        5,
+    );
+    let (wide, narrow) = (d.path().join("f32"), d.path().join("bf16"));
+    adapter::merge_as(src.as_ref(), &ad, &wide, Some(DType::F32), |_, _| {}).unwrap();
+    adapter::merge_as(src.as_ref(), &ad, &narrow, Some(DType::BF16), |_, _| {}).unwrap();
+    let (w, n) = (model::open(&wide).unwrap(), model::open(&narrow).unwrap());
+    for name in cfg.tensor_names() {
+        let (a, b) = (w.tensor(&name).unwrap(), n.tensor(&name).unwrap());
+        assert_eq!((a.dtype(), b.dtype()), (DType::F32, DType::BF16), "{name}");
+        let want: Vec<f32> = a
+            .to_f32()
+            .unwrap()
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect();
+        assert_eq!(b.to_f32().unwrap(), want, "{name}");
+    }
+    // The f32 merge of a bf16 weight is the plain merge of it (no rounding back to bf16).
+    let plain = d.path().join("plain");
+    adapter::merge(src.as_ref(), &ad, &plain, |_, _| {}).unwrap();
+    let p = model::open(&plain).unwrap();
+    let mut differ = 0;
+    for name in cfg.tensor_names() {
+        let (a, b) = (w.tensor(&name).unwrap(), p.tensor(&name).unwrap());
+        if b.dtype() == DType::F32 {
+            assert_eq!(a.to_f32().unwrap(), b.to_f32().unwrap(), "{name}");
+        } else if a.to_f32().unwrap() != b.to_f32().unwrap() {
+            differ += 1;
+        }
+    }
+    assert!(
+        differ > 0,
+        "some merged bf16 / f16 weight keeps precision in f32"
+    );
+}
+
+#[test]
 fn merging_a_fresh_adapter_is_the_identity() {
     // B = 0 after init: W + 0 must come back bit for bit, whatever the dtype.
     let (d, f) = fixture(&FixtureSpec {

@@ -101,6 +101,93 @@ fn converted_gguf_gives_the_same_logits() {
 }
 
 #[test]
+fn converting_to_bf16_or_f16_rounds_every_tensor_once() {
+    use recforge::model::convert::{cast_for_output, to_hf_folder_as};
+    use recforge::tensor::{DType, HostTensor};
+    let (d, f) = fixture(&FixtureSpec::default());
+    let src = model::open(&f.gguf).unwrap();
+    let keep = d.path().join("keep");
+    model::convert::to_hf_folder(src.as_ref(), &keep, |_, _| {}).unwrap();
+    let kept = model::open(&keep).unwrap();
+    for (dt, dir) in [(DType::BF16, "bf16"), (DType::F16, "f16")] {
+        let out = d.path().join(dir);
+        to_hf_folder_as(src.as_ref(), &out, Some(dt), |_, _| {}).unwrap();
+        let conv = model::open(&out).unwrap();
+        let mut from_f32 = 0;
+        for name in f.config.tensor_names() {
+            let (k, c) = (kept.tensor(&name).unwrap(), conv.tensor(&name).unwrap());
+            assert_eq!(c.dtype(), dt, "{name}");
+            assert_eq!(c.shape, k.shape, "{name}");
+            from_f32 += usize::from(k.dtype() == DType::F32);
+            // Exactly the source's values rounded to nearest even, once.
+            let want: Vec<u16> = k
+                .to_f32()
+                .unwrap()
+                .iter()
+                .map(|&x| match dt {
+                    DType::BF16 => half::bf16::from_f32(x).to_bits(),
+                    _ => half::f16::from_f32(x).to_bits(),
+                })
+                .collect();
+            let got: Vec<u16> = c
+                .data
+                .as_bytes()
+                .chunks(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            assert_eq!(got, want, "{name} in {dir}");
+        }
+        assert!(
+            from_f32 > 0,
+            "the fixture's GGUF has f32 or quantized tensors"
+        );
+        let size = |p: &std::path::Path| {
+            std::fs::metadata(p.join("model.safetensors"))
+                .unwrap()
+                .len()
+        };
+        assert!(
+            size(&out) < size(&keep),
+            "{dir} is smaller than the source's precision"
+        );
+    }
+    // Out of f16's range: refused with the tensor's name; bf16 holds it. No integer output.
+    let big = HostTensor::f32(vec![2], vec![1.0, 1.0e6]).unwrap();
+    let e = cast_for_output("model.norm.weight", big.clone(), Some(DType::F16))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.norm.weight") && e.contains("f16"), "{e}");
+    assert!(cast_for_output("w", big.clone(), Some(DType::BF16)).is_ok());
+    let e = cast_for_output("w", big, Some(DType::I8))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("f32, f16 or bf16"), "{e}");
+    // Through the CLI: --dtype bf16, and an unknown --dtype named before anything is read.
+    let cli = d.path().join("cli");
+    let run = |dtype: &str, out: &std::path::Path| {
+        std::process::Command::new(common::recforge_bin())
+            .args(["convert", "--model", f.gguf.to_str().unwrap(), "--out"])
+            .arg(out)
+            .args(["--dtype", dtype])
+            .output()
+            .unwrap()
+    };
+    assert!(run("bf16", &cli).status.success());
+    let t = model::open(&cli)
+        .unwrap()
+        .tensor("model.norm.weight")
+        .unwrap();
+    assert_eq!(t.dtype(), DType::BF16);
+    let o = run("int4", &d.path().join("never"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--dtype 'int4'"),
+        "{err}"
+    );
+    assert!(!d.path().join("never").exists());
+}
+
+#[test]
 fn kv_cached_decode_matches_full_forward() {
     let (_d, f) = fixture(&FixtureSpec {
         layers: 3,

@@ -129,6 +129,10 @@ enum Cmd {
         model: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// The output's precision: keep (the source's; quantized GGUF types become f32), f32,
+        /// bf16 or f16.
+        #[arg(long, default_value = "keep")]
+        dtype: String,
     },
     /// List the compiled CUDA kernels with ptxas' registers, shared memory and spills.
     Kernels,
@@ -146,6 +150,10 @@ enum Cmd {
         adapter: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// The output's precision: keep (each weight's own; quantized GGUF types become f32),
+        /// f32, bf16 or f16 (merged in f32, rounded once).
+        #[arg(long, default_value = "keep")]
+        dtype: String,
     },
     /// Print the memory plan of a LoRA training step and whether it fits the budget.
     Plan {
@@ -513,12 +521,13 @@ fn run(cli: Cli) -> Result<()> {
             generate(&model, &what, gen, device, raw, opts)
         }
         Cmd::Info { model } => info(model.as_deref()),
-        Cmd::Convert { model, out } => convert(&model, &out),
+        Cmd::Convert { model, out, dtype } => convert(&model, &out, output_dtype(&dtype)?),
         Cmd::Merge {
             model,
             adapter,
             out,
-        } => merge(&model, &adapter, &out),
+            dtype,
+        } => merge(&model, &adapter, &out, output_dtype(&dtype)?),
         Cmd::Rec { cmd } => match cmd {
             RecCmd::Data {
                 kind:
@@ -1350,9 +1359,21 @@ fn info(path: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-fn convert(path: &Path, out: &Path) -> Result<()> {
+/// `--dtype` of convert and merge: None keeps the source's precision.
+fn output_dtype(s: &str) -> Result<Option<recforge::tensor::DType>> {
+    use recforge::tensor::DType;
+    Ok(match s {
+        "keep" => None,
+        "f32" => Some(DType::F32),
+        "bf16" => Some(DType::BF16),
+        "f16" => Some(DType::F16),
+        other => bail!("--dtype '{other}': expected keep, f32, bf16 or f16"),
+    })
+}
+
+fn convert(path: &Path, out: &Path, dtype: Option<recforge::tensor::DType>) -> Result<()> {
     let src = open_model(path)?;
-    model::convert::to_hf_folder(src.as_ref(), out, |i, n| {
+    model::convert::to_hf_folder_as(src.as_ref(), out, dtype, |i, n| {
         if i == n || i % 32 == 0 {
             eprint!("\rconverting: {i}/{n} tensors");
         }
@@ -1465,11 +1486,16 @@ fn print_kernels() {
     }
 }
 
-fn merge(model_path: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
+fn merge(
+    model_path: &Path,
+    adapter_dir: &Path,
+    out: &Path,
+    dtype: Option<recforge::tensor::DType>,
+) -> Result<()> {
     let src = open_model(model_path)?;
     let adapter = model::adapter::load(adapter_dir)
         .with_context(|| format!("cannot load adapter {}", adapter_dir.display()))?;
-    model::adapter::merge(src.as_ref(), &adapter, out, |i, n| {
+    model::adapter::merge_as(src.as_ref(), &adapter, out, dtype, |i, n| {
         eprint!("\rmerging {i}/{n} tensors");
     })
     .with_context(|| format!("cannot merge into {}", out.display()))?;

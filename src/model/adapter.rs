@@ -689,6 +689,18 @@ pub fn merge(
     out: &Path,
     progress: impl FnMut(usize, usize),
 ) -> Result<()> {
+    merge_as(src, adapter, out, None, progress)
+}
+
+/// `merge`, every tensor then stored in `dtype` (f32, f16 or bf16; None: as `merge` stores
+/// it) — `convert::cast_for_output` after the merge, so a merged weight is rounded once.
+pub fn merge_as(
+    src: &dyn ModelSource,
+    adapter: &HostAdapter,
+    out: &Path,
+    dtype: Option<DType>,
+    progress: impl FnMut(usize, usize),
+) -> Result<()> {
     check_weights(adapter, "cannot merge adapter")?;
     adapter.check_against(src.config())?;
     let scale = adapter.config.scale();
@@ -698,17 +710,26 @@ pub fn merge(
         .map(|(&(l, t), w)| (format!("model.layers.{l}.{}.weight", t.module_path()), w))
         .collect();
     let mut merged = 0usize;
-    super::convert::to_hf_folder_with(src, out, progress, |name, t| match by_name.get(name) {
-        Some(w) => {
-            merged += 1;
-            merge_weight(&t, w, scale).map_err(|e| match e {
-                Error::Invalid(m) | Error::Shape(m) => {
-                    Error::Invalid(format!("merging into '{name}': {m}"))
-                }
-                other => other,
-            })
-        }
-        None => Ok(t),
+    super::convert::to_hf_folder_with(src, out, progress, |name, t| {
+        let t = match by_name.get(name) {
+            Some(w) => {
+                merged += 1;
+                // With an output dtype, merged in f32 and rounded once, by the cast below.
+                let t = if dtype.is_some() {
+                    t.to_dtype(DType::F32)?
+                } else {
+                    t
+                };
+                merge_weight(&t, w, scale).map_err(|e| match e {
+                    Error::Invalid(m) | Error::Shape(m) => {
+                        Error::Invalid(format!("merging into '{name}': {m}"))
+                    }
+                    other => other,
+                })?
+            }
+            None => t,
+        };
+        super::convert::cast_for_output(name, t, dtype)
     })?;
     debug_assert_eq!(merged, by_name.len());
     Ok(())

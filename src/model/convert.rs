@@ -312,8 +312,44 @@ pub fn to_hf_folder(
     to_hf_folder_with(src, out, progress, |_, t| Ok(t))
 }
 
+/// `to_hf_folder` with every tensor stored in `dtype` (f32, f16 or bf16) instead of the
+/// precision the source gives it — bf16 halves a dequantized GGUF's f32 output. None keeps the
+/// source's.
+pub fn to_hf_folder_as(
+    src: &dyn ModelSource,
+    out: &Path,
+    dtype: Option<DType>,
+    progress: impl FnMut(usize, usize),
+) -> Result<()> {
+    to_hf_folder_with(src, out, progress, |name, t| {
+        cast_for_output(name, t, dtype)
+    })
+}
+
+/// `t` in `dtype` (rounded to nearest even), or as it is for None. Only f32, f16 and bf16 are
+/// output types; a finite value that f16 cannot hold is an error naming the tensor.
+pub fn cast_for_output(name: &str, t: HostTensor, dtype: Option<DType>) -> Result<HostTensor> {
+    let Some(dtype) = dtype else {
+        return Ok(t);
+    };
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(Error::Invalid(format!(
+            "models are written in f32, f16 or bf16, not {dtype}"
+        )));
+    }
+    let was_finite = t.to_f32()?.iter().all(|x| x.is_finite());
+    let c = t.to_dtype(dtype)?;
+    if was_finite && !c.to_f32()?.iter().all(|x| x.is_finite()) {
+        return Err(Error::Invalid(format!(
+            "tensor {name} has values beyond the range of {dtype} (f16 holds up to 65504): \
+             write it in bf16 or f32"
+        )));
+    }
+    Ok(c)
+}
+
 /// `to_hf_folder` with every tensor passed through `transform(name, tensor)` first (merging an
-/// adapter).
+/// adapter, changing the precision).
 pub fn to_hf_folder_with(
     src: &dyn ModelSource,
     out: &Path,
