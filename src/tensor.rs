@@ -168,6 +168,15 @@ impl HostTensor {
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         self.data.to_f32()
     }
+    /// No NaN or infinity among the values (read in place; integer tensors always are).
+    pub fn all_finite(&self) -> bool {
+        match &self.data {
+            HostData::F32(x) => x.iter().all(|x| x.is_finite()),
+            HostData::F16(x) => x.iter().all(|x| x.is_finite()),
+            HostData::BF16(x) => x.iter().all(|x| x.is_finite()),
+            _ => true,
+        }
+    }
     /// The same values in another float type (rounding to nearest even when narrowing); a tensor
     /// already of `dtype` is returned as is. Integer tensors convert only to themselves.
     pub fn to_dtype(&self, dtype: DType) -> Result<HostTensor> {

@@ -1910,6 +1910,44 @@ fn human_secs(s: f64) -> String {
     }
 }
 
+/// Each sample as a training example (prompt, then response; the loss on the response only),
+/// with its index in `samples`. A sample whose prompt alone reaches `cutoff` tokens is left
+/// out, and a note says how many were and `fate` (what became of them).
+fn examples_of(
+    tok: &model::tokenizer::TextTokenizer,
+    samples: &[rec::Sample],
+    cutoff: usize,
+    fate: &str,
+) -> Result<(Vec<usize>, Vec<Example>)> {
+    let mut index = vec![];
+    let mut data = vec![];
+    for (i, s) in samples.iter().enumerate() {
+        let (p, r) = rec::prompt_and_response(s);
+        if let Some(e) = Example::from_prompt_response(tok, &p, &r, cutoff)? {
+            index.push(i);
+            data.push(e);
+        }
+    }
+    let dropped = samples.len() - data.len();
+    if dropped > 0 {
+        eprintln!(
+            "note: {dropped} samples are longer than the cutoff of {cutoff} tokens even before \
+             their response: {fate}"
+        );
+    }
+    Ok((index, data))
+}
+
+/// On the CPU, where there is no device budget: refuse a run whose plan, less the model already
+/// loaded, exceeds the host's available memory (`fix` says what needs less).
+fn check_host_plan(p: &memory::Plan, what: &str, fix: &str) -> Result<()> {
+    if let Some(avail) = memory::host_available() {
+        let loaded = p.category_total("weights (int8)") + p.category_total("kept precision");
+        memory::check_host(p.total() - loaded, avail, what, fix).map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
 /// `--keep`: a count, or a percentage of `of`.
 fn parse_keep(keep: &str, of: usize) -> Result<usize> {
     let bad = || format!("--keep '{keep}': expected a count such as 256 or a share such as 25%");
@@ -1971,23 +2009,12 @@ fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
     }
     let (m, tok) = load_model(be, &a.model)?;
     // Each usable sample's index in the file and its tokens (response-only labels).
-    let mut index = vec![];
-    let mut data = vec![];
-    for (i, s) in samples.iter().enumerate() {
-        let (p, r) = rec::prompt_and_response(s);
-        if let Some(e) = Example::from_prompt_response(&tok, &p, &r, config.cutoff)? {
-            index.push(i);
-            data.push(e);
-        }
-    }
-    let dropped = samples.len() - data.len();
-    if dropped > 0 {
-        eprintln!(
-            "note: {dropped} samples are longer than the cutoff of {} tokens even before their \
-             response: they are neither scored nor kept",
-            config.cutoff
-        );
-    }
+    let (index, data) = examples_of(
+        &tok,
+        &samples,
+        config.cutoff,
+        "they are neither scored nor kept",
+    )?;
     if data.is_empty() {
         bail!("{}: no sample can be scored", a.data.display());
     }
@@ -2017,15 +2044,12 @@ fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
             "scoring",
             "a smaller --batch or --cutoff needs less",
         )?;
-    } else if let Some(avail) = memory::host_available() {
-        let loaded = p.category_total("weights (int8)") + p.category_total("kept precision");
-        memory::check_host(
-            p.total() - loaded,
-            avail,
+    } else {
+        check_host_plan(
+            &p,
             "this pruning run",
             "a smaller --batch or --cutoff needs less",
-        )
-        .map_err(anyhow::Error::msg)?;
+        )?;
     }
     let targets: Vec<&str> = host.config.targets.iter().map(|t| t.peft_name()).collect();
     eprintln!(
@@ -2169,22 +2193,7 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     }
     let samples = rec::read_json(&a.data)?;
     let (m, tok) = load_model(be, &a.model)?;
-    let mut data = vec![];
-    let mut dropped = 0;
-    for s in &samples {
-        let (p, r) = rec::prompt_and_response(s);
-        match Example::from_prompt_response(&tok, &p, &r, config.cutoff)? {
-            Some(e) => data.push(e),
-            None => dropped += 1,
-        }
-    }
-    if dropped > 0 {
-        eprintln!(
-            "note: {dropped} samples are longer than the cutoff of {} tokens even before their \
-             response and were left out",
-            config.cutoff
-        );
-    }
+    let (_, data) = examples_of(&tok, &samples, config.cutoff, "they were left out")?;
     if data.is_empty() {
         bail!("{}: no usable training samples", a.data.display());
     }
@@ -2210,16 +2219,11 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         // The CPU: no device budget, but a run the host cannot hold is refused before the
         // adapter and its optimizer state are allocated (the model is already loaded).
         let p = memory::plan_training(&planned(&config)?).map_err(anyhow::Error::msg)?;
-        let loaded = p.category_total("weights (int8)") + p.category_total("kept precision");
-        if let Some(avail) = memory::host_available() {
-            memory::check_host(
-                p.total() - loaded,
-                avail,
-                "this training run",
-                "a smaller --r, --batch or --cutoff needs less (`recforge plan` shows where it goes)",
-            )
-            .map_err(anyhow::Error::msg)?;
-        }
+        check_host_plan(
+            &p,
+            "this training run",
+            "a smaller --r, --batch or --cutoff needs less (`recforge plan` shows where it goes)",
+        )?;
     }
     let mut trainer = match &a.resume {
         Some(dir) => {

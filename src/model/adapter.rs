@@ -662,14 +662,13 @@ pub fn merge_weight(w: &HostTensor, lora: &HostLora, scale: f32) -> Result<HostT
             }
         });
     }
-    let merged = HostTensor::f32(w.shape.clone(), v)?.to_dtype(w.dtype())?;
-    let finite = match &merged.data {
-        HostData::F32(x) => x.iter().all(|x| x.is_finite()),
-        HostData::F16(x) => x.iter().all(|x| x.is_finite()),
-        HostData::BF16(x) => x.iter().all(|x| x.is_finite()),
-        _ => true,
+    let merged = HostTensor::f32(w.shape.clone(), v)?;
+    let merged = if w.dtype() == DType::F32 {
+        merged
+    } else {
+        merged.to_dtype(w.dtype())?
     };
-    if !finite {
+    if !merged.all_finite() {
         return Err(Error::Invalid(format!(
             "merging the adapter gives non-finite values in {} (overflow?)",
             w.dtype()

@@ -337,9 +337,11 @@ pub fn cast_for_output(name: &str, t: HostTensor, dtype: Option<DType>) -> Resul
             "models are written in f32, f16 or bf16, not {dtype}"
         )));
     }
-    let was_finite = t.to_f32()?.iter().all(|x| x.is_finite());
+    if t.dtype() == dtype {
+        return Ok(t);
+    }
     let c = t.to_dtype(dtype)?;
-    if was_finite && !c.to_f32()?.iter().all(|x| x.is_finite()) {
+    if !c.all_finite() && t.all_finite() {
         return Err(Error::Invalid(format!(
             "tensor {name} has values beyond the range of {dtype} (f16 holds up to 65504): \
              write it in bf16 or f32"

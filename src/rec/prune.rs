@@ -66,16 +66,21 @@ impl Selection {
     }
 }
 
-/// The indices (ascending) of the `keep` samples to train on, chosen from their `scores` as
-/// `how` says; `seed` draws within strata. Every score must be finite, and `keep` between 1
-/// and the number of scores.
-pub fn select(scores: &[f64], keep: usize, how: Selection, seed: u64) -> Result<Vec<usize>> {
-    let n = scores.len();
+fn check_keep(keep: usize, n: usize) -> Result<()> {
     if keep == 0 || keep > n {
         return Err(Error::Invalid(format!(
             "cannot keep {keep} of {n} samples: keep at least 1 and at most all of them"
         )));
     }
+    Ok(())
+}
+
+/// The indices (ascending) of the `keep` samples to train on, chosen from their `scores` as
+/// `how` says; `seed` draws within strata. Every score must be finite, and `keep` between 1
+/// and the number of scores.
+pub fn select(scores: &[f64], keep: usize, how: Selection, seed: u64) -> Result<Vec<usize>> {
+    let n = scores.len();
+    check_keep(keep, n)?;
     if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
         return Err(Error::Invalid(format!(
             "sample {i} has a non-finite score ({}): the model or adapter diverged on it",
@@ -118,11 +123,7 @@ pub fn select_within_groups(
             group.len()
         )));
     }
-    if keep == 0 || keep > n {
-        return Err(Error::Invalid(format!(
-            "cannot keep {keep} of {n} samples: keep at least 1 and at most all of them"
-        )));
-    }
+    check_keep(keep, n)?;
     let groups = group.iter().max().map_or(0, |g| g + 1);
     let members: Vec<Vec<usize>> = (0..groups)
         .map(|g| (0..n).filter(|&i| group[i] == g).collect())
