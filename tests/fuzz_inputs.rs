@@ -84,9 +84,27 @@ fn corrupt(bytes: &[u8], head: usize, rng: &mut Rng) -> (Vec<u8>, String) {
 
 /// Writes `trials` corruptions of `file` (restoring it afterwards) and runs `load` on each.
 /// Fails on any panic, and on an error that does not name a file of `dir`.
+/// `FUZZ_SCALE=N` runs N times the trials and `FUZZ_SEED=S` mixes S into every seed: a longer,
+/// different campaign by hand (CI runs the defaults).
+fn campaign() -> (usize, u64) {
+    let num = |k: &str, default: u64| {
+        std::env::var(k)
+            .ok()
+            .map(|v| {
+                v.parse::<u64>()
+                    .unwrap_or_else(|_| panic!("{k}={v}: not a number"))
+            })
+            .unwrap_or(default)
+    };
+    (num("FUZZ_SCALE", 1).max(1) as usize, num("FUZZ_SEED", 0))
+}
+
 fn fuzz(file: &Path, head: usize, trials: usize, seed: u64, load: impl Fn() -> Result<(), String>) {
     let good = std::fs::read(file).unwrap();
     let dir = file.parent().unwrap().display().to_string();
+    let (scale, extra) = campaign();
+    let trials = trials * scale;
+    let seed = seed ^ extra.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut rng = Rng::new(seed);
     let (mut ok, mut err) = (0, 0);
     let mut panics = vec![];
@@ -111,7 +129,7 @@ fn fuzz(file: &Path, head: usize, trials: usize, seed: u64, load: impl Fn() -> R
     }
     std::fs::write(file, &good).unwrap();
     eprintln!(
-        "{}: {trials} corruptions: {ok} loaded, {err} refused, {} panicked",
+        "{}: {trials} corruptions (seed {seed:#x}): {ok} loaded, {err} refused, {} panicked",
         file.display(),
         panics.len()
     );

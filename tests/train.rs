@@ -258,6 +258,32 @@ fn resume_continues_exactly_like_the_uninterrupted_run() {
         .unwrap()
         .to_string();
     assert!(e.contains("other data"), "{e}");
+    // A trainer state no run could have written names its file (not a bare "dropout 1.05").
+    let sp = ck.join("trainer_state.json");
+    let good = std::fs::read_to_string(&sp).unwrap();
+    for (field, value, says) in [
+        ("dropout", serde_json::json!(1.05), "dropout"),
+        ("lr", serde_json::json!(-1.0), "learning rate"),
+        ("cutoff", serde_json::json!(5), "cutoff of 5 tokens"),
+        (
+            "checkpointing",
+            serde_json::json!(99),
+            "checkpointing 99 layers",
+        ),
+    ] {
+        let mut state: serde_json::Value = serde_json::from_str(&good).unwrap();
+        state["config"][field] = value;
+        std::fs::write(&sp, state.to_string()).unwrap();
+        let e = Trainer::resume(&be, &m, &ck, data.clone(), None)
+            .err()
+            .unwrap_or_else(|| panic!("{field}: resumed"))
+            .to_string();
+        assert!(
+            e.contains("trainer_state.json") && e.contains(says),
+            "{field}: {e}"
+        );
+    }
+    std::fs::write(&sp, &good).unwrap();
     let op = ck.join("optimizer.safetensors");
     let bytes = std::fs::read(&op).unwrap();
     std::fs::write(&op, &bytes[..bytes.len() / 2]).unwrap();

@@ -185,7 +185,7 @@ impl TrainConfig {
             .map(|t| t.as_str().ok_or_else(|| bad("targets")))
             .collect::<Result<Vec<_>>>()?
             .join(",");
-        Ok(TrainConfig {
+        let config = TrainConfig {
             lora: LoraConfig {
                 r: u("r")?,
                 alpha: f("alpha")? as f32,
@@ -210,7 +210,12 @@ impl TrainConfig {
                 .get("checkpointing")
                 .and_then(Checkpointing::from_json)
                 .ok_or_else(|| bad("checkpointing"))?,
-        })
+        };
+        // A value no run could have saved (an edited or damaged file) is the file's fault.
+        config
+            .validate()
+            .map_err(|e| Error::format(path, format!("trainer state: {e}")))?;
+        Ok(config)
     }
 }
 
@@ -666,6 +671,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
                  give {}); resume with the same training file and settings",
                 dir.display(),
                 fingerprint(&data)
+            )));
+        }
+        let in_state = |e: String| Error::format(&sp, format!("trainer state: {e}"));
+        config
+            .checkpointing
+            .check(model.config.num_hidden_layers)
+            .map_err(in_state)?;
+        if let Some(e) = data.iter().find(|e| e.ids.len() > config.cutoff) {
+            return Err(in_state(format!(
+                "its cutoff of {} tokens is shorter than an example of the data it was trained \
+                 on ({} tokens)",
+                config.cutoff,
+                e.ids.len()
             )));
         }
         let host = adapter::load(dir)?;
