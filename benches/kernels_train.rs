@@ -185,7 +185,7 @@ fn bench_sample_norms(c: &mut Criterion) {
         m,
     )
     .unwrap();
-    let mut scratch = SampleNormScratch::new(&dev, &dl.view(), 256).unwrap();
+    let mut scratch = SampleNormScratch::new(&dev, &dl.view(), 256, samples.len()).unwrap();
     let mut g = c.benchmark_group("cuda_lora_sample_norms");
     g.throughput(Throughput::Bytes((m * (k + n) * 2) as u64));
     g.bench_function("llama7b_q_r16_4x256", |b| {

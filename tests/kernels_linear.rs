@@ -902,7 +902,9 @@ fn per_sample_lora_gradient_norms_match_the_cpu() {
             m,
         )
         .unwrap();
-        let mut s = SampleNormScratch::new(&dev, &dl.view(), 11).unwrap();
+        let mut s = SampleNormScratch::new(&dev, &dl.view(), 11, samples.len()).unwrap();
+        // Poisoned: every sample's two sums, the empty sample's included, must be written.
+        s.out = dev.upload(&vec![f32::NAN; 2 * samples.len()]).unwrap();
         let got = lora::sample_grad_sq_norms(
             &dev,
             &dx_,
@@ -937,6 +939,21 @@ fn per_sample_lora_gradient_norms_match_the_cpu() {
         .unwrap_err()
         .to_string();
         assert!(e.contains("exceed"), "{e}");
+        let more: Vec<(usize, usize)> = (0..samples.len() + 1).map(|i| (i, 1)).collect();
+        let e = lora::sample_grad_sq_norms(
+            &dev,
+            &dx_,
+            &dl.view(),
+            &dg_,
+            &h,
+            &u,
+            &dev.upload(&dy).unwrap(),
+            &more,
+            &mut s,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("holds sums for"), "{e}");
     }
 }
 

@@ -309,7 +309,8 @@ fn the_pruning_plan_is_the_measured_peak_of_rec_prune_scoring() {
             assert!(be.reserve_arena(plan.total()).unwrap());
             let model = random_llama(&be, &c.model, 7).unwrap();
             let host = common::adapter_with_b(&c.model, r, 16.0, targets, 3, 0.3);
-            let mut adapter = recforge::train::DevAdapter::upload(&be, &host).unwrap();
+            let mut adapter =
+                recforge::train::DevAdapter::upload_for_gradients(&be, &host).unwrap();
             // Two passes of `batch` full-length samples, every row labelled.
             let examples = data(&c, 2 * batch, 13);
             let recomputed = checkpointing.recomputed(c.model.num_hidden_layers);

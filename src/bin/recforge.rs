@@ -2028,7 +2028,7 @@ fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
             &a.model.display().to_string(),
         )?,
     };
-    let mut adapter = DevAdapter::upload(be, &host)?;
+    let mut adapter = DevAdapter::upload_for_gradients(be, &host)?;
     // The plan of a training step over the longest sample, with the per-sample scratch.
     config.batch_size = a.batch.min(data.len());
     config.cutoff = data.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(2);

@@ -548,7 +548,7 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
         lora_one,
     );
     e.add("lora", "gradients (f32)".into(), lora_one);
-    e.add("lora", "AdamW m, v (f32)".into(), 2 * lora_one);
+    e.add("lora", MOMENTS.into(), 2 * lora_one);
 
     // The step's workspace (train::step::Workspace), allocated once per micro-batch size.
     e.add(
@@ -652,14 +652,24 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     })
 }
 
+/// The plan entry of the LoRA optimizer's moments.
+const MOMENTS: &str = "AdamW m, v (f32)";
+
 /// A gradient-scoring run (`rec prune`, `train::step::sample_scores`): a training step's
-/// memory (the adapter is uploaded trainable; its moments stay zero) in which every adapted
+/// memory without AdamW's moments (`DevAdapter::upload_for_gradients`: an empty tensor, one
+/// block, for each of them) in which every adapted
 /// projection's backward also measures each sample's gradient, one sample at a time, in a
-/// scratch of its own: dH and the gate gradient `[seq, r]`, one projection's dA and dB, and the
-/// sum-of-squares partials. `s.seq` is the longest sample.
+/// scratch of its own: dH and the gate gradient `[seq, r]`, one projection's dA and dB, the
+/// sum-of-squares partials, and the `[batch, 2]` sums read back. `s.seq` is the longest sample
+/// and `s.batch` the samples a pass measures.
 pub fn plan_sample_scoring(s: &TrainSetup) -> Result<Plan, String> {
     let mut p = plan_training(s)?;
     let r = s.lora_rank as u64;
+    let empty_moments = 4 * blk(0, 4) * s.targets.len() as u64 * s.model.num_hidden_layers as u64;
+    if let Some(m) = p.entries.iter_mut().find(|e| e.what == MOMENTS) {
+        m.what = "AdamW m, v: not kept (empty tensors)".into();
+        m.bytes = empty_moments;
+    }
     let Some(grads) = s
         .targets
         .iter()
@@ -669,7 +679,8 @@ pub fn plan_sample_scoring(s: &TrainSetup) -> Result<Plan, String> {
     else {
         return Ok(p);
     };
-    let norms = 2 * f4(s.seq as u64 * r) + grads + f4(SUM_SQUARES_BLOCKS as u64) + f4(1);
+    let norms =
+        2 * f4(s.seq as u64 * r) + grads + f4(SUM_SQUARES_BLOCKS as u64) + f4(2 * s.batch as u64);
     if let Some(peak) = p.entries.iter_mut().find(|e| e.category == "peak scratch") {
         if norms > peak.bytes {
             peak.bytes = norms;

@@ -205,8 +205,8 @@ fn stratified(scores: &[f64], keep: usize, strata: usize, seed: u64) -> Result<V
     Ok(kept)
 }
 
-/// Every example's [`SampleScore`] under `adapter` (uploaded trainable: its gradient tensors
-/// serve the backward pass), `batch` examples packed per forward + backward pass, `recomputed`
+/// Every example's [`SampleScore`] under `adapter` (uploaded with its gradient tensors, which
+/// the backward pass uses: `DevAdapter::upload_for_gradients`), `batch` examples packed per forward + backward pass, `recomputed`
 /// layers recomputing their activations (as in training: the scores do not depend on it).
 /// `progress(done, total)` after each pass.
 pub fn score<B: Backend>(

@@ -76,20 +76,26 @@ impl<B: Backend> DevAdapter<B> {
 
     /// Upload an adapter with zeroed gradients and moments.
     pub fn upload(be: &B, host: &HostAdapter) -> Result<Self> {
-        Self::upload_with(be, host, true)
+        Self::upload_with(be, host, true, true)
+    }
+
+    /// Upload an adapter whose gradients are measured but never applied (`rec::prune`): A, B
+    /// and zeroed gradients; the moment tensors empty (an optimizer step over it fails its
+    /// shape checks).
+    pub fn upload_for_gradients(be: &B, host: &HostAdapter) -> Result<Self> {
+        Self::upload_with(be, host, true, false)
     }
 
     /// Upload an adapter to apply, not train (scoring): A and B only, the gradient and moment
     /// tensors empty (an optimizer step over it fails its shape checks).
     pub fn upload_frozen(be: &B, host: &HostAdapter) -> Result<Self> {
-        Self::upload_with(be, host, false)
+        Self::upload_with(be, host, false, false)
     }
 
-    fn upload_with(be: &B, host: &HostAdapter, trainable: bool) -> Result<Self> {
+    fn upload_with(be: &B, host: &HostAdapter, grads: bool, moments: bool) -> Result<Self> {
         let scale = host.config.scale();
-        let z = |rows: usize, cols: usize| {
-            let rows = if trainable { rows } else { 0 };
-            be.zeros(&[rows, cols], DType::F32)
+        let z = |keep: bool, rows: usize, cols: usize| {
+            be.zeros(&[if keep { rows } else { 0 }, cols], DType::F32)
         };
         let mut layers = BTreeMap::new();
         for (&key, w) in &host.layers {
@@ -102,12 +108,12 @@ impl<B: Backend> DevAdapter<B> {
                         b: f32_tensor(be, [n, r], &w.b)?,
                         scale,
                     },
-                    grad_a: z(r, k)?,
-                    grad_b: z(n, r)?,
-                    m_a: z(r, k)?,
-                    v_a: z(r, k)?,
-                    m_b: z(n, r)?,
-                    v_b: z(n, r)?,
+                    grad_a: z(grads, r, k)?,
+                    grad_b: z(grads, n, r)?,
+                    m_a: z(moments, r, k)?,
+                    v_a: z(moments, r, k)?,
+                    m_b: z(moments, n, r)?,
+                    v_b: z(moments, n, r)?,
                 },
             );
         }

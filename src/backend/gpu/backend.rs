@@ -836,7 +836,8 @@ impl Backend for Gpu {
         let view = lora_view(op, lora, k)?;
         // The scratch holds one sample's dA and dB at a time (ops::lora).
         let longest = samples.iter().map(|s| s.1).max().unwrap_or(0);
-        let mut scratch = ops::lora::SampleNormScratch::new(&self.dev, &view, longest)?;
+        let mut scratch =
+            ops::lora::SampleNormScratch::new(&self.dev, &view, longest, samples.len())?;
         ops::lora::sample_grad_sq_norms(
             &self.dev,
             bf(op, "x", x)?,

@@ -275,7 +275,8 @@ pub fn lora_backward(
     dev.launch("lora_dx_bf16", cfg, &args)
 }
 
-/// Device scratch for `sample_grad_sq_norms`, sized for the longest sample.
+/// Device scratch for `sample_grad_sq_norms`, sized for the longest sample and the number of
+/// samples (`out` holds each sample's ‖dA‖² and ‖dB‖², read back once).
 pub struct SampleNormScratch {
     pub dh: DevBuf<f32>,
     pub dgate: DevBuf<f32>,
@@ -287,14 +288,14 @@ pub struct SampleNormScratch {
 }
 
 impl SampleNormScratch {
-    pub fn new(dev: &Device, lora: &LoraRef<'_>, max_rows: usize) -> Result<Self> {
+    pub fn new(dev: &Device, lora: &LoraRef<'_>, max_rows: usize, samples: usize) -> Result<Self> {
         Ok(SampleNormScratch {
             dh: dev.alloc_zeros(max_rows * lora.rank)?,
             dgate: dev.alloc_zeros(max_rows * lora.rank)?,
             da: dev.alloc_zeros(lora.rank * lora.k)?,
             db: dev.alloc_zeros(lora.n * lora.rank)?,
             workspace: dev.alloc_zeros(super::optim::SUM_SQUARES_BLOCKS)?,
-            out: dev.alloc_zeros(1)?,
+            out: dev.alloc_zeros(2 * samples.max(1))?,
             max_rows,
         })
     }
@@ -304,7 +305,8 @@ impl SampleNormScratch {
 /// pruning: `samples` are (first row, rows) ranges of the batch. Gradients are taken without
 /// dropout (scoring runs in eval mode), from the forward's saved `h` and `u`. Each sample's dA
 /// and dB are materialized in the scratch (R·(K + N) floats) rather than through Gram matrices,
-/// which would cost rows²·(N + K) per sample.
+/// which would cost rows²·(N + K) per sample. The sums stay on the device until every sample
+/// is done: one read-back (one synchronization) per call, not two per sample.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_grad_sq_norms(
     dev: &Device,
@@ -336,18 +338,20 @@ pub fn sample_grad_sq_norms(
         )));
     }
     let r = lora.rank;
-    let mut norms = Vec::with_capacity(samples.len());
-    for &(start, len) in samples {
+    if s.out.len() < 2 * samples.len() {
+        return Err(Error::Shape(format!(
+            "{name}: the scratch holds sums for {} samples, not {}",
+            s.out.len() / 2,
+            samples.len()
+        )));
+    }
+    for (i, &(start, len)) in samples.iter().enumerate() {
         if start + len > rows || len > s.max_rows {
             return Err(Error::Shape(format!(
                 "{name}: sample rows {start}..{} exceed the batch ({rows}) or the scratch ({})",
                 start + len,
                 s.max_rows
             )));
-        }
-        if len == 0 {
-            norms.push(0.0);
-            continue;
         }
         for buf in [&mut s.da, &mut s.db] {
             let n = buf.len();
@@ -357,26 +361,34 @@ pub fn sample_grad_sq_norms(
                 &[dev.ptr_mut(buf)?, Arg::I32(n as i32)],
             )?;
         }
-        let ptrs = GradPtrs {
-            dy: dev.ptr_at(dy, start * lora.n)?,
-            gate: dev.ptr_at(gate, start * r)?,
-            h: dev.ptr_at(h, start * r)?,
-            u: dev.ptr_at(u, start * r)?,
-            x: dev.ptr_at(x, start * lora.k)?,
-            dh: dev.ptr_mut(&mut s.dh)?,
-            dgate: dev.ptr_mut(&mut s.dgate)?,
-            da: dev.ptr_mut(&mut s.da)?,
-            db: dev.ptr_mut(&mut s.db)?,
-        };
-        grad_passes(dev, lora, len as i32, ptrs, Dropout::NONE)?;
-        let mut total = 0f32;
-        for which in [&s.da, &s.db] {
-            super::optim::sum_squares(dev, which, &mut s.workspace, &mut s.out)?;
-            total += dev.download(&s.out)?[0];
+        if len > 0 {
+            let ptrs = GradPtrs {
+                dy: dev.ptr_at(dy, start * lora.n)?,
+                gate: dev.ptr_at(gate, start * r)?,
+                h: dev.ptr_at(h, start * r)?,
+                u: dev.ptr_at(u, start * r)?,
+                x: dev.ptr_at(x, start * lora.k)?,
+                dh: dev.ptr_mut(&mut s.dh)?,
+                dgate: dev.ptr_mut(&mut s.dgate)?,
+                da: dev.ptr_mut(&mut s.da)?,
+                db: dev.ptr_mut(&mut s.db)?,
+            };
+            grad_passes(dev, lora, len as i32, ptrs, Dropout::NONE)?;
         }
-        norms.push(total);
+        // An empty sample's zeroed dA and dB sum to 0 like any other.
+        super::optim::sum_squares_at(dev, &s.da, &mut s.workspace, &mut s.out, 2 * i)?;
+        super::optim::sum_squares_at(dev, &s.db, &mut s.workspace, &mut s.out, 2 * i + 1)?;
     }
-    Ok(norms)
+    if samples.is_empty() {
+        return Ok(vec![]);
+    }
+    let sums = dev.download(&s.out)?;
+    // As the host summed before: (0 + ‖dA‖²) + ‖dB‖² in f32.
+    Ok(sums
+        .chunks_exact(2)
+        .take(samples.len())
+        .map(|ab| ab[0] + ab[1])
+        .collect())
 }
 
 /// `y[m, n] += scale · u[m, r] · B[n, r]ᵀ` as its own pass (the W8A8 GEMM fuses this into its

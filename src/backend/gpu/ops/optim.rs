@@ -67,11 +67,28 @@ pub fn sum_squares(
     workspace: &mut DevBuf<f32>,
     out: &mut DevBuf<f32>,
 ) -> Result<()> {
+    if out.len() != 1 {
+        return Err(Error::Shape(format!(
+            "sum_squares_final_f32: out has {} elements (expected 1)",
+            out.len()
+        )));
+    }
+    sum_squares_at(dev, x, workspace, out, 0)
+}
+
+/// As `sum_squares`, into `out[at]`: several sums land in one buffer that is read back once.
+pub fn sum_squares_at(
+    dev: &Device,
+    x: &DevBuf<f32>,
+    workspace: &mut DevBuf<f32>,
+    out: &mut DevBuf<f32>,
+    at: usize,
+) -> Result<()> {
     let n = x.len();
     let blocks = n.div_ceil(256).clamp(1, SUM_SQUARES_BLOCKS);
-    if out.len() != 1 || workspace.len() < blocks {
+    if at >= out.len() || workspace.len() < blocks {
         return Err(Error::Shape(format!(
-            "sum_squares_partial_f32: out has {} elements (expected 1), workspace {} (needs {blocks})",
+            "sum_squares_partial_f32: out has {} elements (writing element {at}), workspace {} (needs {blocks})",
             out.len(),
             workspace.len()
         )));
@@ -90,7 +107,7 @@ pub fn sum_squares(
     let args = [
         dev.ptr(workspace)?,
         Arg::I32(blocks as i32),
-        dev.ptr_mut(out)?,
+        dev.ptr_mut_at(out, at)?,
     ];
     dev.launch("sum_squares_final_f32", Launch::linear(1, 1024), &args)
 }
