@@ -657,11 +657,10 @@ const MOMENTS: &str = "AdamW m, v (f32)";
 
 /// A gradient-scoring run (`rec prune`, `train::step::sample_scores`): a training step's
 /// memory without AdamW's moments (`DevAdapter::upload_for_gradients`: an empty tensor, one
-/// block, for each of them) in which every adapted
-/// projection's backward also measures each sample's gradient, one sample at a time, in a
-/// scratch of its own: dH and the gate gradient `[seq, r]`, one projection's dA and dB, the
-/// sum-of-squares partials, and the `[batch, 2]` sums read back. `s.seq` is the longest sample
-/// and `s.batch` the samples a pass measures.
+/// block, for each of them) in which every adapted projection's backward also measures each
+/// sample's gradient, one sample at a time, in a scratch of its own: dH and the gate gradient
+/// `[seq, r]`, one projection's dA and dB, the sum-of-squares partials, and the `[batch, 2]`
+/// sums read back. `s.seq` is the longest sample and `s.batch` the samples a pass measures.
 pub fn plan_sample_scoring(s: &TrainSetup) -> Result<Plan, String> {
     let mut p = plan_training(s)?;
     let r = s.lora_rank as u64;
