@@ -106,6 +106,7 @@ fn rec_prune_keeps_what_its_scores_select() {
         "{err}"
     );
     assert!(err.contains("kept 3 of 7 samples (highest norms)"), "{err}");
+    assert!(!err.contains("fresh adapter"), "{err}");
     let s = read(&scores);
     assert_eq!(s["selection"], "highest");
     let rows = s["samples"].as_array().unwrap();
@@ -225,6 +226,7 @@ fn rec_prune_keeps_what_its_scores_select() {
             err.contains("a fresh adapter, r 8 on q_proj,v_proj"),
             "{err}"
         );
+        assert!(err.contains("note: a fresh adapter's gradient"), "{err}");
         rec::read_json(out).unwrap()
     };
     let (a, b) = (dir.join("a.json"), dir.join("b.json"));

@@ -386,9 +386,10 @@ struct PruneArgs {
     /// answer).
     #[arg(long)]
     balance_labels: bool,
-    /// The adapter whose gradients are measured, e.g. one trained briefly on this data; without
+    /// The adapter whose gradients are measured, e.g. one trained briefly on this data (on
+    /// TALLRec, sets scored this way trained better than random ones; see the README); without
     /// it, a fresh adapter of the preset (PEFT's initialisation: B = 0, so only B's gradient
-    /// counts).
+    /// counts, through a random A).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// tallrec or itrek: the fresh adapter's rank, alpha and targets, and the cutoff.
@@ -2064,6 +2065,13 @@ fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
         targets.join(","),
         config.batch_size
     );
+    if a.adapter.is_none() {
+        eprintln!(
+            "note: a fresh adapter's gradient is B's alone, through a random A; in the README's \
+             TALLRec measurement sets scored this way trained worse than random ones, and sets \
+             scored by a briefly trained adapter (--adapter) better"
+        );
+    }
     let tty = std::io::stderr().is_terminal();
     let t0 = std::time::Instant::now();
     let recomputed = setup.checkpointing.recomputed(m.config.num_hidden_layers);
