@@ -902,21 +902,14 @@ fn per_sample_lora_gradient_norms_match_the_cpu() {
             m,
         )
         .unwrap();
+        let dyd = dev.upload(&dy).unwrap();
+        let norms = |of: &[(usize, usize)], s: &mut SampleNormScratch| {
+            lora::sample_grad_sq_norms(&dev, &dx_, &dl.view(), &dg_, &h, &u, &dyd, of, s)
+        };
         let mut s = SampleNormScratch::new(&dev, &dl.view(), 11, samples.len()).unwrap();
         // Poisoned: every sample's two sums, the empty sample's included, must be written.
         s.out = dev.upload(&vec![f32::NAN; 2 * samples.len()]).unwrap();
-        let got = lora::sample_grad_sq_norms(
-            &dev,
-            &dx_,
-            &dl.view(),
-            &dg_,
-            &h,
-            &u,
-            &dev.upload(&dy).unwrap(),
-            &samples,
-            &mut s,
-        )
-        .unwrap();
+        let got = norms(&samples, &mut s).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             // Sums of squares of gradients that each carry ~1e-5 relative reassociation error.
             assert!(
@@ -925,34 +918,10 @@ fn per_sample_lora_gradient_norms_match_the_cpu() {
                 dev.name()
             );
         }
-        let e = lora::sample_grad_sq_norms(
-            &dev,
-            &dx_,
-            &dl.view(),
-            &dg_,
-            &h,
-            &u,
-            &dev.upload(&dy).unwrap(),
-            &[(10, 9)],
-            &mut s,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = norms(&[(10, 9)], &mut s).unwrap_err().to_string();
         assert!(e.contains("exceed"), "{e}");
         let more: Vec<(usize, usize)> = (0..samples.len() + 1).map(|i| (i, 1)).collect();
-        let e = lora::sample_grad_sq_norms(
-            &dev,
-            &dx_,
-            &dl.view(),
-            &dg_,
-            &h,
-            &u,
-            &dev.upload(&dy).unwrap(),
-            &more,
-            &mut s,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = norms(&more, &mut s).unwrap_err().to_string();
         assert!(e.contains("holds sums for"), "{e}");
     }
 }
