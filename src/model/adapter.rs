@@ -714,7 +714,7 @@ pub fn merge_as(
             Some(w) => {
                 merged += 1;
                 // With an output dtype, merged in f32 and rounded once, by the cast below.
-                let t = if dtype.is_some() {
+                let t = if dtype.is_some() && t.dtype() != DType::F32 {
                     t.to_dtype(DType::F32)?
                 } else {
                     t

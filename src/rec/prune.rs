@@ -206,9 +206,9 @@ fn stratified(scores: &[f64], keep: usize, strata: usize, seed: u64) -> Result<V
 }
 
 /// Every example's [`SampleScore`] under `adapter` (uploaded with its gradient tensors, which
-/// the backward pass uses: `DevAdapter::upload_for_gradients`), `batch` examples packed per forward + backward pass, `recomputed`
-/// layers recomputing their activations (as in training: the scores do not depend on it).
-/// `progress(done, total)` after each pass.
+/// the backward pass uses: `DevAdapter::upload_for_gradients`), `batch` examples packed per
+/// forward + backward pass, `recomputed` layers recomputing their activations (as in training:
+/// the scores do not depend on it). `progress(done, total)` after each pass.
 pub fn score<B: Backend>(
     be: &B,
     model: &Llama<B>,
