@@ -173,6 +173,62 @@ fn rec_prune_keeps_what_its_scores_select() {
     let want: Vec<Sample> = top.iter().map(|&i| all[i].clone()).collect();
     assert_eq!(rec::read_json(&kept).unwrap(), want);
 
+    // --from-scores selects from that file without a model: the same choice again, and the
+    // lowest norms from the same scores, the rewritten scores file marking them.
+    let again = dir.join("again.json");
+    let rescored = dir.join("rescored.json");
+    let from = |extra: &[&str]| {
+        let mut args = vec!["rec", "prune", "--data", data.to_str().unwrap()];
+        args.extend(extra.iter().copied());
+        cli(&args)
+    };
+    let (ok, err) = from(&[
+        "--from-scores",
+        &p(&scores),
+        "--keep",
+        "3",
+        "--select",
+        "highest",
+        "--out",
+        &p(&again),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("selecting from the 7 scores in"), "{err}");
+    assert!(!err.contains("scoring"), "{err}");
+    assert_eq!(rec::read_json(&again).unwrap(), want);
+    let (ok, err) = from(&[
+        "--from-scores",
+        &p(&scores),
+        "--keep",
+        "2",
+        "--select",
+        "lowest",
+        "--out",
+        &p(&again),
+        "--scores",
+        &p(&rescored),
+    ]);
+    assert!(ok, "{err}");
+    let mut low: Vec<usize> = order[order.len() - 2..].iter().map(|&j| index[j]).collect();
+    low.sort();
+    let want_low: Vec<Sample> = low.iter().map(|&i| all[i].clone()).collect();
+    assert_eq!(rec::read_json(&again).unwrap(), want_low);
+    let r = read(&rescored);
+    assert_eq!(r["selection"], "lowest");
+    assert_eq!(
+        r["adapter"], s["adapter"],
+        "what the scores were measured with"
+    );
+    let rows2 = r["samples"].as_array().unwrap();
+    assert_eq!(rows2.len(), rows.len());
+    for (a, b) in rows.iter().zip(rows2) {
+        for k in ["index", "tokens", "loss", "grad_norm"] {
+            assert_eq!(a[k], b[k], "{k}");
+        }
+        let i = a["index"].as_u64().unwrap() as usize;
+        assert_eq!(b["kept"] == true, low.contains(&i), "sample {i}");
+    }
+
     // --balance-labels: 2 of the 7 answer Yes (samples 0 and 6), so 3 kept are 1 Yes (the
     // largest remainder, 6/7 against No's 1/7) and 2 No, each answer's highest norms.
     let (ok, err) = run(&[
@@ -379,6 +435,152 @@ fn rec_prune_refuses_bad_input_by_name() {
     assert_eq!(
         rec::read_json(&data).unwrap(),
         samples()[..3].to_vec(),
+        "the data file is untouched"
+    );
+}
+
+#[test]
+fn rec_prune_from_scores_refuses_scores_of_other_data_by_name() {
+    use recforge::rec::prune::{fingerprint, ScoredSample, ScoresFile};
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let all = samples()[..3].to_vec();
+    let data = dir.join("data.json");
+    rec::write_json(&data, &all).unwrap();
+    let row = |index: usize, grad_norm: f64| ScoredSample {
+        index,
+        tokens: 2,
+        loss: 0.5,
+        grad_norm,
+        kept: false,
+    };
+    let file = |rows: Vec<ScoredSample>| ScoresFile {
+        data: "data.json".into(),
+        data_fingerprint: fingerprint(&all),
+        data_samples: all.len(),
+        model: "m".into(),
+        adapter: None,
+        cutoff: 512,
+        selection: "highest".into(),
+        strata: None,
+        seed: 0,
+        balance_labels: false,
+        kept: 1,
+        samples: rows,
+    };
+    let scores = dir.join("scores.json");
+    let out = dir.join("kept.json");
+    let (dt, sc, o) = (
+        data.to_str().unwrap(),
+        scores.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let run = |extra: &[&str]| {
+        let mut args = vec!["rec", "prune", "--data", dt, "--from-scores", sc];
+        args.extend(extra.iter().copied());
+        cli(&args)
+    };
+    // Sample 1 was not scored (past a cutoff, say); the highest of the others is sample 2.
+    file(vec![row(0, 0.25), row(2, 0.75)])
+        .write(&scores)
+        .unwrap();
+    let (ok, err) = run(&["--keep", "1", "--select", "highest", "--out", o]);
+    assert!(ok, "{err}");
+    assert_eq!(rec::read_json(&out).unwrap(), vec![all[2].clone()]);
+    std::fs::remove_file(&out).unwrap();
+
+    let bad: Vec<(ScoresFile, &str)> = vec![
+        (
+            ScoresFile {
+                data_fingerprint: fingerprint(
+                    &samples()[..3].iter().rev().cloned().collect::<Vec<_>>(),
+                ),
+                ..file(vec![row(0, 1.0)])
+            },
+            "score this data again",
+        ),
+        (
+            ScoresFile {
+                data_samples: 4,
+                ..file(vec![row(0, 1.0)])
+            },
+            "scored 4 samples of data.json",
+        ),
+        (
+            file(vec![row(0, 1.0), row(3, 1.0)]),
+            "row 1: sample index 3 is past the data",
+        ),
+        (
+            file(vec![row(1, 1.0), row(1, 2.0)]),
+            "row 1: sample index 1 is repeated",
+        ),
+        (
+            file(vec![row(0, -1.0)]),
+            "row 0: gradient norm -1 is not a norm",
+        ),
+        (file(vec![]), "no scored samples"),
+    ];
+    for (f, want) in bad {
+        f.write(&scores).unwrap();
+        let (ok, err) = run(&["--keep", "1", "--out", o]);
+        assert!(
+            !ok && err.contains(want) && err.contains(sc),
+            "{want}: {err}"
+        );
+        assert!(!out.exists(), "{want}");
+    }
+    file(vec![row(0, 0.25), row(2, 0.75)])
+        .write(&scores)
+        .unwrap();
+    let text = std::fs::read_to_string(&scores).unwrap();
+    std::fs::write(&scores, text.replace("0.75", "null")).unwrap();
+    let (ok, err) = run(&["--keep", "1", "--out", o]);
+    assert!(
+        !ok && err.contains("not a scores file") && err.contains(sc),
+        "{err}"
+    );
+    file(vec![row(0, 0.25), row(2, 0.75)])
+        .write(&scores)
+        .unwrap();
+    for (extra, want) in [
+        (
+            vec!["--keep", "3", "--out", o],
+            "--keep 3: only 2 samples were scored in",
+        ),
+        (
+            vec!["--keep", "1", "--out", sc],
+            "would overwrite the --from-scores file",
+        ),
+        (
+            vec!["--keep", "1", "--out", o, "--adapter", dt],
+            "cannot be used with",
+        ),
+        (
+            vec!["--keep", "1", "--out", o, "--cutoff", "64"],
+            "cannot be used with",
+        ),
+    ] {
+        let (ok, err) = run(&extra);
+        assert!(!ok && err.contains(want), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?}");
+    }
+    let missing = dir.join("missing.json");
+    let (ok, err) = cli(&[
+        "rec",
+        "prune",
+        "--data",
+        dt,
+        "--from-scores",
+        missing.to_str().unwrap(),
+        "--keep",
+        "1",
+        "--out",
+        o,
+    ]);
+    assert!(!ok && err.contains("missing.json"), "{err}");
+    assert_eq!(
+        rec::read_json(&data).unwrap(),
+        all,
         "the data file is untouched"
     );
 }

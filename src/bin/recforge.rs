@@ -408,6 +408,14 @@ struct PruneArgs {
     /// Also write every sample's score (labelled tokens, loss, gradient norm, kept) as JSON.
     #[arg(long)]
     scores: Option<PathBuf>,
+    /// Select from the scores a previous run wrote with --scores instead of scoring again (no
+    /// model is loaded; the file must have been written for this --data).
+    #[arg(
+        long,
+        value_name = "SCORES",
+        conflicts_with_all = ["model", "adapter", "preset", "cutoff", "batch", "budget", "device"]
+    )]
+    from_scores: Option<PathBuf>,
     /// Device memory budget the plan must fit (checked on CUDA).
     #[arg(long, default_value = "24GiB")]
     budget: String,
@@ -540,10 +548,7 @@ fn run(cli: Cli) -> Result<()> {
                         seed,
                     },
             } => rec_data(&dataset, &split, &out, samples, seed),
-            RecCmd::Prune(a) => match open_backend(a.device)? {
-                Chosen::Cpu(be) => rec_prune(&be, &a),
-                Chosen::Gpu(be) => rec_prune(&be, &a),
-            },
+            RecCmd::Prune(a) => rec_prune(&a),
             RecCmd::Train(a) => match open_backend(a.device)? {
                 Chosen::Cpu(be) => rec_train(&be, &a),
                 Chosen::Gpu(be) => rec_train(&be, &a),
@@ -1950,7 +1955,7 @@ fn check_host_plan(p: &memory::Plan, what: &str, fix: &str) -> Result<()> {
 }
 
 /// `--keep`: a count, or a percentage of `of`.
-fn parse_keep(keep: &str, of: usize) -> Result<usize> {
+fn parse_keep(keep: &str, of: usize, were: &str) -> Result<usize> {
     let bad = || format!("--keep '{keep}': expected a count such as 256 or a share such as 25%");
     let n = match keep.strip_suffix('%') {
         Some(p) => {
@@ -1966,26 +1971,24 @@ fn parse_keep(keep: &str, of: usize) -> Result<usize> {
         bail!("--keep must keep at least one sample");
     }
     if n > of {
-        bail!("--keep {keep}: only {of} samples can be scored");
+        bail!("--keep {keep}: only {of} samples {were}");
     }
     Ok(n)
 }
 
-fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
+fn rec_prune(a: &PruneArgs) -> Result<()> {
     use model::convert::{check_output, same_file, Output};
+    use rec::prune::{ScoredSample, ScoresFile, Selection};
     // Everything the command line alone can get wrong is refused before the model loads.
-    let mut how: rec::prune::Selection = a.select.parse().context("--select")?;
-    if let rec::prune::Selection::Stratified { strata } = &mut how {
+    let mut how: Selection = a.select.parse().context("--select")?;
+    if let Selection::Stratified { strata } = &mut how {
         if a.strata == 0 {
             bail!("--strata must be at least 1");
         }
         *strata = a.strata;
     }
-    if a.batch == 0 {
-        bail!("--batch must be at least 1 (samples per pass)");
-    }
-    let budget = memory::parse_bytes(&a.budget)
-        .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
+    // The count itself is checked once the samples are known.
+    parse_keep(&a.keep, usize::MAX, "")?;
     let mut config = TrainConfig::preset(&a.preset)?;
     if let Some(c) = a.cutoff {
         if c < 2 {
@@ -1998,6 +2001,15 @@ fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
             if same_file(p, &a.data) {
                 bail!("{flag} {} would overwrite the --data file", p.display());
             }
+            if a.from_scores
+                .as_ref()
+                .is_some_and(|f| flag == "--out" && same_file(p, f))
+            {
+                bail!(
+                    "--out {} would overwrite the --from-scores file",
+                    p.display()
+                );
+            }
             check_output(p, Output::File).context(flag)?;
         }
     }
@@ -2008,18 +2020,151 @@ fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
     if samples.is_empty() {
         bail!("{}: no samples to prune", a.data.display());
     }
+    let t0 = std::time::Instant::now();
+    // The scores: measured now, or those a previous run saved with --scores.
+    let (rows, model, adapter, cutoff) = match &a.from_scores {
+        Some(path) => {
+            let f = ScoresFile::read(path, &samples)?;
+            eprintln!(
+                "selecting from the {} scores in {} (model {}, {} adapter, cutoff {})",
+                f.samples.len(),
+                path.display(),
+                f.model,
+                f.adapter.as_deref().unwrap_or("a fresh"),
+                f.cutoff
+            );
+            parse_keep(
+                &a.keep,
+                f.samples.len(),
+                &format!("were scored in {}", path.display()),
+            )?;
+            (f.samples, f.model, f.adapter, f.cutoff)
+        }
+        None => {
+            let rows = match open_backend(a.device)? {
+                Chosen::Cpu(be) => score_for_pruning(&be, a, &samples, &mut config)?,
+                Chosen::Gpu(be) => score_for_pruning(&be, a, &samples, &mut config)?,
+            };
+            let adapter = a.adapter.as_ref().map(|p| p.display().to_string());
+            (rows, a.model.display().to_string(), adapter, config.cutoff)
+        }
+    };
+    let keep = parse_keep(&a.keep, rows.len(), "can be scored")?;
+    let index: Vec<usize> = rows.iter().map(|r| r.index).collect();
+    let norms: Vec<f64> = rows.iter().map(|s| s.grad_norm).collect();
+    let chosen = if a.balance_labels {
+        let answer: Vec<usize> = index
+            .iter()
+            .map(|&i| match samples[i].label() {
+                Some(true) => 0,
+                Some(false) => 1,
+                None => 2,
+            })
+            .collect();
+        rec::prune::select_within_groups(&norms, &answer, keep, how, a.seed)?
+    } else {
+        rec::prune::select(&norms, keep, how, a.seed)?
+    };
+    let kept: Vec<rec::Sample> = chosen.iter().map(|&j| samples[index[j]].clone()).collect();
+    rec::write_json(&a.out, &kept)?;
+    if let Some(path) = &a.scores {
+        let mut marked: Vec<ScoredSample> = rows.clone();
+        marked.iter_mut().for_each(|r| r.kept = false);
+        chosen.iter().for_each(|&j| marked[j].kept = true);
+        ScoresFile {
+            data: a.data.display().to_string(),
+            data_fingerprint: rec::prune::fingerprint(&samples),
+            data_samples: samples.len(),
+            model,
+            adapter,
+            cutoff,
+            selection: how.name().into(),
+            strata: match how {
+                Selection::Stratified { strata } => Some(strata),
+                _ => None,
+            },
+            seed: a.seed,
+            balance_labels: a.balance_labels,
+            kept: keep,
+            samples: marked,
+        }
+        .write(path)?;
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let yes = |idx: &mut dyn Iterator<Item = usize>| {
+        idx.filter(|&i| samples[i].label() == Some(true)).count()
+    };
+    let (yes_kept, yes_all) = (
+        yes(&mut chosen.iter().map(|&j| index[j])),
+        yes(&mut index.iter().copied()),
+    );
+    eprintln!(
+        "kept {keep} of {} samples ({}{}) in {}: gradient norm median {:.4} kept, {:.4} of all; \
+         {} Yes / {} No kept, {} / {} of all",
+        rows.len(),
+        match how {
+            Selection::Stratified { strata } => format!("stratified, {strata} strata"),
+            other => format!("{} norms", other.name()),
+        },
+        if a.balance_labels {
+            ", within each answer"
+        } else {
+            ""
+        },
+        human_secs(t0.elapsed().as_secs_f64()),
+        median(chosen.iter().map(|&j| norms[j]).collect()),
+        median(norms.clone()),
+        yes_kept,
+        keep - yes_kept,
+        yes_all,
+        rows.len() - yes_all,
+    );
+    let share = |y: usize, n: usize| 100.0 * y as f64 / n as f64;
+    if !a.balance_labels && (share(yes_kept, keep) - share(yes_all, rows.len())).abs() > 15.0 {
+        eprintln!(
+            "note: {:.0}% of the kept samples answer Yes against {:.0}% of all \
+             (--balance-labels keeps each answer's share)",
+            share(yes_kept, keep),
+            share(yes_all, rows.len())
+        );
+    }
+    eprintln!("wrote {}", a.out.display());
+    if let Some(p) = &a.scores {
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// `rec prune`'s scoring: every sample of `samples` that fits `config.cutoff`, scored by its
+/// LoRA gradient norm on `be` (the rows in the file's order; `config` ends with the cutoff of
+/// the plan, the longest sample).
+fn score_for_pruning<B: Backend>(
+    be: &B,
+    a: &PruneArgs,
+    samples: &[rec::Sample],
+    config: &mut TrainConfig,
+) -> Result<Vec<rec::prune::ScoredSample>> {
+    if a.batch == 0 {
+        bail!("--batch must be at least 1 (samples per pass)");
+    }
+    let budget = memory::parse_bytes(&a.budget)
+        .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
     let (m, tok) = load_model(be, &a.model)?;
     // Each usable sample's index in the file and its tokens (response-only labels).
     let (index, data) = examples_of(
         &tok,
-        &samples,
+        samples,
         config.cutoff,
         "they are neither scored nor kept",
     )?;
     if data.is_empty() {
         bail!("{}: no sample can be scored", a.data.display());
     }
-    let keep = parse_keep(&a.keep, data.len())?;
+    // Refused before an epoch of work rather than after it.
+    parse_keep(&a.keep, data.len(), "can be scored")?;
     let host = match &a.adapter {
         Some(dir) => load_adapter(dir, &m.config)?,
         None => model::lora::HostAdapter::init(
@@ -2031,6 +2176,7 @@ fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
     };
     let mut adapter = DevAdapter::upload_for_gradients(be, &host)?;
     // The plan of a training step over the longest sample, with the per-sample scratch.
+    let cutoff = config.cutoff;
     config.batch_size = a.batch.min(data.len());
     config.cutoff = data.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(2);
     config.lora = host.config.clone();
@@ -2090,93 +2236,19 @@ fn rec_prune<B: Backend>(be: &B, a: &PruneArgs) -> Result<()> {
     if tty {
         eprintln!();
     }
-    let norms: Vec<f64> = scores.iter().map(|s| s.grad_norm).collect();
-    let chosen = if a.balance_labels {
-        let answer: Vec<usize> = index
-            .iter()
-            .map(|&i| match samples[i].label() {
-                Some(true) => 0,
-                Some(false) => 1,
-                None => 2,
-            })
-            .collect();
-        rec::prune::select_within_groups(&norms, &answer, keep, how, a.seed)?
-    } else {
-        rec::prune::select(&norms, keep, how, a.seed)?
-    };
-    let kept: Vec<rec::Sample> = chosen.iter().map(|&j| samples[index[j]].clone()).collect();
-    rec::write_json(&a.out, &kept)?;
-    if let Some(path) = &a.scores {
-        let mut is_kept = vec![false; data.len()];
-        chosen.iter().for_each(|&j| is_kept[j] = true);
-        let j = serde_json::json!({
-            "data": a.data.display().to_string(),
-            "model": a.model.display().to_string(),
-            "adapter": a.adapter.as_ref().map(|p| p.display().to_string()),
-            "selection": how.name(),
-            "strata": match how {
-                rec::prune::Selection::Stratified { strata } => Some(strata),
-                _ => None,
-            },
-            "seed": a.seed,
-            "balance_labels": a.balance_labels,
-            "kept": keep,
-            "samples": scores.iter().enumerate().map(|(j, s)| serde_json::json!({
-                "index": index[j],
-                "tokens": s.tokens,
-                "loss": s.loss,
-                "grad_norm": s.grad_norm,
-                "kept": is_kept[j],
-            })).collect::<Vec<_>>(),
-        });
-        model::convert::write_atomic(path, serde_json::to_string_pretty(&j)?.as_bytes())?;
-    }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let yes = |idx: &mut dyn Iterator<Item = usize>| {
-        idx.filter(|&i| samples[i].label() == Some(true)).count()
-    };
-    let (yes_kept, yes_all) = (
-        yes(&mut chosen.iter().map(|&j| index[j])),
-        yes(&mut index.iter().copied()),
-    );
-    eprintln!(
-        "kept {keep} of {} samples ({}{}) in {}: gradient norm median {:.4} kept, {:.4} of all; \
-         {} Yes / {} No kept, {} / {} of all",
-        data.len(),
-        match how {
-            rec::prune::Selection::Stratified { strata } => format!("stratified, {strata} strata"),
-            other => format!("{} norms", other.name()),
-        },
-        if a.balance_labels {
-            ", within each answer"
-        } else {
-            ""
-        },
-        human_secs(t0.elapsed().as_secs_f64()),
-        median(chosen.iter().map(|&j| norms[j]).collect()),
-        median(norms.clone()),
-        yes_kept,
-        keep - yes_kept,
-        yes_all,
-        data.len() - yes_all,
-    );
-    let share = |y: usize, n: usize| 100.0 * y as f64 / n as f64;
-    if !a.balance_labels && (share(yes_kept, keep) - share(yes_all, data.len())).abs() > 15.0 {
-        eprintln!(
-            "note: {:.0}% of the kept samples answer Yes against {:.0}% of all \
-             (--balance-labels keeps each answer's share)",
-            share(yes_kept, keep),
-            share(yes_all, data.len())
-        );
-    }
-    eprintln!("wrote {}", a.out.display());
-    if let Some(p) = &a.scores {
-        eprintln!("wrote {}", p.display());
-    }
-    Ok(())
+    // The scores file records the cutoff the samples were cut at, not the plan's.
+    config.cutoff = cutoff;
+    Ok(scores
+        .iter()
+        .zip(index)
+        .map(|(s, index)| rec::prune::ScoredSample {
+            index,
+            tokens: s.tokens,
+            loss: s.loss,
+            grad_norm: s.grad_norm,
+            kept: false,
+        })
+        .collect())
 }
 
 fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {

@@ -17,11 +17,15 @@
 //! - `highest`: the largest gradients (GraNd's choice at low pruning rates).
 //! - `lowest`: the smallest (the easiest samples; a baseline).
 
+use std::path::Path;
 use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::Llama;
+use crate::rec::Sample;
 use crate::rng::Rng;
 use crate::train::step::{sample_scores, Batch, SampleScore, Workspace};
 use crate::train::{DevAdapter, Example};
@@ -239,6 +243,129 @@ pub fn score<B: Backend>(
     Ok(out)
 }
 
+/// One scored sample, as a scores file holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoredSample {
+    /// Its position in the data file.
+    pub index: usize,
+    /// Labelled (response) tokens.
+    pub tokens: usize,
+    /// Mean loss per labelled token (nats).
+    pub loss: f64,
+    /// The gradient norm it is selected by.
+    pub grad_norm: f64,
+    /// Whether the selection that wrote the file kept it.
+    #[serde(default)]
+    pub kept: bool,
+}
+
+/// What `rec prune --scores` writes and `rec prune --from-scores` selects from: every scored
+/// sample of one data file, with what they were scored by and the selection made.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScoresFile {
+    /// The data file's path when scored (informational).
+    pub data: String,
+    /// [`fingerprint`] of the scored data's samples; a file whose samples differ is refused.
+    pub data_fingerprint: String,
+    /// Samples in the data file (scored or not).
+    pub data_samples: usize,
+    pub model: String,
+    pub adapter: Option<String>,
+    /// Tokens per sample at most when scored.
+    pub cutoff: usize,
+    pub selection: String,
+    pub strata: Option<usize>,
+    pub seed: u64,
+    pub balance_labels: bool,
+    /// How many were kept.
+    pub kept: usize,
+    pub samples: Vec<ScoredSample>,
+}
+
+/// A 64-bit FNV-1a hash of the samples' fields, as 16 hex digits: what ties a scores file to
+/// its data (the same samples in the same order), whatever the JSON's layout.
+pub fn fingerprint(samples: &[Sample]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for s in samples {
+        // Lengths first, so moving text from one field to the next changes the hash.
+        for f in [&s.instruction, &s.input, &s.output] {
+            eat(&(f.len() as u64).to_le_bytes());
+            eat(f.as_bytes());
+        }
+    }
+    format!("{h:016x}")
+}
+
+impl ScoresFile {
+    /// Read a scores file written for `samples` (the data file's, in its order). Refused, naming
+    /// the file: JSON that is not a scores file, scores of other data, an index past the data
+    /// or repeated, a gradient norm that is negative or not finite, no samples.
+    pub fn read(path: &Path, samples: &[Sample]) -> Result<ScoresFile> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let f: ScoresFile = serde_json::from_str(&text).map_err(|e| {
+            Error::format(
+                path,
+                format!("not a scores file of `rec prune --scores`: {e}"),
+            )
+        })?;
+        let here = fingerprint(samples);
+        if f.data_samples != samples.len() || f.data_fingerprint != here {
+            return Err(Error::format(
+                path,
+                format!(
+                    "scored {} samples of {} (fingerprint {}), but the data given has {} \
+                     (fingerprint {here}): score this data again",
+                    f.data_samples,
+                    f.data,
+                    f.data_fingerprint,
+                    samples.len()
+                ),
+            ));
+        }
+        if f.samples.is_empty() {
+            return Err(Error::format(path, "no scored samples"));
+        }
+        let mut seen = vec![false; samples.len()];
+        for (j, s) in f.samples.iter().enumerate() {
+            if s.index >= samples.len() || std::mem::replace(&mut seen[s.index], true) {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "row {j}: sample index {} is {}",
+                        s.index,
+                        if s.index >= samples.len() {
+                            "past the data"
+                        } else {
+                            "repeated"
+                        }
+                    ),
+                ));
+            }
+            if !(s.grad_norm.is_finite() && s.grad_norm >= 0.0) {
+                return Err(Error::format(
+                    path,
+                    format!("row {j}: gradient norm {} is not a norm", s.grad_norm),
+                ));
+            }
+        }
+        Ok(f)
+    }
+
+    /// Write it as pretty JSON, atomically.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::Invalid(format!("{}: cannot encode JSON: {e}", path.display())))?;
+        bytes.push(b'\n');
+        crate::model::convert::write_atomic(path, &bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +379,36 @@ mod tests {
                 u.powi(4) * 10.0
             })
             .collect()
+    }
+
+    #[test]
+    fn the_fingerprint_tells_the_samples_their_order_and_their_fields_apart() {
+        let s = |a: &str, b: &str, c: &str| Sample {
+            instruction: a.into(),
+            input: b.into(),
+            output: c.into(),
+        };
+        let one = vec![
+            s("Will they like it?", "Heat (1995)", "Yes."),
+            s("i", "x", "No."),
+        ];
+        let base = fingerprint(&one);
+        assert_eq!(base.len(), 16);
+        assert_eq!(fingerprint(&one.clone()), base, "a function of the samples");
+        let mut swapped = one.clone();
+        swapped.swap(0, 1);
+        let mut moved = one.clone();
+        moved[1] = s("ix", "", "No.");
+        let mut edited = one.clone();
+        edited[0].output = "No.".into();
+        for (what, other) in [
+            ("order", swapped),
+            ("text moved between fields", moved),
+            ("an answer", edited),
+            ("a sample fewer", one[..1].to_vec()),
+        ] {
+            assert_ne!(fingerprint(&other), base, "{what}");
+        }
     }
 
     #[test]
