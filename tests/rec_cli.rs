@@ -377,6 +377,8 @@ fn rec_commands_report_bad_input() {
         ("--max-grad-norm", "NaN", "max-grad-norm"),
         ("--r", "0", "rank r must be at least 1"),
         ("--lr", "0", "learning rate must be a positive number"),
+        ("--alpha", "0", "LoRA alpha must be a positive number"),
+        ("--alpha=-16", "", "LoRA alpha must be a positive number"),
         (
             "--checkpoint-every",
             "0",
@@ -384,20 +386,17 @@ fn rec_commands_report_bad_input() {
         ),
         ("--budget", "lots", "--budget 'lots'"),
     ] {
-        let (ok, _, err) = cli(&[
-            "rec",
-            "train",
-            "--model",
-            model,
-            "--data",
-            &p("missing.json"),
-            "--out",
-            &p("a"),
+        let missing = p("missing.json");
+        let out = p("a");
+        let mut args = vec![
+            "rec", "train", "--model", model, "--data", &missing, "--out", &out, "--device", "cpu",
             flag,
-            value,
-            "--device",
-            "cpu",
-        ]);
+        ];
+        // A negative number is given as --flag=-N (alone, clap reads it as an option).
+        if !value.is_empty() {
+            args.push(value);
+        }
+        let (ok, _, err) = cli(&args);
         assert!(
             !ok && err.contains(says) && !err.contains("missing.json"),
             "{flag}: {err}"

@@ -282,7 +282,9 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         .unwrap_or_else(|| (t.strip_suffix('b').unwrap_or(&t), 0));
     let mul = 1u64 << shift;
     let v: f64 = num.parse().ok()?;
-    (v.is_finite() && v > 0.0).then_some((v * mul as f64) as u64)
+    // At least a byte, and below 2^63 so the cast cannot saturate into a budget nobody meant.
+    let bytes = v * mul as f64;
+    (bytes >= 1.0 && bytes < 2f64.powi(63)).then_some(bytes as u64)
 }
 
 /// A named model shape (random int8 weights for benchmarks and planning).
@@ -1778,5 +1780,12 @@ mod tests {
         }
         assert_eq!(parse_bytes("lots"), None);
         assert_eq!(parse_bytes("-1G"), None);
+        // Below a byte, and past what a u64 holds, are not sizes (they used to read as 0 and
+        // as 16 EiB).
+        assert_eq!(parse_bytes("0.5"), None);
+        assert_eq!(parse_bytes("99999999TiB"), None);
+        assert_eq!(parse_bytes("inf"), None);
+        assert_eq!(parse_bytes("NaN GiB"), None);
+        assert_eq!(parse_bytes("8388607TiB"), Some(8388607 << 40));
     }
 }

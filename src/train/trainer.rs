@@ -116,6 +116,11 @@ impl TrainConfig {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("the learning rate must be a positive number");
         }
+        // The adapter adds (alpha / r)·B·A·x: at 0 it would train nothing, and below 0 every
+        // update would be mirrored (a loaded PEFT adapter may still carry any finite alpha).
+        if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
+            return bad("LoRA alpha must be a positive number (the adapter's scale is alpha / r)");
+        }
         if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
             return bad("steps, batch size and gradient accumulation must be at least 1");
         }
