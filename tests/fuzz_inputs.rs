@@ -1,5 +1,6 @@
 //! Corrupted files never panic: every reader of user files (GGUF, a Hugging Face folder's
-//! safetensors / config / tokenizer, a PEFT adapter, a training checkpoint) is fed seeded
+//! safetensors / config / tokenizer, a PEFT adapter, a training checkpoint, MovieLens and
+//! TALLRec files, `rec prune`'s scores files, llama.cpp vocabularies) is fed seeded
 //! random corruptions of a valid file — bytes overwritten in its header, lengths and counts
 //! replaced by extreme values, the file cut short — and must either load or return an error
 //! that names the file. A panic fails the test with the corruption that caused it.
@@ -290,6 +291,40 @@ fn corrupted_movielens_and_sample_files_never_panic() {
     let len = std::fs::metadata(&sp).unwrap().len() as usize;
     fuzz(&sp, len, 1000, 12, || {
         tallrec::read_json(&sp)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    // `rec prune --from-scores`: a scores file of those 50, every other sample scored.
+    use recforge::rec::prune::{fingerprint, ScoredSample, ScoresFile};
+    let kept = &samples[..50];
+    let scores = ScoresFile {
+        data: sp.display().to_string(),
+        data_fingerprint: fingerprint(kept),
+        data_samples: kept.len(),
+        model: "m".into(),
+        adapter: Some("a".into()),
+        cutoff: 512,
+        selection: "stratified".into(),
+        strata: Some(10),
+        seed: 1,
+        balance_labels: false,
+        kept: 5,
+        samples: (0..kept.len())
+            .step_by(2)
+            .map(|index| ScoredSample {
+                index,
+                tokens: 3 + index,
+                loss: 0.5 + index as f64 / 7.0,
+                grad_norm: 1.0 / (1.0 + index as f64),
+                kept: index % 3 == 0,
+            })
+            .collect(),
+    };
+    let scp = d.path().join("scores.json");
+    scores.write(&scp).unwrap();
+    let len = std::fs::metadata(&scp).unwrap().len() as usize;
+    fuzz(&scp, len, 1000, 13, || {
+        ScoresFile::read(&scp, kept)
             .map(|_| ())
             .map_err(|e| e.to_string())
     });
