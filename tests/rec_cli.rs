@@ -602,6 +602,81 @@ fn rec_commands_report_bad_input() {
     ]);
     assert!(!ok && err.contains("adapter_model.safetensors"), "{err}");
     drop(d2);
+
+    // A wrong adapter or checkpoint path fails before the model loads (no "loaded" line).
+    let gone = p("no-such-adapter");
+    std::fs::write(
+        dir.join("per-sample.json"),
+        r#"[{"instruction": "i", "input": "x", "output": "Yes.", "adapter": "no-such-adapter"}]"#,
+    )
+    .unwrap();
+    let data = p("data.json");
+    let per_sample = p("per-sample.json");
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"hi\", \"adapter\": \"no-such-adapter\"}\n",
+    )
+    .unwrap();
+    let prompts = prompts.to_str().unwrap().to_string();
+    let (kept, out) = (p("kept.json"), p("fresh-out"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["rec", "eval", "--data", &data, "--adapter", &gone],
+            "cannot load adapter",
+        ),
+        (
+            vec![
+                "rec",
+                "eval",
+                "--data",
+                &per_sample,
+                "--per-sample-adapters",
+            ],
+            "cannot load adapter",
+        ),
+        (
+            vec![
+                "rec",
+                "prune",
+                "--data",
+                &data,
+                "--adapter",
+                &gone,
+                "--keep",
+                "1",
+                "--out",
+                &kept,
+            ],
+            "cannot load adapter",
+        ),
+        (
+            vec![
+                "rec", "train", "--data", &data, "--resume", &gone, "--out", &out,
+            ],
+            "cannot resume from",
+        ),
+        (
+            vec!["generate", "--prompt", "hi", "--adapter", &gone],
+            "cannot load adapter",
+        ),
+        (
+            vec!["generate", "--prompts", &prompts],
+            "cannot load adapter",
+        ),
+    ];
+    for (mut args, want) in cases {
+        args.extend(["--model", model, "--device", "cpu"]);
+        let (ok, _, err) = cli(&args);
+        assert!(
+            !ok && err.contains(want) && err.contains("no-such-adapter"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("loaded "),
+            "{args:?} loaded the model first: {err}"
+        );
+    }
 }
 
 #[test]

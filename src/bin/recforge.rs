@@ -951,6 +951,17 @@ fn generate_on<B: Backend>(
     let tok = src
         .tokenizer()
         .with_context(|| format!("cannot load the tokenizer of {}", path.display()))?;
+    // The adapters are read before the model, checked against it after.
+    let per_prompt = match prompt {
+        Prompts::File { adapters, .. } if adapters.iter().any(Option::is_some) => {
+            if gen.adapter.is_some() {
+                bail!("--adapter applies one adapter to every prompt, but the prompts file names adapters of its own");
+            }
+            Some(read_sample_adapters(adapters)?)
+        }
+        _ => None,
+    };
+    let single = gen.adapter.as_deref().map(read_adapter).transpose()?;
     let t0 = std::time::Instant::now();
     let model = Llama::load(src.as_ref(), be, opts)
         .with_context(|| format!("cannot load model {}", path.display()))?;
@@ -969,12 +980,9 @@ fn generate_on<B: Backend>(
         t0.elapsed().as_secs_f64()
     );
     // Prompts that name adapters: the folders stacked into one, each prompt gated to its own.
-    let stacked = match prompt {
-        Prompts::File { adapters, .. } if adapters.iter().any(Option::is_some) => {
-            if gen.adapter.is_some() {
-                bail!("--adapter applies one adapter to every prompt, but the prompts file names adapters of its own");
-            }
-            let (st, which, dirs) = stack_sample_adapters(&model.config, adapters)?;
+    let stacked = match per_prompt {
+        Some((hosts, which, dirs)) => {
+            let st = stack_adapters(hosts, &dirs, &model.config)?;
             eprintln!(
                 "{} adapters stacked (rank {} in all) for {} of {} prompts, the others on the base \
                  model; prompts with different adapters share no prefix",
@@ -985,12 +993,12 @@ fn generate_on<B: Backend>(
             );
             Some((st, which))
         }
-        _ => None,
+        None => None,
     };
-    let dev_adapter = match (&stacked, &gen.adapter) {
+    let dev_adapter = match (&stacked, gen.adapter.as_ref().zip(single)) {
         (Some((st, _)), _) => Some(DevAdapter::upload_frozen(be, &st.adapter)?),
-        (None, Some(dir)) => {
-            let host = load_adapter(dir, &model.config)?;
+        (None, Some((dir, host))) => {
+            let host = fit_adapter(dir, host, &model.config)?;
             eprintln!(
                 "adapter {}: r {}, alpha {} on {}",
                 dir.display(),
@@ -1657,16 +1665,24 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         int8: a.int8,
         ..LoadOptions::default()
     };
-    let (m, tok) = load_model_with(be, a.model, opts)?;
-    // --per-sample-adapters: the adapters the samples name, stacked in order of first mention.
-    let stacked = if a.per_sample_adapters {
-        Some(stack_sample_adapters(&m.config, &adapter_of)?)
+    // The adapters are read before the model, checked against it after.
+    let per_sample = if a.per_sample_adapters {
+        Some(read_sample_adapters(&adapter_of)?)
     } else {
         None
     };
-    let adapter = match (&stacked, a.adapter) {
+    let single = a.adapter.map(read_adapter).transpose()?;
+    let (m, tok) = load_model_with(be, a.model, opts)?;
+    // --per-sample-adapters: the adapters the samples name, stacked in order of first mention.
+    let stacked = match per_sample {
+        Some((hosts, which, dirs)) => Some((stack_adapters(hosts, &dirs, &m.config)?, which, dirs)),
+        None => None,
+    };
+    let adapter = match (&stacked, a.adapter.zip(single)) {
         (Some((st, _, _)), _) => DevAdapter::upload_frozen(be, &st.adapter)?,
-        (None, Some(dir)) => DevAdapter::upload_frozen(be, &load_adapter(dir, &m.config)?)?,
+        (None, Some((dir, host))) => {
+            DevAdapter::upload_frozen(be, &fit_adapter(dir, host, &m.config)?)?
+        }
         (None, None) => DevAdapter::none(),
     };
     let share_prefix = a.share_prefix && stacked.is_none();
@@ -1782,24 +1798,31 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
 }
 
 /// A PEFT adapter folder, checked against the model it is to be applied to.
-fn load_adapter(dir: &Path, cfg: &model::LlamaConfig) -> Result<model::lora::HostAdapter> {
-    let host = model::adapter::load(dir)
-        .with_context(|| format!("cannot load adapter {}", dir.display()))?;
+/// Read an adapter folder (PEFT's files) before the model loads, so a wrong path or a broken
+/// file fails in a moment rather than after a 7B load; [`fit_adapter`] checks it against the
+/// model once that is loaded.
+fn read_adapter(dir: &Path) -> Result<model::lora::HostAdapter> {
+    model::adapter::load(dir).with_context(|| format!("cannot load adapter {}", dir.display()))
+}
+
+fn fit_adapter(
+    dir: &Path,
+    host: model::lora::HostAdapter,
+    cfg: &model::LlamaConfig,
+) -> Result<model::lora::HostAdapter> {
     host.check_against(cfg)
         .with_context(|| format!("adapter {} does not fit the model", dir.display()))?;
     Ok(host)
 }
 
-/// `rec eval --per-sample-adapters` and `generate --prompts` lines with an "adapter": load the
-/// distinct adapter folders the samples or prompts name (in order of first mention), check each
-/// against the model, and stack them. Returns the stack, each one's index into it (None: the
-/// base model) and the folders.
+/// The adapter folders of `rec eval --per-sample-adapters` samples and `generate --prompts`
+/// lines, read (before the model loads) in order of first mention. Returns them, each
+/// sample's or prompt's index among them (None: the base model) and the folders.
 #[allow(clippy::type_complexity)]
-fn stack_sample_adapters(
-    cfg: &model::LlamaConfig,
+fn read_sample_adapters(
     adapter_of: &[Option<PathBuf>],
 ) -> Result<(
-    model::lora::StackedAdapter,
+    Vec<model::lora::HostAdapter>,
     Vec<Option<usize>>,
     Vec<PathBuf>,
 )> {
@@ -1819,11 +1842,24 @@ fn stack_sample_adapters(
     }
     let hosts = dirs
         .iter()
-        .map(|dir| load_adapter(dir, cfg))
+        .map(|dir| read_adapter(dir))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((hosts, which, dirs))
+}
+
+/// [`read_sample_adapters`]' adapters checked against the loaded model and stacked into one.
+fn stack_adapters(
+    hosts: Vec<model::lora::HostAdapter>,
+    dirs: &[PathBuf],
+    cfg: &model::LlamaConfig,
+) -> Result<model::lora::StackedAdapter> {
+    let hosts = hosts
+        .into_iter()
+        .zip(dirs)
+        .map(|(h, dir)| fit_adapter(dir, h, cfg))
         .collect::<Result<Vec<_>>>()?;
     let refs: Vec<&model::lora::HostAdapter> = hosts.iter().collect();
-    let st = model::lora::stack(&refs, cfg)?;
-    Ok((st, which, dirs))
+    Ok(model::lora::stack(&refs, cfg)?)
 }
 
 fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
@@ -2152,6 +2188,8 @@ fn score_for_pruning<B: Backend>(
     }
     let budget = memory::parse_bytes(&a.budget)
         .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
+    // The adapter is read before the model, checked against it after.
+    let given = a.adapter.as_deref().map(read_adapter).transpose()?;
     let (m, tok) = load_model(be, &a.model)?;
     // Each usable sample's index in the file and its tokens (response-only labels).
     let (index, data) = examples_of(
@@ -2165,8 +2203,8 @@ fn score_for_pruning<B: Backend>(
     }
     // Refused before an epoch of work rather than after it.
     parse_keep(&a.keep, data.len(), "can be scored")?;
-    let host = match &a.adapter {
-        Some(dir) => load_adapter(dir, &m.config)?,
+    let host = match a.adapter.as_deref().zip(given) {
+        Some((dir, host)) => fit_adapter(dir, host, &m.config)?,
         None => model::lora::HostAdapter::init(
             &m.config,
             &config.lora,
@@ -2261,6 +2299,11 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     }
     if let Some(dir) = &a.checkpoint_dir {
         recforge::train::check_checkpoint_dir(dir).context("--checkpoint-dir")?;
+    }
+    if let Some(dir) = &a.resume {
+        // Before the model loads: a wrong path fails at once.
+        recforge::train::check_resume_dir(dir)
+            .with_context(|| format!("cannot resume from {}", dir.display()))?;
     }
     // The adapter is written at the end: a path it cannot take is refused before the run.
     model::convert::check_output(&a.out, model::convert::Output::Folder).context("--out")?;

@@ -10,4 +10,4 @@ pub mod trainer;
 pub use data::{DataOrder, Example};
 pub use params::DevAdapter;
 pub use step::{forward_backward, logits_at, Batch, LoraRun, StepLoss, Workspace};
-pub use trainer::{check_checkpoint_dir, StepRecord, TrainConfig, Trainer};
+pub use trainer::{check_checkpoint_dir, check_resume_dir, StepRecord, TrainConfig, Trainer};

@@ -1,7 +1,7 @@
 //! The training loop: micro-batches with gradient accumulation, the cosine schedule, clipping,
 //! AdamW, and checkpoints that resume exactly.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -296,6 +296,42 @@ fn remove_stale_siblings(dir: &Path) {
             }
         }
     }
+}
+
+/// A checkpoint's `trainer_state.json`, read and its config validated: what `--resume` can
+/// check before a model loads. Returns the file's path, its JSON and its config.
+fn read_state(dir: &Path) -> Result<(PathBuf, Value, TrainConfig)> {
+    let sp = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&sp).map_err(|e| match saved_beside(dir) {
+        // A save killed between its two renames leaves the checkpoint under a hidden name.
+        Some(other) if !dir.exists() => Error::Invalid(format!(
+            "{}: no checkpoint there, but a save of it was interrupted and left a complete \
+             one in {}: rename that to {} to resume from it",
+            dir.display(),
+            other.display(),
+            dir.display()
+        )),
+        _ => Error::io(&sp, e),
+    })?;
+    let state: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&sp, format!("not valid JSON: {e}")))?;
+    if state.get("format").and_then(Value::as_str) != Some(STATE_FORMAT) {
+        return Err(Error::format(&sp, "not a recforge trainer state"));
+    }
+    let config = TrainConfig::from_json(
+        state
+            .get("config")
+            .ok_or_else(|| Error::format(&sp, "no config"))?,
+        &sp,
+    )?;
+    Ok((sp, state, config))
+}
+
+/// Whether `dir` holds a checkpoint `Trainer::resume` can start from, as far as its trainer
+/// state tells without the model and the data: run before a model loads, so a wrong
+/// `--resume` path fails at once.
+pub fn check_resume_dir(dir: &Path) -> Result<()> {
+    read_state(dir).map(|_| ())
 }
 
 /// A checkpoint folder replaces what is at `dir`, so `dir` must be absent, an empty folder, or
@@ -636,29 +672,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         data: Vec<Example>,
         steps: Option<usize>,
     ) -> Result<Self> {
-        let sp = dir.join("trainer_state.json");
-        let text = std::fs::read_to_string(&sp).map_err(|e| match saved_beside(dir) {
-            // A save killed between its two renames leaves the checkpoint under a hidden name.
-            Some(other) if !dir.exists() => Error::Invalid(format!(
-                "{}: no checkpoint there, but a save of it was interrupted and left a complete \
-                 one in {}: rename that to {} to resume from it",
-                dir.display(),
-                other.display(),
-                dir.display()
-            )),
-            _ => Error::io(&sp, e),
-        })?;
-        let state: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&sp, format!("not valid JSON: {e}")))?;
-        if state.get("format").and_then(Value::as_str) != Some(STATE_FORMAT) {
-            return Err(Error::format(&sp, "not a recforge trainer state"));
-        }
-        let mut config = TrainConfig::from_json(
-            state
-                .get("config")
-                .ok_or_else(|| Error::format(&sp, "no config"))?,
-            &sp,
-        )?;
+        let (sp, state, mut config) = read_state(dir)?;
         if let Some(s) = steps {
             config.steps = s;
         }
