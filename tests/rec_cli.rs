@@ -677,6 +677,23 @@ fn rec_commands_report_bad_input() {
             "{args:?} loaded the model first: {err}"
         );
     }
+    // --limit 0 is the option's error, before the data is read.
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        model,
+        "--data",
+        &p("missing.json"),
+        "--limit",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        !ok && err.contains("--limit must be at least 1") && !err.contains("missing.json"),
+        "{err}"
+    );
 }
 
 #[test]

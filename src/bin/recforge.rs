@@ -1638,6 +1638,9 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1 (prompts packed per forward pass)");
     }
+    if a.limit == Some(0) {
+        bail!("--limit must be at least 1 (samples evaluated, from the start of --data)");
+    }
     let mut samples = rec::read_json(a.data)?;
     let mut adapter_of = if a.per_sample_adapters {
         rec::tallrec::read_adapter_field(a.data)?
