@@ -1800,7 +1800,6 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// A PEFT adapter folder, checked against the model it is to be applied to.
 /// Read an adapter folder (PEFT's files) before the model loads, so a wrong path or a broken
 /// file fails in a moment rather than after a 7B load; [`fit_adapter`] checks it against the
 /// model once that is loaded.
@@ -1808,6 +1807,7 @@ fn read_adapter(dir: &Path) -> Result<model::lora::HostAdapter> {
     model::adapter::load(dir).with_context(|| format!("cannot load adapter {}", dir.display()))
 }
 
+/// A read adapter checked against the model it is to be applied to.
 fn fit_adapter(
     dir: &Path,
     host: model::lora::HostAdapter,
