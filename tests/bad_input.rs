@@ -621,6 +621,24 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
         !ok && err.contains("expected on, off, auto or a number of layers"),
         "{err}"
     );
+    // rec prune's pass: the training step's table without AdamW's moments, so never more.
+    let (ok, prune, err) = cli(&[&base[..], &["--prune"]].concat());
+    assert!(ok, "{err}");
+    assert!(
+        prune.starts_with("pruning plan (rec prune's scoring pass): llama-7b, batch 4 × seq 1024")
+            && prune.contains("AdamW m, v: not kept (empty tensors)")
+            && !auto.contains("not kept"),
+        "{prune}"
+    );
+    assert!(total_of(&prune) < total_of(&auto), "{prune}\n{auto}");
+    for other in ["--score", "--checkpointing"] {
+        let mut args = [&base[..], &["--prune", other]].concat();
+        if other == "--checkpointing" {
+            args.push("on");
+        }
+        let (ok, _, err) = cli(&args);
+        assert!(!ok && err.contains("cannot be used with"), "{other}: {err}");
+    }
     // A generation plan counts an adapter only with --adapter (and then its rank and targets).
     let gen = [
         "plan",

@@ -212,6 +212,11 @@ enum Cmd {
         /// `generate --prefill-tokens`.
         #[arg(long, requires = "prompts", default_value_t = recforge::infer::batch::DEFAULT_PREFILL_TOKENS)]
         prefill_tokens: usize,
+        /// Plan a `rec prune` scoring pass instead: --batch samples (its --batch) of up to --seq
+        /// tokens (its longest sample) through a training step without AdamW's moments, plus
+        /// the per-sample gradient scratch; the layers recomputed chosen as `rec prune` does.
+        #[arg(long, conflicts_with_all = ["score", "generate", "checkpointing", "no_checkpointing"])]
+        prune: bool,
     },
 }
 
@@ -605,6 +610,7 @@ fn run(cli: Cli) -> Result<()> {
             adapter,
             prompts,
             prefill_tokens,
+            prune,
         } => {
             if prefix > 0 && !score && prompts.is_none() {
                 bail!("--prefix goes with --score or --prompts");
@@ -742,12 +748,17 @@ fn run(cli: Cli) -> Result<()> {
                 budget,
             };
             let choice = checkpoint_choice(checkpointing, no_checkpointing);
+            let step: memory::StepPlan = if prune {
+                memory::plan_sample_scoring
+            } else {
+                memory::plan_training
+            };
             let setup = memory::TrainSetup {
-                checkpointing: memory::choose_checkpointing(choice, &setup)
+                checkpointing: memory::choose_checkpointing_for(choice, &setup, step)
                     .map_err(anyhow::Error::msg)?,
                 ..setup
             };
-            plan(&model, &setup, choice, solve)
+            plan(&model, &setup, choice, solve, prune)
         }
     }
 }
@@ -1406,20 +1417,30 @@ fn checkpoint_choice(choice: memory::CheckpointChoice, off: bool) -> memory::Che
     }
 }
 
+/// `plan` of a training step, or with `prune` of `rec prune`'s scoring pass.
 fn plan(
     model: &str,
     s: &memory::TrainSetup,
     choice: memory::CheckpointChoice,
     solve: bool,
+    prune: bool,
 ) -> Result<()> {
-    let p = memory::plan_training(s).map_err(anyhow::Error::msg)?;
+    let (step, title): (memory::StepPlan, _) = if prune {
+        (
+            memory::plan_sample_scoring,
+            "pruning plan (rec prune's scoring pass)",
+        )
+    } else {
+        (memory::plan_training, "memory plan")
+    };
+    let p = step(s).map_err(anyhow::Error::msg)?;
     let auto = if choice == memory::CheckpointChoice::Auto {
         "auto: "
     } else {
         ""
     };
     println!(
-        "memory plan: {model}, batch {} × seq {}, LoRA r={} on {}, checkpointing {auto}{}\n",
+        "{title}: {model}, batch {} × seq {}, LoRA r={} on {}, checkpointing {auto}{}\n",
         s.batch,
         s.seq,
         s.lora_rank,
@@ -1438,7 +1459,7 @@ fn plan(
         ..s.clone()
     };
     let (b, q) = if solve || !p.fits() {
-        memory::solve(&solve_setup).map_err(anyhow::Error::msg)?
+        memory::solve_for(&solve_setup, step).map_err(anyhow::Error::msg)?
     } else {
         (0, 0)
     };
@@ -2222,8 +2243,12 @@ fn score_for_pruning<B: Backend>(
     config.cutoff = data.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(2);
     config.lora = host.config.clone();
     let mut setup = config.memory_setup(&m.config, budget);
-    setup.checkpointing = memory::choose_checkpointing(memory::CheckpointChoice::Auto, &setup)
-        .map_err(anyhow::Error::msg)?;
+    setup.checkpointing = memory::choose_checkpointing_for(
+        memory::CheckpointChoice::Auto,
+        &setup,
+        memory::plan_sample_scoring,
+    )
+    .map_err(anyhow::Error::msg)?;
     let p = memory::plan_sample_scoring(&setup).map_err(anyhow::Error::msg)?;
     if be.memory_stats().is_some() {
         reserve_planned_arena(
@@ -2369,7 +2394,7 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         // is carved from one arena of what the plan has left after the model and the adapter.
         let p = memory::plan_training(&setup).map_err(anyhow::Error::msg)?;
         if be.memory_in_use().is_some() && !p.fits() {
-            plan(&a.model.display().to_string(), &setup, choice, false)?;
+            plan(&a.model.display().to_string(), &setup, choice, false, false)?;
         }
         reserve_planned_arena(be, &p, "step", "see `recforge plan --solve`")?;
     }

@@ -1300,6 +1300,15 @@ enum StepPeak {
 /// step skips the recomputation of every layer the budget has room for); all layers when even
 /// that does not fit — the caller's budget check then reports the table and the fix.
 pub fn auto_checkpointing(s: &TrainSetup) -> Result<Checkpointing, String> {
+    auto_checkpointing_for(s, plan_training)
+}
+
+/// A plan of a step over a [`TrainSetup`]: [`plan_training`] (`rec train`, bench-train) or
+/// [`plan_sample_scoring`] (`rec prune`).
+pub type StepPlan = fn(&TrainSetup) -> Result<Plan, String>;
+
+/// [`auto_checkpointing`] for the step `plan` plans.
+pub fn auto_checkpointing_for(s: &TrainSetup, plan: StepPlan) -> Result<Checkpointing, String> {
     let room = s.budget.saturating_sub(AUTO_HEADROOM);
     let layers = s.model.num_hidden_layers;
     for n in 0..layers {
@@ -1308,7 +1317,7 @@ pub fn auto_checkpointing(s: &TrainSetup) -> Result<Checkpointing, String> {
         } else {
             Checkpointing::Layers(n)
         };
-        let p = plan_training(&TrainSetup {
+        let p = plan(&TrainSetup {
             checkpointing: cp,
             ..s.clone()
         })?;
@@ -1324,20 +1333,34 @@ pub fn choose_checkpointing(
     choice: CheckpointChoice,
     s: &TrainSetup,
 ) -> Result<Checkpointing, String> {
+    choose_checkpointing_for(choice, s, plan_training)
+}
+
+/// [`choose_checkpointing`] for the step `plan` plans.
+pub fn choose_checkpointing_for(
+    choice: CheckpointChoice,
+    s: &TrainSetup,
+    plan: StepPlan,
+) -> Result<Checkpointing, String> {
     match choice {
         CheckpointChoice::Fixed(cp) => {
             cp.check(s.model.num_hidden_layers)?;
             Ok(cp)
         }
-        CheckpointChoice::Auto => auto_checkpointing(s),
+        CheckpointChoice::Auto => auto_checkpointing_for(s, plan),
     }
 }
 
 /// The largest batch (at the setup's sequence length) and the largest sequence length (at its
 /// batch) that fit the budget; 0 when none does.
 pub fn solve(s: &TrainSetup) -> Result<(usize, usize), String> {
+    solve_for(s, plan_training)
+}
+
+/// [`solve`] for the step `plan` plans.
+pub fn solve_for(s: &TrainSetup, plan: StepPlan) -> Result<(usize, usize), String> {
     let fits = |b: usize, q: usize| -> Result<bool, String> {
-        Ok(plan_training(&TrainSetup {
+        Ok(plan(&TrainSetup {
             batch: b,
             seq: q,
             ..s.clone()
@@ -1637,6 +1660,40 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.contains("33 layers, but the model has 32"), "{e}");
+    }
+
+    #[test]
+    fn auto_checkpointing_of_a_pruning_pass_counts_its_own_plan() {
+        // rec prune keeps no AdamW moments (128 MiB at 7B, r 16 on q,k,v,o): at a budget where
+        // its pass fits with 2 layers recomputing, a training step needs a third.
+        let s = llama7b(4, 1024);
+        let at = |plan: StepPlan, cp| {
+            plan(&TrainSetup {
+                checkpointing: cp,
+                ..s.clone()
+            })
+            .unwrap()
+            .total()
+        };
+        let budget = at(plan_sample_scoring, Checkpointing::Layers(2)) + AUTO_HEADROOM;
+        let s = TrainSetup {
+            budget,
+            ..s.clone()
+        };
+        assert_eq!(
+            auto_checkpointing_for(&s, plan_sample_scoring).unwrap(),
+            Checkpointing::Layers(2)
+        );
+        assert!(at(plan_sample_scoring, Checkpointing::Layers(1)) + AUTO_HEADROOM > budget);
+        assert_eq!(auto_checkpointing(&s).unwrap(), Checkpointing::Layers(3));
+        assert!(at(plan_training, Checkpointing::Layers(2)) + AUTO_HEADROOM > budget);
+        // The solver asks the same plan: a pruning pass fits at least what a training step does.
+        let (b, q) = solve(&s).unwrap();
+        let (bp, qp) = solve_for(&s, plan_sample_scoring).unwrap();
+        assert!(
+            bp >= b && qp >= q && (bp, qp) != (b, q),
+            "{b} {q} / {bp} {qp}"
+        );
     }
 
     #[test]
