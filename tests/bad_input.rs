@@ -991,3 +991,111 @@ fn solving_stops_at_what_a_plan_takes() {
         "{out}"
     );
 }
+
+/// The README's memory-plan figures (issue 6 asks for the 7B numbers there) are what
+/// `recforge plan` prints today: each figure is read from the command's output and must appear
+/// in the README's sentence about it (whitespace-normalized), so a change to the plan that
+/// moves a number fails here until the README says the new one.
+#[test]
+fn readme_plan_figures_are_what_recforge_plan_prints() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let readme = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    let plan = |args: &[&str]| -> String {
+        let mut all = vec!["plan"];
+        if !args.contains(&"--model") {
+            all.extend(["--model", "llama-7b"]);
+        }
+        all.extend(args);
+        let (ok, out, err) = cli(&all);
+        assert!(ok, "{args:?}: {err}");
+        out
+    };
+    // "22.66 GiB" from the TOTAL row; "3 of 32 layers" from the header.
+    let total = |out: &str| -> String {
+        let line = out.lines().find(|l| l.starts_with("TOTAL")).unwrap();
+        let w: Vec<&str> = line.split_whitespace().collect();
+        w[w.len() - 2..].join(" ")
+    };
+    let layers = |out: &str| -> String {
+        let head = out.lines().next().unwrap();
+        let at = head.find("auto: ").unwrap() + "auto: ".len();
+        head[at..].trim().to_string()
+    };
+    let after = |out: &str, key: &str| -> String {
+        let line = out.lines().find(|l| l.contains(key)).unwrap();
+        line[line.find(key).unwrap() + key.len()..].to_string()
+    };
+    let mut want = vec![];
+    let on = plan(&["--checkpointing", "on", "--solve"]);
+    let solved = after(&on, "largest batch at seq 1024: ");
+    let (b, rest) = solved.split_once(';').unwrap();
+    let q = after(rest, "largest seq at batch 4: ");
+    let q = q.split_whitespace().next().unwrap();
+    want.push(format!("needs {} with every layer recomputing", total(&on)));
+    want.push(format!(
+        "the largest batch at 1024 tokens is then {b}, the longest sequence at batch 4 is {q}."
+    ));
+    let off = plan(&["--checkpointing", "off"]);
+    want.push(format!(
+        "(`--checkpointing off`) needs {} and fits",
+        total(&off)
+    ));
+    let auto = plan(&[]);
+    want.push(format!("24 GiB, {}, {},", layers(&auto), total(&auto)));
+    let big = plan(&["--model", "llama-13b"]);
+    want.push(format!(
+        "LLaMA-13B at the same size: {}, {}.",
+        layers(&big),
+        total(&big)
+    ));
+    let score = plan(&[
+        "--score",
+        "--batch",
+        "8",
+        "--seq",
+        "320",
+        "--prefix",
+        "71",
+        "--lora-r",
+        "8",
+        "--targets",
+        "q,v",
+        "--solve",
+    ]);
+    want.push(format!("with r 8 on q,v: {},", total(&score)));
+    want.push(format!(
+        "{} prompts of 320 tokens a scoring pass",
+        after(&score, "most prompts of 320 tokens a pass: ")
+    ));
+    let generate = plan(&["--generate", "300", "--seq", "512", "--solve"]);
+    want.push(format!("300 new tokens: {},", total(&generate)));
+    let most = after(&generate, "most new tokens after a 512-token prompt: ");
+    let (n, rest) = most.split_once(' ').unwrap();
+    let held = after(rest, "would hold ");
+    want.push(format!(
+        "({n} new tokens after 512; the 24 GiB would hold {}",
+        held.trim_end_matches(')')
+    ));
+    let with = plan(&[
+        "--generate",
+        "300",
+        "--seq",
+        "512",
+        "--adapter",
+        "--r",
+        "16",
+        "--targets",
+        "q,v",
+    ]);
+    want.push(format!("({} with an r 16 adapter on q, v)", total(&with)));
+    let prune = plan(&["--prune"]);
+    want.push(format!(
+        "{} at 7B 4 × 1024 ({} recomputing)",
+        total(&prune),
+        layers(&prune)
+    ));
+    for w in want {
+        assert!(readme.contains(&w), "README.md does not say: {w}");
+    }
+}
