@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod hash;
 pub mod infer;
 pub mod kernels;
 pub mod memory;

@@ -285,21 +285,15 @@ pub struct ScoresFile {
 /// A 64-bit FNV-1a hash of the samples' fields, as 16 hex digits: what ties a scores file to
 /// its data (the same samples in the same order), whatever the JSON's layout.
 pub fn fingerprint(samples: &[Sample]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut h = crate::hash::Fnv1a::default();
     for s in samples {
         // Lengths first, so moving text from one field to the next changes the hash.
         for f in [&s.instruction, &s.input, &s.output] {
-            eat(&(f.len() as u64).to_le_bytes());
-            eat(f.as_bytes());
+            h.bytes(&(f.len() as u64).to_le_bytes());
+            h.bytes(f.as_bytes());
         }
     }
-    format!("{h:016x}")
+    h.hex()
 }
 
 impl ScoresFile {

@@ -394,7 +394,7 @@ impl StepRecord {
 
 /// A fingerprint of the training data, so a resume with other data is refused.
 fn fingerprint(data: &[Example]) -> String {
-    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    let mut h = crate::hash::Fnv1a::default();
     for e in data {
         for &x in e
             .ids
@@ -402,10 +402,10 @@ fn fingerprint(data: &[Example]) -> String {
             .chain(&e.labels)
             .chain(std::iter::once(&u32::MAX))
         {
-            h = (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01B3);
+            h.mix(x as u64);
         }
     }
-    format!("{:016x}-{}", h, data.len())
+    format!("{}-{}", h.hex(), data.len())
 }
 
 pub struct Trainer<'a, B: Backend> {
