@@ -748,17 +748,20 @@ fn run(cli: Cli) -> Result<()> {
                 budget,
             };
             let choice = checkpoint_choice(checkpointing, no_checkpointing);
-            let step: memory::StepPlan = if prune {
-                memory::plan_sample_scoring
+            let (step, title): (memory::StepPlan, _) = if prune {
+                (
+                    memory::plan_sample_scoring,
+                    "pruning plan (rec prune's scoring pass)",
+                )
             } else {
-                memory::plan_training
+                (memory::plan_training, "memory plan")
             };
             let setup = memory::TrainSetup {
                 checkpointing: memory::choose_checkpointing_for(choice, &setup, step)
                     .map_err(anyhow::Error::msg)?,
                 ..setup
             };
-            plan(&model, &setup, choice, solve, prune)
+            plan(&model, &setup, choice, solve, (step, title))
         }
     }
 }
@@ -1417,22 +1420,15 @@ fn checkpoint_choice(choice: memory::CheckpointChoice, off: bool) -> memory::Che
     }
 }
 
-/// `plan` of a training step, or with `prune` of `rec prune`'s scoring pass.
+/// `plan` of a step over a training setup: `step` plans it (a training step, or `rec prune`'s
+/// scoring pass), `title` heads the table.
 fn plan(
     model: &str,
     s: &memory::TrainSetup,
     choice: memory::CheckpointChoice,
     solve: bool,
-    prune: bool,
+    (step, title): (memory::StepPlan, &str),
 ) -> Result<()> {
-    let (step, title): (memory::StepPlan, _) = if prune {
-        (
-            memory::plan_sample_scoring,
-            "pruning plan (rec prune's scoring pass)",
-        )
-    } else {
-        (memory::plan_training, "memory plan")
-    };
     let p = step(s).map_err(anyhow::Error::msg)?;
     let auto = if choice == memory::CheckpointChoice::Auto {
         "auto: "
@@ -2082,7 +2078,7 @@ fn rec_prune(a: &PruneArgs) -> Result<()> {
     }
     let t0 = std::time::Instant::now();
     // The scores: measured now, or those a previous run saved with --scores.
-    let (rows, model, adapter, cutoff) = match &a.from_scores {
+    let (rows, keep, model, adapter, cutoff) = match &a.from_scores {
         Some(path) => {
             let f = ScoresFile::read(path, &samples)?;
             eprintln!(
@@ -2093,23 +2089,28 @@ fn rec_prune(a: &PruneArgs) -> Result<()> {
                 f.adapter.as_deref().unwrap_or("a fresh"),
                 f.cutoff
             );
-            parse_keep(
+            let keep = parse_keep(
                 &a.keep,
                 f.samples.len(),
                 &format!("were scored in {}", path.display()),
             )?;
-            (f.samples, f.model, f.adapter, f.cutoff)
+            (f.samples, keep, f.model, f.adapter, f.cutoff)
         }
         None => {
-            let rows = match open_backend(a.device)? {
-                Chosen::Cpu(be) => score_for_pruning(&be, a, &samples, &mut config)?,
-                Chosen::Gpu(be) => score_for_pruning(&be, a, &samples, &mut config)?,
+            let (rows, keep) = match open_backend(a.device)? {
+                Chosen::Cpu(be) => score_for_pruning(&be, a, &samples, &config)?,
+                Chosen::Gpu(be) => score_for_pruning(&be, a, &samples, &config)?,
             };
             let adapter = a.adapter.as_ref().map(|p| p.display().to_string());
-            (rows, a.model.display().to_string(), adapter, config.cutoff)
+            (
+                rows,
+                keep,
+                a.model.display().to_string(),
+                adapter,
+                config.cutoff,
+            )
         }
     };
-    let keep = parse_keep(&a.keep, rows.len(), "can be scored")?;
     let index: Vec<usize> = rows.iter().map(|r| r.index).collect();
     let norms: Vec<f64> = rows.iter().map(|s| s.grad_norm).collect();
     let chosen = if a.balance_labels {
@@ -2199,14 +2200,13 @@ fn rec_prune(a: &PruneArgs) -> Result<()> {
 }
 
 /// `rec prune`'s scoring: every sample of `samples` that fits `config.cutoff`, scored by its
-/// LoRA gradient norm on `be` (the rows in the file's order; `config` ends with the cutoff of
-/// the plan, the longest sample).
+/// LoRA gradient norm on `be` (the rows in the file's order), and `--keep` as a count of them.
 fn score_for_pruning<B: Backend>(
     be: &B,
     a: &PruneArgs,
     samples: &[rec::Sample],
-    config: &mut TrainConfig,
-) -> Result<Vec<rec::prune::ScoredSample>> {
+    config: &TrainConfig,
+) -> Result<(Vec<rec::prune::ScoredSample>, usize)> {
     if a.batch == 0 {
         bail!("--batch must be at least 1 (samples per pass)");
     }
@@ -2226,7 +2226,7 @@ fn score_for_pruning<B: Backend>(
         bail!("{}: no sample can be scored", a.data.display());
     }
     // Refused before an epoch of work rather than after it.
-    parse_keep(&a.keep, data.len(), "can be scored")?;
+    let keep = parse_keep(&a.keep, data.len(), "can be scored")?;
     let host = match a.adapter.as_deref().zip(given) {
         Some((dir, host)) => fit_adapter(dir, host, &m.config)?,
         None => model::lora::HostAdapter::init(
@@ -2238,11 +2238,13 @@ fn score_for_pruning<B: Backend>(
     };
     let mut adapter = DevAdapter::upload_for_gradients(be, &host)?;
     // The plan of a training step over the longest sample, with the per-sample scratch.
-    let cutoff = config.cutoff;
-    config.batch_size = a.batch.min(data.len());
-    config.cutoff = data.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(2);
-    config.lora = host.config.clone();
-    let mut setup = config.memory_setup(&m.config, budget);
+    let planned = TrainConfig {
+        batch_size: a.batch.min(data.len()),
+        cutoff: data.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(2),
+        lora: host.config.clone(),
+        ..config.clone()
+    };
+    let mut setup = planned.memory_setup(&m.config, budget);
     setup.checkpointing = memory::choose_checkpointing_for(
         memory::CheckpointChoice::Auto,
         &setup,
@@ -2275,7 +2277,7 @@ fn score_for_pruning<B: Backend>(
         },
         host.config.r,
         targets.join(","),
-        config.batch_size
+        planned.batch_size
     );
     if a.adapter.is_none() {
         eprintln!(
@@ -2302,9 +2304,7 @@ fn score_for_pruning<B: Backend>(
     if tty {
         eprintln!();
     }
-    // The scores file records the cutoff the samples were cut at, not the plan's.
-    config.cutoff = cutoff;
-    Ok(scores
+    let rows = scores
         .iter()
         .zip(index)
         .map(|(s, index)| rec::prune::ScoredSample {
@@ -2314,7 +2314,8 @@ fn score_for_pruning<B: Backend>(
             grad_norm: s.grad_norm,
             kept: false,
         })
-        .collect())
+        .collect();
+    Ok((rows, keep))
 }
 
 fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
@@ -2394,7 +2395,13 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         // is carved from one arena of what the plan has left after the model and the adapter.
         let p = memory::plan_training(&setup).map_err(anyhow::Error::msg)?;
         if be.memory_in_use().is_some() && !p.fits() {
-            plan(&a.model.display().to_string(), &setup, choice, false, false)?;
+            plan(
+                &a.model.display().to_string(),
+                &setup,
+                choice,
+                false,
+                (memory::plan_training, "memory plan"),
+            )?;
         }
         reserve_planned_arena(be, &p, "step", "see `recforge plan --solve`")?;
     }
