@@ -499,6 +499,21 @@ fn check_lora(c: &LlamaConfig, rank: usize, targets: &[String]) -> Result<(), St
 /// largest moment. The simulator measures the same step's peak exactly, and the tests hold
 /// the two together (`tests/memory_plan.rs`).
 pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
+    plan_step(s, false)
+}
+
+/// A gradient-scoring run (`rec prune`, `train::step::sample_scores`): a training step's
+/// memory without AdamW's moments (`DevAdapter::upload_for_gradients`: an empty tensor, one
+/// block, for each of them) in which every adapted projection's backward also measures each
+/// sample's gradient, one sample at a time, in a scratch of its own: dH and the gate gradient
+/// `[seq, r]`, one projection's dA and dB, the sum-of-squares partials, and the `[batch, 2]`
+/// sums read back. `s.seq` is the longest sample and `s.batch` the samples a pass measures.
+pub fn plan_sample_scoring(s: &TrainSetup) -> Result<Plan, String> {
+    plan_step(s, true)
+}
+
+/// [`plan_training`], or with `sample_norms` [`plan_sample_scoring`].
+fn plan_step(s: &TrainSetup, sample_norms: bool) -> Result<Plan, String> {
     let c = &s.model;
     check_sizes(
         c,
@@ -550,7 +565,12 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
         lora_one,
     );
     e.add("lora", "gradients (f32)".into(), lora_one);
-    e.add("lora", MOMENTS.into(), 2 * lora_one);
+    if sample_norms {
+        let empty = 4 * blk(0, 4) * s.targets.len() as u64 * l;
+        e.add("lora", "AdamW m, v: not kept (empty tensors)".into(), empty);
+    } else {
+        e.add("lora", "AdamW m, v (f32)".into(), 2 * lora_one);
+    }
 
     // The step's workspace (train::step::Workspace), allocated once per micro-batch size.
     e.add(
@@ -621,77 +641,60 @@ pub fn plan_training(s: &TrainSetup) -> Result<Plan, String> {
     let rows = (s.logits_chunk as u64).min(t);
     let head_chunk = bf(rows * d) + f4(rows * v) + f4(rows) + bf(rows * v);
     let optim = 2 * f4(1) + f4(SUM_SQUARES_BLOCKS as u64);
-    let phases = [
-        (
-            int8,
-            format!("int8 linear: x [{t}, {kmax}] int8, scales, outlier cols"),
-        ),
-        (attn_fwd, "attention fwd: span table".to_string()),
-        (
-            attn_bwd,
-            if tiled {
-                format!("attention bwd: dK, dV, dQ [{t}, ·] f32, D")
-            } else {
-                format!("attention bwd: dK, dV [{t}, {kvd}] f32")
-            },
-        ),
-        (lora_bwd, format!("LoRA bwd: dH [{t}, {r}] f32")),
-        (
-            head_chunk,
-            format!("head: logits [{rows}, {v}] f32 + gradient bf16"),
-        ),
-        (optim, "gradient-norm partials".into()),
-    ];
-    let (peak, what) = phases
+    // Scoring for pruning: one sample's dH, dgate, one projection's dA and dB (the largest),
+    // the sum-of-squares partials and every sample's two sums.
+    let sample_norm = s
+        .targets
         .iter()
-        .max_by_key(|p| p.0)
-        .map(|p| (p.0, p.1.clone()))
-        .unwrap_or_default();
+        .filter_map(|t| linear_dims(c, t))
+        .map(|(o, i)| f4(r * i as u64) + f4(o as u64 * r))
+        .max()
+        .filter(|_| sample_norms)
+        .map(|grads| {
+            2 * f4(s.seq as u64 * r)
+                + grads
+                + f4(SUM_SQUARES_BLOCKS as u64)
+                + f4(2 * s.batch as u64)
+        });
+    // First, so that on a tie another phase names the peak.
+    let phases = sample_norm
+        .map(|b| {
+            (
+                b,
+                format!(
+                    "per-sample gradient: dH, dgate [{}, {r}], dA, dB f32",
+                    s.seq
+                ),
+            )
+        })
+        .into_iter()
+        .chain([
+            (
+                int8,
+                format!("int8 linear: x [{t}, {kmax}] int8, scales, outlier cols"),
+            ),
+            (attn_fwd, "attention fwd: span table".to_string()),
+            (
+                attn_bwd,
+                if tiled {
+                    format!("attention bwd: dK, dV, dQ [{t}, ·] f32, D")
+                } else {
+                    format!("attention bwd: dK, dV [{t}, {kvd}] f32")
+                },
+            ),
+            (lora_bwd, format!("LoRA bwd: dH [{t}, {r}] f32")),
+            (
+                head_chunk,
+                format!("head: logits [{rows}, {v}] f32 + gradient bf16"),
+            ),
+            (optim, "gradient-norm partials".into()),
+        ]);
+    let (peak, what) = phases.max_by_key(|p| p.0).unwrap_or_default();
     e.add("peak scratch", what, peak);
     Ok(Plan {
         entries: e,
         budget: s.budget,
     })
-}
-
-/// The plan entry of the LoRA optimizer's moments.
-const MOMENTS: &str = "AdamW m, v (f32)";
-
-/// A gradient-scoring run (`rec prune`, `train::step::sample_scores`): a training step's
-/// memory without AdamW's moments (`DevAdapter::upload_for_gradients`: an empty tensor, one
-/// block, for each of them) in which every adapted projection's backward also measures each
-/// sample's gradient, one sample at a time, in a scratch of its own: dH and the gate gradient
-/// `[seq, r]`, one projection's dA and dB, the sum-of-squares partials, and the `[batch, 2]`
-/// sums read back. `s.seq` is the longest sample and `s.batch` the samples a pass measures.
-pub fn plan_sample_scoring(s: &TrainSetup) -> Result<Plan, String> {
-    let mut p = plan_training(s)?;
-    let r = s.lora_rank as u64;
-    let empty_moments = 4 * blk(0, 4) * s.targets.len() as u64 * s.model.num_hidden_layers as u64;
-    if let Some(m) = p.entries.iter_mut().find(|e| e.what == MOMENTS) {
-        m.what = "AdamW m, v: not kept (empty tensors)".into();
-        m.bytes = empty_moments;
-    }
-    let Some(grads) = s
-        .targets
-        .iter()
-        .filter_map(|t| linear_dims(&s.model, t))
-        .map(|(o, i)| f4(r * i as u64) + f4(o as u64 * r))
-        .max()
-    else {
-        return Ok(p);
-    };
-    let norms =
-        2 * f4(s.seq as u64 * r) + grads + f4(SUM_SQUARES_BLOCKS as u64) + f4(2 * s.batch as u64);
-    if let Some(peak) = p.entries.iter_mut().find(|e| e.category == "peak scratch") {
-        if norms > peak.bytes {
-            peak.bytes = norms;
-            peak.what = format!(
-                "per-sample gradient: dH, dgate [{}, {r}], dA, dB f32",
-                s.seq
-            );
-        }
-    }
-    Ok(p)
 }
 
 /// A scoring run (`rec eval`): prompts share a `prefix` of tokens whose K/V is computed once,
