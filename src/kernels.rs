@@ -69,19 +69,36 @@ pub enum Param {
     Other,
 }
 
+/// What the embedded PTX declares of one kernel.
+#[derive(Debug, PartialEq, Eq)]
+struct Entry {
+    params: Vec<Param>,
+    /// `.maxntid x, y, z` (from `__launch_bounds__`) as x · y · z: the most threads a block of
+    /// this kernel may have. The driver refuses a larger block; the simulator, which compiles
+    /// the source with `__launch_bounds__` defined away, would run it.
+    max_threads: Option<u32>,
+}
+
+fn entries() -> &'static std::collections::HashMap<&'static str, Entry> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<&'static str, Entry>> =
+        std::sync::OnceLock::new();
+    TABLE.get_or_init(|| MODULES.iter().flat_map(|m| parse_entries(m.ptx)).collect())
+}
+
 /// The parameters of `kernel`, in order, from the embedded PTX; None when no module defines it
 /// (built without kernels).
 pub fn params_of(kernel: &str) -> Option<&'static [Param]> {
-    static TABLE: std::sync::OnceLock<std::collections::HashMap<&'static str, Vec<Param>>> =
-        std::sync::OnceLock::new();
-    TABLE
-        .get_or_init(|| MODULES.iter().flat_map(|m| parse_entries(m.ptx)).collect())
-        .get(kernel)
-        .map(Vec::as_slice)
+    entries().get(kernel).map(|e| e.params.as_slice())
 }
 
-/// Every `.entry NAME( .param .TYPE NAME_param_i, ... )` of a PTX text.
-fn parse_entries(ptx: &'static str) -> Vec<(&'static str, Vec<Param>)> {
+/// The most threads a block of `kernel` may have, from its `__launch_bounds__` (the PTX's
+/// `.maxntid`); None for a kernel without one, or when no module defines it.
+pub fn max_threads_of(kernel: &str) -> Option<u32> {
+    entries().get(kernel)?.max_threads
+}
+
+/// Every `.entry NAME( .param .TYPE NAME_param_i, ... ) [.maxntid x, y, z] {` of a PTX text.
+fn parse_entries(ptx: &'static str) -> Vec<(&'static str, Entry)> {
     let mut out = Vec::new();
     let mut rest = ptx;
     while let Some(at) = rest.find(".entry ") {
@@ -103,15 +120,30 @@ fn parse_entries(ptx: &'static str) -> Vec<(&'static str, Vec<Param>)> {
                 })
             })
             .collect();
-        out.push((name, params));
         rest = &rest[open + close..];
+        // The performance directives sit between the parameter list and the body.
+        let head = &rest[..rest.find('{').unwrap_or(rest.len())];
+        let max_threads = head.split_once(".maxntid").and_then(|(_, dims)| {
+            dims.lines()
+                .next()?
+                .split(',')
+                .map(|d| d.trim().parse::<u32>().ok())
+                .product::<Option<u32>>()
+        });
+        out.push((
+            name,
+            Entry {
+                params,
+                max_threads,
+            },
+        ));
     }
     out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_entries, Param, BUILT, MODULES};
+    use super::{parse_entries, Entry, Param, BUILT, MODULES};
 
     #[test]
     fn every_module_carries_an_sm_90_cubin_of_its_kernels() {
@@ -144,16 +176,25 @@ mod tests {
     #[test]
     fn entries_and_their_parameters_are_read_from_ptx() {
         let ptx = ".visible .entry k_a(\n\t.param .u64 k_a_param_0,\n\t.param .u32 k_a_param_1,\n\
-                   \t.param .f32 k_a_param_2\n)\n{\n\tld.param.u64 %rd1, [k_a_param_0];\n}\n\
+                   \t.param .f32 k_a_param_2\n)\n.maxntid 128, 2, 1\n.minnctapersm 2\n{\n\
+                   \tld.param.u64 %rd1, [k_a_param_0];\n}\n\
                    .visible .entry k_b(\n\t.param .align 8 .b8 k_b_param_0[16]\n)\n{\n}\n\
-                   .visible .entry k_c()\n{\n}\n";
+                   .visible .entry k_c()\n.maxntid 512, 1, 1\n{\n}\n";
         let got = parse_entries(ptx);
+        let entry = |params: Vec<Param>, max_threads| Entry {
+            params,
+            max_threads,
+        };
         assert_eq!(
             got,
             vec![
-                ("k_a", vec![Param::B64, Param::B32, Param::F32]),
-                ("k_b", vec![Param::Other]),
-                ("k_c", vec![]),
+                (
+                    "k_a",
+                    entry(vec![Param::B64, Param::B32, Param::F32], Some(256))
+                ),
+                // A kernel without launch bounds does not take the next kernel's.
+                ("k_b", entry(vec![Param::Other], None)),
+                ("k_c", entry(vec![], Some(512))),
             ]
         );
     }

@@ -205,9 +205,9 @@ fn the_simulator_refuses_launches_a_gpu_could_not_run() {
             })
             .collect()
     };
-    // The tiled attention backward uses > 200 registers per thread (ptxas report): 1024
-    // threads would need > 200 Ki registers of a block's 64 Ki.
-    let k = "attention_bwd_hd128_bf16";
+    // The dense bf16 GEMM (no launch bounds) uses 72 registers per thread on sm_86 (ptxas
+    // report): 1024 threads would need 72 Ki registers of a block's 64 Ki.
+    let k = "gemm_bf16_bf16";
     let e = dev
         .launch(k, Launch::linear(1, 1024), &dummy(k))
         .unwrap_err()
@@ -221,6 +221,67 @@ fn the_simulator_refuses_launches_a_gpu_could_not_run() {
     };
     let e = dev.launch(k, cfg, &dummy(k)).unwrap_err().to_string();
     assert!(e.contains("sm_86") && e.contains("shared memory"), "{e}");
+    // lora_down_bf16 is declared __launch_bounds__(256) and its registers would allow 512
+    // threads: the driver refuses the block anyway, so the simulator must too.
+    let k = "lora_down_bf16";
+    let e = dev
+        .launch(k, Launch::linear(1, 512), &dummy(k))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(k) && e.contains("__launch_bounds__") && e.contains("256"),
+        "{e}"
+    );
+}
+
+/// Every `__launch_bounds__(N…)` with a literal N in kernels/*.cu, as (kernel, N): read from
+/// the source, independently of the PTX the launch check reads.
+fn launch_bounds_in_sources() -> Vec<(String, u32)> {
+    let mut out = vec![];
+    for f in std::fs::read_dir("kernels").unwrap() {
+        let path = f.unwrap().path();
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let src = std::fs::read_to_string(&path).unwrap();
+        for after in src.split("__launch_bounds__(").skip(1) {
+            let Some(close) = after.find(')') else {
+                continue;
+            };
+            let Ok(n) = after[..close]
+                .split(',')
+                .next()
+                .unwrap()
+                .trim()
+                .parse::<u32>()
+            else {
+                continue; // a macro: not checked here
+            };
+            let name: String = after[close + 1..]
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            out.push((name, n));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_launch_check_knows_every_kernels_launch_bounds() {
+    if !kernels::BUILT {
+        eprintln!("skipped: {}", kernels::NOT_BUILT);
+        return;
+    }
+    let bounds = launch_bounds_in_sources();
+    // The sources hold about twenty (attention, the GEMMs, LoRA, paged decode, sampling…).
+    assert!(bounds.len() >= 15, "{bounds:?}");
+    for (k, n) in &bounds {
+        assert_eq!(kernels::max_threads_of(k), Some(*n), "{k}");
+    }
+    // A kernel without launch bounds has no limit of its own.
+    assert_eq!(kernels::max_threads_of("sum_squares_final_f32"), None);
 }
 
 fn cpu_rmsnorm(x: &[f32], w: &[f32], rows: usize, d: usize) -> Vec<f32> {

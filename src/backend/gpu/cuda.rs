@@ -51,18 +51,25 @@ impl CudaDevice {
             // every synchronization, so each training step would allocate anew; keeping it
             // (PyTorch's caching allocator does the same) makes every step after the first
             // reuse the memory of the one before.
+            // Only a speed setting: a driver that refuses it still runs everything, so it
+            // gets a note, not an error.
             // SAFETY: `cu_device` is this context's device; the attribute takes a u64.
-            unsafe {
+            let kept = unsafe {
                 use cudarc::driver::{result, sys};
-                let pool = result::device::get_default_mem_pool(ctx.cu_device())
-                    .map_err(dev_err("cuDeviceGetDefaultMemPool"))?;
-                let mut keep = u64::MAX;
-                result::mem_pool::set_attribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                    (&mut keep as *mut u64).cast(),
-                )
-                .map_err(dev_err("cuMemPoolSetAttribute(release threshold)"))?;
+                result::device::get_default_mem_pool(ctx.cu_device()).and_then(|pool| {
+                    let mut keep = u64::MAX;
+                    result::mem_pool::set_attribute(
+                        pool,
+                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                        (&mut keep as *mut u64).cast(),
+                    )
+                })
+            };
+            if let Err(e) = kept {
+                eprintln!(
+                    "note: the memory pool's release threshold could not be set ({e:?}): freed \
+                     memory goes back to the driver at each synchronization (slower, not wrong)"
+                );
             }
         }
         Ok(CudaDevice {
@@ -118,6 +125,9 @@ impl CudaDevice {
 
     /// Look a kernel up by name, loading its module's PTX the first time.
     pub fn function(&self, kernel: &str) -> Result<CudaFunction> {
+        // cudarc binds the context for loading a module but not for cuModuleGetFunction or
+        // cuFuncSetAttribute, which fail on a thread where it is not current.
+        self.bind()?;
         let m = kernels::module_of(kernel)
             .ok_or_else(|| Error::Device(format!("no kernel named '{kernel}' was compiled")))?;
         let mut mods = self
@@ -170,12 +180,23 @@ impl CudaDevice {
 
     /// Bytes in use on the device (total − free, every process), from the driver.
     pub fn memory_in_use(&self) -> Result<u64> {
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(dev_err("bind context"))?;
+        // Made current without cudarc's `bind_to_thread`: that also takes the error a failed
+        // asynchronous free left behind, and bench-train's memory sampler, which ignores its
+        // own failures, would then swallow the only report of it.
+        // SAFETY: the context is alive (self holds it); the call only sets this thread's
+        // current context.
+        unsafe { cudarc::driver::result::ctx::set_current(self.ctx.cu_ctx()) }
+            .map_err(dev_err("cuCtxSetCurrent"))?;
         let (free, total) =
             cudarc::driver::result::mem_get_info().map_err(dev_err("cuMemGetInfo"))?;
         Ok((total - free) as u64)
+    }
+}
+
+impl Drop for CudaDevice {
+    /// Let queued work finish before the modules it runs are unloaded (the fields drop next)
+    /// — a device dropped on an error path may still have kernels in flight.
+    fn drop(&mut self) {
+        let _ = self.synchronize();
     }
 }

@@ -284,19 +284,23 @@ impl Device {
         let r = match (&self.kind, source) {
             (Kind::Cuda(d), Source::Arena { addr, .. }) => {
                 if zero {
-                    d.bind()?;
-                    // SAFETY: [addr, addr + size) lies inside the live arena block just handed
-                    // out; the memset is ordered on the device's one stream.
-                    unsafe {
-                        cudarc::driver::result::memset_d8_async(
-                            addr,
-                            0,
-                            size as usize,
-                            d.stream().cu_stream(),
-                        )
-                    }
-                    .map_err(|e| Error::Device(format!("zeroing {what}: {e:?}")))
-                    .map(|()| Repr::Arena { addr })
+                    // No `?` in here: a failure must reach the release of the block below.
+                    d.bind()
+                        .and_then(|()| {
+                            // SAFETY: [addr, addr + size) lies inside the live arena block
+                            // just handed out; the memset is ordered on the device's one
+                            // stream.
+                            unsafe {
+                                cudarc::driver::result::memset_d8_async(
+                                    addr,
+                                    0,
+                                    size as usize,
+                                    d.stream().cu_stream(),
+                                )
+                            }
+                            .map_err(|e| Error::Device(format!("zeroing {what}: {e:?}")))
+                        })
+                        .map(|()| Repr::Arena { addr })
                 } else {
                     Ok(Repr::Arena { addr })
                 }
@@ -603,6 +607,14 @@ impl Device {
                 "{kernel}: invalid launch {cfg:?} (1..=1024 threads per block, a non-empty grid \
                  of at most 2^31-1 × 65535 × 65535 blocks)"
             )));
+        }
+        if let Some(max) = crate::kernels::max_threads_of(kernel) {
+            if threads > max as u64 {
+                return Err(Error::Device(format!(
+                    "{kernel}: a block of {threads} threads, but its __launch_bounds__ allow \
+                     {max} (launch {cfg:?})"
+                )));
+            }
         }
         check_args(kernel, args)?;
         if self.is_sim() {

@@ -24,6 +24,9 @@ pub enum CudaProbe {
     DriverError(String),
     /// The driver works and sees these devices (possibly none).
     Devices(Vec<String>),
+    /// The driver is older than the CUDA that compiled the kernels, so it cannot load their
+    /// PTX or cubins (versions as `cuDriverGetVersion` gives them: 13000 = CUDA 13.0).
+    DriverTooOld { driver: i32, needs: i32 },
 }
 
 impl CudaProbe {
@@ -34,6 +37,14 @@ impl CudaProbe {
         match self {
             CudaProbe::NoDriver => "no CUDA driver (libcuda not found)".into(),
             CudaProbe::DriverError(e) => format!("CUDA driver error: {e}"),
+            CudaProbe::DriverTooOld { driver, needs } => format!(
+                "the NVIDIA driver supports CUDA {}, but the kernels were compiled by nvcc {} \
+                 and need a driver for CUDA {} or newer (update the driver, or build with an \
+                 older toolchain)",
+                cuda_version(*driver),
+                cuda_version(*needs),
+                cuda_version(*needs)
+            ),
             CudaProbe::Devices(d) if d.is_empty() => "CUDA driver found, but no devices".into(),
             CudaProbe::Devices(d) => d
                 .iter()
@@ -53,6 +64,16 @@ pub fn probe_cuda() -> CudaProbe {
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return CudaProbe::NoDriver;
         }
+        // A driver older than the compiler would fail every module load (or, with cudarc's
+        // CUDA 13 bindings, panic on a missing entry point): say so once, here.
+        let mut driver = 0;
+        // SAFETY: libcuda is loaded (above); the call writes one int.
+        let got = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
+        if got == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+            if let Some(needs) = needed_driver(crate::kernels::NVCC_VERSION, driver) {
+                return CudaProbe::DriverTooOld { driver, needs };
+            }
+        }
         let n = match cudarc::driver::CudaContext::device_count() {
             Ok(n) => n,
             Err(e) => return CudaProbe::DriverError(format!("{e:?}")),
@@ -71,6 +92,21 @@ pub fn probe_cuda() -> CudaProbe {
     res.unwrap_or_else(|_| {
         CudaProbe::DriverError("the CUDA driver library panicked while loading".into())
     })
+}
+
+/// "13.0" for 13000, as `cuDriverGetVersion` encodes CUDA versions (1000 · major + 10 · minor).
+fn cuda_version(v: i32) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
+}
+
+/// The driver version the kernels need when `driver` is older than it, from nvcc's banner
+/// ("Cuda compilation tools, release 13.0, V13.0.88"): a driver loads PTX and cubins of its own
+/// CUDA version and older. None when the banner names no release (built without kernels).
+fn needed_driver(nvcc: &str, driver: i32) -> Option<i32> {
+    let release = nvcc.split("release ").nth(1)?.split(',').next()?.trim();
+    let (major, minor) = release.split_once('.')?;
+    let needs = major.parse::<i32>().ok()? * 1000 + minor.parse::<i32>().ok()? * 10;
+    (driver < needs).then_some(needs)
 }
 
 /// The first CUDA device when one is usable and the kernels were built; otherwise `None`, after
@@ -156,5 +192,37 @@ impl std::str::FromStr for DeviceChoice {
                 "unknown device '{other}' (expected cpu, cuda, sim or auto)"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cuda_version, needed_driver, CudaProbe};
+
+    #[test]
+    fn a_driver_older_than_the_compiler_is_named_before_any_module_load() {
+        let nvcc =
+            "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.88";
+        // CUDA 12.4's driver cannot load PTX ISA 9.0; 13.0 and later can.
+        assert_eq!(needed_driver(nvcc, 12040), Some(13000));
+        assert_eq!(needed_driver(nvcc, 12090), Some(13000));
+        assert_eq!(needed_driver(nvcc, 13000), None);
+        assert_eq!(needed_driver(nvcc, 13010), None);
+        let nvcc_12_8 = "Cuda compilation tools, release 12.8, V12.8.93";
+        assert_eq!(needed_driver(nvcc_12_8, 12060), Some(12080));
+        assert_eq!(needed_driver(nvcc_12_8, 12080), None);
+        // Built without kernels: nothing to compare against.
+        assert_eq!(needed_driver("", 1000), None);
+        assert_eq!(cuda_version(12040), "12.4");
+        let why = CudaProbe::DriverTooOld {
+            driver: 12040,
+            needs: 13000,
+        };
+        assert!(!why.usable());
+        let text = why.describe();
+        assert!(
+            text.contains("CUDA 12.4") && text.contains("13.0"),
+            "{text}"
+        );
     }
 }

@@ -2,9 +2,13 @@
 //! `Device` is timed and filed under its name (`bench-train --profile`). Off by default; when
 //! off, an operation costs one relaxed atomic load more.
 //!
-//! On CUDA each operation is bracketed by two timing events on the device's one stream, so its
-//! time is what the GPU spent on it, without the host's launch overhead or the gaps between
-//! operations (the profile's total against the step's wall time shows those). In the simulator
+//! On CUDA each operation is bracketed by two timing events on the device's one stream. While
+//! work is queued ahead of it (the usual case inside a step) its time is what the GPU spent on
+//! it, without the host's launch overhead or the gaps between operations (the profile's total
+//! against the step's wall time shows those). When the GPU is idle as it is issued, the start
+//! event fires at once and the span also holds the host's issue time (finding the function,
+//! packing the arguments, the launch call, and a module's first load): read the times of small
+//! kernels after a synchronizing copy with that in mind. In the simulator
 //! the host's wall clock times each operation: the counts are exact, the times are the
 //! simulator's, not a GPU's.
 
