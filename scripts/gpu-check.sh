@@ -9,7 +9,10 @@
 #   .gpu/gpu-check.sh run OUT_DIR     # THERE (CUDA 13 driver, no Rust): in priority order,
 #                                     # (tests) every test executable's CUDA half (the
 #                                     # simulator-vs-GPU self-test first; the simulator halves
-#                                     # are CI's), (train) the training comparison below,
+#                                     # are CI's; one that fails runs again one test at
+#                                     # a time with CUDA_LAUNCH_BLOCKING=1, so a kernel's
+#                                     # fault is reported by its own launch), (train) the
+#                                     # training comparison below,
 #                                     # (peers) cuBLASLt int8 and sort-based sampling peers,
 #                                     # (benches) short criterion runs, (sanitizer)
 #                                     # compute-sanitizer memcheck + racecheck over the kernel
@@ -174,6 +177,7 @@ run | run-train)
         if [ "$remaining" -lt 20 ]; then
             echo "| $name | not run: the ${budget} s budget is spent | 0 |" >>"$md"
             say "=== $name: not run (budget)"
+            last_rc=0
             return 0
         fi
         local lim=$((remaining - 10 < cap ? remaining - 10 : cap))
@@ -188,6 +192,7 @@ run | run-train)
         fi
         echo "| $name | $res | $((SECONDS - t0)) |" >>"$md"
         say "=== $name: $res"
+        last_rc=$rc
     }
     want() { case " $phases " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
     # The CUDA halves only (CI runs the simulator halves), and every core for what the
@@ -308,6 +313,14 @@ PY
                 continue
             fi
             step "test $n" 120 "$here/tests/$n" --test-threads=4
+            # One kernel's fault (an illegal address) is sticky: every test sharing the context
+            # fails after it under whichever call noticed. Once more, one test at a time with
+            # each launch waited for, so the first failing launch names its kernel.
+            if [ "$last_rc" -ne 0 ] && [ "$last_rc" -ne 124 ] && [ "$last_rc" -ne 137 ] &&
+                [ $((SECONDS - t_tests)) -lt "$tests_budget" ]; then
+                step "test $n again: one thread, CUDA_LAUNCH_BLOCKING=1" 60 \
+                    env CUDA_LAUNCH_BLOCKING=1 "$here/tests/$n" --test-threads=1
+            fi
         done
     fi
     want train && train_compare
