@@ -9,13 +9,17 @@
 //                    ascending order, count [1] i32 (0 when threshold ≤ 0). Launch: grid (1), block
 //                    (1024): each thread scans a contiguous run of columns, a block-wide exclusive
 //                    scan of the per-thread counts places them.
-// 3. quantize_rows_bf16  per row r: s = max over non-outlier columns of |x| / 127;
+// 3. quantize_rows_bf16  per row r: s = max over non-outlier columns of |x| / 127 (NaN when one
+//                    of them is NaN, so the row's outputs are NaN, not computed as if it were 0);
 //                    xq[r, k] = round(x / s) clamped to ±127 (0 for outlier columns or s = 0),
 //                    sx[r] = s. Launch: grid (M), block (256). (The outlier values themselves
 //                    are read from x at [r, ocols[j]] by the GEMM's epilogue: no copy.)
 // Must match: backend::cpu::quantize_activations (src/backend/cpu/mod.rs) bit for bit (same
 // division and round-half-away-from-zero).
 #include "common/recforge.cuh"
+
+// max(a, b), NaN if either is (fmaxf returns the other one). backend::cpu::max_keeping_nan.
+__device__ __forceinline__ float rf_max_keeping_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 
 extern "C" __global__ void colmax_bf16(const __nv_bfloat16* __restrict__ x, int M, int K, unsigned* __restrict__ colmax) {
     const int k = blockIdx.x * blockDim.x + threadIdx.x;
@@ -61,20 +65,25 @@ extern "C" __global__ void quantize_rows_bf16(const __nv_bfloat16* __restrict__ 
     float m = 0.0f;
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
         const bool out = decompose && __uint_as_float(colmax[k]) > threshold;
-        if (!out) m = fmaxf(m, fabsf(__bfloat162float(xr[k])));
+        if (!out) m = rf_max_keeping_nan(m, fabsf(__bfloat162float(xr[k])));
     }
     // Block max through the sum helper's pattern: warp max, then across warps.
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(RF_FULL_MASK, m, o));
+    for (int o = 16; o > 0; o >>= 1) m = rf_max_keeping_nan(m, __shfl_xor_sync(RF_FULL_MASK, m, o));
     if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
     __syncthreads();
     m = (threadIdx.x & 31) < (int)(blockDim.x >> 5) ? scratch[threadIdx.x & 31] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(RF_FULL_MASK, m, o));
+    for (int o = 16; o > 0; o >>= 1) m = rf_max_keeping_nan(m, __shfl_xor_sync(RF_FULL_MASK, m, o));
     const float s = m / 127.0f;
     if (threadIdx.x == 0) sx[r] = s;
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
         const bool out = decompose && __uint_as_float(colmax[k]) > threshold;
         signed char q = 0;
-        if (!out && s > 0.0f) q = (signed char)fminf(fmaxf(roundf(__bfloat162float(xr[k]) / s), -127.0f), 127.0f);
+        if (!out && s > 0.0f) {
+            // inf / inf (threshold 0, s infinite) is NaN: 0, as Rust's `as i8` gives, where the
+            // clamp would make it -127.
+            const float t = roundf(__bfloat162float(xr[k]) / s);
+            if (t == t) q = (signed char)fminf(fmaxf(t, -127.0f), 127.0f);
+        }
         xq[(size_t)r * K + k] = q;
     }
 }

@@ -114,6 +114,44 @@ fn impossible_tensor_dims() {
     assert_names(&load_err(&p), &p, &["blk.0.attn_norm.weight"]);
 }
 
+/// A NaN or an infinity in the weights is refused at load, naming the tensor: quantized to
+/// int8 a NaN weight becomes 0 and the damaged model answers as if it were whole.
+#[test]
+fn non_finite_weights() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    for (gguf_name, hf_name, bad) in [
+        (
+            "blk.1.ffn_down.weight",
+            "model.layers.1.mlp.down_proj.weight",
+            f32::NAN,
+        ),
+        (
+            "token_embd.weight",
+            "model.embed_tokens.weight",
+            f32::INFINITY,
+        ),
+        ("output_norm.weight", "model.norm.weight", f32::NEG_INFINITY),
+    ] {
+        let p = d.path().join(format!("{gguf_name}.gguf"));
+        let mut first = 0;
+        rewrite_gguf(&f.gguf, &p, |_, ts| {
+            let t = ts.iter_mut().find(|t| t.name == gguf_name).unwrap();
+            // Element 5 of a float tensor; a Q8_0 tensor's first block scale (elements 0–31).
+            let (at, bytes) = match t.type_id {
+                0 => (5, bad.to_le_bytes().to_vec()),
+                1 => (5, half::f16::from_f32(bad).to_le_bytes().to_vec()),
+                8 => (0, half::f16::from_f32(bad).to_le_bytes().to_vec()),
+                other => panic!("{gguf_name}: fixture type {other}"),
+            };
+            first = at;
+            let off = at * bytes.len();
+            t.bytes[off..off + bytes.len()].copy_from_slice(&bytes);
+        });
+        let element = format!("element {first} ");
+        assert_names(&load_err(&p), &p, &[hf_name, &element, "not finite"]);
+    }
+}
+
 #[test]
 fn unsupported_tensor_type() {
     let (d, f) = fixture(&FixtureSpec::default());

@@ -134,6 +134,102 @@ fn activation_quantization_is_bit_identical_to_the_cpu() {
     }
 }
 
+/// A NaN or an infinity among the activations must reach the outputs of its row, on the CPU
+/// and on every device: rounded to int8 as if it were 0 (what a max that skips NaN and a cast
+/// that saturates give) it would leave a damaged model or a diverged adapter answering
+/// normally. The other rows stay exactly the CPU's.
+#[test]
+fn non_finite_activations_reach_their_rows_outputs() {
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(34);
+    let (m, n, k) = (6, 24, 80);
+    let mut x = activations(&mut rng, m, k, &[]);
+    x[k + 10] = bf16::NAN; // row 1, an ordinary column
+    x[3 * k + 20] = bf16::INFINITY; // row 3: an outlier column at threshold 6
+    x[4 * k + 30] = bf16::NEG_INFINITY; // row 4
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
+    let (wq, ws) = quantize_rows(&w, n, k);
+    let bad_rows = [1, 3, 4];
+    for thr in [0.0f32, 6.0] {
+        let (q, sx, _) = quantize_activations(&xf, m, k, thr);
+        assert!(sx[1].is_nan(), "thr {thr}: a NaN makes its row's scale NaN");
+        assert!(q[k..2 * k].iter().all(|&v| v == 0), "thr {thr}");
+        let lin = Linear {
+            weight: LinearWeight::Int8 {
+                w: cpu
+                    .upload(&HostTensor::new(vec![n, k], HostData::I8(wq.clone())).unwrap())
+                    .unwrap(),
+                scale: cpu
+                    .upload(&HostTensor::f32(vec![n], ws.clone()).unwrap())
+                    .unwrap(),
+            },
+            out_features: n,
+            in_features: k,
+            outlier_threshold: thr,
+        };
+        let mut y = cpu.zeros(&[m, n], DType::F32).unwrap();
+        let xt = cpu
+            .upload(&HostTensor::f32(vec![m, k], xf.clone()).unwrap())
+            .unwrap();
+        cpu.linear(&xt, &lin, &mut y).unwrap();
+        let y = cpu.download(&y).unwrap().to_f32().unwrap();
+        for r in 0..m {
+            let row = &y[r * n..(r + 1) * n];
+            if bad_rows.contains(&r) {
+                assert!(
+                    row.iter().all(|v| !v.is_finite()),
+                    "cpu thr {thr}: row {r} {row:?}"
+                );
+            } else {
+                assert!(row.iter().all(|v| v.is_finite()), "cpu thr {thr}: row {r}");
+            }
+        }
+        for dev in devices() {
+            // Every device quantizes like the CPU: the same int8 values (a NaN ratio is 0, not
+            // a clamped -127) and a NaN scale where the CPU's is NaN.
+            let mut sc = Int8Scratch::new(&dev, m, k).unwrap();
+            dev.write(&mut sc.sx, &vec![-1.0f32; m]).unwrap();
+            let dx = dev.upload(&x).unwrap();
+            w8a8::quantize_activations(&dev, &dx, m, k, thr, &mut sc).unwrap();
+            assert_eq!(
+                dev.download(&sc.xq).unwrap()[..m * k],
+                q[..],
+                "{}",
+                dev.name()
+            );
+            let got_s = dev.download(&sc.sx).unwrap();
+            for r in 0..m {
+                let same =
+                    got_s[r].to_bits() == sx[r].to_bits() || (got_s[r].is_nan() && sx[r].is_nan());
+                assert!(
+                    same,
+                    "{} thr {thr}: sx row {r} {} vs cpu {}",
+                    dev.name(),
+                    got_s[r],
+                    sx[r]
+                );
+            }
+            let (dwq, dws) = (dev.upload(&wq).unwrap(), dev.upload(&ws).unwrap());
+            let mut out = dev.upload(&vec![bf16::from_f32(-7777.0); m * n]).unwrap();
+            w8a8::linear_w8a8(
+                &dev, &dx, m, k, &dwq, &dws, n, thr, &mut sc, None, None, &mut out, None,
+            )
+            .unwrap();
+            let got = dev.download(&out).unwrap();
+            for i in 0..m * n {
+                let (g, c) = (got[i], bf16::from_f32(y[i]));
+                let ok = if y[i].is_finite() {
+                    g.to_bits() == c.to_bits()
+                } else {
+                    !g.to_f32().is_finite()
+                };
+                assert!(ok, "{} thr {thr}: y[{i}] {g} vs cpu {}", dev.name(), y[i]);
+            }
+        }
+    }
+}
+
 #[test]
 fn w8a8_linear_matches_the_cpu_reference_bit_for_bit() {
     let cpu = Cpu::new();

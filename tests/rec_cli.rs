@@ -1079,3 +1079,43 @@ fn rec_eval_scores_each_sample_with_the_adapter_it_names() {
     let err = run(serde_json::json!([sample(0)]), &["--adapter", "u1"]);
     assert!(err.contains("cannot be used with"), "{err}");
 }
+
+/// A learning rate that blows the activations up stops the run with an error and saves
+/// nothing: overflowed activations used to be quantized to zeros, and the run went on with a
+/// zero gradient at the uniform-distribution loss and saved a useless adapter with exit 0.
+#[test]
+fn a_diverged_training_stops_and_saves_nothing() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let dir = d.path();
+    let data = dir.join("data.json");
+    write_samples(&data, 4);
+    let out = dir.join("adapter");
+    let (ok, _, err) = cli(&[
+        "rec",
+        "train",
+        "--model",
+        f.hf_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--steps",
+        "4",
+        "--batch",
+        "1",
+        "--accum",
+        "1",
+        "--lr",
+        "1e30",
+        "--warmup",
+        "0",
+        "--max-grad-norm",
+        "0",
+    ]);
+    assert!(!ok, "a diverged run succeeded: {err}");
+    assert!(err.contains("update 1/4"), "the first update runs: {err}");
+    assert!(err.contains("diverged"), "{err}");
+    assert!(!out.exists(), "an adapter was saved");
+}

@@ -242,6 +242,31 @@ fn dense<B: Backend>(be: &B, t: &HostTensor) -> Result<Linear<B>> {
     })
 }
 
+/// A tensor of `src`, refused when it holds a NaN or an infinity: int8 quantization would
+/// otherwise hide it (a NaN weight rounds to 0 and leaves its row's scale finite), and a
+/// damaged file would answer as if it were whole.
+fn finite_tensor(src: &dyn ModelSource, name: &str) -> Result<HostTensor> {
+    use rayon::prelude::*;
+    let t = src.tensor(name)?;
+    let first_bad = match &t.data {
+        HostData::F32(v) => v.par_iter().position_first(|x| !x.is_finite()),
+        HostData::F16(v) => v.par_iter().position_first(|x| !x.is_finite()),
+        HostData::BF16(v) => v.par_iter().position_first(|x| !x.is_finite()),
+        HostData::I8(_) | HostData::I32(_) | HostData::U32(_) => None,
+    };
+    match first_bad {
+        None => Ok(t),
+        Some(i) => Err(Error::format(
+            src.path(),
+            format!(
+                "tensor {name} {:?}: element {i} is not finite (NaN or infinite); the weights \
+                 are damaged",
+                t.shape
+            ),
+        )),
+    }
+}
+
 fn frozen_linear<B: Backend>(be: &B, t: &HostTensor, opts: &LoadOptions) -> Result<Linear<B>> {
     let (n, k) = (t.shape[0], t.shape[1]);
     let w = t.to_f32()?;
@@ -273,7 +298,7 @@ impl<B: Backend> Llama<B> {
         let cfg = src.config().clone();
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let t = |s: &str| src.tensor(&format!("model.layers.{i}.{s}"));
+                let t = |s: &str| finite_tensor(src, &format!("model.layers.{i}.{s}"));
                 Ok(Layer {
                     attn_norm: be.upload(&t("input_layernorm.weight")?.to_dtype(DType::F32)?)?,
                     q: frozen_linear(be, &t("self_attn.q_proj.weight")?, &opts)?,
@@ -291,11 +316,11 @@ impl<B: Backend> Llama<B> {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(dense(be, &src.tensor("lm_head.weight")?)?)
+            Some(dense(be, &finite_tensor(src, "lm_head.weight")?)?)
         };
         Ok(Llama {
-            embed: dense(be, &src.tensor("model.embed_tokens.weight")?)?,
-            norm: be.upload(&src.tensor("model.norm.weight")?.to_dtype(DType::F32)?)?,
+            embed: dense(be, &finite_tensor(src, "model.embed_tokens.weight")?)?,
+            norm: be.upload(&finite_tensor(src, "model.norm.weight")?.to_dtype(DType::F32)?)?,
             layers,
             lm_head,
             config: cfg,

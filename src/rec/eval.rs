@@ -216,7 +216,20 @@ fn score_prompts<B: Backend>(
         // log P(Yes), log P(No) per row on the backend: only 2 floats a row come back.
         let ids: Vec<u32> = rows.iter().flat_map(|_| [yn.yes, yn.no]).collect();
         let lp = be.token_logprobs(&logits, &ids)?;
-        out.extend(lp.chunks(2).map(|x| p_yes(x[0], x[1])));
+        for x in lp.chunks(2) {
+            let p = p_yes(x[0], x[1]);
+            if p.is_nan() {
+                return Err(Error::Invalid(format!(
+                    "sample {}: log P(Yes) {} and log P(No) {} give no probability: the \
+                     model's outputs are not finite (damaged weights, or an adapter that \
+                     diverged)",
+                    out.len(),
+                    x[0],
+                    x[1]
+                )));
+            }
+            out.push(p);
+        }
         progress(out.len(), prompts.len());
     }
     Ok(out)

@@ -567,10 +567,22 @@ impl<'a, B: Backend> Trainer<'a, B> {
             cfg.max_grad_norm,
         )?;
         be.synchronize()?;
+        // A finite loss over a gradient of exactly 0 is not a minimum: activations that
+        // overflowed f32 (RMSNorm of a row whose squares sum to infinity is all zeros) carry no
+        // gradient, and every later update would be the same. Stop as for a non-finite loss.
+        let loss = loss_sum / label_tokens as f64;
+        if !clip.grad_norm.is_finite() || (clip.grad_norm == 0.0 && loss > 0.0) {
+            return Err(Error::Invalid(format!(
+                "update {}: the LoRA gradient norm is {} at loss {loss:.4}: the training \
+                 diverged (activations overflowed; lr {lr:.2e})",
+                self.step + 1,
+                clip.grad_norm
+            )));
+        }
         self.step += 1;
         let rec = StepRecord {
             step: self.step,
-            loss: loss_sum / label_tokens as f64,
+            loss,
             lr,
             grad_norm: clip.grad_norm,
             tokens,

@@ -85,7 +85,10 @@ fn weight_view<'a>(op: &str, w: &'a Linear<Cpu>) -> Result<WView<'a>> {
 }
 
 /// Per-token int8 quantization of the activations, with the LLM.int8 outlier columns removed.
-/// Returns (x_q `[T, K]`, per-row scale `[T]`, outlier column mask `[K]`).
+/// Returns (x_q `[T, K]`, per-row scale `[T]`, outlier column mask `[K]`). A NaN outside the
+/// outlier columns makes its row's scale NaN (its values quantize to 0), so the row's outputs
+/// are NaN rather than a finite answer computed as if the NaN were 0; an infinity is an
+/// outlier (|inf| > threshold) and reaches the output through the float path.
 pub fn quantize_activations(
     x: &[f32],
     t: usize,
@@ -123,7 +126,7 @@ pub fn quantize_activations(
                 .iter()
                 .zip(&outlier)
                 .filter(|(_, o)| !**o)
-                .fold(0f32, |m, (v, _)| m.max(v.abs()));
+                .fold(0f32, |m, (v, _)| max_keeping_nan(m, v.abs()));
             let s = amax / 127.0;
             *sc = s;
             if s > 0.0 {
@@ -137,6 +140,16 @@ pub fn quantize_activations(
             }
         });
     (q, scales, outlier)
+}
+
+/// The larger of `a` and `b`, NaN if either is (`f32::max` returns the other one). The
+/// activation quantizer on the GPU (kernels/quantize.cu, `rf_max_keeping_nan`) folds the same.
+fn max_keeping_nan(a: f32, b: f32) -> f32 {
+    if a > b || a.is_nan() {
+        a
+    } else {
+        b
+    }
 }
 
 /// Quantize a weight matrix `[rows, cols]` to int8 with one absmax scale per row.
