@@ -1119,3 +1119,109 @@ fn a_diverged_training_stops_and_saves_nothing() {
     assert!(err.contains("diverged"), "{err}");
     assert!(!out.exists(), "an adapter was saved");
 }
+
+/// `--resume` takes the checkpoint's settings: the data are cut at the checkpoint's cutoff
+/// without --cutoff given again, a flag repeated with the checkpoint's value is fine, another
+/// value is refused (it used to be ignored), and --steps may not end before the checkpoint.
+/// A checkpoint folder holding anything else, or an --out overlapping it, is refused before
+/// the run (the next save used to delete such files).
+#[test]
+fn a_resumed_run_keeps_its_checkpoints_settings() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let dir = d.path();
+    let model = f.hf_dir.to_str().unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    write_samples(&dir.join("data.json"), 4);
+    // A cutoff one token past the prompt truncates every sample (prompt + "Yes."/"No." + end).
+    let tok = recforge::model::open(&f.hf_dir)
+        .unwrap()
+        .tokenizer()
+        .unwrap();
+    let sample = recforge::rec::Sample {
+        instruction: "Say it.".into(),
+        input: "yes".into(),
+        output: "Yes.".into(),
+    };
+    let (prompt, _) = recforge::rec::prompt_and_response(&sample);
+    let cutoff = (tok.encode(&prompt, true).unwrap().len() + 1).to_string();
+    let data = p("data.json");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "rec", "train", "--model", model, "--data", &data, "--device", "cpu", "--batch", "2",
+            "--accum", "1", "--warmup", "0",
+        ];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (ok, _, err) = train(&[
+        "--out",
+        &p("a1"),
+        "--steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--cutoff",
+        &cutoff,
+        "--checkpoint-dir",
+        &p("ck"),
+        "--checkpoint-every",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    // No --cutoff: the checkpoint's (the default, 512, would give other examples).
+    let (ok, _, err) = train(&["--out", &p("a2"), "--resume", &p("ck"), "--steps", "3"]);
+    assert!(ok && err.contains("update 3/3"), "{err}");
+    // The same flags again are fine.
+    let (ok, _, err) = train(&[
+        "--out",
+        &p("a3"),
+        "--resume",
+        &p("ck"),
+        "--steps",
+        "3",
+        "--lr",
+        "1e-3",
+        "--cutoff",
+        &cutoff,
+    ]);
+    assert!(ok && err.contains("update 3/3"), "{err}");
+    for (flag, value) in [("--lr", "0.5"), ("--r", "4"), ("--targets", "q,k")] {
+        let (ok, _, err) = train(&["--out", &p("a4"), "--resume", &p("ck"), flag, value]);
+        assert!(
+            !ok && err.contains(&format!(
+                "{flag} {value}, but the checkpoint was trained with"
+            )),
+            "{flag}: {err}"
+        );
+        assert!(
+            !err.contains("loaded"),
+            "refused after loading the model: {err}"
+        );
+    }
+    let (ok, _, err) = train(&["--out", &p("a4"), "--resume", &p("ck"), "--steps", "1"]);
+    assert!(!ok && err.contains("has done 2 updates"), "{err}");
+    assert!(!dir.join("a4").exists());
+
+    // Something else in a checkpoint folder is refused and kept.
+    std::fs::write(dir.join("ck/notes.txt"), "mine").unwrap();
+    let (ok, _, err) = train(&[
+        "--out",
+        &p("a5"),
+        "--steps",
+        "1",
+        "--checkpoint-dir",
+        &p("ck"),
+    ]);
+    assert!(!ok && err.contains("notes.txt"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("ck/notes.txt")).unwrap(),
+        "mine"
+    );
+    // The adapter inside the checkpoint folder, or the checkpoint inside the adapter's.
+    for (out, ck) in [("ck2/adapter", "ck2"), ("a6", "a6/ck"), ("a7", "./a7")] {
+        let (ok, _, err) = train(&["--out", &p(out), "--steps", "1", "--checkpoint-dir", &p(ck)]);
+        assert!(!ok && err.contains("overlap"), "{out} / {ck}: {err}");
+        assert!(!dir.join(out).exists() && !dir.join(ck).exists());
+    }
+}

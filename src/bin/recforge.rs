@@ -16,7 +16,7 @@ use recforge::infer::batch::{
 use recforge::infer::generate::{generate_with as generate_tokens, GenerateOptions, StopReason};
 use recforge::kernels;
 use recforge::memory;
-use recforge::model::lora::parse_targets;
+use recforge::model::lora::{parse_targets, Target};
 use recforge::model::{self, Llama, LoadOptions};
 use recforge::rec;
 use recforge::train::{DevAdapter, Example, TrainConfig, Trainer};
@@ -355,7 +355,9 @@ struct TrainArgs {
     checkpoint_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 50)]
     checkpoint_every: usize,
-    /// Continue from a checkpoint folder (same data file; the config comes from it).
+    /// Continue from a checkpoint folder (same data file). Its settings are kept: only --steps
+    /// (the whole run's length) may change; a flag with another value than the checkpoint's is
+    /// refused.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Device memory budget the plan must fit (checked on CUDA).
@@ -1882,6 +1884,122 @@ fn stack_adapters(
     Ok(model::lora::stack(&refs, cfg)?)
 }
 
+/// `p` as an absolute path with its existing part's links and `..` resolved (what is below
+/// it, not yet created, taken as written), so two spellings of one place compare equal.
+fn resolved(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut rest = vec![];
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(c) = at.canonicalize() {
+            return rest.iter().rev().fold(c, |acc, n| acc.join(n));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                at = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// A resumed run keeps its checkpoint's settings (only --steps may change): a flag given again
+/// with the checkpoint's value is fine (the same command line plus --resume), another value is
+/// refused rather than ignored.
+fn check_resume_flags(a: &TrainArgs, saved: &TrainConfig) -> Result<()> {
+    // (flag, as given, the checkpoint's) where given; targets compare as sets.
+    let mut given: Vec<(&str, String, String)> = vec![];
+    let mut cmp = |flag, v: Option<String>, s: String| {
+        if let Some(v) = v {
+            given.push((flag, v, s));
+        }
+    };
+    let l = &saved.lora;
+    cmp("--lr", a.lr.map(|v| v.to_string()), saved.lr.to_string());
+    cmp(
+        "--warmup",
+        a.warmup.map(|v| v.to_string()),
+        saved.warmup_steps.to_string(),
+    );
+    cmp(
+        "--batch",
+        a.batch.map(|v| v.to_string()),
+        saved.batch_size.to_string(),
+    );
+    cmp(
+        "--accum",
+        a.accum.map(|v| v.to_string()),
+        saved.grad_accum.to_string(),
+    );
+    cmp(
+        "--cutoff",
+        a.cutoff.map(|v| v.to_string()),
+        saved.cutoff.to_string(),
+    );
+    cmp("--r", a.r.map(|v| v.to_string()), l.r.to_string());
+    cmp(
+        "--alpha",
+        a.alpha.map(|v| v.to_string()),
+        l.alpha.to_string(),
+    );
+    cmp(
+        "--dropout",
+        a.dropout.map(|v| v.to_string()),
+        l.dropout.to_string(),
+    );
+    cmp(
+        "--seed",
+        a.seed.map(|v| v.to_string()),
+        saved.seed.to_string(),
+    );
+    cmp(
+        "--weight-decay",
+        a.weight_decay.map(|v| v.to_string()),
+        saved.weight_decay.to_string(),
+    );
+    cmp(
+        "--max-grad-norm",
+        a.max_grad_norm.map(|v| v.to_string()),
+        saved.max_grad_norm.to_string(),
+    );
+    let names = |t: &[Target]| {
+        let mut n: Vec<&str> = t.iter().map(|t| t.short_name()).collect();
+        n.sort_unstable();
+        n.join(",")
+    };
+    if let Some(t) = &a.targets {
+        let mine = parse_targets(t).with_context(|| format!("--targets '{t}'"))?;
+        if names(&mine) != names(&l.targets) {
+            given.push(("--targets", t.clone(), names(&l.targets)));
+        }
+    }
+    match given.into_iter().find(|(_, v, s)| v != s) {
+        None => Ok(()),
+        Some((flag, v, s)) => bail!(
+            "{flag} {v}, but the checkpoint was trained with {s}: a resumed run keeps the \
+             checkpoint's settings (only --steps may change); leave {flag} out"
+        ),
+    }
+}
+
+/// A note when the checkpoint's adapter names another base model than --model (a moved file
+/// is fine; another model is not what the checkpoint learned on).
+fn note_other_base_model(dir: &Path, model: &Path) {
+    let base = std::fs::read_to_string(dir.join("adapter_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string));
+    if let Some(base) = base {
+        if !model::convert::same_file(Path::new(&base), model) {
+            eprintln!(
+                "note: the checkpoint was trained on {base}; resuming on {}",
+                model.display()
+            );
+        }
+    }
+}
+
 fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     let mut c = TrainConfig::preset(&a.preset)?;
     if let Some(v) = a.steps {
@@ -2328,11 +2446,36 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     }
     if let Some(dir) = &a.checkpoint_dir {
         recforge::train::check_checkpoint_dir(dir).context("--checkpoint-dir")?;
+        // Each save replaces the checkpoint folder, and the adapter's save replaces --out.
+        let (ck, out) = (resolved(dir), resolved(&a.out));
+        if ck.starts_with(&out) || out.starts_with(&ck) {
+            bail!(
+                "--out {} and --checkpoint-dir {} overlap: each save replaces its folder, so \
+                 one would delete the other; give separate folders",
+                a.out.display(),
+                dir.display()
+            );
+        }
     }
     if let Some(dir) = &a.resume {
         // Before the model loads: a wrong path fails at once.
-        recforge::train::check_resume_dir(dir)
+        let (saved, done) = recforge::train::check_resume_dir(dir)
             .with_context(|| format!("cannot resume from {}", dir.display()))?;
+        check_resume_flags(a, &saved)
+            .with_context(|| format!("cannot resume from {}", dir.display()))?;
+        if let Some(s) = a.steps.filter(|&s| s < done) {
+            bail!(
+                "--steps {s}: the checkpoint in {} has done {done} updates already; give the \
+                 length of the whole run",
+                dir.display()
+            );
+        }
+        note_other_base_model(dir, &a.model);
+        // The data are cut and batched as the checkpoint's run did.
+        config = TrainConfig {
+            steps: a.steps.unwrap_or(saved.steps),
+            ..saved
+        };
     }
     // The adapter is written at the end: a path it cannot take is refused before the run.
     model::convert::check_output(&a.out, model::convert::Output::Folder).context("--out")?;

@@ -330,8 +330,18 @@ fn read_state(dir: &Path) -> Result<(PathBuf, Value, TrainConfig)> {
 /// Whether `dir` holds a checkpoint `Trainer::resume` can start from, as far as its trainer
 /// state tells without the model and the data: run before a model loads, so a wrong
 /// `--resume` path fails at once.
-pub fn check_resume_dir(dir: &Path) -> Result<()> {
-    read_state(dir).map(|_| ())
+/// Returns the checkpoint's config and the updates it has done.
+pub fn check_resume_dir(dir: &Path) -> Result<(TrainConfig, usize)> {
+    let (sp, state, config) = read_state(dir)?;
+    Ok((config, state_step(&state, &sp)?))
+}
+
+fn state_step(state: &Value, sp: &Path) -> Result<usize> {
+    state
+        .get("step")
+        .and_then(Value::as_u64)
+        .map(|s| s as usize)
+        .ok_or_else(|| Error::format(sp, "no step count"))
 }
 
 /// A checkpoint folder replaces what is at `dir`, so `dir` must be absent, an empty folder, or
@@ -352,19 +362,41 @@ pub fn check_checkpoint_dir(dir: &Path) -> Result<()> {
     if !meta.is_dir() {
         return refuse("exists and is not a folder");
     }
-    let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    if entries.next().is_none() {
+    let mut names = vec![];
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        names.push(e.map_err(|e| Error::io(dir, e))?.file_name());
+    }
+    if names.is_empty() {
         return Ok(());
     }
     let state = std::fs::read_to_string(dir.join("trainer_state.json")).unwrap_or_default();
     let is_checkpoint = serde_json::from_str::<Value>(&state)
         .is_ok_and(|v| v.get("format").and_then(Value::as_str) == Some(STATE_FORMAT));
-    if is_checkpoint {
-        Ok(())
-    } else {
-        refuse("holds files and is not a recforge checkpoint")
+    if !is_checkpoint {
+        return refuse("holds files and is not a recforge checkpoint");
+    }
+    // A checkpoint with something else put in it (an adapter saved there, notes) would lose
+    // it at the next save.
+    match names
+        .iter()
+        .find(|n| !CHECKPOINT_FILES.iter().any(|f| n.as_os_str() == *f))
+    {
+        None => Ok(()),
+        Some(other) => refuse(&format!(
+            "is a checkpoint but also holds {:?}, which the next save would delete",
+            other
+        )),
     }
 }
+
+/// What a checkpoint folder holds: the adapter in PEFT's format, the AdamW moments and the
+/// trainer state.
+const CHECKPOINT_FILES: [&str; 4] = [
+    adapter::CONFIG_FILE,
+    adapter::WEIGHTS_FILE,
+    "optimizer.safetensors",
+    "trainer_state.json",
+];
 
 /// What one optimizer update did.
 #[derive(Clone, Debug, PartialEq)]
@@ -688,10 +720,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if let Some(s) = steps {
             config.steps = s;
         }
-        let step = state
-            .get("step")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| Error::format(&sp, "no step count"))? as usize;
+        let step = state_step(&state, &sp)?;
+        if config.steps < step {
+            return Err(Error::Invalid(format!(
+                "{}: the checkpoint has done {step} updates already, more than the {} asked for",
+                dir.display(),
+                config.steps
+            )));
+        }
         let want = state
             .get("data")
             .and_then(Value::as_str)
