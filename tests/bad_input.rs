@@ -253,6 +253,57 @@ fn unknown_architecture() {
     assert_names(&load_err(&p), &p, &["unsupported", "architecture 'gpt2'"]);
 }
 
+/// What LLaMA does not have — linear biases, an activation other than SiLU — is refused, not
+/// loaded with the biases dropped or the activation replaced.
+#[test]
+fn biases_and_other_activations_are_refused() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    for (name, field, value, says) in [
+        (
+            "attn-bias",
+            "attention_bias",
+            serde_json::json!(true),
+            "attention_bias",
+        ),
+        ("mlp-bias", "mlp_bias", serde_json::json!(true), "mlp_bias"),
+        (
+            "gelu",
+            "hidden_act",
+            serde_json::json!("gelu"),
+            "hidden_act 'gelu'",
+        ),
+    ] {
+        let hf = copy_dir(&f.hf_dir, &d.path().join(name));
+        edit_config(&hf, |c| c[field] = value);
+        assert_names(
+            &load_err(&hf),
+            &hf.join("config.json"),
+            &["unsupported", says],
+        );
+    }
+    // Saying what LLaMA is, is fine.
+    let hf = copy_dir(&f.hf_dir, &d.path().join("plain"));
+    edit_config(&hf, |c| {
+        c["attention_bias"] = serde_json::json!(false);
+        c["mlp_bias"] = serde_json::json!(false);
+        c["hidden_act"] = serde_json::json!("silu");
+    });
+    let be = Cpu::new();
+    let src = model::open(&hf).unwrap();
+    Llama::load(src.as_ref(), &be, LoadOptions::default()).unwrap();
+    // A bias tensor in the file.
+    let p = d.path().join("bias.gguf");
+    rewrite_gguf(&f.gguf, &p, |_, ts| {
+        ts.push(WriteTensor {
+            name: "blk.0.attn_q.bias".into(),
+            shape: vec![64],
+            type_id: 0,
+            bytes: vec![0; 64 * 4],
+        })
+    });
+    assert_names(&load_err(&p), &p, &["unsupported", "blk.0.attn_q.bias"]);
+}
+
 #[test]
 fn missing_tokenizer() {
     let (d, f) = fixture(&FixtureSpec::default());

@@ -150,6 +150,24 @@ fn converting_to_bf16_or_f16_rounds_every_tensor_once() {
             size(&out) < size(&keep),
             "{dir} is smaller than the source's precision"
         );
+        // config.json names the precision the weights are in (what torch_dtype="auto" uses).
+        let torch_dtype = |p: &std::path::Path| {
+            let c: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap())
+                    .unwrap();
+            c["torch_dtype"].as_str().unwrap().to_string()
+        };
+        let want = if dt == DType::BF16 {
+            "bfloat16"
+        } else {
+            "float16"
+        };
+        assert_eq!(torch_dtype(&out), want);
+        assert_eq!(
+            torch_dtype(&keep),
+            "float32",
+            "dequantized GGUF tensors are f32"
+        );
     }
     // Out of f16's range: refused with the tensor's name; bf16 holds it. No integer output.
     let big = HostTensor::f32(vec![2], vec![1.0, 1.0e6]).unwrap();

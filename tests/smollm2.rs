@@ -327,3 +327,33 @@ fn a_response_tokenizes_the_same_alone_and_after_the_prompt() {
         );
     }
 }
+
+/// Ctrl-C during `convert` removes the partial output and exits 130, and a later convert to
+/// the same path clears what a killed one left behind (`.NAME.tmp-PID` of a process no
+/// longer running), so neither leaves hidden gigabytes beside the output.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_convert_leaves_nothing_behind() {
+    let Some(p) = asset() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    // A pid above any pid_max: no such process runs.
+    let stale = dir.path().join(".hf.tmp-4000000000");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), b"partial").unwrap();
+    let mut cmd = std::process::Command::new(common::recforge_bin());
+    cmd.args(["convert", "--model", p.to_str().unwrap(), "--out"])
+        .arg(&out);
+    let run = common::interrupt_after(cmd, "converting 64/");
+    assert_eq!(run.status.code(), Some(130), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("interrupted: nothing written"),
+        "{}",
+        run.stderr
+    );
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -1403,14 +1403,46 @@ fn output_dtype(s: &str) -> Result<Option<recforge::tensor::DType>> {
 
 fn convert(path: &Path, out: &Path, dtype: Option<recforge::tensor::DType>) -> Result<()> {
     let src = open_model(path)?;
-    model::convert::to_hf_folder_as(src.as_ref(), out, dtype, |i, n| {
-        if i == n || i % 32 == 0 {
-            eprint!("\rconverting: {i}/{n} tensors");
+    recforge::stop_on_interrupt_saying(INTERRUPT_WRITE);
+    let r =
+        model::convert::to_hf_folder_as(src.as_ref(), out, dtype, tensor_progress("converting"));
+    finish_tensor_write(r, out)
+        .with_context(|| format!("cannot convert {} to {}", path.display(), out.display()))
+}
+
+const INTERRUPT_WRITE: &str = "\ninterrupt: stopping; the partial output is removed\n";
+
+/// Progress of a tensor-by-tensor write: one line redrawn on a terminal, a plain line every
+/// 64 tensors and at the end when piped (no carriage returns in a log).
+fn tensor_progress(verb: &'static str) -> impl FnMut(usize, usize) {
+    let tty = std::io::stderr().is_terminal();
+    move |i, n| {
+        if tty && (i == n || i % 8 == 0) {
+            eprint!("\r{verb} {i}/{n} tensors");
+        } else if !tty && (i == n || i % 64 == 0) {
+            eprintln!("{verb} {i}/{n} tensors");
         }
-    })
-    .with_context(|| format!("cannot convert {} to {}", path.display(), out.display()))?;
-    eprintln!("\nwrote {}", out.display());
-    Ok(())
+    }
+}
+
+/// The end of a tensor-by-tensor write: the progress line closed (so an error starts a line
+/// of its own), "wrote", or after Ctrl-C a note and exit status 130 (the writer removed its
+/// partial folder).
+fn finish_tensor_write(r: recforge::error::Result<()>, out: &Path) -> Result<()> {
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    match r {
+        Ok(()) => {
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+        Err(_) if recforge::interrupted() => {
+            eprintln!("interrupted: nothing written to {}", out.display());
+            std::process::exit(130);
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `--no-checkpointing` is the older spelling of `--checkpointing off`.
@@ -1528,12 +1560,15 @@ fn merge(
     let src = open_model(model_path)?;
     let adapter = model::adapter::load(adapter_dir)
         .with_context(|| format!("cannot load adapter {}", adapter_dir.display()))?;
-    model::adapter::merge_as(src.as_ref(), &adapter, out, dtype, |i, n| {
-        eprint!("\rmerging {i}/{n} tensors");
-    })
-    .with_context(|| format!("cannot merge into {}", out.display()))?;
-    eprintln!("\nwrote {}", out.display());
-    Ok(())
+    recforge::stop_on_interrupt_saying(INTERRUPT_WRITE);
+    let r = model::adapter::merge_as(
+        src.as_ref(),
+        &adapter,
+        out,
+        dtype,
+        tensor_progress("merging"),
+    );
+    finish_tensor_write(r, out).with_context(|| format!("cannot merge into {}", out.display()))
 }
 
 fn rec_data(

@@ -42,6 +42,9 @@ struct HfConfigJson {
     bos_token_id: Option<serde_json::Value>,
     eos_token_id: Option<serde_json::Value>,
     rope_scaling: Option<serde_json::Value>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
 }
 
 fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
@@ -98,6 +101,29 @@ impl LlamaConfig {
                     format!("rope_scaling {rs} (only plain RoPE is implemented)"),
                 ));
             }
+        }
+        // LLaMA's linears have no bias and its MLP is SwiGLU; a checkpoint that says otherwise
+        // would load with those weights or that activation silently replaced.
+        for (flag, set) in [
+            ("attention_bias", j.attention_bias),
+            ("mlp_bias", j.mlp_bias),
+        ] {
+            if set == Some(true) {
+                return Err(Error::unsupported(
+                    path,
+                    format!("{flag}: true (linear biases are not implemented)"),
+                ));
+            }
+        }
+        if let Some(act) = j
+            .hidden_act
+            .as_deref()
+            .filter(|a| !matches!(*a, "silu" | "swish"))
+        {
+            return Err(Error::unsupported(
+                path,
+                format!("hidden_act '{act}' (the MLP is SwiGLU: silu)"),
+            ));
         }
         let need = |v: Option<usize>, name: &str| {
             v.ok_or_else(|| Error::format(path, format!("config.json has no '{name}'")))
@@ -180,6 +206,18 @@ impl LlamaConfig {
 
     /// HF `config.json` text for this model (used by `recforge convert`).
     pub fn to_hf_json(&self) -> String {
+        self.to_hf_json_as(crate::tensor::DType::F32)
+    }
+
+    /// `config.json` for weights stored in `dtype` (its `torch_dtype`, which
+    /// `torch_dtype="auto"` loads them in).
+    pub fn to_hf_json_as(&self, dtype: crate::tensor::DType) -> String {
+        use crate::tensor::DType;
+        let torch_dtype = match dtype {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            _ => "float32",
+        };
         let eos = match self.eos_token_ids.as_slice() {
             [one] => serde_json::json!(one),
             many => serde_json::json!(many),
@@ -201,7 +239,7 @@ impl LlamaConfig {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
             "hidden_act": "silu",
-            "torch_dtype": "float32",
+            "torch_dtype": torch_dtype,
         });
         serde_json::to_string_pretty(&v).expect("json")
     }

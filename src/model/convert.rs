@@ -294,12 +294,65 @@ pub fn check_output(path: &Path, kind: Output) -> Result<()> {
 }
 
 fn tmp_name(path: &Path) -> PathBuf {
+    hidden_beside(path, "tmp")
+}
+
+/// `.NAME.KIND-PID` beside `path` (NAME its file name, PID this process's id): where a writer
+/// puts what becomes `path` once complete, or moves the old `path` aside.
+pub fn hidden_beside(path: &Path, kind: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    path.with_file_name(format!(".{name}.{kind}-{}", std::process::id()))
 }
+
+/// The entries [`hidden_beside`] names for `path` with one of `kinds`, by any process: each
+/// with the process id its name ends in (None where that is not a number).
+pub fn all_hidden_beside(path: &Path, kinds: &[&str]) -> Vec<(PathBuf, Option<u32>)> {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return vec![];
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return vec![];
+    };
+    let prefixes: Vec<String> = kinds.iter().map(|k| format!(".{name}.{k}-")).collect();
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let pid = prefixes.iter().find_map(|p| n.strip_prefix(p.as_str()))?;
+            Some((e.path(), pid.parse::<u32>().ok()))
+        })
+        .collect()
+}
+
+/// Removes what [`all_hidden_beside`] finds for `path` that processes no longer running left
+/// (killed mid-write). Only where /proc says which processes run (Linux); another running
+/// process's write in progress is left alone.
+pub fn remove_stale_beside(path: &Path, kinds: &[&str]) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let me = std::process::id();
+    for (p, pid) in all_hidden_beside(path, kinds) {
+        if let Some(pid) = pid {
+            if pid != me && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = match std::fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
+                    _ => std::fs::remove_file(&p),
+                };
+            }
+        }
+    }
+}
+
+/// The error text of a conversion stopped by Ctrl-C.
+pub const INTERRUPTED: &str = "interrupted";
 
 /// Write `src` as a Hugging Face LLaMA folder (config.json, model.safetensors, tokenizer.json,
 /// tokenizer_config.json). Tensors keep the precision the source gives them (quantized GGUF
@@ -378,6 +431,8 @@ pub fn to_hf_folder_with(
             .ok_or_else(|| Error::Invalid(format!("'{n}' is not a LLaMA tensor name")))?;
         planned.push((n.clone(), shape));
     }
+    // What a killed earlier run into the same `out` left behind.
+    remove_stale_beside(out, &["tmp"]);
     let tmp = tmp_name(out);
     let res = (|| -> Result<()> {
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -385,7 +440,6 @@ pub fn to_hf_folder_with(
             let p = tmp.join(name);
             std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))
         };
-        w("config.json", cfg.to_hf_json().as_bytes())?;
         w("tokenizer.json", tok.to_json()?.as_bytes())?;
         let name_of = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
         let tc = serde_json::json!({
@@ -400,7 +454,13 @@ pub fn to_hf_folder_with(
         )?;
         // One tensor in memory at a time: loaded, transformed, appended, dropped.
         let mut st = SafetensorsStream::create(&tmp.join("model.safetensors"), &planned)?;
+        // Elements written per float type: config.json names the one most weights are in.
+        let mut per_dtype: Vec<(DType, usize)> = vec![];
         for (i, (n, shape)) in planned.iter().enumerate() {
+            // Ctrl-C (where the caller installed `stop_on_interrupt`): the partial folder goes.
+            if crate::interrupted() {
+                return Err(Error::Invalid(INTERRUPTED.into()));
+            }
             let t = transform(n, src.tensor(n)?)?;
             if &t.shape != shape {
                 return Err(Error::Shape(format!(
@@ -409,9 +469,18 @@ pub fn to_hf_folder_with(
                 )));
             }
             st.append(n, &t)?;
+            match per_dtype.iter_mut().find(|(d, _)| *d == t.dtype()) {
+                Some((_, count)) => *count += t.data.len(),
+                None => per_dtype.push((t.dtype(), t.data.len())),
+            }
             progress(i + 1, names.len());
         }
         st.finish()?;
+        let main = per_dtype.iter().max_by_key(|(_, c)| *c).map(|(d, _)| *d);
+        w(
+            "config.json",
+            cfg.to_hf_json_as(main.unwrap_or(DType::F32)).as_bytes(),
+        )?;
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
     })();
     if res.is_err() {

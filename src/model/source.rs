@@ -32,6 +32,17 @@ pub fn open(path: impl AsRef<Path>) -> Result<Box<dyn ModelSource>> {
     }
 }
 
+/// LLaMA's linears have no bias: a file that holds one would lose it silently at load.
+fn refuse_bias(path: &Path, tensor: &str) -> Result<()> {
+    if tensor.ends_with(".bias") {
+        return Err(Error::unsupported(
+            path,
+            format!("tensor '{tensor}': linear biases are not implemented (LLaMA has none)"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_shape(
     path: &Path,
     cfg: &LlamaConfig,
@@ -141,6 +152,9 @@ impl GgufSource {
                 path,
                 "rope scaling (only plain RoPE is implemented)",
             ));
+        }
+        for t in &file.tensors {
+            refuse_bias(path, &t.name)?;
         }
         let id = |k: &str| {
             file.get(k)
@@ -282,6 +296,7 @@ impl HfSource {
                 })?;
             let base = 8 + header_len;
             for (name, info) in meta.tensors() {
+                refuse_bias(&p, &name)?;
                 let dtype = st_dtype(&p, &name, info.dtype)?;
                 let (s, e) = info.data_offsets;
                 if base + e > map.len() {

@@ -229,13 +229,7 @@ const STATE_FORMAT: &str = "recforge-trainer-state";
 
 /// A hidden name next to `dir` for a checkpoint being written or replaced.
 fn sibling(dir: &Path, what: &str) -> std::path::PathBuf {
-    dir.with_file_name(format!(
-        ".{}.{what}-{}",
-        dir.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ))
+    crate::model::convert::hidden_beside(dir, what)
 }
 
 /// A complete checkpoint that an interrupted save left beside `dir` under one of the hidden
@@ -255,47 +249,16 @@ fn saved_beside(dir: &Path) -> Option<std::path::PathBuf> {
 /// The hidden folders of [`sibling`] beside `dir`, each with the process id its name ends in
 /// (`None` where that is not a number).
 fn siblings(dir: &Path) -> Vec<(std::path::PathBuf, Option<u32>)> {
-    let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
-        return vec![];
-    };
-    let Ok(entries) = std::fs::read_dir(parent_of(dir)) else {
-        return vec![];
-    };
-    let prefixes = [format!(".{name}.old-"), format!(".{name}.tmp-")];
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let pid = prefixes.iter().find_map(|p| n.strip_prefix(p.as_str()))?;
-            Some((e.path(), pid.parse::<u32>().ok()))
-        })
-        .collect()
+    crate::model::convert::all_hidden_beside(dir, &SIBLING_KINDS)
 }
 
-/// The folder `dir` is in.
-fn parent_of(dir: &Path) -> &Path {
-    match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
+const SIBLING_KINDS: [&str; 2] = ["old", "tmp"];
 
 /// Removes the hidden folders ([`sibling`]) that saves of `dir` by processes no longer running
 /// left behind (killed mid-save): called once `dir` holds a newer complete checkpoint, which
-/// supersedes them. Only where /proc says which processes run (Linux); a running process's
-/// save in progress is left alone.
+/// supersedes them.
 fn remove_stale_siblings(dir: &Path) {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
-    let me = std::process::id();
-    for (path, pid) in siblings(dir) {
-        if let Some(pid) = pid {
-            if pid != me && !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_dir_all(path);
-            }
-        }
-    }
+    crate::model::convert::remove_stale_beside(dir, &SIBLING_KINDS)
 }
 
 /// A checkpoint's `trainer_state.json`, read and its config validated: what `--resume` can
