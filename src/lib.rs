@@ -68,31 +68,35 @@ pub fn restore_default_sigpipe() {
     }
 }
 
-/// Set by the first Ctrl-C (SIGINT) after [`stop_on_interrupt`]: long work checks it between
-/// units (a training update) and stops cleanly, saving what it has.
+/// Set by the first Ctrl-C (SIGINT) or SIGTERM (how a batch scheduler or `kill` asks a job to
+/// stop) after [`stop_on_interrupt`]: long work checks it between units (a training update) and
+/// stops cleanly, saving what it has.
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The signal that set [`INTERRUPTED`].
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// What the first Ctrl-C prints (set by [`stop_on_interrupt_saying`]; a static string).
 static INTERRUPT_MSG: std::sync::atomic::AtomicPtr<u8> =
     std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
 static INTERRUPT_MSG_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Make the first Ctrl-C a request to stop after the current unit of work (see
-/// [`interrupted`]), and the second one end the process as usual. Training's wording.
+/// Make the first Ctrl-C (or SIGTERM) a request to stop after the current unit of work (see
+/// [`interrupted`]), and a second one end the process as usual. Training's wording.
 pub fn stop_on_interrupt() {
     stop_on_interrupt_saying(
         "\ninterrupt: stopping after this update and saving (Ctrl-C again to abort)\n",
     );
 }
 
-/// [`stop_on_interrupt`], printing `message` on the first Ctrl-C.
+/// [`stop_on_interrupt`], printing `message` on the first Ctrl-C or SIGTERM.
 pub fn stop_on_interrupt_saying(message: &'static str) {
     use std::sync::atomic::Ordering::SeqCst;
     INTERRUPT_MSG_LEN.store(message.len(), SeqCst);
     INTERRUPT_MSG.store(message.as_ptr().cast_mut(), SeqCst);
     #[cfg(unix)]
     {
-        extern "C" fn on_sigint(_: libc::c_int) {
+        extern "C" fn on_stop(sig: libc::c_int) {
+            STOP_SIGNAL.store(sig, SeqCst);
             INTERRUPTED.store(true, SeqCst);
             let (msg, len) = (INTERRUPT_MSG.load(SeqCst), INTERRUPT_MSG_LEN.load(SeqCst));
             // SAFETY: write(2) and signal(2) are async-signal-safe; msg points to a static
@@ -102,21 +106,33 @@ pub fn stop_on_interrupt_saying(message: &'static str) {
                     libc::write(2, msg.cast(), len);
                 }
                 libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGTERM, libc::SIG_DFL);
             }
         }
         // SAFETY: the handler only uses atomics and async-signal-safe functions.
         unsafe {
-            libc::signal(
-                libc::SIGINT,
-                on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            );
+            for sig in [libc::SIGINT, libc::SIGTERM] {
+                libc::signal(
+                    sig,
+                    on_stop as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                );
+            }
         }
     }
 }
 
-/// Whether a Ctrl-C asked the work to stop (after [`stop_on_interrupt`]).
+/// Whether a Ctrl-C or SIGTERM asked the work to stop (after [`stop_on_interrupt`]).
 pub fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The exit status of a process that stopped on [`interrupted`]: 128 + the signal, as a shell
+/// reports a process the signal killed (130 for Ctrl-C, 143 for SIGTERM).
+pub fn interrupt_exit_code() -> i32 {
+    match STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => 130,
+        sig => 128 + sig,
+    }
 }
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]

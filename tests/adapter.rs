@@ -341,10 +341,21 @@ fn load_refuses_bad_adapters() {
     };
     let ok = || vec![a_q(), b_q()];
     {
-        // Sanity: the baseline loads.
+        // Sanity: the baseline loads. It lists q_proj and v_proj but holds q_proj only: the
+        // adapter is reported as what its tensors adapt.
         let dir = tempfile::tempdir().unwrap();
         write_raw(dir.path(), &base_config(), &ok());
-        adapter::load(dir.path()).unwrap();
+        assert_eq!(
+            adapter::load(dir.path()).unwrap().config.targets,
+            [Target::Q]
+        );
+        // layers_to_transform naming the tensors' layer (a number or a list) is fine.
+        for layers in [json!(0), json!([0, 5])] {
+            let mut c = base_config();
+            c["layers_to_transform"] = layers;
+            write_raw(dir.path(), &c, &ok());
+            adapter::load(dir.path()).unwrap();
+        }
     }
 
     // Wrong shapes for the config's r.
@@ -390,6 +401,19 @@ fn load_refuses_bad_adapters() {
     ));
     let (_, s) = case(base_config(), &t);
     assert!(s.contains("same LoRA weight"), "{s}");
+    // Tensors in a layer that layers_to_transform leaves out; a malformed list.
+    for (layers, want) in [
+        (json!([1, 2]), "layers_to_transform [1, 2]"),
+        (json!(3), "layers_to_transform [3]"),
+        (json!("0"), "'layers_to_transform' must be"),
+        (json!([0, -1]), "'layers_to_transform' holds -1"),
+    ] {
+        let mut c = base_config();
+        c["layers_to_transform"] = layers;
+        let (e, s) = case(c, &ok());
+        assert!(matches!(e, Error::Format { .. }), "{s}");
+        assert!(s.contains(want), "{s}");
+    }
     // A tensor of a module the config does not target.
     let mut c = base_config();
     c["target_modules"] = json!(["v_proj"]);

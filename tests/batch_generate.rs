@@ -971,6 +971,17 @@ fn cli_runs_each_prompt_with_the_adapter_its_line_names() {
         }
     }
     assert!(differs, "the adapters should change some completion");
+    // One folder spelt two ways is one adapter, stacked once.
+    let spelt = write(
+        "spelt.jsonl",
+        &[
+            ("the cat", Some("u1")),
+            ("a mat", Some("./u1/")),
+            ("a", Some("u2")),
+        ],
+    );
+    let (_, err) = run(&spelt, &[]);
+    assert!(err.contains("2 adapters stacked (rank 6 in all)"), "{err}");
     // --adapter beside prompts that name their own is refused.
     let u1 = d.path().join("u1");
     let mut args = vec!["generate", "--prompts", mixed.as_str()];

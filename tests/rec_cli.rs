@@ -1225,3 +1225,69 @@ fn a_resumed_run_keeps_its_checkpoints_settings() {
         assert!(!dir.join(out).exists() && !dir.join(ck).exists());
     }
 }
+
+/// A sample whose prompt does not fit is named by its index in the data file.
+#[test]
+fn rec_eval_names_the_sample_past_the_limit() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let data = d.path().join("long.json");
+    let samples = serde_json::json!([
+        {"instruction": "Say it.", "input": "yes", "output": "Yes."},
+        {"instruction": "Say it.", "input": "the cat sat ".repeat(4000), "output": "No."},
+    ]);
+    std::fs::write(&data, samples.to_string()).unwrap();
+    let (ok, _, err) = cli(&[
+        "rec",
+        "eval",
+        "--model",
+        f.hf_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("sample 1: its prompt has"), "{err}");
+}
+
+/// SIGTERM (how a batch scheduler or `kill` stops a job) is a Ctrl-C: the update in flight
+/// finishes, the checkpoint and the adapter are saved, and the exit status is 128 + 15.
+#[cfg(unix)]
+#[test]
+fn sigterm_during_training_saves_like_ctrl_c() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let dir = d.path();
+    write_samples(&dir.join("data.json"), 8);
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let mut cmd = std::process::Command::new(common::recforge_bin());
+    cmd.args([
+        "rec",
+        "train",
+        "--model",
+        f.hf_dir.to_str().unwrap(),
+        "--data",
+        &p("data.json"),
+        "--out",
+        &p("adapter"),
+        "--steps",
+        "100000",
+        "--batch",
+        "2",
+        "--accum",
+        "1",
+        "--checkpoint-dir",
+        &p("ckpt"),
+        "--checkpoint-every",
+        "1000",
+        "--device",
+        "cpu",
+    ]);
+    let run = common::signal_after(cmd, "update 2/", libc::SIGTERM);
+    assert_eq!(run.status.code(), Some(143), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("interrupted at update"),
+        "{}",
+        run.stderr
+    );
+    assert!(dir.join("adapter/adapter_model.safetensors").is_file());
+    assert!(dir.join("ckpt/trainer_state.json").is_file());
+}

@@ -1305,7 +1305,7 @@ fn generate_batch_on<B: Backend>(
                 }
             );
             let _ = e;
-            std::process::exit(130);
+            std::process::exit(recforge::interrupt_exit_code());
         }
         Err(e) => return Err(e.into()),
     };
@@ -1426,7 +1426,7 @@ fn tensor_progress(verb: &'static str) -> impl FnMut(usize, usize) {
 }
 
 /// The end of a tensor-by-tensor write: the progress line closed (so an error starts a line
-/// of its own), "wrote", or after Ctrl-C a note and exit status 130 (the writer removed its
+/// of its own), "wrote", or after Ctrl-C a note and exit status 128 + the signal (the writer removed its
 /// partial folder).
 fn finish_tensor_write(r: recforge::error::Result<()>, out: &Path) -> Result<()> {
     if std::io::stderr().is_terminal() {
@@ -1439,7 +1439,7 @@ fn finish_tensor_write(r: recforge::error::Result<()>, out: &Path) -> Result<()>
         }
         Err(_) if recforge::interrupted() => {
             eprintln!("interrupted: nothing written to {}", out.display());
-            std::process::exit(130);
+            std::process::exit(recforge::interrupt_exit_code());
         }
         Err(e) => Err(e.into()),
     }
@@ -1884,13 +1884,19 @@ fn read_sample_adapters(
     Vec<PathBuf>,
 )> {
     let mut dirs: Vec<PathBuf> = vec![];
+    // One adapter however its folder is spelt ("ad", "./ad/", a link to it): stacked once.
+    let mut places: Vec<PathBuf> = vec![];
     let mut which = Vec::with_capacity(adapter_of.len());
     for p in adapter_of {
-        which.push(p.as_ref().map(|p| match dirs.iter().position(|d| d == p) {
-            Some(i) => i,
-            None => {
-                dirs.push(p.clone());
-                dirs.len() - 1
+        which.push(p.as_ref().map(|p| {
+            let place = resolved(p);
+            match places.iter().position(|d| *d == place) {
+                Some(i) => i,
+                None => {
+                    places.push(place);
+                    dirs.push(p.clone());
+                    dirs.len() - 1
+                }
             }
         }));
     }
@@ -2613,7 +2619,8 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let first = trainer.step;
     let mut tokens = 0usize;
-    // Ctrl-C: finish the update in flight, save the checkpoint and the adapter, exit 130.
+    // Ctrl-C or SIGTERM: finish the update in flight, save the checkpoint and the adapter, exit
+    // 128 + the signal.
     recforge::stop_on_interrupt();
     while !trainer.done() {
         let r = trainer.step()?;
@@ -2677,7 +2684,7 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
                 None => " (no --checkpoint-dir: the adapter is all that was kept)".into(),
             }
         );
-        std::process::exit(130);
+        std::process::exit(recforge::interrupt_exit_code());
     }
     Ok(())
 }

@@ -258,6 +258,8 @@ struct ParsedConfig {
     /// `None`: a regex `target_modules`; the targets are whatever the tensors adapt.
     targets: Option<Vec<Target>>,
     base_model: String,
+    /// PEFT's `layers_to_transform` (a layer index or a list): None when absent or null.
+    layers: Option<Vec<usize>>,
 }
 
 fn module_to_target(path: &Path, m: &str) -> Result<Target> {
@@ -438,12 +440,38 @@ fn parse_config(path: &Path, text: &str) -> Result<ParsedConfig> {
             ))
         }
     };
+    let index = |v: &Value| v.as_u64().map(|x| x as usize);
+    let layers = match get("layers_to_transform") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::Number(_)) => Some(vec![index(v).ok_or_else(|| {
+            Error::format(
+                path,
+                format!("'layers_to_transform' {v} is not a layer index"),
+            )
+        })?]),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|v| {
+                    index(v).ok_or_else(|| {
+                        Error::format(path, format!("'layers_to_transform' holds {v}"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        Some(v) => {
+            return Err(Error::format(
+                path,
+                format!("'layers_to_transform' must be a layer index or a list, found {v}"),
+            ))
+        }
+    };
     Ok(ParsedConfig {
         r,
         alpha,
         dropout,
         targets,
         base_model,
+        layers,
     })
 }
 
@@ -613,10 +641,24 @@ pub fn load(dir: &Path) -> Result<HostAdapter> {
                     ),
                 ));
             }
-            t
+            // What the tensors adapt, not every module listed: a listed module with no tensor
+            // (a hand-edited or partial file) adapts nothing and is not reported as adapted.
+            used
         }
         None => used,
     };
+    if let Some(allowed) = &cfg.layers {
+        if let Some(&(l, t)) = layers.keys().find(|(l, _)| !allowed.contains(l)) {
+            return Err(Error::format(
+                &wpath,
+                format!(
+                    "tensor '{}' is in layer {l}, which layers_to_transform {allowed:?} in \
+                     {CONFIG_FILE} leaves out",
+                    tensor_names(l, t).0
+                ),
+            ));
+        }
+    }
     let config = LoraConfig {
         r,
         alpha: cfg.alpha,

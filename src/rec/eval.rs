@@ -68,11 +68,12 @@ pub fn prompt_ids(
 ) -> Result<Vec<Vec<u32>>> {
     samples
         .iter()
-        .map(|s| {
+        .enumerate()
+        .map(|(i, s)| {
             let ids = tok.encode(&prompt(&s.instruction, &s.input), true)?;
             if ids.len() > max_tokens {
                 return Err(Error::Invalid(format!(
-                    "a prompt has {} tokens, more than the limit of {max_tokens}",
+                    "sample {i}: its prompt has {} tokens, more than the limit of {max_tokens}",
                     ids.len()
                 )));
             }

@@ -144,7 +144,17 @@ pub struct Interrupted {
 /// and waits for it. A child that ignores the interrupt is killed after 120 s, so the test
 /// fails on its exit status instead of hanging.
 #[cfg(unix)]
-pub fn interrupt_after(mut cmd: std::process::Command, marker: &str) -> Interrupted {
+pub fn interrupt_after(cmd: std::process::Command, marker: &str) -> Interrupted {
+    signal_after(cmd, marker, libc::SIGINT)
+}
+
+/// [`interrupt_after`] with another signal (SIGTERM: how a scheduler stops a job).
+#[cfg(unix)]
+pub fn signal_after(
+    mut cmd: std::process::Command,
+    marker: &str,
+    signal: libc::c_int,
+) -> Interrupted {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
     let mut child = cmd
@@ -179,7 +189,7 @@ pub fn interrupt_after(mut cmd: std::process::Command, marker: &str) -> Interrup
         stderr.push('\n');
         if line.starts_with(marker) {
             // SAFETY: kill(2) on our own child's pid.
-            assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+            assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
             sent = true;
             break;
         }
