@@ -357,3 +357,22 @@ fn an_interrupted_convert_leaves_nothing_behind() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// The default model is found from any folder (the checkout the binary was built from), not
+/// only from the repository root.
+#[test]
+fn the_default_model_is_found_from_another_folder() {
+    let Some(_) = asset() else { return };
+    let elsewhere = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(common::recforge_bin())
+        .arg("info")
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("SmolLM2-135M-Instruct.Q4_1.gguf (gguf") && out.contains("layers 30"),
+        "{out}"
+    );
+}

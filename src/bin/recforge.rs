@@ -24,6 +24,8 @@ use recforge::train::{DevAdapter, Example, TrainConfig, Trainer};
 /// The model `generate` and `info` use when --model is not given (fetched by
 /// scripts/fetch-assets.sh).
 const DEFAULT_MODEL: &str = "assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// MovieLens-100K for `rec data` (fetched by scripts/fetch-assets.sh).
+const DEFAULT_DATASET: &str = "assets/ml-100k";
 
 #[derive(Parser)]
 #[command(
@@ -120,6 +122,8 @@ enum Cmd {
     },
     /// Show the devices, whether CUDA kernels were built, and a model's configuration.
     Info {
+        /// A .gguf file or a Hugging Face folder to describe [default: the bundled SmolLM2,
+        /// when fetched]
         #[arg(long)]
         model: Option<PathBuf>,
     },
@@ -274,7 +278,7 @@ enum RecCmd {
 enum DataKind {
     /// TALLRec samples from MovieLens-100K (RecBole atomic files).
     Tallrec {
-        #[arg(long, default_value = "assets/ml-100k")]
+        #[arg(long, default_value = DEFAULT_DATASET)]
         dataset: PathBuf,
         /// train, valid or test (80/10/10 of the last 10,000 samples).
         #[arg(long)]
@@ -554,7 +558,8 @@ fn run(cli: Cli) -> Result<()> {
                         samples,
                         seed,
                     },
-            } => rec_data(&dataset, &split, &out, samples, seed),
+            } => default_asset(&dataset, DEFAULT_DATASET, "--dataset")
+                .and_then(|d| rec_data(&d, &split, &out, samples, seed)),
             RecCmd::Prune(a) => rec_prune(&a),
             RecCmd::Train(a) => match open_backend(a.device)? {
                 Chosen::Cpu(be) => rec_train(&be, &a),
@@ -769,13 +774,27 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn open_model(path: &Path) -> Result<Box<dyn model::ModelSource>> {
-    if !path.exists() && path == Path::new(DEFAULT_MODEL) {
-        bail!(
-            "{} does not exist: run scripts/fetch-assets.sh first, or pass --model",
-            path.display()
-        );
-    }
+    let path = &default_asset(path, DEFAULT_MODEL, "--model")?;
     model::open(path).with_context(|| format!("cannot load model {}", path.display()))
+}
+
+/// A default asset path (`default`, relative) is looked up in the current folder and then in
+/// the recforge checkout this binary was built from, so the commands work from any folder;
+/// a path the user gave is taken as it is.
+fn default_asset(path: &Path, default: &str, flag: &str) -> Result<PathBuf> {
+    if path != Path::new(default) || path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let there = checkout.join(default);
+    if there.exists() {
+        return Ok(there);
+    }
+    bail!(
+        "{default} does not exist here nor in the recforge checkout {}: run \
+         scripts/fetch-assets.sh there, or pass {flag}",
+        checkout.display()
+    )
 }
 
 /// What `recforge generate` decodes with, and the device memory it may use.
@@ -1357,8 +1376,13 @@ fn info(path: Option<&Path>) -> Result<()> {
     }
     let path = match path {
         Some(p) => p.to_path_buf(),
-        None if Path::new(DEFAULT_MODEL).exists() => PathBuf::from(DEFAULT_MODEL),
-        None => return Ok(()),
+        None => match default_asset(Path::new(DEFAULT_MODEL), DEFAULT_MODEL, "--model") {
+            Ok(p) => p,
+            Err(e) => {
+                println!("model: none ({e:#})");
+                return Ok(());
+            }
+        },
     };
     let src = open_model(&path)?;
     let c = src.config();
