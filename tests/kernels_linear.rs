@@ -134,6 +134,42 @@ fn activation_quantization_is_bit_identical_to_the_cpu() {
     }
 }
 
+/// The CPU reference's int8 linear of the weight `(wq, ws, n, k)` with LLM.int8's outlier
+/// threshold `thr`.
+fn int8_linear(cpu: &Cpu, (wq, ws, n, k): (&[i8], &[f32], usize, usize), thr: f32) -> Linear<Cpu> {
+    Linear {
+        weight: LinearWeight::Int8 {
+            w: cpu
+                .upload(&HostTensor::new(vec![n, k], HostData::I8(wq.to_vec())).unwrap())
+                .unwrap(),
+            scale: cpu
+                .upload(&HostTensor::f32(vec![n], ws.to_vec()).unwrap())
+                .unwrap(),
+        },
+        out_features: n,
+        in_features: k,
+        outlier_threshold: thr,
+    }
+}
+
+/// `Cpu::linear` of `x` `[m, k]` (f32) through [`int8_linear`]: the f32 `[m, n]` every
+/// device's W8A8 GEMM is checked against.
+fn cpu_int8_linear(
+    cpu: &Cpu,
+    x: &[f32],
+    m: usize,
+    (wq, ws, n, k): (&[i8], &[f32], usize, usize),
+    thr: f32,
+) -> Vec<f32> {
+    let lin = int8_linear(cpu, (wq, ws, n, k), thr);
+    let mut y = cpu.zeros(&[m, n], DType::F32).unwrap();
+    let xt = cpu
+        .upload(&HostTensor::f32(vec![m, k], x.to_vec()).unwrap())
+        .unwrap();
+    cpu.linear(&xt, &lin, &mut y).unwrap();
+    cpu.download(&y).unwrap().to_f32().unwrap()
+}
+
 /// A NaN or an infinity among the activations must reach the outputs of its row, on the CPU
 /// and on every device: rounded to int8 as if it were 0 (what a max that skips NaN and a cast
 /// that saturates give) it would leave a damaged model or a diverged adapter answering
@@ -155,25 +191,7 @@ fn non_finite_activations_reach_their_rows_outputs() {
         let (q, sx, _) = quantize_activations(&xf, m, k, thr);
         assert!(sx[1].is_nan(), "thr {thr}: a NaN makes its row's scale NaN");
         assert!(q[k..2 * k].iter().all(|&v| v == 0), "thr {thr}");
-        let lin = Linear {
-            weight: LinearWeight::Int8 {
-                w: cpu
-                    .upload(&HostTensor::new(vec![n, k], HostData::I8(wq.clone())).unwrap())
-                    .unwrap(),
-                scale: cpu
-                    .upload(&HostTensor::f32(vec![n], ws.clone()).unwrap())
-                    .unwrap(),
-            },
-            out_features: n,
-            in_features: k,
-            outlier_threshold: thr,
-        };
-        let mut y = cpu.zeros(&[m, n], DType::F32).unwrap();
-        let xt = cpu
-            .upload(&HostTensor::f32(vec![m, k], xf.clone()).unwrap())
-            .unwrap();
-        cpu.linear(&xt, &lin, &mut y).unwrap();
-        let y = cpu.download(&y).unwrap().to_f32().unwrap();
+        let y = cpu_int8_linear(&cpu, &xf, m, (&wq, &ws, n, k), thr);
         for r in 0..m {
             let row = &y[r * n..(r + 1) * n];
             if bad_rows.contains(&r) {
@@ -247,28 +265,7 @@ fn w8a8_linear_matches_the_cpu_reference_bit_for_bit() {
                 .flat_map(|t| [(6.0f32, false, t), (0.0, true, t), (6.0, true, t)])
             {
                 // CPU: f32 y from Cpu::linear, plus the residual in f32, rounded to bf16 once.
-                let lin = Linear {
-                    weight: LinearWeight::Int8 {
-                        w: cpu
-                            .upload(&HostTensor::new(vec![n, k], HostData::I8(wq.clone())).unwrap())
-                            .unwrap(),
-                        scale: cpu
-                            .upload(&HostTensor::f32(vec![n], ws.clone()).unwrap())
-                            .unwrap(),
-                    },
-                    out_features: n,
-                    in_features: k,
-                    outlier_threshold: thr,
-                };
-                let mut y = cpu.zeros(&[m, n], DType::F32).unwrap();
-                cpu.linear(
-                    &cpu.upload(&HostTensor::f32(vec![m, k], xf.clone()).unwrap())
-                        .unwrap(),
-                    &lin,
-                    &mut y,
-                )
-                .unwrap();
-                let y = cpu.download(&y).unwrap().to_f32().unwrap();
+                let y = cpu_int8_linear(&cpu, &xf, m, (&wq, &ws, n, k), thr);
                 let want: Vec<u16> = y
                     .iter()
                     .enumerate()
@@ -361,19 +358,7 @@ fn w8a16_backward_matches_the_cpu_reference() {
         let dyf: Vec<f32> = dy.iter().map(|v| v.to_f32()).collect();
         let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
         let (wq, ws) = quantize_rows(&w, n, k);
-        let lin = Linear {
-            weight: LinearWeight::Int8 {
-                w: cpu
-                    .upload(&HostTensor::new(vec![n, k], HostData::I8(wq.clone())).unwrap())
-                    .unwrap(),
-                scale: cpu
-                    .upload(&HostTensor::f32(vec![n], ws.clone()).unwrap())
-                    .unwrap(),
-            },
-            out_features: n,
-            in_features: k,
-            outlier_threshold: 6.0,
-        };
+        let lin = int8_linear(&cpu, (&wq, &ws, n, k), 6.0);
         let mut want = cpu.zeros(&[m, k], DType::F32).unwrap();
         cpu.linear_backward_input(
             &cpu.upload(&HostTensor::f32(vec![m, n], dyf.clone()).unwrap())
@@ -677,17 +662,7 @@ fn gated_lora_forward_and_backward_match_the_cpu_reference() {
             if k % 16 == 0 {
                 let w: Vec<f32> = (0..n * k).map(|_| 0.05 * rng.normal()).collect();
                 let (wq, ws) = quantize_rows(&w, n, k);
-                let lin = Linear {
-                    weight: LinearWeight::Int8 {
-                        w: cpu
-                            .upload(&HostTensor::new(vec![n, k], HostData::I8(wq.clone())).unwrap())
-                            .unwrap(),
-                        scale: up(&ws, &[n]),
-                    },
-                    out_features: n,
-                    in_features: k,
-                    outlier_threshold: 6.0,
-                };
+                let lin = int8_linear(&cpu, (&wq, &ws, n, k), 6.0);
                 let mut base = cpu.zeros(&[m, n], DType::F32).unwrap();
                 cpu.linear(&xt, &lin, &mut base).unwrap();
                 let base = f(&base);

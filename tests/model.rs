@@ -150,7 +150,8 @@ fn converting_to_bf16_or_f16_rounds_every_tensor_once() {
             size(&out) < size(&keep),
             "{dir} is smaller than the source's precision"
         );
-        // config.json names the precision the weights are in (what torch_dtype="auto" uses).
+        // config.json names the precision the weights are in (what transformers loads them in
+        // when asked for the checkpoint's own dtype).
         let torch_dtype = |p: &std::path::Path| {
             let c: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap())

@@ -801,14 +801,10 @@ fn rec_train_on_a_device_runs_inside_the_planned_arena() {
     assert!(!err.contains("the plan counts"), "{err}");
 }
 
-/// Ctrl-C during `rec train` stops after the update in flight: the checkpoint and the adapter
-/// are saved, the exit status is 130, and `--resume` continues from that update.
+/// `rec train` of 100,000 updates on 8 samples written into `dir` (adapter → `dir/adapter`,
+/// a checkpoint every 1000 updates → `dir/ckpt`): a run that ends only when stopped.
 #[cfg(unix)]
-#[test]
-fn an_interrupted_training_saves_and_resumes() {
-    let (d, f) = fixture(&FixtureSpec::default());
-    let dir = d.path();
-    let model = f.hf_dir.to_str().unwrap();
+fn endless_training(dir: &Path, model: &str) -> Command {
     write_samples(&dir.join("data.json"), 8);
     let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
     let mut cmd = Command::new(common::recforge_bin());
@@ -834,7 +830,19 @@ fn an_interrupted_training_saves_and_resumes() {
         "--device",
         "cpu",
     ]);
-    let run = common::interrupt_after(cmd, "update 2/");
+    cmd
+}
+
+/// Ctrl-C during `rec train` stops after the update in flight: the checkpoint and the adapter
+/// are saved, the exit status is 130, and `--resume` continues from that update.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_training_saves_and_resumes() {
+    let (d, f) = fixture(&FixtureSpec::default());
+    let dir = d.path();
+    let model = f.hf_dir.to_str().unwrap();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let run = common::interrupt_after(endless_training(dir, model), "update 2/");
     let (status, log) = (run.status, run.stderr);
     assert_eq!(status.code(), Some(130), "{log}");
     assert!(
@@ -1256,31 +1264,7 @@ fn rec_eval_names_the_sample_past_the_limit() {
 fn sigterm_during_training_saves_like_ctrl_c() {
     let (d, f) = fixture(&FixtureSpec::default());
     let dir = d.path();
-    write_samples(&dir.join("data.json"), 8);
-    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
-    let mut cmd = std::process::Command::new(common::recforge_bin());
-    cmd.args([
-        "rec",
-        "train",
-        "--model",
-        f.hf_dir.to_str().unwrap(),
-        "--data",
-        &p("data.json"),
-        "--out",
-        &p("adapter"),
-        "--steps",
-        "100000",
-        "--batch",
-        "2",
-        "--accum",
-        "1",
-        "--checkpoint-dir",
-        &p("ckpt"),
-        "--checkpoint-every",
-        "1000",
-        "--device",
-        "cpu",
-    ]);
+    let cmd = endless_training(dir, f.hf_dir.to_str().unwrap());
     let run = common::signal_after(cmd, "update 2/", libc::SIGTERM);
     assert_eq!(run.status.code(), Some(143), "{}", run.stderr);
     assert!(

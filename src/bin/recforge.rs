@@ -16,7 +16,7 @@ use recforge::infer::batch::{
 use recforge::infer::generate::{generate_with as generate_tokens, GenerateOptions, StopReason};
 use recforge::kernels;
 use recforge::memory;
-use recforge::model::lora::{parse_targets, Target};
+use recforge::model::lora::parse_targets;
 use recforge::model::{self, Llama, LoadOptions};
 use recforge::rec;
 use recforge::train::{DevAdapter, Example, TrainConfig, Trainer};
@@ -1973,79 +1973,41 @@ fn resolved(p: &Path) -> PathBuf {
 /// with the checkpoint's value is fine (the same command line plus --resume), another value is
 /// refused rather than ignored.
 fn check_resume_flags(a: &TrainArgs, saved: &TrainConfig) -> Result<()> {
-    // (flag, as given, the checkpoint's) where given; targets compare as sets.
-    let mut given: Vec<(&str, String, String)> = vec![];
-    let mut cmp = |flag, v: Option<String>, s: String| {
-        if let Some(v) = v {
-            given.push((flag, v, s));
-        }
+    // The checkpoint's config with the flags given applied, compared setting by setting.
+    let asked = apply_train_flags(a, saved.clone())?;
+    let targets = |c: &TrainConfig| {
+        let mut t = c.lora.targets.clone();
+        t.sort();
+        t.iter()
+            .map(|t| t.short_name())
+            .collect::<Vec<_>>()
+            .join(",")
     };
-    let l = &saved.lora;
-    cmp("--lr", a.lr.map(|v| v.to_string()), saved.lr.to_string());
-    cmp(
-        "--warmup",
-        a.warmup.map(|v| v.to_string()),
-        saved.warmup_steps.to_string(),
-    );
-    cmp(
-        "--batch",
-        a.batch.map(|v| v.to_string()),
-        saved.batch_size.to_string(),
-    );
-    cmp(
-        "--accum",
-        a.accum.map(|v| v.to_string()),
-        saved.grad_accum.to_string(),
-    );
-    cmp(
-        "--cutoff",
-        a.cutoff.map(|v| v.to_string()),
-        saved.cutoff.to_string(),
-    );
-    cmp("--r", a.r.map(|v| v.to_string()), l.r.to_string());
-    cmp(
-        "--alpha",
-        a.alpha.map(|v| v.to_string()),
-        l.alpha.to_string(),
-    );
-    cmp(
-        "--dropout",
-        a.dropout.map(|v| v.to_string()),
-        l.dropout.to_string(),
-    );
-    cmp(
-        "--seed",
-        a.seed.map(|v| v.to_string()),
-        saved.seed.to_string(),
-    );
-    cmp(
-        "--weight-decay",
-        a.weight_decay.map(|v| v.to_string()),
-        saved.weight_decay.to_string(),
-    );
-    cmp(
-        "--max-grad-norm",
-        a.max_grad_norm.map(|v| v.to_string()),
-        saved.max_grad_norm.to_string(),
-    );
-    let names = |t: &[Target]| {
-        let mut n: Vec<&str> = t.iter().map(|t| t.short_name()).collect();
-        n.sort_unstable();
-        n.join(",")
-    };
-    if let Some(t) = &a.targets {
-        let mine = parse_targets(t).with_context(|| format!("--targets '{t}'"))?;
-        if names(&mine) != names(&l.targets) {
-            given.push(("--targets", t.clone(), names(&l.targets)));
+    type Setting = (&'static str, fn(&TrainConfig) -> String);
+    let settings: [Setting; 12] = [
+        ("--lr", |c| c.lr.to_string()),
+        ("--warmup", |c| c.warmup_steps.to_string()),
+        ("--batch", |c| c.batch_size.to_string()),
+        ("--accum", |c| c.grad_accum.to_string()),
+        ("--cutoff", |c| c.cutoff.to_string()),
+        ("--r", |c| c.lora.r.to_string()),
+        ("--alpha", |c| c.lora.alpha.to_string()),
+        ("--dropout", |c| c.lora.dropout.to_string()),
+        ("--seed", |c| c.seed.to_string()),
+        ("--weight-decay", |c| c.weight_decay.to_string()),
+        ("--max-grad-norm", |c| c.max_grad_norm.to_string()),
+        ("--targets", targets),
+    ];
+    for (flag, get) in settings {
+        let (v, s) = (get(&asked), get(saved));
+        if v != s {
+            bail!(
+                "{flag} {v}, but the checkpoint was trained with {s}: a resumed run keeps the \
+                 checkpoint's settings (only --steps may change); leave {flag} out"
+            );
         }
     }
-    match given.into_iter().find(|(_, v, s)| v != s) {
-        None => Ok(()),
-        Some((flag, v, s)) => bail!(
-            "{flag} {v}, but the checkpoint was trained with {s}: a resumed run keeps the \
-             checkpoint's settings (only --steps may change); leave {flag} out"
-        ),
-    }
+    Ok(())
 }
 
 /// A note when the checkpoint's adapter names another base model than --model (a moved file
@@ -2066,7 +2028,13 @@ fn note_other_base_model(dir: &Path, model: &Path) {
 }
 
 fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
-    let mut c = TrainConfig::preset(&a.preset)?;
+    let c = apply_train_flags(a, TrainConfig::preset(&a.preset)?)?;
+    c.validate()?;
+    Ok(c)
+}
+
+/// `c` with every training flag given on the command line put in.
+fn apply_train_flags(a: &TrainArgs, mut c: TrainConfig) -> Result<TrainConfig> {
     if let Some(v) = a.steps {
         c.steps = v;
     }
@@ -2106,7 +2074,6 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(v) = a.max_grad_norm {
         c.max_grad_norm = v;
     }
-    c.validate()?;
     Ok(c)
 }
 
