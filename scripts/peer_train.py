@@ -296,8 +296,10 @@ def run_mode(mode, a, deadline, torch, transformers, peft):
     out["peak_memory_reserved_bytes"] = cuda_call(a, torch, "max_memory_reserved")
     if measured:
         out["status"] = "ok"
-        out["tokens_per_sec"] = statistics.median(s["tokens_per_sec"] for s in measured)
-        out["step_ms"] = statistics.median(s["secs"] for s in measured) * 1e3
+        # As bench-train counts it: a step's tokens at the median step time.
+        step_secs = statistics.median(s["secs"] for s in measured)
+        out["tokens_per_sec"] = tokens / step_secs
+        out["step_ms"] = step_secs * 1e3
         out["measured_steps"] = len(measured)
     else:
         out["status"] = "skipped"
@@ -369,7 +371,7 @@ def main(argv):
         if r.get("status") == "ok":
             peak = r.get("peak_memory_allocated_bytes")
             peak = f", peak {peak / 2**30:.2f} GiB allocated" if peak is not None else ""
-            print(f"peer_train {mode}: {r['tokens_per_sec']:.0f} tokens/s (median of {r['measured_steps']}), "
+            print(f"peer_train {mode}: {r['tokens_per_sec']:.0f} tokens/s (at the median of {r['measured_steps']} steps), "
                   f"{r['step_ms']:.1f} ms/step{peak}")
         else:
             print(f"peer_train {mode}: {r.get('status')}: {r.get('error') or r.get('note')}")

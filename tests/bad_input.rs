@@ -657,6 +657,20 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
         out.contains("fits") && out.contains("largest batch at seq 1024"),
         "{out}"
     );
+    assert!(!err.contains("context"), "{err}");
+    // A sequence past the model's context (LLaMA-2's 4096) plans, with a note; so does a
+    // generation whose prompt + new tokens pass it.
+    for args in [
+        &["--seq", "5000"][..],
+        &["--seq", "4000", "--generate", "200"][..],
+    ] {
+        let (ok, _, err) =
+            cli(&[&["plan", "--model", "llama-7b", "--batch", "1"][..], args].concat());
+        assert!(
+            ok && err.contains("more than the model's context of 4096"),
+            "{args:?}: {err}"
+        );
+    }
     let (ok, _, err) = cli(&[
         "plan", "--model", "llama-7b", "--batch", "64", "--seq", "4096",
     ]);

@@ -129,6 +129,19 @@ fn train_eval_merge_on_the_fixture() {
     // but its probabilities are far from the labels; training must make them right.
     let before = metrics_of(&dir.join("before.json"));
     let after = metrics_of(&dir.join("after.json"));
+    // Each file says what it scored.
+    let what = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+    };
+    let (b, a) = (what("before.json"), what("after.json"));
+    assert_eq!(b["model"], model);
+    assert!(b["adapter"].is_null(), "{b}");
+    assert_eq!(a["adapter"], p("adapter"));
+    assert_eq!(
+        (&a["linears"], &a["prefix_sharing"]),
+        (&"int8".into(), &true.into())
+    );
+    assert!(a["batch"].as_u64().is_some() && a["limit"].is_null(), "{a}");
     eprintln!("fixture (log-loss, accuracy) before {before:?}, after {after:?}");
     assert!(
         after.0 < 0.5 * before.0 && after.1 == 1.0,

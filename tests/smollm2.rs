@@ -376,3 +376,25 @@ fn the_default_model_is_found_from_another_folder() {
         "{out}"
     );
 }
+
+/// The named shape `smollm2-135m` (bench-train, plan) is the real model's configuration.
+#[test]
+fn the_named_shape_is_the_real_models_config() {
+    let Some(p) = asset() else { return };
+    let real = model::open(&p).unwrap().config().clone();
+    let shape = recforge::memory::named_shape("smollm2-135m").unwrap();
+    let dims = |c: &model::LlamaConfig| {
+        (
+            (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (
+                c.vocab_size,
+                c.max_position_embeddings,
+                c.tie_word_embeddings,
+            ),
+            // The GGUF stores eps as an f32.
+            (c.rope_theta, c.rms_norm_eps as f32),
+        )
+    };
+    assert_eq!(dims(&shape), dims(&real));
+}

@@ -5,8 +5,9 @@
 //! with a language-model label on every position, so every micro-batch has the same shape. It
 //! runs `--warmup` optimizer steps unmeasured, then `--steps` measured ones, and reports:
 //!
-//! - tokens/s: the median over the measured steps of (tokens processed in the step ÷ the wall
-//!   time of `Trainer::step`);
+//! - tokens/s: the tokens of a step (the same in every step) ÷ the median wall time of
+//!   `Trainer::step`, so it agrees with ms/step and the FLOP rates (min and max: the fastest
+//!   and slowest single steps);
 //! - ms/step: medians of the wall time and of its split into forward (with the head and loss),
 //!   backward (with the recomputation under checkpointing), optimizer, and other (packing the
 //!   micro-batches, uploads, workspace set-up: wall − the three);
@@ -813,7 +814,10 @@ fn bench<B: Backend>(
 
     // ---- results --------------------------------------------------------------------------
     let med = |f: &dyn Fn(&Timed) -> f64| median(&measured.iter().map(f).collect::<Vec<_>>());
-    let tps = med(&|t| t.tokens_per_sec());
+    let wall = med(&|t| t.wall);
+    // Every step runs the same tokens, so this is the median of the per-step rates for an odd
+    // step count, and consistent with `wall` for an even one.
+    let tps = measured[0].rec.tokens as f64 / wall;
     let tps_min = measured
         .iter()
         .map(Timed::tokens_per_sec)
@@ -822,7 +826,6 @@ fn bench<B: Backend>(
         .iter()
         .map(Timed::tokens_per_sec)
         .fold(0.0, f64::max);
-    let wall = med(&|t| t.wall);
     let fwd = med(&|t| t.rec.forward_secs);
     let bwd = med(&|t| t.rec.backward_secs);
     let opt = med(&|t| t.rec.optimizer_secs);
@@ -968,7 +971,7 @@ fn bench<B: Backend>(
     line(
         "throughput",
         format!(
-            "{} tokens/s (median of {}; min {}, max {})",
+            "{} tokens/s (at the median step time of {}; slowest {}, fastest {})",
             thousands(tps),
             measured.len(),
             thousands(tps_min),
@@ -983,7 +986,7 @@ fn bench<B: Backend>(
         ),
     );
     line(
-        "  (medians)",
+        "  (each its own median)",
         format!(
             "{:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
             wall * 1e3,

@@ -271,6 +271,11 @@ enum RecCmd {
         /// on the scores).
         #[arg(long)]
         f32: bool,
+        /// LLM.int8 outlier threshold for activations; 0 disables the decomposition. Outlier
+        /// columns are found over a whole pass, so above 0 a sample's P(Yes) depends a little
+        /// on the samples batched with it (--batch, prefix sharing); at 0 it does not.
+        #[arg(long, default_value_t = 6.0)]
+        outlier_threshold: f32,
     },
 }
 
@@ -577,7 +582,10 @@ fn run(cli: Cli) -> Result<()> {
                 no_prefix_sharing,
                 budget,
                 f32,
+                outlier_threshold,
             } => {
+                model::llama::check_outlier_threshold(outlier_threshold)
+                    .context("--outlier-threshold")?;
                 let a = EvalArgs {
                     model: &model,
                     data: &data,
@@ -589,6 +597,7 @@ fn run(cli: Cli) -> Result<()> {
                     share_prefix: !no_prefix_sharing,
                     budget: &budget,
                     int8: !f32,
+                    outlier_threshold,
                 };
                 match open_backend(device)? {
                     Chosen::Cpu(be) => rec_eval(&be, &a),
@@ -633,6 +642,14 @@ fn run(cli: Cli) -> Result<()> {
                 ),
                 None => open_model(Path::new(&model))?.config().clone(),
             };
+            let (tokens, ctx) = (seq + generate.unwrap_or(0), cfg.max_position_embeddings);
+            if tokens > ctx {
+                eprintln!(
+                    "note: {tokens} tokens a sequence, more than the model's context of {ctx} \
+                     positions: the plan counts their memory, but the model was not trained on \
+                     such lengths (generate refuses them)"
+                );
+            }
             // The same names as `rec train` and bench-train take (q or q_proj ...); a
             // generation plan without --adapter does not read them.
             let target_list = || -> Result<Vec<String>> {
@@ -1633,6 +1650,7 @@ struct EvalArgs<'a> {
     budget: &'a str,
     /// int8 linears (else f32, the reference).
     int8: bool,
+    outlier_threshold: f32,
 }
 
 /// Load a model for training or scoring (int8 linears), with a line saying what and where.
@@ -1648,6 +1666,8 @@ fn load_model_with<B: Backend>(
     path: &Path,
     opts: LoadOptions,
 ) -> Result<(Llama<B>, model::tokenizer::TextTokenizer)> {
+    // The path the model is read from (a default found in the checkout, not the bare default).
+    let path = &default_asset(path, DEFAULT_MODEL, "--model")?;
     let src = open_model(path)?;
     let tok = src
         .tokenizer()
@@ -1744,7 +1764,7 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
     let opts = LoadOptions {
         int8: a.int8,
-        ..LoadOptions::default()
+        outlier_threshold: a.outlier_threshold,
     };
     // The adapters are read before the model, checked against it after.
     let per_sample = if a.per_sample_adapters {
@@ -1868,6 +1888,14 @@ fn rec_eval<B: Backend>(be: &B, a: &EvalArgs) -> Result<()> {
         j["p_yes"] = serde_json::json!(probs);
         j["device"] = serde_json::json!(be.name());
         j["data"] = serde_json::json!(a.data.display().to_string());
+        // What was scored, so a base run's file and an adapter run's can be told apart.
+        j["model"] = serde_json::json!(a.model.display().to_string());
+        j["adapter"] = serde_json::json!(a.adapter.map(|p| p.display().to_string()));
+        j["linears"] = serde_json::json!(if a.int8 { "int8" } else { "f32" });
+        j["outlier_threshold"] = serde_json::json!(a.outlier_threshold);
+        j["limit"] = serde_json::json!(a.limit);
+        j["batch"] = serde_json::json!(a.batch);
+        j["prefix_sharing"] = serde_json::json!(a.share_prefix);
         if let Some((_, which, dirs)) = &stacked {
             let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
             j["adapters"] = serde_json::json!(dirs);

@@ -289,7 +289,7 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
 
 /// A named model shape (random int8 weights for benchmarks and planning).
 pub fn named_shape(name: &str) -> Option<LlamaConfig> {
-    let mk = |hidden, inter, layers, heads, kv, vocab, theta, tied| LlamaConfig {
+    let mk = |hidden, inter, layers, heads, kv, vocab, theta, tied, context| LlamaConfig {
         hidden_size: hidden,
         intermediate_size: inter,
         num_hidden_layers: layers,
@@ -299,15 +299,16 @@ pub fn named_shape(name: &str) -> Option<LlamaConfig> {
         vocab_size: vocab,
         rms_norm_eps: 1e-5,
         rope_theta: theta,
-        max_position_embeddings: 4096,
+        max_position_embeddings: context,
         tie_word_embeddings: tied,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
     };
     Some(match name {
-        "llama-7b" => mk(4096, 11008, 32, 32, 32, 32000, 10000.0, false),
-        "llama-13b" => mk(5120, 13824, 40, 40, 40, 32000, 10000.0, false),
-        "smollm2-135m" => mk(576, 1536, 30, 9, 3, 49152, 100000.0, true),
+        // LLaMA-2's context; SmolLM2's as its published config and GGUF give it.
+        "llama-7b" => mk(4096, 11008, 32, 32, 32, 32000, 10000.0, false, 4096),
+        "llama-13b" => mk(5120, 13824, 40, 40, 40, 32000, 10000.0, false, 4096),
+        "smollm2-135m" => mk(576, 1536, 30, 9, 3, 49152, 100000.0, true, 8192),
         _ => return None,
     })
 }
