@@ -757,7 +757,7 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
     let (ok, with, err) =
         cli(&[&gen[..], &["--adapter", "--r", "16", "--targets", "q,v"]].concat());
     assert!(
-        ok && with.contains("A, B for q,v, r=16, 32 layers (f32)"),
+        ok && with.contains("A, B for q,v, r=16, 32 layers (f32; 6 empty tensors a block each)"),
         "{with}{err}"
     );
     assert!(total_of(&with) > total_of(&plain), "{with}");

@@ -209,6 +209,16 @@ fn rec_prune_keeps_what_its_scores_select() {
         &p(&rescored),
     ]);
     assert!(ok, "{err}");
+    // The two kept: their median is the mean of the two (not the larger one).
+    let kept_median = order[order.len() - 2..]
+        .iter()
+        .map(|&j| norm(&rows[j]))
+        .sum::<f64>()
+        / 2.0;
+    assert!(
+        err.contains(&format!("gradient norm median {kept_median:.4} kept")),
+        "{kept_median}: {err}"
+    );
     let mut low: Vec<usize> = order[order.len() - 2..].iter().map(|&j| index[j]).collect();
     low.sort();
     let want_low: Vec<Sample> = low.iter().map(|&i| all[i].clone()).collect();

@@ -2331,7 +2331,13 @@ fn rec_prune(a: &PruneArgs) -> Result<()> {
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        let m = v.len() / 2;
+        // An even count: the mean of the middle two.
+        if v.len().is_multiple_of(2) {
+            (v[m - 1] + v[m]) / 2.0
+        } else {
+            v[m]
+        }
     };
     let yes = |idx: &mut dyn Iterator<Item = usize>| {
         idx.filter(|&i| samples[i].label() == Some(true)).count()

@@ -725,7 +725,10 @@ fn add_frozen_adapter(e: &mut Vec<Entry>, c: &LlamaConfig, rank: usize, targets:
         * l;
     e.add(
         "lora",
-        format!("A, B for {}, r={r}, {l} layers (f32)", targets.join(",")),
+        format!(
+            "A, B for {}, r={r}, {l} layers (f32; 6 empty tensors a block each)",
+            targets.join(",")
+        ),
         params,
     );
 }
