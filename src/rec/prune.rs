@@ -12,8 +12,10 @@
 //! - `stratified` (the default): coverage-centric selection (Zheng et al., ICLR 2023, as
 //!   DEALRec uses it) — the score range is cut into equal-width strata and the budget is spread
 //!   over them as evenly as their sizes allow (smallest stratum first, each taking at most its
-//!   share of what is left), at random within a stratum. It keeps easy, typical and hard
-//!   samples alike, which matters at high pruning rates where the hardest alone train worse.
+//!   share of what is left; strata of one size in a seeded random order, so a budget smaller
+//!   than the number of strata lands anywhere in the range), at random within a stratum. It
+//!   keeps easy, typical and hard samples alike, which matters at high pruning rates where the
+//!   hardest alone train worse.
 //! - `highest`: the largest gradients (GraNd's choice at low pruning rates).
 //! - `lowest`: the smallest (the easiest samples; a baseline).
 
@@ -183,10 +185,17 @@ fn stratified(scores: &[f64], keep: usize, strata: usize, seed: u64) -> Result<V
         groups[s].push(i);
     }
     groups.retain(|g| !g.is_empty());
-    // Smallest first (stable: lower strata first among equals); each takes at most an even
-    // share of the budget still left, so what a small stratum cannot use goes to the larger.
-    groups.sort_by_key(|g| g.len());
     let mut rng = Rng::new(seed);
+    // Smallest first; each takes at most an even share of the budget still left, so what a
+    // small stratum cannot use goes to the larger. Among strata of one size the later ones
+    // get the rounding's extra items, so they come in a seeded random order (the sort is
+    // stable): with a budget smaller than their number it falls anywhere in the range, not
+    // always on its top strata.
+    for j in (1..groups.len()).rev() {
+        let pick = rng.below(j as u64 + 1) as usize;
+        groups.swap(j, pick);
+    }
+    groups.sort_by_key(|g| g.len());
     let mut budget = keep;
     let mut kept = Vec::with_capacity(keep);
     let count = groups.len();
@@ -452,6 +461,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_budget_below_the_strata_count_falls_anywhere_in_the_range() {
+        // 24 distinct scores, one stratum each: keeping 5 used to take the 5 highest strata
+        // whatever the seed (equal sizes were visited in score order).
+        let scores: Vec<f64> = (0..24).map(|i| i as f64).collect();
+        let mut lower_half = 0;
+        let mut sets = std::collections::BTreeSet::new();
+        for seed in 0..20 {
+            let kept = select(&scores, 5, Selection::Stratified { strata: 1000 }, seed).unwrap();
+            assert_eq!(kept.len(), 5);
+            lower_half += kept.iter().filter(|&&i| i < 12).count();
+            sets.insert(kept);
+        }
+        // 100 picks, about half from the lower half (a uniform draw: 50 ± 5).
+        assert!(
+            (30..=70).contains(&lower_half),
+            "{lower_half} of 100 below the median"
+        );
+        assert!(
+            sets.len() > 10,
+            "the seed decides: {} distinct sets",
+            sets.len()
+        );
     }
 
     #[test]
