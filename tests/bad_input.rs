@@ -780,6 +780,13 @@ fn cli_plan_reports_fit_and_refuses_what_does_not_fit() {
     assert!(!ok && err.contains("--seq must be at least 2"), "{err}");
     let (ok, _, err) = cli(&["plan", "--model", "llama-7b", "--score", "--seq", "1"]);
     assert!(ok, "a 1-token prompt can be scored: {err}");
+    // Over budget at one prompt a pass: the fix is a shorter prompt, not a smaller batch.
+    for (batch, fix) in [("1", "a shorter --seq"), ("8", "a smaller --batch")] {
+        let (ok, _, err) = cli(&[
+            "plan", "--model", "llama-7b", "--score", "--seq", "200000", "--batch", batch,
+        ]);
+        assert!(!ok && err.contains(fix), "--batch {batch}: {err}");
+    }
     let (ok, _, err) = cli(&["plan", "--model", "llama-7b", "--targets", ","]);
     assert!(!ok && err.contains("at least one target"), "{err}");
     // The plan takes PEFT's module names as `rec train` does, and refuses a module named

@@ -746,9 +746,14 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if !p.fits() {
                     bail!(
-                        "the plan needs {} but the budget is {}: a smaller --batch needs less",
+                        "the plan needs {} but the budget is {}: a {} needs less",
                         memory::human(p.total()),
-                        memory::human(budget)
+                        memory::human(budget),
+                        if batch > 1 {
+                            "smaller --batch"
+                        } else {
+                            "shorter --seq (one prompt a pass does not fit)"
+                        }
                     );
                 }
                 return Ok(());

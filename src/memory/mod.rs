@@ -1270,7 +1270,7 @@ pub fn plan_batch_generation(s: &BatchGenerateSetup) -> Result<Plan, String> {
         .expect("a prefill step");
     e.add(
         "working set",
-        format!("largest step ({name}): ids, positions, slots, one layer's"),
+        format!("largest step ({name}): ids, positions, slots, one layer's activations"),
         working,
     );
     let what = match what {
