@@ -304,6 +304,7 @@ fn corrupted_movielens_and_sample_files_never_panic() {
         model: "m".into(),
         adapter: Some("a".into()),
         cutoff: 512,
+        outlier_threshold: 6.0,
         selection: "stratified".into(),
         strata: Some(10),
         seed: 1,

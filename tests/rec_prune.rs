@@ -109,6 +109,7 @@ fn rec_prune_keeps_what_its_scores_select() {
     assert!(!err.contains("fresh adapter"), "{err}");
     let s = read(&scores);
     assert_eq!(s["selection"], "highest");
+    assert_eq!(s["outlier_threshold"], 6.0, "the default is recorded");
     let rows = s["samples"].as_array().unwrap();
     let index: Vec<usize> = rows
         .iter()
@@ -306,6 +307,45 @@ fn rec_prune_keeps_what_its_scores_select() {
         .collect();
     assert_eq!(first, marked);
     assert_eq!(fresh("4", &b), first);
+
+    // --outlier-threshold 0: recorded in the scores file, and each sample's score is the same
+    // whatever it is batched with; --from-scores takes the file's (the flag conflicts).
+    let rows_at = |batch: &str| {
+        let (ok, err) = run(&[
+            "--adapter",
+            &p(&ad),
+            "--keep",
+            "3",
+            "--outlier-threshold",
+            "0",
+            "--batch",
+            batch,
+            "--out",
+            &p(&kept),
+            "--scores",
+            &p(&scores),
+        ]);
+        assert!(ok, "{err}");
+        let s = read(&scores);
+        assert_eq!(s["outlier_threshold"], 0.0);
+        s["samples"].clone()
+    };
+    assert_eq!(rows_at("1"), rows_at("4"));
+    let (ok, err) = cli(&[
+        "rec",
+        "prune",
+        "--data",
+        data.to_str().unwrap(),
+        "--from-scores",
+        &p(&scores),
+        "--keep",
+        "2",
+        "--outlier-threshold",
+        "0",
+        "--out",
+        &p(&kept),
+    ]);
+    assert!(!ok && err.contains("--outlier-threshold"), "{err}");
 }
 
 #[test]
@@ -471,6 +511,7 @@ fn rec_prune_from_scores_refuses_scores_of_other_data_by_name() {
         model: "m".into(),
         adapter: None,
         cutoff: 512,
+        outlier_threshold: 6.0,
         selection: "highest".into(),
         strata: None,
         seed: 0,
@@ -497,6 +538,15 @@ fn rec_prune_from_scores_refuses_scores_of_other_data_by_name() {
     let (ok, err) = run(&["--keep", "1", "--select", "highest", "--out", o]);
     assert!(ok, "{err}");
     assert_eq!(rec::read_json(&out).unwrap(), vec![all[2].clone()]);
+    std::fs::remove_file(&out).unwrap();
+    // A file written before the threshold was recorded reads as the default's, and a rewrite
+    // (--scores) records it.
+    let mut old: Value = read(&scores);
+    old.as_object_mut().unwrap().remove("outlier_threshold");
+    std::fs::write(&scores, old.to_string()).unwrap();
+    let (ok, err) = run(&["--keep", "1", "--out", o, "--scores", sc]);
+    assert!(ok, "{err}");
+    assert_eq!(read(&scores)["outlier_threshold"], 6.0);
     std::fs::remove_file(&out).unwrap();
 
     let bad: Vec<(ScoresFile, &str)> = vec![

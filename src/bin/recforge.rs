@@ -429,9 +429,15 @@ struct PruneArgs {
     #[arg(
         long,
         value_name = "SCORES",
-        conflicts_with_all = ["model", "adapter", "preset", "cutoff", "batch", "budget", "device"]
+        conflicts_with_all = ["model", "adapter", "preset", "cutoff", "batch", "budget", "device",
+            "outlier_threshold"]
     )]
     from_scores: Option<PathBuf>,
+    /// LLM.int8 outlier threshold for activations; 0 disables the decomposition. Outlier
+    /// columns are found over a whole pass, so above 0 a sample's score moves a little with
+    /// the samples batched with it (--batch); at 0 it does not.
+    #[arg(long, default_value_t = 6.0)]
+    outlier_threshold: f32,
     /// Device memory budget the plan must fit (checked on CUDA).
     #[arg(long, default_value = "24GiB")]
     budget: String,
@@ -2228,6 +2234,7 @@ fn rec_prune(a: &PruneArgs) -> Result<()> {
     }
     // The count itself is checked once the samples are known.
     parse_keep(&a.keep, usize::MAX, "")?;
+    model::llama::check_outlier_threshold(a.outlier_threshold).context("--outlier-threshold")?;
     let mut config = TrainConfig::preset(&a.preset)?;
     if let Some(c) = a.cutoff {
         if c < 2 {
@@ -2261,7 +2268,7 @@ fn rec_prune(a: &PruneArgs) -> Result<()> {
     }
     let t0 = std::time::Instant::now();
     // The scores: measured now, or those a previous run saved with --scores.
-    let (rows, keep, model, adapter, cutoff) = match &a.from_scores {
+    let (rows, keep, model, adapter, cutoff, threshold) = match &a.from_scores {
         Some(path) => {
             let f = ScoresFile::read(path, &samples)?;
             eprintln!(
@@ -2277,7 +2284,14 @@ fn rec_prune(a: &PruneArgs) -> Result<()> {
                 f.samples.len(),
                 &format!("were scored in {}", path.display()),
             )?;
-            (f.samples, keep, f.model, f.adapter, f.cutoff)
+            (
+                f.samples,
+                keep,
+                f.model,
+                f.adapter,
+                f.cutoff,
+                f.outlier_threshold,
+            )
         }
         None => {
             let (rows, keep) = match open_backend(a.device)? {
@@ -2291,6 +2305,7 @@ fn rec_prune(a: &PruneArgs) -> Result<()> {
                 a.model.display().to_string(),
                 adapter,
                 config.cutoff,
+                a.outlier_threshold,
             )
         }
     };
@@ -2322,6 +2337,7 @@ fn rec_prune(a: &PruneArgs) -> Result<()> {
             model,
             adapter,
             cutoff,
+            outlier_threshold: threshold,
             selection: how.name().into(),
             strata: match how {
                 Selection::Stratified { strata } => Some(strata),
@@ -2403,7 +2419,11 @@ fn score_for_pruning<B: Backend>(
         .with_context(|| format!("--budget '{}': expected a size such as 24GiB", a.budget))?;
     // The adapter is read before the model, checked against it after.
     let given = a.adapter.as_deref().map(read_adapter).transpose()?;
-    let (m, tok) = load_model(be, &a.model)?;
+    let opts = LoadOptions {
+        int8: true,
+        outlier_threshold: a.outlier_threshold,
+    };
+    let (m, tok) = load_model_with(be, &a.model, opts)?;
     // Each usable sample's index in the file and its tokens (response-only labels).
     let (index, data) = examples_of(
         &tok,

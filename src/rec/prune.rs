@@ -282,6 +282,10 @@ pub struct ScoresFile {
     pub adapter: Option<String>,
     /// Tokens per sample at most when scored.
     pub cutoff: usize,
+    /// The LLM.int8 outlier threshold the model was loaded with (files written before it was
+    /// recorded: the default, 6).
+    #[serde(default = "default_outlier_threshold")]
+    pub outlier_threshold: f32,
     pub selection: String,
     pub strata: Option<usize>,
     pub seed: u64,
@@ -289,6 +293,10 @@ pub struct ScoresFile {
     /// How many were kept.
     pub kept: usize,
     pub samples: Vec<ScoredSample>,
+}
+
+fn default_outlier_threshold() -> f32 {
+    crate::model::LoadOptions::default().outlier_threshold
 }
 
 /// A 64-bit FNV-1a hash of the samples' fields, as 16 hex digits: what ties a scores file to
