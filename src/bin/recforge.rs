@@ -1952,7 +1952,7 @@ fn read_sample_adapters(
     let mut which = Vec::with_capacity(adapter_of.len());
     for p in adapter_of {
         which.push(p.as_ref().map(|p| {
-            let place = resolved(p);
+            let place = model::convert::resolved(p);
             match places.iter().position(|d| *d == place) {
                 Some(i) => i,
                 None => {
@@ -1986,26 +1986,6 @@ fn stack_adapters(
         .collect::<Result<Vec<_>>>()?;
     let refs: Vec<&model::lora::HostAdapter> = hosts.iter().collect();
     Ok(model::lora::stack(&refs, cfg)?)
-}
-
-/// `p` as an absolute path with its existing part's links and `..` resolved (what is below
-/// it, not yet created, taken as written), so two spellings of one place compare equal.
-fn resolved(p: &Path) -> PathBuf {
-    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let mut rest = vec![];
-    let mut at = abs.as_path();
-    loop {
-        if let Ok(c) = at.canonicalize() {
-            return rest.iter().rev().fold(c, |acc, n| acc.join(n));
-        }
-        match (at.parent(), at.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
-                at = parent;
-            }
-            _ => return abs,
-        }
-    }
 }
 
 /// A resumed run keeps its checkpoint's settings (only --steps may change): a flag given again
@@ -2052,7 +2032,7 @@ fn check_resume_flags(a: &TrainArgs, saved: &TrainConfig) -> Result<()> {
 /// A note when the checkpoint's adapter names another base model than --model (a moved file
 /// is fine; another model is not what the checkpoint learned on).
 fn note_other_base_model(dir: &Path, model: &Path) {
-    let base = std::fs::read_to_string(dir.join("adapter_config.json"))
+    let base = std::fs::read_to_string(dir.join(model::adapter::CONFIG_FILE))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string));
@@ -2538,7 +2518,10 @@ fn rec_train<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     if let Some(dir) = &a.checkpoint_dir {
         recforge::train::check_checkpoint_dir(dir).context("--checkpoint-dir")?;
         // Each save replaces the checkpoint folder, and the adapter's save replaces --out.
-        let (ck, out) = (resolved(dir), resolved(&a.out));
+        let (ck, out) = (
+            model::convert::resolved(dir),
+            model::convert::resolved(&a.out),
+        );
         if ck.starts_with(&out) || out.starts_with(&ck) {
             bail!(
                 "--out {} and --checkpoint-dir {} overlap: each save replaces its folder, so \

@@ -218,12 +218,29 @@ impl Drop for AtomicFile {
     }
 }
 
-/// Whether two paths name the same file: by their canonical forms where both exist (so
-/// `./a.json` and `a.json`, or a link and its target, are one), else by their text.
+/// Whether two paths name the same place, by their [`resolved`] forms (so `./a.json` and
+/// `a.json`, or a link and its target, are one, whether or not the file exists yet).
 pub fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
+    resolved(a) == resolved(b)
+}
+
+/// `p` as an absolute path with its existing part's links and `..` resolved (what is below
+/// it, not yet created, taken as written), so two spellings of one place compare equal.
+pub fn resolved(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut rest = vec![];
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(c) = at.canonicalize() {
+            return rest.iter().rev().fold(c, |acc, n| acc.join(n));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                at = parent;
+            }
+            _ => return abs,
+        }
     }
 }
 

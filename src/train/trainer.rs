@@ -292,8 +292,7 @@ fn read_state(dir: &Path) -> Result<(PathBuf, Value, TrainConfig)> {
 
 /// Whether `dir` holds a checkpoint `Trainer::resume` can start from, as far as its trainer
 /// state tells without the model and the data: run before a model loads, so a wrong
-/// `--resume` path fails at once.
-/// Returns the checkpoint's config and the updates it has done.
+/// `--resume` path fails at once. Returns the checkpoint's config and the updates it has done.
 pub fn check_resume_dir(dir: &Path) -> Result<(TrainConfig, usize)> {
     let (sp, state, config) = read_state(dir)?;
     Ok((config, state_step(&state, &sp)?))
